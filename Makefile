@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+export UV_CACHE_DIR ?= $(HOME)/.cache/uv
+export HIGGS_PIPELINE_CACHE ?= $(HOME)/.cache/higgs_pipeline
+export DAGSTER_HOME := $(CURDIR)
+export HIGGS_DAGSTER_STORAGE ?= $(CURDIR)/.dagster_home/storage
+export HIGGS_DAGSTER_COMPUTE_LOGS ?= $(CURDIR)/.dagster_home/compute_logs
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PY := .venv/bin/python
+
+.PHONY: demo test ui lint validate browser-deps
+
+$(UV):
+	python3 -m pip install --user --quiet uv==0.13.9
+
+# The venv is (re)synced from the committed lock whenever the lock is newer than it.
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+demo: .venv/.synced
+	mkdir -p $(HIGGS_DAGSTER_STORAGE) $(HIGGS_DAGSTER_COMPUTE_LOGS)
+	$(PY) -m dagster asset materialize --select '*' -m higgs_pipeline.definitions
+
+ui: .venv/.synced
+	mkdir -p $(HIGGS_DAGSTER_STORAGE) $(HIGGS_DAGSTER_COMPUTE_LOGS)
+	.venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# Debian's chromium for the real-browser UI test (never a downloaded browser); skipped where apt is absent.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "chromium not installed: the browser test will skip"; }
+
+test: .venv/.synced browser-deps
+	mkdir -p $(HIGGS_DAGSTER_STORAGE) $(HIGGS_DAGSTER_COMPUTE_LOGS)
+	$(PY) -m pytest -q -ra
+
+lint: .venv/.synced
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+validate: .venv/.synced
+	.venv/bin/dagster definitions validate -w workspace.yaml

@@ -1,0 +1,41 @@
+"""Resources shared by the chain: where artifacts live and which Higgs checkpoints to use."""
+
+from __future__ import annotations
+
+import dagster as dg
+import torch
+
+from higgs_pipeline.models import loading
+from higgs_pipeline.paths import default_artifacts_root
+
+
+class ArtifactStore(dg.ConfigurableResource):
+    """Root for large artifacts: a local folder or an s3:// prefix (read and written through fsspec)."""
+
+    root: str = default_artifacts_root()
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+
+class HiggsCheckpoints(dg.ConfigurableResource):
+    """Which Higgs Audio v2 checkpoints to use: "demo" (the embedded tiny DEMO model, random weights) or a
+    hub id / local folder such as bosonai/higgs-audio-v2-generation-3B-base and bosonai/higgs-audio-v2-tokenizer.
+    """
+
+    model: str = loading.DEMO
+    audio_tokenizer: str = loading.DEMO
+    device: str = "auto"
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def is_demo(self) -> bool:
+        return loading.DEMO in (self.model, self.audio_tokenizer)
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources={"artifacts": ArtifactStore(), "checkpoints": HiggsCheckpoints()})

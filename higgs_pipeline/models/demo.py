@@ -1,0 +1,235 @@
+"""The embedded offline default: a tiny, randomly initialised Higgs Audio v2 model and audio tokenizer.
+
+Nothing can be downloaded from a model hub on the machines this project is developed and tested on, so the
+demo checkpoints are *built* from the committed configs in `configs/` at first use, deterministically from
+a fixed seed, and saved with the same on-disk layout as the released checkpoints
+(bosonai/higgs-audio-v2-generation-3B-base and bosonai/higgs-audio-v2-tokenizer). Every later step loads them
+through the same loaders as the real ones (`loading.py`).
+
+They are a DEMO/CI model with random weights: their losses and their audio mean nothing about quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+from filelock import FileLock
+
+DEMO_NOTE = "demo model, random weights"
+DEMO_MARKER = "DEMO_MODEL.json"
+DEMO_SEED = 1234
+# Bumped whenever the build procedure changes, so a stale cache entry is never reused.
+BUILDER_VERSION = 1
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+HUBERT_REPO_ID = "bosonai/hubert_base"
+HUBERT_REVISION = "0000000000000000000000000000000000000000"
+
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|python_tag|>",
+]
+HIGGS_SPECIAL_TOKENS = [
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|audio_out_bos|>",
+    "<|AUDIO|>",
+    "<|AUDIO_OUT|>",
+    "<|recipient|>",
+    "<|scene_desc_start|>",
+    "<|scene_desc_end|>",
+]
+TEXT_VOCAB_SIZE = 768
+
+
+def cache_root() -> Path:
+    """Where built demo checkpoints live: outside the checkout by default so CI re-runs reuse them."""
+    return Path(os.environ.get("HIGGS_PIPELINE_CACHE", Path.home() / ".cache" / "higgs_pipeline"))
+
+
+def _inputs_digest() -> str:
+    digest = hashlib.sha256(f"builder-{BUILDER_VERSION}-seed-{DEMO_SEED}".encode())
+    for path in sorted(CONFIG_DIR.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DemoCheckpoints:
+    """Paths of the built demo checkpoints (each loadable like its released counterpart)."""
+
+    model: Path
+    audio_tokenizer: Path
+    hub_cache: Path
+
+
+def demo_checkpoints() -> DemoCheckpoints:
+    """Build the demo checkpoints once (under a file lock, so concurrent ranks/tests agree) and return them."""
+    root = cache_root() / f"demo-{_inputs_digest()}"
+    paths = DemoCheckpoints(
+        model=root / "higgs-audio-v2-demo",
+        audio_tokenizer=root / "higgs-audio-v2-tokenizer-demo",
+        hub_cache=root / "hf-hub",
+    )
+    if (root / "COMPLETE").exists():
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if (root / "COMPLETE").exists():
+            return paths
+        _build_into(root, paths)
+        (root / "COMPLETE").write_text(DEMO_NOTE + "\n")
+    return paths
+
+
+def _staging_dir(final: Path) -> Path:
+    """A sibling folder to write into, renamed onto `final` only when complete (a crash leaves no half model)."""
+    return Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+
+
+def _build_into(root: Path, paths: DemoCheckpoints) -> None:
+    for stale in (paths.model, paths.audio_tokenizer, paths.hub_cache):
+        shutil.rmtree(stale, ignore_errors=True)
+    tokenizer = build_text_tokenizer()
+    _build_model(paths.model, tokenizer)
+    _build_hubert(paths.hub_cache)
+    _build_audio_tokenizer(paths.audio_tokenizer, paths.hub_cache)
+
+
+def build_text_tokenizer():
+    """A small byte-level BPE trained on the committed corpus, with the Llama-3 and Higgs special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = (CONFIG_DIR / "tiny_tokenizer_corpus.txt").read_text(encoding="utf-8").splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TEXT_VOCAB_SIZE,
+        special_tokens=LLAMA3_SPECIAL_TOKENS + HIGGS_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        model_max_length=4096,
+    )
+
+
+def _write_marker(folder: Path, what: str) -> None:
+    (folder / DEMO_MARKER).write_text(json.dumps({"note": DEMO_NOTE, "what": what, "seed": DEMO_SEED}) + "\n")
+
+
+def _build_model(target: Path, tokenizer) -> None:
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+
+    spec = json.loads((CONFIG_DIR / "tiny_higgs_audio.json").read_text())
+    spec.pop("_comment", None)
+    ids = tokenizer.convert_tokens_to_ids
+    spec["text_config"].update(
+        vocab_size=len(tokenizer), bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>")
+    )
+    spec.update(
+        audio_in_token_idx=ids("<|AUDIO|>"),
+        audio_out_token_idx=ids("<|AUDIO_OUT|>"),
+        audio_out_bos_token_id=ids("<|audio_out_bos|>"),
+        audio_eos_token_id=ids("<|audio_eos|>"),
+        pad_token_id=ids("<|end_of_text|>"),
+        demo_model_note=DEMO_NOTE,
+    )
+    spec["audio_encoder_config"]["pad_token_id"] = spec["pad_token_id"]
+    config = HiggsAudioConfig(**spec)
+    assert config.pad_token_id < config.text_config.vocab_size
+    torch.manual_seed(DEMO_SEED)
+    model = HiggsAudioModel(config)
+    staging = _staging_dir(target)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    _write_marker(staging, "HiggsAudioModel + text tokenizer")
+    staging.rename(target)
+
+
+def _build_hubert(hub_cache: Path) -> None:
+    """A HuBERT-shaped semantic model laid out as a Hugging Face hub cache entry for bosonai/hubert_base."""
+    from transformers import HubertConfig, HubertModel
+
+    spec = json.loads((CONFIG_DIR / "tiny_hubert.json").read_text())
+    spec.pop("_comment", None)
+    torch.manual_seed(DEMO_SEED + 1)
+    model = HubertModel(HubertConfig(**spec))
+    repo = hub_cache / ("models--" + HUBERT_REPO_ID.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUBERT_REVISION
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(snapshot, safe_serialization=True)
+    _write_marker(snapshot, "HuBERT-shaped semantic model")
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(HUBERT_REVISION)
+
+
+@contextmanager
+def offline_hub_cache(hub_cache: Path) -> Iterator[None]:
+    """Resolve hub ids from `hub_cache` only, for the duration of the block.
+
+    HiggsAudioTokenizer's constructor calls `AutoModel.from_pretrained("bosonai/hubert_base")` itself, with no
+    way to pass a cache folder. Pointing transformers' default cache at the demo cache and forcing offline
+    mode, only around that call, makes the demo resolve without a network and without shadowing a real
+    bosonai/hubert_base in the user's own Hugging Face cache.
+    """
+    import transformers.utils.hub as hf_hub_utils
+
+    with (
+        mock.patch.object(hf_hub_utils, "TRANSFORMERS_CACHE", str(hub_cache)),
+        mock.patch.object(hf_hub_utils, "_is_offline_mode", True),
+    ):
+        yield
+
+
+def _build_audio_tokenizer(target: Path, hub_cache: Path) -> None:
+    from boson_multimodal.audio_processing.higgs_audio_tokenizer import HiggsAudioTokenizer
+
+    spec = json.loads((CONFIG_DIR / "tiny_audio_tokenizer.json").read_text())
+    torch.manual_seed(DEMO_SEED + 2)
+    with offline_hub_cache(hub_cache):
+        codec = HiggsAudioTokenizer(**spec, device="cpu")
+    codec.eval()
+    # The RVQ codebooks start empty (k-means init on first use). Initialise them here, once, with the
+    # package's own k-means on a fixed noise signal, so every later encode is deterministic and uses the
+    # whole codebook instead of collapsing onto a few codes.
+    generator = torch.Generator().manual_seed(DEMO_SEED + 3)
+    noise = torch.randn(1, 1, spec["sample_rate"] * 60, generator=generator) * 0.1
+    with torch.no_grad():
+        codec._xcodec_encode(noise)
+    for layer in codec.quantizer.vq.layers:
+        assert bool(layer._codebook.inited), "codebook k-means init did not run"
+    staging = _staging_dir(target)
+    (staging / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
+    torch.save(codec.state_dict(), staging / "model.pth")
+    _write_marker(staging, "HiggsAudioTokenizer")
+    staging.rename(target)
+
+
+def is_demo(path: str | os.PathLike) -> bool:
+    """True for a checkpoint folder built here (and so one whose numbers must never be read as quality)."""
+    return (Path(path) / DEMO_MARKER).exists()
