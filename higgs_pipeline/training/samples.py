@@ -19,6 +19,8 @@ from boson_multimodal.data_collator.higgs_audio_collator import HiggsAudioBatchI
 from boson_multimodal.data_types import ChatMLSample
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample, prepare_chatml_sample
 
+from higgs_pipeline.data.records import SampleRecord, TokenStore
+
 # Fields of HiggsAudioBatchInput that HiggsAudioModel.forward takes (the collator also returns `reward`,
 # which the forward ignores, and never a `labels` kwarg: the forward computes no loss).
 FORWARD_FIELDS = (
@@ -72,6 +74,12 @@ def build_dataset_sample(chatml: ChatMLSample, audio: list[AudioInput], tokenize
         audio_sample_rate=torch.tensor([sr for _, sr in waves], dtype=torch.float32),
         audio_speaker_indices=torch.zeros(0, dtype=torch.long),
     )
+
+
+def dataset_sample_for(record: SampleRecord, store: TokenStore, tokenizer) -> ChatMLDatasetSample:
+    """A fresh ChatMLDatasetSample for a stored record, its codes read from the token store by clip hash."""
+    audio = [AudioInput(store.get(clip["clip_hash"])) for clip in record.audio]
+    return build_dataset_sample(record.to_chatml(), audio, tokenizer)
 
 
 def _audio_roles(chatml: ChatMLSample) -> list[str]:
