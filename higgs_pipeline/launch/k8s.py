@@ -1,0 +1,135 @@
+"""Launching the training entry point on Kubernetes: one 8-GPU pod, or a multi-node PyTorchJob.
+
+The engines are existing ones: a single pod goes through dagster-k8s' `PipesK8sClient` (logs and metadata
+stream back exactly as with the local `PipesSubprocessClient`), and more than one node is a Kubeflow
+`PyTorchJob` whose pods run `torchrun` with c10d rendezvous on the master service. This module only builds
+the specs (plain dicts in the Kubernetes API's own shape), so they are unit-testable without a cluster.
+
+The training entry point is the same everywhere: `torchrun ... -m higgs_pipeline.training.train ...`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TRAIN_MODULE = "higgs_pipeline.training.train"
+RDZV_PORT = 29400
+
+
+@dataclass(frozen=True)
+class GpuNodeSpec:
+    """What one training node asks of the cluster (defaults: the reference 8-GPU node)."""
+
+    image: str
+    gpus_per_node: int = 8
+    cpu: str = "64"
+    memory: str = "900Gi"
+    shared_memory: str = "64Gi"  # DataLoader workers exchange batches through /dev/shm
+    namespace: str = "default"
+    service_account: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    env_from_secret: str | None = "higgs-pipeline-s3"  # AWS_* credentials for the s3:// artifact store
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node must be >= 1, got {self.gpus_per_node}")
+        if not self.image:
+            raise ValueError("image is required: the training image with this project installed")
+
+
+def torchrun_command(
+    train_args: Sequence[str],
+    nproc_per_node: int,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "higgs-lora",
+) -> list[str]:
+    """`torchrun` for one node (standalone) or for `nnodes` nodes meeting at a c10d rendezvous endpoint."""
+    command = ["torchrun", f"--nproc_per_node={nproc_per_node}"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        command.append("--standalone")
+    else:
+        if rdzv_endpoint is None:
+            raise ValueError("a multi-node run needs rdzv_endpoint (host:port of the rendezvous)")
+        command += [
+            f"--nnodes={nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rdzv_endpoint}",
+            f"--rdzv_id={rdzv_id}",
+        ]
+    return [*command, "-m", TRAIN_MODULE, *train_args]
+
+
+def _container(node: GpuNodeSpec, name: str, command: Sequence[str]) -> dict[str, Any]:
+    gpu = str(node.gpus_per_node)
+    container: dict[str, Any] = {
+        "name": name,
+        "image": node.image,
+        "command": list(command),
+        "env": [{"name": k, "value": v} for k, v in sorted(node.env.items())],
+        "resources": {
+            "limits": {"nvidia.com/gpu": gpu, "cpu": node.cpu, "memory": node.memory},
+            "requests": {"nvidia.com/gpu": gpu, "cpu": node.cpu, "memory": node.memory},
+        },
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if node.env_from_secret:
+        container["envFrom"] = [{"secretRef": {"name": node.env_from_secret}}]
+    return container
+
+
+def _pod_spec(node: GpuNodeSpec, container: dict[str, Any], restart_policy: str | None = "Never") -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "nodeSelector": dict(node.node_selector),
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": node.shared_memory}}],
+    }
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if node.service_account:
+        spec["serviceAccountName"] = node.service_account
+    return spec
+
+
+def single_node_pod_spec(node: GpuNodeSpec, train_args: Sequence[str]) -> dict[str, Any]:
+    """`base_pod_spec` for `PipesK8sClient.run`: one pod, all its GPUs, torchrun standalone."""
+    command = torchrun_command(train_args, nproc_per_node=node.gpus_per_node)
+    return _pod_spec(node, _container(node, "train", command))
+
+
+def pytorch_job_manifest(node: GpuNodeSpec, train_args: Sequence[str], nodes: int, job_name: str) -> dict[str, Any]:
+    """A Kubeflow PyTorchJob (kubeflow.org/v1): 1 Master + (nodes-1) Workers, torchrun c10d rendezvous.
+
+    The rendezvous endpoint is the master replica's headless service, `<job>-master-0:<port>`, which the
+    training operator creates; every pod runs the same torchrun command, so any pod can host the store.
+    """
+    if nodes < 2:
+        raise ValueError(f"a PyTorchJob is for 2 or more nodes, got {nodes}: use single_node_pod_spec")
+    endpoint = f"{job_name}-master-0:{RDZV_PORT}"
+    command = torchrun_command(
+        train_args, nproc_per_node=node.gpus_per_node, nnodes=nodes, rdzv_endpoint=endpoint, rdzv_id=job_name
+    )
+    container = _container(node, "pytorch", command)  # the operator requires the container name "pytorch"
+    container["ports"] = [{"containerPort": RDZV_PORT, "name": "c10d"}]
+
+    def replica(count: int) -> dict[str, Any]:
+        # The replica's restartPolicy governs its pods; the pod template leaves it unset.
+        return {
+            "replicas": count,
+            "restartPolicy": "OnFailure",
+            "template": {"spec": _pod_spec(node, container, restart_policy=None)},
+        }
+
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": job_name, "namespace": node.namespace, "labels": {"app": "higgs-pipeline"}},
+        "spec": {
+            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 2},
+            "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(nodes - 1)},
+        },
+    }
