@@ -1,0 +1,115 @@
+"""`production_adapter`: a pointer file naming the adapter to serve, moved only by a better, checked adapter.
+
+It runs after `adapter_evaluation` in the same run, so the blocking checks there (finite losses, adapter no
+worse than base) fail the run before this asset starts. Materialized on its own later, it asks the same gate
+(`promotion_blockers`) again, so the pointer can never move to an adapter those checks would reject.
+"""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+import fsspec
+
+from higgs_pipeline.defs.resources import ArtifactStore
+from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.evaluation.evaluate import promotion_blockers
+
+CODE_VERSION = "1"
+# The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
+POINTER_NUMBERS = ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement")
+
+
+def read_pointer(path: str) -> dict | None:
+    """The current pointer, or None before the first promotion."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return None
+    return json.loads(fs.cat_file(root))
+
+
+def write_pointer(path: str, pointer: dict) -> None:
+    """Write a temp file, then move it over the pointer, so a reader never sees a half-written pointer."""
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(root + ".tmp", json.dumps(pointer, indent=2).encode())
+    fs.mv(root + ".tmp", root)
+
+
+def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
+    """Whether the candidate replaces the current pointer, and why.
+
+    Losses are compared only when both were measured on the same validation data (same data version) from the
+    same base model; on new data the candidate has already beaten its own base on that data, and the old
+    numbers, from another validation split, say nothing against it.
+    """
+    if current is None:
+        return True, "first promotion"
+    if current["adapter_path"] == candidate["adapter_path"]:
+        return False, "this adapter is already in production"
+    if (current.get("data_version"), current.get("base_model")) != (
+        candidate.get("data_version"),
+        candidate.get("base_model"),
+    ):
+        return True, "new data version or base model: losses are not comparable, the checked candidate wins"
+    if candidate["val_total_loss"] < current["val_total_loss"]:
+        return True, f"val_total_loss {candidate['val_total_loss']:.4f} < current {current['val_total_loss']:.4f}"
+    return (
+        False,
+        f"val_total_loss {candidate['val_total_loss']:.4f} is not below current {current['val_total_loss']:.4f}",
+    )
+
+
+@dg.asset(group_name="evaluation", code_version=CODE_VERSION, deps=["adapter_evaluation"])
+def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    """Points at the best evaluated adapter that passed the blocking checks; keeps the current one otherwise."""
+    evaluation = upstream_metadata(context, "adapter_evaluation")
+    blockers = promotion_blockers(evaluation)
+    if blockers:
+        raise dg.Failure(
+            "adapter_evaluation's latest result may not be promoted: "
+            + "; ".join(blockers)
+            + ". Train a better adapter (or fix the data) and re-run retrain_job."
+        )
+    candidate = {
+        "adapter_path": evaluation["adapter_path"],
+        "data_version": evaluation.get("data_version"),
+        "base_model": evaluation.get("base_model"),
+        "demo_model": bool(evaluation.get("demo_model", False)),
+        "evaluation_path": evaluation.get("evaluation_path"),
+        **{name: evaluation[name] for name in POINTER_NUMBERS},
+    }
+    pointer_path = artifacts.path("production_adapter", "current.json")
+    current = read_pointer(pointer_path)
+    promote, reason = should_promote(current, candidate)
+    if promote:
+        pointer = {**candidate, "promoted_at": datetime.now(UTC).isoformat(), "promoted_by_run": context.run.run_id}
+        pointer["previous_adapter_path"] = current["adapter_path"] if current else None
+        write_pointer(pointer_path, pointer)
+    else:
+        pointer = current
+    context.log.info(f"{'promoted' if promote else 'kept'} {pointer['adapter_path']}: {reason}")
+
+    return dg.MaterializeResult(
+        metadata={
+            "promoted": promote,
+            "reason": reason,
+            "pointer_path": dg.MetadataValue.path(pointer_path),
+            "adapter_path": dg.MetadataValue.path(pointer["adapter_path"]),
+            "data_version": str(pointer.get("data_version")),
+            "base_model": str(pointer.get("base_model")),
+            "demo_model": bool(pointer.get("demo_model", False)),
+            **{name: dg.MetadataValue.float(float(pointer[name])) for name in POINTER_NUMBERS},
+            "candidate_adapter_path": dg.MetadataValue.path(candidate["adapter_path"]),
+            "candidate_val_total_loss": dg.MetadataValue.float(float(candidate["val_total_loss"])),
+            "code_version": CODE_VERSION,
+        },
+        data_version=dg.DataVersion(_pointer_version(pointer)),
+    )
+
+
+def _pointer_version(pointer: dict) -> str:
+    """Changes only when the pointer moves, so nothing downstream sees a change when the adapter was kept."""
+    key = json.dumps([pointer["adapter_path"], pointer.get("data_version")])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -1,0 +1,168 @@
+"""Validation losses of an adapter and of its base model, measured on the same batches in the same order.
+
+Both passes use the training code's own parts (records -> `dataset_sample_for` -> `make_collator` ->
+`forward_kwargs` -> `objective.loss_sums`), so the numbers mean exactly what the training log's `val_*` mean.
+The base is the very same loaded model with the adapter switched off (`PeftModel.disable_adapter`), so the two
+passes cannot differ in anything but the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import fsspec
+import torch
+
+from higgs_pipeline.data.records import SampleRecord, TokenStore, read_records, read_split
+from higgs_pipeline.training.objective import LossSums, loss_sums
+from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
+
+NUM_CODEBOOKS = 8
+# The numbers recorded as metadata, under stable names so the UI's Plots tab draws them across runs.
+RECORDED = ("text_loss", "text_accuracy", "audio_loss", "audio_accuracy", "total_loss") + tuple(
+    f"audio_loss_cb{index}" for index in range(NUM_CODEBOOKS)
+)
+
+
+@dataclass(frozen=True)
+class LossComparison:
+    """`LossSums.means()` of the adapter and of the base model on the same validation batches."""
+
+    adapter: dict[str, float]
+    base: dict[str, float]
+    samples: int
+
+    @property
+    def improvement(self) -> float:
+        """How much lower the adapter's total validation loss is than the base model's (positive = better)."""
+        return self.base["total_loss"] - self.adapter["total_loss"]
+
+    def recorded(self) -> dict[str, float]:
+        """`val_<name>` for the adapter, `base_val_<name>` for the base model, and `improvement`."""
+        numbers = {f"val_{name}": self.adapter[name] for name in RECORDED}
+        numbers |= {f"base_val_{name}": self.base[name] for name in RECORDED}
+        numbers["improvement"] = self.improvement
+        return numbers
+
+    def per_codebook(self) -> list[dict[str, float | int]]:
+        """One row per codebook: loss and accuracy of adapter and base."""
+        return [
+            {
+                "codebook": index,
+                "val_loss": self.adapter[f"audio_loss_cb{index}"],
+                "base_val_loss": self.base[f"audio_loss_cb{index}"],
+                "val_accuracy": self.adapter[f"audio_accuracy_cb{index}"],
+                "base_val_accuracy": self.base[f"audio_accuracy_cb{index}"],
+            }
+            for index in range(NUM_CODEBOOKS)
+        ]
+
+
+def validation_records(samples_path: str, split_path: str) -> list[SampleRecord]:
+    """The validation records in the split file's order (a fixed order: every evaluation sees the same batches)."""
+    ids = read_split(split_path)["validation"]
+    if not ids:
+        raise ValueError(f"split {split_path}: the validation split is empty; re-materialize train_val_split")
+    wanted = set(ids)
+    by_id = {record.sample_id: record for record in read_records(samples_path) if record.sample_id in wanted}
+    missing = [sample_id for sample_id in ids if sample_id not in by_id]
+    if missing:
+        raise ValueError(
+            f"split {split_path}: {len(missing)} validation ids are not in {samples_path} (first: {missing[:3]}); "
+            "re-materialize train_val_split from the current chatml_samples"
+        )
+    return [by_id[sample_id] for sample_id in ids]
+
+
+@torch.no_grad()
+def validation_losses(
+    model: torch.nn.Module,
+    records: Sequence[SampleRecord],
+    store: TokenStore,
+    tokenizer,
+    batch_size: int,
+    device: str | torch.device,
+) -> dict[str, float]:
+    """Next-token losses summed over all validation batches, then averaged once (exact mean over the split)."""
+    collator = make_collator(model.config)
+    total: LossSums | None = None
+    for start in range(0, len(records), batch_size):
+        # Fresh samples every pass: the collator mutates the samples it is given.
+        batch = collator(
+            [dataset_sample_for(record, store, tokenizer) for record in records[start : start + batch_size]]
+        )
+        outputs = model(**forward_kwargs(batch, device))
+        sums = loss_sums(outputs, batch.label_audio_ids)
+        total = sums if total is None else total + sums
+    if total is None:
+        raise ValueError("no validation records to evaluate")
+    return total.means()
+
+
+def compare_with_base(
+    model, records: Sequence[SampleRecord], store: TokenStore, tokenizer, batch_size: int, device: str | torch.device
+) -> LossComparison:
+    """Losses of a PeftModel with its adapter on, and off (the base model), over the same batches."""
+    model.eval()
+    with model.disable_adapter():
+        base = validation_losses(model, records, store, tokenizer, batch_size, device)
+    adapter = validation_losses(model, records, store, tokenizer, batch_size, device)
+    return LossComparison(adapter=adapter, base=base, samples=len(records))
+
+
+def base_model_of(adapter_dir: str, fallback: str) -> str:
+    """The base checkpoint PEFT recorded for the adapter, or `fallback` when that folder is not on this machine.
+
+    An adapter trained on another machine records that machine's folder (the demo's build cache, a mounted
+    checkpoint); the checkpoints resource then names the same model here.
+    """
+    with fsspec.open(f"{adapter_dir}/adapter_config.json", "r") as handle:
+        recorded = json.load(handle).get("base_model_name_or_path")
+    if not recorded:
+        return fallback
+    if os.path.isabs(recorded) and not os.path.isdir(recorded):
+        return fallback
+    return recorded
+
+
+def non_finite_losses(numbers: dict) -> list[str]:
+    """Names of the losses (and `improvement`) that are NaN or infinite: a diverged adapter, or nothing scored.
+
+    Takes a whole metadata dict: values that are not floats (paths, tables, labels) are ignored.
+    """
+    return [
+        name
+        for name, value in numbers.items()
+        if isinstance(value, float) and ("loss" in name or name == "improvement") and not math.isfinite(value)
+    ]
+
+
+def promotion_blockers(numbers: dict) -> list[str]:
+    """Why an evaluation must not be promoted: non-finite losses, or an adapter worse than its base model.
+
+    The blocking asset checks and `production_adapter` both ask this one function (with the evaluation's
+    metadata values), so the gate a run passes is the gate promotion enforces.
+    """
+    problems = [f"{name} is not finite ({numbers[name]})" for name in non_finite_losses(numbers)]
+    if not problems and numbers["val_total_loss"] > numbers["base_val_total_loss"]:
+        problems.append(
+            f"adapter is worse than its base model on validation: val_total_loss {numbers['val_total_loss']:.4f} > "
+            f"base_val_total_loss {numbers['base_val_total_loss']:.4f}"
+        )
+    return problems
+
+
+def local_folder(path: str, scratch: str) -> str:
+    """`path` itself when it is on this machine; else a copy under `scratch` (PEFT and the serve engine read
+    local folders only)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "file" in protocols:
+        return root
+    target = os.path.join(scratch, os.path.basename(root.rstrip("/")))
+    fs.get(root.rstrip("/") + "/", target + "/", recursive=True)
+    return target

@@ -1,0 +1,49 @@
+"""The training and validation loss curves of a run, as a PNG small enough to embed in asset metadata."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import fsspec
+import matplotlib
+
+matplotlib.use("Agg")  # no display on the run worker
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Validation lines of metrics.jsonl, drawn when present (`val_loss` is the total the training log reports).
+VALIDATION_SERIES = ("val_loss", "val_text_loss", "val_audio_loss")
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The JSON lines of a training run's metrics file (train lines and validation lines, by step)."""
+    with fsspec.open(path, "r", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def loss_curves_png(rows: list[dict], title: str) -> bytes:
+    """Train loss and validation losses against step."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=80)
+    series = [("train_loss", "-")] + [(name, "o--") for name in VALIDATION_SERIES]
+    for name, style in series:
+        points = [(row["step"], row[name]) for row in rows if name in row and "step" in row]
+        if points:
+            steps, values = zip(*points, strict=True)
+            axes.plot(steps, values, style, label=name, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """The PNG inlined as a data URI, which the Dagster UI renders inside a markdown metadata value."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
