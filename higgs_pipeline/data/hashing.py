@@ -1,0 +1,44 @@
+"""Stable hashes for ids, versions and split decisions: sha256 everywhere, so a value never depends on the
+process (Python's `hash()` is salted per process) nor on a library version (pandas' hash_pandas_object)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# Parts of a composite key are joined with the ASCII unit separator, which never occurs in paths or labels,
+# so ("ab", "c") and ("a", "bc") hash differently.
+_SEPARATOR = "\x1f"
+_FRACTION_HEX_DIGITS = 13  # 52 bits: every value is exactly representable as a float64 fraction
+
+
+def sha256_hex(data: bytes) -> str:
+    """The content hash of a file's bytes (the `clip_hash` that keys the token store)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest(*parts: str) -> str:
+    """sha256 hex of a composite key."""
+    return hashlib.sha256(_SEPARATOR.join(parts).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def digests(*columns: Iterable[str], length: int = 64) -> list[str]:
+    """Row-wise `digest` over parallel columns, truncated to `length` hex digits."""
+    return [digest(*row)[:length] for row in zip(*columns, strict=True)]
+
+
+def digest_of_lines(lines: Iterable[str], seed: bytes = b"") -> str:
+    """One sha256 over many strings (each newline-terminated), streamed: no giant joined string in memory."""
+    hasher = hashlib.sha256(seed)
+    for line in lines:
+        hasher.update(line.encode("utf-8", "surrogateescape"))
+        hasher.update(b"\n")
+    return hasher.hexdigest()
+
+
+def unit_interval(hex_digests: Sequence[str]) -> np.ndarray:
+    """Map hex digests uniformly onto [0, 1): the basis of hash-based (hence stable) split decisions."""
+    scale = float(16**_FRACTION_HEX_DIGITS)
+    return np.fromiter((int(h[:_FRACTION_HEX_DIGITS], 16) / scale for h in hex_digests), np.float64, len(hex_digests))

@@ -1,0 +1,263 @@
+"""Reading a speech manifest (CSV, JSONL or Parquet; local or s3://) into a table of strings, one row per record.
+
+Two kinds of failure are kept apart on purpose:
+- the manifest cannot be read at all (missing, unknown format, unparsable, a required column missing): that is
+  a `ManifestError` naming the file and the problem, and the asset fails;
+- one record is bad (a CSV line with the wrong number of fields, a JSONL line that is not a JSON object,
+  text that is not valid UTF-8): that record is kept with its problem noted and rejected later, the rest flows.
+
+Every value stays a Python `str`: "NA", "null" or "" are text, never NaN (pandas' NA guessing is off), and
+bytes that are not valid UTF-8 are kept as lone surrogates (`surrogateescape`) so the one bad row can be found
+and reported while its neighbours decode normally.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
+OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text")
+MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+# Lone surrogates U+DC80..U+DCFF are what `surrogateescape` makes of bytes that are not UTF-8.
+INVALID_UTF8 = "[\udc80-\udcff]"
+LOCAL = "file"
+
+
+class ManifestError(ValueError):
+    """The manifest as a whole cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest read into memory.
+
+    `rows` has every MANIFEST_COLUMNS column as str, plus `row` (1-based record number, the number users see in
+    reject reports), `read_error` ("" or why the record itself could not be parsed) and `invalid_utf8` (the
+    columns of that row that held bytes which are not UTF-8, shown as U+FFFD). `raw` is the file's bytes
+    (hashed into the data version).
+    """
+
+    uri: str
+    rows: pd.DataFrame
+    raw: bytes
+
+
+def manifest_format(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    for suffix in COMPRESSIONS:
+        name = name.removesuffix(suffix)
+    extension = os.path.splitext(name)[1]
+    if extension not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise ManifestError(f"manifest {uri}: unknown format '{extension or name}': use one of {known}")
+    return FORMATS[extension]
+
+
+def absolute_uri(uri: str) -> str:
+    """Local paths made absolute (relative manifest paths are relative to the working directory)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def read_manifest(uri: str) -> Manifest:
+    """Read a manifest; raises ManifestError when the file as a whole cannot be used."""
+    uri = absolute_uri(uri)
+    kind = manifest_format(uri)
+    try:
+        with fsspec.open(uri, "rb", compression="infer") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {uri}: file not found") from None
+    except (OSError, EOFError, ValueError) as error:
+        raise ManifestError(f"manifest {uri}: cannot read it: {error}") from error
+    if not raw.strip():
+        raise ManifestError(f"manifest {uri}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})")
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    try:
+        table = readers[kind](raw)
+        # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
+        rows = _conform(table, check_utf8=kind == "parquet" or not _is_utf8(raw))
+    except ManifestError as error:
+        raise ManifestError(f"manifest {uri}: {error}") from None
+    except Exception as error:  # any parser's own error means the file as a whole is unusable
+        raise ManifestError(f"manifest {uri}: cannot parse it as {kind}: {type(error).__name__}: {error}") from error
+    return Manifest(uri, rows, raw)
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_csv(raw: bytes) -> pd.DataFrame:
+    options = dict(
+        dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8-sig", encoding_errors="surrogateescape"
+    )
+    try:
+        table = pd.read_csv(io.BytesIO(raw), **options)
+    except pd.errors.ParserError:
+        # Some record has the wrong number of fields: the C parser stops there, so read record by record and
+        # keep the bad ones as rows of their own (with their line number) instead of losing the file.
+        return _read_csv_records(raw.decode("utf-8-sig", "surrogateescape"))
+    table["read_error"] = ""
+    return table
+
+
+def _read_csv_records(text: str) -> pd.DataFrame:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader)
+    records, errors = [], []
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) == len(header):
+            records.append(fields)
+            errors.append("")
+        else:
+            padded = (fields + [""] * len(header))[: len(header)]
+            records.append(padded)
+            errors.append(f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+    table = pd.DataFrame(records, columns=header, dtype=object)
+    table["read_error"] = errors
+    return table
+
+
+def _read_jsonl(raw: bytes) -> pd.DataFrame:
+    records, errors = [], []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        text = line.decode("utf-8-sig" if number == 1 else "utf-8", "surrogateescape")
+        try:
+            value = json.loads(text)
+            error = "" if isinstance(value, dict) else f"line {number}: a JSON {type(value).__name__}, not an object"
+        except json.JSONDecodeError as bad:
+            value, error = {}, f"line {number}: not valid JSON ({bad.msg} at column {bad.colno})"
+        records.append(value if not error else {})
+        errors.append(error)
+    # Built column by column as objects: pandas would otherwise infer Arrow strings, which reject the lone
+    # surrogates that mark undecodable bytes.
+    keys = dict.fromkeys(key for record in records for key in record)
+    table = pd.DataFrame(
+        {key: pd.Series([_as_text(r.get(key)) for r in records], dtype=object) for key in keys},
+        index=pd.RangeIndex(len(records)),
+    )
+    table["read_error"] = errors
+    return table
+
+
+def _read_parquet(raw: bytes) -> pd.DataFrame:
+    table = pd.read_parquet(io.BytesIO(raw))
+    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text.
+    columns = {name: pd.Series([_as_text(v) for v in table[name]], dtype=object) for name in table.columns}
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(table))).assign(read_error="")
+
+
+def _as_text(value: object) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _conform(table: pd.DataFrame, check_utf8: bool) -> pd.DataFrame:
+    """The known columns as pandas strings, plus `row`, `read_error` and `invalid_utf8` (the bad columns' names).
+
+    Invalid bytes are found while values are still Python objects, then shown as U+FFFD: from here on the
+    columns are Arrow-backed strings (compact, and vectorised string operations run in C).
+    """
+    table = table.rename(columns=lambda name: str(name).strip())
+    has_records = len(table) > 0 and (table["read_error"] == "").any()
+    missing = [name for name in REQUIRED_COLUMNS if name not in table.columns]
+    if missing and (has_records or len(table) == 0):
+        present = ", ".join(c for c in table.columns if c != "read_error") or "none"
+        raise ManifestError(f"missing required column(s) {', '.join(missing)} (columns found: {present})")
+    size = len(table)
+    rows = pd.DataFrame({"row": np.arange(1, size + 1, dtype=np.int64)})
+    invalid = np.full(size, "", dtype=object)
+    for name in MANIFEST_COLUMNS:
+        if name not in table.columns:
+            rows[name] = pd.Series([""] * size, dtype="str")
+            continue
+        values = table[name].astype(object).reset_index(drop=True)
+        if check_utf8:
+            bad = values.str.contains(INVALID_UTF8, regex=True).to_numpy(bool)
+            if bad.any():
+                invalid[bad] = np.where(invalid[bad] == "", name, invalid[bad] + ", " + name)
+                values[bad] = [_displayable(v) for v in values[bad]]
+        rows[name] = values.astype("str")
+    rows["read_error"] = table["read_error"].astype("str").to_numpy()
+    rows["invalid_utf8"] = pd.Series(invalid, dtype="str")
+    return rows
+
+
+def _displayable(value: str) -> str:
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def manifest_folder(uri: str) -> tuple[str, str]:
+    """(protocol, folder) of a manifest: audio paths are resolved against, and must stay inside, this folder."""
+    protocol, path = split_uri(uri)
+    return protocol, posixpath.dirname(path)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    if "://" in uri:
+        protocol, path = uri.split("://", 1)
+        return (LOCAL, path) if protocol == LOCAL else (protocol, path)
+    return LOCAL, uri
+
+
+def join_uri(protocol: str, path: str) -> str:
+    return path if protocol == LOCAL else f"{protocol}://{path}"
+
+
+def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(resolved URI, outside-the-manifest-folder flag) for each audio path.
+
+    Relative paths are joined to the manifest's folder; absolute paths and URIs are taken as they are. A path is
+    "outside" when, after normalization (".." collapsed), it is not under the manifest's folder on the same
+    filesystem: that is how a manifest row cannot make the pipeline read /etc/passwd or another bucket unless
+    the run allows it. Computed once per distinct path, so a million rows over few files stay cheap.
+    """
+    protocol, folder = manifest_folder(manifest_uri)
+    distinct = pd.unique(paths.to_numpy())
+    resolved, outside = {}, {}
+    for path in distinct:
+        uri, is_outside = _resolve(protocol, folder, path)
+        resolved[path], outside[path] = uri, is_outside
+    return paths.map(resolved).astype("str"), paths.map(outside).astype(bool)
+
+
+def _resolve(protocol: str, folder: str, path: str) -> tuple[str, bool]:
+    if not path:
+        return "", False
+    if "://" in path:
+        path_protocol, target = split_uri(path)
+    elif path.startswith("/"):
+        path_protocol, target = LOCAL, path
+    else:
+        path_protocol, target = protocol, posixpath.join(folder, path)
+    target = posixpath.normpath(target)
+    inside = path_protocol == protocol and target.startswith(folder.rstrip("/") + "/")
+    return join_uri(path_protocol, target), not inside

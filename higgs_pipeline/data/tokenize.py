@@ -1,0 +1,200 @@
+"""Encoding clips into Higgs audio codes once, into the content-addressed TokenStore.
+
+Why batches hold only clips of identical length: the tokenizer's semantic model (HuBERT) normalises and attends
+over the whole input with no padding mask, so zero-padding a clip to share a batch with a longer one changes its
+codes (measured on the tiny tokenizer: 12-47% of the frames of each padded clip changed). Equal-length clips batch
+exactly (tests/test_tokenized_audio.py checks batched == one-by-one), which pays off on pre-segmented corpora;
+every other clip is encoded on its own. What is overlapped instead is the I/O: reading, hashing, decoding and
+resampling run in a thread pool ahead of the encoder, and shards are written behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+
+from higgs_pipeline.data.audio_io import decode, to_mono
+from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.models import loading
+
+TOKENIZER_INFO = "tokenizer.json"
+
+
+class ClipChangedError(RuntimeError):
+    """A clip's bytes no longer match the hash it was probed with: its codes would be stored under a lie."""
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the shards of a store mean, written beside them so a run with nothing to encode need not load the
+    tokenizer to report it."""
+
+    tokenizer_id: str
+    description: str
+    sampling_rate: int
+    codes_per_second: float
+    num_codebooks: int
+
+
+@dataclass(frozen=True)
+class EncodeStats:
+    clips: int
+    audio_seconds: float
+    wall_seconds: float
+    batches: int
+    clips_in_multi_clip_batches: int
+
+
+@lru_cache(maxsize=2)
+def audio_tokenizer(name: str, device: str):
+    """The audio tokenizer, loaded once per process (the in-process executor and tests reuse it)."""
+    return loading.load_audio_tokenizer(name, device)
+
+
+def tokenizer_info(tokenizer, name: str) -> TokenizerInfo:
+    return TokenizerInfo(
+        tokenizer_id=loading.tokenizer_id(name),
+        description=loading.describe(name),
+        sampling_rate=int(tokenizer.sampling_rate),
+        codes_per_second=float(tokenizer.tps),
+        num_codebooks=int(tokenizer.num_codebooks),
+    )
+
+
+def write_tokenizer_info(store: TokenStore, info: TokenizerInfo) -> None:
+    with fsspec.open(f"{store.root}/{TOKENIZER_INFO}", "w", encoding="utf-8") as handle:
+        json.dump(asdict(info), handle, indent=2)
+
+
+def read_tokenizer_info(store: TokenStore) -> TokenizerInfo | None:
+    path = f"{store.root}/{TOKENIZER_INFO}"
+    if not store.fs.exists(path):
+        return None
+    with store.fs.open(path, "r", encoding="utf-8") as handle:
+        return TokenizerInfo(**json.load(handle))
+
+
+def stored_hashes(store: TokenStore) -> set[str]:
+    """Clip hashes that already have a shard: one recursive listing, not one existence check per clip (which on
+    S3 would be a request per clip). Half-written `.tmp` files do not count."""
+    store.fs.invalidate_cache()
+    if not store.fs.exists(store.root):
+        return set()
+    return {path.rsplit("/", 1)[-1][: -len(".npy")] for path in store.fs.find(store.root) if path.endswith(".npy")}
+
+
+def plan_batches(clips: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
+    """Positions of `clips` grouped into batches of identical native length and rate (hence identical length
+    after resampling), at most `batch_size` each, longest first so memory peaks early."""
+    if clips.empty:
+        return []
+    groups = clips.groupby(["frames", "sample_rate"], sort=False).indices
+    ordered = sorted(groups.items(), key=lambda item: (-item[0][0] / max(item[0][1], 1), item[0]))
+    return [
+        positions[start : start + batch_size]
+        for _, positions in ordered
+        for start in range(0, len(positions), max(batch_size, 1))
+    ]
+
+
+def load_wave(uri: str, clip_hash: str, target_rate: int) -> torch.Tensor:
+    """Mono float32 at the tokenizer's rate, after checking the bytes are still the ones that were probed."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    data = fs.cat_file(path)
+    if sha256_hex(data) != clip_hash:
+        raise ClipChangedError(
+            f"audio {uri} changed since raw_audio_manifest probed it (expected sha256 {clip_hash[:12]}..., "
+            f"found {sha256_hex(data)[:12]}...): re-materialize raw_audio_manifest and chatml_samples"
+        )
+    wave, rate = decode(data)
+    return to_mono(wave, rate, target_rate).contiguous()
+
+
+def encode_batch(tokenizer, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Codes `[codebooks, frames]` per wave. One wave goes through the tokenizer's public `encode`; a batch of
+    equal-length waves through the same `_xcodec_encode` that `encode` calls, with a batch dimension."""
+    if len(waves) == 1:
+        return [tokenizer.encode(waves[0].numpy(), sr=tokenizer.sampling_rate)]
+    if len({int(w.shape[-1]) for w in waves}) != 1:
+        raise ValueError("encode_batch: a batch must hold waves of one length (padding changes HuBERT's codes)")
+    batch = torch.stack(waves).unsqueeze(1).to(tokenizer.device)
+    try:
+        with torch.no_grad():
+            codes = tokenizer._xcodec_encode(batch).audio_codes
+    except RuntimeError:
+        # boson_multimodal's fix-up for an acoustic/semantic frame-count mismatch handles a batch of one only.
+        return [codes for wave in waves for codes in encode_batch(tokenizer, [wave])]
+    return list(codes)
+
+
+def encode_clips(
+    tokenizer,
+    store: TokenStore,
+    clips: pd.DataFrame,
+    batch_size: int = 8,
+    loader_threads: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> EncodeStats:
+    """Encode `clips` (CLIP_COLUMNS rows) into `store`; loading runs ahead of the encoder in `loader_threads`."""
+    started = time.perf_counter()
+    batches = plan_batches(clips, batch_size)
+    uris, hashes = clips["audio_uri"].to_numpy(), clips["clip_hash"].to_numpy()
+    rate = int(tokenizer.sampling_rate)
+    lookahead = max(2, 2 * loader_threads)
+    writes: list[Future] = []
+    done = 0
+    last_log = started
+    with ThreadPoolExecutor(max_workers=max(1, loader_threads), thread_name_prefix="clip-io") as pool:
+        queue: deque[tuple[np.ndarray, list[Future]]] = deque()
+        pending = iter(batches)
+
+        def refill() -> None:
+            while len(queue) < lookahead and (batch := next(pending, None)) is not None:
+                queue.append((batch, [pool.submit(load_wave, uris[i], hashes[i], rate) for i in batch]))
+
+        refill()
+        while queue:
+            batch, loads = queue.popleft()
+            refill()
+            codes = encode_batch(tokenizer, [load.result() for load in loads])
+            writes += [pool.submit(store.put, hashes[i], c.cpu()) for i, c in zip(batch, codes, strict=True)]
+            done += len(batch)
+            if log is not None and time.perf_counter() - last_log > 30:
+                log(f"tokenized {done}/{len(clips)} clips")
+                last_log = time.perf_counter()
+        for write in writes:
+            write.result()
+    return EncodeStats(
+        clips=len(clips),
+        audio_seconds=float(clips["duration_s"].sum()),
+        wall_seconds=time.perf_counter() - started,
+        batches=len(batches),
+        clips_in_multi_clip_batches=int(sum(len(b) for b in batches if len(b) > 1)),
+    )
+
+
+def shard_problem(store: TokenStore, clip_hash: str, duration_s: float, info: TokenizerInfo) -> str:
+    """ "" if the clip's shard reads back as [codebooks, frames] with about duration * codes_per_second frames."""
+    try:
+        codes = store.get(clip_hash)
+    except FileNotFoundError:
+        return "no shard"
+    except (OSError, ValueError) as error:
+        return f"unreadable shard: {error}"
+    if codes.ndim != 2 or codes.shape[0] != info.num_codebooks:
+        return f"shape {tuple(codes.shape)}, expected [{info.num_codebooks}, frames]"
+    expected = duration_s * info.codes_per_second
+    if abs(codes.shape[1] - expected) > 3:  # the codec rounds each end by up to a frame or so
+        return f"{codes.shape[1]} frames for {duration_s:.2f} s, expected about {expected:.0f}"
+    return ""

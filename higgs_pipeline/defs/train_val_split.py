@@ -1,0 +1,102 @@
+"""train_val_split: a hash-decided train/validation split of the samples, grouped by target clip (or speaker)."""
+
+import json
+
+import dagster as dg
+import fsspec
+import pandas as pd
+
+from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.data.records import read_split
+from higgs_pipeline.data.split import split_samples
+from higgs_pipeline.defs.resources import ArtifactStore
+from higgs_pipeline.defs.upstream import upstream_metadata
+
+
+class TrainValSplitConfig(dg.Config):
+    validation_fraction: float = 0.05
+    speaker_held_out: bool = False
+
+
+@dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples", "tokenized_audio"], kinds={"pandas"})
+def train_val_split(
+    context: dg.AssetExecutionContext, config: TrainValSplitConfig, artifacts: ArtifactStore
+) -> dg.MaterializeResult:
+    """`split.json` of sample ids. A sample's side depends only on the hash of its target clip (or, speaker
+    held out, of its speaker), so adding data never moves an existing sample and a recording's TTS and
+    voice-clone samples are never split apart."""
+    samples = upstream_metadata(context, "chatml_samples")
+    tokens = upstream_metadata(context, "tokenized_audio")
+    if tokens.get("clips_path") != samples["clips_path"]:
+        raise dg.Failure(
+            "tokenized_audio was materialized for other samples than the latest chatml_samples: "
+            "materialize tokenized_audio again (it only encodes the new clips)"
+        )
+    index = pd.read_parquet(samples["samples_index_path"])
+    mode = "speaker_held_out" if config.speaker_held_out else "target_clip"
+    try:
+        result = split_samples(index, config.validation_fraction, mode)
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
+    if result.note:
+        context.log.warning(result.note)
+    validation = index[result.is_validation]
+    train = index[~result.is_validation]
+    split = {"train": train["sample_id"].tolist(), "validation": validation["sample_id"].tolist()}
+
+    version = digest(samples["samples_index_path"], mode, repr(config.validation_fraction))[:16]
+    folder = artifacts.path("train_val_split", version)
+    fs, _ = fsspec.core.url_to_fs(folder)
+    fs.makedirs(folder, exist_ok=True)
+    split_path = f"{folder}/split.json"
+    with fsspec.open(split_path, "w", encoding="utf-8") as handle:
+        json.dump(split, handle)
+    context.log.info(f"{len(train)} train / {len(validation)} validation samples ({mode})")
+    return dg.MaterializeResult(
+        metadata={
+            "train_count": len(train),
+            "validation_count": len(validation),
+            "validation_share": len(validation) / max(len(index), 1),
+            "train_speakers": int(train["speaker"].nunique()),
+            "validation_speakers": int(validation["speaker"].nunique()),
+            "speakers_in_both": len(set(train["speaker"]) & set(validation["speaker"])),
+            "groups_train": result.groups_train,
+            "groups_validation": result.groups_validation,
+            "split_mode": mode,
+            "split_group": result.group_column,
+            "validation_fraction": config.validation_fraction,
+            "split_path": split_path,
+            "samples_path": samples["samples_path"],
+            "samples_index_path": samples["samples_index_path"],
+            "token_store_root": tokens["token_store_root"],
+            "tokenizer": tokens["tokenizer"],
+            "data_version": samples["data_version"],
+        },
+        data_version=dg.DataVersion(digest(json.dumps(split))),
+    )
+
+
+@dg.asset_check(asset=train_val_split, blocking=True)
+def train_val_split_is_a_partition(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """No sample in both splits or twice, every sample in one, and no target clip (or held-out speaker) in both."""
+    meta = upstream_metadata(context, "train_val_split")
+    split = read_split(meta["split_path"])
+    index = pd.read_parquet(meta["samples_index_path"]).set_index("sample_id")
+    train, validation = split["train"], split["validation"]
+    problems = []
+    both = set(train) & set(validation)
+    if both:
+        problems.append(f"{len(both)} samples in both splits, e.g. {sorted(both)[:3]}")
+    if len(set(train)) != len(train) or len(set(validation)) != len(validation):
+        problems.append("a sample is listed twice")
+    if set(train) | set(validation) != set(index.index):
+        problems.append("the splits do not cover exactly the samples of chatml_samples")
+    group = meta["split_group"]
+    if group != "sample_id" and not problems:
+        leaked = set(index.loc[train, group]) & set(index.loc[validation, group])
+        if leaked:
+            problems.append(f"{len(leaked)} {group} values on both sides")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"train": len(train), "validation": len(validation), "problems": "; ".join(problems) or "none"},
+    )

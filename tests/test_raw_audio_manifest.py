@@ -1,0 +1,261 @@
+"""raw_audio_manifest on generated speech: good rows in every format/rate/channel layout are accepted with the right
+probe values; each kind of bad row is rejected with its reason while the rest flows; unreadable manifests fail."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import soundfile
+from audio_factory import (
+    Row,
+    corrupt,
+    empty,
+    failure_message,
+    materialize,
+    metadata_of,
+    speech,
+    speech_corpus,
+    tone,
+    truncated,
+    write_csv_manifest,
+)
+
+from higgs_pipeline.data.manifest import read_manifest
+from higgs_pipeline.data.screening import REJECT_REASONS, ScreeningRules, screen_manifest
+from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
+
+ASSETS = [raw_audio_manifest, raw_audio_manifest_accounts_for_every_row]
+COLUMNS = ("id", "ref_audio_path", "ref_text")
+# id of the planted row -> the reason it must be rejected with
+BAD_ROWS = {
+    "missing": "missing_file",
+    "corrupt": "undecodable",
+    "zero_bytes": "empty_audio",
+    "truncated_wav": "truncated",
+    "truncated_flac": "truncated",
+    "blank_text": "empty_text",
+    "blank_speaker": "empty_speaker",
+    "latin1_text": "invalid_utf8",
+    "too_short": "too_short",
+    "too_long": "too_long",
+    "silent": "silent",
+    "duplicate_copy": "duplicate",
+    "escapes_folder": "path_outside_manifest_dir",
+    "absolute_elsewhere": "path_outside_manifest_dir",
+    "bad_reference": "bad_reference",
+    "reference_is_target": "bad_reference",
+    "malformed": "malformed_row",
+}
+
+
+def _bad_rows(root: Path, good: list[Row]) -> list[Row]:
+    audio = root / "audio"
+    wav = speech(audio / "long_source.wav", "A sentence long enough to be cut in half for the truncation test.")
+    flac = speech(audio / "long_source.flac", "A sentence long enough to be cut in half for the truncation test.")
+    outside = speech(root.parent / "outside.wav", "I live outside the manifest folder.")
+    first = good[0]
+    rows = [
+        Row("audio/does_not_exist.wav", "Where did the file go?", "Alice", {"id": "missing"}),
+        Row(
+            corrupt(audio / "corrupt.wav").relative_to(root).as_posix(), "Noise, not audio.", "Alice", {"id": "corrupt"}
+        ),
+        Row(empty(audio / "zero.flac").relative_to(root).as_posix(), "Nothing at all.", "Alice", {"id": "zero_bytes"}),
+        Row(truncated(audio / "cut.wav", wav).relative_to(root).as_posix(), "Cut wav.", "Bob", {"id": "truncated_wav"}),
+        Row(truncated(audio / "cut.flac", flac).relative_to(root).as_posix(), "Cut.", "Bob", {"id": "truncated_flac"}),
+        Row(good[1].audio_path, "   ", "Bob", {"id": "blank_text"}),
+        Row(good[2].audio_path, "Nobody said this.", " \t ", {"id": "blank_speaker"}),
+        Row(good[3].audio_path, "caf\xe9 au lait".encode("latin-1"), "Alice", {"id": "latin1_text"}),
+        Row(tone(audio / "blip.wav", 0.2).relative_to(root).as_posix(), "Blip.", "Bob", {"id": "too_short"}),
+        Row(tone(audio / "drone.wav", 31.0).relative_to(root).as_posix(), "Drone.", "Bob", {"id": "too_long"}),
+        Row(tone(audio / "hush.wav", 1.5, gain_db=-80).relative_to(root).as_posix(), "Hush.", "Bob", {"id": "silent"}),
+        # Same bytes under another name, same text up to case and spacing: a duplicate of the first good row.
+        Row(
+            _copy(root / first.audio_path, audio / "copy_of_first" / Path(first.audio_path).name, root),
+            "  " + str(first.text).upper() + " ",
+            "Alice",
+            {"id": "duplicate_copy"},
+        ),  # fmt: skip
+        Row("../outside.wav", "Outside.", "Alice", {"id": "escapes_folder"}),
+        Row(str(outside), "Outside, absolute.", "Alice", {"id": "absolute_elsewhere"}),
+        Row(
+            good[4].audio_path,
+            "With a missing reference.",
+            "Bob",
+            {"id": "bad_reference", "ref_audio_path": "audio/no_ref.wav", "ref_text": "Gone."},
+        ),  # fmt: skip
+        Row(
+            good[5].audio_path,
+            "Referencing itself.",
+            "Bob",
+            {"id": "reference_is_target", "ref_audio_path": good[5].audio_path, "ref_text": "Me."},
+        ),  # fmt: skip
+    ]
+    return rows
+
+
+def _copy(source: Path, dest: Path, root: Path) -> str:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(source.read_bytes())
+    return dest.relative_to(root).as_posix()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("raw") / "corpus"
+    good = speech_corpus(root, 9, speakers=("Alice", "Bob", "Carmen"))
+    for i, row in enumerate(good):
+        row.extra["id"] = f"good_{i}"
+    good[6].text, good[7].text = "NA", "null"  # words pandas would turn into NaN by default
+    good[8].extra.update(ref_audio_path=good[0].audio_path, ref_text=str(good[0].text))
+    manifest = write_csv_manifest(root / "manifest.csv", good + _bad_rows(root, good), COLUMNS)
+    with manifest.open("ab") as handle:
+        handle.write(b"audio/x.wav,one,field,too,many,for,the,header\n")  # a planted malformed record
+    artifacts = root.parent / "artifacts"
+    instance = dg.DagsterInstance.ephemeral()
+    result = materialize(ASSETS, artifacts, instance, {"raw_audio_manifest": {"manifest_path": str(manifest)}})
+    meta = metadata_of(result, "raw_audio_manifest")
+    return {
+        "root": root,
+        "manifest": manifest,
+        "good": good,
+        "result": result,
+        "meta": meta,
+        "accepted": pd.read_parquet(meta["accepted_path"]),
+        "rejected": pd.read_csv(meta["rejected_path"], dtype=str, keep_default_na=False),
+    }
+
+
+def test_every_row_is_accepted_or_rejected_once(corpus):
+    meta, accepted, rejected = corpus["meta"], corpus["accepted"], corpus["rejected"]
+    assert meta["rows_total"] == 9 + len(BAD_ROWS) == meta["rows_accepted"] + meta["rows_rejected"]
+    assert (meta["rows_accepted"], meta["rows_rejected"]) == (len(accepted), len(rejected)) == (9, len(BAD_ROWS))
+    (check,) = corpus["result"].get_asset_check_evaluations()
+    assert check.passed and check.check_name == "raw_audio_manifest_accounts_for_every_row"
+    table = {record.data["reason"]: record.data["rows"] for record in meta["reject_reasons"].records}
+    assert set(table) == set(REJECT_REASONS)
+    assert sum(table.values()) == len(rejected)
+    assert table["truncated"] == 2 and table["path_outside_manifest_dir"] == 2 and table["bad_reference"] == 2
+
+
+def test_good_clips_are_probed_in_every_format(corpus):
+    accepted = corpus["accepted"].set_index("id")
+    root = corpus["root"]
+    layouts = set()
+    for i, row in enumerate(corpus["good"]):
+        clip = accepted.loc[f"good_{i}"]
+        path = root / row.audio_path
+        info = soundfile.info(str(path))
+        assert clip["audio_uri"] == str(path)
+        assert clip["clip_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert (clip["sample_rate"], clip["channels"]) == (info.samplerate, info.channels)
+        assert clip["duration_s"] == pytest.approx(info.frames / info.samplerate, abs=0.08)  # mp3 decoder padding
+        assert -60 < clip["peak_dbfs"] < 3.0  # lossy decoders may overshoot full scale slightly
+        layouts.add((path.suffix, clip["sample_rate"], clip["channels"]))
+    assert {s for s, _, _ in layouts} == {".wav", ".flac", ".mp3"}
+    assert {r for _, r, _ in layouts} == {16000, 22050, 44100} and {c for _, _, c in layouts} == {1, 2}
+    assert corpus["meta"]["speakers_raw"] == 3
+    assert corpus["meta"]["audio_hours"] == pytest.approx(accepted["duration_s"].sum() / 3600)
+
+
+@pytest.mark.parametrize("row_id", sorted(BAD_ROWS))
+def test_bad_row_is_rejected_with_its_reason(corpus, row_id):
+    rejected = corpus["rejected"]
+    if row_id == "malformed":
+        (row,) = rejected[rejected["reason"] == "malformed_row"].itertuples()
+        assert "8 fields, the header has 6" in row.detail
+        return
+    (row,) = rejected[rejected["id"] == row_id].itertuples()
+    assert row.reason == BAD_ROWS[row_id], row.detail
+    assert row.detail  # every rejection says what was wrong
+    assert row_id not in set(corpus["accepted"]["id"])
+
+
+def test_bad_rows_are_reported_readably(corpus):
+    rejected = corpus["rejected"].set_index("id")
+    assert rejected.loc["latin1_text", "text"] == "caf\ufffd au lait"  # shown, not dropped or crashed on
+    assert "text" in rejected.loc["latin1_text", "detail"]
+    assert "duplicate" not in rejected.loc["blank_text", "reason"]
+    assert "row 1" in rejected.loc["duplicate_copy", "detail"]
+    assert "< min_seconds 0.5" in rejected.loc["too_short", "detail"]
+    assert "outside" in rejected.loc["escapes_folder", "detail"]
+    assert "reference audio missing_file" in rejected.loc["bad_reference", "detail"]
+
+
+def test_na_and_null_stay_text_and_references_are_kept(corpus):
+    accepted = corpus["accepted"].set_index("id")
+    assert accepted.loc["good_6", "text"] == "NA" and accepted.loc["good_7", "text"] == "null"
+    with_ref = accepted.loc["good_8"]
+    assert with_ref["ref_clip_hash"] == accepted.loc["good_0", "clip_hash"]
+    assert with_ref["ref_text"] == corpus["good"][0].text and with_ref["ref_duration_s"] > 0.5
+
+
+def test_data_version_hashes_manifest_and_audio(corpus, tmp_path):
+    meta = corpus["meta"]
+    (event,) = corpus["result"].get_asset_materialization_events()
+    assert event.materialization.tags["dagster/data_version"] == meta["data_version"]
+    rules = ScreeningRules()
+    again = screen_manifest(read_manifest(str(corpus["manifest"])), rules)
+    assert again.data_version == meta["data_version"]
+    # Same manifest bytes, one clip's content changed: a new version.
+    root = tmp_path / "copy"
+    good = speech_corpus(root, 3)
+    manifest = write_csv_manifest(root / "manifest.csv", good)
+    before = screen_manifest(read_manifest(str(manifest)), rules).data_version
+    speech(root / good[0].audio_path, "Different words in the same file.")
+    after = screen_manifest(read_manifest(str(manifest)), rules).data_version
+    assert before != after
+
+
+def test_flag_allows_paths_outside_the_manifest_folder(corpus, tmp_path):
+    config = {"manifest_path": str(corpus["manifest"]), "allow_paths_outside_manifest_dir": True}
+    result = materialize(ASSETS, tmp_path, dg.DagsterInstance.ephemeral(), {"raw_audio_manifest": config})
+    accepted = pd.read_parquet(metadata_of(result, "raw_audio_manifest")["accepted_path"]).set_index("id")
+    assert {"escapes_folder", "absolute_elsewhere"} <= set(accepted.index)
+    assert accepted.loc["escapes_folder", "audio_uri"] == str(corpus["root"].parent / "outside.wav")
+
+
+def test_jsonl_and_parquet_manifests_read_like_csv(corpus, tmp_path):
+    root = corpus["root"]
+    rows = read_manifest(str(corpus["manifest"])).rows
+    good = rows[rows["id"].str.startswith("good_")][["audio_path", "text", "speaker", "id"]]
+    jsonl = root / "manifest.jsonl"
+    lines = [json.dumps(record) for record in good.to_dict("records")]
+    lines.insert(2, "{not json")
+    lines.insert(4, '["a list", "not an object"]')
+    jsonl.write_bytes("\n".join(lines).encode() + b'\n{"audio_path": "a.wav", "text": "caf\xe9", "speaker": "x"}\n')
+    parquet = root / "manifest.parquet"
+    good.assign(id=pd.Series(range(len(good)), dtype="int64")).to_parquet(parquet)  # a numeric column becomes text
+    csv_ids = set(pd.read_parquet(metadata_of(corpus["result"], "raw_audio_manifest")["accepted_path"])["audio_uri"])
+    for path in (jsonl, parquet):
+        screening = screen_manifest(read_manifest(str(path)))
+        assert set(screening.accepted["audio_uri"]) == csv_ids
+        assert len(screening.accepted) + len(screening.rejected) == screening.rows_total
+    jsonl_reasons = screen_manifest(read_manifest(str(jsonl))).reason_counts()
+    assert jsonl_reasons == {"malformed_row": 2, "invalid_utf8": 1}
+    assert read_manifest(str(parquet)).rows["id"].tolist()[:2] == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    "case, content, problem",
+    [
+        ("missing.csv", None, "file not found"),
+        ("manifest.txt", b"audio_path,text,speaker\n", "unknown format"),
+        ("broken.parquet", b"PAR1 this is not parquet", "cannot parse it as parquet"),
+        ("no_speaker.csv", b"audio_path,text\na.wav,hello\n", "missing required column(s) speaker"),
+        ("empty.jsonl", b"", "the file is empty"),
+    ],
+)
+def test_unreadable_manifest_fails_naming_file_and_problem(tmp_path, case, content, problem):
+    path = tmp_path / case
+    if content is not None:
+        path.write_bytes(content)
+    config = {"raw_audio_manifest": {"manifest_path": str(path)}}
+    result = materialize(ASSETS, tmp_path, dg.DagsterInstance.ephemeral(), config, raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert str(path) in message and problem in message
