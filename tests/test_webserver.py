@@ -1,0 +1,99 @@
+"""The webserver for real: retrain_job submitted over GraphQL runs the whole demo chain, and the GraphQL API
+answers lineage ("which data made this adapter") and the evaluation's recorded losses."""
+
+from __future__ import annotations
+
+import pytest
+from webserver import CompletedRun, completed_retrain_run
+
+pytestmark = pytest.mark.slow
+
+CHAIN = [
+    "raw_audio_manifest",
+    "chatml_samples",
+    "tokenized_audio",
+    "train_val_split",
+    "lora_adapter",
+    "adapter_evaluation",
+    "production_adapter",
+]
+
+ASSET_GRAPH = """
+{ assetNodes { assetKey { path } dependencyKeys { path } groupName } }
+"""
+
+LATEST_MATERIALIZATION = """
+query Latest($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        runId
+        metadataEntries {
+          label
+          __typename
+          ... on FloatMetadataEntry { floatValue }
+          ... on TextMetadataEntry { text }
+          ... on BoolMetadataEntry { boolValue }
+          ... on MarkdownMetadataEntry { mdStr }
+          ... on PathMetadataEntry { path }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def retrain(request) -> CompletedRun:
+    return completed_retrain_run(request.config)
+
+
+def _latest(retrain: CompletedRun, key: str) -> tuple[str, dict]:
+    data = retrain.server.graphql(LATEST_MATERIALIZATION, {"key": {"path": [key]}})["assetOrError"]
+    assert data["__typename"] == "Asset", f"{key}: {data}"
+    assert data["assetMaterializations"], f"{key} was never materialized"
+    latest = data["assetMaterializations"][0]
+    values = {}
+    for entry in latest["metadataEntries"]:
+        value = [v for k, v in entry.items() if k not in ("label", "__typename")]
+        values[entry["label"]] = value[0] if value else None
+    return latest["runId"], values
+
+
+def test_retrain_job_succeeds_over_graphql(retrain):
+    assert retrain.status == "SUCCESS", "\n".join(retrain.failures)
+
+
+def test_asset_graph_edges_are_the_chain(retrain):
+    nodes = retrain.server.graphql(ASSET_GRAPH)["assetNodes"]
+    edges = {(dep["path"][-1], node["assetKey"]["path"][-1]) for node in nodes for dep in node["dependencyKeys"]}
+    for upstream, downstream in zip(CHAIN, CHAIN[1:], strict=False):
+        assert (upstream, downstream) in edges, f"missing lineage edge {upstream} -> {downstream}"
+    groups = {node["assetKey"]["path"][-1]: node["groupName"] for node in nodes}
+    assert groups["adapter_evaluation"] == groups["production_adapter"] == "evaluation"
+
+
+def test_every_asset_of_the_chain_was_materialized_by_the_run(retrain):
+    for key in CHAIN:
+        run_id, _ = _latest(retrain, key)
+        assert run_id == retrain.run_id, f"{key}'s latest materialization is not from the retrain_job run"
+
+
+def test_evaluation_records_losses_and_traces_back_to_the_data(retrain):
+    _, evaluation = _latest(retrain, "adapter_evaluation")
+    for key in ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement"):
+        assert isinstance(evaluation[key], float), key
+    assert evaluation["loss_curves"].startswith("![loss curves](data:image/png;base64,")
+    assert evaluation["demo_model"] is True and "random weights" in evaluation["model_note"]
+
+    # Lineage by data: the evaluation, the adapter and the manifest agree on the data version.
+    _, adapter = _latest(retrain, "lora_adapter")
+    _, manifest = _latest(retrain, "raw_audio_manifest")
+    assert evaluation["data_version"] == adapter["data_version"] == manifest["data_version"]
+    assert evaluation["adapter_path"] == adapter["adapter_path"]
+
+    _, production = _latest(retrain, "production_adapter")
+    assert production["adapter_path"] == adapter["adapter_path"]
+    assert production["val_total_loss"] == pytest.approx(evaluation["val_total_loss"])
