@@ -114,12 +114,58 @@ def loss_sums(outputs, label_audio_ids: torch.Tensor | None) -> LossSums:
     return LossSums(*text, *audio)
 
 
-def training_loss(sums: LossSums, text_weight: float = 1.0, audio_weight: float = 1.0) -> torch.Tensor:
-    """The differentiable objective: weighted text mean + audio mean over codebooks that have labels."""
-    text = sums.text_loss_sum / sums.text_count.clamp(min=1)
-    valid = sums.audio_count > 0
-    if valid.any():
-        audio = (sums.audio_loss_sum[valid] / sums.audio_count[valid]).mean()
+@dataclass
+class LabelCounts:
+    """How many labels the loss is averaged over: text labels and audio labels per codebook.
+
+    Known from the batch before the forward (`label_counts`), so the counts of a whole accumulation window on all
+    ranks can be all_reduced first and every micro-batch's loss becomes its share of ONE token-weighted mean: the
+    gradient is then the same however the effective batch is split over ranks and micro-steps.
+    """
+
+    text: torch.Tensor  # scalar
+    audio: torch.Tensor  # [codebooks]
+
+    def as_vector(self) -> torch.Tensor:
+        return torch.cat([self.text.double().reshape(1), self.audio.double().reshape(-1)])
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor) -> LabelCounts:
+        return cls(vector[0], vector[1:])
+
+    def __add__(self, other: LabelCounts) -> LabelCounts:
+        return LabelCounts.from_vector(self.as_vector() + other.as_vector().to(self.text.device))
+
+
+def label_counts(label_ids: torch.Tensor, label_audio_ids: torch.Tensor | None, codebooks: int = 8) -> LabelCounts:
+    """The counts `loss_sums` will find for a collated batch, computed from the batch alone.
+
+    Text: the model's `expanded_labels` hold the same valid labels as `label_ids` (audio placeholders expand to
+    -100), and the shift drops position 0, which is `<|begin_of_text|>` (label -100) or padding. Audio: the shift
+    drops column 0 of the concatenation, a stream-bos column (-100).
+    """
+    text = (label_ids[:, 1:] != IGNORE_INDEX).sum()
+    if label_audio_ids is None or label_audio_ids.numel() == 0:
+        audio = torch.zeros(codebooks, dtype=torch.long, device=label_ids.device)
     else:
-        audio = sums.audio_loss_sum.sum() * 0.0
+        audio = (label_audio_ids[:, 1:] != IGNORE_INDEX).sum(1)
+    return LabelCounts(text.double(), audio.double())
+
+
+def training_loss(
+    sums: LossSums, text_weight: float = 1.0, audio_weight: float = 1.0, counts: LabelCounts | None = None
+) -> torch.Tensor:
+    """The differentiable objective: weighted text mean + audio mean over the codebooks that have labels.
+
+    Means are over `counts` (default: this batch's own). Passing the counts of the whole effective batch makes
+    the loss linear in the sums, so micro-batch losses add up to the effective batch's loss. No data-dependent
+    branch: nothing here waits for the GPU.
+    """
+    text_count = sums.text_count if counts is None else counts.text
+    audio_count = sums.audio_count if counts is None else counts.audio
+    dtype, device = sums.audio_loss_sum.dtype, sums.audio_loss_sum.device
+    text = sums.text_loss_sum / text_count.to(device, dtype).clamp(min=1)
+    valid = (audio_count > 0).to(device, dtype)
+    per_codebook = sums.audio_loss_sum / audio_count.to(device, dtype).clamp(min=1)
+    audio = (per_codebook * valid).sum() / valid.sum().clamp(min=1)
     return text_weight * text + audio_weight * audio

@@ -1,0 +1,60 @@
+"""The module DDP wraps: one forward = the Higgs forward on a collated batch + the objective's sums.
+
+DDP only synchronises gradients of a forward that goes through the DDP wrapper; calling the inner Higgs model
+and wrapping something else leaves every rank training its own copy. So the whole forward lives here, and the
+trainer calls `DistributedDataParallel(HiggsTrainingModule(...))(**batch)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from higgs_pipeline.models import loading
+from higgs_pipeline.training.config import LoraSettings
+from higgs_pipeline.training.lora import apply_lora
+from higgs_pipeline.training.objective import LossSums, loss_sums
+
+SUM_FIELDS = ("text_loss_sum", "text_correct", "text_count", "audio_loss_sum", "audio_correct", "audio_count")
+
+
+class HiggsTrainingModule(nn.Module):
+    """(PEFT-wrapped) HiggsAudioModel -> loss sums and token counts, under bf16 autocast when asked.
+
+    Float32 inputs (Whisper features) are cast to the base's dtype explicitly: autocast covers the matmuls but
+    not every op the audio tower applies to its input.
+    """
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, **batch: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if self.autocast_dtype is not None and batch.get("audio_features") is not None:
+            batch["audio_features"] = batch["audio_features"].to(self.autocast_dtype)
+        device_type = batch["input_ids"].device.type
+        autocast = (
+            torch.autocast(device_type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
+        )
+        with autocast:
+            outputs = self.model(**batch)
+        sums = loss_sums(outputs, batch.get("label_audio_ids"))
+        result = {name: getattr(sums, name) for name in SUM_FIELDS}
+        # Non-pad positions of the merged sequence vs all positions: the padding efficiency.
+        result["tokens"] = outputs.attention_mask.sum()
+        result["positions"] = torch.tensor(outputs.attention_mask.numel(), device=outputs.attention_mask.device)
+        return result
+
+
+def sums_of(result: dict[str, torch.Tensor]) -> LossSums:
+    return LossSums(*(result[name] for name in SUM_FIELDS))
+
+
+def build_lora_model(model_name: str, lora: LoraSettings, precision: str, device: torch.device | str):
+    """Base model in bf16 (GPU) or fp32 with LoRA applied (fp32 adapters), on `device`."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    base = loading.load_model(model_name, dtype=dtype, device="cpu")
+    return apply_lora(base, lora).to(device)

@@ -1,0 +1,122 @@
+"""Training data: fresh samples every epoch, the distributed length-bucketed plan, and the configuration."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from training_fixtures import shared_training_fixture
+
+from higgs_pipeline.training.config import PROFILES, parse_overrides, profile
+from higgs_pipeline.training.data import (
+    DistributedLengthBucketSampler,
+    RecordDataset,
+    load_split,
+    make_loader,
+    sequence_lengths,
+    validation_batches,
+)
+from higgs_pipeline.training.objective import IGNORE_INDEX
+from higgs_pipeline.training.samples import forward_kwargs, make_collator
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory, text_tokenizer):
+    data = shared_training_fixture(tmp_path_factory)
+    train, _ = load_split(data.samples_path, data.split_path)
+    return RecordDataset(train, data.token_store_root, data.tokenizer, text_tokenizer)
+
+
+def test_audio_labels_survive_into_epoch_two(train_set, demo_model):
+    sampler = DistributedLengthBucketSampler([1] * len(train_set), batch_size=3, seed=0)
+    loader = make_loader(train_set, sampler, make_collator(demo_model.config))
+    per_epoch = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        counts = [int((batch.label_audio_ids != IGNORE_INDEX).sum()) for batch in loader]
+        assert len(counts) == 3 and all(count > 0 for count in counts), f"epoch {epoch}: {counts}"
+        per_epoch.append(sum(counts))
+    assert per_epoch[0] == per_epoch[1]  # the same 9 samples, every label still there
+
+
+def test_collating_the_same_sample_object_twice_loses_its_audio_labels(train_set, demo_model):
+    """Why the dataset builds a new sample per access: boson's collator masks labels in place."""
+    collator = make_collator(demo_model.config)
+    sample = train_set[0]
+    assert (collator([sample]).label_audio_ids != IGNORE_INDEX).any()
+    assert (collator([sample]).label_audio_ids == IGNORE_INDEX).all()
+
+
+def test_plan_is_shared_by_ranks_and_independent_of_how_the_global_batch_is_split():
+    lengths = [random.Random(i).randint(50, 400) for i in range(23)]
+    one = DistributedLengthBucketSampler(lengths, batch_size=4, num_replicas=1, rank=0, seed=7, bucket_batches=3)
+    ranks = [DistributedLengthBucketSampler(lengths, 2, 2, r, seed=7, bucket_batches=3) for r in range(2)]
+    for epoch in (0, 1):
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        single, (rank0, rank1) = list(one), [list(s) for s in ranks]
+        assert len(single) == len(rank0) == len(rank1) == len(one) == 6  # ceil(23 / 4), wrapped around
+        for whole, a, b in zip(single, rank0, rank1, strict=True):
+            assert sorted(whole) == sorted(a + b)
+        covered = list(itertools.chain(*single))
+        assert set(covered) == set(range(23)) and len(covered) == 24
+    one.set_epoch(0)
+    epoch0 = list(one)
+    one.set_epoch(1)
+    assert list(one) != epoch0
+    one.set_epoch(0, start=4)
+    assert list(one) == epoch0[4:] and len(one) == 2
+
+
+def test_length_buckets_reduce_padding():
+    lengths = [random.Random(i).randint(50, 400) for i in range(256)]
+
+    def efficiency(bucket_batches: int) -> float:
+        sampler = DistributedLengthBucketSampler(lengths, 8, seed=0, bucket_batches=bucket_batches)
+        batches = list(sampler)
+        real = sum(lengths[i] for b in batches for i in b)
+        return real / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert efficiency(1) < 0.8 and efficiency(16) > 0.95
+
+
+def test_validation_shards_cover_the_split_once():
+    lengths = [5, 9, 1, 7, 3]
+    shards = [validation_batches(lengths, 2, 2, rank) for rank in range(2)]
+    flat = [i for shard in shards for b in shard for i in b]
+    assert sorted(flat) == list(range(5))
+    assert shards[0] == [[1, 0], [2]] and shards[1] == [[3, 4]]
+
+
+def test_sequence_lengths_are_the_merged_lengths(train_set, demo_model):
+    collator = make_collator(demo_model.config)
+    estimates = sequence_lengths(train_set, demo_model.config)
+    for index in range(len(train_set)):
+        batch = collator([train_set[index]])
+        with torch.no_grad():
+            outputs = demo_model(**forward_kwargs(batch, "cpu"))
+        assert outputs.attention_mask.sum().item() == estimates[index]  # non-pad positions of the merged sequence
+
+
+def test_profiles_and_overrides():
+    demo, reference = PROFILES["demo"], PROFILES["8xgpu"]
+    assert (demo.run.device, demo.run.backend, demo.run.precision) == ("cpu", "gloo", "fp32")
+    assert (reference.run.device, reference.run.backend, reference.run.precision) == ("cuda", "nccl", "bf16")
+    assert reference.batch.per_device_batch_size * 8 * reference.batch.grad_accum_steps == 128
+    assert reference.batch.pin_memory and reference.batch.persistent_workers and reference.batch.num_workers > 0
+    changed = profile("demo", parse_overrides(["max_steps=7", "lora.rank=4", "groups=attention,mlp", "betas=0.8,0.9"]))
+    assert changed.optim.max_steps == 7 and changed.lora.rank == 4 and changed.lora.groups == ("attention", "mlp")
+    assert changed.optim.betas == (0.8, 0.9) and changed.digest() != demo.digest()
+    assert profile("demo").digest() == demo.digest()
+    with pytest.raises(ValueError, match="no such setting"):
+        profile("demo", {"optim.rank": "3"})
+    with pytest.raises(ValueError, match="is not a int"):
+        profile("demo", {"max_steps": "many"})
+    with pytest.raises(ValueError, match="run.precision 'bf16' is for GPUs"):
+        profile("demo", {"precision": "bf16"})
+    with pytest.raises(ValueError, match="choose one of"):
+        profile("4xtpu")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["max_steps"])
