@@ -28,6 +28,8 @@ from higgs_pipeline.evaluation.generate import GeneratedClip, generate_clips, ge
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
 from higgs_pipeline.models.demo import DEMO_NOTE, is_demo
 from higgs_pipeline.models.loading import load_model, load_text_tokenizer, resolve_audio_tokenizer, resolve_model
+from higgs_pipeline.training.export import merge_and_export
+from higgs_pipeline.training.lora import load_adapter
 
 CODE_VERSION = "1"
 ASSET_KEY = dg.AssetKey("adapter_evaluation")
@@ -72,28 +74,24 @@ def adapter_evaluation(
     out_dir = artifacts.path("adapter_evaluation", context.run.run_id)
 
     with tempfile.TemporaryDirectory(prefix="adapter_evaluation_") as scratch:
-        from peft import PeftModel
-
         adapter_dir = local_folder(adapter_meta["adapter_path"], scratch)
         base = base_model_of(adapter_dir, fallback=checkpoints.model)
         demo = is_demo(resolve_model(base))
         if demo:
             context.log.warning(f"Evaluating on the {DEMO_NOTE}: its losses and audio say nothing about quality")
-        model = PeftModel.from_pretrained(load_model(base, device=device), adapter_dir).eval()
+        model = load_adapter(load_model(base, device=device), adapter_dir).eval()
         tokenizer = load_text_tokenizer(base)
         comparison = compare_with_base(model, records, store, tokenizer, config.batch_size, device)
         context.log.info(
             f"val_total_loss {comparison.adapter['total_loss']:.4f} (base {comparison.base['total_loss']:.4f})"
         )
 
-        merged_dir = f"{scratch}/merged"
-        model.merge_and_unload().save_pretrained(merged_dir)
-        del model
+        del model  # the merge below loads its own copy; free this one first (matters on a 3B model)
+        merged_dir = str(merge_and_export(base, adapter_dir, f"{scratch}/merged"))
         prompts = generation_prompts(records, config.generation_prompts)
         clips = generate_clips(
             merged_dir,
             resolve_audio_tokenizer(checkpoints.audio_tokenizer),
-            resolve_model(base),
             prompts,
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,

@@ -3,7 +3,7 @@
 `HiggsAudioServeEngine` is what the released model is served with: it builds the prompt with
 `prepare_chatml_sample`, generates with `HiggsAudioModel.generate` (static KV caches, repetition-aware
 sampling), reverts the delay pattern and decodes the codes with the audio tokenizer. It loads a checkpoint
-folder, so the adapter is merged into its base (`merge_and_unload`) and saved to a scratch folder first.
+folder, so the caller merges the adapter into its base first (`training.export.merge_and_export`).
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _text_of(sample: ChatMLSample) -> str:
 def generate_clips(
     model_dir: str,
     audio_tokenizer_dir: str,
-    text_tokenizer_dir: str,
     prompts: Sequence[SampleRecord],
     max_new_tokens: int,
     temperature: float,
     seed: int,
     device: str,
 ) -> list[GeneratedClip]:
-    """One clip per prompt from the checkpoint in `model_dir` (audio generation forced, fixed seed)."""
+    """One clip per prompt from the checkpoint in `model_dir` (weights and text tokenizer; audio generation forced,
+    fixed seed)."""
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
     # The demo audio tokenizer's loader looks up its HuBERT on the hub; the demo answers from its own cache.
@@ -83,7 +83,6 @@ def generate_clips(
         engine = HiggsAudioServeEngine(
             model_dir,
             audio_tokenizer_dir,
-            tokenizer_name_or_path=text_tokenizer_dir,
             device=device,
             torch_dtype=torch.float32 if device == "cpu" else torch.bfloat16,
         )
