@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from boson_multimodal.model.higgs_audio import HiggsAudioModel
+from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from training_fixtures import shared_training_fixture
 
+import higgs_pipeline.models
 from higgs_pipeline.models.demo import is_demo
 from higgs_pipeline.models.loading import describe, load_model, load_text_tokenizer, resolve_model
 from higgs_pipeline.training.checkpoint import save_adapter
@@ -109,3 +111,16 @@ def test_adapter_saves_in_peft_layout_and_loads_with_plain_peft(tmp_path, batch)
     # Still labelled as the demo model it came from.
     assert is_demo(merged_dir) and "random weights" in describe(str(merged_dir))
     assert is_demo(resolve_model("demo"))
+
+
+def test_released_layout_has_280_targets_and_39_5m_trainable_at_rank_16():
+    """The 3B checkpoint's architecture (committed config), built on the meta device: no weights, no download."""
+    configs = Path(higgs_pipeline.models.__file__).parent / "configs"
+    layout = json.loads((configs / "higgs_audio_v2_3b_layout.json").read_text())
+    layout.pop("_comment")
+    with torch.device("meta"):
+        model = HiggsAudioModel(HiggsAudioConfig(**layout))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(5.77e9, rel=1e-3)
+    assert len(target_modules(model, LoraSettings().groups)) == 280
+    counts = trainable_parameters(apply_lora(model, LoraSettings(rank=16)))
+    assert counts["total"] == 39_452_672

@@ -81,7 +81,7 @@ class TrainConfig:
             "lora.rank": (self.lora.rank > 0, "a positive integer"),
             "lora.dropout": (0.0 <= self.lora.dropout < 1.0, "in [0, 1)"),
             "optim.max_steps": (self.optim.max_steps > 0, "a positive integer"),
-            "optim.warmup_steps": (0 <= self.optim.warmup_steps <= self.optim.max_steps, "in [0, max_steps]"),
+            "optim.warmup_steps": (self.optim.warmup_steps >= 0, "0 or more"),
             "batch.per_device_batch_size": (self.batch.per_device_batch_size > 0, "a positive integer"),
             "batch.grad_accum_steps": (self.batch.grad_accum_steps > 0, "a positive integer"),
             "batch.bucket_batches": (self.batch.bucket_batches > 0, "a positive integer"),

@@ -1,0 +1,189 @@
+"""lora_adapter: LoRA fine-tuning of Higgs Audio v2, launched as `torchrun` through Dagster Pipes.
+
+The asset only resolves inputs and settings and launches `python -m torch.distributed.run ... -m
+higgs_pipeline.training.train`; rank 0 of the job streams its logs and reports the numbers. The run directory
+is named after a hash of the data, the model, the resolved settings, the process count and the training code,
+never after the Dagster run: a retried (crashed) job lands in the same directory and resumes from its last
+checkpoint, and materializing again with nothing changed finds the finished run instead of training twice.
+"""
+
+# No `from __future__ import annotations`: Dagster resolves Config annotations at runtime.
+
+import json
+import sys
+from pathlib import Path
+
+import dagster as dg
+import fsspec
+import torch
+
+import higgs_pipeline.training as training_package
+from higgs_pipeline.data.hashing import digest, digest_of_lines
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
+from higgs_pipeline.models import loading
+from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
+from higgs_pipeline.training.config import TrainConfig, profile
+
+CODE_VERSION = "1"
+# Run-config fields -> training settings they override (anything else: `overrides`).
+NAMED_OVERRIDES = {
+    "max_steps": "optim.max_steps",
+    "learning_rate": "optim.learning_rate",
+    "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "per_device_batch_size": "batch.per_device_batch_size",
+    "grad_accum_steps": "batch.grad_accum_steps",
+    "modules_to_save": "lora.modules_to_save",
+}
+# What a finished run publishes when the artifact store is remote (checkpoints stay on the training node).
+PUBLISHED = ("best_adapter", "last_adapter", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
+
+
+class LoraAdapterConfig(dg.Config):
+    """A training profile plus the hyperparameters to change. `profile` "auto" is `8xgpu` when GPUs are visible
+    and the model is not the demo, else `demo`; `nproc_per_node` 0 means one process per GPU, or 2 on CPU."""
+
+    profile: str = "auto"
+    nproc_per_node: int = 0
+    max_steps: int | None = None
+    learning_rate: float | None = None
+    lora_rank: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    per_device_batch_size: int | None = None
+    grad_accum_steps: int | None = None
+    modules_to_save: list[str] | None = None
+    # Any other training setting as "section.field=value", e.g. "run.eval_every=100".
+    overrides: list[str] = []
+    # Fault injection for tests of retry + resume: the first attempt crashes after this step.
+    stop_after_step: int | None = None
+
+    def profile_name(self, model: str) -> str:
+        if self.profile != "auto":
+            return self.profile
+        return "8xgpu" if torch.cuda.is_available() and model != loading.DEMO else "demo"
+
+    def settings(self) -> dict[str, str]:
+        """All overrides as training `--set` values (strings, lists comma-joined)."""
+        values = {}
+        for field, key in NAMED_OVERRIDES.items():
+            value = getattr(self, field)
+            if value is not None:
+                values[key] = ",".join(value) if isinstance(value, list) else str(value)
+        for item in self.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise dg.Failure(f"lora_adapter config overrides: {item!r} is not section.field=value")
+            values[key.strip()] = value.strip()
+        return values
+
+
+def training_code_version() -> str:
+    """Hash of the training package's sources: a changed trainer never resumes an old trainer's run."""
+    folder = Path(training_package.__file__).parent
+    return digest_of_lines(path.read_text() for path in sorted(folder.glob("*.py")))[:12]
+
+
+def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | None]:
+    """(local run dir, remote folder to publish to or None). Training writes locally: checkpoints are renamed
+    into place atomically, which object stores cannot do."""
+    fs, _ = fsspec.core.url_to_fs(artifacts.root)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "file" in protocols:
+        return Path(artifacts.path("lora_adapter", run_key)), None
+    return cache_root() / "lora_adapter" / run_key, artifacts.path("lora_adapter", run_key)
+
+
+def publish(run_dir: Path, remote: str) -> None:
+    """Copy the run's outputs (not its checkpoints) to the artifact store, file by file."""
+    fs, _ = fsspec.core.url_to_fs(remote)
+    for name in PUBLISHED:
+        source = run_dir / name
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            fs.put_file(str(path), f"{remote}/{path.relative_to(run_dir).as_posix()}")
+
+
+@dg.asset(
+    group_name="training",
+    code_version=CODE_VERSION,
+    deps=["train_val_split"],
+    kinds={"pytorch"},
+    pool="gpu",
+    retry_policy=dg.RetryPolicy(max_retries=2),
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraAdapterConfig,
+    artifacts: ArtifactStore,
+    checkpoints: HiggsCheckpoints,
+) -> dg.MaterializeResult:
+    """A PEFT LoRA adapter trained with torchrun DDP (demo: 2 gloo CPU processes; 8xgpu: 8 nccl GPUs)."""
+    split = upstream_metadata(context, "train_val_split")
+    model = checkpoints.model
+    profile_name = config.profile_name(model)
+    settings = config.settings()
+    try:
+        train_config: TrainConfig = profile(profile_name, settings)
+    except ValueError as error:
+        raise dg.Failure(f"lora_adapter config: {error}") from error
+    on_gpu = train_config.run.device == "cuda"
+    nproc = config.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
+    code_version = training_code_version()
+    inputs = [split[k] for k in ("data_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
+    run_key = digest(*inputs, model, json.dumps(train_config.to_dict(), sort_keys=True), str(nproc), code_version)
+    run_key = run_key[:16]
+    run_dir, remote = run_directory(artifacts, run_key)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    demo = loading.describe(model) != model
+    if demo:
+        context.log.warning(f"Training the {DEMO_NOTE}: its losses say nothing about quality")
+    context.log.info(
+        f"{profile_name} profile, {nproc} processes, run directory {run_dir} (attempt {context.retry_number})"
+    )
+
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    command += ["-m", "higgs_pipeline.training.train", "--resume", "--profile", profile_name, "--model", model]
+    command += ["--samples", split["samples_path"], "--split", split["split_path"]]
+    command += ["--token-store", split["token_store_root"], "--tokenizer-id", split["tokenizer"]]
+    command += ["--output-dir", str(run_dir)]
+    command += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    if config.stop_after_step is not None and context.retry_number == 0:
+        command += ["--stop-after-step", str(config.stop_after_step)]
+    invocation = dg.PipesSubprocessClient().run(command=command, context=context, env={"PYTHONUNBUFFERED": "1"})
+    reported = invocation.get_materialize_result()
+
+    metrics_path = str(run_dir / "metrics.jsonl")
+    rows = read_metrics(metrics_path)
+    title = f"lora_adapter {run_key}" + (f" ({DEMO_NOTE})" if demo else "")
+    paths = {}
+    if remote is not None:
+        publish(run_dir, remote)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        best = "best_adapter" if summary["adapter_path"].endswith("best_adapter") else "last_adapter"
+        paths = {
+            "adapter_path": dg.MetadataValue.path(f"{remote}/{best}"),
+            "last_adapter_path": dg.MetadataValue.path(f"{remote}/last_adapter"),
+            "metrics_path": dg.MetadataValue.path(f"{remote}/metrics.jsonl"),
+            "run_dir": dg.MetadataValue.path(remote),
+        }
+    return dg.MaterializeResult(
+        metadata={
+            **(reported.metadata or {}),
+            **paths,
+            "loss_curve": dg.MetadataValue.md(markdown_image(loss_curves_png(rows, title), "loss")),
+            "training_config": dg.MetadataValue.json(train_config.to_dict()),
+            "profile": profile_name,
+            "nproc_per_node": nproc,
+            "base_model": loading.describe(model),
+            "data_version": split["data_version"],
+            "code_versions": dg.MetadataValue.json({"lora_adapter": CODE_VERSION, "training_code": code_version}),
+            "train_count": split["train_count"],
+            "validation_count": split["validation_count"],
+            "run_key": run_key,
+        },
+        data_version=dg.DataVersion(run_key),
+    )
