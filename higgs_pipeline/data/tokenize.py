@@ -4,8 +4,9 @@ Why batches hold only clips of identical length: the tokenizer's semantic model 
 over the whole input with no padding mask, so zero-padding a clip to share a batch with a longer one changes its
 codes (measured on the tiny tokenizer: 12-47% of the frames of each padded clip changed). Equal-length clips batch
 exactly (tests/test_tokenized_audio.py checks batched == one-by-one), which pays off on pre-segmented corpora;
-every other clip is encoded on its own. What is overlapped instead is the I/O: reading, hashing, decoding and
-resampling run in a thread pool ahead of the encoder, and shards are written behind it.
+every other clip is encoded on its own (see ClipEncoder for the lengths boson_multimodal can only do singly).
+What is overlapped instead is the I/O: reading, hashing, decoding and resampling run in a thread pool ahead of
+the encoder, and shards are written behind it.
 """
 
 from __future__ import annotations
@@ -121,21 +122,37 @@ def load_wave(uri: str, clip_hash: str, target_rate: int) -> torch.Tensor:
     return to_mono(wave, rate, target_rate).contiguous()
 
 
-def encode_batch(tokenizer, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+class ClipEncoder:
     """Codes `[codebooks, frames]` per wave. One wave goes through the tokenizer's public `encode`; a batch of
-    equal-length waves through the same `_xcodec_encode` that `encode` calls, with a batch dimension."""
-    if len(waves) == 1:
-        return [tokenizer.encode(waves[0].numpy(), sr=tokenizer.sampling_rate)]
-    if len({int(w.shape[-1]) for w in waves}) != 1:
-        raise ValueError("encode_batch: a batch must hold waves of one length (padding changes HuBERT's codes)")
-    batch = torch.stack(waves).unsqueeze(1).to(tokenizer.device)
-    try:
-        with torch.no_grad():
-            codes = tokenizer._xcodec_encode(batch).audio_codes
-    except RuntimeError:
-        # boson_multimodal's fix-up for an acoustic/semantic frame-count mismatch handles a batch of one only.
-        return [codes for wave in waves for codes in encode_batch(tokenizer, [wave])]
-    return list(codes)
+    equal-length waves through the same `_xcodec_encode` that `encode` calls, with a batch dimension.
+
+    For about half of all lengths boson_multimodal's encoder takes a fix-up path (acoustic and semantic frame
+    counts differ) that only handles a batch of one; such a batch fails fast with a RuntimeError, is encoded
+    one by one, and its length is remembered so later batches of that length skip the attempt.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.unbatchable_lengths: set[int] = set()
+        self.clips_encoded_in_batches = 0
+
+    def encode(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(waves) == 1:
+            return [self.tokenizer.encode(waves[0].numpy(), sr=self.tokenizer.sampling_rate)]
+        lengths = {int(w.shape[-1]) for w in waves}
+        if len(lengths) != 1:
+            raise ValueError("ClipEncoder.encode: a batch must hold waves of one length (padding changes the codes)")
+        (length,) = lengths
+        if length not in self.unbatchable_lengths:
+            batch = torch.stack(waves).unsqueeze(1).to(self.tokenizer.device)
+            try:
+                with torch.no_grad():
+                    codes = self.tokenizer._xcodec_encode(batch).audio_codes
+                self.clips_encoded_in_batches += len(waves)
+                return list(codes)
+            except RuntimeError:  # the single-clip fix-up path (or out of memory): one by one is always right
+                self.unbatchable_lengths.add(length)
+        return [codes for wave in waves for codes in self.encode([wave])]
 
 
 def encode_clips(
@@ -152,6 +169,7 @@ def encode_clips(
     uris, hashes = clips["audio_uri"].to_numpy(), clips["clip_hash"].to_numpy()
     rate = int(tokenizer.sampling_rate)
     lookahead = max(2, 2 * loader_threads)
+    encoder = ClipEncoder(tokenizer)
     writes: list[Future] = []
     done = 0
     last_log = started
@@ -167,7 +185,7 @@ def encode_clips(
         while queue:
             batch, loads = queue.popleft()
             refill()
-            codes = encode_batch(tokenizer, [load.result() for load in loads])
+            codes = encoder.encode([load.result() for load in loads])
             writes += [pool.submit(store.put, hashes[i], c.cpu()) for i, c in zip(batch, codes, strict=True)]
             done += len(batch)
             if log is not None and time.perf_counter() - last_log > 30:
@@ -180,7 +198,7 @@ def encode_clips(
         audio_seconds=float(clips["duration_s"].sum()),
         wall_seconds=time.perf_counter() - started,
         batches=len(batches),
-        clips_in_multi_clip_batches=int(sum(len(b) for b in batches if len(b) > 1)),
+        clips_in_multi_clip_batches=encoder.clips_encoded_in_batches,
     )
 
 

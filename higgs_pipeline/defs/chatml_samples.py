@@ -4,7 +4,6 @@ from collections import Counter
 
 import dagster as dg
 import fsspec
-import pandas as pd
 from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
 
 from higgs_pipeline.data.chatml import (
@@ -17,6 +16,7 @@ from higgs_pipeline.data.chatml import (
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.records import SAMPLE_KINDS, read_records, write_records
 from higgs_pipeline.data.speakers import normalize_speakers
+from higgs_pipeline.data.tables import read_parquet, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models.loading import load_text_tokenizer
@@ -39,7 +39,7 @@ def chatml_samples(
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     manifest = upstream_metadata(context, "raw_audio_manifest")
-    accepted = pd.read_parquet(manifest["accepted_path"])
+    accepted = read_parquet(manifest["accepted_path"])
     if accepted.empty:
         raise dg.Failure(
             f"raw_audio_manifest accepted no rows ({manifest['rows_rejected']} rejected: see "
@@ -56,10 +56,8 @@ def chatml_samples(
     paths = {name: f"{folder}/{name}" for name in ("samples.jsonl", "samples_index.parquet", "clips.parquet")}
     speaker_map_path = f"{folder}/speaker_map.json"
     written = write_records(paths["samples.jsonl"], sample_records(plan))
-    plan[["sample_id", "kind", "speaker", "clip_hash", "ref_clip_hash"]].to_parquet(
-        paths["samples_index.parquet"], index=False
-    )
-    clips.to_parquet(paths["clips.parquet"], index=False)
+    write_parquet(plan[["sample_id", "kind", "speaker", "clip_hash", "ref_clip_hash"]], paths["samples_index.parquet"])
+    write_parquet(clips, paths["clips.parquet"])
     speaker_map.write(speaker_map_path)
 
     per_kind = Counter(plan["kind"])

@@ -11,6 +11,7 @@ import pandas as pd
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
 from higgs_pipeline.data.screening import REJECT_REASONS, Screening, ScreeningRules, screen_manifest
+from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.paths import DEMO_MANIFEST
@@ -53,8 +54,8 @@ def raw_audio_manifest(
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
     fs, _ = fsspec.core.url_to_fs(folder)
     fs.makedirs(folder, exist_ok=True)
-    screening.accepted.to_parquet(accepted_path, index=False)
-    screening.rejected.to_csv(rejected_path, index=False)
+    write_parquet(screening.accepted, accepted_path)
+    write_csv(screening.rejected, rejected_path)
     context.log.info(
         f"{len(screening.accepted)} accepted, {len(screening.rejected)} rejected "
         f"({json.dumps(screening.reason_counts())}); rejected rows: {rejected_path}"
@@ -121,8 +122,8 @@ def _counts(values: pd.Series) -> dict[str, int]:
 def raw_audio_manifest_accounts_for_every_row(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """accepted + rejected == total, and every manifest row number appears in exactly one of the two files."""
     meta = upstream_metadata(context, "raw_audio_manifest")
-    accepted = pd.read_parquet(meta["accepted_path"], columns=["row"])["row"]
-    rejected = pd.read_csv(meta["rejected_path"], usecols=["row"], dtype={"row": "int64"})["row"]
+    accepted = read_parquet(meta["accepted_path"], columns=["row"])["row"]
+    rejected = read_csv(meta["rejected_path"], columns=["row"])["row"].astype("int64")
     total = int(meta["rows_total"])
     rows = pd.concat([accepted, rejected], ignore_index=True)
     problems = []

@@ -3,10 +3,10 @@
 from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
-import pandas as pd
 
 from higgs_pipeline.data.hashing import digest_of_lines
 from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.data.tokenize import (
     ClipChangedError,
     audio_tokenizer,
@@ -38,7 +38,7 @@ def tokenized_audio(
     """Codes `[8, frames]` per clip, keyed by the clip's content hash: a re-run encodes only clips whose hash has
     no shard yet (new or changed audio), and the tokenizer is not even loaded when there are none."""
     samples = upstream_metadata(context, "chatml_samples")
-    clips = pd.read_parquet(samples["clips_path"])
+    clips = read_parquet(samples["clips_path"])
     name = checkpoints.audio_tokenizer
     store_root = artifacts.path("tokenized_audio")
     store = TokenStore(store_root, loading.tokenizer_id(name))
@@ -84,7 +84,7 @@ def tokenized_audio(
 def tokenized_audio_shards_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """Every clip's shard exists, reads back as [codebooks, frames], and has about duration x codes/s frames."""
     meta = upstream_metadata(context, "tokenized_audio")
-    clips = pd.read_parquet(meta["clips_path"], columns=["clip_hash", "duration_s"])
+    clips = read_parquet(meta["clips_path"], columns=["clip_hash", "duration_s"])
     store = TokenStore(meta["token_store_root"], meta["tokenizer"])
     info = read_tokenizer_info(store)
     if info is None:

@@ -4,11 +4,11 @@ import json
 
 import dagster as dg
 import fsspec
-import pandas as pd
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_split
 from higgs_pipeline.data.split import split_samples
+from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 
@@ -32,7 +32,7 @@ def train_val_split(
             "tokenized_audio was materialized for other samples than the latest chatml_samples: "
             "materialize tokenized_audio again (it only encodes the new clips)"
         )
-    index = pd.read_parquet(samples["samples_index_path"])
+    index = read_parquet(samples["samples_index_path"])
     mode = "speaker_held_out" if config.speaker_held_out else "target_clip"
     try:
         result = split_samples(index, config.validation_fraction, mode)
@@ -81,7 +81,7 @@ def train_val_split_is_a_partition(context: dg.AssetCheckExecutionContext) -> dg
     """No sample in both splits or twice, every sample in one, and no target clip (or held-out speaker) in both."""
     meta = upstream_metadata(context, "train_val_split")
     split = read_split(meta["split_path"])
-    index = pd.read_parquet(meta["samples_index_path"]).set_index("sample_id")
+    index = read_parquet(meta["samples_index_path"]).set_index("sample_id")
     train, validation = split["train"], split["validation"]
     problems = []
     both = set(train) & set(validation)

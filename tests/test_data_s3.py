@@ -1,0 +1,94 @@
+"""The data assets against a real S3 API (moto server on 127.0.0.1): an s3:// manifest whose audio lives in the
+bucket, artifacts and token shards written to another bucket, all through s3fs configured by AWS_ENDPOINT_URL."""
+
+from __future__ import annotations
+
+import hashlib
+
+import boto3
+import dagster as dg
+import pytest
+from audio_factory import Row, failure_message, materialize, metadata_of, speech_corpus, write_csv_manifest
+from s3_server import s3_endpoint, s3_env  # noqa: F401, F811  (fixtures)
+
+from higgs_pipeline.data.records import TokenStore, read_records
+from higgs_pipeline.data.tables import read_csv, read_parquet
+from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
+from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
+from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
+
+ASSETS = [
+    raw_audio_manifest,
+    raw_audio_manifest_accounts_for_every_row,
+    chatml_samples,
+    chatml_samples_tokenize,
+    tokenized_audio,
+    tokenized_audio_shards_readable,
+]
+DATA, ARTIFACTS = "speech-data", "pipeline-artifacts"
+
+
+@pytest.fixture()
+def bucket_corpus(s3_env, tmp_path) -> dict:  # noqa: F811
+    """Four good clips (wav/flac/mp3, two speakers), a missing file and a path into another bucket, uploaded."""
+    client = boto3.client("s3", endpoint_url=s3_env)  # explicit endpoint: an independent view of the server
+    for bucket in (DATA, ARTIFACTS, "elsewhere"):
+        client.create_bucket(Bucket=bucket)
+    local = tmp_path / "corpus"
+    rows = speech_corpus(local, 4, speakers=("Alice", "alice "))
+    hashes = {}
+    for row in rows:
+        data = (local / row.audio_path).read_bytes()
+        client.put_object(Bucket=DATA, Key=f"corpus/{row.audio_path}", Body=data)
+        hashes[f"s3://{DATA}/corpus/{row.audio_path}"] = hashlib.sha256(data).hexdigest()
+    client.put_object(Bucket="elsewhere", Key="x.wav", Body=(local / rows[0].audio_path).read_bytes())
+    rows += [Row("audio/not_uploaded.wav", "Missing.", "Bob"), Row("s3://elsewhere/x.wav", "Another bucket.", "Bob")]
+    manifest = write_csv_manifest(local / "manifest.csv", rows)
+    client.put_object(Bucket=DATA, Key="corpus/manifest.csv", Body=manifest.read_bytes())
+    return {"client": client, "hashes": hashes, "manifest": f"s3://{DATA}/corpus/manifest.csv"}
+
+
+def test_s3_manifest_audio_and_artifacts(bucket_corpus):
+    client = bucket_corpus["client"]
+    instance = dg.DagsterInstance.ephemeral()
+    artifacts = f"s3://{ARTIFACTS}/run"
+    config = {"raw_audio_manifest": {"manifest_path": bucket_corpus["manifest"]}}
+    result = materialize(ASSETS, artifacts, instance, config)
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+
+    raw = metadata_of(result, "raw_audio_manifest")
+    assert (raw["rows_total"], raw["rows_accepted"], raw["rows_rejected"]) == (6, 4, 2)
+    assert raw["manifest_path"] == bucket_corpus["manifest"]
+    assert raw["accepted_path"].startswith(f"{artifacts}/raw_audio_manifest/")
+    accepted = read_parquet(raw["accepted_path"])
+    assert dict(zip(accepted["audio_uri"], accepted["clip_hash"], strict=True)) == bucket_corpus["hashes"]
+    rejected = read_csv(raw["rejected_path"]).set_index("audio_path")
+    assert rejected.loc["audio/not_uploaded.wav", "reason"] == "missing_file"
+    assert rejected.loc["s3://elsewhere/x.wav", "reason"] == "path_outside_manifest_dir"
+
+    samples = metadata_of(result, "chatml_samples")
+    assert (samples["speakers"], samples["samples_tts"], samples["samples_voice_clone"]) == (1, 4, 4)
+    records = list(read_records(samples["samples_path"]))
+    assert all(clip["audio_path"].startswith(f"s3://{DATA}/corpus/audio/") for r in records for clip in r.audio)
+
+    tokens = metadata_of(result, "tokenized_audio")
+    assert (tokens["clips"], tokens["clips_tokenized_this_run"]) == (4, 4)
+    store = TokenStore(tokens["token_store_root"], tokens["tokenizer"])
+    assert all(store.get(h).shape[0] == 8 for h in bucket_corpus["hashes"].values())
+    # What s3fs wrote is really on the server that AWS_ENDPOINT_URL names (seen through a separate client).
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=ARTIFACTS, Prefix="run/")["Contents"]]
+    assert sum(key.endswith(".npy") for key in keys) == 4
+    assert any(key.endswith("accepted.parquet") for key in keys) and any(key.endswith("samples.jsonl") for key in keys)
+
+    again = metadata_of(materialize(ASSETS[4:], artifacts, instance), "tokenized_audio")
+    assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found by listing the bucket
+
+
+def test_missing_s3_manifest_fails_naming_it(s3_env, tmp_path):  # noqa: F811
+    boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket="empty-bucket")
+    uri = "s3://empty-bucket/nothing/manifest.jsonl"
+    config = {"raw_audio_manifest": {"manifest_path": uri}}
+    result = materialize(ASSETS[:2], tmp_path, dg.DagsterInstance.ephemeral(), config, raise_on_error=False)
+    assert not result.success
+    message = failure_message(result)
+    assert uri in message and "file not found" in message
