@@ -20,6 +20,8 @@ from higgs_pipeline.training.config import LoraSettings
 from higgs_pipeline.training.data import RecordDataset, load_split
 from higgs_pipeline.training.export import merge_and_export
 from higgs_pipeline.training.lora import apply_lora, target_modules, target_regex, trainable_parameters
+from higgs_pipeline.training.module import HiggsTrainingModule, build_lora_model, sums_of
+from higgs_pipeline.training.objective import training_loss
 from higgs_pipeline.training.samples import forward_kwargs, make_collator
 
 
@@ -124,3 +126,16 @@ def test_released_layout_has_280_targets_and_39_5m_trainable_at_rank_16():
     assert len(target_modules(model, LoraSettings().groups)) == 280
     counts = trainable_parameters(apply_lora(model, LoraSettings(rank=16)))
     assert counts["total"] == 39_452_672
+
+
+def test_bf16_base_under_autocast_gives_fp32_gradients_to_fp32_adapters(batch):
+    """The 8xgpu dtype path (frozen bf16 base, bf16 autocast, fp32 LoRA and heads), run with CPU autocast."""
+    model = build_lora_model("demo", LoraSettings(rank=4, modules_to_save=("audio_lm_head",)), "bf16", "cpu")
+    module = HiggsTrainingModule(model, autocast_dtype=torch.bfloat16)
+    sums = sums_of(module(**forward_kwargs(batch, "cpu")))
+    loss = training_loss(sums)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert sums.means()["audio_loss"] == pytest.approx(6.93, abs=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)

@@ -60,6 +60,8 @@ class RunSettings:
     backend: str = "nccl"  # "nccl" on GPU, "gloo" on CPU
     precision: str = "bf16"  # "bf16": frozen bf16 base + bf16 autocast, fp32 LoRA; "fp32": everything fp32
     seed: int = 1234
+    # CPU threads per process; 0 shares the machine's cores evenly among the node's processes.
+    cpu_threads: int = 0
     log_every: int = 10
     eval_every: int = 200
     checkpoint_every: int = 200

@@ -104,7 +104,7 @@ def setup_distributed(config: TrainConfig) -> Distributed:
     else:
         # torchrun defaults every process to 1 thread; share the cores instead.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(config.run.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
         device = torch.device("cpu")
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
@@ -205,6 +205,8 @@ def prefixed(means: dict[str, float], prefix: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Data-loader workers are forked after the text tokenizer ran; its own thread pool must stay off.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     is_main = int(os.environ.get("RANK", 0)) == 0
     pipes_context = open_dagster_pipes() if is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process() else None
