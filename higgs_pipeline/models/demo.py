@@ -171,11 +171,15 @@ def _build_model(target: Path, tokenizer) -> None:
     staging.rename(target)
 
 
-def _build_hubert(hub_cache: Path) -> None:
-    """A HuBERT-shaped semantic model laid out as a Hugging Face hub cache entry for bosonai/hubert_base."""
+def _build_hubert(hub_cache: Path, spec_name: str | os.PathLike = "tiny_hubert.json") -> None:
+    """A HuBERT-shaped semantic model laid out as a Hugging Face hub cache entry for bosonai/hubert_base.
+
+    `spec_name` is a file in `configs/` or a path to a HubertConfig JSON: the GPU benchmark builds a
+    HuBERT-base-shaped one (random weights) for its real-size audio tokenizer; the demo uses the tiny default.
+    """
     from transformers import HubertConfig, HubertModel
 
-    spec = json.loads((CONFIG_DIR / "tiny_hubert.json").read_text())
+    spec = json.loads((CONFIG_DIR / spec_name).read_text())
     spec.pop("_comment", None)
     torch.manual_seed(DEMO_SEED + 1)
     model = HubertModel(HubertConfig(**spec))
