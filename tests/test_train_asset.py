@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from peft import PeftModel
-from training_fixtures import shared_training_fixture
+from training_fixtures import shared_training_fixture, split_asset
 
 from higgs_pipeline.defs.lora_adapter import lora_adapter
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
@@ -22,26 +22,6 @@ CONTRACT_KEYS = {
     "padding_efficiency", "adapter_path", "run_dir", "metrics_path", "training_config", "base_model",
     "data_version", "code_versions", "train_count", "validation_count", "loss_curve",
 }  # fmt: skip
-
-
-def split_asset(data):
-    """train_val_split's metadata contract, pointing at the fixture data (the real asset has its own tests)."""
-
-    @dg.asset(name="train_val_split")
-    def fixture_split() -> dg.MaterializeResult:
-        return dg.MaterializeResult(
-            metadata={
-                "split_path": data.split_path,
-                "samples_path": data.samples_path,
-                "token_store_root": data.token_store_root,
-                "tokenizer": data.tokenizer,
-                "data_version": data.data_version,
-                "train_count": len(data.train_ids),
-                "validation_count": len(data.validation_ids),
-            }
-        )
-
-    return fixture_split
 
 
 def test_asset_trains_with_torchrun_and_a_retry_resumes(tmp_path: Path, tmp_path_factory):

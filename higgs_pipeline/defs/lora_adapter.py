@@ -10,6 +10,7 @@ checkpoint, and materializing again with nothing changed finds the finished run 
 # No `from __future__ import annotations`: Dagster resolves Config annotations at runtime.
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ NAMED_OVERRIDES = {
     "grad_accum_steps": "batch.grad_accum_steps",
     "modules_to_save": "lora.modules_to_save",
 }
+# Local folder for run directories when the artifact store is remote (default: under the demo/model cache).
+RUNS_ENV = "HIGGS_PIPELINE_RUNS"
 # What a finished run publishes when the artifact store is remote (checkpoints stay on the training node).
 PUBLISHED = ("best_adapter", "last_adapter", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
 
@@ -94,7 +97,8 @@ def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | N
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     if "file" in protocols:
         return Path(artifacts.path("lora_adapter", run_key)), None
-    return cache_root() / "lora_adapter" / run_key, artifacts.path("lora_adapter", run_key)
+    staging = Path(os.environ.get(RUNS_ENV, cache_root() / "lora_adapter"))
+    return staging / run_key, artifacts.path("lora_adapter", run_key)
 
 
 def publish(run_dir: Path, remote: str) -> None:
