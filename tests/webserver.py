@@ -8,6 +8,7 @@ server per pytest session and runs retrain_job on it once, so the webserver and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -73,6 +74,11 @@ class DagsterServer:
             time.sleep(3)
         raise AssertionError(f"run {run_id} still not finished after {timeout:.0f} s; server log: {self.log_path}")
 
+    def step_seconds(self, run_id: str) -> dict[str, float]:
+        """Wall time of each step of the run (for the record in test-artifacts/: where the minutes go)."""
+        stats = self.graphql(STEP_STATS, {"runId": run_id})["runOrError"]["stepStats"]
+        return {s["stepKey"]: round((s["endTime"] or 0) - (s["startTime"] or 0), 1) for s in stats}
+
     def failure_messages(self, run_id: str) -> list[str]:
         events = self.graphql(RUN_FAILURES, {"runId": run_id})["logsForRun"].get("events", [])
         return [f"{e.get('stepKey')}: {(e.get('error') or {}).get('message', e.get('message'))}" for e in events]
@@ -93,6 +99,10 @@ mutation Launch($executionParams: ExecutionParams!) {
 
 RUN_STATUS = """
 query Status($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run { status } } }
+"""
+
+STEP_STATS = """
+query Steps($runId: ID!) { runOrError(runId: $runId) { ... on Run { stepStats { stepKey startTime endTime } } } }
 """
 
 RUN_FAILURES = """
@@ -219,7 +229,10 @@ def completed_retrain_run(config, timeout: float = 900) -> CompletedRun:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="higgs_dagster_dev_")))
             server = stack.enter_context(dagster_dev(workdir))
             run_id = server.launch("retrain_job")
+            started = time.monotonic()
             status = server.wait_for_run(run_id, timeout)
+            timing = {"run_seconds": round(time.monotonic() - started, 1), "steps": server.step_seconds(run_id)}
+            (TEST_ARTIFACTS / "retrain_job_timing.json").write_text(json.dumps(timing, indent=2))
             failures = server.failure_messages(run_id) if status != "SUCCESS" else []
             _shared = CompletedRun(server, run_id, status, failures)
         except BaseException as error:
