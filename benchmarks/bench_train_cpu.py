@@ -34,6 +34,11 @@ SECTION = "## Training (CPU)"
 # with the same global batch, and 1 process on both cores (the trainer's default for a single CPU process).
 SETTINGS = [(1, 2, 1), (2, 2, 1), (1, 4, 1), (1, 2, 2)]
 LOG_EVERY = 5
+READING = (
+    "Reading: rows 2 and 3 have the same global batch, so their samples/s ratio is what DDP over gloo gains on "
+    "this machine; the last row is one process on both cores, which loses to thread oversubscription whenever "
+    "other jobs share the cores (see the load average). The tiny model makes every number overhead-bound."
+)
 
 
 def run(data, out: Path, nproc: int, batch: int, threads: int, steps: int) -> dict:
@@ -130,7 +135,7 @@ def main() -> None:
             f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n- machine: {machine}\n"
             f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}\n"
             f"- command: `{command}`\n\n"
-            f"{result}\n"
+            f"{result}\n\n{READING}\n"
         )
 
 

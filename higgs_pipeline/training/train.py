@@ -336,7 +336,8 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
 
     stream = micro_batches(loader, sampler, state["epoch"], state["position"])
     step = start_step
-    interval = torch.zeros(3 + 3 * codebooks + 4, dtype=torch.float64, device=env.device)
+    # Loss sums, then non-pad positions, all positions and samples since the last log line.
+    interval = torch.zeros(3 + 3 * codebooks + 3, dtype=torch.float64, device=env.device)
     run_tokens = torch.zeros(2, dtype=torch.float64, device=env.device)
     mismatch = torch.zeros((), dtype=torch.bool, device=env.device)
     interval_seconds = train_seconds = 0.0
@@ -361,9 +362,9 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
             mismatch |= (sums.text_count.double() != expected.text.to(env.device)) | (
                 sums.audio_count.double() != expected.audio.to(env.device)
             ).any()
-            sizes = torch.tensor([batch.input_ids.shape[0], 1], dtype=torch.float64, device=env.device)
+            samples = torch.tensor([batch.input_ids.shape[0]], dtype=torch.float64, device=env.device)
             token_counts = torch.stack([result["tokens"], result["positions"]]).double()
-            interval += torch.cat([sums.as_vector(), token_counts, sizes])
+            interval += torch.cat([sums.as_vector(), token_counts, samples])
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -384,7 +385,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
                     "(a sample whose first label is not -100?)"
                 )
             sums = LossSums.from_vector(interval[: 3 + 3 * codebooks].cpu())
-            tokens, positions, samples, _ = interval[3 + 3 * codebooks :].tolist()
+            tokens, positions, samples = interval[3 + 3 * codebooks :].tolist()
             run_tokens += torch.tensor([tokens, positions], dtype=torch.float64, device=env.device)
             train_seconds += interval_seconds
             seconds = interval_seconds
