@@ -131,6 +131,7 @@ def test_released_layout_has_280_targets_and_39_5m_trainable_at_rank_16():
 def test_bf16_base_under_autocast_gives_fp32_gradients_to_fp32_adapters(batch):
     """The 8xgpu dtype path (frozen bf16 base, bf16 autocast, fp32 LoRA and heads), run with CPU autocast."""
     model = build_lora_model("demo", LoraSettings(rank=4, modules_to_save=("audio_lm_head",)), "bf16", "cpu")
+    assert all(m.training for m in model.modules()), "every dropout (base and LoRA) active from the first step"
     module = HiggsTrainingModule(model, autocast_dtype=torch.bfloat16)
     sums = sums_of(module(**forward_kwargs(batch, "cpu")))
     loss = training_loss(sums)

@@ -54,7 +54,9 @@ def sums_of(result: dict[str, torch.Tensor]) -> LossSums:
 
 
 def build_lora_model(model_name: str, lora: LoraSettings, precision: str, device: torch.device | str):
-    """Base model in bf16 (GPU) or fp32 with LoRA applied (fp32 adapters), on `device`."""
+    """Base model in bf16 (GPU) or fp32 with LoRA applied (fp32 adapters), on `device`, in training mode."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     base = loading.load_model(model_name, dtype=dtype, device="cpu")
-    return apply_lora(base, lora).to(device)
+    # from_pretrained returns eval mode: the base's own dropout (attention_dropout) would stay off until the
+    # first validation put everything in train mode, so steps before and after it would train differently.
+    return apply_lora(base, lora).to(device).train()
