@@ -20,6 +20,7 @@ import soundfile as sf
 import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 from peft import LoraConfig, PeftModel, get_peft_model
+from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.records import SampleRecord, TokenStore, write_records
@@ -220,3 +221,31 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert not regression.passed and regression.severity == dg.AssetCheckSeverity.WARN
         assert blocked.asset_materializations_for_node("production_adapter") == []
         assert read_pointer(str(artifacts_dir / "production_adapter" / "current.json")) == pointer
+
+
+def test_adapter_and_artifacts_in_s3(corpus, adapters, s3_env):  # noqa: F811
+    """An adapter published to a bucket is evaluated, and the evaluation's files land in the artifact bucket."""
+    from s3fs import S3FileSystem
+
+    fs = S3FileSystem()
+    for bucket in ("runs", "artifacts"):
+        fs.mkdir(bucket)
+    fs.put(adapters["fitted"], "runs/run1/best_adapter", recursive=True)
+    fs.put_file(adapters["metrics"], "runs/run1/metrics.jsonl")
+    assert fs.exists("runs/run1/best_adapter/adapter_config.json")
+    with dg.instance_for_test() as instance:
+        _report_upstream(instance, corpus, "s3://runs/run1/best_adapter", "s3://runs/run1/metrics.jsonl")
+        result = dg.materialize(
+            [adapter_evaluation, losses_are_finite, adapter_no_worse_than_base],
+            instance=instance,
+            resources={"artifacts": ArtifactStore(root="s3://artifacts"), "checkpoints": HiggsCheckpoints()},
+            run_config={"ops": {"adapter_evaluation": {"config": {"generation_prompts": 1, "max_new_tokens": 32}}}},
+        )
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("adapter_evaluation")[0].metadata.items()}
+    assert metadata["adapter_path"] == "s3://runs/run1/best_adapter" and metadata["improvement"] > 0
+    (wav,) = metadata["generated_audio_paths"]
+    assert wav.startswith("s3://artifacts/adapter_evaluation/")
+    wave, rate = sf.read(io.BytesIO(fs.cat_file(wav)))
+    assert rate == 24000 and wave.size > 0
+    assert fs.cat_file(metadata["loss_curves_path"]).startswith(b"\x89PNG")
+    assert json.loads(fs.cat_file(metadata["evaluation_path"]))["val_total_loss"] == metadata["val_total_loss"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 import pytest
+from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.defs.automation import (
     FINGERPRINT_TAG,
@@ -119,29 +119,11 @@ def test_weekly_schedule_skips_data_already_trained_on(corpus, retrain_job_def):
         assert isinstance(changed, dg.RunRequest) and changed.tags[FINGERPRINT_TAG] != request.tags[FINGERPRINT_TAG]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture()
-def s3_corpus(monkeypatch):
-    """The three-clip corpus in a bucket of a moto S3 server on 127.0.0.1 (the real S3 API over HTTP)."""
-    from moto.server import ThreadedMotoServer
+def s3_corpus(s3_env, monkeypatch):  # noqa: F811
+    """The three-clip corpus in a bucket of the moto S3 server (the real S3 API over HTTP on 127.0.0.1)."""
     from s3fs import S3FileSystem
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    S3FileSystem.clear_instance_cache()
     fs = S3FileSystem()
     fs.mkdir("corpus")
     rows = pd.read_csv(DEMO_MANIFEST).head(3)
@@ -149,9 +131,7 @@ def s3_corpus(monkeypatch):
         fs.pipe_file(f"corpus/data/{audio_path}", (DEMO_MANIFEST.parent / audio_path).read_bytes())
     fs.pipe_file("corpus/data/manifest.csv", rows.to_csv(index=False).encode())
     monkeypatch.setenv(MANIFEST_ENV, "s3://corpus/data/manifest.csv")
-    yield fs, rows
-    S3FileSystem.clear_instance_cache()
-    server.stop()
+    return fs, rows
 
 
 def test_sensor_watches_an_s3_manifest(s3_corpus):

@@ -27,7 +27,13 @@ from higgs_pipeline.evaluation.evaluate import (
 from higgs_pipeline.evaluation.generate import GeneratedClip, generate_clips, generation_prompts
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
 from higgs_pipeline.models.demo import DEMO_NOTE, is_demo
-from higgs_pipeline.models.loading import load_model, load_text_tokenizer, resolve_audio_tokenizer, resolve_model
+from higgs_pipeline.models.loading import (
+    describe,
+    load_model,
+    load_text_tokenizer,
+    resolve_audio_tokenizer,
+    resolve_model,
+)
 from higgs_pipeline.training.export import merge_and_export
 from higgs_pipeline.training.lora import load_adapter
 
@@ -108,7 +114,12 @@ def adapter_evaluation(
     fs.makedirs(out_dir, exist_ok=True)
     fs.pipe_file(f"{out_dir}/loss_curves.png", curves)
     wav_paths = _write_clips(fs, out_dir, clips)
-    summary = {"adapter_path": adapter_meta["adapter_path"], "base_model": base, "demo_model": demo, **numbers}
+    summary = {
+        "adapter_path": adapter_meta["adapter_path"],
+        "base_model": describe(base),
+        "demo_model": demo,
+        **numbers,
+    }
     fs.pipe_file(f"{out_dir}/evaluation.json", json.dumps(summary, indent=2).encode())
 
     return dg.MaterializeResult(
@@ -122,7 +133,7 @@ def adapter_evaluation(
             "evaluation_path": dg.MetadataValue.path(f"{out_dir}/evaluation.json"),
             "validation_samples": comparison.samples,
             "adapter_path": dg.MetadataValue.path(adapter_meta["adapter_path"]),
-            "base_model": base,
+            "base_model": describe(base),
             "demo_model": demo,
             "model_note": DEMO_NOTE if demo else "released or fine-tuned checkpoint",
             "data_version": str(adapter_meta.get("data_version")),
