@@ -3,6 +3,8 @@ answers lineage ("which data made this adapter") and the evaluation's recorded l
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from webserver import CompletedRun, completed_retrain_run
 
@@ -37,6 +39,8 @@ query Latest($key: AssetKeyInput!) {
           ... on BoolMetadataEntry { boolValue }
           ... on MarkdownMetadataEntry { mdStr }
           ... on PathMetadataEntry { path }
+          ... on IntMetadataEntry { intValue }
+          ... on JsonMetadataEntry { jsonString }
         }
       }
     }
@@ -94,6 +98,14 @@ def test_evaluation_records_losses_and_traces_back_to_the_data(retrain):
     assert evaluation["data_version"] == adapter["data_version"] == manifest["data_version"]
     assert evaluation["adapter_path"] == adapter["adapter_path"]
 
+    # The adapter answers "which data, which code, which settings" by itself.
+    assert json.loads(adapter["training_config"]) and json.loads(adapter["code_versions"])["lora_adapter"] == "1"
+    _, split = _latest(retrain, "train_val_split")
+    assert (adapter["train_count"], adapter["validation_count"]) == (split["train_count"], split["validation_count"])
+    assert json.loads(evaluation["adapter_code_versions"]) == json.loads(adapter["code_versions"])
+
     _, production = _latest(retrain, "production_adapter")
     assert production["adapter_path"] == adapter["adapter_path"]
     assert production["val_total_loss"] == pytest.approx(evaluation["val_total_loss"])
+    pointer = json.loads((retrain.server.artifacts / "production_adapter" / "current.json").read_text())
+    assert pointer["adapter_path"] == adapter["adapter_path"] and pointer["data_version"] == manifest["data_version"]
