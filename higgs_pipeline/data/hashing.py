@@ -24,9 +24,26 @@ def digest(*parts: str) -> str:
     return hashlib.sha256(_SEPARATOR.join(parts).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def digests(*columns: Iterable[str], length: int = 64) -> list[str]:
-    """Row-wise `digest` over parallel columns, truncated to `length` hex digits."""
-    return [digest(*row)[:length] for row in zip(*columns, strict=True)]
+def digests(*columns: Sequence[str], length: int = 64, chunk: int = 65_536) -> list[str]:
+    """Row-wise `digest` over parallel columns, truncated to `length` hex digits.
+
+    Chunks become plain lists first (iterating an Arrow-backed pandas column is slow per element), a chunk at a
+    time so that millions of rows never hold a second full copy of every column as Python strings.
+    """
+    size = len(columns[0]) if columns else 0
+    if any(len(column) != size for column in columns):
+        raise ValueError("digests: columns differ in length")
+    out: list[str] = []
+    for start in range(0, size, chunk):
+        lists = [_slice(column, start, start + chunk) for column in columns]
+        out += [digest(*row)[:length] for row in zip(*lists, strict=True)]
+    return out
+
+
+def _slice(column: Sequence[str], start: int, stop: int) -> list[str]:
+    if hasattr(column, "iloc"):
+        return column.iloc[start:stop].tolist()
+    return list(column[start:stop])
 
 
 def digest_of_lines(lines: Iterable[str], seed: bytes = b"") -> str:

@@ -241,12 +241,11 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     the run allows it. Computed once per distinct path, so a million rows over few files stay cheap.
     """
     protocol, folder = manifest_folder(manifest_uri)
-    distinct = pd.unique(paths.to_numpy())
-    resolved, outside = {}, {}
-    for path in distinct:
-        uri, is_outside = _resolve(protocol, folder, path)
-        resolved[path], outside[path] = uri, is_outside
-    return paths.map(resolved).astype("str"), paths.map(outside).astype(bool)
+    codes, distinct = pd.factorize(paths)
+    resolved = [_resolve(protocol, folder, path) for path in distinct]
+    uris = np.asarray([uri for uri, _ in resolved] + [""], dtype=object)  # code -1 (none here) maps to ""
+    outside = np.asarray([flag for _, flag in resolved] + [False], dtype=bool)
+    return pd.Series(uris[codes], index=paths.index, dtype="str"), pd.Series(outside[codes], index=paths.index)
 
 
 def _resolve(protocol: str, folder: str, path: str) -> tuple[str, bool]:

@@ -11,5 +11,5 @@ def normalize_label(values: pd.Series, casefold: bool = True) -> pd.Series:
     NFKC first so that full-width or compatibility characters ("Ａlice") and non-breaking spaces compare equal
     to their plain forms; `casefold` rather than `lower` so that e.g. "Straße" and "STRASSE" match.
     """
-    text = values.astype(object).str.normalize("NFKC").str.strip().str.replace(r"\s+", " ", regex=True)
+    text = values.astype("str").str.normalize("NFKC").str.strip().str.replace(r"\s+", " ", regex=True)
     return text.str.casefold() if casefold else text

@@ -13,7 +13,7 @@ later row a "duplicate".
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,8 +102,15 @@ class Screening:
         return {reason: int(counts[reason]) for reason in REJECT_REASONS if reason in counts}
 
 
+Detail = str | np.ndarray | Callable[[np.ndarray], Sequence[str]]
+
+
 class _Verdicts:
-    """The first failing check's reason and detail per row."""
+    """The first failing check's reason and detail per row.
+
+    A detail is a string, an array aligned with the rows, or a function of the rejected rows' positions: the
+    last keeps a million-row manifest from formatting a million messages for the few rows that need one.
+    """
 
     def __init__(self, size: int) -> None:
         self.reason = np.full(size, "", dtype=object)
@@ -112,14 +119,22 @@ class _Verdicts:
     def open(self) -> np.ndarray:
         return self.reason == ""
 
-    def reject(self, mask: np.ndarray | pd.Series, reason: str, detail: object = "") -> None:
-        selected = np.asarray(mask, dtype=bool) & self.open()
+    def reject(self, mask: np.ndarray | pd.Series, reason: str, detail: Detail = "") -> None:
+        selected = np.flatnonzero(np.asarray(mask, dtype=bool) & self.open())
+        if not len(selected):
+            return
         self.reason[selected] = reason
-        self.detail[selected] = np.asarray(detail, dtype=object)[selected] if _is_array(detail) else detail
+        if callable(detail):
+            self.detail[selected] = np.asarray(list(detail(selected)), dtype=object)
+        elif isinstance(detail, np.ndarray):
+            self.detail[selected] = detail[selected]
+        else:
+            self.detail[selected] = detail
 
 
-def _is_array(value: object) -> bool:
-    return isinstance(value, np.ndarray | pd.Series)
+def _column(values: pd.Series) -> np.ndarray:
+    """A column as a numpy object array (one C-level conversion instead of per-element Arrow access)."""
+    return values.to_numpy(dtype=object)
 
 
 def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> Screening:
@@ -127,37 +142,43 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
     rows = manifest.rows
     size = len(rows)
     verdict = _Verdicts(size)
-    verdict.reject(rows["read_error"] != "", "malformed_row", rows["read_error"].to_numpy())
-    invalid = rows["invalid_utf8"]
-    verdict.reject(invalid != "", "invalid_utf8", ("bytes that are not valid UTF-8 in " + invalid).to_numpy(object))
+    read_error, invalid = rows["read_error"], rows["invalid_utf8"]
+    verdict.reject(read_error != "", "malformed_row", lambda at: read_error.iloc[at].tolist())
+    verdict.reject(invalid != "", "invalid_utf8", lambda at: [f"invalid UTF-8 bytes in {c}" for c in invalid.iloc[at]])
     verdict.reject(rows["text"].str.strip() == "", "empty_text", "text is empty")
     verdict.reject(rows["speaker"].str.strip() == "", "empty_speaker", "speaker is empty")
 
     audio_uri, audio_outside = resolve_audio_paths(manifest.uri, rows["audio_path"].str.strip())
     ref_uri, ref_outside = resolve_audio_paths(manifest.uri, rows["ref_audio_path"].str.strip())
+    audio_uris, ref_uris = _column(audio_uri), _column(ref_uri)
     folder = join_uri(*manifest_folder(manifest.uri))
     allow_outside = rules.allow_paths_outside_manifest_dir
     if not allow_outside:
-        detail = "audio_path " + rows["audio_path"] + " resolves to " + audio_uri + ", outside " + folder
-        verdict.reject(audio_outside, "path_outside_manifest_dir", detail.to_numpy())
-    verdict.reject(audio_uri == "", "missing_file", "audio_path is empty")
-    has_ref = (ref_uri != "").to_numpy()
+        paths = rows["audio_path"]
+        verdict.reject(
+            audio_outside,
+            "path_outside_manifest_dir",
+            lambda at: [
+                f"audio_path {p} resolves to {u}, outside {folder}"
+                for p, u in zip(paths.iloc[at], audio_uris[at], strict=True)
+            ],
+        )
+    verdict.reject(audio_uris == "", "missing_file", "audio_path is empty")
+    has_ref = ref_uris != ""
     verdict.reject(has_ref & (rows["ref_text"].str.strip() == ""), "bad_reference", "ref_audio_path without ref_text")
     if not allow_outside:
-        verdict.reject(has_ref & ref_outside, "bad_reference", ("ref_audio_path outside " + folder))
+        verdict.reject(has_ref & ref_outside.to_numpy(), "bad_reference", f"ref_audio_path outside {folder}")
 
     # Probe each distinct file of the rows still open, once (targets and references together).
     probing = verdict.open()
     probes = probe_clips(
-        pd.concat([audio_uri[probing], ref_uri[probing & has_ref]]), rules.max_seconds, rules.probe_workers
+        np.concatenate([audio_uris[probing], ref_uris[probing & has_ref]]), rules.max_seconds, rules.probe_workers
     )
-    target = _probe_table(probes, audio_uri.where(probing, ""))
-    reference = _probe_table(probes, ref_uri.where(probing & has_ref, ""))
+    target = _probe_table(probes, np.where(probing, audio_uris, ""))
+    reference = _probe_table(probes, np.where(probing & has_ref, ref_uris, ""))
     _reject_audio(verdict, target, rules)
     _reject_reference(verdict, reference, target, has_ref, rules)
-
-    normalized_text = normalize_label(rows["text"])
-    _reject_duplicates(verdict, rows, target["clip_hash"], normalized_text)
+    _reject_duplicates(verdict, rows, target["clip_hash"])
 
     data_version = digest_of_lines(
         (t + "," + r for t, r in zip(target["clip_hash"], reference["clip_hash"], strict=True)),
@@ -169,68 +190,90 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
     return Screening(manifest.uri, size, accepted, rejected, data_version)
 
 
-def _probe_table(probes: dict[str, ClipProbe], uris: pd.Series) -> pd.DataFrame:
-    """Probe results aligned to rows; rows that were not probed get reason "" and an empty hash."""
-    known = pd.DataFrame(
-        [[getattr(p, c) for c in _PROBE_COLUMNS] for p in probes.values()] or None,
-        index=pd.Index(list(probes), dtype=object),
-        columns=list(_PROBE_COLUMNS),
-    )
-    table = known.reindex(uris.to_numpy())
-    table.index = uris.index
-    defaults = {"reason": "", "detail": "", "clip_hash": "", "frames": 0, "sample_rate": 0, "channels": 0}
-    table = table.fillna({**defaults, "duration_s": 0.0, "peak_dbfs": -math.inf})
-    for name in ("frames", "sample_rate", "channels"):
-        table[name] = table[name].astype(np.int64)
-    probed = (uris != "").to_numpy()
-    table["probed"] = probed
+def _probe_table(probes: dict[str, ClipProbe], uris: np.ndarray) -> dict[str, np.ndarray]:
+    """Probe results per row, as arrays; rows that were not probed (uri "") get reason "" and an empty hash.
+
+    Looked up once per distinct uri and spread to rows by factorized codes, not per row.
+    """
+    codes, distinct = pd.factorize(uris)
+    unprobed = ClipProbe("", clip_hash="", frames=0, sample_rate=0, channels=0, duration_s=0.0)
+    found = [probes.get(uri, unprobed) if uri else unprobed for uri in distinct]
+    table = {name: np.asarray([getattr(p, name) for p in found], dtype=object)[codes] for name in _PROBE_COLUMNS}
+    for name, kind in (("frames", np.int64), ("sample_rate", np.int64), ("channels", np.int64)):
+        table[name] = table[name].astype(kind)
+    for name in ("duration_s", "peak_dbfs"):
+        table[name] = table[name].astype(np.float64)
+    table["probed"] = uris != ""
     return table
 
 
-def _reject_audio(verdict: _Verdicts, probe: pd.DataFrame, rules: ScreeningRules) -> None:
+def _reject_audio(verdict: _Verdicts, probe: dict[str, np.ndarray], rules: ScreeningRules) -> None:
     """File problems first, then length and level (a file the probe skipped as too long has its header length)."""
-    probed = probe["probed"].to_numpy()
-    reasons = probe["reason"].to_numpy(object)
+    probed, reasons, duration, peak = probe["probed"], probe["reason"], probe["duration_s"], probe["peak_dbfs"]
     for reason in FILE_REASONS:
-        verdict.reject(probed & (reasons == reason), reason, probe["detail"].to_numpy(object))
-    duration = probe["duration_s"].to_numpy(float)
-    seconds = pd.Series(duration).map("{:.2f} s".format).to_numpy(object)
-    too_short, too_long = f" < min_seconds {rules.min_seconds}", f" > max_seconds {rules.max_seconds}"
-    verdict.reject(probed & (duration < rules.min_seconds), "too_short", seconds + too_short)
-    verdict.reject(probed & (duration > rules.max_seconds), "too_long", seconds + too_long)
-    peak = probe["peak_dbfs"].to_numpy(float)
-    level = pd.Series(peak).map("peak {:.1f} dBFS".format).to_numpy(object)
-    verdict.reject(probed & (peak < rules.silence_dbfs), "silent", level + f" < {rules.silence_dbfs} dBFS")
+        verdict.reject(probed & (reasons == reason), reason, probe["detail"])
+    verdict.reject(
+        probed & (duration < rules.min_seconds),
+        "too_short",
+        lambda at: [f"{d:.2f} s < min_seconds {rules.min_seconds}" for d in duration[at]],
+    )
+    verdict.reject(
+        probed & (duration > rules.max_seconds),
+        "too_long",
+        lambda at: [f"{d:.2f} s > max_seconds {rules.max_seconds}" for d in duration[at]],
+    )
+    verdict.reject(
+        probed & (peak < rules.silence_dbfs),
+        "silent",
+        lambda at: [f"peak {p:.1f} dBFS < {rules.silence_dbfs} dBFS" for p in peak[at]],
+    )
 
 
 def _reject_reference(
-    verdict: _Verdicts, reference: pd.DataFrame, target: pd.DataFrame, has_ref: np.ndarray, rules: ScreeningRules
+    verdict: _Verdicts,
+    reference: dict[str, np.ndarray],
+    target: dict[str, np.ndarray],
+    has_ref: np.ndarray,
+    rules: ScreeningRules,
 ) -> None:
     """A reference must pass the same file, length and level checks as a target, and not be the target."""
-    probed = reference["probed"].to_numpy()
-    shadow = _Verdicts(len(reference))
+    probed = reference["probed"]
+    shadow = _Verdicts(len(probed))
     _reject_audio(shadow, reference, rules)
-    failed = probed & ~shadow.open()
-    detail = "reference audio " + pd.Series(shadow.reason) + ": " + pd.Series(shadow.detail)
-    verdict.reject(failed, "bad_reference", detail.to_numpy(object))
-    same = has_ref & probed & (reference["clip_hash"].to_numpy(object) == target["clip_hash"].to_numpy(object))
+    verdict.reject(
+        probed & ~shadow.open(),
+        "bad_reference",
+        lambda at: [f"reference audio {r}: {d}" for r, d in zip(shadow.reason[at], shadow.detail[at], strict=False)],
+    )
+    same = has_ref & probed & (reference["clip_hash"] == target["clip_hash"])
     verdict.reject(same, "bad_reference", "reference audio is the target clip itself (same content hash)")
 
 
-def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: pd.Series, text_key: pd.Series) -> None:
-    candidates = verdict.open()
-    if not candidates.any():
+def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
+    """Among rows still open, later rows with the same clip hash and normalized text as an earlier one.
+
+    Texts are normalized only for rows whose audio occurs more than once: the only rows that can be duplicates.
+    """
+    candidates = np.flatnonzero(verdict.open())
+    shared = pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()
+    candidates = candidates[shared]
+    if not len(candidates):
         return
-    keys = pd.DataFrame({"hash": clip_hash[candidates], "text": text_key[candidates], "row": rows["row"][candidates]})
-    repeated = keys.duplicated(["hash", "text"], keep="first")
+    keys = pd.DataFrame(
+        {
+            "hash": clip_hash[candidates],
+            "text": normalize_label(rows["text"].iloc[candidates]).to_numpy(object),
+            "row": rows["row"].to_numpy()[candidates],
+        }
+    )
+    repeated = keys.duplicated(["hash", "text"], keep="first").to_numpy()
     if not repeated.any():
         return
-    first_row = keys.groupby(["hash", "text"], sort=False)["row"].transform("first")
-    detail = np.full(len(rows), "", dtype=object)
-    detail[candidates] = ("same audio content and text as row " + first_row.astype(str)).to_numpy(object)
+    first_row = keys.groupby(["hash", "text"], sort=False)["row"].transform("first").to_numpy()
     mask = np.zeros(len(rows), dtype=bool)
-    mask[candidates] = repeated.to_numpy()
-    verdict.reject(mask, "duplicate", detail)
+    mask[candidates[repeated]] = True
+    first_of = dict(zip(candidates[repeated], first_row[repeated], strict=True))
+    verdict.reject(mask, "duplicate", lambda at: [f"same audio content and text as row {first_of[i]}" for i in at])
 
 
 def _accepted_table(
@@ -238,42 +281,52 @@ def _accepted_table(
     mask: np.ndarray,
     audio_uri: pd.Series,
     ref_uri: pd.Series,
-    target: pd.DataFrame,
-    reference: pd.DataFrame,
+    target: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
 ) -> pd.DataFrame:
+    kept = rows[mask].reset_index(drop=True)
+
+    def text(values: np.ndarray) -> pd.Series:
+        return pd.Series(values[mask], dtype="str")
+
     table = pd.DataFrame(
         {
-            "row": rows["row"],
-            "id": rows["id"],
-            "audio_path": rows["audio_path"],
-            "audio_uri": audio_uri,
-            "text": rows["text"].str.strip(),
-            "speaker": rows["speaker"],
-            "language": rows["language"],
-            "scene": rows["scene"],
-            "ref_audio_path": rows["ref_audio_path"],
-            "ref_audio_uri": ref_uri,
-            "ref_text": rows["ref_text"].str.strip(),
-            "ref_clip_hash": reference["clip_hash"],
-            "ref_duration_s": reference["duration_s"],
-            "ref_frames": reference["frames"],
-            "ref_sample_rate": reference["sample_rate"],
-            "clip_hash": target["clip_hash"],
-            "duration_s": target["duration_s"],
-            "frames": target["frames"],
-            "sample_rate": target["sample_rate"],
-            "channels": target["channels"],
-            "peak_dbfs": target["peak_dbfs"],
+            "row": kept["row"],
+            "id": kept["id"],
+            "audio_path": kept["audio_path"],
+            "audio_uri": audio_uri[mask].reset_index(drop=True),
+            "text": kept["text"].str.strip(),
+            "speaker": kept["speaker"],
+            "language": kept["language"],
+            "scene": kept["scene"],
+            "ref_audio_path": kept["ref_audio_path"],
+            "ref_audio_uri": ref_uri[mask].reset_index(drop=True),
+            "ref_text": kept["ref_text"].str.strip(),
+            "ref_clip_hash": text(reference["clip_hash"]),
+            "ref_duration_s": reference["duration_s"][mask],
+            "ref_frames": reference["frames"][mask],
+            "ref_sample_rate": reference["sample_rate"][mask],
+            "clip_hash": text(target["clip_hash"]),
+            "duration_s": target["duration_s"][mask],
+            "frames": target["frames"][mask],
+            "sample_rate": target["sample_rate"][mask],
+            "channels": target["channels"][mask],
+            "peak_dbfs": target["peak_dbfs"][mask],
         }
     )
-    return table[list(ACCEPTED_COLUMNS)][mask].reset_index(drop=True)
+    return table[list(ACCEPTED_COLUMNS)]
 
 
 def _rejected_table(rows: pd.DataFrame, mask: np.ndarray, verdict: _Verdicts, audio_uri: pd.Series) -> pd.DataFrame:
     """Every rejected row with its reason and the row as read (undecodable bytes already shown as U+FFFD)."""
-    table = pd.DataFrame({"row": rows["row"], "reason": verdict.reason, "detail": verdict.detail})
+    table = pd.DataFrame(
+        {
+            "row": rows["row"].to_numpy()[mask],
+            "reason": pd.Series(verdict.reason[mask], dtype="str"),
+            "detail": pd.Series(verdict.detail[mask], dtype="str"),
+        }
+    )
     for name in MANIFEST_COLUMNS:
-        table[name] = rows[name]
-    table["audio_uri"] = audio_uri
-    table = table[mask].reset_index(drop=True)
+        table[name] = rows[name][mask].reset_index(drop=True)
+    table["audio_uri"] = audio_uri[mask].reset_index(drop=True)
     return table

@@ -11,6 +11,7 @@ the encoder, and shards are written behind it.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from collections import deque
@@ -30,6 +31,10 @@ from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.models import loading
 
 TOKENIZER_INFO = "tokenizer.json"
+# Clips of ever-different lengths leave glibc's heap fragmented: measured on the tiny tokenizer, resident memory
+# grew from 1.6 to 3.7 GB over 40 clips and stays at 1.6 GB when freed memory is handed back to the system.
+# A trim costs ~50 ms, so it runs once every this many clips (~1% of encoding time).
+TRIM_HEAP_EVERY_CLIPS = 8
 
 
 class ClipChangedError(RuntimeError):
@@ -155,6 +160,15 @@ class ClipEncoder:
         return [codes for wave in waves for codes in self.encode([wave])]
 
 
+def _heap_trimmer() -> Callable[[], object]:
+    """glibc's malloc_trim(0) where it exists (Linux), else a no-op."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
 def encode_clips(
     tokenizer,
     store: TokenStore,
@@ -170,6 +184,8 @@ def encode_clips(
     rate = int(tokenizer.sampling_rate)
     lookahead = max(2, 2 * loader_threads)
     encoder = ClipEncoder(tokenizer)
+    trim_heap = _heap_trimmer()
+    since_trim = 0
     writes: list[Future] = []
     done = 0
     last_log = started
@@ -188,6 +204,10 @@ def encode_clips(
             codes = encoder.encode([load.result() for load in loads])
             writes += [pool.submit(store.put, hashes[i], c.cpu()) for i, c in zip(batch, codes, strict=True)]
             done += len(batch)
+            since_trim += len(batch)
+            if since_trim >= TRIM_HEAP_EVERY_CLIPS:
+                trim_heap()
+                since_trim = 0
             if log is not None and time.perf_counter() - last_log > 30:
                 log(f"tokenized {done}/{len(clips)} clips")
                 last_log = time.perf_counter()
