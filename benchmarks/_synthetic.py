@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from boson_multimodal.dataset.chatml_dataset import ChatMLDatasetSample
 
-from higgs_pipeline.models.demo import _build_hubert, offline_hub_cache
+from higgs_pipeline.models.demo import CONFIG_DIR, _build_hubert, offline_hub_cache
 
 IGNORE_INDEX = -100
 CODES_PER_SECOND = 25
@@ -25,18 +25,8 @@ AUDIO_SECONDS = (4.0, 12.0)
 SYSTEM_TOKENS = 8  # of the TEXT_TOKENS, the system prompt's share
 HEADER_TOKENS = 4  # <|start_header_id|> role <|end_header_id|> "\n\n", as the Llama-3 template tokenizes it
 
-# bosonai/higgs-audio-v2-tokenizer's config.json (architecture of the released audio tokenizer).
-REAL_AUDIO_TOKENIZER = {
-    "n_filters": 32,
-    "D": 256,
-    "codebook_dim": 64,
-    "target_bandwidths": [0.5, 1, 1.5, 2, 4],
-    "ratios": [8, 5, 4, 2, 3],
-    "sample_rate": 24000,
-    "bins": 1024,
-    "n_q": 8,
-    "semantic_techer": "hubert_base_general",
-}
+# The released bosonai/higgs-audio-v2-tokenizer's architecture (weights are random here).
+REAL_AUDIO_TOKENIZER = json.loads((CONFIG_DIR / "higgs_audio_v2_tokenizer_layout.json").read_text())
 # HuBERT-base's architecture (bosonai/hubert_base is a HuBERT base): 12 layers, 768 hidden, 3072 FFN, 7 convs of 512.
 HUBERT_BASE = {
     "model_type": "hubert",

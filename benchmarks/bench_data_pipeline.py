@@ -36,18 +36,10 @@ import numpy as np
 import soundfile
 
 REPO = Path(__file__).resolve().parents[1]
-# The released bosonai/higgs-audio-v2-tokenizer config.json (architecture only; weights are random here).
-REAL_TOKENIZER_CONFIG = {
-    "n_filters": 32,
-    "D": 256,
-    "codebook_dim": 64,
-    "target_bandwidths": [0.5, 1, 1.5, 2, 4],
-    "ratios": [8, 5, 4, 2, 3],
-    "sample_rate": 24000,
-    "bins": 1024,
-    "n_q": 8,
-    "semantic_techer": "hubert_base_general",
-}
+# The released bosonai/higgs-audio-v2-tokenizer's architecture (weights are random here).
+REAL_TOKENIZER_CONFIG = json.loads(
+    (REPO / "higgs_pipeline" / "models" / "configs" / "higgs_audio_v2_tokenizer_layout.json").read_text()
+)
 
 
 def peak_rss_mb() -> float:

@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The asset chain as the issues define it, in order: tests state it here rather than read it from the code.
+ASSET_CHAIN = (
+    "raw_audio_manifest",
+    "chatml_samples",
+    "tokenized_audio",
+    "train_val_split",
+    "lora_adapter",
+    "adapter_evaluation",
+    "production_adapter",
+)
 os.environ.setdefault("HIGGS_PIPELINE_CACHE", str(Path.home() / ".cache" / "higgs_pipeline"))
 os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT))
 os.environ.setdefault("HIGGS_DAGSTER_STORAGE", str(REPO_ROOT / ".dagster_home" / "storage"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import ASSET_CHAIN
 from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.defs.automation import (
@@ -45,17 +46,8 @@ def retrain_job_def():
 
 
 def test_retrain_job_covers_the_whole_chain(retrain_job_def):
-    chain = [
-        "raw_audio_manifest",
-        "chatml_samples",
-        "tokenized_audio",
-        "train_val_split",
-        "lora_adapter",
-        "adapter_evaluation",
-        "production_adapter",
-    ]
     selected = {key.to_user_string() for key in retrain_job_def.asset_layer.executable_asset_keys}
-    assert set(chain) <= selected
+    assert set(ASSET_CHAIN) <= selected
 
 
 def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_def):

@@ -9,21 +9,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 import pytest
+from conftest import ASSET_CHAIN
 
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.paths import DEMO_MANIFEST
 
 pytestmark = pytest.mark.slow
 
-CHAIN = [
-    "raw_audio_manifest",
-    "chatml_samples",
-    "tokenized_audio",
-    "train_val_split",
-    "lora_adapter",
-    "adapter_evaluation",
-    "production_adapter",
-]
+CHAIN = ASSET_CHAIN
 
 
 def small_corpus(root: Path, per_speaker: int = 2) -> Path:

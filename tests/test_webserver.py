@@ -6,19 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ASSET_CHAIN
 from webserver import CompletedRun, completed_retrain_run
 
 pytestmark = pytest.mark.slow
 
-CHAIN = [
-    "raw_audio_manifest",
-    "chatml_samples",
-    "tokenized_audio",
-    "train_val_split",
-    "lora_adapter",
-    "adapter_evaluation",
-    "production_adapter",
-]
+CHAIN = ASSET_CHAIN
 
 ASSET_GRAPH = """
 { assetNodes { assetKey { path } dependencyKeys { path } groupName } }
