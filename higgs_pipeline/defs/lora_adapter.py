@@ -23,6 +23,7 @@ from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
+from higgs_pipeline.launch.k8s import TRAIN_MODULE, GpuNodeSpec, single_node_pod_spec
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
 from higgs_pipeline.training.config import TrainConfig, profile
@@ -41,8 +42,7 @@ NAMED_OVERRIDES = {
 }
 # Local folder for run directories when the artifact store is remote (default: under the demo/model cache).
 RUNS_ENV = "HIGGS_PIPELINE_RUNS"
-# What a finished run publishes when the artifact store is remote (checkpoints stay on the training node).
-PUBLISHED = ("best_adapter", "last_adapter", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
+K8S_RUNS_DIR = "/tmp/higgs-pipeline-runs"
 
 
 class LoraAdapterConfig(dg.Config):
@@ -63,6 +63,12 @@ class LoraAdapterConfig(dg.Config):
     overrides: list[str] = []
     # Fault injection for tests of retry + resume: the first attempt crashes after this step.
     stop_after_step: int | None = None
+    # "local": torchrun on this machine (PipesSubprocessClient). "k8s": one GPU pod through dagster-k8s'
+    # PipesK8sClient (image with this project installed; needs an s3:// artifact store the pod publishes to).
+    launcher: str = "local"
+    k8s_image: str = ""
+    k8s_namespace: str = "default"
+    k8s_gpus_per_node: int = 8
 
     def profile_name(self, model: str) -> str:
         if self.profile != "auto":
@@ -101,14 +107,19 @@ def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | N
     return staging / run_key, artifacts.path("lora_adapter", run_key)
 
 
-def publish(run_dir: Path, remote: str) -> None:
-    """Copy the run's outputs (not its checkpoints) to the artifact store, file by file."""
-    fs, _ = fsspec.core.url_to_fs(remote)
-    for name in PUBLISHED:
-        source = run_dir / name
-        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
-        for path in files:
-            fs.put_file(str(path), f"{remote}/{path.relative_to(run_dir).as_posix()}")
+def k8s_pod_spec(config: LoraAdapterConfig, train_args: list[str]) -> dict:
+    """The one-pod, all-GPUs spec (launch/k8s.py) for the configured image."""
+    if not config.k8s_image:
+        raise dg.Failure("lora_adapter launcher 'k8s' needs k8s_image: an image with this project installed")
+    node = GpuNodeSpec(image=config.k8s_image, gpus_per_node=config.k8s_gpus_per_node, namespace=config.k8s_namespace)
+    return single_node_pod_spec(node, train_args)
+
+
+def k8s_pipes_client():
+    """dagster-k8s' Pipes client, imported only when used (0.29.27 beside dagster 1.13.28 warns on import)."""
+    from dagster_k8s import PipesK8sClient
+
+    return PipesK8sClient()
 
 
 @dg.asset(
@@ -135,43 +146,67 @@ def lora_adapter(
     except ValueError as error:
         raise dg.Failure(f"lora_adapter config: {error}") from error
     on_gpu = train_config.run.device == "cuda"
-    nproc = config.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
+    if config.launcher not in ("local", "k8s"):
+        raise dg.Failure(f"lora_adapter config launcher: {config.launcher!r} is not 'local' or 'k8s'")
+    on_k8s = config.launcher == "k8s"
+    nproc = (
+        config.k8s_gpus_per_node if on_k8s else config.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
+    )
     code_version = training_code_version()
     inputs = [split[k] for k in ("data_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
     run_key = digest(*inputs, model, json.dumps(train_config.to_dict(), sort_keys=True), str(nproc), code_version)
     run_key = run_key[:16]
     run_dir, remote = run_directory(artifacts, run_key)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if on_k8s:
+        if remote is None:
+            raise dg.Failure(
+                f"lora_adapter launcher 'k8s' needs an artifact store the pod can write to (s3://...), "
+                f"not {artifacts.root}: set the artifacts resource's root"
+            )
+        run_dir = Path(K8S_RUNS_DIR) / run_key  # the pod's own disk; its outputs are published to `remote`
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
     demo = loading.describe(model) != model
     if demo:
         context.log.warning(f"Training the {DEMO_NOTE}: its losses say nothing about quality")
     context.log.info(
-        f"{profile_name} profile, {nproc} processes, run directory {run_dir} (attempt {context.retry_number})"
+        f"{profile_name} profile, {nproc} processes ({config.launcher}), run directory {run_dir} "
+        f"(attempt {context.retry_number})"
     )
 
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-    command += ["-m", "higgs_pipeline.training.train", "--resume", "--profile", profile_name, "--model", model]
-    command += ["--samples", split["samples_path"], "--split", split["split_path"]]
-    command += ["--token-store", split["token_store_root"], "--tokenizer-id", split["tokenizer"]]
-    command += ["--output-dir", str(run_dir)]
-    command += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    train_args = ["--resume", "--profile", profile_name, "--model", model]
+    train_args += ["--samples", split["samples_path"], "--split", split["split_path"]]
+    train_args += ["--token-store", split["token_store_root"], "--tokenizer-id", split["tokenizer"]]
+    train_args += ["--output-dir", str(run_dir)]
+    train_args += [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    if remote is not None:
+        train_args += ["--publish-to", remote]
     if config.stop_after_step is not None and context.retry_number == 0:
-        command += ["--stop-after-step", str(config.stop_after_step)]
-    invocation = dg.PipesSubprocessClient().run(command=command, context=context, env={"PYTHONUNBUFFERED": "1"})
+        train_args += ["--stop-after-step", str(config.stop_after_step)]
+    if on_k8s:
+        invocation = k8s_pipes_client().run(
+            context=context,
+            namespace=config.k8s_namespace,
+            base_pod_spec=k8s_pod_spec(config, train_args),
+            env={"PYTHONUNBUFFERED": "1"},
+        )
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+        command += ["-m", TRAIN_MODULE, *train_args]
+        invocation = dg.PipesSubprocessClient().run(command=command, context=context, env={"PYTHONUNBUFFERED": "1"})
     reported = invocation.get_materialize_result()
 
-    metrics_path = str(run_dir / "metrics.jsonl")
+    metrics_path = f"{remote}/metrics.jsonl" if remote is not None else str(run_dir / "metrics.jsonl")
     rows = read_metrics(metrics_path)
     title = f"lora_adapter {run_key}" + (f" ({DEMO_NOTE})" if demo else "")
     paths = {}
     if remote is not None:
-        publish(run_dir, remote)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        best = "best_adapter" if summary["adapter_path"].endswith("best_adapter") else "last_adapter"
+        # The trainer published its outputs; point the metadata at the published copies.
+        best = Path(str(reported.metadata["adapter_path"].value)).name
         paths = {
             "adapter_path": dg.MetadataValue.path(f"{remote}/{best}"),
             "last_adapter_path": dg.MetadataValue.path(f"{remote}/last_adapter"),
-            "metrics_path": dg.MetadataValue.path(f"{remote}/metrics.jsonl"),
+            "metrics_path": dg.MetadataValue.path(metrics_path),
             "run_dir": dg.MetadataValue.path(remote),
         }
     return dg.MaterializeResult(

@@ -16,10 +16,23 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 
 CHECKPOINTS = "checkpoints"
+# What a finished run publishes to a remote artifact store (checkpoints stay where training ran).
+PUBLISHED = ("best_adapter", "last_adapter", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
+
+
+def publish(run_dir: Path, remote: str) -> None:
+    """Copy the run's outputs (not its checkpoints) to `remote` (any fsspec URL), file by file."""
+    fs, _ = fsspec.core.url_to_fs(remote)
+    for name in PUBLISHED:
+        source = run_dir / name
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+        for path in files:
+            fs.put_file(str(path), f"{remote}/{path.relative_to(run_dir).as_posix()}")
 
 
 def rng_state() -> dict[str, Any]:

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", default="demo", help="demo | 8xgpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint, if any")
+    parser.add_argument(
+        "--publish-to", default=None, help="fsspec URL (e.g. s3://...) rank 0 copies the finished run's outputs to"
+    )
     parser.add_argument("--stop-after-step", type=int, default=None, help="debug: crash after this step")
     parser.add_argument(
         "--debug-save-rank-params", action="store_true", help="debug: each rank saves its trainable weights"
@@ -212,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     pipes_context = open_dagster_pipes() if is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process() else None
     with pipes_context or nullcontext() as pipes:
         summary = train(args, pipes)
+        if is_main and args.publish_to:
+            # Where the training node's disk is not the artifact store (a pod, a remote bucket): hand the
+            # outputs over from the node that wrote them.
+            checkpoint.publish(Path(args.output_dir), args.publish_to)
         if pipes is not None:
             pipes.report_asset_materialization(metadata=pipes_metadata(summary))
 
