@@ -57,6 +57,9 @@ def test_small_corpora_still_get_a_validation_sample():
     result = split_samples(one_recording, 0.05)  # both samples share a target: split by sample, with a note
     assert result.is_validation.sum() == 1 and "one target clip" in result.note
     assert split_samples(_index(1).iloc[[0]], 0.05).is_validation.tolist() == [False]
+    # A lone sample trains even when its hash alone would send it to validation (clip 25's does at 5%).
+    lone = _index(1, start=25).iloc[[0]]
+    assert split_samples(lone, 0.05).is_validation.tolist() == [False]
 
 
 def test_speaker_held_out_mode_keeps_speakers_on_one_side():

@@ -7,10 +7,11 @@ A group goes to validation when sha256(group key) mapped to [0, 1) is below `val
 decision depends on nothing but that key, hence the stability.
 
 Small-data guarantees: with two or more groups there is at least one validation group (if the hash gives none,
-the group with the lowest hash is moved) and at least one train group (if the hash gives none, the highest is
-moved back). Those two repairs are the only decisions that can change when data is added, and only for
-corpora so small that the hash alone yields an empty side. A corpus whose samples all share one group (one
-recording) is split by sample id instead, with a warning in the result: a leak is then unavoidable.
+the group with the lowest hash is moved) and, with one or more groups, at least one train group (if the hash
+gives none, the highest is moved back, so a lone sample always trains). Those two repairs are the only decisions
+that can change when data is added, and only for corpora so small that the hash alone yields an empty side. A
+corpus whose samples all share one group (one recording) is split by sample id instead, with a warning in the
+result: a leak is then unavoidable.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode
     validation = position < validation_fraction
     if len(groups) >= 2 and not validation.any():
         validation[np.argmin(position)] = True
-    if len(groups) >= 2 and validation.all():
+    if len(groups) >= 1 and validation.all():  # a lone sample trains: an empty train side cannot train at all
         validation[np.argmax(position)] = False
     return SplitResult(
         is_validation=validation[codes] if len(samples) else np.zeros(0, dtype=bool),
