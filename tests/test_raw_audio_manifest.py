@@ -9,6 +9,8 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pyarrow
+import pyarrow.parquet
 import pytest
 import soundfile
 from audio_factory import (
@@ -238,6 +240,19 @@ def test_jsonl_and_parquet_manifests_read_like_csv(corpus, tmp_path):
     jsonl_reasons = screen_manifest(read_manifest(str(jsonl))).reason_counts()
     assert jsonl_reasons == {"malformed_row": 2, "invalid_utf8": 1}
     assert read_manifest(str(parquet)).rows["id"].tolist()[:2] == ["0", "1"]
+
+
+def test_parquet_integer_column_with_a_null_reads_as_integers(tmp_path):
+    # pandas would make an int column with a null float64: speaker 7 must stay "7" (as in CSV), never "7.0".
+    path = tmp_path / "manifest.parquet"
+    columns = {"audio_path": ["a.wav", "b.wav"], "text": ["one", "two"], "speaker": [7, None], "id": [10, 11]}
+    pd.DataFrame(columns).astype({"speaker": "Int64"}).to_parquet(path)
+    rows = read_manifest(str(path)).rows
+    assert rows["speaker"].tolist() == ["7", ""]
+    assert rows["id"].tolist() == ["10", "11"]
+    # Written without pandas' schema metadata (as pyarrow or Spark do): pandas would read float64, "7.0".
+    pyarrow.parquet.write_table(pyarrow.table({**columns, "speaker": pyarrow.array([7, None], pyarrow.int64())}), path)
+    assert read_manifest(str(path)).rows["speaker"].tolist() == ["7", ""]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
 OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text")
@@ -162,10 +163,15 @@ def _read_jsonl(raw: bytes) -> pd.DataFrame:
 
 
 def _read_parquet(raw: bytes) -> pd.DataFrame:
-    table = pd.read_parquet(io.BytesIO(raw))
-    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text.
-    columns = {name: pd.Series([_as_text(v) for v in table[name]], dtype=object) for name in table.columns}
-    return pd.DataFrame(columns, index=pd.RangeIndex(len(table))).assign(read_error="")
+    table = pq.read_table(io.BytesIO(raw))
+    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
+    # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
+    # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
+    columns = {
+        name: pd.Series([_as_text(v) for v in table.column(i).to_pylist()], dtype=object)
+        for i, name in enumerate(table.column_names)
+    }
+    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows)).assign(read_error="")
 
 
 def _as_text(value: object) -> str:
