@@ -11,7 +11,7 @@ import fsspec
 import pandas as pd
 import pytest
 import torch
-from audio_factory import Row, materialize, metadata_of, speech, speech_corpus, write_csv_manifest
+from audio_factory import Row, failure_message, materialize, metadata_of, speech, speech_corpus, write_csv_manifest
 from boson_multimodal.data_types import AudioContent, TextContent
 from boson_multimodal.model.higgs_audio import HiggsAudioConfig
 
@@ -181,3 +181,15 @@ def test_unknown_sample_kind_fails_the_asset(built, tmp_path):
     only_tts = materialize(ASSETS[:3], tmp_path, instance, {"chatml_samples": {"kinds": ["tts"]}})
     meta = metadata_of(only_tts, "chatml_samples")
     assert (meta["samples_tts"], meta["samples_voice_clone"]) == (meta["samples"], 0)
+
+
+def test_no_samples_at_all_fails_with_a_clear_message(tmp_path):
+    """voice_clone only, and every speaker has one clip: nothing to train on is an error, not an empty success."""
+    rows = speech_corpus(tmp_path / "corpus", 2, speakers=("Ann", "Ben"))
+    manifest = write_csv_manifest(tmp_path / "corpus" / "manifest.csv", rows)
+    config = {"raw_audio_manifest": {"manifest_path": str(manifest)}, "chatml_samples": {"kinds": ["voice_clone"]}}
+    result = materialize(
+        ASSETS[:3], tmp_path / "artifacts", dg.DagsterInstance.ephemeral(), config, raise_on_error=False
+    )
+    assert not result.success
+    assert "built no samples" in failure_message(result) and "voice_clone" in failure_message(result)

@@ -47,6 +47,11 @@ def chatml_samples(
         )
     speaker_ids, speaker_map = normalize_speakers(accepted["speaker"], config.case_sensitive_speakers)
     plan = plan_samples(accepted, speaker_ids, kinds)
+    if plan.empty:
+        raise dg.Failure(
+            f"chatml_samples built no samples from {len(accepted)} accepted rows with kinds {list(kinds)}: "
+            "voice_clone needs a speaker with two or more distinct clips (or a ref_audio_path); add 'tts' to kinds"
+        )
     clips = clip_table(accepted, plan)
 
     version = digest(manifest["accepted_path"], manifest["data_version"], config.model_dump_json())[:16]
