@@ -76,6 +76,13 @@ def read_split(path: str) -> dict[str, list[str]]:
     return split
 
 
+def is_local(url: str) -> bool:
+    """True when `url` (a path or any fsspec URL) is on this machine's own file system."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
 def tokenizer_slug(tokenizer_id: str) -> str:
     """A folder name for a tokenizer id: codes from different tokenizers never mix."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", tokenizer_id).strip("_")

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import fsspec
 import torch
 
 import higgs_pipeline.training as training_package
 from higgs_pipeline.data.hashing import digest, digest_of_lines
+from higgs_pipeline.data.records import is_local
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
@@ -99,9 +99,7 @@ def training_code_version() -> str:
 def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | None]:
     """(local run dir, remote folder to publish to or None). Training writes locally: checkpoints are renamed
     into place atomically, which object stores cannot do."""
-    fs, _ = fsspec.core.url_to_fs(artifacts.root)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "file" in protocols:
+    if is_local(artifacts.root):
         return Path(artifacts.path("lora_adapter", run_key)), None
     staging = Path(os.environ.get(RUNS_ENV, cache_root() / "lora_adapter"))
     return staging / run_key, artifacts.path("lora_adapter", run_key)

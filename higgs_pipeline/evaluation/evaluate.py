@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import fsspec
 import torch
 
-from higgs_pipeline.data.records import SampleRecord, TokenStore, read_records, read_split
+from higgs_pipeline.data.records import SampleRecord, TokenStore, is_local
+from higgs_pipeline.training.data import load_split
 from higgs_pipeline.training.objective import LossSums, loss_sums
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
 
@@ -64,18 +65,10 @@ class LossComparison:
 
 def validation_records(samples_path: str, split_path: str) -> list[SampleRecord]:
     """The validation records in the split file's order (a fixed order: every evaluation sees the same batches)."""
-    ids = read_split(split_path)["validation"]
-    if not ids:
+    records = load_split(samples_path, split_path)[1]
+    if not records:
         raise ValueError(f"split {split_path}: the validation split is empty; re-materialize train_val_split")
-    wanted = set(ids)
-    by_id = {record.sample_id: record for record in read_records(samples_path) if record.sample_id in wanted}
-    missing = [sample_id for sample_id in ids if sample_id not in by_id]
-    if missing:
-        raise ValueError(
-            f"split {split_path}: {len(missing)} validation ids are not in {samples_path} (first: {missing[:3]}); "
-            "re-materialize train_val_split from the current chatml_samples"
-        )
-    return [by_id[sample_id] for sample_id in ids]
+    return records
 
 
 @torch.no_grad()
@@ -159,10 +152,9 @@ def promotion_blockers(numbers: dict) -> list[str]:
 def local_folder(path: str, scratch: str) -> str:
     """`path` itself when it is on this machine; else a copy under `scratch` (PEFT and the serve engine read
     local folders only)."""
+    if is_local(path):
+        return fsspec.core.url_to_fs(path)[1]
     fs, root = fsspec.core.url_to_fs(path)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    if "file" in protocols:
-        return root
     target = os.path.join(scratch, os.path.basename(root.rstrip("/")))
     fs.get(root.rstrip("/") + "/", target + "/", recursive=True)
     return target
