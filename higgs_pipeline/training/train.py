@@ -35,6 +35,7 @@ from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from higgs_pipeline.launch.pipes_messages import pipes_message_writer
 from higgs_pipeline.models import loading
 from higgs_pipeline.training import checkpoint
 from higgs_pipeline.training.config import OptimSettings, TrainConfig, parse_overrides, profile
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     is_main = int(os.environ.get("RANK", 0)) == 0
-    pipes_context = open_dagster_pipes() if is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process() else None
+    launched_by_pipes = is_main and PipesEnvVarParamsLoader().is_dagster_pipes_process()
+    pipes_context = open_dagster_pipes(message_writer=pipes_message_writer()) if launched_by_pipes else None
     with pipes_context or nullcontext() as pipes:
         summary = train(args, pipes)
         if is_main and args.publish_to:
