@@ -82,6 +82,57 @@ def test_length_buckets_reduce_padding():
     assert efficiency(1) < 0.8 and efficiency(16) > 0.95
 
 
+def _padded(lengths: list[int], batch: list[int]) -> int:
+    return max(lengths[i] for i in batch) * len(batch)
+
+
+def test_token_budget_batches_fit_the_budget_cover_the_epoch_and_agree_across_ranks():
+    rng = random.Random(3)
+    lengths = [rng.choice([rng.randint(40, 120), rng.randint(300, 900)]) for _ in range(101)] + [1500]
+    budget, cap = 1024, 12
+    options = {"seed": 5, "bucket_batches": 4, "max_tokens": budget}
+    ranks = [DistributedLengthBucketSampler(lengths, cap, 2, r, **options) for r in range(2)]
+    assert ranks[0].over_budget() == 1  # the 1500-position sample
+    for epoch in (0, 1):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shares = [list(sampler) for sampler in ranks]
+        assert len(shares[0]) == len(shares[1]) == len(ranks[0]) > 0
+        for batch in shares[0] + shares[1]:
+            assert len(batch) <= cap
+            assert _padded(lengths, batch) <= budget or batch == [len(lengths) - 1]
+        covered = [i for share in shares for batch in share for i in batch]
+        assert set(covered) == set(range(len(lengths)))
+        # Only the wrap-around (at most one device batch) repeats samples.
+        assert len(covered) - len(lengths) <= cap
+        assert ranks[0].global_batches() == [a + b for a, b in zip(*shares, strict=True)]
+    # Short samples travel in bigger batches than long ones.
+    sizes = {i: len(batch) for share in shares for batch in share for i in batch}
+    short = [sizes[i] for i, n in enumerate(lengths) if n <= 120]
+    long = [sizes[i] for i, n in enumerate(lengths) if 300 <= n <= 900]
+    assert sum(short) / len(short) > 2 * sum(long) / len(long)
+    ranks[0].set_epoch(1, start=3)
+    assert list(ranks[0]) == shares[0][3:]
+
+
+def test_token_budget_needs_fewer_batches_than_a_fixed_size_that_fits_the_same_memory():
+    """The budget's point: a fixed batch size must fit its longest samples, so short ones run in tiny batches."""
+    rng = random.Random(11)
+    lengths = [rng.randint(30, 600) for _ in range(512)]
+    budget = 2400
+    fixed_size = budget // max(lengths)  # the largest fixed batch whose worst case fits the same positions
+    fixed = list(DistributedLengthBucketSampler(lengths, fixed_size, seed=0, bucket_batches=16))
+    budgeted = list(DistributedLengthBucketSampler(lengths, 64, seed=0, bucket_batches=16, max_tokens=budget))
+    assert max(_padded(lengths, b) for b in budgeted) <= budget
+    assert len(budgeted) < 0.6 * len(fixed)
+    assert sorted(i for b in budgeted for i in b) == list(range(len(lengths)))  # one process: no wrap-around
+
+
+def test_token_budget_must_not_be_negative():
+    with pytest.raises(ValueError, match="max_tokens"):
+        DistributedLengthBucketSampler([10, 20], 2, max_tokens=-1)
+
+
 def test_validation_shards_cover_the_split_once():
     lengths = [5, 9, 1, 7, 3]
     shards = [validation_batches(lengths, 2, 2, rank) for rank in range(2)]

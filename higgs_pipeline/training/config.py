@@ -48,6 +48,9 @@ class BatchSettings:
     grad_accum_steps: int = 8
     # Samples of this many global micro-batches are sorted by length together: less padding, still shuffled.
     bucket_batches: int = 32
+    # Token budget per device batch (padded positions, longest sample x samples); 0 = always
+    # per_device_batch_size samples. With a budget, per_device_batch_size is the cap on samples per batch.
+    max_tokens_per_device: int = 0
     validation_batch_size: int = 4
     num_workers: int = 4
     pin_memory: bool = True
@@ -87,6 +90,7 @@ class TrainConfig:
             "batch.per_device_batch_size": (self.batch.per_device_batch_size > 0, "a positive integer"),
             "batch.grad_accum_steps": (self.batch.grad_accum_steps > 0, "a positive integer"),
             "batch.bucket_batches": (self.batch.bucket_batches > 0, "a positive integer"),
+            "batch.max_tokens_per_device": (self.batch.max_tokens_per_device >= 0, "0 (off) or a positive integer"),
         }
         bad = [f"{key} must be {rule}" for key, (ok, rule) in checks.items() if not ok]
         if self.run.backend == "nccl" and self.run.device == "cpu":

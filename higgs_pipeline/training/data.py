@@ -7,6 +7,13 @@ rank r takes every world-size-th sample of each, so:
   1 process x batch 2b sees, which makes the DDP equivalence test exact.
 torch's DistributedSampler shards before batching, so it can give neither; this sampler keeps its interface
 (`set_epoch`, a fixed number of batches per rank, wrap-around padding) and adds a resume position.
+
+With a token budget (`max_tokens` > 0) a device batch holds as many samples of a bucket as fit in
+`max_tokens` padded positions (its longest sample x its size), up to `batch_size`: short samples travel in large
+batches, long ones in small, so a step's work (and memory) is even and padding stays low. Consecutive device
+batches of a bucket form one global micro-batch, one per rank (neighbours in length, so no rank waits long).
+The exact 1-vs-N-process equivalence above is then traded for throughput; the loss stays a token-weighted mean
+over the accumulation window (objective.LabelCounts), so unequal batch sizes are weighted correctly.
 """
 
 from __future__ import annotations
@@ -103,40 +110,87 @@ class DistributedLengthBucketSampler(Sampler[list[int]]):
         rank: int = 0,
         seed: int = 0,
         bucket_batches: int = 1,
+        max_tokens: int = 0,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be 0 (no token budget) or positive, got {max_tokens}")
         self.lengths = torch.as_tensor(list(lengths))
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
-        self.seed, self.bucket_batches = seed, bucket_batches
+        self.seed, self.bucket_batches, self.max_tokens = seed, bucket_batches, max_tokens
         self.epoch, self.start = 0, 0
+        self._plan: tuple[int, list[list[list[int]]]] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's shuffle and skip its first `start` batches (resume)."""
         self.epoch, self.start = epoch, start
 
-    def global_batches(self) -> list[list[int]]:
+    def over_budget(self) -> int:
+        """Samples longer than the token budget: each trains alone, over the budget (0 without a budget)."""
+        return int((self.lengths > self.max_tokens).sum()) if self.max_tokens else 0
+
+    def plan(self) -> list[list[list[int]]]:
+        """The epoch's global micro-batches, each a list of one index list per rank (cached per epoch)."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._make_plan())
+        return self._plan[1]
+
+    def _make_plan(self) -> list[list[list[int]]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
         global_size = self.batch_size * self.num_replicas
-        # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
-        padded = -(-len(order) // global_size) * global_size
-        order = order.repeat(-(-padded // len(order)))[:padded]
-        batches = []
         bucket = global_size * self.bucket_batches
-        for begin in range(0, padded, bucket):
-            chunk = order[begin : begin + bucket]
-            chunk = chunk[torch.argsort(-self.lengths[chunk], stable=True)]
-            batches += [chunk[i : i + global_size].tolist() for i in range(0, len(chunk), global_size)]
+        if self.max_tokens:
+            device_batches = []
+            for begin in range(0, len(order), bucket):
+                device_batches += self._budget_batches(order[begin : begin + bucket])
+            # Wrap around (whole device batches) so every rank gets the same number of batches.
+            padded = -(-len(device_batches) // self.num_replicas) * self.num_replicas
+            device_batches += device_batches[: padded - len(device_batches)]
+            batches = [device_batches[i : i + self.num_replicas] for i in range(0, padded, self.num_replicas)]
+        else:
+            # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
+            padded = -(-len(order) // global_size) * global_size
+            order = order.repeat(-(-padded // len(order)))[:padded]
+            batches = []
+            for begin in range(0, padded, bucket):
+                chunk = self._longest_first(order[begin : begin + bucket])
+                for i in range(0, len(chunk), global_size):
+                    whole = chunk[i : i + global_size]
+                    batches.append([whole[r :: self.num_replicas] for r in range(self.num_replicas)])
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
 
+    def _longest_first(self, chunk: torch.Tensor) -> list[int]:
+        return chunk[torch.argsort(-self.lengths[chunk], stable=True)].tolist()
+
+    def _budget_batches(self, chunk: torch.Tensor) -> list[list[int]]:
+        """Longest first, a batch closes when one more sample would pass the budget or the sample cap."""
+        batches: list[list[int]] = []
+        for index in self._longest_first(chunk):
+            current = batches[-1] if batches else None
+            # Sorted longest first: the batch's first sample sets its padded length.
+            if (
+                current is None
+                or len(current) >= self.batch_size
+                or (len(current) + 1) * int(self.lengths[current[0]]) > self.max_tokens
+            ):
+                batches.append([index])
+            else:
+                current.append(index)
+        return batches
+
+    def global_batches(self) -> list[list[int]]:
+        """Each global micro-batch as one flat index list (rank 0's share first)."""
+        return [[i for share in batch for i in share] for batch in self.plan()]
+
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches()[self.start :]:
-            yield batch[self.rank :: self.num_replicas]
+        for batch in self.plan()[self.start :]:
+            yield batch[self.rank]
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // (self.batch_size * self.num_replicas)) - self.start
+        return len(self.plan()) - self.start
 
 
 def validation_batches(

@@ -287,6 +287,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
         env.rank,
         seed=run.seed,
         bucket_batches=batch_settings.bucket_batches,
+        max_tokens=batch_settings.max_tokens_per_device,
     )
     loader_options = {
         "num_workers": batch_settings.num_workers,
@@ -339,8 +340,15 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     reporter.info(
         f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: base model "
         f"{loading.describe(args.model)}, {env.world_size} x {run.device} ({run.backend}, {run.precision}), "
-        f"effective batch {effective_batch}, {len(train_set)} train / {len(validation_set)} validation samples"
+        f"effective batch {'up to ' * bool(batch_settings.max_tokens_per_device)}{effective_batch}, "
+        f"{len(train_set)} train / {len(validation_set)} validation samples"
     )
+    if batch_settings.max_tokens_per_device:
+        reporter.info(
+            f"token budget {batch_settings.max_tokens_per_device} padded positions per device batch (at most "
+            f"{batch_settings.per_device_batch_size} samples): {len(sampler)} micro-batches per rank in epoch 0"
+            + (f"; {sampler.over_budget()} samples exceed it and train alone" if sampler.over_budget() else "")
+        )
     reporter.info("trainable parameters per group: " + ", ".join(f"{k}={v:,}" for k, v in counts_by_group.items()))
 
     stream = micro_batches(loader, sampler, state["epoch"], state["position"])
@@ -350,6 +358,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     run_tokens = torch.zeros(2, dtype=torch.float64, device=env.device)
     mismatch = torch.zeros((), dtype=torch.bool, device=env.device)
     interval_seconds = train_seconds = 0.0
+    interval_steps = 0
     last_train: dict[str, float] = {}
     validation_result: dict[str, float] = {}
     while step < optim.max_steps:
@@ -383,6 +392,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
         if cuda:
             torch.cuda.synchronize(env.device)
         interval_seconds += time.perf_counter() - started
+        interval_steps += 1
         if reporter.progress is not None:
             reporter.progress.update(1)
 
@@ -407,6 +417,8 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
                 "grad_norm": float(grad_norm),
                 "tokens_per_second": tokens / seconds,
                 "samples_per_second": samples / seconds,
+                # Varies from step to step under a token budget (batch.max_tokens_per_device).
+                "samples_per_step": samples / interval_steps,
                 "padding_efficiency": tokens / positions,
                 "memory_gb": memory_gb(env.device),
             }
@@ -415,6 +427,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
                 reporter.progress.set_postfix(loss=f"{record['train_loss']:.4f}", tokens_s=f"{tokens / seconds:.0f}")
             interval.zero_()
             interval_seconds = 0.0
+            interval_steps = 0
 
         if len(validation_set) and (step % run.eval_every == 0 or step == optim.max_steps):
             means = evaluate(module, validation_loader, env.device, codebooks).means(
