@@ -10,12 +10,19 @@ The training entry point is the same everywhere: `torchrun ... -m higgs_pipeline
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 TRAIN_MODULE = "higgs_pipeline.training.train"
 RDZV_PORT = 29400
+# Where the trainer's run directories (checkpoints) live inside a training pod: the pod's own disk, or the
+# runs volume claim when one is mounted there.
+RUNS_DIR = "/tmp/higgs-pipeline-runs"
+# The operator names pods and services `<job>-worker-<index>`; DNS labels allow 63 characters, so the job
+# name keeps room for that suffix.
+JOB_NAME_MAX = 45
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,9 @@ class GpuNodeSpec:
     node_selector: Mapping[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     env_from_secret: str | None = "higgs-pipeline-s3"  # AWS_* credentials for the s3:// artifact store
     env: Mapping[str, str] = field(default_factory=dict)
+    # A ReadWriteMany PersistentVolumeClaim mounted at RUNS_DIR on every pod: checkpoints then outlive a pod, so
+    # a restarted job resumes. Without it every restart starts over (correct, only slower).
+    runs_volume_claim: str | None = None
 
     def __post_init__(self) -> None:
         if self.gpus_per_node < 1:
@@ -76,6 +86,8 @@ def _container(node: GpuNodeSpec, name: str, command: Sequence[str]) -> dict[str
         },
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
     }
+    if node.runs_volume_claim:
+        container["volumeMounts"].append({"name": "runs", "mountPath": RUNS_DIR})
     if node.env_from_secret:
         container["envFrom"] = [{"secretRef": {"name": node.env_from_secret}}]
     return container
@@ -88,6 +100,8 @@ def _pod_spec(node: GpuNodeSpec, container: dict[str, Any], restart_policy: str 
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": node.shared_memory}}],
     }
+    if node.runs_volume_claim:
+        spec["volumes"].append({"name": "runs", "persistentVolumeClaim": {"claimName": node.runs_volume_claim}})
     if restart_policy:
         spec["restartPolicy"] = restart_policy
     if node.service_account:
@@ -99,6 +113,19 @@ def single_node_pod_spec(node: GpuNodeSpec, train_args: Sequence[str]) -> dict[s
     """`base_pod_spec` for `PipesK8sClient.run`: one pod, all its GPUs, torchrun standalone."""
     command = torchrun_command(train_args, nproc_per_node=node.gpus_per_node)
     return _pod_spec(node, _container(node, "train", command))
+
+
+def pytorch_job_name(run_key: str, prefix: str = "higgs-lora") -> str:
+    """A PyTorchJob name for a training run: a valid DNS-1123 label (lowercase letters, digits, '-', starting with
+    a letter) short enough for the operator's `<job>-worker-<index>` pod and service names.
+
+    It is derived from the run key alone, so every attempt at one run uses the same name: the client replaces a
+    leftover job of an earlier attempt instead of running two at once.
+    """
+    name = re.sub(r"[^a-z0-9-]+", "-", f"{prefix}-{run_key}".lower()).strip("-")[:JOB_NAME_MAX].rstrip("-")
+    if not name or not name[0].isalpha():
+        raise ValueError(f"PyTorchJob name {name!r} (from prefix {prefix!r}) must start with a letter")
+    return name
 
 
 def pytorch_job_manifest(node: GpuNodeSpec, train_args: Sequence[str], nodes: int, job_name: str) -> dict[str, Any]:
