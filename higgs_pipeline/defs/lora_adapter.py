@@ -23,7 +23,15 @@ from higgs_pipeline.data.records import is_local
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
-from higgs_pipeline.launch.k8s import TRAIN_MODULE, GpuNodeSpec, single_node_pod_spec
+from higgs_pipeline.launch.k8s import (
+    RUNS_DIR,
+    TRAIN_MODULE,
+    GpuNodeSpec,
+    pytorch_job_manifest,
+    pytorch_job_name,
+    single_node_pod_spec,
+)
+from higgs_pipeline.launch.pytorchjob import PipesPyTorchJobClient, s3_message_reader
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
 from higgs_pipeline.training.config import TrainConfig, profile
@@ -42,7 +50,7 @@ NAMED_OVERRIDES = {
 }
 # Local folder for run directories when the artifact store is remote (default: under the demo/model cache).
 RUNS_ENV = "HIGGS_PIPELINE_RUNS"
-K8S_RUNS_DIR = "/tmp/higgs-pipeline-runs"
+K8S_RUNS_DIR = RUNS_DIR
 
 
 class LoraAdapterConfig(dg.Config):
@@ -69,6 +77,12 @@ class LoraAdapterConfig(dg.Config):
     k8s_image: str = ""
     k8s_namespace: str = "default"
     k8s_gpus_per_node: int = 8
+    # More than 1: a Kubeflow PyTorchJob of this many nodes (training operator installed; s3:// artifact store,
+    # which also carries the Pipes messages). World size k8s_nodes x k8s_gpus_per_node is part of the run key.
+    k8s_nodes: int = 1
+    # A ReadWriteMany PVC mounted at K8S_RUNS_DIR on every training pod, so a restarted pod or a retried step
+    # resumes from the last checkpoint; without it a restarted job starts over.
+    k8s_runs_volume_claim: str | None = None
 
     def profile_name(self, model: str) -> str:
         if self.profile != "auto":
@@ -85,7 +99,9 @@ class LoraAdapterConfig(dg.Config):
         for item in self.overrides:
             key, sep, value = item.partition("=")
             if not sep:
-                raise dg.Failure(f"lora_adapter config overrides: {item!r} is not section.field=value")
+                raise dg.Failure(
+                    f"lora_adapter config overrides: {item!r} is not section.field=value", allow_retries=False
+                )
             values[key.strip()] = value.strip()
         return values
 
@@ -105,12 +121,34 @@ def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | N
     return staging / run_key, artifacts.path("lora_adapter", run_key)
 
 
+def k8s_node(config: LoraAdapterConfig) -> GpuNodeSpec:
+    """What each training pod asks for, from the run config; bad values fail naming the config field (without
+    retries: a retry cannot fix a run config)."""
+    if not config.k8s_image:
+        raise dg.Failure(
+            "lora_adapter launcher 'k8s' needs k8s_image: an image with this project installed", allow_retries=False
+        )
+    if config.k8s_gpus_per_node < 1:
+        raise dg.Failure(
+            f"lora_adapter config k8s_gpus_per_node: must be >= 1, got {config.k8s_gpus_per_node}",
+            allow_retries=False,
+        )
+    return GpuNodeSpec(
+        image=config.k8s_image,
+        gpus_per_node=config.k8s_gpus_per_node,
+        namespace=config.k8s_namespace,
+        runs_volume_claim=config.k8s_runs_volume_claim or None,
+    )
+
+
 def k8s_pod_spec(config: LoraAdapterConfig, train_args: list[str]) -> dict:
     """The one-pod, all-GPUs spec (launch/k8s.py) for the configured image."""
-    if not config.k8s_image:
-        raise dg.Failure("lora_adapter launcher 'k8s' needs k8s_image: an image with this project installed")
-    node = GpuNodeSpec(image=config.k8s_image, gpus_per_node=config.k8s_gpus_per_node, namespace=config.k8s_namespace)
-    return single_node_pod_spec(node, train_args)
+    return single_node_pod_spec(k8s_node(config), train_args)
+
+
+def k8s_pytorch_job(config: LoraAdapterConfig, train_args: list[str], run_key: str) -> dict:
+    """The multi-node PyTorchJob (launch/k8s.py), named after the run key: every attempt at one run has one name."""
+    return pytorch_job_manifest(k8s_node(config), train_args, config.k8s_nodes, pytorch_job_name(run_key))
 
 
 def k8s_pipes_client():
@@ -118,6 +156,11 @@ def k8s_pipes_client():
     from dagster_k8s import PipesK8sClient
 
     return PipesK8sClient()
+
+
+def pytorchjob_client():
+    """The PyTorchJob Pipes client (launch/pytorchjob.py); a function so tests can point it at a stand-in API."""
+    return PipesPyTorchJobClient()
 
 
 @dg.asset(
@@ -142,24 +185,43 @@ def lora_adapter(
     try:
         train_config: TrainConfig = profile(profile_name, settings)
     except ValueError as error:
-        raise dg.Failure(f"lora_adapter config: {error}") from error
+        raise dg.Failure(f"lora_adapter config: {error}", allow_retries=False) from error
     on_gpu = train_config.run.device == "cuda"
     if config.launcher not in ("local", "k8s"):
-        raise dg.Failure(f"lora_adapter config launcher: {config.launcher!r} is not 'local' or 'k8s'")
+        raise dg.Failure(
+            f"lora_adapter config launcher: {config.launcher!r} is not 'local' or 'k8s'", allow_retries=False
+        )
     on_k8s = config.launcher == "k8s"
+    if config.k8s_nodes < 1 or (config.k8s_nodes > 1 and not on_k8s):
+        raise dg.Failure(
+            f"lora_adapter config k8s_nodes: {config.k8s_nodes} is not a node count for launcher "
+            f"{config.launcher!r} (>= 1; more than 1 only with launcher 'k8s')",
+            allow_retries=False,
+        )
+    multi_node = config.k8s_nodes > 1
     nproc = (
         config.k8s_gpus_per_node if on_k8s else config.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
     )
+    # Part of the run key: a checkpoint only resumes under the world size that wrote it (the batch plan
+    # depends on it). One node: world size == nproc, so single-node run keys are what they always were.
+    world_size = config.k8s_nodes * nproc
     code_version = training_code_version()
     inputs = [split[k] for k in ("data_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
-    run_key = digest(*inputs, model, json.dumps(train_config.to_dict(), sort_keys=True), str(nproc), code_version)
+    run_key = digest(*inputs, model, json.dumps(train_config.to_dict(), sort_keys=True), str(world_size), code_version)
     run_key = run_key[:16]
     run_dir, remote = run_directory(artifacts, run_key)
     if on_k8s:
         if remote is None:
             raise dg.Failure(
                 f"lora_adapter launcher 'k8s' needs an artifact store the pod can write to (s3://...), "
-                f"not {artifacts.root}: set the artifacts resource's root"
+                f"not {artifacts.root}: set the artifacts resource's root",
+                allow_retries=False,
+            )
+        if multi_node and not artifacts.root.startswith("s3://"):
+            raise dg.Failure(
+                f"lora_adapter config k8s_nodes={config.k8s_nodes} needs an s3:// artifact store (the Pipes "
+                f"messages travel through it), not {artifacts.root}: set the artifacts resource's root",
+                allow_retries=False,
             )
         run_dir = Path(K8S_RUNS_DIR) / run_key  # the pod's own disk; its outputs are published to `remote`
     else:
@@ -168,7 +230,8 @@ def lora_adapter(
     if demo:
         context.log.warning(f"Training the {DEMO_NOTE}: its losses say nothing about quality")
     context.log.info(
-        f"{profile_name} profile, {nproc} processes ({config.launcher}), run directory {run_dir} "
+        f"{profile_name} profile, {nproc} processes{f' x {config.k8s_nodes} nodes' if multi_node else ''} "
+        f"({config.launcher}), run directory {run_dir} "
         f"(attempt {context.retry_number})"
     )
 
@@ -181,7 +244,14 @@ def lora_adapter(
         train_args += ["--publish-to", remote]
     if config.stop_after_step is not None and context.retry_number == 0:
         train_args += ["--stop-after-step", str(config.stop_after_step)]
-    if on_k8s:
+    if multi_node:
+        invocation = pytorchjob_client().run(
+            context=context,
+            manifest=k8s_pytorch_job(config, train_args, run_key),
+            message_reader=s3_message_reader(f"{remote}/pipes-messages"),
+            env={"PYTHONUNBUFFERED": "1"},
+        )
+    elif on_k8s:
         invocation = k8s_pipes_client().run(
             context=context,
             namespace=config.k8s_namespace,
