@@ -8,7 +8,7 @@ export HIGGS_DAGSTER_COMPUTE_LOGS ?= $(CURDIR)/.dagster_home/compute_logs
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 
-.PHONY: demo test ui lint validate browser-deps
+.PHONY: demo test ui lint validate test-deps
 
 $(UV):
 	python3 -m pip install --user --quiet uv==0.13.9
@@ -26,13 +26,17 @@ ui: .venv/.synced
 	mkdir -p $(HIGGS_DAGSTER_STORAGE) $(HIGGS_DAGSTER_COMPUTE_LOGS)
 	.venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# Debian's chromium for the real-browser UI test (never a downloaded browser); skipped where apt is absent.
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
-		echo "chromium not installed: the browser test will skip"; }
+# Debian packages the tests use: chromium for the real-browser UI test (never a downloaded browser), espeak-ng and
+# sox (with its mp3 format) to generate the speech corpora of the data tests. Installed once where apt is
+# available; elsewhere the tests that need them skip and say why.
+TEST_PACKAGES := chromium espeak-ng sox libsox-fmt-mp3
+test-deps:
+	@command -v chromium >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 && command -v sox >/dev/null 2>&1 \
+		&& sox -h 2>/dev/null | grep -q 'mp3' || { command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; } || \
+		echo "could not install $(TEST_PACKAGES): the tests that need them will skip"; }
 
-test: .venv/.synced browser-deps
+test: .venv/.synced test-deps
 	mkdir -p $(HIGGS_DAGSTER_STORAGE) $(HIGGS_DAGSTER_COMPUTE_LOGS)
 	$(PY) -m pytest -q -ra
 

@@ -3,7 +3,7 @@
 Opens the global asset graph, expands the evaluation group, opens adapter_evaluation, reads its recorded
 losses, opens the embedded loss-curve picture, and follows its lineage back to the manifest. Screenshots go
 to test-artifacts/browser/ (CI keeps them).
-Playwright never downloads a browser here: it drives /usr/bin/chromium (`make browser-deps` installs it).
+Playwright never downloads a browser here: it drives /usr/bin/chromium (`make test-deps` installs it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ LATEST_TOTAL = """
 def chromium() -> str:
     if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
         pytest.skip(
-            "Debian chromium is not installed at /usr/bin/chromium: run `make browser-deps` "
+            "Debian chromium is not installed at /usr/bin/chromium: run `make test-deps` "
             "(apt-get install chromium chromium-driver); Playwright never downloads its own browser here"
         )
     pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
