@@ -51,6 +51,7 @@ BAD_ROWS = {
     "absolute_elsewhere": "path_outside_manifest_dir",
     "bad_reference": "bad_reference",
     "reference_is_target": "bad_reference",
+    "reference_text_alone": "bad_reference",
     "malformed": "malformed_row",
 }
 
@@ -96,6 +97,12 @@ def _bad_rows(root: Path, good: list[Row]) -> list[Row]:
             "Bob",
             {"id": "reference_is_target", "ref_audio_path": good[5].audio_path, "ref_text": "Me."},
         ),  # fmt: skip
+        Row(
+            good[6].audio_path,
+            "A transcript without its clip.",
+            "Bob",
+            {"id": "reference_text_alone", "ref_text": "Hi."},
+        ),
     ]
     return rows
 
@@ -141,7 +148,7 @@ def test_every_row_is_accepted_or_rejected_once(corpus):
     table = {record.data["reason"]: record.data["rows"] for record in meta["reject_reasons"].records}
     assert set(table) == set(REJECT_REASONS)
     assert sum(table.values()) == len(rejected)
-    assert table["truncated"] == 2 and table["path_outside_manifest_dir"] == 2 and table["bad_reference"] == 2
+    assert table["truncated"] == 2 and table["path_outside_manifest_dir"] == 2 and table["bad_reference"] == 3
 
 
 def test_good_clips_are_probed_in_every_format(corpus):
@@ -186,6 +193,7 @@ def test_bad_rows_are_reported_readably(corpus):
     assert "< min_seconds 0.5" in rejected.loc["too_short", "detail"]
     assert "outside" in rejected.loc["escapes_folder", "detail"]
     assert "reference audio missing_file" in rejected.loc["bad_reference", "detail"]
+    assert rejected.loc["reference_text_alone", "detail"] == "ref_text without ref_audio_path"
 
 
 def test_na_and_null_stay_text_and_references_are_kept(corpus):
