@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,30 +26,63 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_torchrun_agents_rendezvous_and_train_in_sync(tmp_path_factory, tmp_path):
-    data = shared_training_fixture(tmp_path_factory)
-    train_args = ["--samples", data.samples_path, "--split", data.split_path, "--token-store", data.token_store_root]
-    train_args += ["--tokenizer-id", data.tokenizer, "--model", "demo", "--profile", "demo"]
-    train_args += [arg for setting in SETTINGS for arg in ("--set", setting)]
-    train_args += ["--output-dir", str(tmp_path / "run"), "--debug-save-rank-params"]
-    command = torchrun_command(
-        train_args, nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id="multinode-test"
-    )
-    assert command[0] == "torchrun"
-    launcher = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
-    agents = [subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = []
+def run_two_agents(data, output_dirs: list[Path], settings: list[str], *extra: str) -> list[tuple[int, str]]:
+    """Two torchrun agents (one process each) at one c10d rendezvous; agent i writes to output_dirs[i]."""
+    endpoint, run_id = f"127.0.0.1:{_free_port()}", f"multinode-{_free_port()}"
+    agents = []
+    for output_dir in output_dirs:
+        train_args = ["--samples", data.samples_path, "--split", data.split_path]
+        train_args += ["--token-store", data.token_store_root, "--tokenizer-id", data.tokenizer]
+        train_args += ["--model", "demo", "--profile", "demo", "--output-dir", str(output_dir), *extra]
+        train_args += [arg for setting in settings for arg in ("--set", setting)]
+        command = torchrun_command(train_args, nproc_per_node=1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id=run_id)
+        assert command[0] == "torchrun"
+        launcher = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+        agents.append(subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
     for agent in agents:
         try:
-            outputs.append(agent.communicate(timeout=300)[0])
+            results.append((agent.communicate(timeout=300)[0], agent))
         finally:
             agent.kill()
-    for agent, output in zip(agents, outputs, strict=True):
-        assert agent.returncode == 0, output[-5000:]
+    return [(agent.returncode, output) for output, agent in results]
 
+
+def test_two_torchrun_agents_rendezvous_and_train_in_sync(tmp_path_factory, tmp_path):
+    data = shared_training_fixture(tmp_path_factory)
     run_dir = tmp_path / "run"
+    for code, output in run_two_agents(data, [run_dir, run_dir], SETTINGS, "--debug-save-rank-params"):
+        assert code == 0, output[-5000:]
+
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     rank0 = torch.load(run_dir / "rank_params" / "rank0.pt")
     rank1 = torch.load(run_dir / "rank_params" / "rank1.pt")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks on the two 'nodes' diverged"
+
+
+def test_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path_factory, tmp_path):
+    """Each 'node' has its own run directory, as pods without a shared volume do: only one of them holds the
+    checkpoints of the crashed run. Every rank follows rank 0's view (resume from its checkpoint, or start
+    fresh when rank 0 is on the empty node), so the ranks stay in step instead of hanging or diverging."""
+    data = shared_training_fixture(tmp_path_factory)
+    settings = ["max_steps=4", "warmup_steps=1", "per_device_batch_size=1", "grad_accum_steps=1", "eval_every=4"]
+    settings.append("checkpoint_every=2")
+    holder, empty = tmp_path / "node-a", tmp_path / "node-b"
+    crashed = run_two_agents(data, [holder, holder], settings, "--stop-after-step", "3")
+    assert all(code != 0 for code, _ in crashed)
+    assert sorted(p.name for p in (holder / "checkpoints").iterdir()) == ["step-00000002"]
+
+    resumed = run_two_agents(data, [holder, empty], settings, "--resume", "--debug-save-rank-params")
+    for code, output in resumed:
+        assert code == 0, output[-5000:]
+    rank0_dir = holder if (holder / "rank_params" / "rank0.pt").exists() else empty
+    rank1_dir = empty if rank0_dir == holder else holder
+    rank0 = torch.load(rank0_dir / "rank_params" / "rank0.pt")
+    rank1 = torch.load(rank1_dir / "rank_params" / "rank1.pt")
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the two 'nodes' diverged"
+    summary = json.loads((rank0_dir / "summary.json").read_text())
+    assert summary["steps"] == 4
+    logs = "".join(output for _, output in resumed)
+    # Rank 0 on the node with the checkpoint resumes at step 2; on the empty node, the run starts over.
+    assert ("resuming at step 2" in logs) == (rank0_dir == holder), logs[-3000:]

@@ -101,15 +101,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, peft_model) -> dict[str, Any]:
-    """Trainable weights back into `peft_model`; returns the rest of the trainer state."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The whole trainer state of checkpoint `path`, trainable weights included (on CPU)."""
     # Our own file: it holds numpy RNG state, which the safe weights-only loader refuses.
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def restore_trainable(state: dict[str, Any], peft_model, source: str) -> dict[str, Any]:
+    """Trainable weights of a read checkpoint back into `peft_model`; returns the rest of the trainer state."""
     parameters = dict(peft_model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(parameters))
     if missing:
-        raise ValueError(f"checkpoint {path}: parameters {missing[:3]} are not in this model; wrong run dir?")
+        raise ValueError(f"checkpoint {source}: parameters {missing[:3]} are not in this model; wrong run dir?")
+    rest = {key: value for key, value in state.items() if key != "trainable"}
     with torch.no_grad():
-        for name, value in state.pop("trainable").items():
+        for name, value in state["trainable"].items():
             parameters[name].copy_(value)
-    return state
+    return rest

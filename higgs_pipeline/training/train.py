@@ -239,6 +239,24 @@ def pipes_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+def resume_decision(args: argparse.Namespace, run_dir: Path, max_steps: int) -> tuple[str, Any]:
+    """Rank 0's view of the run directory: ("fresh", None), ("finished", summary) or ("resume", checkpoint).
+
+    A checkpoint travels whole (trainable weights, optimizer, RNG of every rank), so ranks on other nodes
+    resume from rank 0's disk.
+    """
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        return "fresh", None
+    if not args.resume:
+        raise RuntimeError(f"{run_dir} already has checkpoint {latest.name}: pass --resume or use a new --output-dir")
+    if (run_dir / SUMMARY_FILE).exists():
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        if summary["steps"] >= max_steps:
+            return "finished", summary
+    return "resume", {"path": str(latest), "state": checkpoint.read_checkpoint(latest)}
+
+
 def train(args: argparse.Namespace, pipes: Any = None) -> dict[str, Any]:
     config = profile(args.profile, parse_overrides(args.set))
     env = setup_distributed(config)
@@ -252,14 +270,14 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     run_dir = Path(args.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     optim, batch_settings, run = config.optim, config.batch, config.run
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is not None and not args.resume:
-        raise RuntimeError(f"{run_dir} already has checkpoint {latest.name}: pass --resume or use a new --output-dir")
-    if args.resume and latest is not None and (run_dir / SUMMARY_FILE).exists():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        if summary["steps"] >= optim.max_steps:
-            log.info("run in %s already finished at step %d: nothing to train", run_dir, summary["steps"])
-            return summary
+    # Rank 0 decides and every rank follows: the pods of a multi-node job need not share a disk, and ranks that
+    # each looked at their own would disagree on whether (and from where) to resume.
+    decision: list[Any] = [resume_decision(args, run_dir, optim.max_steps) if env.is_main else None]
+    dist.broadcast_object_list(decision, src=0)
+    kind, resumed = decision[0]
+    if kind == "finished":
+        log.info("run in %s already finished at step %d: nothing to train", run_dir, resumed["steps"])
+        return resumed if env.is_main else {}
 
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
     torch.manual_seed(run.seed)
@@ -305,12 +323,12 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
 
     state: dict[str, Any] = {"epoch": 0, "position": 0, "best_val_loss": math.inf, "best": None}
     start_step = 0
-    if args.resume and latest is not None:
-        saved = checkpoint.load_checkpoint(latest, peft_model)
+    if kind == "resume":
+        saved = checkpoint.restore_trainable(resumed["state"], peft_model, resumed["path"])
         if saved["world_size"] != env.world_size:
             raise RuntimeError(
-                f"{latest} was written by {saved['world_size']} processes; resume with --nproc_per_node="
-                f"{saved['world_size']} (the batch plan and effective batch depend on it)"
+                f"{resumed['path']} was written by {saved['world_size']} processes; resume with the same world size "
+                f"(nodes x --nproc_per_node = {saved['world_size']}): the batch plan and effective batch depend on it"
             )
         if saved["config"] != config.to_dict():
             raise RuntimeError(f"{run_dir} was trained with another config: resume with the same one or a new dir")
