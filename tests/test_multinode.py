@@ -73,6 +73,11 @@ def test_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path_fac
     assert all(code != 0 for code, _ in crashed)
     assert sorted(p.name for p in (holder / "checkpoints").iterdir()) == ["step-00000002"]
 
+    # Without --resume rank 0 refuses, and the rank on the other node hears why instead of waiting in a broadcast.
+    refused = run_two_agents(data, [holder, holder], settings)
+    for code, output in refused:
+        assert code != 0 and "pass --resume" in output, output[-3000:]
+
     resumed = run_two_agents(data, [holder, empty], settings, "--resume", "--debug-save-rank-params")
     for code, output in resumed:
         assert code == 0, output[-5000:]

@@ -149,3 +149,6 @@ def test_token_budget_batches_train_in_sync(data, tmp_path):
     per_step = [m["samples_per_step"] for m in metrics(tmp_path) if "train_loss" in m]
     # 2 ranks x 2 micro-batches of 1..4 samples each: never the fixed 16, and not always the minimum either.
     assert all(4 <= n < 16 for n in per_step) and len(set(per_step)) > 1, per_step
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["token_budget"] == budget and summary["effective_batch_size"] == 16  # the most a step holds
+    assert summary["samples_per_step"] == pytest.approx(sum(per_step) / len(per_step))

@@ -111,8 +111,18 @@ def test_token_budget_batches_fit_the_budget_cover_the_epoch_and_agree_across_ra
     short = [sizes[i] for i, n in enumerate(lengths) if n <= 120]
     long = [sizes[i] for i, n in enumerate(lengths) if 300 <= n <= 900]
     assert sum(short) / len(short) > 2 * sum(long) / len(long)
-    ranks[0].set_epoch(1, start=3)
-    assert list(ranks[0]) == shares[0][3:]
+    resumed = DistributedLengthBucketSampler(lengths, cap, 2, 0, **options)  # a new process: nothing cached
+    resumed.set_epoch(1, start=3)
+    assert list(resumed) == shares[0][3:]
+
+
+@pytest.mark.parametrize("samples, world", [(1, 4), (3, 8), (5, 16), (40, 3)])
+def test_token_budget_gives_every_rank_a_batch_even_when_the_epoch_has_fewer_than_the_world(samples, world):
+    lengths = [100 + 7 * i for i in range(samples)]
+    ranks = [DistributedLengthBucketSampler(lengths, 4, world, r, seed=1, max_tokens=450) for r in range(world)]
+    shares = [list(sampler) for sampler in ranks]
+    assert len({len(share) for share in shares}) == 1 and len(shares[0]) >= 1
+    assert {i for share in shares for batch in share for i in batch} == set(range(samples))
 
 
 def test_token_budget_needs_fewer_batches_than_a_fixed_size_that_fits_the_same_memory():

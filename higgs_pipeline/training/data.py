@@ -11,7 +11,9 @@ torch's DistributedSampler shards before batching, so it can give neither; this 
 With a token budget (`max_tokens` > 0) a device batch holds as many samples of a bucket as fit in
 `max_tokens` padded positions (its longest sample x its size), up to `batch_size`: short samples travel in large
 batches, long ones in small, so a step's work (and memory) is even and padding stays low. Consecutive device
-batches of a bucket form one global micro-batch, one per rank (neighbours in length, so no rank waits long).
+batches of one bucket form one global micro-batch, one per rank (neighbours in length, so no rank waits long);
+device batches that do not fill a whole global batch move on to the next bucket, and only the epoch's last
+remainder wraps around.
 The exact 1-vs-N-process equivalence above is then traded for throughput; the loss stays a token-weighted mean
 over the accumulation window (objective.LabelCounts), so unequal batch sizes are weighted correctly.
 """
@@ -142,13 +144,19 @@ class DistributedLengthBucketSampler(Sampler[list[int]]):
         global_size = self.batch_size * self.num_replicas
         bucket = global_size * self.bucket_batches
         if self.max_tokens:
-            device_batches = []
+            batches, carried = [], torch.zeros(0, dtype=order.dtype)
             for begin in range(0, len(order), bucket):
-                device_batches += self._budget_batches(order[begin : begin + bucket])
-            # Wrap around (whole device batches) so every rank gets the same number of batches.
-            padded = -(-len(device_batches) // self.num_replicas) * self.num_replicas
-            device_batches += device_batches[: padded - len(device_batches)]
-            batches = [device_batches[i : i + self.num_replicas] for i in range(0, padded, self.num_replicas)]
+                device_batches = self._budget_batches(torch.cat([carried, order[begin : begin + bucket]]))
+                # Whole global batches from this bucket only (its ranks' lengths are neighbours); the device batches
+                # left over go back into the next bucket's pool and are sorted with it.
+                whole = len(device_batches) // self.num_replicas * self.num_replicas
+                batches += [device_batches[i : i + self.num_replicas] for i in range(0, whole, self.num_replicas)]
+                carried = torch.as_tensor([i for b in device_batches[whole:] for i in b], dtype=order.dtype)
+            if len(carried):
+                # Wrap around (whole device batches, repeated as often as needed) so every rank gets a batch.
+                rest = self._budget_batches(carried)
+                rest = [rest[i % len(rest)] for i in range(-(-len(rest) // self.num_replicas) * self.num_replicas)]
+                batches += [rest[i : i + self.num_replicas] for i in range(0, len(rest), self.num_replicas)]
         else:
             # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
             padded = -(-len(order) // global_size) * global_size

@@ -272,9 +272,16 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     optim, batch_settings, run = config.optim, config.batch, config.run
     # Rank 0 decides and every rank follows: the pods of a multi-node job need not share a disk, and ranks that
     # each looked at their own would disagree on whether (and from where) to resume.
-    decision: list[Any] = [resume_decision(args, run_dir, optim.max_steps) if env.is_main else None]
+    decision: list[Any] = [None]
+    if env.is_main:
+        try:
+            decision = [resume_decision(args, run_dir, optim.max_steps)]
+        except Exception as error:  # every rank must hear of it, or ranks on other nodes wait in the broadcast
+            decision = [("error", f"{type(error).__name__}: {error}")]
     dist.broadcast_object_list(decision, src=0)
-    kind, resumed = decision[0]
+    kind, resumed = decision.pop()
+    if kind == "error":
+        raise RuntimeError(f"rank 0 could not decide whether to resume: {resumed}")
     if kind == "finished":
         log.info("run in %s already finished at step %d: nothing to train", run_dir, resumed["steps"])
         return resumed if env.is_main else {}
@@ -324,7 +331,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     state: dict[str, Any] = {"epoch": 0, "position": 0, "best_val_loss": math.inf, "best": None}
     start_step = 0
     if kind == "resume":
-        saved = checkpoint.restore_trainable(resumed["state"], peft_model, resumed["path"])
+        saved = checkpoint.restore_trainable(resumed.pop("state"), peft_model, resumed["path"])
         if saved["world_size"] != env.world_size:
             raise RuntimeError(
                 f"{resumed['path']} was written by {saved['world_size']} processes; resume with the same world size "
@@ -337,6 +344,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
         checkpoint.set_rng_state(saved["rng"][env.rank])
         start_step = saved["step"]
         state = {key: saved[key] for key in state}
+        del saved  # the optimizer holds its own copy now; the broadcast one would stay on every rank all run
     else:
         # Dropout differs per rank, like the data does.
         torch.manual_seed(run.seed + env.rank)
@@ -373,7 +381,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     step = start_step
     # Loss sums, then non-pad positions, all positions and samples since the last log line.
     interval = torch.zeros(3 + 3 * codebooks + 3, dtype=torch.float64, device=env.device)
-    run_tokens = torch.zeros(2, dtype=torch.float64, device=env.device)
+    run_tokens = torch.zeros(3, dtype=torch.float64, device=env.device)  # non-pad, all positions, samples
     mismatch = torch.zeros((), dtype=torch.bool, device=env.device)
     interval_seconds = train_seconds = 0.0
     interval_steps = 0
@@ -423,7 +431,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
                 )
             sums = LossSums.from_vector(interval[: 3 + 3 * codebooks].cpu())
             tokens, positions, samples = interval[3 + 3 * codebooks :].tolist()
-            run_tokens += torch.tensor([tokens, positions], dtype=torch.float64, device=env.device)
+            run_tokens += torch.tensor([tokens, positions, samples], dtype=torch.float64, device=env.device)
             train_seconds += interval_seconds
             seconds = interval_seconds
             last_train = prefixed(sums.means(optim.text_weight, optim.audio_weight), "train")
@@ -497,7 +505,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
     if env.is_main:
         last_adapter = checkpoint.save_adapter(peft_model, run_dir / "last_adapter")
         best_adapter = run_dir / "best_adapter"
-        tokens, positions = run_tokens.tolist()
+        tokens, positions, samples = run_tokens.tolist()
         # val_* describe the adapter that is handed on: the best by validation loss.
         best = state["best"] or {}
         summary = {
@@ -512,7 +520,10 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
             "final_val_loss": validation_result.get("val_loss", math.nan),
             "steps": step,
             "world_size": env.world_size,
+            # Under a token budget effective_batch_size is the most a step can hold; samples_per_step is the mean.
             "effective_batch_size": effective_batch,
+            "token_budget": batch_settings.max_tokens_per_device,
+            "samples_per_step": samples / (step - start_step) if step > start_step else math.nan,
             "tokens_per_second": tokens / train_seconds if train_seconds else math.nan,
             "padding_efficiency": tokens / positions if positions else math.nan,
             "trainable_parameters": counts_by_group,
