@@ -35,7 +35,7 @@ from higgs_pipeline.defs import lora_adapter as lora_module
 from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig, k8s_pytorch_job, lora_adapter
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.launch.k8s import RUNS_DIR, GpuNodeSpec, pytorch_job_manifest, pytorch_job_name
-from higgs_pipeline.launch.pytorchjob import PipesPyTorchJobClient, s3_message_reader, with_container_env
+from higgs_pipeline.launch.pytorchjob import RUN_ID_LABEL, PipesPyTorchJobClient, s3_message_reader, with_container_env
 
 BUCKET = "pipes"
 JOBS_PATH = re.compile(r"^/apis/kubeflow\.org/v1/namespaces/([^/]+)/pytorchjobs(?:/([^/?]+))?")
@@ -246,7 +246,7 @@ def test_runs_volume_claim_is_mounted_at_the_runs_dir_on_every_replica():
     [
         ({"launcher": "k8s", "k8s_image": "img", "k8s_nodes": 0}, "s3://b/a", "k8s_nodes"),
         ({"launcher": "local", "k8s_nodes": 2}, "s3://b/a", "k8s_nodes"),
-        ({"launcher": "k8s", "k8s_image": "img", "k8s_nodes": 2}, "memory://artifacts", "s3://"),
+        ({"launcher": "k8s", "k8s_image": "img", "k8s_nodes": 2}, "memory://artifacts", "k8s_nodes=2 needs an s3://"),
         ({"launcher": "k8s", "k8s_nodes": 2}, "s3://b/a", "k8s_image"),
     ],
 )
@@ -305,13 +305,15 @@ def _run_asset(
 
 def test_succeeded_job_is_a_completed_invocation_with_the_masters_messages(standin, bucket: str):
     api = standin(_script_replicas)
-    # A leftover of an earlier attempt under the same name is replaced, not an error.
-    api.jobs["higgs-lora-test"] = {"metadata": {"name": "higgs-lora-test"}, "status": {"conditions": []}}
+    # A leftover of an earlier attempt under the same name (it failed) is replaced, not an error.
+    failed = [{"type": "Failed", "status": "True", "message": "earlier attempt"}]
+    api.jobs["higgs-lora-test"] = {"metadata": {"name": "higgs-lora-test"}, "status": {"conditions": failed}}
     result = _run_asset(api.client(poll_interval=0.2), f"s3://{bucket}/artifacts/lora_adapter/k/pipes-messages", {})
     assert result.success, result.get_step_failure_events()
     metadata = result.asset_materializations_for_node("trained")[0].metadata
     assert metadata["steps"].value == 3
-    assert api.methods()[:3] == ["POST", "DELETE", "GET"] and api.methods().count("POST") == 2
+    assert api.methods()[:4] == ["POST", "GET", "DELETE", "GET"] and api.methods().count("POST") == 2
+    assert api.created[0]["metadata"]["labels"][RUN_ID_LABEL] == result.run_id
     for role in ("Master", "Worker"):
         container = api.created[0]["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]["containers"][0]
         assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= {e["name"] for e in container["env"]}
@@ -355,6 +357,19 @@ def test_cluster_without_the_training_operator_fails_saying_so(standin, bucket: 
     assert not result.success
     error = result.get_step_failure_events()[0].step_failure_data.error
     assert error is not None and "install the Kubeflow training operator" in error.message
+    assert api.methods() == ["POST"], "nothing was created, so nothing is deleted"
+
+
+def test_a_job_another_run_is_still_training_is_left_alone(standin, bucket: str):
+    api = standin(_script_replicas)
+    running = [{"type": "Running", "status": "True", "message": ""}]
+    other = {"name": "higgs-lora-test", "labels": {RUN_ID_LABEL: "another-run"}}
+    api.jobs["higgs-lora-test"] = {"metadata": other, "status": {"conditions": running}}
+    result = _run_asset(api.client(poll_interval=0.2), f"s3://{bucket}/messages", {})
+    assert not result.success
+    error = result.get_step_failure_events()[0].step_failure_data.error
+    assert error is not None and "still Running for Dagster run another-run" in error.message
+    assert "DELETE" not in api.methods() and api.jobs["higgs-lora-test"]["metadata"] == other
 
 
 # --- the asset end to end: two torchrun agents play the Master and Worker pods ---
@@ -410,6 +425,9 @@ def test_lora_adapter_on_two_nodes_through_a_pytorchjob(
     job = api.created[0]
     assert job["metadata"]["name"] == f"higgs-lora-{run_key}"
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    # No restarts inside the job (a restarted rank 0 would renumber its Pipes chunks): Dagster's retry instead.
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 0
+    assert {r["restartPolicy"] for r in job["spec"]["pytorchReplicaSpecs"].values()} == {"Never"}
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"]]
     assert any(k.startswith(f"artifacts/lora_adapter/{run_key}/pipes-messages/") for k in keys)
     assert not api.jobs, "the succeeded job is cleaned up"

@@ -148,7 +148,11 @@ def k8s_pod_spec(config: LoraAdapterConfig, train_args: list[str]) -> dict:
 
 def k8s_pytorch_job(config: LoraAdapterConfig, train_args: list[str], run_key: str) -> dict:
     """The multi-node PyTorchJob (launch/k8s.py), named after the run key: every attempt at one run has one name."""
-    return pytorch_job_manifest(k8s_node(config), train_args, config.k8s_nodes, pytorch_job_name(run_key))
+    # No restarts inside the job: a restarted rank 0 numbers its Pipes message chunks from 1 again, over chunks
+    # already read, so its messages (the materialization too) would be lost. The asset's RetryPolicy retries
+    # instead, with a fresh Pipes session, and resumes from the runs volume's checkpoint.
+    node, name = k8s_node(config), pytorch_job_name(run_key)
+    return pytorch_job_manifest(node, train_args, config.k8s_nodes, name, restart_policy="Never", backoff_limit=0)
 
 
 def k8s_pipes_client():

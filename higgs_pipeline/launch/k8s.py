@@ -128,12 +128,23 @@ def pytorch_job_name(run_key: str, prefix: str = "higgs-lora") -> str:
     return name
 
 
-def pytorch_job_manifest(node: GpuNodeSpec, train_args: Sequence[str], nodes: int, job_name: str) -> dict[str, Any]:
+def pytorch_job_manifest(
+    node: GpuNodeSpec,
+    train_args: Sequence[str],
+    nodes: int,
+    job_name: str,
+    restart_policy: str = "OnFailure",
+    backoff_limit: int = 2,
+) -> dict[str, Any]:
     """A Kubeflow PyTorchJob (kubeflow.org/v1): 1 Master + (nodes-1) Workers, torchrun c10d rendezvous.
 
     The rendezvous endpoint is the master replica's headless service, `<job>-master-0:<port>`, which the
     training operator creates; every pod runs the same torchrun command, so any pod can host the store.
+    The defaults let the operator restart failed pods (resuming from a shared runs volume); a launcher that
+    retries on its own passes "Never" and 0.
     """
+    if restart_policy not in ("OnFailure", "Never", "Always", "ExitCode"):
+        raise ValueError(f"restart_policy {restart_policy!r}: use OnFailure, Never, Always or ExitCode")
     if nodes < 2:
         raise ValueError(f"a PyTorchJob is for 2 or more nodes, got {nodes}: use single_node_pod_spec")
     endpoint = f"{job_name}-master-0:{RDZV_PORT}"
@@ -147,7 +158,7 @@ def pytorch_job_manifest(node: GpuNodeSpec, train_args: Sequence[str], nodes: in
         # The replica's restartPolicy governs its pods; the pod template leaves it unset.
         return {
             "replicas": count,
-            "restartPolicy": "OnFailure",
+            "restartPolicy": restart_policy,
             "template": {"spec": _pod_spec(node, container, restart_policy=None)},
         }
 
@@ -156,7 +167,7 @@ def pytorch_job_manifest(node: GpuNodeSpec, train_args: Sequence[str], nodes: in
         "kind": "PyTorchJob",
         "metadata": {"name": job_name, "namespace": node.namespace, "labels": {"app": "higgs-pipeline"}},
         "spec": {
-            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 2},
+            "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": backoff_limit},
             "pytorchReplicaSpecs": {"Master": replica(1), "Worker": replica(nodes - 1)},
         },
     }

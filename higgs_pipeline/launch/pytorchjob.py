@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER = "pytorch"  # the training operator runs the container of this name in every replica
 DAY = 24 * 3600.0
+# Which Dagster run a job belongs to: a name conflict replaces only this run's own (or an ended) job.
+RUN_ID_LABEL = "higgs-pipeline/dagster-run-id"
+ENDED = ("Succeeded", "Failed")
 
 
 def with_container_env(manifest: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
@@ -160,16 +163,18 @@ class PipesPyTorchJobClient(dg.PipesClient):
             extras=extras,
         ) as session:
             body = with_container_env(manifest, {**session.get_bootstrap_env_vars(), **(env or {})})
-            phase, message = "", ""
+            body["metadata"].setdefault("labels", {})[RUN_ID_LABEL] = context.run_id
+            phase, message, created = "", "", False
             try:
                 self._create(context, api, namespace, name, body)
+                created = True
                 phase, message = self._wait(context, api, namespace, name)
             finally:
                 # A failed job is kept for `kubectl logs` (a retry replaces it); a succeeded one has nothing left
                 # to show; any other way out (interrupt, timeout, API error) must not leave it holding GPUs.
                 if phase == "Succeeded":
                     self._delete(api, namespace, name)
-                elif phase != "Failed":
+                elif created and phase != "Failed":
                     self._delete_unfinished(context, api, namespace, name)
             if phase == "Failed":
                 raise dg.Failure(
@@ -180,7 +185,8 @@ class PipesPyTorchJobClient(dg.PipesClient):
         return dg.PipesClientCompletedInvocation(session)
 
     def _create(self, context: Any, api: Any, namespace: str, name: str, body: dict[str, Any]) -> None:
-        """Create the job; a leftover of an earlier attempt (same name: same run key) is deleted first."""
+        """Create the job. A job of that name (same run key) is replaced when it is this Dagster run's own (an
+        earlier attempt of the step) or has ended; one that another run is still training with is left alone."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -198,7 +204,16 @@ class PipesPyTorchJobClient(dg.PipesClient):
                 ) from error
             if error.status != 409:
                 raise
-            context.log.warning(f"PyTorchJob {namespace}/{name} exists (an earlier attempt): replacing it")
+            existing = self._get(api, namespace, name) or {}
+            owner = ((existing.get("metadata") or {}).get("labels") or {}).get(RUN_ID_LABEL)
+            phase, _ = job_phase(existing)
+            if existing and owner != context.run_id and phase not in ENDED:
+                raise dg.Failure(
+                    f"PyTorchJob {namespace}/{name} is still {phase} for Dagster run {owner or '(unlabelled)'}: the "
+                    f"same data and settings are already training there. Wait for it, or delete the job "
+                    f"(kubectl delete pytorchjob {name} -n {namespace}) to take over."
+                ) from error
+            context.log.warning(f"PyTorchJob {namespace}/{name} exists ({phase}, an earlier attempt): replacing it")
             self._delete(api, namespace, name)
             deadline = time.monotonic() + 300
             while self._get(api, namespace, name) is not None:
