@@ -51,20 +51,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import re
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import _synthetic as synthetic  # benchmarks/ (this script's folder)
 import torch
+from _report import NO_GPU, REPO, command_line, device_name, machine, stamp
+from _report import append_entry as append_to_docs
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -79,10 +77,8 @@ from higgs_pipeline.training.module import HiggsTrainingModule, sums_of
 from higgs_pipeline.training.objective import training_loss
 from higgs_pipeline.training.samples import forward_kwargs, make_collator
 
-REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Training on GPU (real-size architecture)"
 LAYOUT_3B = REPO / "higgs_pipeline" / "models" / "configs" / "higgs_audio_v2_3b_layout.json"
-NO_GPU = "needs a GPU: no CUDA device on this machine"
 # Dense bf16 tensor-core peak (no sparsity) of the GPUs this project is lent: H100 SXM and H200.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0}
 SECTION_INTRO = (
@@ -466,13 +462,23 @@ def compare_naive(args, layout: str, config, settings: TrainConfig, device: torc
             lengths, batch_size, seed=settings.run.seed, bucket_batches=settings.batch.bucket_batches
         )
         batch_options = settings.batch
-        pipeline_loader = make_loader(
-            CachedDataset(specs, hashes, store_root, store_id, config),
-            sampler,
-            collator,
-            num_workers=batch_options.num_workers if cuda else 0,
-            pin_memory=batch_options.pin_memory and cuda,
-        )
+
+        def cached_loader(batch_sampler) -> DataLoader:
+            return make_loader(
+                CachedDataset(specs, hashes, store_root, store_id, config),
+                batch_sampler,
+                collator,
+                num_workers=batch_options.num_workers if cuda else 0,
+                pin_memory=batch_options.pin_memory and cuda,
+            )
+
+        def warm_up(bundle: Bundle, loader: DataLoader) -> None:
+            """A few batches outside the clock: new shapes meet the allocator and kernel autotuning first."""
+            for _, collated in zip(range(max(1, args.warmup)), loader, strict=False):
+                train_step(bundle, collated, device, settings)
+            release(device)  # and the peak-memory count starts from here
+
+        pipeline_loader = cached_loader(sampler)
         # The tokenizer runs on the GPU, which forked workers cannot use: the naive loop loads in the main process.
         naive_loader = DataLoader(
             NaiveDataset(specs, waves, tokenizer, config),
@@ -482,10 +488,11 @@ def compare_naive(args, layout: str, config, settings: TrainConfig, device: torc
             collate_fn=collator,
             num_workers=0,
         )
-        for collated in list(pipeline_loader)[: max(1, args.warmup)]:
-            train_step(bundle, collated, device, settings)
+        warm_up(bundle, pipeline_loader)
         naive = run_epoch(bundle, naive_loader, device, settings)
+        release(device)
         pipeline = run_epoch(bundle, pipeline_loader, device, settings)
+        pipeline["peak_memory_gib"] = peak_memory(device)
         budgeted = None
         if args.token_budget:
             budget_sampler = DistributedLengthBucketSampler(
@@ -495,17 +502,8 @@ def compare_naive(args, layout: str, config, settings: TrainConfig, device: torc
                 bucket_batches=max(1, count // args.budget_cap),
                 max_tokens=args.token_budget,
             )
-            budget_loader = make_loader(
-                CachedDataset(specs, hashes, store_root, store_id, config),
-                budget_sampler,
-                collator,
-                num_workers=batch_options.num_workers if cuda else 0,
-                pin_memory=batch_options.pin_memory and cuda,
-            )
-            # Its shapes are new to the allocator (and to kernels' autotuning): warm them up outside the clock too.
-            for collated in list(budget_loader)[: max(1, args.warmup)]:
-                train_step(bundle, collated, device, settings)
-            release(device)
+            budget_loader = cached_loader(budget_sampler)
+            warm_up(bundle, budget_loader)
             budgeted = run_epoch(bundle, budget_loader, device, settings)
             budgeted.update(batches=len(budget_sampler), peak_memory_gib=peak_memory(device))
     del bundle
@@ -521,12 +519,6 @@ def compare_naive(args, layout: str, config, settings: TrainConfig, device: torc
 
 
 # ---------------------------------------------------------------- report
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {os.cpu_count()} cores"
 
 
 def peak_tflops(args, device: torch.device) -> float | None:
@@ -603,10 +595,10 @@ def naive_table(comparison: dict) -> str:
         )
     lines.append("")
     if budgeted is not None:
-        memory = budgeted["peak_memory_gib"]
+        memory, fixed_memory = budgeted["peak_memory_gib"], pipeline["peak_memory_gib"]
         lines.append(
             f"Token budget vs fixed batches: **{pipeline['seconds'] / budgeted['seconds']:.2f}x** per epoch"
-            + (f", peak GPU memory {memory:.1f} GiB." if memory is not None else ".")
+            + (f"; peak GPU memory {memory:.1f} GiB vs {fixed_memory:.1f} GiB." if memory is not None else ".")
         )
     lines.append(
         f"Epoch speed-up (naive / pipeline, {comparison['samples']} samples): "
@@ -617,39 +609,12 @@ def naive_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
-    cpu = "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    return f"{device_name(device)}; host {cpu} ({os.cpu_count()} cores), {platform.system()}, torch {torch.__version__}"
-
-
-def command_line() -> str:
-    """The command as run from the repository root (`.venv/bin/python ...` here, `python ...` on a GPU node)."""
-    executable = Path(sys.executable)
-    python = str(executable.relative_to(REPO)) if executable.is_relative_to(REPO) else "python"
-    return shlex.join([python, "benchmarks/bench_train_gpu.py", *sys.argv[1:]])
+def command() -> str:
+    return command_line("benchmarks/bench_train_gpu.py")
 
 
 def append_entry(entry: str) -> None:
-    """Append to this benchmark's section of docs/benchmarks.md (other sections belong to other benchmarks)."""
-    path = REPO / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{SECTION_INTRO}\n\n{entry.strip()}\n"
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        head, tail = (text, "") if end < 0 else (text[:end], text[end:])
-        text = f"{head.rstrip()}\n\n{entry.strip()}\n{tail}"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n")
-
-
-def stamp() -> str:
-    return f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    append_to_docs(SECTION, SECTION_INTRO, entry)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_docs:
             device = torch.device("cpu")
             append_entry(
-                f"### {stamp()}: not run ({NO_GPU})\n\n- machine: {machine(device)}\n- command: `{command_line()}`\n"
+                f"### {stamp()}: not run ({NO_GPU})\n\n- machine: {machine(device)}\n- command: `{command()}`\n"
                 f"- result: none; run it on a GPU node (see the script's docstring)."
             )
         return 0
@@ -706,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             title = f"smoke run of the DEMO model on {device_name(device)} (not performance numbers)"
         append_entry(
             f"### {stamp()}: {title}\n\n- model: {what}; LoRA as the `8xgpu` profile; {args.steps} timed steps after "
-            f"{args.warmup} warm-up\n- machine: {machine(device)}\n- command: `{command_line()}`\n\n{text}\n"
+            f"{args.warmup} warm-up\n- machine: {machine(device)}\n- command: `{command()}`\n\n{text}\n"
         )
     return 0
 

@@ -163,7 +163,7 @@ class PipesPyTorchJobClient(dg.PipesClient):
             extras=extras,
         ) as session:
             body = with_container_env(manifest, {**session.get_bootstrap_env_vars(), **(env or {})})
-            body["metadata"].setdefault("labels", {})[RUN_ID_LABEL] = context.run_id
+            body["metadata"].setdefault("labels", {})[RUN_ID_LABEL] = context.run.run_id
             phase, message, created = "", "", False
             try:
                 self._create(context, api, namespace, name, body)
@@ -207,7 +207,7 @@ class PipesPyTorchJobClient(dg.PipesClient):
             existing = self._get(api, namespace, name) or {}
             owner = ((existing.get("metadata") or {}).get("labels") or {}).get(RUN_ID_LABEL)
             phase, _ = job_phase(existing)
-            if existing and owner != context.run_id and phase not in ENDED:
+            if existing and owner != context.run.run_id and phase not in ENDED:
                 raise dg.Failure(
                     f"PyTorchJob {namespace}/{name} is still {phase} for Dagster run {owner or '(unlabelled)'}: the "
                     f"same data and settings are already training there. Wait for it, or delete the job "
