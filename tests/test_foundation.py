@@ -14,7 +14,7 @@ from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 from conftest import REPO_ROOT
 
 from higgs_pipeline.data.audio_io import decode
-from higgs_pipeline.models.demo import DEMO_NOTE, demo_checkpoints, is_demo
+from higgs_pipeline.models.demo import DEMO_NOTE, demo_checkpoints, is_demo, model_config
 from higgs_pipeline.paths import DEMO_MANIFEST
 from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, forward_kwargs, make_collator
 
@@ -80,6 +80,21 @@ def test_text_tokenizer_has_special_tokens(text_tokenizer, demo_model):
         assert len(text_tokenizer.encode(token, add_special_tokens=False)) == 1
     text = "Ünïcode and plain words survive a round trip."
     assert text_tokenizer.decode(text_tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_real_size_smoke_config_keeps_the_3b_shapes_and_takes_ids_from_the_tokenizer(text_tokenizer):
+    """benchmarks/smoke_8xgpu.py's checkpoint: the 3B layout's shapes (embedding rows included), its special
+    tokens pointing into the demo tokenizer, and labelled as random weights."""
+    layout = json.loads((REPO_ROOT / "higgs_pipeline/models/configs/higgs_audio_v2_3b_layout.json").read_text())
+    config = model_config("higgs_audio_v2_3b_layout.json", text_tokenizer, keep_vocab_size=True)
+    assert config.text_config.vocab_size == layout["text_config"]["vocab_size"] == 128256
+    assert config.text_config.hidden_size == layout["text_config"]["hidden_size"]
+    assert config.text_config.num_hidden_layers == layout["text_config"]["num_hidden_layers"]
+    assert config.audio_dual_ffn_layers == layout["audio_dual_ffn_layers"]
+    assert config.audio_out_token_idx == text_tokenizer.convert_tokens_to_ids("<|AUDIO_OUT|>") < len(text_tokenizer)
+    assert config.demo_model_note == DEMO_NOTE
+    small = model_config("higgs_audio_v2_3b_layout.json", text_tokenizer)
+    assert small.text_config.vocab_size == len(text_tokenizer)
 
 
 def _demo_clip(index: int = 0) -> tuple[torch.Tensor, int]:

@@ -142,14 +142,20 @@ def _write_marker(folder: Path, what: str) -> None:
     (folder / DEMO_MARKER).write_text(json.dumps({"note": DEMO_NOTE, "what": what, "seed": DEMO_SEED}) + "\n")
 
 
-def _build_model(target: Path, tokenizer) -> None:
-    from boson_multimodal.model.higgs_audio import HiggsAudioConfig, HiggsAudioModel
+def model_config(spec_name: str, tokenizer, keep_vocab_size: bool = False):
+    """HiggsAudioConfig from a committed config, its token ids taken from `tokenizer`.
 
-    spec = json.loads((CONFIG_DIR / "tiny_higgs_audio.json").read_text())
+    `keep_vocab_size` keeps the spec's text vocabulary (e.g. the 3B layout's 128,256 rows) instead of the
+    tokenizer's: the embedding and text head then have the real shapes, and the tokenizer's ids all fit.
+    """
+    from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+    spec = json.loads((CONFIG_DIR / spec_name).read_text())
     spec.pop("_comment", None)
     ids = tokenizer.convert_tokens_to_ids
+    vocab_size = max(len(tokenizer), spec["text_config"].get("vocab_size", 0)) if keep_vocab_size else len(tokenizer)
     spec["text_config"].update(
-        vocab_size=len(tokenizer), bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>")
+        vocab_size=vocab_size, bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<|end_of_text|>")
     )
     spec.update(
         audio_in_token_idx=ids("<|AUDIO|>"),
@@ -162,13 +168,39 @@ def _build_model(target: Path, tokenizer) -> None:
     spec["audio_encoder_config"]["pad_token_id"] = spec["pad_token_id"]
     config = HiggsAudioConfig(**spec)
     assert config.pad_token_id < config.text_config.vocab_size
+    return config
+
+
+def build_random_checkpoint(
+    target: Path,
+    spec_name: str,
+    tokenizer,
+    what: str,
+    keep_vocab_size: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """A HiggsAudioModel with random weights + `tokenizer`, saved like a released checkpoint and marked DEMO.
+
+    Built on `device` in `dtype` (a real-size layout is made on the GPU in bf16: no 23 GB fp32 detour through
+    host memory) and renamed into place only when complete.
+    """
+    from boson_multimodal.model.higgs_audio import HiggsAudioModel
+
+    config = model_config(spec_name, tokenizer, keep_vocab_size)
     torch.manual_seed(DEMO_SEED)
-    model = HiggsAudioModel(config)
+    with torch.device(device):
+        model = HiggsAudioModel._from_config(config, torch_dtype=dtype)
     staging = _staging_dir(target)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    _write_marker(staging, "HiggsAudioModel + text tokenizer")
+    _write_marker(staging, what)
     staging.rename(target)
+    return target
+
+
+def _build_model(target: Path, tokenizer) -> None:
+    build_random_checkpoint(target, "tiny_higgs_audio.json", tokenizer, "HiggsAudioModel + text tokenizer")
 
 
 def _build_hubert(hub_cache: Path, spec_name: str | os.PathLike = "tiny_hubert.json") -> None:
