@@ -250,6 +250,15 @@ def test_jsonl_and_parquet_manifests_read_like_csv(corpus, tmp_path):
     assert read_manifest(str(parquet)).rows["id"].tolist()[:2] == ["0", "1"]
 
 
+def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path):
+    """pandas pads a short record with empty fields; it must be reported as what it is."""
+    path = tmp_path / "manifest.csv"
+    path.write_text("audio_path,text,speaker\na.wav,Hello there.,alice\nb.wav,Only two fields\nc.wav,Says who?,\n")
+    rejected = screen_manifest(read_manifest(str(path))).rejected.set_index("row")
+    assert rejected.loc[2, "reason"] == "malformed_row" and "2 fields, the header has 3" in rejected.loc[2, "detail"]
+    assert rejected.loc[3, "reason"] == "empty_speaker"  # three fields, the last one empty: a real empty speaker
+
+
 def test_parquet_integer_column_with_a_null_reads_as_integers(tmp_path):
     # pandas would make an int column with a null float64: speaker 7 must stay "7" (as in CSV), never "7.0".
     path = tmp_path / "manifest.parquet"

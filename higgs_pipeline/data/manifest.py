@@ -106,15 +106,21 @@ def _is_utf8(raw: bytes) -> bool:
 
 
 def _read_csv(raw: bytes) -> pd.DataFrame:
+    text = raw.decode("utf-8-sig", "surrogateescape")
+    # pandas' C parser stops at a record with too many fields but pads one with too few, which would then be
+    # rejected for an "empty" field it never had: count every record's fields first (csv's C reader, one pass)
+    # and read record by record, keeping the bad ones as rows of their own with their line number, if any is off.
+    records = csv.reader(io.StringIO(text, newline=""))
+    header = next(records, [])
+    if any(fields and len(fields) != len(header) for fields in records):
+        return _read_csv_records(text)
     options = dict(
         dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8-sig", encoding_errors="surrogateescape"
     )
     try:
         table = pd.read_csv(io.BytesIO(raw), **options)
     except pd.errors.ParserError:
-        # Some record has the wrong number of fields: the C parser stops there, so read record by record and
-        # keep the bad ones as rows of their own (with their line number) instead of losing the file.
-        return _read_csv_records(raw.decode("utf-8-sig", "surrogateescape"))
+        return _read_csv_records(text)
     table["read_error"] = ""
     return table
 
