@@ -250,6 +250,16 @@ def test_jsonl_and_parquet_manifests_read_like_csv(corpus, tmp_path):
     assert read_manifest(str(parquet)).rows["id"].tolist()[:2] == ["0", "1"]
 
 
+def test_allowed_paths_a_store_cannot_open_are_rejected_not_fatal(tmp_path):
+    """With the outside-paths flag on, a URI of an unknown protocol reaches the probe: it names the problem."""
+    path = tmp_path / "manifest.csv"
+    path.write_text("audio_path,text,speaker\nfoo://bucket/a.wav,Hello there.,alice\n")
+    rules = ScreeningRules(allow_paths_outside_manifest_dir=True)
+    rejected = screen_manifest(read_manifest(str(path)), rules).rejected
+    assert rejected["reason"].tolist() == ["missing_file"]
+    assert "Protocol not known: foo" in rejected["detail"].iloc[0]
+
+
 def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path):
     """pandas pads a short record with empty fields; it must be reported as what it is."""
     path = tmp_path / "manifest.csv"

@@ -58,6 +58,8 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
         return ClipProbe(uri, "missing_file", "audio path is a directory")
     except OSError as error:
         return ClipProbe(uri, "missing_file", f"cannot read audio file: {error}")
+    except Exception as error:  # an unknown protocol, a bucket name no store accepts, a client's own error type
+        return ClipProbe(uri, "missing_file", f"cannot read audio file: {type(error).__name__}: {error}")
     clip_hash = sha256_hex(data)
     if not data:
         return ClipProbe(uri, "empty_audio", "file has 0 bytes", clip_hash)
