@@ -253,11 +253,12 @@ def test_jsonl_and_parquet_manifests_read_like_csv(corpus, tmp_path):
 def test_allowed_paths_a_store_cannot_open_are_rejected_not_fatal(tmp_path):
     """With the outside-paths flag on, a URI of an unknown protocol reaches the probe: it names the problem."""
     path = tmp_path / "manifest.csv"
-    path.write_text("audio_path,text,speaker\nfoo://bucket/a.wav,Hello there.,alice\n")
+    path.write_text("audio_path,text,speaker\nfoo://bucket/a.wav,Hello there.,alice\ns3://../../b.wav,Hi.,bob\n")
     rules = ScreeningRules(allow_paths_outside_manifest_dir=True)
     rejected = screen_manifest(read_manifest(str(path)), rules).rejected
-    assert rejected["reason"].tolist() == ["missing_file"]
+    assert rejected["reason"].tolist() == ["missing_file", "missing_file"]
     assert "Protocol not known: foo" in rejected["detail"].iloc[0]
+    assert "climbs above the s3 store's root" in rejected["detail"].iloc[1]
 
 
 def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path):
@@ -267,6 +268,15 @@ def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path
     rejected = screen_manifest(read_manifest(str(path))).rejected.set_index("row")
     assert rejected.loc[2, "reason"] == "malformed_row" and "2 fields, the header has 3" in rejected.loc[2, "detail"]
     assert rejected.loc[3, "reason"] == "empty_speaker"  # three fields, the last one empty: a real empty speaker
+
+
+def test_csv_blank_lines_and_long_fields_read_as_pandas_reads_them(tmp_path):
+    path = tmp_path / "manifest.csv"
+    long_text = "word " * 40_000  # 200,000 characters: over the csv module's default field limit
+    path.write_text(f"\n\naudio_path,text,speaker\n   \na.wav,{long_text},alice\n\nb.wav,Short.,bob\n\n")
+    rows = read_manifest(str(path)).rows
+    assert rows["read_error"].tolist() == ["", ""]
+    assert rows["text"].tolist() == [long_text, "Short."] and rows["speaker"].tolist() == ["alice", "bob"]
 
 
 def test_parquet_integer_column_with_a_null_reads_as_integers(tmp_path):
@@ -290,6 +300,7 @@ def test_parquet_integer_column_with_a_null_reads_as_integers(tmp_path):
         ("broken.parquet", b"PAR1 this is not parquet", "cannot parse it as parquet"),
         ("no_speaker.csv", b"audio_path,text\na.wav,hello\n", "missing required column(s) speaker"),
         ("empty.jsonl", b"", "the file is empty"),
+        ("twice.csv", b"audio_path,text,speaker,text\na.wav,one,x,two\n", "the header repeats column(s) text"),
     ],
 )
 def test_unreadable_manifest_fails_naming_file_and_problem(tmp_path, case, content, problem):

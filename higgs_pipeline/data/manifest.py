@@ -33,6 +33,8 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Lone surrogates U+DC80..U+DCFF are what `surrogateescape` makes of bytes that are not UTF-8.
 INVALID_UTF8 = "[\udc80-\udcff]"
 LOCAL = "file"
+# csv's default cap of 131,072 characters per field would fail a manifest pandas reads fine (a long transcript).
+csv.field_size_limit(2**31 - 1)
 
 
 class ManifestError(ValueError):
@@ -110,9 +112,9 @@ def _read_csv(raw: bytes) -> pd.DataFrame:
     # pandas' C parser stops at a record with too many fields but pads one with too few, which would then be
     # rejected for an "empty" field it never had: count every record's fields first (csv's C reader, one pass)
     # and read record by record, keeping the bad ones as rows of their own with their line number, if any is off.
-    records = csv.reader(io.StringIO(text, newline=""))
-    header = next(records, [])
-    if any(fields and len(fields) != len(header) for fields in records):
+    records = (fields for fields in csv.reader(io.StringIO(text, newline="")) if not _is_blank(fields))
+    header = _check_header(next(records, []))
+    if any(len(fields) != len(header) for fields in records):
         return _read_csv_records(text)
     options = dict(
         dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8-sig", encoding_errors="surrogateescape"
@@ -125,12 +127,25 @@ def _read_csv(raw: bytes) -> pd.DataFrame:
     return table
 
 
+def _is_blank(fields: list[str]) -> bool:
+    """An empty or whitespace-only line, which pandas skips too (a line of bare commas is a record)."""
+    return len(fields) <= 1 and not "".join(fields).strip()
+
+
+def _check_header(header: list[str]) -> list[str]:
+    names = [name.strip() for name in header]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ManifestError(f"the header repeats column(s) {', '.join(repeated)}: each column must appear once")
+    return header
+
+
 def _read_csv_records(text: str) -> pd.DataFrame:
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader)
+    header = _check_header(next((fields for fields in reader if not _is_blank(fields)), []))
     records, errors = [], []
     for fields in reader:
-        if not fields:
+        if _is_blank(fields):
             continue
         if len(fields) == len(header):
             records.append(fields)

@@ -49,6 +49,9 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
     A file whose header already says it is longer than `max_seconds` is not decoded (an hour-long recording
     would cost seconds and gigabytes only to be rejected).
     """
+    protocol, _, rest = uri.partition("://")
+    if rest.startswith("../") or rest == "..":
+        return ClipProbe(uri, "missing_file", f"the path climbs above the {protocol} store's root")
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         data = fs.cat_file(path)
@@ -58,8 +61,9 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
         return ClipProbe(uri, "missing_file", "audio path is a directory")
     except OSError as error:
         return ClipProbe(uri, "missing_file", f"cannot read audio file: {error}")
-    except Exception as error:  # an unknown protocol, a bucket name no store accepts, a client's own error type
-        return ClipProbe(uri, "missing_file", f"cannot read audio file: {type(error).__name__}: {error}")
+    except ValueError as error:  # fsspec: "Protocol not known"; a malformed URI. A missing fsspec backend
+        # (ImportError) or missing credentials are set-up problems of the whole run: they propagate.
+        return ClipProbe(uri, "missing_file", f"cannot open audio file: {error}")
     clip_hash = sha256_hex(data)
     if not data:
         return ClipProbe(uri, "empty_audio", "file has 0 bytes", clip_hash)
