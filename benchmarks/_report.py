@@ -22,15 +22,16 @@ def device_name(device: torch.device) -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
-def machine(device: torch.device) -> str:
+def machine(device: torch.device, gpus: int = 1) -> str:
+    """The device (with how many of it were used) and the host."""
     cpu = "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = names[0] if names else cpu
-    gpus = f"{torch.cuda.device_count()} x " if device.type == "cuda" else ""
+    used = f"{gpus} of {torch.cuda.device_count()} x " if device.type == "cuda" else ""
     host = f"host {cpu} ({os.cpu_count()} cores), {platform.system()}, torch {torch.__version__}"
-    return f"{gpus}{device_name(device)}; {host}"
+    return f"{used}{device_name(device)}; {host}"
 
 
 def command_line(script: str) -> str:

@@ -192,11 +192,28 @@ def build_random_checkpoint(
     with torch.device(device):
         model = HiggsAudioModel._from_config(config, torch_dtype=dtype)
     staging = _staging_dir(target)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    _write_marker(staging, what)
-    staging.rename(target)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        _write_marker(staging, what)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a real-size half-written model is 11 GB of nothing
+        raise
+    finally:
+        del model
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the caller goes on to train on this GPU: hand the weights' memory back
     return target
+
+
+def layout_digest(spec_name: str) -> str:
+    """A short hash of what a checkpoint built by `build_random_checkpoint` from `spec_name` with the demo text
+    tokenizer depends on (builder, seed, config, tokenizer corpus): part of its cache folder's name."""
+    digest = hashlib.sha256(f"builder-{BUILDER_VERSION}-seed-{DEMO_SEED}".encode())
+    for name in (spec_name, "tiny_tokenizer_corpus.txt"):
+        digest.update((CONFIG_DIR / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _build_model(target: Path, tokenizer) -> None:
