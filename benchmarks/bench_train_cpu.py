@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from _report import DOCS, REPO, command_line, machine, stamp
 
-REPO = Path(__file__).resolve().parents[1]
 # The training tests' data builder (records JSONL + TokenStore + split.json from demo clips): one way to do it.
 sys.path.insert(0, str(REPO / "tests"))
 from training_fixtures import build_training_fixture  # noqa: E402
@@ -73,14 +71,6 @@ def run(data, out: Path, nproc: int, batch: int, threads: int, steps: int) -> di
     }
 
 
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [
-        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-    ]
-    return names[0] if names else platform.processor() or "unknown CPU"
-
-
 def table(rows: list[dict]) -> str:
     columns = ["processes", "threads each", "per-device batch", "global batch", "step (ms)", "samples/s", "tokens/s"]
     lines = ["| " + " | ".join([*columns, "padding eff."]) + " |", "|" + " --- |" * (len(columns) + 1)]
@@ -93,7 +83,7 @@ def table(rows: list[dict]) -> str:
 
 def write_section(markdown: str) -> None:
     """Replace this benchmark's section of docs/benchmarks.md (other sections belong to other benchmarks)."""
-    path = REPO / "docs" / "benchmarks.md"
+    path = DOCS
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(SECTION)
     if start < 0:
@@ -123,18 +113,14 @@ def main() -> None:
     result = table(rows)
     print(result)
     if args.write_docs:
-        machine = f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()}, torch {torch.__version__}"
-        command = (
-            f".venv/bin/python benchmarks/bench_train_cpu.py --steps {args.steps} --rounds {args.rounds} --write-docs"
-        )
         write_section(
             f"{SECTION}\n\n"
             f"Tiny DEMO model (random weights), fp32, gloo, demo profile; {args.steps} steps per setting, median "
             f"over logging intervals of {LOG_EVERY} steps after the first, best of {args.rounds} interleaved rounds."
             f" Step time is the global batch over samples/s of timed training steps only.\n\n"
-            f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n- machine: {machine}\n"
+            f"- date: {stamp()}\n- machine: {machine(torch.device('cpu'))}\n"
             f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}\n"
-            f"- command: `{command}`\n\n"
+            f"- command: `{command_line('benchmarks/bench_train_cpu.py')}`\n\n"
             f"{result}\n\n{READING}\n"
         )
 
