@@ -80,8 +80,8 @@ class LoraAdapterConfig(dg.Config):
     # More than 1: a Kubeflow PyTorchJob of this many nodes (training operator installed; s3:// artifact store,
     # which also carries the Pipes messages). World size k8s_nodes x k8s_gpus_per_node is part of the run key.
     k8s_nodes: int = 1
-    # A ReadWriteMany PVC mounted at K8S_RUNS_DIR on every training pod, so a restarted pod or a retried step
-    # resumes from the last checkpoint; without it a restarted job starts over.
+    # A ReadWriteMany PVC mounted at K8S_RUNS_DIR on every training pod, so a retried step resumes from the last
+    # checkpoint; without it a retry starts over.
     k8s_runs_volume_claim: str | None = None
 
     def profile_name(self, model: str) -> str:
