@@ -149,6 +149,14 @@ def test_every_sample_tokenizes_and_ids_are_unique_and_stable(built, text_tokeni
     bad = next(r for r in built["records"] if r.kind == "voice_clone")
     broken = SampleRecord(bad.sample_id, bad.kind, bad.speaker, bad.chatml, [bad.audio[1], bad.audio[1]])
     assert _sample_problem(broken, text_tokenizer, set()) == "reference clip is the target clip"
+    # ...and a transcript that tokenizes to one more audio slot than the sample has clips (screening refuses
+    # such text; the check does not rely on it).
+    tts = next(r for r in built["records"] if r.kind == "tts")
+    chatml = tts.to_chatml()
+    user = next(m for m in chatml.messages if m.role == "user")
+    user.content = f"{getattr(user.content, 'text', user.content)} <|AUDIO_OUT|>"
+    stray = SampleRecord.from_chatml(tts.sample_id, tts.kind, tts.speaker, chatml, tts.audio)
+    assert _sample_problem(stray, text_tokenizer, set()) == "2 audio tokens in the tokenized text but 1 clips"
 
 
 def test_adding_a_clip_changes_at_most_one_reference():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -27,7 +28,7 @@ from audio_factory import (
     write_csv_manifest,
 )
 
-from higgs_pipeline.data.manifest import read_manifest
+from higgs_pipeline.data.manifest import ManifestError, read_manifest
 from higgs_pipeline.data.screening import REJECT_REASONS, ScreeningRules, screen_manifest
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 
@@ -52,6 +53,8 @@ BAD_ROWS = {
     "bad_reference": "bad_reference",
     "reference_is_target": "bad_reference",
     "reference_text_alone": "bad_reference",
+    "special_token": "special_token",
+    "invisible_text": "empty_text",
     "malformed": "malformed_row",
 }
 
@@ -103,6 +106,8 @@ def _bad_rows(root: Path, good: list[Row]) -> list[Row]:
             "Bob",
             {"id": "reference_text_alone", "ref_text": "Hi."},
         ),
+        Row(good[7].audio_path, "Say <|AUDIO_OUT|> twice.", "Bob", {"id": "special_token"}),
+        Row(good[8].audio_path, "\u200b\u00a0\ufeff", "Bob", {"id": "invisible_text"}),
     ]
     return rows
 
@@ -277,6 +282,46 @@ def test_csv_blank_lines_and_long_fields_read_as_pandas_reads_them(tmp_path):
     rows = read_manifest(str(path)).rows
     assert rows["read_error"].tolist() == ["", ""]
     assert rows["text"].tolist() == [long_text, "Short."] and rows["speaker"].tolist() == ["alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("sep=,\naudio_path,text,speaker\na.wav,One.,A\n", "missing required column(s) audio_path, text, speaker"),
+        ("text,Text,audio_path,speaker\na,b,a.wav,A\n", "columns 'text' and 'Text' both mean text"),
+    ],
+)
+def test_csv_whose_header_is_wrong_fails_even_when_every_record_is_off(tmp_path, content, problem):
+    path = tmp_path / "manifest.csv"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=re.escape(problem)):
+        read_manifest(str(path))
+
+
+def test_column_names_match_whatever_their_case_and_unnamed_columns_are_ignored(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_text(" Speaker ,notes,TEXT,Audio_Path ,,\nAlice,x,Hi there.,a.wav,,\n")
+    rows = read_manifest(str(path)).rows
+    columns = ["audio_path", "text", "speaker", "read_error"]
+    assert rows[columns].values.tolist() == [["a.wav", "Hi there.", "Alice", ""]]
+
+
+def test_utf16_manifest_fails_saying_so(tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes("audio_path,text,speaker\na.wav,Hi.,A\n".encode("utf-16"))
+    with pytest.raises(ManifestError, match="UTF-16 encoded"):
+        read_manifest(str(path))
+
+
+def test_jsonl_numbers_and_booleans_read_as_a_csv_would_spell_them(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    lines = [
+        {"audio_path": "a.wav", "text": "One.", "speaker": 7.0},
+        {"audio_path": "b.wav", "text": True, "speaker": 7},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rows = read_manifest(str(path)).rows
+    assert rows["speaker"].tolist() == ["7", "7"] and rows["text"].tolist() == ["One.", "true"]
 
 
 def test_parquet_integer_column_with_a_null_reads_as_integers(tmp_path):

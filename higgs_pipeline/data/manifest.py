@@ -87,11 +87,16 @@ def read_manifest(uri: str) -> Manifest:
         raise ManifestError(f"manifest {uri}: cannot read it: {error}") from error
     if not raw.strip():
         raise ManifestError(f"manifest {uri}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})")
+    if kind != "parquet" and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise ManifestError(
+            f"manifest {uri}: the file is UTF-16 encoded (as Excel's 'Unicode text' saves): save it as UTF-8"
+        )
     readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
     try:
         table = readers[kind](raw)
         # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
-        rows = _conform(table, check_utf8=kind == "parquet" or not _is_utf8(raw))
+        # A CSV or Parquet file states its columns even when every record is bad; JSONL only has its records' keys.
+        rows = _conform(table, check_utf8=kind == "parquet" or not _is_utf8(raw), columns_known=kind != "jsonl")
     except ManifestError as error:
         raise ManifestError(f"manifest {uri}: {error}") from None
     except Exception as error:  # any parser's own error means the file as a whole is unusable
@@ -134,7 +139,8 @@ def _is_blank(fields: list[str]) -> bool:
 
 def _check_header(header: list[str]) -> list[str]:
     names = [name.strip() for name in header]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    # Unnamed columns (a spreadsheet's trailing empty cells, ",," in the header) are ignored, not repeats.
+    repeated = sorted({name for name in names if name and names.count(name) > 1})
     if repeated:
         raise ManifestError(f"the header repeats column(s) {', '.join(repeated)}: each column must appear once")
     return header
@@ -200,6 +206,11 @@ def _as_text(value: object) -> str:
         return ""
     if isinstance(value, str):
         return value
+    if isinstance(value, bool):  # JSON's spelling, not Python's "True"
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        # A whole number stored as float (a JSON 7.0, a Parquet int column with a null) reads as the CSV's "7".
+        return str(int(value))
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, dict | list):
@@ -207,17 +218,26 @@ def _as_text(value: object) -> str:
     return str(value)
 
 
-def _conform(table: pd.DataFrame, check_utf8: bool) -> pd.DataFrame:
+def _conform(table: pd.DataFrame, check_utf8: bool, columns_known: bool = True) -> pd.DataFrame:
     """The known columns as pandas strings, plus `row`, `read_error` and `invalid_utf8` (the bad columns' names).
 
-    Invalid bytes are found while values are still Python objects, then shown as U+FFFD: from here on the
-    columns are Arrow-backed strings (compact, and vectorised string operations run in C).
+    Column names match after stripping spaces and ignoring case ("Audio_Path" is audio_path); two columns that
+    then mean the same one are an error. Invalid bytes are found while values are still Python objects, then
+    shown as U+FFFD: from here on the columns are Arrow-backed strings (compact, vectorised string operations).
     """
-    table = table.rename(columns=lambda name: str(name).strip())
+    original = [str(name) for name in table.columns]
+    names = [_column_name(name) for name in original]
+    clashes = sorted({name for name in names if name in MANIFEST_COLUMNS and names.count(name) > 1})
+    if clashes:
+        spelled = {name: [o for o, n in zip(original, names, strict=True) if n == name] for name in clashes}
+        raise ManifestError(
+            "columns " + "; ".join(f"{' and '.join(map(repr, v))} both mean {k}" for k, v in spelled.items())
+        )
+    table = table.set_axis(names, axis=1)
     has_records = len(table) > 0 and (table["read_error"] == "").any()
     missing = [name for name in REQUIRED_COLUMNS if name not in table.columns]
-    if missing and (has_records or len(table) == 0):
-        present = ", ".join(c for c in table.columns if c != "read_error") or "none"
+    if missing and (columns_known or has_records or len(table) == 0):
+        present = ", ".join(c for c in original if c != "read_error") or "none"
         raise ManifestError(f"missing required column(s) {', '.join(missing)} (columns found: {present})")
     size = len(table)
     rows = pd.DataFrame({"row": np.arange(1, size + 1, dtype=np.int64)})
@@ -236,6 +256,11 @@ def _conform(table: pd.DataFrame, check_utf8: bool) -> pd.DataFrame:
     rows["read_error"] = table["read_error"].astype("str").to_numpy()
     rows["invalid_utf8"] = pd.Series(invalid, dtype="str")
     return rows
+
+
+def _column_name(name: str) -> str:
+    stripped = name.strip()
+    return stripped.lower() if stripped.lower() in MANIFEST_COLUMNS else stripped
 
 
 def _displayable(value: str) -> str:

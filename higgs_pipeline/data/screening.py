@@ -13,6 +13,7 @@ later row a "duplicate".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,12 +31,18 @@ from higgs_pipeline.data.manifest import (
 from higgs_pipeline.data.normalize import normalize_label
 from higgs_pipeline.data.probe import ClipProbe, probe_clips
 
+# Llama-3 / Higgs control tokens are spelled <|name|>. In a transcript the text tokenizer reads one as the token
+# itself: a stray <|AUDIO_OUT|> adds an audio slot with no clip, and training fails in the collator.
+SPECIAL_TOKEN = r"<\|[^|<>\s]{1,64}\|>"
+INVISIBLE = "[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]"
+
 # Reject reasons, in the order the checks run, with what each means (shown in the reject table).
 REJECT_REASONS: dict[str, str] = {
     "malformed_row": "the record itself could not be parsed (CSV field count, JSONL line not a JSON object)",
     "invalid_utf8": "a text field holds bytes that are not valid UTF-8",
     "empty_text": "the transcript is empty",
     "empty_speaker": "the speaker label is empty",
+    "special_token": "text or ref_text holds a control token of the text tokenizer, such as <|AUDIO_OUT|>",
     "path_outside_manifest_dir": "the audio path resolves outside the manifest's folder",
     "missing_file": "the audio file does not exist (or audio_path is empty)",
     "undecodable": "the file is not audio that libsndfile can decode",
@@ -132,6 +139,11 @@ class _Verdicts:
             self.detail[selected] = detail
 
 
+def _is_empty(values: pd.Series) -> np.ndarray:
+    """Nothing but whitespace and characters that print as nothing (zero-width spaces and joiners, BOM)."""
+    return (values.str.replace(INVISIBLE, "", regex=True).str.strip() == "").to_numpy(bool)
+
+
 def _column(values: pd.Series) -> np.ndarray:
     """A column as a numpy object array (one C-level conversion instead of per-element Arrow access)."""
     return values.to_numpy(dtype=object)
@@ -145,8 +157,18 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
     read_error, invalid = rows["read_error"], rows["invalid_utf8"]
     verdict.reject(read_error != "", "malformed_row", lambda at: read_error.iloc[at].tolist())
     verdict.reject(invalid != "", "invalid_utf8", lambda at: [f"invalid UTF-8 bytes in {c}" for c in invalid.iloc[at]])
-    verdict.reject(rows["text"].str.strip() == "", "empty_text", "text is empty")
-    verdict.reject(rows["speaker"].str.strip() == "", "empty_speaker", "speaker is empty")
+    verdict.reject(_is_empty(rows["text"]), "empty_text", "text is empty")
+    verdict.reject(_is_empty(rows["speaker"]), "empty_speaker", "speaker is empty")
+    for column in ("text", "ref_text"):
+        values = rows[column]
+        verdict.reject(
+            values.str.contains(SPECIAL_TOKEN, regex=True).to_numpy(bool),
+            "special_token",
+            lambda at, values=values, column=column: [
+                f"{column} holds {re.search(SPECIAL_TOKEN, v).group(0)}, a control token of the Higgs text tokenizer"
+                for v in values.iloc[at]
+            ],
+        )
 
     audio_uri, audio_outside = resolve_audio_paths(manifest.uri, rows["audio_path"].str.strip())
     ref_uri, ref_outside = resolve_audio_paths(manifest.uri, rows["ref_audio_path"].str.strip())

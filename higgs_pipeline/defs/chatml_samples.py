@@ -125,6 +125,12 @@ def _sample_problem(record, tokenizer, seen: set[str]) -> str:
         return "prepare_chatml_sample could not tokenize it"
     if len(audio_contents) != len(record.audio):
         return f"{len(audio_contents)} audio contents but {len(record.audio)} clips"
+    # The collator gives each audio token a clip in order: one more in the text (a transcript holding
+    # <|AUDIO_OUT|>) shifts every clip after it and fails training.
+    audio_tokens = {tokenizer.convert_tokens_to_ids(token) for token in ("<|AUDIO|>", "<|AUDIO_OUT|>")}
+    slots = sum(token in audio_tokens for token in input_tokens)
+    if slots != len(record.audio):
+        return f"{slots} audio tokens in the tokenized text but {len(record.audio)} clips"
     if record.kind == "voice_clone":
         if chatml.start_index != VOICE_CLONE_START_INDEX or len(record.audio) != 2:
             return "voice_clone sample is not [system, user, reference, user, target] with start_index=3"
