@@ -55,6 +55,7 @@ BAD_ROWS = {
     "reference_text_alone": "bad_reference",
     "special_token": "special_token",
     "invisible_text": "empty_text",
+    "speaker_conflict": "speaker_conflict",
     "malformed": "malformed_row",
 }
 
@@ -108,6 +109,7 @@ def _bad_rows(root: Path, good: list[Row]) -> list[Row]:
         ),
         Row(good[7].audio_path, "Say <|AUDIO_OUT|> twice.", "Bob", {"id": "special_token"}),
         Row(good[8].audio_path, "\u200b\u00a0\ufeff", "Bob", {"id": "invisible_text"}),
+        Row(good[0].audio_path, "Another sentence for the same recording.", "Zed", {"id": "speaker_conflict"}),
     ]
     return rows
 
@@ -199,6 +201,10 @@ def test_bad_rows_are_reported_readably(corpus):
     assert "outside" in rejected.loc["escapes_folder", "detail"]
     assert "reference audio missing_file" in rejected.loc["bad_reference", "detail"]
     assert rejected.loc["reference_text_alone", "detail"] == "ref_text without ref_audio_path"
+    assert (
+        rejected.loc["speaker_conflict", "detail"]
+        == f"same audio as row 1, labelled speaker {corpus['good'][0].speaker!r}"
+    )
 
 
 def test_na_and_null_stay_text_and_references_are_kept(corpus):

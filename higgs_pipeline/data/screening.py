@@ -53,6 +53,7 @@ REJECT_REASONS: dict[str, str] = {
     "silent": "peak level below the silence threshold",
     "bad_reference": "ref_audio_path/ref_text given but unusable (fails the same checks, or is the target itself)",
     "duplicate": "same audio content and same normalized text as an earlier accepted row",
+    "speaker_conflict": "same audio content as an earlier accepted row labelled with another speaker",
 }
 FILE_REASONS = ("missing_file", "undecodable", "empty_audio", "truncated")
 ACCEPTED_COLUMNS = (
@@ -204,6 +205,7 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
     _reject_audio(verdict, target, rules)
     _reject_reference(verdict, reference, target, has_ref, rules)
     _reject_duplicates(verdict, rows, target["clip_hash"])
+    _reject_speaker_conflicts(verdict, rows, target["clip_hash"])
 
     data_version = digest_of_lines(
         (t + "," + r for t, r in zip(target["clip_hash"], reference["clip_hash"], strict=True)),
@@ -299,6 +301,36 @@ def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.nda
     mask[candidates[repeated]] = True
     first_of = dict(zip(candidates[repeated], first_row[repeated], strict=True))
     verdict.reject(mask, "duplicate", lambda at: [f"same audio content and text as row {first_of[i]}" for i in at])
+
+
+def _reject_speaker_conflicts(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
+    """Later rows whose clip an earlier open row gives to another speaker: one voice cannot be two speakers', and
+    voice cloning would take it as a reference for both. Speakers compare as their normalized labels."""
+    candidates = np.flatnonzero(verdict.open())
+    candidates = candidates[pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()]
+    if not len(candidates):
+        return
+    keys = pd.DataFrame(
+        {
+            "hash": clip_hash[candidates],
+            "speaker": normalize_label(rows["speaker"].iloc[candidates]).to_numpy(object),
+            "label": rows["speaker"].iloc[candidates].str.strip().to_numpy(object),
+            "row": rows["row"].to_numpy()[candidates],
+        }
+    )
+    first = keys.groupby("hash", sort=False)[["speaker", "label", "row"]].transform("first")
+    conflict = (keys["speaker"] != first["speaker"]).to_numpy()
+    if not conflict.any():
+        return
+    mask = np.zeros(len(rows), dtype=bool)
+    mask[candidates[conflict]] = True
+    earlier_rows, earlier_labels = first["row"].to_numpy()[conflict], first["label"].to_numpy()[conflict]
+    earlier = dict(zip(candidates[conflict], zip(earlier_rows, earlier_labels, strict=True), strict=True))
+    verdict.reject(
+        mask,
+        "speaker_conflict",
+        lambda at: [f"same audio as row {earlier[i][0]}, labelled speaker {earlier[i][1]!r}" for i in at],
+    )
 
 
 def _accepted_table(
