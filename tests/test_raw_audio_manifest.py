@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import dagster as dg
@@ -270,6 +271,15 @@ def test_allowed_paths_a_store_cannot_open_are_rejected_not_fatal(tmp_path):
     assert rejected["reason"].tolist() == ["missing_file", "missing_file"]
     assert "Protocol not known: foo" in rejected["detail"].iloc[0]
     assert "climbs above the s3 store's root" in rejected["detail"].iloc[1]
+
+
+def test_missing_file_detail_says_why_a_visible_file_was_not_found(tmp_path):
+    decomposed = unicodedata.normalize("NFD", "José.wav")
+    (tmp_path / decomposed).write_bytes(b"RIFF")  # as macOS writes the name
+    path = tmp_path / "manifest.csv"
+    path.write_text(f"audio_path,text,speaker\n{unicodedata.normalize('NFC', 'José.wav')},Hi.,A\nsub\\b.wav,Ho.,B\n")
+    details = screen_manifest(read_manifest(str(path))).rejected["detail"].tolist()
+    assert "spelled in Unicode NFD" in details[0] and "folders are separated by '/'" in details[1]
 
 
 def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import unicodedata
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,7 +58,7 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
         fs, path = fsspec.core.url_to_fs(uri)
         data = fs.cat_file(path)
     except FileNotFoundError:
-        return ClipProbe(uri, "missing_file", "audio file not found")
+        return ClipProbe(uri, "missing_file", "audio file not found" + _spelling_hint(uri))
     except IsADirectoryError:
         return ClipProbe(uri, "missing_file", "audio path is a directory")
     except OSError as error:
@@ -93,6 +95,18 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
         detail = f"header says {declared} frames, decoded {frames}"
         return _probe(uri, "truncated", detail, clip_hash, frames, rate, channels, peak_dbfs)
     return _probe(uri, "", "", clip_hash, frames, rate, channels, peak_dbfs)
+
+
+def _spelling_hint(uri: str) -> str:
+    """Why a path a user can see may still not be found: a Windows separator, or another Unicode spelling of the
+    same name (macOS writes decomposed accents: "e" + U+0301, where a manifest typed elsewhere has U+00E9)."""
+    if "\\" in uri:
+        return " (the path holds '\\': folders are separated by '/')"
+    for form in ("NFC", "NFD"):
+        variant = unicodedata.normalize(form, uri)
+        if variant != uri and "://" not in uri and os.path.exists(variant):
+            return f" (a file of that name exists spelled in Unicode {form}: write the path as it is on disk)"
+    return ""
 
 
 def _probe(uri, reason, detail, clip_hash, frames, rate, channels, peak_dbfs) -> ClipProbe:
