@@ -276,14 +276,18 @@ def _reject_reference(
     verdict.reject(same, "bad_reference", "reference audio is the target clip itself (same content hash)")
 
 
+def _open_rows_sharing_a_clip(verdict: _Verdicts, clip_hash: np.ndarray) -> np.ndarray:
+    """Positions of the rows still open whose audio another open row also uses: the only ones that can clash."""
+    candidates = np.flatnonzero(verdict.open())
+    return candidates[pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()]
+
+
 def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
     """Among rows still open, later rows with the same clip hash and normalized text as an earlier one.
 
     Texts are normalized only for rows whose audio occurs more than once: the only rows that can be duplicates.
     """
-    candidates = np.flatnonzero(verdict.open())
-    shared = pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()
-    candidates = candidates[shared]
+    candidates = _open_rows_sharing_a_clip(verdict, clip_hash)
     if not len(candidates):
         return
     keys = pd.DataFrame(
@@ -306,8 +310,7 @@ def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.nda
 def _reject_speaker_conflicts(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
     """Later rows whose clip an earlier open row gives to another speaker: one voice cannot be two speakers', and
     voice cloning would take it as a reference for both. Speakers compare as their normalized labels."""
-    candidates = np.flatnonzero(verdict.open())
-    candidates = candidates[pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()]
+    candidates = _open_rows_sharing_a_clip(verdict, clip_hash)
     if not len(candidates):
         return
     keys = pd.DataFrame(

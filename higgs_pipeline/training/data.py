@@ -141,34 +141,46 @@ class DistributedLengthBucketSampler(Sampler[list[int]]):
     def _make_plan(self) -> list[list[list[int]]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
-        global_size = self.batch_size * self.num_replicas
-        bucket = global_size * self.bucket_batches
-        if self.max_tokens:
-            batches, carried = [], torch.zeros(0, dtype=order.dtype)
-            for begin in range(0, len(order), bucket):
-                device_batches = self._budget_batches(torch.cat([carried, order[begin : begin + bucket]]))
-                # Whole global batches from this bucket only (its ranks' lengths are neighbours); the device batches
-                # left over go back into the next bucket's pool and are sorted with it.
-                whole = len(device_batches) // self.num_replicas * self.num_replicas
-                batches += [device_batches[i : i + self.num_replicas] for i in range(0, whole, self.num_replicas)]
-                carried = torch.as_tensor([i for b in device_batches[whole:] for i in b], dtype=order.dtype)
-            if len(carried):
-                # Wrap around (whole device batches, repeated as often as needed) so every rank gets a batch.
-                rest = self._budget_batches(carried)
-                rest = [rest[i % len(rest)] for i in range(-(-len(rest) // self.num_replicas) * self.num_replicas)]
-                batches += [rest[i : i + self.num_replicas] for i in range(0, len(rest), self.num_replicas)]
-        else:
-            # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
-            padded = -(-len(order) // global_size) * global_size
-            order = order.repeat(-(-padded // len(order)))[:padded]
-            batches = []
-            for begin in range(0, padded, bucket):
-                chunk = self._longest_first(order[begin : begin + bucket])
-                for i in range(0, len(chunk), global_size):
-                    whole = chunk[i : i + global_size]
-                    batches.append([whole[r :: self.num_replicas] for r in range(self.num_replicas)])
+        bucket = self.batch_size * self.num_replicas * self.bucket_batches
+        batches = self._budget_plan(order, bucket) if self.max_tokens else self._fixed_plan(order, bucket)
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
+
+    def _fixed_plan(self, order: torch.Tensor, bucket: int) -> list[list[list[int]]]:
+        """Global batches of batch_size x num_replicas from length-sorted buckets; rank r takes every r-th."""
+        global_size = self.batch_size * self.num_replicas
+        # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
+        padded = -(-len(order) // global_size) * global_size
+        order = order.repeat(-(-padded // len(order)))[:padded]
+        batches = []
+        for begin in range(0, padded, bucket):
+            chunk = self._longest_first(order[begin : begin + bucket])
+            for i in range(0, len(chunk), global_size):
+                whole = chunk[i : i + global_size]
+                batches.append([whole[r :: self.num_replicas] for r in range(self.num_replicas)])
+        return batches
+
+    def _budget_plan(self, order: torch.Tensor, bucket: int) -> list[list[list[int]]]:
+        """Global batches of num_replicas token-budget device batches, each from one bucket's pool."""
+        batches, carried = [], torch.zeros(0, dtype=order.dtype)
+        for begin in range(0, len(order), bucket):
+            device_batches = self._budget_batches(torch.cat([carried, order[begin : begin + bucket]]))
+            # Whole global batches from this bucket only (its ranks' lengths are neighbours); the device batches
+            # left over go back into the next bucket's pool and are sorted with it.
+            whole = len(device_batches) // self.num_replicas * self.num_replicas
+            batches += self._by_rank(device_batches[:whole])
+            carried = torch.as_tensor([i for b in device_batches[whole:] for i in b], dtype=order.dtype)
+        if len(carried):
+            # Wrap around (whole device batches, repeated as often as needed) so every rank gets a batch.
+            rest = self._budget_batches(carried)
+            batches += self._by_rank(
+                [rest[i % len(rest)] for i in range(-(-len(rest) // self.num_replicas) * self.num_replicas)]
+            )
+        return batches
+
+    def _by_rank(self, device_batches: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive device batches grouped num_replicas at a time: one global batch, one share per rank."""
+        return [device_batches[i : i + self.num_replicas] for i in range(0, len(device_batches), self.num_replicas)]
 
     def _longest_first(self, chunk: torch.Tensor) -> list[int]:
         return chunk[torch.argsort(-self.lengths[chunk], stable=True)].tolist()
