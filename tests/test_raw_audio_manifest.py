@@ -282,6 +282,14 @@ def test_missing_file_detail_says_why_a_visible_file_was_not_found(tmp_path):
     assert "spelled in Unicode NFD" in details[0] and "folders are separated by '/'" in details[1]
 
 
+def test_a_ref_text_of_invisible_characters_is_no_ref_text(tmp_path):
+    """The same emptiness rule as for text: a reference whose transcript prints as nothing has none."""
+    path = tmp_path / "manifest.csv"
+    path.write_text("audio_path,text,speaker,ref_audio_path,ref_text\na.wav,Hi.,A,b.wav,\u200b \n")
+    rejected = screen_manifest(read_manifest(str(path))).rejected
+    assert rejected[["reason", "detail"]].values.tolist() == [["bad_reference", "ref_audio_path without ref_text"]]
+
+
 def test_csv_record_with_too_few_fields_is_malformed_not_an_empty_field(tmp_path):
     """pandas pads a short record with empty fields; it must be reported as what it is."""
     path = tmp_path / "manifest.csv"

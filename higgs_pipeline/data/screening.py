@@ -188,7 +188,7 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
         )
     verdict.reject(audio_uris == "", "missing_file", "audio_path is empty")
     has_ref = ref_uris != ""
-    has_ref_text = (rows["ref_text"].str.strip() != "").to_numpy()
+    has_ref_text = ~_is_empty(rows["ref_text"])
     verdict.reject(has_ref & ~has_ref_text, "bad_reference", "ref_audio_path without ref_text")
     # A transcript of a reference that is not there: training it as plain TTS would drop the user's intent unseen.
     verdict.reject(~has_ref & has_ref_text, "bad_reference", "ref_text without ref_audio_path")
