@@ -50,7 +50,6 @@ NAMED_OVERRIDES = {
 }
 # Local folder for run directories when the artifact store is remote (default: under the demo/model cache).
 RUNS_ENV = "HIGGS_PIPELINE_RUNS"
-K8S_RUNS_DIR = RUNS_DIR
 
 
 class LoraAdapterConfig(dg.Config):
@@ -80,7 +79,7 @@ class LoraAdapterConfig(dg.Config):
     # More than 1: a Kubeflow PyTorchJob of this many nodes (training operator installed; s3:// artifact store,
     # which also carries the Pipes messages). World size k8s_nodes x k8s_gpus_per_node is part of the run key.
     k8s_nodes: int = 1
-    # A ReadWriteMany PVC mounted at K8S_RUNS_DIR on every training pod, so a retried step resumes from the last
+    # A ReadWriteMany PVC mounted at RUNS_DIR on every training pod, so a retried step resumes from the last
     # checkpoint; without it a retry starts over.
     k8s_runs_volume_claim: str | None = None
 
@@ -227,7 +226,7 @@ def lora_adapter(
                 f"messages travel through it), not {artifacts.root}: set the artifacts resource's root",
                 allow_retries=False,
             )
-        run_dir = Path(K8S_RUNS_DIR) / run_key  # the pod's own disk; its outputs are published to `remote`
+        run_dir = Path(RUNS_DIR) / run_key  # the pod's own disk; its outputs are published to `remote`
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     demo = loading.describe(model) != model
