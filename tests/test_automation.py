@@ -19,7 +19,8 @@ from higgs_pipeline.defs.automation import (
     manifest_sensor,
     weekly_retrain,
 )
-from higgs_pipeline.paths import DEMO_MANIFEST
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG
+from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
 
 
 @pytest.fixture()
@@ -48,6 +49,16 @@ def retrain_job_def():
 def test_retrain_job_covers_the_whole_chain(retrain_job_def):
     selected = {key.to_user_string() for key in retrain_job_def.asset_layer.executable_asset_keys}
     assert set(ASSET_CHAIN) <= selected
+
+
+def test_retrain_runs_carry_the_artifact_store_tag_that_limits_them_to_one_at_a_time(corpus, retrain_job_def):
+    request = manifest_sensor(dg.build_sensor_context())
+    # The sensor and schedule daemons and the UI give a run its job's tags and then the request's.
+    tags = {**retrain_job_def.run_tags, **request.tags}
+    with dg.instance_for_test() as instance:
+        run = instance.create_run_for_job(retrain_job_def, run_config=request.run_config, tags=tags)
+    assert run.tags[ARTIFACT_STORE_TAG] == default_artifacts_root()
+    assert run.tags[FINGERPRINT_TAG] == request.tags[FINGERPRINT_TAG]
 
 
 def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_def):
