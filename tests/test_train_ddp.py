@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from training_fixtures import shared_training_fixture
 
 from higgs_pipeline.training.train import STOP_EXIT_CODE
@@ -49,7 +50,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def rank_params(run_dir: Path, rank: int) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "rank_params" / f"rank{rank}.pt")
+    return load_file(run_dir / "rank_params" / f"rank{rank}.safetensors")
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
