@@ -85,6 +85,18 @@ def test_the_trainer_refuses_a_planted_pickle_before_training(data, tmp_path):
     assert not (tmp_path / "run" / SUMMARY_FILE).exists()
 
 
+def test_an_adapter_without_safetensors_is_refused_and_its_pickle_never_runs(tmp_path):
+    from higgs_pipeline.training.lora import load_adapter
+
+    marker, adapter = tmp_path / "pwned", tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["x"]}))
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps({"x": PlantedPayload(marker)}))
+    with pytest.raises(ValueError, match=f"adapter {adapter}: no adapter_model.safetensors"):
+        load_adapter(torch.nn.Sequential(torch.nn.Linear(2, 2)), str(adapter))
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize(
     "state_json, tensors, problem",
     [
