@@ -94,6 +94,9 @@ def test_run_outputs_and_logs(uninterrupted):
     assert json.loads((uninterrupted / "best_adapter" / "validation.json").read_text())["step"] == best["step"]
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    # Trainer state as safetensors + JSON: nothing in a checkpoint is a pickle.
+    saved = sorted(p.name for p in (uninterrupted / "checkpoints" / "step-00000006").iterdir())
+    assert saved == ["adapter", "trainer.json", "trainer.safetensors"]
 
 
 def test_killed_run_resumes_to_the_same_adapter(data, tmp_path, uninterrupted):

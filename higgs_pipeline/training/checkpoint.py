@@ -7,7 +7,7 @@ A checkpoint is a folder `checkpoints/step-00000020/` holding
 - `trainer.json`: the rest (step, sampler epoch/position, best validation loss, scheduler, optimizer groups,
   config, world size and the RNG states of every rank as plain numbers), with a `format` tag.
 It is written under a temporary name and renamed into place: a folder named `step-*` is always complete.
-Unpickling executes whatever the file says, so a `trainer.pt` (older versions wrote one) is refused, not read.
+Unpickling executes whatever the file says, so a `trainer.pt` (a pickled state) is refused, not read.
 """
 
 from __future__ import annotations
