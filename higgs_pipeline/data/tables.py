@@ -33,6 +33,8 @@ def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
     fs, target = fsspec.core.url_to_fs(path)
     folder, name = target.rsplit("/", 1) if "/" in target else ("", target)
     temp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+    if folder:  # as fsspec.open does for a write: the target's folder is created
+        fs.makedirs(folder, exist_ok=True)
     try:
         with fs.open(temp, mode, **options) as handle:
             yield handle
