@@ -23,6 +23,7 @@ from higgs_pipeline.data.records import SampleRecord, read_records, write_record
 from higgs_pipeline.data.screening import REJECT_REASONS, ScreeningRules, screen_manifest
 from higgs_pipeline.data.speakers import normalize_speakers, table_path
 from higgs_pipeline.data.tables import read_csv, write_csv, write_parquet
+from higgs_pipeline.data.tokenize import ClipChangedError, load_wave
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 
 RATE = 16000
@@ -79,23 +80,43 @@ def test_a_link_that_stays_inside_the_folder_is_read_through_it(tmp_path):
     assert screened.loc["through a link", "audio_uri"] == str(clip)
 
 
+def _unless_it_blocks_on(fifo: Path, call):
+    """`call()`'s result or exception; a call stuck opening `fifo` is released (a writer opens and closes it) and
+    the test fails instead of hanging."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except Exception as error:  # handed back to the test
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY))
+        worker.join()
+        pytest.fail(f"blocked opening the FIFO {fifo}")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 def test_a_fifo_is_never_opened(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
-    fifo = folder / "pipe.wav"
-    os.mkfifo(fifo)
-    outcome: dict = {}
-    worker = threading.Thread(
-        target=lambda: outcome.update(screened=_screen(_manifest(folder, [("pipe.wav", "x", "A")])))
-    )
-    worker.start()
-    worker.join(timeout=60)
-    if worker.is_alive():  # unblock a reader stuck in open() so the test fails instead of hanging
-        os.close(os.open(fifo, os.O_WRONLY))
-        worker.join()
-        pytest.fail("screening blocked opening a FIFO")
-    row = outcome["screened"].loc["x"]
+    os.mkfifo(folder / "pipe.wav")
+    manifest = _manifest(folder, [("pipe.wav", "x", "A")])
+    row = _unless_it_blocks_on(folder / "pipe.wav", lambda: _screen(manifest)).loc["x"]
     assert row["reason"] == "not_a_regular_file" and "FIFO" in row["detail"]
+
+
+def test_tokenization_refuses_a_fifo_put_in_a_probed_clips_place(tmp_path):
+    fifo = tmp_path / "clip.wav"
+    os.mkfifo(fifo)
+    with pytest.raises(ClipChangedError, match="FIFO"):
+        _unless_it_blocks_on(fifo, lambda: load_wave(str(fifo), "0" * 64, RATE))
 
 
 def test_devices_and_directories_are_not_regular_files_even_when_outside_paths_are_allowed(tmp_path):

@@ -3,8 +3,9 @@
 Two kinds of failure are kept apart on purpose:
 - the manifest cannot be read at all (missing, unknown format, unparsable, a required column missing): that is
   a `ManifestError` naming the file and the problem, and the asset fails;
-- one record is bad (a CSV line with the wrong number of fields, a JSONL line that is not a JSON object,
-  text that is not valid UTF-8): that record is kept with its problem noted and rejected later, the rest flows.
+- one record is bad (a CSV line with the wrong number of fields, a JSONL line that is not a JSON object, a
+  manifest field holding a JSON object or array, text that is not valid UTF-8): that record is kept with its
+  problem noted and rejected later, the rest flows.
 
 Every value stays a Python `str`: "NA", "null" or "" are text, never NaN (pandas' NA guessing is off), and
 bytes that are not valid UTF-8 are kept as lone surrogates (`surrogateescape`) so the one bad row can be found
@@ -309,9 +310,10 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     "outside" when it is not under the manifest's folder on the same filesystem: that is how a manifest row cannot
     make the pipeline read /etc/passwd or another bucket unless the run allows it. Local paths compare as real
     paths (".." collapsed and symbolic links followed, the folder's own included), so a link inside the folder
-    cannot lead out of it. Only the path is resolved, the target is never opened or tested for existence here,
-    and an outside path keeps its lexical form: nothing about what lies outside shows in the result. Computed once
-    per distinct path, so a million rows over few files stay cheap.
+    cannot lead out of it. Nothing is opened here, the flag is the same whether or not an outside target exists
+    (realpath resolves what links it meets and keeps the rest as written), and an outside path keeps its lexical
+    form: the result shows nothing of what lies outside. Computed once per distinct path, so a million rows over
+    few files stay cheap.
     """
     protocol, folder = manifest_folder(manifest_uri)
     real_folder = _real_path(folder) if protocol == LOCAL else folder

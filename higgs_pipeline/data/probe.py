@@ -105,8 +105,8 @@ class ClipRefusedError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_clip_bytes(uri: str, max_bytes: int = DEFAULT_MAX_CLIP_BYTES) -> bytes:
-    """A clip's bytes, from a regular file of at most `max_bytes`; raises ClipRefusedError otherwise.
+def read_clip_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_CLIP_BYTES) -> bytes:
+    """A clip's bytes, from a regular file of at most `max_bytes` (None: no cap); raises ClipRefusedError otherwise.
 
     Nothing but a regular file is ever opened (a FIFO would block forever, /dev/zero never ends), and the size
     comes from the file system before a byte is read. Containment in the manifest's folder is the caller's
@@ -135,7 +135,7 @@ def read_clip_bytes(uri: str, max_bytes: int = DEFAULT_MAX_CLIP_BYTES) -> bytes:
     return data
 
 
-def _read_local(path: str, max_bytes: int) -> bytes:
+def _read_local(path: str, max_bytes: int | None) -> bytes:
     """stat first (never open what is not a regular file), then open without following links or blocking, and
     check the opened file again: it may have been swapped between the two calls."""
     try:
@@ -157,7 +157,7 @@ def _read_local(path: str, max_bytes: int) -> bytes:
         if kind != "regular file":
             raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file")
         _check_size(opened.st_size, max_bytes)
-        data = handle.read(max_bytes + 1)
+        data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     _check_size(len(data), max_bytes)  # a file that grew after it was measured
     return data
 
@@ -174,8 +174,8 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
-def _check_size(size: int, max_bytes: int) -> None:
-    if size > max_bytes:
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
         raise ClipRefusedError(
             "file_too_large", f"{size} bytes > max_clip_bytes {max_bytes} (not read; raise max_clip_bytes to allow it)"
         )

@@ -46,8 +46,8 @@ REJECT_REASONS: dict[str, str] = {
     "empty_speaker": "the speaker label is empty",
     "special_token": "text or ref_text holds a control token of the text tokenizer, such as <|AUDIO_OUT|>",
     "path_outside_manifest_dir": (
-        "the audio path leads outside the manifest's folder (through '..', an absolute path or a symbolic link; "
-        "whether the target exists is not checked or told)"
+        "the audio path leads outside the manifest's folder (through '..', an absolute path or a symbolic link); "
+        "the same reason and wording whether or not the target exists"
     ),
     "missing_file": "the audio file does not exist (or audio_path is empty)",
     "not_a_regular_file": "the audio path is a directory, FIFO, device or socket: never opened",

@@ -26,7 +26,7 @@ import torch
 
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
-from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, ClipRefusedError, read_clip_bytes
+from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
 from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.tables import write_text
 from higgs_pipeline.models import loading
@@ -114,11 +114,15 @@ def plan_batches(clips: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
     ]
 
 
-def load_wave(uri: str, clip_hash: str, target_rate: int, max_bytes: int = DEFAULT_MAX_CLIP_BYTES) -> torch.Tensor:
-    """Mono float32 at the tokenizer's rate, after checking the bytes are still the ones that were probed (read
-    as probing reads them: a regular file only, at most `max_bytes`)."""
+def load_wave(uri: str, clip_hash: str, target_rate: int) -> torch.Tensor:
+    """Mono float32 at the tokenizer's rate, after checking the bytes are still the ones that were probed.
+
+    Read as probing reads them (a FIFO or device put in the file's place is refused, never opened) but with no
+    byte cap: the clip passed the screening's cap, which may have been raised above the default, and content
+    that changed since is caught by its hash.
+    """
     try:
-        data = read_clip_bytes(uri, max_bytes)
+        data = read_clip_bytes(uri, max_bytes=None)
     except ClipRefusedError as refused:
         if refused.reason == "missing_file":
             raise FileNotFoundError(f"audio {uri}: {refused.detail}") from None
