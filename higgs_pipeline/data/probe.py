@@ -1,8 +1,8 @@
 """Probing audio files: does it exist, decode, how long, how loud, and what is its content hash.
 
-Each distinct file is read once (a local regular file directly, anything else through fsspec, so s3:// too), and
-never more than `max_bytes` of it (measured before reading), hashed (sha256 of the bytes:
-the `clip_hash` that keys the token store) and decoded with `audio_io.decode`. Files are probed in a thread
+Each distinct file is read once (a local regular file directly, anything else through fsspec, so s3:// too; never
+more than `max_bytes`, measured before reading), hashed (sha256 of the bytes: the `clip_hash` that keys the token
+store) and decoded with `audio_io.decode`. Files are probed in a thread
 pool: reading is I/O-bound and libsndfile and hashlib release the GIL.
 """
 
@@ -140,26 +140,27 @@ def _read_local(path: str, max_bytes: int | None) -> bytes:
     check the opened file again: it may have been swapped between the two calls."""
     try:
         real = os.path.realpath(path)
-        kind = _file_kind(os.stat(real).st_mode)
-        if kind != "regular file":
-            raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file (not opened)")
+        _check_regular(os.stat(real).st_mode, "(not opened)")
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        descriptor = os.open(real, flags)
+        with os.fdopen(os.open(real, flags), "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            _check_regular(opened.st_mode, "(swapped in after it was checked)")
+            _check_size(opened.st_size, max_bytes)
+            data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except FileNotFoundError:
         raise ClipRefusedError("missing_file", "audio file not found" + _spelling_hint(path)) from None
     except OSError as error:
         raise ClipRefusedError("missing_file", f"cannot read audio file: {error.strerror or error}") from None
     except ValueError as error:  # a NUL character in the path
         raise ClipRefusedError("missing_file", f"cannot open audio file: {error}") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        opened = os.fstat(handle.fileno())
-        kind = _file_kind(opened.st_mode)
-        if kind != "regular file":
-            raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file")
-        _check_size(opened.st_size, max_bytes)
-        data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     _check_size(len(data), max_bytes)  # a file that grew after it was measured
     return data
+
+
+def _check_regular(mode: int, note: str) -> None:
+    kind = _file_kind(mode)
+    if kind != "regular file":
+        raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file {note}")
 
 
 def _file_kind(mode: int) -> str:

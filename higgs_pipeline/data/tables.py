@@ -83,7 +83,7 @@ def write_csv(table: pd.DataFrame, path: str, for_spreadsheets: bool = True) -> 
 
 def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
     """Text cells that start with = + - @ tab or CR prefixed with a single quote (OWASP), shown as typed."""
-    escaped = table.copy()
+    escaped = table.copy(deep=False)
     for name in escaped.columns:
         column = escaped[name]
         if pd.api.types.is_string_dtype(column) or column.dtype == object:
