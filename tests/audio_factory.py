@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pytest
+import soundfile
 
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 
@@ -103,6 +105,13 @@ def truncated(dest: Path, source: Path, keep: float = 0.5) -> Path:
 def corrupt(dest: Path) -> Path:
     """Bytes that are no audio format at all (deterministic noise under an audio suffix)."""
     return _write(dest, bytes((i * 7919 + 13) % 251 for i in range(3000)))
+
+
+def float_wav(dest: Path, samples: np.ndarray, rate: int) -> Path:
+    """A 32-bit float WAV of exactly these sample values: float files can hold NaN, infinity and any magnitude."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(dest), samples, rate, subtype="FLOAT")
+    return dest
 
 
 def empty(dest: Path) -> Path:
