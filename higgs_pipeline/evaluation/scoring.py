@@ -80,11 +80,16 @@ def normalize_text(text: str, language: str | None = None) -> str:
     return " ".join(normalizer(text).split())
 
 
-def _normalized_pair(text: str, hypothesis: str, language: str | None) -> tuple[str, str]:
+def require_words(text: str, language: str | None = None) -> str:
+    """The normalized text; a ValueError naming it when nothing is left to score against."""
     reference = normalize_text(text, language)
-    if not reference:
+    if not any(character.isalnum() for character in reference):  # "..." normalizes to "."
         raise ValueError(f"text {text!r} has no words after normalization: nothing to score against")
-    return reference, normalize_text(hypothesis, language)
+    return reference
+
+
+def _normalized_pair(text: str, hypothesis: str, language: str | None) -> tuple[str, str]:
+    return require_words(text, language), normalize_text(hypothesis, language)
 
 
 def word_error_rate(text: str, hypothesis: str, language: str | None = None) -> float:
@@ -228,7 +233,7 @@ class Scorer:
         language: str | None = None,
     ) -> ClipScore:
         """WER/CER of the transcript against `text` and, with a reference clip, the speaker similarity to it."""
-        _normalized_pair(text, "", language)  # bad text fails before any model loads
+        require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
         speech = voiced_seconds(audio) >= MIN_VOICED_S
         hypothesis = self._transcribe(audio, language)
