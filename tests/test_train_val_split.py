@@ -14,8 +14,16 @@ from higgs_pipeline.defs.chatml_samples import chatml_samples
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio
 from higgs_pipeline.defs.train_val_split import train_val_split, train_val_split_is_a_partition
+from higgs_pipeline.defs.transcript_check import transcript_check
 
-CHAIN = [raw_audio_manifest, chatml_samples, tokenized_audio, train_val_split, train_val_split_is_a_partition]
+CHAIN = [
+    raw_audio_manifest,
+    transcript_check,
+    chatml_samples,
+    tokenized_audio,
+    train_val_split,
+    train_val_split_is_a_partition,
+]
 
 
 def _index(targets: int, speakers: int = 20, start: int = 0) -> pd.DataFrame:

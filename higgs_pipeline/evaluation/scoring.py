@@ -205,6 +205,15 @@ class Scorer:
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
 
+    def listen(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> tuple[str, bool]:
+        """The transcript and whether the clip holds speech at all: voiced by webrtcvad and heard as words."""
+        return self._listen(to_model_audio(waveform, sample_rate), language)
+
+    def _listen(self, audio16k: np.ndarray, language: str | None) -> tuple[str, bool]:
+        voiced = voiced_seconds(audio16k) >= MIN_VOICED_S
+        hypothesis = self._transcribe(audio16k, language)
+        return hypothesis, voiced and any(character.isalnum() for character in normalize_text(hypothesis, language))
+
     # ------------------------------------------------------------------ speaker
 
     def _speaker_model(self) -> Any:
@@ -235,9 +244,7 @@ class Scorer:
         """WER/CER of the transcript against `text` and, with a reference clip, the speaker similarity to it."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
-        speech = voiced_seconds(audio) >= MIN_VOICED_S
-        hypothesis = self._transcribe(audio, language)
-        speech = speech and bool(normalize_text(hypothesis, language))
+        hypothesis, speech = self._listen(audio, language)
         scored = hypothesis if speech else ""
         similarity = None
         if reference is not None:
