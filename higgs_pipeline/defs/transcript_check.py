@@ -55,7 +55,7 @@ def transcript_check(
     scorer = scorers.scorer()
     languages = [_language_of(language, scorer) for language in rows["language"]]
     cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
-    heard = _hear_all(context, rows, languages, scorer, cache_root, config)
+    heard, cached = _hear_all(context, rows, languages, scorer, cache_root, config)
     checked = _verdicts(rows, languages, heard, config)
     keep = checked["transcript_status"] != "rejected"
     accepted, rejected = checked[keep].reset_index(drop=True), _rejected_rows(checked[~keep], config)
@@ -71,10 +71,12 @@ def transcript_check(
     return dg.MaterializeResult(
         metadata={
             **_summary(checked, config, scorers),
+            "clips_transcribed": len(heard) - cached,
+            "clips_from_cache": cached,
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
             "data_version": manifest["data_version"],
-        },  # fmt: skip
+        },
         data_version=dg.DataVersion(digest_of_lines(accepted["clip_hash"], seed=settings.encode())),
     )
 
@@ -103,9 +105,9 @@ def _hear_all(
     scorer: scoring.Scorer,
     cache_root: str,
     config: TranscriptCheckConfig,
-) -> dict[tuple[str, str], dict]:
+) -> tuple[dict[tuple[str, str], dict], int]:
     """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language,
-    each distinct clip transcribed once, from the cache when it is there."""
+    each distinct clip transcribed once, from the cache when it is there; and how many came from the cache."""
     wanted: dict[tuple[str, str], str] = {}
     for clip_hash, uri, (code, _why) in zip(rows["clip_hash"], rows["audio_uri"], languages, strict=True):
         if code is not None:
@@ -124,7 +126,7 @@ def _hear_all(
             _write_atomically(heard[clip_hash, code], path, _write_json)
         if done % max(1, config.progress_every) == 0 or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
-    return heard
+    return heard, cached
 
 
 def _hear(uri: str, code: str, scorer: scoring.Scorer) -> dict:
