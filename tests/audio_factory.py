@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 
 ESPEAK = shutil.which("espeak-ng")
 SOX = shutil.which("sox")
@@ -174,7 +174,11 @@ def speech_corpus(root: Path, count: int, speakers: Sequence[str] = ("Alice", "B
 
 
 def resources(artifacts_root: Path | str, device: str = "cpu") -> dict[str, Any]:
-    return {"artifacts": ArtifactStore(root=str(artifacts_root)), "checkpoints": HiggsCheckpoints(device=device)}
+    return {
+        "artifacts": ArtifactStore(root=str(artifacts_root)),
+        "checkpoints": HiggsCheckpoints(device=device),
+        "scorers": QualityScorers(device="cpu"),
+    }
 
 
 def materialize(
