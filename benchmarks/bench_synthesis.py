@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             adapter, audio_tokenizer = "none", args.audio_tokenizer
             model = args.model or str(_real_size_layout())
-        rows = [
-            measure(case, args, device, Path(scratch), audio_tokenizer) for case in cases(args.part, adapter, model)
-        ]
+        rows = [measure(case, args, device, Path(scratch), audio_tokenizer) for case in cases(adapter, model)]
     load = open("/proc/loadavg").read().split()[0] if Path("/proc/loadavg").exists() else "unknown"
     body = table(rows)
     note = f"Model: {DEMO_NOTE} (its audio is noise; speed only)." if rows[0]["demo"] else f"Model: {model}."
