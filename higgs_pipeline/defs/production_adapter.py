@@ -15,18 +15,11 @@ import fsspec
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.evaluate import promotion_blockers
+from higgs_pipeline.synthesis import read_pointer
 
 CODE_VERSION = "1"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
 POINTER_NUMBERS = ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement")
-
-
-def read_pointer(path: str) -> dict | None:
-    """The current pointer, or None before the first promotion."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        return None
-    return json.loads(fs.cat_file(root))
 
 
 def write_pointer(path: str, pointer: dict) -> None:
