@@ -7,7 +7,6 @@ the contract between the two (a records JSONL, a TokenStore, a split.json), not 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import pandas as pd
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 
 from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.records import SampleRecord, TokenStore, write_records
 from higgs_pipeline.models.loading import load_audio_tokenizer, tokenizer_id
 from higgs_pipeline.paths import DEMO_MANIFEST
@@ -63,7 +63,7 @@ def voice_clone_sample(ref_text: str, ref_url: str, text: str, audio_url: str) -
 
 
 def clip_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_hex(path.read_bytes())
 
 
 def token_store_cache_root() -> str:
@@ -126,7 +126,7 @@ def build_training_fixture(
     write_records(samples_path, records)
     split_path = root / "split.json"
     split_path.write_text(json.dumps({"train": train_ids, "validation": validation_ids}))
-    version = hashlib.sha256(Path(samples_path).read_bytes() + split_path.read_bytes()).hexdigest()[:16]
+    version = sha256_hex(Path(samples_path).read_bytes() + split_path.read_bytes())[:16]
     return TrainingFixture(
         samples_path, str(split_path), store_root, tokenizer, version, tuple(train_ids), tuple(validation_ids)
     )

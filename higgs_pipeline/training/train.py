@@ -135,12 +135,14 @@ class Reporter:
                 self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
         self.board.flush()
 
-    def advance(self, postfix: dict[str, str] | None = None) -> None:
+    def advance(self) -> None:
         if self.progress is not None:
-            if postfix:
-                self.progress.set_postfix(**postfix)
-            else:
-                self.progress.update(1)
+            self.progress.update(1)
+
+    def show(self, **postfix: str) -> None:
+        """Numbers beside the progress bar."""
+        if self.progress is not None:
+            self.progress.set_postfix(**postfix)
 
     def close(self) -> None:
         if self.active:
@@ -611,7 +613,7 @@ def _log(
         "memory_gb": memory_gb(env.device),
     }
     reporter.metrics(record, "train")
-    reporter.advance({"loss": f"{record['train_loss']:.4f}", "tokens_s": f"{window.tokens / window.seconds:.0f}"})
+    reporter.show(loss=f"{record['train_loss']:.4f}", tokens_s=f"{window.tokens / window.seconds:.0f}")
     return totals + window, train_means
 
 
