@@ -112,6 +112,8 @@ def test_model_choices_by_config(tmp_path, voices):
     assert scoring.word_error_rate(SENTENCES[2], local.transcribe(wave, rate)) <= 0.5
     with pytest.raises(FileNotFoundError, match="no/such/folder"):
         scoring.Scorer(asr_model=str(tmp_path / "no/such/folder")).transcribe(wave, rate)
+    with pytest.raises(FileNotFoundError, match="speaker model folder .*no/such/wavlm"):
+        scoring.Scorer(speaker_model=str(tmp_path / "no/such/wavlm")).embed(wave, rate)
 
     folder = tmp_path / "tiny-wavlm-sv"
     config = WavLMConfig(
@@ -167,6 +169,7 @@ def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
         (["score", good, "--text", " ... "], "has no words"),
         (["score", good, "--text", "Hi there.", "--language", "klingon"], "'klingon'"),
         (["score", good, "--text", "Bonjour.", "--language", "fr"], "does not cover it"),
+        (["score", good, "--text", "Hi there.", "--asr-model", str(tmp_path / "no-asr")], "no-asr not found"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

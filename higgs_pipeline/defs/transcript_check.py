@@ -27,7 +27,6 @@ from higgs_pipeline.evaluation import scoring
 
 REJECT_REASON = "transcript_mismatch"
 CACHE_VERSION = "1"  # bump when what is cached per clip (decoding settings, speech rule) changes
-STATUSES = ("verified", "flagged", "unverified", "rejected")
 
 
 class TranscriptCheckConfig(dg.Config):
@@ -77,7 +76,9 @@ def transcript_check(
             "rejected_path": rejected_path,
             "data_version": manifest["data_version"],
         },
-        data_version=dg.DataVersion(digest_of_lines(accepted["clip_hash"], seed=settings.encode())),
+        data_version=dg.DataVersion(
+            digest_of_lines(accepted["clip_hash"], seed=(manifest["data_version"] + settings).encode())
+        ),
     )
 
 
