@@ -141,6 +141,7 @@ def _bad(capsys, tmp_path, *argv: str) -> str:
 
 def test_empty_text_is_an_error(capsys, tmp_path):
     assert "--text is empty" in _bad(capsys, tmp_path, "--text", "  \n ")
+    assert "--max-new-tokens 5: give at least 16" in _bad(capsys, tmp_path, "--text", "Hi.", "--max-new-tokens", "5")
 
 
 def test_reference_that_is_not_audio_is_an_error(capsys, tmp_path, adapter):
