@@ -37,6 +37,8 @@ CHUNK_WORDS = 40
 # How many earlier chunks each chunk hears as context (boson's example keeps a small buffer of them).
 CONTEXT_CHUNKS = 1
 EXPORT_RECORD = "higgs_pipeline_export.json"
+# Fewer new tokens than this leaves a chunk with (almost) no audio: 7 delay-pattern columns + begin/end markers.
+MIN_NEW_TOKENS = 16
 SENTENCE_END = re.compile(r"(?<=[.!?;:…。！？])\s+")
 
 
@@ -381,8 +383,11 @@ def synthesize(
     text = check_text(text)
     if reference_text and not reference_audio:
         raise SynthesisError("--reference-text needs --reference: the clip it transcribes")
-    if max_new_tokens < 8:
-        raise SynthesisError(f"--max-new-tokens {max_new_tokens}: give at least 8 (the codec's delay pattern)")
+    if max_new_tokens < MIN_NEW_TOKENS:
+        raise SynthesisError(
+            f"--max-new-tokens {max_new_tokens}: give at least {MIN_NEW_TOKENS} (the first 9 frames of each chunk are "
+            "the codec's delay pattern and stream markers, not audio)"
+        )
     out_path = check_output_file(out, overwrite)
     resolved = resolve_adapter(adapter, artifacts_root, model)
     if resolved.demo:

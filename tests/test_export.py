@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 import torch
 from boson_multimodal.model.higgs_audio import HiggsAudioModel
+from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from safetensors import safe_open
 from training_fixtures import shared_training_fixture
 from voice_fixtures import make_adapter, promote
@@ -133,3 +134,38 @@ def test_bad_export_requests_are_errors(capsys, tmp_path, adapter):
     assert "no promoted adapter yet" in error
     assert "no adapter_config.json" in _bad(capsys, "--adapter", str(tmp_path / "gone"), "--out", str(tmp_path / "z"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, capsys, s3_env):  # noqa: F811
+    """The pointer and the adapter in buckets: export reads both, merged_model writes its folder to the store."""
+    from s3fs import S3FileSystem
+
+    fs = S3FileSystem()
+    for bucket in ("runs", "artifacts"):
+        fs.mkdir(bucket)
+    fs.put(str(adapter), "runs/run1/best_adapter", recursive=True)
+    remote_adapter = "s3://runs/run1/best_adapter"
+    fs.pipe_file("artifacts/production_adapter/current.json", json.dumps({"adapter_path": remote_adapter}).encode())
+
+    out = tmp_path / "exported"
+    assert main(["export", "--artifacts", "s3://artifacts", "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["adapter_path"] == remote_adapter and printed["adapter_source"].startswith("production pointer")
+    assert (out / "model.safetensors").is_file()
+
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "production_adapter", metadata={"adapter_path": dg.MetadataValue.path(remote_adapter)}
+            )
+        )
+        result = dg.materialize(
+            [merged_model],
+            instance=instance,
+            resources={"artifacts": ArtifactStore(root="s3://artifacts"), "checkpoints": HiggsCheckpoints()},
+        )
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("merged_model")[0].metadata.items()}
+    assert metadata["merged_path"].startswith("s3://artifacts/merged_model/")
+    stored = {name.rsplit("/", 1)[-1] for name in fs.ls(metadata["merged_path"])}
+    assert {"config.json", "model.safetensors", "tokenizer.json", EXPORT_RECORD} <= stored
+    assert json.loads(fs.cat_file(metadata["export_record"]))["adapter_path"] == remote_adapter

@@ -17,7 +17,7 @@ from higgs_pipeline.cli import main
 from higgs_pipeline.evaluation.generate import VoiceReference, generate_speech, open_engine, speech_prompt
 from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
 from higgs_pipeline.paths import DEMO_DATA
-from higgs_pipeline.synthesis import synthesize, text_chunks
+from higgs_pipeline.synthesis import resolve_adapter, synthesize, text_chunks
 
 MAX_NEW_TOKENS = 24
 REFERENCE = DEMO_DATA / "audio" / "spk_a" / "a_001.wav"
@@ -53,6 +53,17 @@ def test_text_chunks_split_at_sentence_ends():
     # A sentence longer than the limit stays whole: it is never cut mid-sentence.
     assert text_chunks("a b c d e f. g.", max_words=3) == ["a b c d e f.", "g."]
     assert len(text_chunks(LONG_TEXT)) == 2
+
+
+def test_adapter_none_is_the_base_of_the_production_adapter_or_model(adapter, tmp_path):
+    recorded = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert resolve_adapter("none", str(tmp_path), "demo").adapter_path is None
+    assert resolve_adapter("none", str(tmp_path), "demo").base_model == "demo"
+    promote(tmp_path, adapter)
+    alone = resolve_adapter("none", str(tmp_path))
+    assert alone.adapter_path is None and alone.base_model == recorded and alone.demo
+    production = resolve_adapter("production", str(tmp_path), "demo")
+    assert production.adapter_path == str(adapter) and production.base_model == recorded
 
 
 def test_demo_synthesizes_from_the_production_pointer(adapter, codec, tmp_path, capsys):
@@ -108,7 +119,14 @@ def test_voice_clone_call_conditions_on_the_reference(adapter, codec, tmp_path):
     settings = {"seed": 0, "temperature": 0.7, "max_new_tokens": MAX_NEW_TOKENS}
     plain = generate_speech(engine, "Hello from the cloned voice.", **settings)
     cloned = generate_speech(engine, "Hello from the cloned voice.", VoiceReference(str(REFERENCE), "Hi."), **settings)
-    assert plain.finished is False  # random weights never end their audio within 24 frames
+    assert plain.finished is False  # cut off: the demo model ends this sentence after 86 frames
+    # Given room, it ends its audio itself; generation stops there (nothing after the audio end is spoken).
+    ended = generate_speech(
+        engine, "Hello, this is a short test of the trained voice.", seed=0, temperature=0.7, max_new_tokens=128
+    )
+    assert ended.finished and ended.audio_frames < 128
+    # The audio is that one stream: its frames less the delay pattern's 7 columns and the begin/end markers.
+    assert ended.waveform.size == (ended.audio_frames - 9) * codec["hop"]
     assert plain.waveform.shape != cloned.waveform.shape or not np.allclose(plain.waveform, cloned.waveform)
 
 
@@ -123,6 +141,7 @@ def _bad(capsys, tmp_path, *argv: str) -> str:
 
 def test_empty_text_is_an_error(capsys, tmp_path):
     assert "--text is empty" in _bad(capsys, tmp_path, "--text", "  \n ")
+    assert "--max-new-tokens 5: give at least 16" in _bad(capsys, tmp_path, "--text", "Hi.", "--max-new-tokens", "5")
 
 
 def test_reference_that_is_not_audio_is_an_error(capsys, tmp_path, adapter):

@@ -1,5 +1,7 @@
 """Merge a trained adapter into its base and write a plain checkpoint: loadable with HiggsAudioModel.from_pretrained
-and the same text tokenizer, with no PEFT at inference time.
+and the same text tokenizer, with no PEFT at inference time. Users call it through `higgs-pipeline export`
+(which also resolves the production adapter and checks its base); the evaluation, `higgs-pipeline synthesize`
+and the `merged_model` asset merge through this same function.
 
     python -m higgs_pipeline.training.export --model demo --adapter runs/x/best_adapter --output merged/
 """
