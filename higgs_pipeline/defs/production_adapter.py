@@ -17,6 +17,7 @@ import fsspec
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
+from higgs_pipeline.synthesis import read_pointer
 
 CODE_VERSION = "2"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
@@ -37,14 +38,6 @@ POINTER_QUALITY = (
     "quality_wer_tolerance",
     "quality_similarity_tolerance",
 )
-
-
-def read_pointer(path: str) -> dict | None:
-    """The current pointer, or None before the first promotion."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        return None
-    return json.loads(fs.cat_file(root))
 
 
 def write_pointer(path: str, pointer: dict) -> None:

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
 log = logging.getLogger(__name__)
+# boson's default stop strings plus the audio end: only the audio is wanted, and what the model says after it
+# (text, or a second audio segment that boson then splices onto the first) is not part of the answer.
+STOP_STRINGS = ["<|end_of_text|>", "<|eot_id|>", "<|audio_eos|>"]
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ def _generate(
         temperature=temperature,
         force_audio_gen=True,
         seed=seed,
+        stop_strings=STOP_STRINGS,
     )
     if response.audio is None:
         raise RuntimeError(f"sample {sample_id or '(unnamed)'}: the model generated no audio tokens")
