@@ -81,7 +81,7 @@ def _prompt(sample_id: str, kind: str, text: str, reference: bool) -> ListeningP
 def results() -> list[PromptResult]:
     first = PromptResult(
         _prompt("s4", "tts", HOSTILE_TEXT, reference=True),
-        {"ground_truth": _take(1.5, 0.0, 0.9), "base": _take(1.0, 0.5, 0.6), "adapter": _take(1.2, 0.25, 0.7)},
+        {"ground_truth": _take(9.0, 0.0, 0.9), "base": _take(1.0, 0.5, 0.6), "adapter": _take(1.2, 0.25, 0.7)},
         reference=(_tone(0.8, 330), RATE),
     )
     second = PromptResult(
@@ -143,7 +143,12 @@ def open_report(report: Path, chromium_path: str) -> dict:
             page = browser.new_page()
             page.set_default_timeout(TIMEOUT_MS)
             failed: list[str] = []
-            page.on("requestfailed", lambda request: failed.append(request.url))
+            # A media element may abort its own preload fetch when play() asks again (net::ERR_ABORTED): not
+            # a missing file. Any other failure (file not found, ...) is.
+            page.on(
+                "requestfailed",
+                lambda request: None if "ERR_ABORTED" in (request.failure or "") else failed.append(request.url),
+            )
             page.goto(report.as_uri(), wait_until="load")
             return {
                 "audio": page.evaluate(AUDIO_STATES),
@@ -176,6 +181,19 @@ def test_report_plays_every_clip_in_chromium(results, tmp_path, chromium):
 
     assert_every_clip_plays(seen, expected=2 * 4)  # ground truth, base, adapter and the reference, per prompt
     durations = sorted(round(state["duration"], 2) for state in seen["audio"])
-    assert durations == sorted([1.5, 1.0, 1.2, 0.8, 1.1, 2.56, 0.9, 0.8])
+    assert durations == sorted([9.0, 1.0, 1.2, 0.8, 1.1, 2.56, 0.9, 0.8])
     assert seen["injected"] is False and HOSTILE_TEXT in seen["text"]
     assert "0.225" in seen["text"] and "0.750" in seen["text"]  # the adapter's and the base's mean WER
+
+
+@pytest.mark.slow
+def test_a_missing_clip_is_caught_in_chromium(results, tmp_path, chromium):
+    """The browser check itself can fail: a clip deleted from beside the page is a media error."""
+    written = write_report(str(tmp_path / "evaluation"), results, quality_numbers(results), "Listening report", None)
+    Path(written["1/adapter"]).unlink()
+    seen = open_report(Path(written["report"]), chromium)
+    broken = [state for state in seen["audio"] if state["src"].endswith("01_v_5_adapter.wav")]
+    assert len(broken) == 1 and broken[0]["error"] is not None and broken[0]["played"] is False
+    assert seen["failed_requests"] == [broken[0]["src"]]
+    with pytest.raises(AssertionError):
+        assert_every_clip_plays(seen, expected=8)
