@@ -1,0 +1,382 @@
+"""Dialogues: screening keeps or drops a conversation whole with every row accounted for, samples follow boson's
+multi-speaker convention with references masked from the loss (checked through boson's own collator), long
+dialogues are cut at turn boundaries, the speaker confusion metric, and the synthesis script format."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from boson_multimodal.data_types import AudioContent, TextContent
+from boson_multimodal.model.higgs_audio import HiggsAudioConfig
+
+from higgs_pipeline.data.dialogue import (
+    DIALOGUE_KIND,
+    MULTISPEAKER_SYSTEM_MESSAGE,
+    DialogueSample,
+    DialogueScriptError,
+    ReferencePool,
+    TokenCounter,
+    Utterance,
+    check_script_speakers,
+    dialogue_speaker_scores,
+    dialogue_system_prompt,
+    incomplete_dialogues,
+    parse_dialogue_script,
+    parse_speaker_references,
+    plan_dialogues,
+    pooled_speaker_scores,
+    screen_dialogues,
+    turn_problems,
+    window_turns,
+)
+from higgs_pipeline.data.records import SampleRecord
+from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
+from higgs_pipeline.models.demo import demo_checkpoints
+from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, make_collator
+
+
+def manifest_rows(dialogues: list[tuple[str, str]]) -> pd.DataFrame:
+    """Rows as screening sees them: `row` numbers from 1 and every field a string."""
+    table = pd.DataFrame(dialogues, columns=["dialogue_id", "turn"], dtype="str")
+    return table.assign(row=np.arange(1, len(table) + 1))
+
+
+def screened(dialogues: list[tuple[str, str]], rejected: dict[int, str] | None = None) -> pd.DataFrame:
+    """Verdicts after the dialogue rules, starting from `rejected` (row number -> an earlier check's reason)."""
+    rows = manifest_rows(dialogues)
+    reason = np.full(len(rows), "", dtype=object)
+    for row, why in (rejected or {}).items():
+        reason[row - 1] = why
+    reason, detail = screen_dialogues(rows, reason, np.full(len(rows), "", dtype=object))
+    return rows.assign(reason=reason, detail=detail)
+
+
+# ---------------------------------------------------------------------------------------------------- screening
+
+
+def test_good_dialogues_and_single_utterances_pass_untouched():
+    result = screened([("d1", "1"), ("d1", "2"), ("", ""), ("d2", "0"), ("d2", "1"), ("d1", "3"), ("d3", "+01")])
+    assert (result["reason"] == "").all() and (result["detail"] == "").all()
+
+
+def test_a_rejected_turn_excludes_its_dialogue_whole_naming_the_turn():
+    result = screened([("d1", "1"), ("d1", "2"), ("d1", "3"), ("d2", "1"), ("", "")], rejected={2: "too_short"})
+    assert list(result["reason"]) == ["dialogue_incomplete", "too_short", "dialogue_incomplete", "", ""]
+    assert result["detail"][0] == "dialogue 'd1': turn 2 (row 2) was rejected as too_short"
+    assert result["detail"][2] == result["detail"][0]
+
+
+def test_incomplete_names_the_earliest_rejected_turn_and_counts_the_others():
+    rows = manifest_rows([("d", "3"), ("d", "1"), ("d", "2"), ("d", "4")])
+    mask, detail = incomplete_dialogues(rows, np.array(["silent", "", "missing_file", ""], dtype=object))
+    assert list(mask) == [False, True, False, True]
+    assert detail[1] == "dialogue 'd': turn 2 (row 3) was rejected as missing_file (and 1 more rejected turn)"
+
+
+@pytest.mark.parametrize(
+    ("turns", "bad_rows", "detail"),
+    [
+        (["1", "2", "2"], [2, 3], "dialogue 'd': turn 2 repeated (rows 2, 3)"),
+        (["1", "02", "3", "2"], [2, 4], "dialogue 'd': turn 2 repeated (rows 2, 4)"),
+        (["1", "2", "4"], [1, 2, 3], "dialogue 'd': turn 3 missing (turns found: 1, 2, 4)"),
+        (["2", "3"], [1, 2], "dialogue 'd': turn 1 missing (turns found: 2, 3)"),
+        (["0", "2"], [1, 2], "dialogue 'd': turn 1 missing (turns found: 0, 2)"),
+        (["1", "two", "3"], [2], "dialogue 'd': turn 'two' is not a whole number"),
+        (["1", "2.5"], [2], "dialogue 'd': turn '2.5' is not a whole number"),
+        (["1", "-2"], [2], "dialogue 'd': turn '-2' is not a whole number"),
+        (["1", " "], [2], "dialogue 'd': turn is empty"),
+    ],
+)
+def test_bad_turns_are_rejected_and_the_rest_of_the_dialogue_with_them(turns, bad_rows, detail):
+    result = screened([("d", t) for t in turns] + [("other", "1"), ("", "")])
+    dialogue = result[result["dialogue_id"] == "d"]
+    for row in dialogue.itertuples():
+        expected = "bad_turn" if row.row in bad_rows else "dialogue_incomplete"
+        assert row.reason == expected, (row.row, row.reason, row.detail)
+    assert result.loc[result["row"] == bad_rows[0], "detail"].item() == detail
+    assert (result[result["dialogue_id"] != "d"]["reason"] == "").all()  # other rows are untouched
+    assert (result["reason"] != "").sum() == len(turns)  # every row accounted for, each once
+
+
+def test_a_turn_without_a_dialogue_is_rejected_and_earlier_reasons_win():
+    result = screened([("", "3"), ("d", "1"), ("d", "x")], rejected={3: "malformed_row"})
+    assert list(result["reason"]) == ["bad_turn", "dialogue_incomplete", "malformed_row"]
+    assert result["detail"][0] == "turn '3' given without a dialogue_id"
+    assert result["detail"][1] == "dialogue 'd': turn 'x' (row 3) was rejected as malformed_row"
+
+
+def test_a_manifest_without_dialogue_columns_has_no_dialogues():
+    rows = pd.DataFrame({"row": [1, 2], "text": ["a", "b"]})
+    bad, _ = turn_problems(rows)
+    mask, _ = incomplete_dialogues(rows, np.array(["too_short", ""], dtype=object))
+    assert not bad.any() and not mask.any()
+
+
+# ------------------------------------------------------------------------------------------------------ samples
+
+
+def accepted_table(rows: list[tuple[str, str, str, str]]) -> pd.DataFrame:
+    """Accepted rows (dialogue_id, turn, speaker label, text) with fake clips: hash and uri from the text."""
+    table = pd.DataFrame(rows, columns=["dialogue_id", "turn", "speaker", "text"], dtype="str")
+    clip = table["text"].str.replace(r"\W+", "_", regex=True).str.lower()
+    return table.assign(
+        row=np.arange(1, len(table) + 1),
+        clip_hash=clip.map(lambda c: hashlib.sha256(c.encode()).hexdigest()),
+        audio_uri="/corpus/" + clip + ".wav",
+        duration_s=2.0,
+        scene="",
+    )
+
+
+CONVERSATION = [
+    ("talk", "2", "bob", "Fine, thanks."),
+    ("talk", "1", "Alice", "Hello Bob, how are you?"),
+    ("talk", "3", " ALICE", "Good to hear."),
+    ("talk", "4", "Carol", "Hi both."),
+    ("", "", "alice", "Alice alone in the studio."),
+    ("", "", "Bob", "Bob alone in the studio."),
+    ("other", "1", "Bob", "A line from another talk."),
+]
+
+
+def plan_of(rows, **options):
+    accepted = accepted_table(rows)
+    ids, speaker_map = normalize_speakers(accepted["speaker"])
+    names = {speaker_id: entry["name"] for speaker_id, entry in speaker_map.speakers.items()}
+    return accepted, plan_dialogues(accepted, ids, names, **options)
+
+
+def test_sample_layout_follows_boson_multispeaker_convention():
+    accepted, plan = plan_of(CONVERSATION)
+    assert plan.metadata() == {
+        "dialogues": 2,
+        "dialogue_turns": 5,
+        "samples_dialogue": 2,
+        "dialogues_windowed": 0,
+        "dialogue_turns_over_max_length": 0,
+    }
+    talk = next(s for s in plan.samples if s.dialogue_id == "talk")
+    chatml, audio = talk.chatml()
+    alice, bob, carol = (canonical_speaker_id(n) for n in ("alice", "bob", "carol"))
+    assert talk.speakers == [alice, bob, carol]  # first appearance by turn number, not manifest order
+    system, *rest = chatml.messages
+    assert system.role == "system" and system.content == dialogue_system_prompt("", ["alice", "bob", "carol"])
+    assert system.content.startswith(MULTISPEAKER_SYSTEM_MESSAGE)
+    assert "SPEAKER0: alice\nSPEAKER1: bob\nSPEAKER2: carol\n<|scene_desc_end|>" in system.content
+    # References: alice and bob have clips outside this dialogue, carol has none.
+    references, turns = rest[: chatml.start_index - 1], rest[chatml.start_index - 1 :]
+    assert chatml.start_index == 5
+    assert [m.content.text for m in references[::2]] == [
+        "[SPEAKER0] Alice alone in the studio.",
+        "[SPEAKER1] " + talk.references[bob].text,
+    ]
+    assert talk.references[bob].text in ("Bob alone in the studio.", "A line from another talk.")
+    assert [m.content.text for m in turns[::2]] == [
+        "[SPEAKER0] Hello Bob, how are you?",
+        "[SPEAKER1] Fine, thanks.",
+        "[SPEAKER0] Good to hear.",
+        "[SPEAKER2] Hi both.",
+    ]
+    assert all(m.role == "user" and isinstance(m.content, TextContent) for m in [*references[::2], *turns[::2]])
+    assert all(m.role == "assistant" and isinstance(m.content, AudioContent) for m in [*references[1::2], *turns[1::2]])
+    by_uri = accepted.set_index("audio_uri")
+    assert [by_uri.loc[m.content.audio_url, "text"] for m in turns[1::2]] == [
+        "Hello Bob, how are you?",
+        "Fine, thanks.",
+        "Good to hear.",
+        "Hi both.",
+    ]
+    assert [a["audio_path"] for a in audio] == [m.content.audio_url for m in [*references[1::2], *turns[1::2]]]
+    record = talk.record()
+    assert (record.kind, record.speaker) == (DIALOGUE_KIND, alice)
+    assert chatml.misc == {"dialogue_id": "talk", "window": 0, "speakers": [alice, bob, carol]}
+    # The record survives its JSON round trip into the same ChatML (what training reads).
+    assert SampleRecord(**record.__dict__).to_chatml() == chatml
+
+
+def test_single_speaker_dialogue_is_a_dialogue_and_scene_is_used():
+    rows = [("solo", "1", "Alice", "One."), ("solo", "2", "alice", "Two.")]
+    accepted = accepted_table(rows).assign(scene=["A small kitchen.", ""])
+    ids, _ = normalize_speakers(accepted["speaker"])
+    (sample,) = plan_dialogues(accepted, ids, references=False).samples
+    chatml, audio = sample.chatml()
+    assert chatml.start_index == 1 and len(audio) == 2
+    assert "<|scene_desc_start|>\nA small kitchen.\n\nSPEAKER0: " in chatml.messages[0].content
+    assert [m.content.text for m in chatml.messages[1::2]] == ["[SPEAKER0] One.", "[SPEAKER0] Two."]
+
+
+def test_reference_is_never_a_clip_of_the_same_dialogue_and_is_stable():
+    rows = [("d", "1", "Ann", "First."), ("d", "2", "Ann", "Second."), ("", "", "Ann", "Elsewhere.")]
+    for extra in range(4):
+        more = rows + [("", "", "Ann", f"Another clip {i}.") for i in range(extra)]
+        accepted, plan = plan_of(more)
+        (sample,) = plan.samples
+        reference = sample.references[canonical_speaker_id("ann")]
+        assert reference.text not in ("First.", "Second.")
+    # The same speaker's only other clips are in this dialogue: no reference, no reference turn.
+    _, plan = plan_of(rows[:2])
+    assert plan.samples[0].references == {} and plan.samples[0].chatml()[0].start_index == 1
+    pool = ReferencePool(accepted_table(rows), pd.Series(["x", "x", "x"]))
+    assert pool.pick("d", "x", {"nothing"}) == pool.pick("d", "x", {"nothing"})
+
+
+def test_plan_refuses_unscreened_turns():
+    accepted = accepted_table([("d", "1", "A", "One."), ("d", "1", "B", "Two.")])
+    with pytest.raises(ValueError, match="turn 1 repeated"):
+        plan_dialogues(accepted, accepted["speaker"])
+
+
+def test_every_turn_is_trained_and_references_are_not_through_boson_collator(text_tokenizer):
+    """prepare_chatml_sample + HiggsAudioSampleCollator: each turn's audio-out segment carries its own codes as
+    labels, each reference segment none, and no user text is a label."""
+    _, plan = plan_of(CONVERSATION)
+    talk = next(s for s in plan.samples if s.dialogue_id == "talk")
+    record = talk.record()
+    config = HiggsAudioConfig.from_pretrained(demo_checkpoints().model)
+    generator = torch.Generator().manual_seed(0)
+    frames = [20 + 5 * i for i in range(len(record.audio))]
+    codes = [torch.randint(0, 1024, (8, n), generator=generator) for n in frames]
+    sample = build_dataset_sample(record.to_chatml(), [AudioInput(c) for c in codes], text_tokenizer)
+    batch = make_collator(config)([sample])
+    starts = batch.audio_out_ids_start.tolist() + [batch.label_audio_ids.shape[1]]
+    segments = [batch.label_audio_ids[:, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    assert len(segments) == len(record.audio) == 6
+    references = len(talk.references)
+    for segment in segments[:references]:
+        assert bool((segment == -100).all())
+    for segment, code in zip(segments[references:], codes[references:], strict=True):
+        assert torch.equal(segment[0, 1 : 1 + code.shape[1]], code[0])  # codebook 0 is not delayed
+    text_labels = batch.label_ids[0][batch.label_ids[0] != -100]
+    decoded = text_tokenizer.decode(text_labels)
+    assert "SPEAKER" not in decoded and "Hello" not in decoded  # user turns condition, never trained
+
+
+# ------------------------------------------------------------------------------------------------------ windows
+
+
+def test_windows_cut_at_turn_boundaries_and_count_what_was_cut():
+    lengths, speakers = [30, 30, 30, 30, 30], ["a", "b", "a", "b", "a"]
+    windows = window_turns(lengths, speakers, base_length=10, reference_lengths={"a": 20, "b": 20}, max_tokens=120)
+    # base 10 + refs 40 + two turns 60 = 110; a third turn would make 140.
+    assert windows.windows == [(0, 2), (2, 4), (4, 5)] and windows.over_length == []
+    whole = window_turns(lengths, speakers, 10, {}, max_tokens=1000)
+    assert whole.windows == [(0, 5)]
+    long = window_turns([30, 500, 30], ["a", "b", "a"], 10, {}, max_tokens=100)
+    assert long.windows == [(0, 1), (1, 2), (2, 3)] and long.over_length == [1]
+    first = window_turns([500, 30], ["a", "b"], 10, {}, max_tokens=100)
+    assert first.windows == [(0, 1), (1, 2)] and first.over_length == [0]
+    for cut in (windows, long, first):  # consecutive, covering every turn once, never empty
+        flat = [i for start, stop in cut.windows for i in range(start, stop)]
+        assert flat == list(range(len(flat))) and all(stop > start for start, stop in cut.windows)
+
+
+def test_long_dialogue_becomes_windows_that_fit_the_budget(text_tokenizer):
+    rows = [("long", str(i + 1), "Ann" if i % 2 == 0 else "Ben", f"Turn number {i + 1} of the talk.") for i in range(9)]
+    rows += [("", "", "Ann", "Ann's own clip."), ("", "", "Ben", "Ben's own clip.")]
+    counter = TokenCounter(text_tokenizer)
+    _, whole = plan_of(rows)
+    full = sum(counter.lengths(whole.samples[0])[0]) + counter.lengths(whole.samples[0])[2]
+    _, plan = plan_of(rows, max_tokens=full // 3, counter=counter)
+    assert plan.dialogues == 1 and plan.dialogues_windowed == 1 and plan.turns_over_max_length == 0
+    assert len(plan.samples) >= 3 and plan.metadata()["samples_dialogue"] == len(plan.samples)
+    texts = [t.text for s in plan.samples for t in s.turns]
+    assert texts == [r[3] for r in rows[:9]]  # every turn once, in order: nothing dropped, nothing split
+    assert [s.window for s in plan.samples] == list(range(len(plan.samples)))
+    assert len({s.sample_id for s in plan.samples}) == len(plan.samples)
+    for sample in plan.samples:
+        chatml, audio = sample.chatml()
+        tokens = counter.text(chatml.messages) + sum(counter.audio(2.0) for _ in audio)
+        assert tokens <= full // 3
+        assert chatml.messages[chatml.start_index].content.text.startswith("[SPEAKER0] ")  # numbered per window
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+def test_confusion_metric_on_known_embeddings():
+    references = {"A": np.array([1.0, 0.0]), "B": np.array([0.0, 2.0])}
+    turns = np.array([[1.0, 0.1], [0.2, 1.0], [1.0, 0.9], [0.9, 1.0]])
+    scores = dialogue_speaker_scores(turns, ["A", "B", "A", "A"], references)
+    assert list(scores.confused) == [False, False, False, True]  # turn 4 is closer to B's reference
+    assert scores.confusion == pytest.approx(0.25)
+    own = [1 / np.hypot(1, 0.1), 1 / np.hypot(0.2, 1), 1 / np.hypot(1, 0.9), 0.9 / np.hypot(0.9, 1)]
+    assert scores.own_similarity == pytest.approx(own)
+    assert scores.similarity == pytest.approx(np.mean(own))
+    one = dialogue_speaker_scores(turns[:2], ["A", "A"], {"A": references["A"]})
+    assert one.confusion == 0.0 and np.isnan(one.best_other_similarity).all()
+    similarity, confusion = pooled_speaker_scores([scores, one])
+    assert confusion == pytest.approx(1 / 6)
+    assert similarity == pytest.approx(np.mean(own + list(one.own_similarity)))
+    tie = dialogue_speaker_scores(np.array([[1.0, 1.0]]), ["A"], references)
+    assert not tie.confused[0]  # a tie is not a confusion
+    with pytest.raises(ValueError, match="no reference embedding for speaker"):
+        dialogue_speaker_scores(turns[:1], ["C"], references)
+    with pytest.raises(ValueError, match="zero"):
+        dialogue_speaker_scores(np.zeros((1, 2)), ["A"], references)
+
+
+# ---------------------------------------------------------------------------------------------------- synthesis
+
+
+def test_script_parses_turns_in_order():
+    script = "\ufeff[SPEAKER0] Hello there.\n\n[SPEAKER1]   Hi!  \n[SPEAKER0] Bye."
+    turns = parse_dialogue_script(script)
+    assert [(t.line, t.speaker, t.text) for t in turns] == [
+        (1, "SPEAKER0", "Hello there."),
+        (3, "SPEAKER1", "Hi!"),
+        (4, "SPEAKER0", "Bye."),
+    ]
+    references = parse_speaker_references(["SPEAKER0=a.wav", "SPEAKER1 = refs/b.wav"])
+    assert references == {"SPEAKER0": "a.wav", "SPEAKER1": "refs/b.wav"}
+    assert check_script_speakers(turns, references) == ["SPEAKER0", "SPEAKER1"]
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("[SPEAKER0] Hi.\nno tag here", "dialogue.txt line 2: expected '[SPEAKERk] text'"),
+        ("[SPEAKER0] Hi.\n[SPEAKER1]", "dialogue.txt line 2: [SPEAKER1] has no text"),
+        ("[speaker0] Hi.", "dialogue.txt line 1: expected"),
+        ("[SPEAKER01] Hi.", "dialogue.txt line 1: write the tag as [SPEAKER1]"),
+        ("[SPEAKER0] Hi. [SPEAKER1] Hello.", "dialogue.txt line 1: a second tag [SPEAKER1]"),
+        ("\n  \n", "dialogue.txt: no turns"),
+    ],
+)
+def test_bad_scripts_name_the_line(script, message):
+    with pytest.raises(DialogueScriptError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_dialogue_script(script, source="dialogue.txt")
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (["SPEAKER0"], "expected SPEAKERk=REFERENCE.wav"),
+        (["SPEAKER0="], "expected SPEAKERk=REFERENCE.wav"),
+        (["ALICE=a.wav"], "'ALICE' is not a speaker tag"),
+        (["SPEAKER0=a.wav", "SPEAKER0=b.wav"], "SPEAKER0 given twice"),
+    ],
+)
+def test_bad_speaker_references_name_the_argument(items, message):
+    with pytest.raises(DialogueScriptError, match=message):
+        parse_speaker_references(items)
+
+
+def test_script_speakers_and_references_must_match():
+    turns = parse_dialogue_script("[SPEAKER0] Hi.\n[SPEAKER1] Hello.")
+    with pytest.raises(DialogueScriptError, match="line 2: SPEAKER1 has no reference voice"):
+        check_script_speakers(turns, {"SPEAKER0": "a.wav"})
+    with pytest.raises(DialogueScriptError, match="the script has no SPEAKER2 turn"):
+        check_script_speakers(turns, {"SPEAKER0": "a.wav", "SPEAKER1": "b.wav", "SPEAKER2": "c.wav"})
+
+
+def test_dialogue_sample_ids_depend_on_content():
+    turn = Utterance("s", "Hi.", "h1", "/a.wav", 1.0)
+    one = DialogueSample("d", 0, "", (turn,))
+    assert one.sample_id == DialogueSample("d", 0, "", (turn,)).sample_id
+    assert one.sample_id != DialogueSample("e", 0, "", (turn,)).sample_id
+    other = Utterance("s", "Hi!", "h1", "/a.wav", 1.0)
+    assert one.sample_id != DialogueSample("d", 0, "", (other,)).sample_id
