@@ -36,6 +36,7 @@ from higgs_pipeline.data.dialogue import (
 from higgs_pipeline.data.records import SampleRecord
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
 from higgs_pipeline.models.demo import demo_checkpoints
+from higgs_pipeline.paths import DEMO_MANIFEST
 from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, make_collator
 
 
@@ -380,3 +381,23 @@ def test_dialogue_sample_ids_depend_on_content():
     assert one.sample_id != DialogueSample("e", 0, "", (turn,)).sample_id
     other = Utterance("s", "Hi!", "h1", "/a.wav", 1.0)
     assert one.sample_id != DialogueSample("d", 0, "", (other,)).sample_id
+
+
+# ---------------------------------------------------------------------------------------------------- demo data
+
+
+def test_demo_corpus_holds_well_formed_two_speaker_dialogues():
+    manifest = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False)
+    rows = manifest.assign(row=np.arange(1, len(manifest) + 1))
+    bad, detail = turn_problems(rows)
+    assert not bad.any(), detail[bad]
+    dialogues = rows[rows["dialogue_id"] != ""]
+    assert dialogues["dialogue_id"].nunique() == 3 and len(dialogues) <= 12  # a few, short: the demo stays fast
+    ids, _ = normalize_speakers(dialogues["speaker"])
+    speakers = ids.groupby(dialogues["dialogue_id"].to_numpy()).nunique()
+    assert (speakers == 2).all()
+    assert dialogues["speaker"].str.strip().ne(dialogues["speaker"]).any()  # a label variant inside a dialogue
+    assert (dialogues["scene"] != "").any() and (dialogues["scene"] == "").any()  # with and without a scene
+    assert all((DEMO_MANIFEST.parent / path).is_file() for path in dialogues["audio_path"])
+    single = rows[rows["dialogue_id"] == ""]
+    assert len(single) == 48 and (single["turn"] == "").all() and (single["scene"] == "").all()
