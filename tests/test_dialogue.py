@@ -22,6 +22,7 @@ from higgs_pipeline.data.dialogue import (
     TokenCounter,
     Utterance,
     check_script_speakers,
+    dialogue_quality_numbers,
     dialogue_speaker_scores,
     dialogue_system_prompt,
     incomplete_dialogues,
@@ -29,12 +30,15 @@ from higgs_pipeline.data.dialogue import (
     parse_speaker_references,
     plan_dialogues,
     pooled_speaker_scores,
+    recorded_dialogue,
     screen_dialogues,
+    split_group_keys,
     turn_problems,
     window_turns,
 )
 from higgs_pipeline.data.records import SampleRecord
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
+from higgs_pipeline.data.split import split_samples
 from higgs_pipeline.models.demo import demo_checkpoints
 from higgs_pipeline.paths import DEMO_MANIFEST
 from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, make_collator
@@ -256,6 +260,42 @@ def test_every_turn_is_trained_and_references_are_not_through_boson_collator(tex
     assert "SPEAKER" not in decoded and "Hello" not in decoded  # user turns condition, never trained
 
 
+# -------------------------------------------------------------------------------------------------------- split
+
+
+def test_split_keys_keep_every_dialogue_on_one_side():
+    index = pd.DataFrame(
+        {
+            "sample_id": [f"s{i}" for i in range(8)],
+            "clip_hash": ["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8"],
+            "speaker": ["ann", "ann", "ben", "ann", "cy", "dee", "eve", "dee"],
+            "dialogue_id": ["", "", "", "talk", "talk", "chat", "", ""],
+            "speakers": ["", "", "", "ann,ben", "cy,ann", "dee,cy", "", ""],
+        }
+    )
+    by_clip = split_group_keys(index, "clip_hash")
+    assert list(by_clip) == ["c1", "c2", "c3", "dialogue,talk", "dialogue,talk", "dialogue,chat", "c7", "c8"]
+    by_speaker = split_group_keys(index, "speaker")
+    # ann-ben (talk), cy-ann (talk, second window), dee-cy (chat): one component keyed by its smallest id.
+    assert list(by_speaker) == ["ann", "ann", "ann", "ann", "ann", "ann", "eve", "ann"]
+    no_dialogues = index.drop(columns=["dialogue_id", "speakers"])
+    assert list(split_group_keys(no_dialogues, "speaker")) == list(index["speaker"])
+    # Through the project's hash split: with many dialogues of many windows, none is ever divided.
+    many = pd.DataFrame(
+        {
+            "sample_id": [f"w{i}" for i in range(400)],
+            "clip_hash": [f"clip{i}" for i in range(400)],
+            "speaker": [f"spk{i % 7}" for i in range(400)],
+            "dialogue_id": [f"d{i // 4}" for i in range(400)],
+            "speakers": [f"spk{i % 7}" for i in range(400)],
+        }
+    )
+    grouped = many.assign(clip_hash=split_group_keys(many, "clip_hash"))
+    result = split_samples(grouped, validation_fraction=0.2)
+    sides = pd.Series(result.is_validation).groupby(many["dialogue_id"]).nunique()
+    assert (sides == 1).all() and 0 < result.is_validation.sum() < 400
+
+
 # ------------------------------------------------------------------------------------------------------ windows
 
 
@@ -318,6 +358,47 @@ def test_confusion_metric_on_known_embeddings():
         dialogue_speaker_scores(turns[:1], ["C"], references)
     with pytest.raises(ValueError, match="zero"):
         dialogue_speaker_scores(np.zeros((1, 2)), ["A"], references)
+
+
+def test_quality_numbers_use_the_contract_names():
+    references = {"A": np.array([1.0, 0.0]), "B": np.array([0.0, 1.0])}
+    right = dialogue_speaker_scores(np.array([[1.0, 0.0], [0.0, 1.0]]), ["A", "B"], references)
+    swapped = dialogue_speaker_scores(np.array([[0.0, 1.0], [1.0, 0.0]]), ["A", "B"], references)
+    numbers = dialogue_quality_numbers({"ground_truth": [right], "base": [swapped], "adapter": [right, swapped]})
+    assert numbers == {
+        "ground_truth_dialogue_speaker_similarity": 1.0,
+        "ground_truth_dialogue_speaker_confusion": 0.0,
+        "base_val_dialogue_speaker_similarity": 0.0,
+        "base_val_dialogue_speaker_confusion": 1.0,
+        "val_dialogue_speaker_similarity": 0.5,
+        "val_dialogue_speaker_confusion": 0.5,
+    }
+    with pytest.raises(ValueError, match="unknown take"):
+        dialogue_quality_numbers({"teacher": [right]})
+
+
+def test_a_dialogue_record_reads_back_into_its_turns_and_references():
+    _, plan = plan_of(CONVERSATION)
+    talk = next(s for s in plan.samples if s.dialogue_id == "talk")
+    back = recorded_dialogue(talk.record())
+    assert back.sample_id == talk.sample_id and back.speakers == talk.speakers
+    assert back.system_prompt == talk.chatml()[0].messages[0].content
+    assert [(k, text) for k, text, _ in back.turns] == [
+        (0, "Hello Bob, how are you?"),
+        (1, "Fine, thanks."),
+        (0, "Good to hear."),
+        (2, "Hi both."),
+    ]
+    assert [t[2]["audio_path"] for t in back.turns] == [t.audio_uri for t in talk.turns]
+    alice, bob, _ = talk.speakers
+    assert back.references[0] == (
+        talk.references[alice].text,
+        {"clip_hash": talk.references[alice].clip_hash, "audio_path": talk.references[alice].audio_uri},
+    )
+    assert back.references[1][0] == talk.references[bob].text and back.references[2] is None
+    assert back.scored_turns() == [0, 1, 2]  # carol (SPEAKER2) has no reference to be compared with
+    with pytest.raises(ValueError, match="not a dialogue"):
+        recorded_dialogue(SampleRecord("x", "tts", "s", talk.record().chatml, []))
 
 
 # ---------------------------------------------------------------------------------------------------- synthesis

@@ -49,6 +49,7 @@ MULTISPEAKER_SYSTEM_MESSAGE = (
     "If no speaker tag is present, select a suitable voice on your own."
 )
 SAMPLE_ID_HEX_DIGITS = 20
+SPEAKER_LIST_SEPARATOR = ","  # canonical ids (spk_ + hex) never hold one
 _NUMBER = r"\+?\d+"  # a whole number >= 0 ("03" is 3)
 _SCRIPT_LINE = re.compile(r"\[(SPEAKER(\d+))\]\s*(.*)")
 _LISTED = 8  # turn numbers shown in a detail before "..."
@@ -308,6 +309,7 @@ class DialogueSample:
             "clip_hash": self.turns[0].clip_hash,
             "ref_clip_hash": references[0].clip_hash if references else "",
             "dialogue_id": self.dialogue_id,
+            "speakers": SPEAKER_LIST_SEPARATOR.join(self.speakers),
         }
 
     def clip_hashes(self) -> set[str]:
@@ -421,6 +423,42 @@ def plan_dialogues(
             kept = {s: r for s, r in chosen.items() if s in speakers}
             samples.append(DialogueSample(dialogue_id, number, whole.scene, part, kept, whole.speaker_names))
     return DialoguePlan(samples, int(table["_dialogue"].nunique()), len(table), windowed, over)
+
+
+# -------------------------------------------------------------------------------------------------------- split
+
+
+def split_group_keys(samples: pd.DataFrame, group_column: str) -> pd.Series:
+    """The key each sample is split by, so that a dialogue is never divided between train and validation.
+
+    `samples` is the samples index: `group_column` (clip_hash or speaker) for every sample, and for dialogue
+    samples `dialogue_id` and `speakers` (their ids joined by ","). By target clip, a dialogue's samples (all its
+    windows) share the key of the dialogue. Speaker held out, speakers who talk in one dialogue must land on one
+    side together, so every speaker is keyed by the smallest id of the speakers it is joined to through
+    dialogues; a speaker in no dialogue keeps its own id, so a corpus without dialogues splits as before.
+    """
+    keys = samples[group_column].astype("str").to_numpy(dtype=object).copy()
+    dialogue = samples["dialogue_id"].astype("str").to_numpy() if "dialogue_id" in samples else np.full(len(keys), "")
+    member = dialogue != ""
+    if not member.any():
+        return pd.Series(keys, index=samples.index, dtype="str")
+    if group_column != "speaker":
+        keys[member] = "dialogue" + SPEAKER_LIST_SEPARATOR + dialogue[member]
+        return pd.Series(keys, index=samples.index, dtype="str")
+    parent: dict[str, str] = {}
+
+    def root(speaker: str) -> str:
+        while parent.setdefault(speaker, speaker) != speaker:
+            parent[speaker] = parent[parent[speaker]]  # path halving
+            speaker = parent[speaker]
+        return speaker
+
+    for listed in samples.loc[member, "speakers"].astype("str"):
+        first, *others = listed.split(SPEAKER_LIST_SEPARATOR)
+        for other in others:
+            a, b = sorted((root(first), root(other)))
+            parent[b] = a  # the smaller id is the root: the key of a component is its smallest speaker id
+    return pd.Series([root(k) if k in parent else k for k in keys], index=samples.index, dtype="str")
 
 
 # ------------------------------------------------------------------------------------------------------ windows
@@ -572,6 +610,64 @@ def pooled_speaker_scores(scores: Sequence[DialogueSpeakerScores]) -> tuple[floa
     if not len(own):
         return float("nan"), float("nan")
     return float(own.mean()), float(confused.mean())
+
+
+# Metadata name prefixes of the evaluation's takes, as the other quality numbers spell them.
+TAKE_PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
+
+
+def dialogue_quality_numbers(scores: Mapping[str, Sequence[DialogueSpeakerScores]]) -> dict[str, float]:
+    """`val_dialogue_speaker_similarity` / `_confusion` (adapter), the same with `base_val_` and `ground_truth_`.
+
+    `scores` maps a take ("ground_truth", "base", "adapter") to its dialogues' scores; every turn counts once.
+    """
+    unknown = sorted(set(scores) - set(TAKE_PREFIX))
+    if unknown:
+        raise ValueError(f"unknown take(s) {unknown}: expected {list(TAKE_PREFIX)}")
+    numbers = {}
+    for take, dialogues in scores.items():
+        similarity, confusion = pooled_speaker_scores(dialogues)
+        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_similarity"] = similarity
+        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_confusion"] = confusion
+    return numbers
+
+
+@dataclass(frozen=True)
+class RecordedDialogue:
+    """A dialogue sample read back from its record: what evaluation regenerates and compares, turn by turn."""
+
+    sample_id: str
+    system_prompt: str
+    speakers: list[str]  # canonical ids; SPEAKERk is speakers[k]
+    references: list[tuple[str, dict[str, str]] | None]  # per speaker: (transcript, audio entry) or None
+    turns: list[tuple[int, str, dict[str, str]]]  # (speaker index, text, audio entry)
+
+    def scored_turns(self) -> list[int]:
+        """Turns whose speaker has a reference: only those have an own voice to be compared with."""
+        return [i for i, (k, _, _) in enumerate(self.turns) if self.references[k] is not None]
+
+
+def recorded_dialogue(record: SampleRecord) -> RecordedDialogue:
+    """Parse a `dialogue` record (as `DialogueSample.record` writes it) back into speakers, references, turns."""
+    if record.kind != DIALOGUE_KIND:
+        raise ValueError(f"sample {record.sample_id}: a {record.kind!r} record, not a dialogue")
+    chatml = record.to_chatml()
+    speakers = list((chatml.misc or {}).get("speakers", []))
+    system, *messages = chatml.messages
+    references: list[tuple[str, dict[str, str]] | None] = [None] * len(speakers)
+    turns: list[tuple[int, str, dict[str, str]]] = []
+    audio = iter(record.audio)
+    for position in range(0, len(messages), 2):
+        user = messages[position]
+        match = _SCRIPT_LINE.fullmatch(getattr(user.content, "text", str(user.content)))
+        if match is None or int(match.group(2)) >= len(speakers):
+            raise ValueError(f"sample {record.sample_id}: message {position + 1} is not a [SPEAKERk] turn")
+        entry = (int(match.group(2)), match.group(3), next(audio))
+        if position + 1 < chatml.start_index:
+            references[entry[0]] = entry[1:]
+        else:
+            turns.append(entry)
+    return RecordedDialogue(record.sample_id, str(system.content), speakers, references, turns)
 
 
 # ---------------------------------------------------------------------------------------------------- synthesis
