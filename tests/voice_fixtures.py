@@ -1,0 +1,37 @@
+"""Adapters and artifact stores for the synthesis and export tests, made with the training code's own parts.
+
+A freshly initialised LoRA has B = 0 and changes nothing; these adapters get random B weights, so the merged
+model differs from its base and a round-trip test can tell a merge from a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from higgs_pipeline.models.loading import load_model
+from higgs_pipeline.synthesis import pointer_path
+from higgs_pipeline.training.checkpoint import save_adapter
+from higgs_pipeline.training.config import LoraSettings
+from higgs_pipeline.training.lora import apply_lora
+
+
+def make_adapter(folder: Path, seed: int = 0, scale: float = 0.05) -> Path:
+    """A LoRA adapter of the demo model (all three decoder groups) with random B weights, saved as training does."""
+    torch.manual_seed(seed)
+    model = apply_lora(load_model("demo"), LoraSettings(rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, scale)
+    return save_adapter(model, folder)
+
+
+def promote(artifacts_root: Path, adapter: Path) -> Path:
+    """Write production_adapter's pointer naming `adapter`, as that asset writes it."""
+    path = Path(pointer_path(str(artifacts_root)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"adapter_path": str(adapter), "base_model": "demo (demo model, random weights)"}))
+    return path
