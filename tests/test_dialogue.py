@@ -482,3 +482,44 @@ def test_demo_corpus_holds_well_formed_two_speaker_dialogues():
     assert all((DEMO_MANIFEST.parent / path).is_file() for path in dialogues["audio_path"])
     single = rows[rows["dialogue_id"] == ""]
     assert len(single) == 48 and (single["turn"] == "").all() and (single["scene"] == "").all()
+
+
+# ---------------------------------------------------------------------------------------- turn-by-turn generation
+
+
+def test_dialogue_is_spoken_turn_by_turn_with_earlier_turns_as_context():
+    """The demo model (random weights: the audio is noise, only the mechanics are checked). Its output barely
+    depends on the context, so that the earlier turns are heard is checked on what the engine feeds the model."""
+    from higgs_pipeline.evaluation.dialogue_speech import dialogue_prompt, speak_dialogue
+    from higgs_pipeline.evaluation.generate import VoiceReference, open_engine
+    from higgs_pipeline.models.loading import resolve_model
+
+    engine = open_engine(resolve_model("demo"), "demo", "cpu")
+    references = [VoiceReference(str(DEMO_MANIFEST.parent / "audio/spk_a/a_001.wav"), "The kettle is boiling."), None]
+    system = dialogue_system_prompt("A quiet room.", ["alice", "bruce"])
+    turns = [(0, "Hello there."), (1, "Hi, how are you?")]
+    heard = []
+    settings = {"seed": 3, "temperature": 0.7, "max_new_tokens": 10}
+    clips = speak_dialogue(engine, system, references, turns, on_turn=lambda i, c: heard.append(i), **settings)
+    assert heard == [0, 1] and [c.prompt_text for c in clips] == [t for _, t in turns]
+    assert all(c.waveform.size > 0 and c.sample_rate == clips[0].sample_rate for c in clips)
+    assert [c.sample_id for c in clips] == ["turn-0", "turn-1"]
+    prompt = dialogue_prompt(system, references, [(0, clips[0])], turns[1])
+    assert [m.role for m in prompt.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m.content.text for m in prompt.messages[1::2]] == [
+        "[SPEAKER0] The kettle is boiling.",
+        "[SPEAKER0] Hello there.",
+        "[SPEAKER1] Hi, how are you?",
+    ]
+    assert prompt.messages[4].content.raw_audio  # a generated turn travels inline, as WAV bytes
+    # The engine encodes the reference and the earlier turn as two audio segments the model attends to.
+    inputs = engine._prepare_inputs(prompt, force_audio_gen=True)
+    assert inputs["audio_out_ids_start"].shape == (2,)
+    assert (
+        inputs["audio_out_ids"].shape[1]
+        > engine._prepare_inputs(dialogue_prompt(system, references, [], turns[1]), force_audio_gen=True)[
+            "audio_out_ids"
+        ].shape[1]
+    )
+    with pytest.raises(ValueError, match="speaker index 2 but 2 speakers"):
+        speak_dialogue(engine, system, references, [(2, "Who am I?")], **settings)

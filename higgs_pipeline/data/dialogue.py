@@ -222,27 +222,28 @@ def dialogue_system_prompt(scene: str, speaker_names: Sequence[str]) -> str:
 
 
 def dialogue_messages(
-    scene: str,
-    speaker_names: Sequence[str],
+    system_prompt: str,
     references: Sequence[tuple[str, str] | None],
-    turns: Sequence[tuple[int, str, str | None]],
+    turns: Sequence[tuple[int, str, str | AudioContent | None]],
 ) -> tuple[list[Message], int]:
     """The messages of a dialogue and its `start_index`, for training and for turn-by-turn generation alike.
 
-    `references[k]` is speaker k's (transcript, audio url) or None; `turns` are (speaker index, text, audio url),
-    a turn without audio being the one to generate (its user message only). Everything before `start_index`
-    (the system message and the reference turns) conditions but is never trained.
+    `references[k]` is speaker k's (transcript, audio url) or None; `turns` are (speaker index, text, audio), the
+    audio a url or an AudioContent (generated audio travels inline), a turn without audio being the one to
+    generate (its user message only). Everything before `start_index` (the system message and the reference
+    turns) conditions but is never trained.
     """
-    messages = [Message("system", dialogue_system_prompt(scene, speaker_names))]
+    messages = [Message("system", system_prompt)]
     for k, reference in enumerate(references):
         if reference is not None:
             text, audio_url = reference
             messages += [_tagged(k, text), Message("assistant", AudioContent(audio_url=audio_url))]
     start_index = len(messages)
-    for k, text, audio_url in turns:
+    for k, text, audio in turns:
         messages.append(_tagged(k, text))
-        if audio_url is not None:
-            messages.append(Message("assistant", AudioContent(audio_url=audio_url)))
+        if audio is not None:
+            content = audio if isinstance(audio, AudioContent) else AudioContent(audio_url=audio)
+            messages.append(Message("assistant", content))
     return messages, start_index
 
 
@@ -276,6 +277,9 @@ class DialogueSample:
         parts += [f"{s}:{r.clip_hash}" for s, r in sorted(self.references.items())]
         return digest(*parts)[:SAMPLE_ID_HEX_DIGITS]
 
+    def system_prompt(self) -> str:
+        return dialogue_system_prompt(self.scene, [self.speaker_names.get(s, s) for s in self.speakers])
+
     def ordered_references(self) -> list[Utterance | None]:
         return [self.references.get(speaker) for speaker in self.speakers]
 
@@ -285,8 +289,7 @@ class DialogueSample:
         number = {speaker: k for k, speaker in enumerate(speakers)}
         references = self.ordered_references()
         messages, start_index = dialogue_messages(
-            self.scene,
-            [self.speaker_names.get(speaker, speaker) for speaker in speakers],
+            self.system_prompt(),
             [None if r is None else (r.text, r.audio_uri) for r in references],
             [(number[t.speaker], t.text, t.audio_uri) for t in self.turns],
         )
@@ -490,15 +493,13 @@ class TokenCounter:
 
     def lengths(self, sample: DialogueSample) -> tuple[list[int], list[str], int, dict[str, int]]:
         """(turn lengths, turn speakers, system message length, reference length per speaker)."""
-        speakers = sample.speakers
-        names = [sample.speaker_names.get(s, s) for s in speakers]
-        system, _ = dialogue_messages(sample.scene, names, [], [])
+        system, _ = dialogue_messages(sample.system_prompt(), [], [])
         base = self.text(system)
-        number = {speaker: k for k, speaker in enumerate(speakers)}
+        number = {speaker: k for k, speaker in enumerate(sample.speakers)}
 
         def cost(utterance: Utterance) -> int:
             turn = (number[utterance.speaker], utterance.text, utterance.audio_uri)
-            pair = dialogue_messages("", [], [], [turn])[0][1:]
+            pair = dialogue_messages("", [], [turn])[0][1:]
             return self.text(system + pair) - base + self.audio(utterance.duration_s)
 
         references = {speaker: cost(reference) for speaker, reference in sample.references.items()}
