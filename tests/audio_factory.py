@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pytest
+import soundfile
 
-from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 
 ESPEAK = shutil.which("espeak-ng")
 SOX = shutil.which("sox")
@@ -105,6 +107,13 @@ def corrupt(dest: Path) -> Path:
     return _write(dest, bytes((i * 7919 + 13) % 251 for i in range(3000)))
 
 
+def float_wav(dest: Path, samples: np.ndarray, rate: int) -> Path:
+    """A 32-bit float WAV of exactly these sample values: float files can hold NaN, infinity and any magnitude."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(dest), samples, rate, subtype="FLOAT")
+    return dest
+
+
 def empty(dest: Path) -> Path:
     return _write(dest, b"")
 
@@ -165,7 +174,11 @@ def speech_corpus(root: Path, count: int, speakers: Sequence[str] = ("Alice", "B
 
 
 def resources(artifacts_root: Path | str, device: str = "cpu") -> dict[str, Any]:
-    return {"artifacts": ArtifactStore(root=str(artifacts_root)), "checkpoints": HiggsCheckpoints(device=device)}
+    return {
+        "artifacts": ArtifactStore(root=str(artifacts_root)),
+        "checkpoints": HiggsCheckpoints(device=device),
+        "scorers": QualityScorers(device="cpu"),
+    }
 
 
 def materialize(

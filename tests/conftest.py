@@ -11,6 +11,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The asset chain as the issues define it, in order: tests state it here rather than read it from the code.
 ASSET_CHAIN = (
     "raw_audio_manifest",
+    "transcript_check",
     "chatml_samples",
     "tokenized_audio",
     "train_val_split",

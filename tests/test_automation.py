@@ -10,6 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 from conftest import ASSET_CHAIN
+from dagster._core.definitions.dependency import NodeHandle
 from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.defs.automation import (
@@ -19,7 +20,8 @@ from higgs_pipeline.defs.automation import (
     manifest_sensor,
     weekly_retrain,
 )
-from higgs_pipeline.paths import DEMO_MANIFEST
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG
+from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
 
 
 @pytest.fixture()
@@ -48,6 +50,30 @@ def retrain_job_def():
 def test_retrain_job_covers_the_whole_chain(retrain_job_def):
     selected = {key.to_user_string() for key in retrain_job_def.asset_layer.executable_asset_keys}
     assert set(ASSET_CHAIN) <= selected
+
+
+def test_retrain_job_runs_every_check_of_its_assets_in_one_process(retrain_job_def):
+    """`make demo` launches retrain_job: each check of the chain must come along, without a process per step."""
+    from higgs_pipeline.definitions import defs
+
+    graph = defs().resolve_asset_graph()
+    selected = retrain_job_def.asset_layer.executable_asset_keys
+    checks_of_selected = {check for check in graph.asset_check_keys if check.asset_key in selected}
+    layer = retrain_job_def.asset_layer
+    handles = [NodeHandle(node.name, None) for node in retrain_job_def.graph.nodes]
+    executed = {key for handle in handles for key in layer.get_selected_entity_keys_for_node(handle)}
+    assert checks_of_selected and checks_of_selected <= executed
+    assert retrain_job_def.executor_def is dg.in_process_executor
+
+
+def test_retrain_runs_carry_the_artifact_store_tag_that_limits_them_to_one_at_a_time(corpus, retrain_job_def):
+    request = manifest_sensor(dg.build_sensor_context())
+    # The sensor and schedule daemons and the UI give a run its job's tags and then the request's.
+    tags = {**retrain_job_def.run_tags, **request.tags}
+    with dg.instance_for_test() as instance:
+        run = instance.create_run_for_job(retrain_job_def, run_config=request.run_config, tags=tags)
+    assert run.tags[ARTIFACT_STORE_TAG] == default_artifacts_root()
+    assert run.tags[FINGERPRINT_TAG] == request.tags[FINGERPRINT_TAG]
 
 
 def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_def):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import ASSET_CHAIN
 
-from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.paths import DEMO_MANIFEST
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,11 @@ def test_whole_chain_materializes_with_torchrun_training(tmp_path: Path):
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(
         [*definitions.assets, *definitions.asset_checks],
-        resources={"artifacts": ArtifactStore(root=str(tmp_path / "artifacts")), "checkpoints": HiggsCheckpoints()},
+        resources={
+            "artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),
+            "checkpoints": HiggsCheckpoints(),
+            "scorers": QualityScorers(),
+        },
         run_config=run_config,
         instance=instance,
     )

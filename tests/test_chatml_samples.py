@@ -20,10 +20,17 @@ from higgs_pipeline.data.records import SampleRecord, read_records
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
 from higgs_pipeline.defs.chatml_samples import _sample_problem, chatml_samples, chatml_samples_tokenize
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
+from higgs_pipeline.defs.transcript_check import transcript_check
 from higgs_pipeline.models.demo import demo_checkpoints
 from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, make_collator
 
-ASSETS = [raw_audio_manifest, raw_audio_manifest_accounts_for_every_row, chatml_samples, chatml_samples_tokenize]
+ASSETS = [
+    raw_audio_manifest,
+    raw_audio_manifest_accounts_for_every_row,
+    transcript_check,
+    chatml_samples,
+    chatml_samples_tokenize,
+]
 LABELS = ["Alice", "Bob", "  alice", "bob ", "ALICE\t", "BOB", "Alice"]  # two speakers, messy spellings
 
 
@@ -184,9 +191,9 @@ def test_adding_a_clip_changes_at_most_one_reference():
 def test_unknown_sample_kind_fails_the_asset(built, tmp_path):
     config = {"chatml_samples": {"kinds": ["tts", "karaoke"]}}
     instance = dg.DagsterInstance.ephemeral()
-    result = materialize(ASSETS[:3], tmp_path, instance, config, raise_on_error=False)
+    result = materialize(ASSETS[:4], tmp_path, instance, config, raise_on_error=False)
     assert not result.success
-    only_tts = materialize(ASSETS[:3], tmp_path, instance, {"chatml_samples": {"kinds": ["tts"]}})
+    only_tts = materialize(ASSETS[:4], tmp_path, instance, {"chatml_samples": {"kinds": ["tts"]}})
     meta = metadata_of(only_tts, "chatml_samples")
     assert (meta["samples_tts"], meta["samples_voice_clone"]) == (meta["samples"], 0)
 
@@ -197,7 +204,7 @@ def test_no_samples_at_all_fails_with_a_clear_message(tmp_path):
     manifest = write_csv_manifest(tmp_path / "corpus" / "manifest.csv", rows)
     config = {"raw_audio_manifest": {"manifest_path": str(manifest)}, "chatml_samples": {"kinds": ["voice_clone"]}}
     result = materialize(
-        ASSETS[:3], tmp_path / "artifacts", dg.DagsterInstance.ephemeral(), config, raise_on_error=False
+        ASSETS[:4], tmp_path / "artifacts", dg.DagsterInstance.ephemeral(), config, raise_on_error=False
     )
     assert not result.success
     assert "built no samples" in failure_message(result) and "voice_clone" in failure_message(result)

@@ -7,19 +7,24 @@ import hashlib
 
 import boto3
 import dagster as dg
+import pandas as pd
 import pytest
 from audio_factory import Row, failure_message, materialize, metadata_of, speech_corpus, write_csv_manifest
 from s3_server import s3_endpoint, s3_env  # noqa: F401, F811  (fixtures)
 
+from higgs_pipeline.data.manifest import read_manifest
 from higgs_pipeline.data.records import TokenStore, read_records
-from higgs_pipeline.data.tables import read_csv, read_parquet
+from higgs_pipeline.data.screening import ScreeningRules, screen_manifest
+from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv
 from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
+from higgs_pipeline.defs.transcript_check import transcript_check
 
 ASSETS = [
     raw_audio_manifest,
     raw_audio_manifest_accounts_for_every_row,
+    transcript_check,
     chatml_samples,
     chatml_samples_tokenize,
     tokenized_audio,
@@ -80,7 +85,7 @@ def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     assert sum(key.endswith(".npy") for key in keys) == 4
     assert any(key.endswith("accepted.parquet") for key in keys) and any(key.endswith("samples.jsonl") for key in keys)
 
-    again = metadata_of(materialize(ASSETS[4:], artifacts, instance), "tokenized_audio")
+    again = metadata_of(materialize(ASSETS[5:], artifacts, instance), "tokenized_audio")
     assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found by listing the bucket
 
 
@@ -92,3 +97,34 @@ def test_missing_s3_manifest_fails_naming_it(s3_env, tmp_path):  # noqa: F811
     assert not result.success
     message = failure_message(result)
     assert uri in message and "file not found" in message
+
+
+def test_s3_clips_over_the_byte_cap_are_rejected_from_their_listed_size(bucket_corpus):
+    manifest = read_manifest(bucket_corpus["manifest"])
+    sizes = {}
+    for uri in bucket_corpus["hashes"]:
+        bucket, key = uri.removeprefix("s3://").split("/", 1)
+        sizes[uri] = bucket_corpus["client"].head_object(Bucket=bucket, Key=key)["ContentLength"]
+    cap = sorted(sizes.values())[1]  # the smallest two clips fit, the others do not
+    rejected = screen_manifest(manifest, ScreeningRules(max_clip_bytes=cap)).rejected.set_index("audio_uri")
+    too_large = rejected[rejected["reason"] == "file_too_large"]
+    assert set(too_large.index) == {uri for uri, size in sizes.items() if size > cap}
+    assert all(f"> max_clip_bytes {cap}" in detail for detail in too_large["detail"])
+
+
+class _DiskFull:
+    def __str__(self) -> str:
+        raise OSError("the writer failed half-way")
+
+
+def test_s3_table_write_that_fails_half_way_leaves_the_old_object(s3_env):  # noqa: F811
+    client = boto3.client("s3", endpoint_url=s3_env)
+    client.create_bucket(Bucket="atomic")
+    path = "s3://atomic/run/rejected.csv"
+    write_csv(pd.DataFrame({"row": [1], "reason": ["old"]}), path)
+    big = pd.DataFrame({"row": range(100_000), "reason": ["x" * 20] * 99_999 + [_DiskFull()]})
+    with pytest.raises(OSError, match="half-way"):
+        write_csv(big, path)
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket="atomic")["Contents"]]
+    assert keys == ["run/rejected.csv"]
+    assert read_csv(path).values.tolist() == [["1", "old"]]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from training_fixtures import shared_training_fixture
 
 from higgs_pipeline.launch.k8s import torchrun_command
@@ -55,8 +56,8 @@ def test_two_torchrun_agents_rendezvous_and_train_in_sync(tmp_path_factory, tmp_
         assert code == 0, output[-5000:]
 
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
-    rank0 = torch.load(run_dir / "rank_params" / "rank0.pt")
-    rank1 = torch.load(run_dir / "rank_params" / "rank1.pt")
+    rank0 = load_file(run_dir / "rank_params" / "rank0.safetensors")
+    rank1 = load_file(run_dir / "rank_params" / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks on the two 'nodes' diverged"
 
@@ -81,10 +82,10 @@ def test_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path_fac
     resumed = run_two_agents(data, [holder, empty], settings, "--resume", "--debug-save-rank-params")
     for code, output in resumed:
         assert code == 0, output[-5000:]
-    rank0_dir = holder if (holder / "rank_params" / "rank0.pt").exists() else empty
+    rank0_dir = holder if (holder / "rank_params" / "rank0.safetensors").exists() else empty
     rank1_dir = empty if rank0_dir == holder else holder
-    rank0 = torch.load(rank0_dir / "rank_params" / "rank0.pt")
-    rank1 = torch.load(rank1_dir / "rank_params" / "rank1.pt")
+    rank0 = load_file(rank0_dir / "rank_params" / "rank0.safetensors")
+    rank1 = load_file(rank1_dir / "rank_params" / "rank1.safetensors")
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the two 'nodes' diverged"
     summary = json.loads((rank0_dir / "summary.json").read_text())
     assert summary["steps"] == 4

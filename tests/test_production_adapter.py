@@ -13,15 +13,46 @@ from higgs_pipeline.defs.production_adapter import production_adapter, read_poin
 from higgs_pipeline.defs.resources import ArtifactStore
 
 
-def _evaluation(adapter: str, total: float, base_total: float = 10.0, data_version: str = "data-v1") -> dict:
-    numbers = {"val_total_loss": total, "val_text_loss": total / 2, "val_audio_loss": total / 2}
-    numbers |= {"base_val_total_loss": base_total, "improvement": base_total - total}
+def _evaluation(
+    adapter: str,
+    total: float,
+    base_total: float = 10.0,
+    data_version: str = "data-v1",
+    audio: float | None = None,
+    base_audio: float | None = None,
+    demo: bool = True,
+    quality: dict | None = None,
+) -> dict:
+    """An evaluation's metadata; audio losses default to half the totals, quality numbers to none (not listened)."""
+    audio = total / 2 if audio is None else audio
+    base_audio = base_total / 2 if base_audio is None else base_audio
+    numbers = {"val_total_loss": total, "val_text_loss": total - audio, "val_audio_loss": audio}
+    numbers |= {"base_val_total_loss": base_total, "base_val_audio_loss": base_audio, "improvement": base_total - total}
+    numbers |= quality or {}
     return {
         **{name: dg.MetadataValue.float(value) for name, value in numbers.items()},
         "adapter_path": dg.MetadataValue.path(adapter),
         "data_version": data_version,
-        "base_model": "demo",
-        "demo_model": True,
+        "base_model": "demo" if demo else "bosonai/higgs-audio-v2-generation-3B-base",
+        "demo_model": demo,
+        "report_path": dg.MetadataValue.path(f"{adapter}/report.html"),
+    }
+
+
+def _quality(wer: float, base_wer: float, similarity: float = 0.8, base_similarity: float = 0.8) -> dict:
+    return {
+        "val_wer": wer,
+        "val_cer": wer / 2,
+        "val_speaker_similarity": similarity,
+        "base_val_wer": base_wer,
+        "base_val_cer": base_wer / 2,
+        "base_val_speaker_similarity": base_similarity,
+        "ground_truth_wer": 0.02,
+        "ground_truth_speaker_similarity": 0.9,
+        "val_unfinished_rate": 0.0,
+        "val_silence_rate": 0.0,
+        "quality_wer_tolerance": 0.05,
+        "quality_similarity_tolerance": 0.05,
     }
 
 
@@ -45,6 +76,7 @@ def promote(artifacts_dir):
                 metadata["dagster/data_version"] = events[0].tags["dagster/data_version"]
             return metadata, read_pointer(str(artifacts_dir / "production_adapter" / "current.json")), result
 
+        run.instance = instance
         yield run
 
 
@@ -78,6 +110,10 @@ def test_new_data_version_promotes_the_checked_adapter(promote):
     assert pointer["data_version"] == "data-v2"
 
 
+def _failure(result) -> str:
+    return result.get_step_failure_events()[0].step_failure_data.error.message
+
+
 def test_evaluation_that_fails_the_gate_is_never_promoted(promote):
     promote(_evaluation("/adapters/a", 8.0))
     metadata, pointer, result = promote(_evaluation("/adapters/bad", 11.0, base_total=10.0))
@@ -87,3 +123,64 @@ def test_evaluation_that_fails_the_gate_is_never_promoted(promote):
     assert "worse than its base model" in failure
     _, pointer, result = promote(_evaluation("/adapters/nan", float("nan")))
     assert not result.success and pointer["adapter_path"] == "/adapters/a"
+
+
+def test_better_total_loss_does_not_promote_worse_audio(promote):
+    """The demo chain's case: structural text tokens pulled the total down while the audio got worse."""
+    promote(_evaluation("/adapters/a", 8.0))
+    worse_audio = _evaluation("/adapters/text_only", 12.05, base_total=13.66, audio=6.9509, base_audio=6.9484)
+    metadata, pointer, result = promote(worse_audio)
+    assert metadata is None and not result.success and pointer["adapter_path"] == "/adapters/a"
+    assert "val_audio_loss 6.9509 > base_val_audio_loss 6.9484" in _failure(result)
+
+
+def test_same_data_promotes_on_audio_loss_not_total(promote):
+    promote(_evaluation("/adapters/a", 8.0, audio=4.0))
+    # Lower total, higher audio loss than the adapter in production: kept.
+    kept, pointer, _ = promote(_evaluation("/adapters/b", 7.0, audio=4.5))
+    assert kept["promoted"] is False and "val_audio_loss 4.5000 is not below current 4.0000" in kept["reason"]
+    assert kept["candidate_val_audio_loss"] == 4.5 and pointer["adapter_path"] == "/adapters/a"
+    better, pointer, _ = promote(_evaluation("/adapters/c", 9.0, audio=3.5))
+    assert better["promoted"] is True and pointer["adapter_path"] == "/adapters/c"
+
+
+def test_released_model_adapter_that_sounds_worse_than_its_base_is_blocked(promote):
+    """Better losses, but WER beyond the tolerance above the base's (or similarity below it): never promoted."""
+    promote(_evaluation("/adapters/a", 8.0, demo=False, quality=_quality(0.05, 0.06)))
+    metadata, pointer, result = promote(_evaluation("/adapters/mumbles", 7.0, demo=False, quality=_quality(0.2, 0.1)))
+    assert metadata is None and not result.success and pointer["adapter_path"] == "/adapters/a"
+    assert "val_wer 0.2000 > base_val_wer 0.1000 + tolerance 0.05" in _failure(result)
+    stranger = _quality(0.05, 0.05, similarity=0.6, base_similarity=0.7)
+    _, pointer, result = promote(_evaluation("/adapters/stranger", 7.0, demo=False, quality=stranger))
+    assert not result.success and pointer["adapter_path"] == "/adapters/a"
+    assert "val_speaker_similarity 0.6000 < base_val_speaker_similarity 0.7000" in _failure(result)
+    # Within the tolerance: promoted.
+    metadata, pointer, _ = promote(_evaluation("/adapters/b", 7.0, demo=False, quality=_quality(0.09, 0.06)))
+    assert metadata["promoted"] is True and pointer["adapter_path"] == "/adapters/b"
+
+
+def test_released_model_evaluation_that_did_not_listen_is_blocked(promote):
+    _, pointer, result = promote(_evaluation("/adapters/deaf", 7.0, demo=False))
+    assert not result.success and pointer is None
+    assert "no word error rate was measured" in _failure(result)
+
+
+def test_demo_model_quality_only_warns(promote):
+    """The same numbers that block on a released model promote on the demo (its audio is noise), with a warning."""
+    metadata, pointer, result = promote(_evaluation("/adapters/noise", 7.0, demo=True, quality=_quality(0.9, 0.5)))
+    assert result.success and metadata["promoted"] is True and pointer["adapter_path"] == "/adapters/noise"
+    logs = promote.instance.all_logs(result.run_id)
+    warnings = [entry.user_message for entry in logs if "not enforced" in entry.user_message]
+    assert len(warnings) == 1 and "random weights" in warnings[0] and "val_wer 0.9000" in warnings[0], warnings
+
+
+def test_pointer_records_the_audio_and_quality_numbers(promote):
+    metadata, pointer, _ = promote(_evaluation("/adapters/a", 8.0, demo=False, quality=_quality(0.1, 0.12, 0.7, 0.69)))
+    for name, value in _quality(0.1, 0.12, 0.7, 0.69).items():
+        assert pointer[name] == metadata[name] == value, name
+    assert pointer["base_val_audio_loss"] == 5.0 and pointer["report_path"] == "/adapters/a/report.html"
+    # A released adapter whose WER is worse than the one in production beyond the tolerance is kept out,
+    # whatever its loss (it still beat its own base).
+    worse, pointer, _ = promote(_evaluation("/adapters/b", 6.0, demo=False, quality=_quality(0.2, 0.2, 0.7, 0.69)))
+    assert worse["promoted"] is False and pointer["adapter_path"] == "/adapters/a"
+    assert "current adapter's val_wer 0.1000" in worse["reason"]

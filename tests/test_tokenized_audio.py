@@ -3,6 +3,7 @@ encodes only new clips, equal-length batching is exact, and a clip that changed 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import dagster as dg
@@ -23,14 +24,16 @@ from higgs_pipeline.data.tokenize import (
     load_wave,
     plan_batches,
     shard_problem,
+    shard_problems,
 )
 from higgs_pipeline.defs.chatml_samples import chatml_samples
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
+from higgs_pipeline.defs.transcript_check import transcript_check
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE
 
-CHAIN = [raw_audio_manifest, chatml_samples, tokenized_audio, tokenized_audio_shards_readable]
+CHAIN = [raw_audio_manifest, transcript_check, chatml_samples, tokenized_audio, tokenized_audio_shards_readable]
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +120,10 @@ def test_clip_changed_after_probing_is_refused(tmp_path):
     root, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
     instance = dg.DagsterInstance.ephemeral()
     manifest = _manifest(root, 2)
-    materialize(CHAIN[:2], artifacts, instance, {"raw_audio_manifest": {"manifest_path": str(manifest)}})
+    materialize(CHAIN[:3], artifacts, instance, {"raw_audio_manifest": {"manifest_path": str(manifest)}})
     changed = root / "audio/clip_000.wav"
     speech(changed, "Someone replaced this recording after it was checked.")
-    result = materialize(CHAIN[2:], artifacts, instance, raise_on_error=False)
+    result = materialize(CHAIN[3:], artifacts, instance, raise_on_error=False)
     assert not result.success
     assert "changed since raw_audio_manifest probed it" in failure_message(result)
     with pytest.raises(ClipChangedError):
@@ -137,3 +140,44 @@ def test_shard_check_finds_missing_misshapen_and_wrong_length_shards(tmp_path):
     assert "frames" in shard_problem(store, "a" * 64, 3.0, info)
     assert "shape" in shard_problem(store, "b" * 64, 2.0, info)
     assert shard_problem(store, "c" * 64, 2.0, info) == "no shard"
+
+
+def test_shard_check_names_truncated_empty_and_wrongly_typed_shards(tmp_path):
+    store = TokenStore(str(tmp_path), "demo/tok")
+    info = TokenizerInfo("demo/tok", "demo", 24000, 25.0, 8)
+    store.put("a" * 64, np.zeros((8, 50), dtype=np.int16))
+    whole = Path(store.path_for("a" * 64)).read_bytes()
+    floats = io.BytesIO()
+    np.save(floats, np.zeros((8, 50), dtype=np.float32))
+    for name, data in (("d", whole[:-100]), ("e", b""), ("f", floats.getvalue())):  # cut by a full disk, empty, float
+        path = Path(store.path_for(name * 64))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert shard_problem(store, "d" * 64, 2.0, info).startswith("unreadable shard: ValueError")
+    assert shard_problem(store, "e" * 64, 2.0, info).startswith("unreadable shard: EOFError")
+    assert shard_problem(store, "f" * 64, 2.0, info) == "dtype float32, expected int16"
+    clips = pd.DataFrame({"clip_hash": [h * 64 for h in "adef"], "duration_s": [2.0] * 4})
+    assert sorted(shard_problems(store, clips, info)) == [h * 64 for h in "def"]
+
+
+def test_a_corrupt_shard_is_re_encoded_on_the_next_run(tokenizer, tmp_path):
+    root, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
+    instance = dg.DagsterInstance.ephemeral()
+    config = {"raw_audio_manifest": {"manifest_path": str(_manifest(root, 2))}}
+    first = metadata_of(materialize(CHAIN, artifacts, instance, config), "tokenized_audio")
+    store = TokenStore(first["token_store_root"], first["tokenizer"])
+    clips = pd.read_parquet(first["clips_path"])
+    broken, intact = clips["clip_hash"]
+    good_codes = store.get(broken)
+    shard = Path(store.path_for(broken))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    untouched = Path(store.path_for(intact)).stat().st_mtime_ns
+
+    result = materialize(CHAIN, artifacts, instance, config)
+    again = metadata_of(result, "tokenized_audio")
+    assert (again["clips_tokenized_this_run"], again["clips_reused"], again["shards_replaced"]) == (1, 1, 1)
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+    assert torch.equal(store.get(broken), good_codes)
+    assert Path(store.path_for(intact)).stat().st_mtime_ns == untouched
+    warnings = [e.user_message for e in instance.all_logs(result.run_id) if "fail verification" in e.user_message]
+    assert warnings and broken[:12] in warnings[0] and "unreadable shard" in warnings[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from training_fixtures import shared_training_fixture
 
 from higgs_pipeline.training.train import STOP_EXIT_CODE
@@ -49,7 +50,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def rank_params(run_dir: Path, rank: int) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "rank_params" / f"rank{rank}.pt")
+    return load_file(run_dir / "rank_params" / f"rank{rank}.safetensors")
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -93,6 +94,9 @@ def test_run_outputs_and_logs(uninterrupted):
     assert json.loads((uninterrupted / "best_adapter" / "validation.json").read_text())["step"] == best["step"]
     assert list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    # Trainer state as safetensors + JSON: nothing in a checkpoint is a pickle.
+    saved = sorted(p.name for p in (uninterrupted / "checkpoints" / "step-00000006").iterdir())
+    assert saved == ["adapter", "trainer.json", "trainer.safetensors"]
 
 
 def test_killed_run_resumes_to_the_same_adapter(data, tmp_path, uninterrupted):

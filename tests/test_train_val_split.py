@@ -6,16 +6,24 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from audio_factory import failure_message, materialize, metadata_of, speech_corpus, write_csv_manifest
+from audio_factory import Row, failure_message, materialize, metadata_of, speech, speech_corpus, write_csv_manifest
 
 from higgs_pipeline.data.records import read_split
-from higgs_pipeline.data.split import split_samples
+from higgs_pipeline.data.split import split_samples, target_text, text_keys, validation_texts_in_train
 from higgs_pipeline.defs.chatml_samples import chatml_samples
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio
 from higgs_pipeline.defs.train_val_split import train_val_split, train_val_split_is_a_partition
+from higgs_pipeline.defs.transcript_check import transcript_check
 
-CHAIN = [raw_audio_manifest, chatml_samples, tokenized_audio, train_val_split, train_val_split_is_a_partition]
+CHAIN = [
+    raw_audio_manifest,
+    transcript_check,
+    chatml_samples,
+    tokenized_audio,
+    train_val_split,
+    train_val_split_is_a_partition,
+]
 
 
 def _index(targets: int, speakers: int = 20, start: int = 0) -> pd.DataFrame:
@@ -107,3 +115,71 @@ def test_invalid_fraction_fails_with_a_message(tmp_path):
     config = {"raw_audio_manifest": {"manifest_path": str(manifest)}, "train_val_split": {"validation_fraction": 0.0}}
     result = materialize(CHAIN, tmp_path / "artifacts", dg.DagsterInstance.ephemeral(), config, raise_on_error=False)
     assert not result.success and "validation_fraction" in failure_message(result)
+
+
+def _with_texts(index: pd.DataFrame, sentences: int) -> pd.DataFrame:
+    """Each target clip reads one of `sentences` sentences, so many clips (and speakers) share a text."""
+    texts = [f"Sentence number {int(c, 16) % sentences}." for c in index["clip_hash"]]
+    return index.assign(text_key=text_keys(pd.Series(texts, index=index.index)))
+
+
+def test_text_mode_never_validates_on_a_trained_text():
+    index = _with_texts(_index(3000), sentences=200)
+    by_clip = split_samples(index, 0.1)
+    assert validation_texts_in_train(index["text_key"], by_clip.is_validation) > 0  # the leak text mode removes
+    by_text = split_samples(index, 0.1, mode="text")
+    assert validation_texts_in_train(index["text_key"], by_text.is_validation) == 0
+    assert by_text.group_column == "text_key" and 5 <= by_text.groups_validation <= 40
+    sides = pd.Series(by_text.is_validation).groupby(index["clip_hash"]).nunique()
+    assert (sides == 1).all()  # a recording's samples still stay together
+
+
+def test_text_keys_and_target_text():
+    keys = text_keys(pd.Series(["Hello, world.", "  hello   WORLD ", "Ｈello world!", "Hello there."]))
+    assert keys.tolist()[:3] == ["hello world"] * 3 and keys[3] == "hello there"
+    clone = {
+        "messages": [
+            {"role": "system", "content": "Generate audio following instruction."},
+            {"role": "user", "content": {"type": "text", "text": "The reference transcript."}},
+            {"role": "assistant", "content": {"type": "audio", "audio_url": "a.wav"}},
+            {"role": "user", "content": [{"type": "text", "text": "The target text."}]},
+        ]
+    }
+    assert target_text(clone) == "The target text."
+
+
+def test_split_asset_reports_and_removes_validation_texts_in_train(tmp_path):
+    """Four speakers read the same three sentences: grouped by clip some validation sentence is also trained on
+    (reported), grouped by text none is; a contradictory or unknown grouping fails naming the setting."""
+    root, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
+    sentences = (
+        "The kettle is boiling, so I will make some tea.",
+        "Please close the window.",
+        "Could you pass the salt?",
+    )
+    rows = []
+    for voice in range(4):
+        for number, text in enumerate(sentences):
+            path = speech(root / f"audio/v{voice}_{number}.wav", text, voice=voice)
+            rows.append(Row(path.relative_to(root).as_posix(), text if voice % 2 else text.upper(), f"spk{voice}"))
+    manifest = write_csv_manifest(root / "manifest.csv", rows)
+    instance = dg.DagsterInstance.ephemeral()
+    config = {"raw_audio_manifest": {"manifest_path": str(manifest)}, "chatml_samples": {"kinds": ["tts"]}}
+
+    def run(split_config: dict, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        return materialize(CHAIN, artifacts, instance, {**config, "train_val_split": split_config}, raise_on_error)
+
+    by_clip = metadata_of(run({"validation_fraction": 0.5}), "train_val_split")
+    assert by_clip["split_group"] == "clip_hash" and by_clip["validation_texts_in_train"] >= 1
+    result = run({"validation_fraction": 0.5, "group_by": "text"})
+    (check,) = result.get_asset_check_evaluations()
+    by_text = metadata_of(result, "train_val_split")
+    assert check.passed and by_text["split_mode"] == "text" and by_text["split_group"] == "text_key"
+    assert by_text["validation_texts_in_train"] == 0 and by_text["validation_count"] % 4 == 0
+    assert by_text["validation_count"] >= 4 and by_text["train_count"] >= 4
+    held_out = metadata_of(run({"group_by": "speaker", "validation_fraction": 0.3}), "train_val_split")
+    assert held_out["split_group"] == "speaker" and held_out["speakers_in_both"] == 0
+    bad = run({"group_by": "text", "speaker_held_out": True}, raise_on_error=False)
+    assert not bad.success and "speaker_held_out" in failure_message(bad)
+    bad = run({"group_by": "sentence"}, raise_on_error=False)
+    assert not bad.success and "group_by 'sentence'" in failure_message(bad)

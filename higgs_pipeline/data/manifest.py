@@ -3,8 +3,9 @@
 Two kinds of failure are kept apart on purpose:
 - the manifest cannot be read at all (missing, unknown format, unparsable, a required column missing): that is
   a `ManifestError` naming the file and the problem, and the asset fails;
-- one record is bad (a CSV line with the wrong number of fields, a JSONL line that is not a JSON object,
-  text that is not valid UTF-8): that record is kept with its problem noted and rejected later, the rest flows.
+- one record is bad (a CSV line with the wrong number of fields, a JSONL line that is not a JSON object, a
+  manifest field holding a JSON object or array, text that is not valid UTF-8): that record is kept with its
+  problem noted and rejected later, the rest flows.
 
 Every value stays a Python `str`: "NA", "null" or "" are text, never NaN (pandas' NA guessing is off), and
 bytes that are not valid UTF-8 are kept as lone surrogates (`surrogateescape`) so the one bad row can be found
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
@@ -176,6 +178,7 @@ def _read_jsonl(raw: bytes) -> pd.DataFrame:
             error = "" if isinstance(value, dict) else f"line {number}: a JSON {type(value).__name__}, not an object"
         except json.JSONDecodeError as bad:
             value, error = {}, f"line {number}: not valid JSON ({bad.msg} at column {bad.colno})"
+        error = error or _nested_fields(value, f"line {number}")
         records.append(value if not error else {})
         errors.append(error)
     # Built column by column as objects: pandas would otherwise infer Arrow strings, which reject the lone
@@ -194,11 +197,27 @@ def _read_parquet(raw: bytes) -> pd.DataFrame:
     # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
     # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
     # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
-    columns = {
-        name: pd.Series([_as_text(v) for v in table.column(i).to_pylist()], dtype=object)
-        for i, name in enumerate(table.column_names)
-    }
-    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows)).assign(read_error="")
+    values = {name: table.column(i).to_pylist() for i, name in enumerate(table.column_names)}
+    columns = {name: pd.Series([_as_text(v) for v in column], dtype=object) for name, column in values.items()}
+    nested = [
+        name
+        for name in table.column_names
+        if _column_name(name) in MANIFEST_COLUMNS and pa.types.is_nested(table.schema.field(name).type)
+    ]
+    errors = [_nested_fields({name: values[name][i] for name in nested}, f"record {i + 1}") for i in range(len(table))]
+    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows)).assign(read_error=errors if nested else "")
+
+
+def _nested_fields(record: dict, where: str) -> str:
+    """ "" or why the record is malformed: a manifest field holding a JSON object or array (a list of speakers, a
+    {"text": ...} wrapper) has no single text value, and its JSON spelling would be trained on as the transcript."""
+    nested = [
+        key for key, value in record.items() if isinstance(value, dict | list) and _column_name(key) in MANIFEST_COLUMNS
+    ]
+    if not nested:
+        return ""
+    kinds = ", ".join(f"{key} holds a JSON {'object' if isinstance(record[key], dict) else 'array'}" for key in nested)
+    return f"{where}: {kinds}, not a text value"
 
 
 def _as_text(value: object) -> str:
@@ -288,19 +307,24 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     """(resolved URI, outside-the-manifest-folder flag) for each audio path.
 
     Relative paths are joined to the manifest's folder; absolute paths and URIs are taken as they are. A path is
-    "outside" when, after normalization (".." collapsed), it is not under the manifest's folder on the same
-    filesystem: that is how a manifest row cannot make the pipeline read /etc/passwd or another bucket unless
-    the run allows it. Computed once per distinct path, so a million rows over few files stay cheap.
+    "outside" when it is not under the manifest's folder on the same filesystem: that is how a manifest row cannot
+    make the pipeline read /etc/passwd or another bucket unless the run allows it. Local paths compare as real
+    paths (".." collapsed and symbolic links followed, the folder's own included), so a link inside the folder
+    cannot lead out of it. Nothing is opened here, the flag is the same whether or not an outside target exists
+    (realpath resolves what links it meets and keeps the rest as written), and an outside path keeps its lexical
+    form: the result shows nothing of what lies outside. Computed once per distinct path, so a million rows over
+    few files stay cheap.
     """
     protocol, folder = manifest_folder(manifest_uri)
+    real_folder = _real_path(folder) if protocol == LOCAL else folder
     codes, distinct = pd.factorize(paths)
-    resolved = [_resolve(protocol, folder, path) for path in distinct]
+    resolved = [_resolve(protocol, folder, real_folder, path) for path in distinct]
     uris = np.asarray([uri for uri, _ in resolved] + [""], dtype=object)  # code -1 (none here) maps to ""
     outside = np.asarray([flag for _, flag in resolved] + [False], dtype=bool)
     return pd.Series(uris[codes], index=paths.index, dtype="str"), pd.Series(outside[codes], index=paths.index)
 
 
-def _resolve(protocol: str, folder: str, path: str) -> tuple[str, bool]:
+def _resolve(protocol: str, folder: str, real_folder: str, path: str) -> tuple[str, bool]:
     if not path:
         return "", False
     if "://" in path:
@@ -310,5 +334,22 @@ def _resolve(protocol: str, folder: str, path: str) -> tuple[str, bool]:
     else:
         path_protocol, target = protocol, posixpath.join(folder, path)
     target = posixpath.normpath(target)
-    inside = path_protocol == protocol and target.startswith(folder.rstrip("/") + "/")
-    return join_uri(path_protocol, target), not inside
+    if path_protocol != protocol:
+        return join_uri(path_protocol, target), True
+    if protocol == LOCAL:
+        real = _real_path(target)
+        if _is_under(real, real_folder):
+            return real, False
+        return target, True
+    return join_uri(path_protocol, target), not _is_under(target, folder)
+
+
+def _real_path(path: str) -> str:
+    try:
+        return os.path.realpath(path)
+    except ValueError:  # a NUL character: no such file can exist, and opening it names the problem
+        return path
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")

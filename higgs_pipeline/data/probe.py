@@ -1,7 +1,8 @@
 """Probing audio files: does it exist, decode, how long, how loud, and what is its content hash.
 
-Each distinct file is read once (bytes through fsspec, so local and s3:// alike), hashed (sha256 of the bytes:
-the `clip_hash` that keys the token store) and decoded with `audio_io.decode`. Files are probed in a thread
+Each distinct file is read once (a local regular file directly, anything else through fsspec, so s3:// too; never
+more than `max_bytes`, measured before reading), hashed (sha256 of the bytes: the `clip_hash` that keys the token
+store) and decoded with `audio_io.decode`. Files are probed in a thread
 pool: reading is I/O-bound and libsndfile and hashlib release the GIL.
 """
 
@@ -11,9 +12,11 @@ import io
 import math
 import os
 import re
+import stat
+import time
 import unicodedata
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import fsspec
@@ -28,6 +31,11 @@ _SHORT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MU
 # Containers whose header states the exact frame count; MP3/Ogg frame counts are estimates, so a shortfall
 # there is not evidence of truncation (a cut MP3 is indistinguishable from a shorter one).
 _EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "AIFF", "FLAC", "W64", "RF64", "CAF", "AU"}
+# Bytes read per clip at most: well above any clip a TTS corpus holds (30 s of 8-channel 32-bit audio at 192 kHz is
+# 184 MB), and a bound on what one probe thread holds in memory.
+DEFAULT_MAX_CLIP_BYTES = 512 * 2**20
+# How often probing reports progress, like tokenization does.
+PROGRESS_EVERY_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -45,27 +53,16 @@ class ClipProbe:
     peak_dbfs: float = -math.inf
 
 
-def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
+def probe_clip(uri: str, max_seconds: float | None = None, max_bytes: int = DEFAULT_MAX_CLIP_BYTES) -> ClipProbe:
     """Probe one file; never raises for a bad file (the reason says what is wrong).
 
     A file whose header already says it is longer than `max_seconds` is not decoded (an hour-long recording
     would cost seconds and gigabytes only to be rejected).
     """
-    protocol, _, rest = uri.partition("://")
-    if rest.startswith("../") or rest == "..":
-        return ClipProbe(uri, "missing_file", f"the path climbs above the {protocol} store's root")
     try:
-        fs, path = fsspec.core.url_to_fs(uri)
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        return ClipProbe(uri, "missing_file", "audio file not found" + _spelling_hint(uri))
-    except IsADirectoryError:
-        return ClipProbe(uri, "missing_file", "audio path is a directory")
-    except OSError as error:
-        return ClipProbe(uri, "missing_file", f"cannot read audio file: {error}")
-    except ValueError as error:  # fsspec: "Protocol not known"; a malformed URI. A missing fsspec backend
-        # (ImportError) or missing credentials are set-up problems of the whole run: they propagate.
-        return ClipProbe(uri, "missing_file", f"cannot open audio file: {error}")
+        data = read_clip_bytes(uri, max_bytes)
+    except ClipRefusedError as refused:
+        return ClipProbe(uri, refused.reason, refused.detail)
     clip_hash = sha256_hex(data)
     if not data:
         return ClipProbe(uri, "empty_audio", "file has 0 bytes", clip_hash)
@@ -85,6 +82,9 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
     frames = int(wave.shape[1])
     if frames == 0:
         return ClipProbe(uri, "empty_audio", "no audio samples", clip_hash, 0, rate, channels, 0.0)
+    non_finite = _non_finite(wave, rate)
+    if non_finite:
+        return _probe(uri, "non_finite_samples", non_finite, clip_hash, frames, rate, channels, -math.inf)
     peak = float(np.max(np.abs(wave)))
     peak_dbfs = 20.0 * math.log10(peak) if peak > 0 else -math.inf
     short_chunk = _SHORT_DATA_CHUNK.search(log or "")
@@ -95,6 +95,102 @@ def probe_clip(uri: str, max_seconds: float | None = None) -> ClipProbe:
         detail = f"header says {declared} frames, decoded {frames}"
         return _probe(uri, "truncated", detail, clip_hash, frames, rate, channels, peak_dbfs)
     return _probe(uri, "", "", clip_hash, frames, rate, channels, peak_dbfs)
+
+
+class ClipRefusedError(Exception):
+    """A clip that is not read: `reason` is one of the file reject reasons, `detail` says why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def read_clip_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_CLIP_BYTES) -> bytes:
+    """A clip's bytes, from a regular file of at most `max_bytes` (None: no cap); raises ClipRefusedError otherwise.
+
+    Nothing but a regular file is ever opened (a FIFO would block forever, /dev/zero never ends), and the size
+    comes from the file system before a byte is read. Containment in the manifest's folder is the caller's
+    check (`manifest.resolve_audio_paths`), made on real paths before anything here touches the file.
+    """
+    protocol, _, rest = uri.partition("://")
+    if not rest or protocol == "file":
+        return _read_local(rest or uri, max_bytes)
+    if rest.startswith("../") or rest == "..":
+        raise ClipRefusedError("missing_file", f"the path climbs above the {protocol} store's root")
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+        if info.get("type") != "file":
+            raise ClipRefusedError("not_a_regular_file", f"audio path is a {info.get('type', 'non-file')}")
+        _check_size(int(info.get("size") or 0), max_bytes)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ClipRefusedError("missing_file", "audio file not found") from None
+    except OSError as error:
+        raise ClipRefusedError("missing_file", f"cannot read audio file: {error}") from None
+    except ValueError as error:  # fsspec: "Protocol not known"; a malformed URI. A missing fsspec backend
+        # (ImportError) or missing credentials are set-up problems of the whole run: they propagate.
+        raise ClipRefusedError("missing_file", f"cannot open audio file: {error}") from None
+    _check_size(len(data), max_bytes)  # an object replaced by a larger one between the two requests
+    return data
+
+
+def _read_local(path: str, max_bytes: int | None) -> bytes:
+    """stat first (never open what is not a regular file), then open without following links or blocking, and
+    check the opened file again: it may have been swapped between the two calls."""
+    try:
+        real = os.path.realpath(path)
+        _check_regular(os.stat(real).st_mode, "(not opened)")
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        with os.fdopen(os.open(real, flags), "rb") as handle:
+            opened = os.fstat(handle.fileno())
+            _check_regular(opened.st_mode, "(swapped in after it was checked)")
+            _check_size(opened.st_size, max_bytes)
+            data = handle.read(-1 if max_bytes is None else max_bytes + 1)
+    except FileNotFoundError:
+        raise ClipRefusedError("missing_file", "audio file not found" + _spelling_hint(path)) from None
+    except OSError as error:
+        raise ClipRefusedError("missing_file", f"cannot read audio file: {error.strerror or error}") from None
+    except ValueError as error:  # a NUL character in the path
+        raise ClipRefusedError("missing_file", f"cannot open audio file: {error}") from None
+    _check_size(len(data), max_bytes)  # a file that grew after it was measured
+    return data
+
+
+def _check_regular(mode: int, note: str) -> None:
+    kind = _file_kind(mode)
+    if kind != "regular file":
+        raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file {note}")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISREG: "regular file",
+        stat.S_ISDIR: "directory",
+        stat.S_ISFIFO: "FIFO (named pipe)",
+        stat.S_ISCHR: "character device",
+        stat.S_ISBLK: "block device",
+        stat.S_ISSOCK: "socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "special file")
+
+
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ClipRefusedError(
+            "file_too_large", f"{size} bytes > max_clip_bytes {max_bytes} (not read; raise max_clip_bytes to allow it)"
+        )
+
+
+def _non_finite(wave: np.ndarray, rate: int) -> str:
+    """ "" when every sample is a number, else how many are NaN or infinite and where the first one is."""
+    finite = np.isfinite(wave)
+    if finite.all():
+        return ""
+    nan = int(np.isnan(wave).sum())
+    infinite = int(wave.size - finite.sum()) - nan
+    first = int(np.flatnonzero(~finite.all(axis=0))[0])
+    return f"{nan} NaN and {infinite} infinite sample values (first at {first / rate:.3f} s)"
 
 
 def _spelling_hint(uri: str) -> str:
@@ -120,10 +216,40 @@ def _short(error: Exception) -> str:
     return text.split(": ", 1)[1] if text.startswith("Error opening <") and ": " in text else text
 
 
-def probe_clips(uris: Iterable[str], max_seconds: float | None = None, workers: int = 8) -> dict[str, ClipProbe]:
-    """Probe each distinct URI once, `workers` at a time."""
+def probe_clips(
+    uris: Iterable[str],
+    max_seconds: float | None = None,
+    workers: int = 8,
+    max_bytes: int = DEFAULT_MAX_CLIP_BYTES,
+    log: Callable[[str], None] | None = None,
+    progress_every_s: float = PROGRESS_EVERY_SECONDS,
+) -> dict[str, ClipProbe]:
+    """Probe each distinct URI once, `workers` at a time, reporting "probed N/M clips" to `log` every
+    `progress_every_s` seconds (and when done) so that a long screening shows it is moving."""
     distinct = list(dict.fromkeys(u for u in uris if u))
+    progress = _Progress(len(distinct), log, progress_every_s)
     if workers <= 1 or len(distinct) <= 1:
-        return {uri: probe_clip(uri, max_seconds) for uri in distinct}
+        probes = {}
+        for uri in distinct:
+            probes[uri] = probe_clip(uri, max_seconds, max_bytes)
+            progress.step()
+        return probes
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as pool:
-        return dict(zip(distinct, pool.map(lambda uri: probe_clip(uri, max_seconds), distinct), strict=True))
+        futures = {pool.submit(probe_clip, uri, max_seconds, max_bytes): uri for uri in distinct}
+        for _ in as_completed(futures):
+            progress.step()
+        return {uri: future.result() for future, uri in futures.items()}
+
+
+class _Progress:
+    def __init__(self, total: int, log: Callable[[str], None] | None, every_s: float) -> None:
+        self.total, self.log, self.every_s = total, log, every_s
+        self.done = 0
+        self.last = time.monotonic()
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.log is not None and (self.done == self.total or now - self.last >= self.every_s):
+            self.log(f"probed {self.done}/{self.total} clips")
+            self.last = now

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from boson_multimodal.data_types import ChatMLSample
 
+from higgs_pipeline.data.tables import atomic_open
+
 SAMPLE_KINDS = ("tts", "voice_clone")
 
 
@@ -50,9 +52,9 @@ class SampleRecord:
 
 
 def write_records(path: str, records: Iterable[SampleRecord]) -> int:
-    """Write records as JSON lines (local path or any fsspec URL); returns how many were written."""
+    """Write records as JSON lines (local path or any fsspec URL), atomically; returns how many were written."""
     count = 0
-    with fsspec.open(path, "w", encoding="utf-8") as out:
+    with atomic_open(path, "w", encoding="utf-8") as out:
         for record in records:
             out.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
             count += 1
@@ -117,6 +119,11 @@ class TokenStore:
         self.fs.mv(path + ".tmp", path)
         return path
 
-    def get(self, clip_hash: str) -> torch.Tensor:
+    def read_array(self, clip_hash: str) -> np.ndarray:
+        """The shard as stored (no pickles: a shard is plain numbers). Raises FileNotFoundError, or
+        ValueError/EOFError/OSError for a file that is not a whole `.npy`."""
         with self.fs.open(self.path_for(clip_hash), "rb") as handle:
-            return torch.from_numpy(np.load(handle).astype(np.int64))
+            return np.load(handle, allow_pickle=False)
+
+    def get(self, clip_hash: str) -> torch.Tensor:
+        return torch.from_numpy(self.read_array(clip_hash).astype(np.int64))

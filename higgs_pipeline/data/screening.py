@@ -28,34 +28,54 @@ from higgs_pipeline.data.manifest import (
     manifest_folder,
     resolve_audio_paths,
 )
-from higgs_pipeline.data.normalize import normalize_label
-from higgs_pipeline.data.probe import ClipProbe, probe_clips
+from higgs_pipeline.data.normalize import INVISIBLE, normalize_label
+from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, ClipProbe, probe_clips
 
 # Llama-3 / Higgs control tokens are spelled <|name|>. In a transcript the text tokenizer reads one as the token
 # itself: a stray <|AUDIO_OUT|> adds an audio slot with no clip, and training fails in the collator.
 SPECIAL_TOKEN = r"<\|[^|<>\s]{1,64}\|>"
-INVISIBLE = "[\u00ad\u200b-\u200f\u2060-\u2064\ufeff]"
 
 # Reject reasons, in the order the checks run, with what each means (shown in the reject table).
 REJECT_REASONS: dict[str, str] = {
-    "malformed_row": "the record itself could not be parsed (CSV field count, JSONL line not a JSON object)",
+    "malformed_row": (
+        "the record itself could not be parsed (CSV field count, JSONL line not a JSON object, a field holding a "
+        "JSON object or array instead of text)"
+    ),
     "invalid_utf8": "a text field holds bytes that are not valid UTF-8",
     "empty_text": "the transcript is empty",
     "empty_speaker": "the speaker label is empty",
     "special_token": "text or ref_text holds a control token of the text tokenizer, such as <|AUDIO_OUT|>",
-    "path_outside_manifest_dir": "the audio path resolves outside the manifest's folder",
+    "path_outside_manifest_dir": (
+        "the audio path leads outside the manifest's folder (through '..', an absolute path or a symbolic link); "
+        "the same reason and wording whether or not the target exists"
+    ),
     "missing_file": "the audio file does not exist (or audio_path is empty)",
+    "not_a_regular_file": "the audio path is a directory, FIFO, device or socket: never opened",
+    "file_too_large": "the file is larger than max_clip_bytes (measured before reading; nothing is read)",
     "undecodable": "the file is not audio that libsndfile can decode",
     "empty_audio": "the file has no bytes or no samples",
     "truncated": "the file ends before the length its header declares (or breaks off while decoding)",
+    "non_finite_samples": "a sample value is NaN or infinite (a broken float file)",
     "too_short": "shorter than min_seconds",
     "too_long": "longer than max_seconds",
     "silent": "peak level below the silence threshold",
+    "out_of_range": (
+        "peak level above max_peak_dbfs (default +6 dBFS, twice full scale): float samples in the wrong units, "
+        "not the small overshoot a lossy decoder gives"
+    ),
     "bad_reference": "ref_audio_path/ref_text given but unusable (fails the same checks, or is the target itself)",
     "duplicate": "same audio content and same normalized text as an earlier accepted row",
     "speaker_conflict": "same audio content as an earlier accepted row labelled with another speaker",
 }
-FILE_REASONS = ("missing_file", "undecodable", "empty_audio", "truncated")
+FILE_REASONS = (
+    "missing_file",
+    "not_a_regular_file",
+    "file_too_large",
+    "undecodable",
+    "empty_audio",
+    "truncated",
+    "non_finite_samples",
+)
 ACCEPTED_COLUMNS = (
     "row",
     "id",
@@ -87,12 +107,18 @@ class ScreeningRules:
     min_seconds: float = 0.5
     max_seconds: float = 30.0
     silence_dbfs: float = -60.0
+    max_peak_dbfs: float = 6.0
     allow_paths_outside_manifest_dir: bool = False
     probe_workers: int = 8
+    max_clip_bytes: int = DEFAULT_MAX_CLIP_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_seconds < self.max_seconds:
             raise ValueError(f"need 0 <= min_seconds < max_seconds, got {self.min_seconds} and {self.max_seconds}")
+        if not self.silence_dbfs < self.max_peak_dbfs:
+            raise ValueError(f"need silence_dbfs < max_peak_dbfs, got {self.silence_dbfs} and {self.max_peak_dbfs}")
+        if self.max_clip_bytes <= 0:
+            raise ValueError(f"max_clip_bytes must be positive, got {self.max_clip_bytes}")
 
 
 @dataclass(frozen=True)
@@ -141,7 +167,8 @@ class _Verdicts:
 
 
 def _is_empty(values: pd.Series) -> np.ndarray:
-    """Nothing but whitespace and characters that print as nothing (zero-width spaces and joiners, BOM)."""
+    """Nothing but whitespace and characters that print as nothing (control characters such as NUL, zero-width
+    spaces and joiners, BOM)."""
     return (values.str.replace(INVISIBLE, "", regex=True).str.strip() == "").to_numpy(bool)
 
 
@@ -150,7 +177,10 @@ def _column(values: pd.Series) -> np.ndarray:
     return values.to_numpy(dtype=object)
 
 
-def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> Screening:
+def screen_manifest(
+    manifest: Manifest, rules: ScreeningRules | None = None, log: Callable[[str], None] | None = None
+) -> Screening:
+    """Accept or reject every row; `log` receives probing's progress ("probed N/M clips")."""
     rules = rules or ScreeningRules()
     rows = manifest.rows
     size = len(rows)
@@ -181,10 +211,7 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
         verdict.reject(
             audio_outside,
             "path_outside_manifest_dir",
-            lambda at: [
-                f"audio_path {p} resolves to {u}, outside {folder}"
-                for p, u in zip(paths.iloc[at], audio_uris[at], strict=True)
-            ],
+            lambda at: [f"audio_path {p} leads outside {folder}" for p in paths.iloc[at]],
         )
     verdict.reject(audio_uris == "", "missing_file", "audio_path is empty")
     has_ref = ref_uris != ""
@@ -198,7 +225,11 @@ def screen_manifest(manifest: Manifest, rules: ScreeningRules | None = None) -> 
     # Probe each distinct file of the rows still open, once (targets and references together).
     probing = verdict.open()
     probes = probe_clips(
-        np.concatenate([audio_uris[probing], ref_uris[probing & has_ref]]), rules.max_seconds, rules.probe_workers
+        np.concatenate([audio_uris[probing], ref_uris[probing & has_ref]]),
+        rules.max_seconds,
+        rules.probe_workers,
+        rules.max_clip_bytes,
+        log,
     )
     target = _probe_table(probes, np.where(probing, audio_uris, ""))
     reference = _probe_table(probes, np.where(probing & has_ref, ref_uris, ""))
@@ -253,6 +284,11 @@ def _reject_audio(verdict: _Verdicts, probe: dict[str, np.ndarray], rules: Scree
         probed & (peak < rules.silence_dbfs),
         "silent",
         lambda at: [f"peak {p:.1f} dBFS < {rules.silence_dbfs} dBFS" for p in peak[at]],
+    )
+    verdict.reject(
+        probed & (peak > rules.max_peak_dbfs),
+        "out_of_range",
+        lambda at: [f"peak {p:+.1f} dBFS > max_peak_dbfs {rules.max_peak_dbfs:+.1f} dBFS" for p in peak[at]],
     )
 
 

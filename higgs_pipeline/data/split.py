@@ -2,7 +2,9 @@
 
 The unit that is assigned is a GROUP, not a sample: by default the target clip (its content hash), so the TTS
 and the voice-clone sample of one recording always land on the same side and no target audio is both trained
-on and validated on; in speaker-held-out mode the canonical speaker, so validation speakers are unseen.
+on and validated on; in speaker-held-out mode the canonical speaker, so validation speakers are unseen; in text
+mode the normalized text the sample speaks, so no validation prompt was memorized in training (a TTS corpus often
+has the same sentence read by several speakers, and a model that has heard it scores it too well).
 A group goes to validation when sha256(group key) mapped to [0, 1) is below `validation_fraction`; the
 decision depends on nothing but that key, hence the stability.
 
@@ -16,14 +18,20 @@ result: a leak is then unavoidable.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from higgs_pipeline.data.hashing import digests, unit_interval
+from higgs_pipeline.data.normalize import normalize_label
 
-SPLIT_MODES = ("target_clip", "speaker_held_out")
+SPLIT_MODES = ("target_clip", "speaker_held_out", "text")
+# The column of the sample index each mode groups by; "text_key" is `text_keys` of the sample's target text.
+GROUP_COLUMNS = {"target_clip": "clip_hash", "speaker_held_out": "speaker", "text": "text_key"}
+_GROUP_NAMES = {"target_clip": "target clip", "speaker_held_out": "speaker", "text": "text"}
 
 
 @dataclass(frozen=True)
@@ -36,17 +44,17 @@ class SplitResult:
 
 
 def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode: str = "target_clip") -> SplitResult:
-    """`samples` needs columns sample_id, clip_hash (the target's) and speaker."""
+    """`samples` needs columns sample_id, clip_hash (the target's) and speaker, and text_key in text mode."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction}")
     if mode not in SPLIT_MODES:
         raise ValueError(f"split mode '{mode}': choose one of {SPLIT_MODES}")
-    group_column = "speaker" if mode == "speaker_held_out" else "clip_hash"
+    group_column = GROUP_COLUMNS[mode]
     note = ""
     keys = samples[group_column]
     if len(samples) >= 2 and keys.nunique() < 2:
         group_column, keys = "sample_id", samples["sample_id"]
-        note = f"all samples share one {'speaker' if mode == 'speaker_held_out' else 'target clip'}: split by sample"
+        note = f"all samples share one {_GROUP_NAMES[mode]}: split by sample"
     codes, groups = pd.factorize(keys, sort=True)
     position = unit_interval(digests(groups.astype(str), [mode] * len(groups)))
     validation = position < validation_fraction
@@ -61,3 +69,28 @@ def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode
         groups_validation=int(validation.sum()),
         note=note,
     )
+
+
+def text_keys(texts: pd.Series) -> pd.Series:
+    """The text a split compares: NFKC, casefolded, punctuation dropped, whitespace collapsed, so "Hello, world."
+    and "hello world" are one prompt."""
+    label = normalize_label(texts)
+    return label.str.replace(r"[^\w\s]", " ", regex=True).str.replace(r"\s+", " ", regex=True).str.strip()
+
+
+def target_text(chatml: Mapping[str, Any]) -> str:
+    """The text a sample's target audio speaks: its last user turn (for voice cloning the first user turn is the
+    reference's transcript)."""
+    users = [message["content"] for message in chatml["messages"] if message["role"] == "user"]
+    if not users:
+        return ""
+    content = users[-1]
+    parts = content if isinstance(content, list) else [content]
+    return " ".join(part if isinstance(part, str) else str(part.get("text") or "") for part in parts)
+
+
+def validation_texts_in_train(keys: pd.Series, is_validation: np.ndarray) -> int:
+    """How many validation samples speak a text (by `text_keys`) that a training sample speaks too."""
+    validation = np.asarray(is_validation, dtype=bool)
+    trained = set(keys[~validation])
+    return int(keys[validation].isin(trained).sum())

@@ -1,19 +1,62 @@
-"""Reading and writing the data assets' tables (Parquet, CSV) at a local path or any fsspec URL.
+"""Reading and writing the data assets' tables (Parquet, CSV, JSON) at a local path or any fsspec URL.
 
 Files are opened with fsspec and handed to pandas as file objects: pandas 3 refuses URLs itself unless
 fsspec >= 2025.7, while the locked s3fs pins fsspec 2024.10, and a file object works with either.
+
+Every write goes to a temporary name beside the target and is renamed onto it only once complete
+(`atomic_open`): a full disk or a killed run leaves the previous file, never a half-written one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 import fsspec
 import pandas as pd
 
+# OWASP's list for CSV injection: a spreadsheet reads a cell starting with one of these as a formula (or, for
+# tab and carriage return, strips them and reads what follows as one).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; rename it onto `path` only when the block completes.
+
+    On an error the temporary file is removed and `path` keeps its previous content (or stays absent). Locally
+    the rename is `os.replace` (atomic on one file system); on object stores it is a copy of the finished object.
+    """
+    fs, target = fsspec.core.url_to_fs(path)
+    folder, name = target.rsplit("/", 1) if "/" in target else ("", target)
+    temp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+    if folder:  # as fsspec.open does for a write: the target's folder is created
+        fs.makedirs(folder, exist_ok=True)
+    try:
+        with fs.open(temp, mode, **options) as handle:
+            yield handle
+        if _is_local(fs):
+            os.replace(temp, target)
+        else:
+            fs.mv(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(temp):
+                fs.rm(temp)
+        raise
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
 
 def write_parquet(table: pd.DataFrame, path: str) -> str:
-    with fsspec.open(path, "wb") as handle:
+    """The table as it is: values stay raw (escaping is for spreadsheets, see `write_csv`)."""
+    with atomic_open(path, "wb") as handle:
         table.to_parquet(handle, index=False)
     return path
 
@@ -23,13 +66,42 @@ def read_parquet(path: str, columns: Sequence[str] | None = None) -> pd.DataFram
         return pd.read_parquet(handle, columns=list(columns) if columns else None)
 
 
-def write_csv(table: pd.DataFrame, path: str) -> str:
-    with fsspec.open(path, "w", encoding="utf-8", newline="") as handle:
-        table.to_csv(handle, index=False)
+def write_csv(table: pd.DataFrame, path: str, for_spreadsheets: bool = True) -> str:
+    """A CSV file; `for_spreadsheets` escapes text cells a spreadsheet would run as a formula (`spreadsheet_safe`).
+
+    The CSV outputs are for people, who open them in a spreadsheet: a manifest's `=HYPERLINK(...)` speaker label
+    must show as text there, not run. Programs read the Parquet tables, whose values stay raw.
+    """
+    if for_spreadsheets:
+        table = spreadsheet_safe(table)
+    # CRLF records (RFC 4180, as spreadsheets write them): the csv module quotes a field holding any character of
+    # the line terminator, so a bare carriage return in a transcript stays inside its cell instead of ending the row.
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        table.to_csv(handle, index=False, lineterminator="\r\n")
     return path
+
+
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that start with = + - @ tab or CR prefixed with a single quote (OWASP), shown as typed."""
+    escaped = table.copy(deep=False)
+    for name in escaped.columns:
+        column = escaped[name]
+        if pd.api.types.is_string_dtype(column) or column.dtype == object:
+            text = column.astype("str")
+            risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).to_numpy(bool)
+            if risky.any():
+                escaped[name] = text.where(~risky, "'" + text)
+    return escaped
 
 
 def read_csv(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Every value as text, exactly as written ("NA" stays "NA")."""
     with fsspec.open(path, "r", encoding="utf-8", newline="") as handle:
         return pd.read_csv(handle, dtype=str, keep_default_na=False, usecols=list(columns) if columns else None)
+
+
+def write_text(text: str, path: str) -> str:
+    """A text file (JSON, Markdown), written atomically like the tables."""
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return path

@@ -20,14 +20,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-import fsspec
 import numpy as np
 import pandas as pd
 import torch
 
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
 from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.data.tables import write_text
 from higgs_pipeline.models import loading
 
 TOKENIZER_INFO = "tokenizer.json"
@@ -79,8 +80,7 @@ def tokenizer_info(tokenizer, name: str) -> TokenizerInfo:
 
 
 def write_tokenizer_info(store: TokenStore, info: TokenizerInfo) -> None:
-    with fsspec.open(f"{store.root}/{TOKENIZER_INFO}", "w", encoding="utf-8") as handle:
-        json.dump(asdict(info), handle, indent=2)
+    write_text(json.dumps(asdict(info), indent=2), f"{store.root}/{TOKENIZER_INFO}")
 
 
 def read_tokenizer_info(store: TokenStore) -> TokenizerInfo | None:
@@ -115,9 +115,18 @@ def plan_batches(clips: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
 
 
 def load_wave(uri: str, clip_hash: str, target_rate: int) -> torch.Tensor:
-    """Mono float32 at the tokenizer's rate, after checking the bytes are still the ones that were probed."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    data = fs.cat_file(path)
+    """Mono float32 at the tokenizer's rate, after checking the bytes are still the ones that were probed.
+
+    Read as probing reads them (a FIFO or device put in the file's place is refused, never opened) but with no
+    byte cap: the clip passed the screening's cap, which may have been raised above the default, and content
+    that changed since is caught by its hash.
+    """
+    try:
+        data = read_clip_bytes(uri, max_bytes=None)
+    except ClipRefusedError as refused:
+        if refused.reason == "missing_file":
+            raise FileNotFoundError(f"audio {uri}: {refused.detail}") from None
+        raise ClipChangedError(f"audio {uri} changed since raw_audio_manifest probed it: {refused.detail}") from None
     if sha256_hex(data) != clip_hash:
         raise ClipChangedError(
             f"audio {uri} changed since raw_audio_manifest probed it (expected sha256 {clip_hash[:12]}..., "
@@ -223,16 +232,32 @@ def encode_clips(
 
 
 def shard_problem(store: TokenStore, clip_hash: str, duration_s: float, info: TokenizerInfo) -> str:
-    """ "" if the clip's shard reads back as [codebooks, frames] with about duration * codes_per_second frames."""
+    """ "" if the clip's shard reads back as int16 [codebooks, frames] codes (none negative) with about
+    duration * codes_per_second frames; else what is wrong with it."""
     try:
-        codes = store.get(clip_hash)
+        codes = store.read_array(clip_hash)
     except FileNotFoundError:
         return "no shard"
-    except (OSError, ValueError) as error:
-        return f"unreadable shard: {error}"
+    except (OSError, ValueError, EOFError) as error:  # a truncated or overwritten .npy
+        return f"unreadable shard: {type(error).__name__}: {error}"
+    if codes.dtype != np.int16:
+        return f"dtype {codes.dtype}, expected int16"
     if codes.ndim != 2 or codes.shape[0] != info.num_codebooks:
         return f"shape {tuple(codes.shape)}, expected [{info.num_codebooks}, frames]"
     expected = duration_s * info.codes_per_second
     if abs(codes.shape[1] - expected) > 3:  # the codec rounds each end by up to a frame or so
         return f"{codes.shape[1]} frames for {duration_s:.2f} s, expected about {expected:.0f}"
+    if codes.size and int(codes.min()) < 0:
+        return f"negative code {int(codes.min())}"
     return ""
+
+
+def shard_problems(store: TokenStore, clips: pd.DataFrame, info: TokenizerInfo, workers: int = 8) -> dict[str, str]:
+    """{clip_hash: problem} for the clips (`clip_hash`, `duration_s`) whose shard fails `shard_problem`; shards
+    are read `workers` at a time (each read is an S3 request on a bucket)."""
+    if clips.empty:
+        return {}
+    hashes, durations = clips["clip_hash"].tolist(), clips["duration_s"].tolist()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-check") as pool:
+        verdicts = list(pool.map(lambda h, d: shard_problem(store, h, d, info), hashes, durations))
+    return {h: problem for h, problem in zip(hashes, verdicts, strict=True) if problem}

@@ -14,6 +14,7 @@ import dagster as dg
 import fsspec
 
 from higgs_pipeline.data.manifest import Manifest, read_manifest, resolve_audio_paths
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
 from higgs_pipeline.paths import DEMO_MANIFEST
 
 MANIFEST_ENV = "HIGGS_PIPELINE_MANIFEST"
@@ -37,6 +38,9 @@ retrain_job = dg.define_asset_job(
     # The chain is a line, so steps gain nothing from a process each; one process saves a torch+dagster import
     # per step (minutes over the 14 steps and checks). Training still runs as its own torchrun job via Pipes.
     executor_def=dg.in_process_executor,
+    # One retrain at a time per artifact store (dagster.yaml's tag limit); a run config naming another root
+    # gets that root as its tag from the run coordinator instead.
+    tags={ARTIFACT_STORE_TAG: artifact_store_of({})},
 )
 
 

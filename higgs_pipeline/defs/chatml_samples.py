@@ -1,4 +1,5 @@
-"""chatml_samples: accepted rows -> canonical speakers -> TTS and voice-cloning samples in boson_multimodal ChatML."""
+"""chatml_samples: transcript_check's accepted rows -> canonical speakers -> TTS and voice-cloning samples in
+boson_multimodal ChatML."""
 
 from collections import Counter
 
@@ -27,7 +28,7 @@ class ChatmlSamplesConfig(dg.Config):
     case_sensitive_speakers: bool = False
 
 
-@dg.asset(group_name="data_prep", code_version="1", deps=["raw_audio_manifest"], kinds={"pandas"})
+@dg.asset(group_name="data_prep", code_version="1", deps=["transcript_check"], kinds={"pandas"})
 def chatml_samples(
     context: dg.AssetExecutionContext, config: ChatmlSamplesConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
@@ -38,12 +39,13 @@ def chatml_samples(
         kinds = check_kinds(config.kinds)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
-    manifest = upstream_metadata(context, "raw_audio_manifest")
+    manifest = upstream_metadata(context, "transcript_check")  # raw_audio_manifest's rows, transcripts checked
     accepted = read_parquet(manifest["accepted_path"])
     if accepted.empty:
         raise dg.Failure(
-            f"raw_audio_manifest accepted no rows ({manifest['rows_rejected']} rejected: see "
-            f"{manifest['rejected_path']}): nothing to build samples from"
+            f"transcript_check accepted no rows ({manifest['rows_rejected']} rejected: see "
+            f"{manifest['rejected_path']}; raw_audio_manifest's own rejections are in its rejected file): "
+            "nothing to build samples from"
         )
     speaker_ids, speaker_map = normalize_speakers(accepted["speaker"], config.case_sensitive_speakers)
     plan = plan_samples(accepted, speaker_ids, kinds)

@@ -1,21 +1,21 @@
 """lora_adapter: LoRA fine-tuning of Higgs Audio v2, launched as `torchrun` through Dagster Pipes.
 
-The asset only resolves inputs and settings and launches `python -m torch.distributed.run ... -m
-higgs_pipeline.training.train`; rank 0 of the job streams its logs and reports the numbers. The run directory
-is named after a hash of the data, the model, the resolved settings, the process count and the training code,
-never after the Dagster run: a retried (crashed) job lands in the same directory and resumes from its last
+The asset only resolves inputs and settings and launches `torchrun ... -m higgs_pipeline.training.train`
+(locally under launch/torchrun.py, which ties the trainer's life to the step's); rank 0 of the job streams its
+logs and reports the numbers. The run directory is named after a hash of the data, the model, the resolved
+settings, the process count and the training code, never after the Dagster run: a retried (crashed) job lands
+in the same directory and resumes from its last
 checkpoint, and materializing again with nothing changed finds the finished run instead of training twice.
 """
 
 # No `from __future__ import annotations`: Dagster resolves Config annotations at runtime.
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import dagster as dg
 import torch
+from pydantic import field_validator, model_validator
 
 import higgs_pipeline.training as training_package
 from higgs_pipeline.data.hashing import digest, digest_of_lines
@@ -23,6 +23,7 @@ from higgs_pipeline.data.records import is_local
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
+from higgs_pipeline.launch import torchrun
 from higgs_pipeline.launch.k8s import (
     RUNS_DIR,
     TRAIN_MODULE,
@@ -34,7 +35,7 @@ from higgs_pipeline.launch.k8s import (
 from higgs_pipeline.launch.pytorchjob import PipesPyTorchJobClient, s3_message_reader
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
-from higgs_pipeline.training.config import TrainConfig, profile
+from higgs_pipeline.training.config import PROFILES, TrainConfig, parse_overrides, profile
 
 CODE_VERSION = "1"
 # Run-config fields -> training settings they override (anything else: `overrides`).
@@ -83,6 +84,44 @@ class LoraAdapterConfig(dg.Config):
     # checkpoint; without it a retry starts over.
     k8s_runs_volume_claim: str | None = None
 
+    # A bad run config fails here, naming the field, before anything is resolved or launched (a retry cannot
+    # fix a run config). Checks that need the resources (the artifact store) stay in the asset.
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value != "auto" and value not in PROFILES:
+            raise ValueError(f"profile {value!r}: choose 'auto' or one of {sorted(PROFILES)}")
+        return value
+
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, value: str) -> str:
+        if value not in ("local", "k8s"):
+            raise ValueError(f"launcher {value!r} is not 'local' or 'k8s'")
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_syntax(cls, value: list[str]) -> list[str]:
+        try:
+            parse_overrides(value)
+        except ValueError as error:
+            raise ValueError(f"overrides: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _k8s_fields(self) -> "LoraAdapterConfig":
+        if self.k8s_nodes < 1 or (self.k8s_nodes > 1 and self.launcher != "k8s"):
+            raise ValueError(
+                f"k8s_nodes: {self.k8s_nodes} is not a node count for launcher {self.launcher!r} "
+                "(>= 1; more than 1 only with launcher 'k8s')"
+            )
+        if self.launcher == "k8s" and not self.k8s_image:
+            raise ValueError("launcher 'k8s' needs k8s_image: an image with this project installed")
+        if self.k8s_gpus_per_node < 1:
+            raise ValueError(f"k8s_gpus_per_node: must be >= 1, got {self.k8s_gpus_per_node}")
+        return self
+
     def profile_name(self, model: str) -> str:
         if self.profile != "auto":
             return self.profile
@@ -95,14 +134,7 @@ class LoraAdapterConfig(dg.Config):
             value = getattr(self, field)
             if value is not None:
                 values[key] = ",".join(value) if isinstance(value, list) else str(value)
-        for item in self.overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise dg.Failure(
-                    f"lora_adapter config overrides: {item!r} is not section.field=value", allow_retries=False
-                )
-            values[key.strip()] = value.strip()
-        return values
+        return {**values, **parse_overrides(self.overrides)}
 
 
 def training_code_version() -> str:
@@ -121,23 +153,18 @@ def run_directory(artifacts: ArtifactStore, run_key: str) -> tuple[Path, str | N
 
 
 def k8s_node(config: LoraAdapterConfig) -> GpuNodeSpec:
-    """What each training pod asks for, from the run config; bad values fail naming the config field (without
-    retries: a retry cannot fix a run config)."""
-    if not config.k8s_image:
-        raise dg.Failure(
-            "lora_adapter launcher 'k8s' needs k8s_image: an image with this project installed", allow_retries=False
-        )
-    if config.k8s_gpus_per_node < 1:
-        raise dg.Failure(
-            f"lora_adapter config k8s_gpus_per_node: must be >= 1, got {config.k8s_gpus_per_node}",
-            allow_retries=False,
-        )
+    """What each training pod asks for, from the (validated) run config."""
     return GpuNodeSpec(
         image=config.k8s_image,
         gpus_per_node=config.k8s_gpus_per_node,
         namespace=config.k8s_namespace,
         runs_volume_claim=config.k8s_runs_volume_claim or None,
     )
+
+
+def local_torchrun_command(nproc: int, train_args: list[str]) -> list[str]:
+    """torchrun on this machine under the wrapper that makes it (and its workers) die with this step."""
+    return torchrun.command([f"--nproc_per_node={nproc}", "--standalone", "-m", TRAIN_MODULE, *train_args])
 
 
 def k8s_pod_spec(config: LoraAdapterConfig, train_args: list[str]) -> dict:
@@ -190,17 +217,7 @@ def lora_adapter(
     except ValueError as error:
         raise dg.Failure(f"lora_adapter config: {error}", allow_retries=False) from error
     on_gpu = train_config.run.device == "cuda"
-    if config.launcher not in ("local", "k8s"):
-        raise dg.Failure(
-            f"lora_adapter config launcher: {config.launcher!r} is not 'local' or 'k8s'", allow_retries=False
-        )
     on_k8s = config.launcher == "k8s"
-    if config.k8s_nodes < 1 or (config.k8s_nodes > 1 and not on_k8s):
-        raise dg.Failure(
-            f"lora_adapter config k8s_nodes: {config.k8s_nodes} is not a node count for launcher "
-            f"{config.launcher!r} (>= 1; more than 1 only with launcher 'k8s')",
-            allow_retries=False,
-        )
     multi_node = config.k8s_nodes > 1
     nproc = (
         config.k8s_gpus_per_node if on_k8s else config.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
@@ -210,8 +227,7 @@ def lora_adapter(
     world_size = config.k8s_nodes * nproc
     code_version = training_code_version()
     inputs = [split[k] for k in ("data_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
-    run_key = digest(*inputs, model, json.dumps(train_config.to_dict(), sort_keys=True), str(world_size), code_version)
-    run_key = run_key[:16]
+    run_key = digest(*inputs, model, train_config.digest(), str(world_size), code_version)[:16]
     run_dir, remote = run_directory(artifacts, run_key)
     if on_k8s:
         if remote is None:
@@ -262,9 +278,11 @@ def lora_adapter(
             env={"PYTHONUNBUFFERED": "1"},
         )
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
-        command += ["-m", TRAIN_MODULE, *train_args]
-        invocation = dg.PipesSubprocessClient().run(command=command, context=context, env={"PYTHONUNBUFFERED": "1"})
+        invocation = dg.PipesSubprocessClient().run(
+            command=local_torchrun_command(nproc, train_args),
+            context=context,
+            env={"PYTHONUNBUFFERED": "1", torchrun.LAUNCHER_PARENT_ENV: str(os.getpid())},
+        )
     reported = invocation.get_materialize_result()
 
     metrics_path = f"{remote}/metrics.jsonl" if remote is not None else str(run_dir / "metrics.jsonl")

@@ -1,12 +1,14 @@
 """`production_adapter`: a pointer file naming the adapter to serve, moved only by a better, checked adapter.
 
-It runs after `adapter_evaluation` in the same run, so the blocking checks there (finite losses, adapter no
-worse than base) fail the run before this asset starts. Materialized on its own later, it asks the same gate
-(`promotion_blockers`) again, so the pointer can never move to an adapter those checks would reject.
+It runs after `adapter_evaluation` in the same run, so the blocking checks there (finite losses, audio no worse
+than the base's, on a released model speech no worse than the base's) fail the run before this asset starts.
+Materialized on its own later, it asks the same gate (`promotion_blockers`) again, so the pointer can never move
+to an adapter those checks would reject.
 """
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -14,19 +16,28 @@ import fsspec
 
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
-from higgs_pipeline.evaluation.evaluate import promotion_blockers
+from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
+from higgs_pipeline.synthesis import read_pointer
 
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
 POINTER_NUMBERS = ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement")
-
-
-def read_pointer(path: str) -> dict | None:
-    """The current pointer, or None before the first promotion."""
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        return None
-    return json.loads(fs.cat_file(root))
+# Copied too when the evaluation recorded them (it listened): the audio numbers promotion compares.
+POINTER_QUALITY = (
+    "base_val_audio_loss",
+    "val_wer",
+    "val_cer",
+    "val_speaker_similarity",
+    "base_val_wer",
+    "base_val_cer",
+    "base_val_speaker_similarity",
+    "ground_truth_wer",
+    "ground_truth_speaker_similarity",
+    "val_unfinished_rate",
+    "val_silence_rate",
+    "quality_wer_tolerance",
+    "quality_similarity_tolerance",
+)
 
 
 def write_pointer(path: str, pointer: dict) -> None:
@@ -40,9 +51,11 @@ def write_pointer(path: str, pointer: dict) -> None:
 def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
     """Whether the candidate replaces the current pointer, and why.
 
-    Losses are compared only when both were measured on the same validation data (same data version) from the
+    Numbers are compared only when both were measured on the same validation data (same data version) from the
     same base model; on new data the candidate has already beaten its own base on that data, and the old
-    numbers, from another validation split, say nothing against it.
+    numbers, from another validation split, say nothing against it. On the same data, audio comes first: a
+    candidate that sounds worse than the current adapter (`quality_problems` with the current one as the base)
+    is kept out whatever its loss, then the lower audio validation loss wins.
     """
     if current is None:
         return True, "first promotion"
@@ -52,13 +65,24 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
         candidate.get("data_version"),
         candidate.get("base_model"),
     ):
-        return True, "new data version or base model: losses are not comparable, the checked candidate wins"
-    if candidate["val_total_loss"] < current["val_total_loss"]:
-        return True, f"val_total_loss {candidate['val_total_loss']:.4f} < current {current['val_total_loss']:.4f}"
+        return True, "new data version or base model: numbers are not comparable, the checked candidate wins"
+    worse = _sounds_worse_than(current, candidate)
+    if worse:
+        return False, worse
+    if candidate["val_audio_loss"] < current["val_audio_loss"]:
+        return True, f"val_audio_loss {candidate['val_audio_loss']:.4f} < current {current['val_audio_loss']:.4f}"
     return (
         False,
-        f"val_total_loss {candidate['val_total_loss']:.4f} is not below current {current['val_total_loss']:.4f}",
+        f"val_audio_loss {candidate['val_audio_loss']:.4f} is not below current {current['val_audio_loss']:.4f}",
     )
+
+
+def _sounds_worse_than(current: dict, candidate: dict) -> str:
+    """Why the candidate sounds worse than the current adapter ("" when it does not, or when either did not
+    listen, or on the demo model whose audio is noise)."""
+    if candidate.get("demo_model") or current.get("val_wer") is None or candidate.get("val_wer") is None:
+        return ""
+    return "; ".join(quality_problems(candidate, baseline=current, baseline_name="current adapter's val_"))
 
 
 @dg.asset(group_name="evaluation", code_version=CODE_VERSION, deps=["adapter_evaluation"])
@@ -72,6 +96,8 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
             + "; ".join(blockers)
             + ". Train a better adapter (or fix the data) and re-run retrain_job."
         )
+    if evaluation.get("demo_model") and quality_problems(evaluation):
+        context.log.warning(f"not enforced ({QUALITY_DEMO_NOTE}): " + "; ".join(quality_problems(evaluation)))
     candidate = {
         "adapter_path": evaluation["adapter_path"],
         "data_version": evaluation.get("data_version"),
@@ -79,6 +105,8 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         "demo_model": bool(evaluation.get("demo_model", False)),
         "evaluation_path": evaluation.get("evaluation_path"),
         **{name: evaluation[name] for name in POINTER_NUMBERS},
+        **{name: _plain(evaluation[name]) for name in POINTER_QUALITY if name in evaluation},
+        "report_path": evaluation.get("report_path"),
     }
     pointer_path = artifacts.path("production_adapter", "current.json")
     current = read_pointer(pointer_path)
@@ -101,12 +129,24 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
             "base_model": str(pointer.get("base_model")),
             "demo_model": bool(pointer.get("demo_model", False)),
             **{name: dg.MetadataValue.float(float(pointer[name])) for name in POINTER_NUMBERS},
+            **{
+                name: dg.MetadataValue.float(float(pointer[name]))
+                for name in POINTER_QUALITY
+                if pointer.get(name) is not None
+            },
+            "report_path": str(pointer.get("report_path")),
             "candidate_adapter_path": dg.MetadataValue.path(candidate["adapter_path"]),
             "candidate_val_total_loss": dg.MetadataValue.float(float(candidate["val_total_loss"])),
+            "candidate_val_audio_loss": dg.MetadataValue.float(float(candidate["val_audio_loss"])),
             "code_version": CODE_VERSION,
         },
         data_version=dg.DataVersion(_pointer_version(pointer)),
     )
+
+
+def _plain(value):
+    """A number for the pointer's JSON: NaN (nothing measured) becomes null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _pointer_version(pointer: dict) -> str:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
+from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES
 from higgs_pipeline.data.screening import REJECT_REASONS, Screening, ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
@@ -22,8 +23,10 @@ class RawAudioManifestConfig(dg.Config):
     min_seconds: float = 0.5
     max_seconds: float = 30.0
     silence_dbfs: float = -60.0
+    max_peak_dbfs: float = 6.0
     allow_paths_outside_manifest_dir: bool = False
     probe_workers: int = 8
+    max_clip_bytes: int = DEFAULT_MAX_CLIP_BYTES
 
 
 @dg.asset(group_name="data_prep", code_version="1", kinds={"pandas"})
@@ -41,14 +44,16 @@ def raw_audio_manifest(
             min_seconds=config.min_seconds,
             max_seconds=config.max_seconds,
             silence_dbfs=config.silence_dbfs,
+            max_peak_dbfs=config.max_peak_dbfs,
             allow_paths_outside_manifest_dir=config.allow_paths_outside_manifest_dir,
             probe_workers=config.probe_workers,
+            max_clip_bytes=config.max_clip_bytes,
         )
         manifest = read_manifest(config.manifest_path)
     except (ManifestError, ValueError) as error:
         raise dg.Failure(str(error)) from error
     context.log.info(f"screening {len(manifest.rows)} rows of {manifest.uri}")
-    screening = screen_manifest(manifest, rules)
+    screening = screen_manifest(manifest, rules, context.log.info)
 
     folder = artifacts.path("raw_audio_manifest", digest(screening.data_version, config.model_dump_json())[:16])
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"

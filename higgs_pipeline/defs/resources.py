@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import torch
 
+from higgs_pipeline.evaluation import scoring
 from higgs_pipeline.models import loading
 from higgs_pipeline.paths import default_artifacts_root
 
@@ -36,6 +37,25 @@ class HiggsCheckpoints(dg.ConfigurableResource):
         return loading.DEMO in (self.model, self.audio_tokenizer)
 
 
+class QualityScorers(dg.ConfigurableResource):
+    """The models that judge speech: an ASR model for WER/CER and a speaker encoder for speaker similarity.
+
+    Defaults are embedded and run offline on a CPU ("tiny.en", "resemblyzer"); a real node sets
+    `asr_model="large-v3"` (or a local CTranslate2 folder) and `speaker_model` to a WavLMForXVector checkpoint
+    such as microsoft/wavlm-base-plus-sv (or a local folder).
+    """
+
+    asr_model: str = scoring.EMBEDDED_ASR
+    speaker_model: str = scoring.EMBEDDED_SPEAKER
+    device: str = "auto"
+
+    def scorer(self) -> scoring.Scorer:
+        """The process-wide `Scorer` for these settings (models load once, on first use)."""
+        return scoring.get_scorer(self.asr_model, self.speaker_model, scoring.resolve_device(self.device))
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources={"artifacts": ArtifactStore(), "checkpoints": HiggsCheckpoints()})
+    return dg.Definitions(
+        resources={"artifacts": ArtifactStore(), "checkpoints": HiggsCheckpoints(), "scorers": QualityScorers()}
+    )

@@ -1,18 +1,18 @@
 """tokenized_audio: every clip the samples use, encoded once with the Higgs audio tokenizer into the TokenStore."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import dagster as dg
+import pandas as pd
 
 from higgs_pipeline.data.hashing import digest_of_lines
 from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.data.tokenize import (
     ClipChangedError,
+    TokenizerInfo,
     audio_tokenizer,
     encode_clips,
     read_tokenizer_info,
-    shard_problem,
+    shard_problems,
     stored_hashes,
     tokenizer_info,
     write_tokenizer_info,
@@ -36,21 +36,26 @@ def tokenized_audio(
     checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
     """Codes `[8, frames]` per clip, keyed by the clip's content hash: a re-run encodes only clips whose hash has
-    no shard yet (new or changed audio), and the tokenizer is not even loaded when there are none."""
+    no shard yet (new or changed audio) or whose shard fails verification (truncated, wrong shape or length: it is
+    re-encoded), and the tokenizer is not even loaded when there are none."""
     samples = upstream_metadata(context, "chatml_samples")
     clips = read_parquet(samples["clips_path"])
     name = checkpoints.audio_tokenizer
     store_root = artifacts.path("tokenized_audio")
     store = TokenStore(store_root, loading.tokenizer_id(name))
-    todo = clips[~clips["clip_hash"].isin(stored_hashes(store))]
+    stored = clips["clip_hash"].isin(stored_hashes(store))
     info = read_tokenizer_info(store)
     device = checkpoints.torch_device()
-    stats = None
-    if len(todo) or info is None:
+    tokenizer, stats = None, None
+    if info is None:
         tokenizer = audio_tokenizer(name, device)
         info = tokenizer_info(tokenizer, name)
         write_tokenizer_info(store, info)
+    bad = _bad_shards(context, store, clips[stored], info)
+    todo = clips[~stored | clips["clip_hash"].isin(bad)]
     if len(todo):
+        if tokenizer is None:
+            tokenizer = audio_tokenizer(name, device)
         context.log.info(f"tokenizing {len(todo)} of {len(clips)} clips on {device} with {info.description}")
         try:
             stats = encode_clips(tokenizer, store, todo, config.batch_size, config.loader_threads, context.log.info)
@@ -61,6 +66,7 @@ def tokenized_audio(
         "clips": len(clips),
         "clips_tokenized_this_run": len(todo),
         "clips_reused": len(clips) - len(todo),
+        "shards_replaced": len(bad),
         "audio_seconds": float(clips["duration_s"].sum()),
         "audio_seconds_tokenized_this_run": float(todo["duration_s"].sum()),
         "codes_per_second": info.codes_per_second,
@@ -80,6 +86,17 @@ def tokenized_audio(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 
+def _bad_shards(
+    context: dg.AssetExecutionContext, store: TokenStore, reused: pd.DataFrame, info: TokenizerInfo
+) -> dict[str, str]:
+    """The stored shards this run would reuse that fail `shard_problem`, each logged with why."""
+    bad = shard_problems(store, reused, info)
+    if bad:
+        examples = "; ".join(f"{h[:12]}: {problem}" for h, problem in list(bad.items())[:10])
+        context.log.warning(f"re-encoding {len(bad)} of {len(reused)} stored shards that fail verification: {examples}")
+    return bad
+
+
 @dg.asset_check(asset=tokenized_audio, blocking=True)
 def tokenized_audio_shards_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """Every clip's shard exists, reads back as [codebooks, frames], and has about duration x codes/s frames."""
@@ -89,11 +106,7 @@ def tokenized_audio_shards_readable(context: dg.AssetCheckExecutionContext) -> d
     info = read_tokenizer_info(store)
     if info is None:
         return dg.AssetCheckResult(passed=False, metadata={"problems": f"no tokenizer info under {store.root}"})
-    with ThreadPoolExecutor(max_workers=8) as pool:  # shard reads are I/O (S3 requests), not compute
-        verdicts = list(
-            pool.map(lambda h, d: shard_problem(store, h, d, info), clips["clip_hash"], clips["duration_s"])
-        )
-    problems = [f"{h[:12]}: {p}" for h, p in zip(clips["clip_hash"], verdicts, strict=True) if p]
+    problems = [f"{h[:12]}: {p}" for h, p in shard_problems(store, clips, info).items()]
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={

@@ -1,30 +1,44 @@
-"""train_val_split: a hash-decided train/validation split of the samples, grouped by target clip (or speaker)."""
+"""train_val_split: a hash-decided train/validation split of the samples, grouped by target clip, speaker or text."""
 
 import json
 
 import dagster as dg
 import fsspec
+import pandas as pd
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.data.records import read_split
-from higgs_pipeline.data.split import split_samples
+from higgs_pipeline.data.records import read_records, read_split
+from higgs_pipeline.data.split import GROUP_COLUMNS, split_samples, target_text, text_keys, validation_texts_in_train
 from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 
+GROUP_BY = {"target_clip": "target_clip", "speaker": "speaker_held_out", "text": "text"}
+
 
 class TrainValSplitConfig(dg.Config):
     validation_fraction: float = 0.05
+    # target_clip: a recording's samples stay together; speaker: validation speakers are unseen (the same as
+    # speaker_held_out=True); text: no validation sentence is also trained on.
+    group_by: str = "target_clip"
     speaker_held_out: bool = False
+
+    def mode(self) -> str:
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"group_by '{self.group_by}': choose one of {sorted(GROUP_BY)}")
+        if self.speaker_held_out and self.group_by not in ("target_clip", "speaker"):
+            raise ValueError(f"speaker_held_out=True groups by speaker; it contradicts group_by='{self.group_by}'")
+        return "speaker_held_out" if self.speaker_held_out else GROUP_BY[self.group_by]
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples", "tokenized_audio"], kinds={"pandas"})
 def train_val_split(
     context: dg.AssetExecutionContext, config: TrainValSplitConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
-    """`split.json` of sample ids. A sample's side depends only on the hash of its target clip (or, speaker
-    held out, of its speaker), so adding data never moves an existing sample and a recording's TTS and
-    voice-clone samples are never split apart."""
+    """`split.json` of sample ids. A sample's side depends only on the hash of its group (target clip, speaker
+    or normalized text), so adding data never moves an existing sample and a recording's TTS and voice-clone
+    samples are never split apart. `validation_texts_in_train` counts validation samples whose text is trained
+    on too (always 0 grouped by text)."""
     samples = upstream_metadata(context, "chatml_samples")
     tokens = upstream_metadata(context, "tokenized_audio")
     if tokens.get("clips_path") != samples["clips_path"]:
@@ -33,8 +47,9 @@ def train_val_split(
             "materialize tokenized_audio again (it only encodes the new clips)"
         )
     index = read_parquet(samples["samples_index_path"])
-    mode = "speaker_held_out" if config.speaker_held_out else "target_clip"
+    index["text_key"] = _text_keys(samples["samples_path"], index["sample_id"])
     try:
+        mode = config.mode()
         result = split_samples(index, config.validation_fraction, mode)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
@@ -64,6 +79,7 @@ def train_val_split(
             "groups_validation": result.groups_validation,
             "split_mode": mode,
             "split_group": result.group_column,
+            "validation_texts_in_train": validation_texts_in_train(index["text_key"], result.is_validation),
             "validation_fraction": config.validation_fraction,
             "split_path": split_path,
             "samples_path": samples["samples_path"],
@@ -76,12 +92,24 @@ def train_val_split(
     )
 
 
+def _text_keys(samples_path: str, sample_ids: pd.Series) -> pd.Series:
+    """`text_keys` of each sample's target text, aligned with `sample_ids`."""
+    texts = {record.sample_id: target_text(record.chatml) for record in read_records(samples_path)}
+    missing = [sample for sample in sample_ids if sample not in texts]
+    if missing:
+        raise dg.Failure(f"samples {missing[:5]} are in the sample index but not in {samples_path}")
+    return text_keys(pd.Series([texts[sample] for sample in sample_ids], dtype="str", index=sample_ids.index))
+
+
 @dg.asset_check(asset=train_val_split, blocking=True)
 def train_val_split_is_a_partition(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """No sample in both splits or twice, every sample in one, and no target clip (or held-out speaker) in both."""
     meta = upstream_metadata(context, "train_val_split")
     split = read_split(meta["split_path"])
-    index = read_parquet(meta["samples_index_path"]).set_index("sample_id")
+    index = read_parquet(meta["samples_index_path"])
+    if meta["split_group"] == GROUP_COLUMNS["text"]:
+        index["text_key"] = _text_keys(meta["samples_path"], index["sample_id"])
+    index = index.set_index("sample_id")
     train, validation = split["train"], split["validation"]
     problems = []
     both = set(train) & set(validation)

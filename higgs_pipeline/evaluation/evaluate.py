@@ -134,18 +134,82 @@ def non_finite_losses(numbers: dict) -> list[str]:
     ]
 
 
+# Defaults of how much worse than its base an adapter may sound before promotion is blocked (absolute: WER
+# 0.05 = five more words wrong in a hundred; similarity is a cosine). A few prompts measure noisily, so not zero.
+WER_TOLERANCE = 0.05
+SIMILARITY_TOLERANCE = 0.05
+QUALITY_DEMO_NOTE = (
+    "demo model, random weights: its generated audio is noise, so WER and speaker similarity compare noise with "
+    "noise; recorded and warned about, never enforced"
+)
+
+
+def loss_blockers(numbers: dict) -> list[str]:
+    """Why the losses forbid promotion: non-finite losses, or audio validation loss above the base model's.
+
+    Audio, not the total: the total also counts the structural text tokens (`<|audio_out_bos|>`, `<|eot_id|>`),
+    which an adapter learns within a few steps, so a lower total can hide audio that got worse.
+    """
+    problems = [f"{name} is not finite ({numbers[name]})" for name in non_finite_losses(numbers)]
+    if not problems and numbers["val_audio_loss"] > numbers["base_val_audio_loss"]:
+        problems.append(
+            f"adapter is worse than its base model on validation audio: val_audio_loss "
+            f"{numbers['val_audio_loss']:.4f} > base_val_audio_loss {numbers['base_val_audio_loss']:.4f}"
+        )
+    return problems
+
+
+def quality_problems(numbers: dict, baseline: dict | None = None, baseline_name: str = "base_val_") -> list[str]:
+    """Where the adapter sounds worse than its base beyond the evaluation's tolerances (WER up, similarity down).
+
+    `baseline` (default: the base model's numbers in `numbers`) holds `val_wer` and `val_speaker_similarity` of
+    another adapter when promotion compares a candidate with the one in production. Missing or non-finite WER is
+    a problem too: an evaluation that did not listen cannot vouch for the audio. The tolerances are the ones the
+    evaluation recorded (`quality_wer_tolerance`, `quality_similarity_tolerance`), so the check and
+    `production_adapter` apply the same ones.
+    """
+    if baseline is None:
+        baseline = {key.removeprefix("base_"): value for key, value in numbers.items() if key.startswith("base_val_")}
+    wer_tolerance = float(numbers.get("quality_wer_tolerance", WER_TOLERANCE))
+    similarity_tolerance = float(numbers.get("quality_similarity_tolerance", SIMILARITY_TOLERANCE))
+    wer, base_wer = _finite(numbers.get("val_wer")), _finite(baseline.get("val_wer"))
+    if wer is None or base_wer is None:
+        return [
+            f"no word error rate was measured (val_wer / {baseline_name}wer missing or not finite): set "
+            "adapter_evaluation's tts_prompts / voice_clone_prompts above 0 and evaluate again"
+        ]
+    problems = []
+    if wer > base_wer + wer_tolerance:
+        problems.append(
+            f"adapter's speech is less intelligible: val_wer {wer:.4f} > {baseline_name}wer {base_wer:.4f} "
+            f"+ tolerance {wer_tolerance}"
+        )
+    similarity = _finite(numbers.get("val_speaker_similarity"))
+    base_similarity = _finite(baseline.get("val_speaker_similarity"))
+    if similarity is not None and base_similarity is not None and similarity < base_similarity - similarity_tolerance:
+        problems.append(
+            f"adapter's voice is less like the reference: val_speaker_similarity {similarity:.4f} < "
+            f"{baseline_name}speaker_similarity {base_similarity:.4f} - tolerance {similarity_tolerance}"
+        )
+    return problems
+
+
+def _finite(value) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def promotion_blockers(numbers: dict) -> list[str]:
-    """Why an evaluation must not be promoted: non-finite losses, or an adapter worse than its base model.
+    """Why an evaluation must not be promoted: its losses (`loss_blockers`) and, on a released base model, its
+    listening numbers (`quality_problems`). On the demo model the quality problems only warn (QUALITY_DEMO_NOTE).
 
     The blocking asset checks and `production_adapter` both ask this one function (with the evaluation's
     metadata values), so the gate a run passes is the gate promotion enforces.
     """
-    problems = [f"{name} is not finite ({numbers[name]})" for name in non_finite_losses(numbers)]
-    if not problems and numbers["val_total_loss"] > numbers["base_val_total_loss"]:
-        problems.append(
-            f"adapter is worse than its base model on validation: val_total_loss {numbers['val_total_loss']:.4f} > "
-            f"base_val_total_loss {numbers['base_val_total_loss']:.4f}"
-        )
+    problems = loss_blockers(numbers)
+    if not numbers.get("demo_model", False):
+        problems += quality_problems(numbers)
     return problems
 
 

@@ -9,11 +9,12 @@ bare field name when it is unique), from the command line (`--set`) or the asset
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from higgs_pipeline.data.hashing import digest
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class TrainConfig:
 
     def digest(self) -> str:
         """A stable short hash of every setting (part of the stable run directory name)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return digest(json.dumps(self.to_dict(), sort_keys=True))[:16]
 
     def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
         """A copy with `section.field` (or unique bare `field`) keys set; values may be strings from a CLI."""
@@ -203,6 +204,6 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. --set optim.max_steps=20")
+            raise ValueError(f"setting {item!r}: expected key=value, e.g. optim.max_steps=20")
         parsed[key.strip()] = value.strip()
     return parsed

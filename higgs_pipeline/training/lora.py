@@ -13,9 +13,11 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from higgs_pipeline.training.config import LoraSettings
 
@@ -104,5 +106,15 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, int]:
 
 
 def load_adapter(base_model: torch.nn.Module, adapter_path: str, trainable: bool = False) -> PeftModel:
-    """A saved adapter on a base model, with plain PEFT (what any consumer of the adapter would do)."""
+    """A saved adapter on a base model, with plain PEFT (what any consumer of the adapter would do).
+
+    A local folder must hold adapter_model.safetensors: without it PEFT falls back to a pickled
+    adapter_model.bin, and a file planted in an artifact store must never be unpickled.
+    """
+    folder = Path(adapter_path)
+    if folder.is_dir() and not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        raise ValueError(
+            f"adapter {adapter_path}: no {SAFETENSORS_WEIGHTS_NAME}; only safetensors adapters are loaded "
+            f"(a pickled adapter_model.bin could run code): re-train or re-save the adapter with PEFT"
+        )
     return PeftModel.from_pretrained(base_model, adapter_path, is_trainable=trainable)

@@ -35,6 +35,11 @@ class LossSums:
     audio_correct: torch.Tensor  # [codebooks]
     audio_count: torch.Tensor  # [codebooks]
 
+    @staticmethod
+    def vector_size(codebooks: int) -> int:
+        """Length of `as_vector()`: three scalars, then three values per codebook."""
+        return 3 + 3 * codebooks
+
     def as_vector(self) -> torch.Tensor:
         """Flat float64 vector, for one all_reduce."""
         parts = [self.text_loss_sum, self.text_correct, self.text_count]

@@ -4,13 +4,14 @@
         --samples samples.jsonl --split split.json --token-store TOKENS --tokenizer-id ID \\
         --model demo --output-dir runs/x --profile demo [--set optim.max_steps=20 ...] [--resume]
 
-Setup, loop, eval, checkpoint, in that order. What makes it correct:
+Setup, loop, eval, checkpoint, in that order (`_run` reads as that list). What makes it correct:
 - the forward goes through DDP (HiggsTrainingModule), so gradients are all-reduced; `no_sync` skips that on
   non-boundary micro-steps of an accumulation window;
 - the loss of every micro-batch is its share of one token-weighted mean over the whole effective batch (label
   counts of the window are all_reduced first), so N ranks x batch b train exactly like 1 rank x batch N*b;
 - validation runs on all ranks over the whole split and all_reduces loss sums, not means;
-- checkpoints hold everything a killed run needs to continue as if it had not stopped.
+- checkpoints hold everything a killed run needs to continue as if it had not stopped, and are read without
+  pickle; rank 0 holds the run folder's lock for the whole run.
 Launched by Dagster Pipes (its env vars are set), rank 0 streams logs and reports the materialization.
 """
 
@@ -26,9 +27,10 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
@@ -36,8 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from higgs_pipeline.launch.pipes_messages import pipes_message_writer
+from higgs_pipeline.launch.torchrun import die_with_agent
 from higgs_pipeline.models import loading
 from higgs_pipeline.training import checkpoint
+from higgs_pipeline.training.checkpoint import StoredState
 from higgs_pipeline.training.config import OptimSettings, TrainConfig, parse_overrides, profile
 from higgs_pipeline.training.data import (
     DistributedLengthBucketSampler,
@@ -47,9 +51,11 @@ from higgs_pipeline.training.data import (
     sequence_lengths,
     validation_batches,
 )
+from higgs_pipeline.training.distributed import Distributed, all_gather_bytes, broadcast_bytes, setup_distributed
 from higgs_pipeline.training.lora import trainable_parameters
 from higgs_pipeline.training.module import HiggsTrainingModule, build_lora_model, sums_of
 from higgs_pipeline.training.objective import LabelCounts, LossSums, label_counts, training_loss
+from higgs_pipeline.training.run_lock import RunLock
 from higgs_pipeline.training.samples import forward_kwargs, make_collator
 
 log = logging.getLogger("higgs_pipeline.training")
@@ -58,6 +64,7 @@ log = logging.getLogger("higgs_pipeline.training")
 STOP_EXIT_CODE = 75
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+RANK_PARAMS_DIR = "rank_params"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,41 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stop-after-step", type=int, default=None, help="debug: crash after this step")
     parser.add_argument(
-        "--debug-save-rank-params", action="store_true", help="debug: each rank saves its trainable weights"
+        "--debug-save-rank-params",
+        action="store_true",
+        help=f"debug: each rank saves its trainable weights to {RANK_PARAMS_DIR}/rank<N>.safetensors",
     )
     return parser.parse_args(argv)
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(config: TrainConfig) -> Distributed:
-    """Process group from torchrun's env vars; a 1-process group when run without torchrun (same code path)."""
-    if config.run.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("profile wants run.device=cuda but no GPU is visible: use --profile demo or a GPU node")
-    if "RANK" in os.environ:
-        dist.init_process_group(config.run.backend)
-    else:
-        dist.init_process_group(config.run.backend, store=dist.HashStore(), rank=0, world_size=1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if config.run.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        # torchrun defaults every process to 1 thread; share the cores instead.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(config.run.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
-        device = torch.device("cpu")
-    return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
 def lr_multiplier(optim: OptimSettings):
@@ -158,6 +135,13 @@ class Reporter:
                 self.board.add_scalar(f"{prefix}/{key}", value, record["step"])
         self.board.flush()
 
+    def advance(self, postfix: dict[str, str] | None = None) -> None:
+        if self.progress is not None:
+            if postfix:
+                self.progress.set_postfix(**postfix)
+            else:
+                self.progress.update(1)
+
     def close(self) -> None:
         if self.active:
             self.board.close()
@@ -188,7 +172,7 @@ def micro_batches(loader, sampler: DistributedLengthBucketSampler, epoch: int, p
 def evaluate(module: HiggsTrainingModule, loader, device: torch.device, codebooks: int) -> LossSums:
     """Loss sums over this rank's share of the validation split, all_reduced: exact means over the whole split."""
     module.eval()
-    total = torch.zeros(3 + 3 * codebooks, dtype=torch.float64, device=device)
+    total = torch.zeros(LossSums.vector_size(codebooks), dtype=torch.float64, device=device)
     for batch in loader:
         total += sums_of(module(**forward_kwargs(batch, device))).as_vector().to(device)
     dist.all_reduce(total)
@@ -208,6 +192,7 @@ def prefixed(means: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_agent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Data-loader workers are forked after the text tokenizer ran; its own thread pool must stay off.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -217,10 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     pipes_context = open_dagster_pipes(message_writer=pipes_message_writer()) if launched_by_pipes else None
     with pipes_context or nullcontext() as pipes:
         summary = train(args, pipes)
-        if is_main and args.publish_to:
-            # Where the training node's disk is not the artifact store (a pod, a remote bucket): hand the
-            # outputs over from the node that wrote them.
-            checkpoint.publish(Path(args.output_dir), args.publish_to)
         if pipes is not None:
             pipes.report_asset_materialization(metadata=pipes_metadata(summary))
 
@@ -239,24 +220,6 @@ def pipes_metadata(summary: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def resume_decision(args: argparse.Namespace, run_dir: Path, max_steps: int) -> tuple[str, Any]:
-    """Rank 0's view of the run directory: ("fresh", None), ("finished", summary) or ("resume", checkpoint).
-
-    A checkpoint travels whole (trainable weights, optimizer, RNG of every rank), so ranks on other nodes
-    resume from rank 0's disk.
-    """
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is None:
-        return "fresh", None
-    if not args.resume:
-        raise RuntimeError(f"{run_dir} already has checkpoint {latest.name}: pass --resume or use a new --output-dir")
-    if (run_dir / SUMMARY_FILE).exists():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        if summary["steps"] >= max_steps:
-            return "finished", summary
-    return "resume", {"path": str(latest), "state": checkpoint.read_checkpoint(latest)}
-
-
 def train(args: argparse.Namespace, pipes: Any = None) -> dict[str, Any]:
     config = profile(args.profile, parse_overrides(args.set))
     env = setup_distributed(config)
@@ -267,31 +230,103 @@ def train(args: argparse.Namespace, pipes: Any = None) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipes: Any) -> dict[str, Any]:
+    """Lock the run folder, decide whether to resume, train (unless finished), publish; rank 0's summary."""
     run_dir = Path(args.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optim, batch_settings, run = config.optim, config.batch, config.run
-    # Rank 0 decides and every rank follows: the pods of a multi-node job need not share a disk, and ranks that
-    # each looked at their own would disagree on whether (and from where) to resume.
-    decision: list[Any] = [None]
+    decision, lock = _decide(args, run_dir, env, config.optim.max_steps)
+    with lock or nullcontext():
+        if decision.kind == "finished":
+            log.info("run in %s already finished at step %d: nothing to train", run_dir, decision.summary["steps"])
+            summary = decision.summary if env.is_main else {}
+        else:
+            summary = _run(args, config, env, pipes, run_dir, decision)
+        if env.is_main and args.publish_to:
+            # Where the training node's disk is not the artifact store (a pod, a remote bucket): hand the
+            # outputs over from the node that wrote them.
+            checkpoint.publish(run_dir, args.publish_to)
+    return summary
+
+
+@dataclass
+class Decision:
+    """Whether this run starts "fresh", is already "finished" (with its summary) or resumes a checkpoint."""
+
+    kind: str
+    summary: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    state: dict[str, Any] | None = None
+
+
+def _decide(args: argparse.Namespace, run_dir: Path, env: Distributed, max_steps: int):
+    """Rank 0 locks the run folder and decides; every rank follows, with rank 0's checkpoint sent as bytes.
+
+    The pods of a multi-node job need not share a disk, and ranks that each looked at their own would disagree
+    on whether (and from where) to resume. Returns (Decision, the lock on rank 0 or None).
+    """
+    header: dict[str, Any] = {}
+    stored, lock, decision = None, None, None
     if env.is_main:
         try:
-            decision = [resume_decision(args, run_dir, optim.max_steps)]
+            lock = RunLock(run_dir)
+            decision, stored = _rank0_decision(args, run_dir, max_steps)
+            header = {"kind": decision.kind, "summary": decision.summary, "checkpoint": decision.checkpoint}
         except Exception as error:  # every rank must hear of it, or ranks on other nodes wait in the broadcast
-            decision = [("error", f"{type(error).__name__}: {error}")]
-    dist.broadcast_object_list(decision, src=0)
-    kind, resumed = decision.pop()
-    if kind == "error":
-        raise RuntimeError(f"rank 0 could not decide whether to resume: {resumed}")
-    if kind == "finished":
-        log.info("run in %s already finished at step %d: nothing to train", run_dir, resumed["steps"])
-        return resumed if env.is_main else {}
+            header = {"kind": "error", "message": f"{type(error).__name__}: {error}"}
+            if lock is not None:
+                lock.release()
+    header = json.loads(broadcast_bytes(json.dumps(header).encode() if env.is_main else None, env))
+    if header["kind"] == "error":
+        raise RuntimeError(f"rank 0 could not decide whether to resume: {header['message']}")
+    if header["kind"] == "resume":
+        state_json = broadcast_bytes(stored.state_json if env.is_main else None, env)
+        tensors = broadcast_bytes(stored.tensors if env.is_main else None, env)
+        if not env.is_main:
+            state = StoredState(state_json, tensors, header["checkpoint"]).load()
+            decision = Decision("resume", checkpoint=header["checkpoint"], state=state)
+    return decision or Decision(header["kind"], header["summary"], header["checkpoint"]), lock
 
+
+def _rank0_decision(args: argparse.Namespace, run_dir: Path, max_steps: int) -> tuple[Decision, StoredState | None]:
+    """Rank 0's view of the run directory; a checkpoint is read (and checked) here, before anything trains."""
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        return Decision("fresh"), None
+    if not args.resume:
+        raise RuntimeError(f"{run_dir} already has checkpoint {latest.name}: pass --resume or use a new --output-dir")
+    if (run_dir / SUMMARY_FILE).exists():
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        if summary["steps"] >= max_steps:
+            return Decision("finished", summary=summary), None
+    stored = checkpoint.read_checkpoint(latest)
+    return Decision("resume", checkpoint=str(latest), state=stored.load()), stored
+
+
+@dataclass
+class Parts:
+    """The model and what updates it."""
+
+    peft_model: Any
+    module: HiggsTrainingModule
+    ddp: DistributedDataParallel
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def model_config(self):
+        return self.peft_model.get_base_model().config
+
+    @property
+    def codebooks(self) -> int:
+        return self.model_config.audio_num_codebooks
+
+
+def _build(args: argparse.Namespace, config: TrainConfig, env: Distributed) -> Parts:
+    """LoRA model in DDP, AdamW over its trainable weights, warmup + cosine schedule."""
+    optim, run = config.optim, config.run
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
     torch.manual_seed(run.seed)
-    text_tokenizer = loading.load_text_tokenizer(args.model)
     peft_model = build_lora_model(args.model, config.lora, run.precision, env.device)
-    model_config = peft_model.get_base_model().config
-    codebooks = model_config.audio_num_codebooks
     module = HiggsTrainingModule(peft_model, torch.bfloat16 if run.precision == "bf16" else None)
     cuda = env.device.type == "cuda"
     ddp = DistributedDataParallel(module, device_ids=[env.local_rank] if cuda else None, broadcast_buffers=False)
@@ -300,58 +335,146 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
         trainable, lr=optim.learning_rate, betas=optim.betas, weight_decay=optim.weight_decay, fused=cuda
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(optim))
+    return Parts(peft_model, module, ddp, trainable, optimizer, scheduler)
 
+
+@dataclass
+class Data:
+    train_set: RecordDataset
+    validation_set: RecordDataset
+    sampler: DistributedLengthBucketSampler
+    loader: Any
+    validation_loader: Any
+
+
+def _data(args: argparse.Namespace, config: TrainConfig, env: Distributed, model_config) -> Data:
+    """This rank's length-bucketed share of the train split and of the validation split."""
+    batch = config.batch
+    text_tokenizer = loading.load_text_tokenizer(args.model)
     collator = make_collator(model_config)
     train_records, validation_records = load_split(args.samples, args.split)
     train_set = RecordDataset(train_records, args.token_store, args.tokenizer_id, text_tokenizer)
     validation_set = RecordDataset(validation_records, args.token_store, args.tokenizer_id, text_tokenizer)
     sampler = DistributedLengthBucketSampler(
         sequence_lengths(train_set, model_config),
-        batch_settings.per_device_batch_size,
+        batch.per_device_batch_size,
         env.world_size,
         env.rank,
-        seed=run.seed,
-        bucket_batches=batch_settings.bucket_batches,
-        max_tokens=batch_settings.max_tokens_per_device,
+        seed=config.run.seed,
+        bucket_batches=batch.bucket_batches,
+        max_tokens=batch.max_tokens_per_device,
     )
     loader_options = {
-        "num_workers": batch_settings.num_workers,
-        "pin_memory": batch_settings.pin_memory and cuda,
-        "persistent_workers": batch_settings.persistent_workers,
+        "num_workers": batch.num_workers,
+        "pin_memory": batch.pin_memory and env.device.type == "cuda",
+        "persistent_workers": batch.persistent_workers,
     }
-    loader = make_loader(train_set, sampler, collator, **loader_options)
     validation_plan = validation_batches(
         sequence_lengths(validation_set, model_config) if len(validation_set) else [],
-        batch_settings.validation_batch_size,
+        batch.validation_batch_size,
         env.world_size,
         env.rank,
     )
-    validation_loader = make_loader(validation_set, validation_plan, collator, **loader_options)
+    return Data(
+        train_set,
+        validation_set,
+        sampler,
+        make_loader(train_set, sampler, collator, **loader_options),
+        make_loader(validation_set, validation_plan, collator, **loader_options),
+    )
 
-    state: dict[str, Any] = {"epoch": 0, "position": 0, "best_val_loss": math.inf, "best": None}
-    start_step = 0
-    if kind == "resume":
-        saved = checkpoint.restore_trainable(resumed.pop("state"), peft_model, resumed["path"])
-        if saved["world_size"] != env.world_size:
-            raise RuntimeError(
-                f"{resumed['path']} was written by {saved['world_size']} processes; resume with the same world size "
-                f"(nodes x --nproc_per_node = {saved['world_size']}): the batch plan and effective batch depend on it"
-            )
-        if saved["config"] != config.to_dict():
-            raise RuntimeError(f"{run_dir} was trained with another config: resume with the same one or a new dir")
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        checkpoint.set_rng_state(saved["rng"][env.rank])
-        start_step = saved["step"]
-        state = {key: saved[key] for key in state}
-        del saved  # the optimizer holds its own copy now; the broadcast one would stay on every rank all run
-    else:
-        # Dropout differs per rank, like the data does.
-        torch.manual_seed(run.seed + env.rank)
 
-    reporter = Reporter(run_dir, env.is_main, pipes, start_step, optim.max_steps)
-    effective_batch = batch_settings.per_device_batch_size * env.world_size * batch_settings.grad_accum_steps
-    counts_by_group = trainable_parameters(peft_model)
+@dataclass
+class Progress:
+    """Where training stands; everything here but `start_step` is saved in a checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_val_loss: float = math.inf
+    best: dict[str, Any] | None = None
+    start_step: int = 0
+
+    def saved(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "best_val_loss": self.best_val_loss, "best": self.best}
+
+
+def _restore(decision: Decision, parts: Parts, config: TrainConfig, env: Distributed) -> Progress:
+    """A resumed run's weights, optimizer, schedule, sampler position and RNG; a fresh run's per-rank seed."""
+    if decision.kind != "resume":
+        torch.manual_seed(config.run.seed + env.rank)  # dropout differs per rank, like the data does
+        return Progress()
+    source = decision.checkpoint
+    saved = checkpoint.restore_trainable(decision.state, parts.peft_model, source)
+    decision.state = None  # the optimizer holds its own copy now; this one would stay on every rank all run
+    if saved["world_size"] != env.world_size:
+        raise RuntimeError(
+            f"{source} was written by {saved['world_size']} processes; resume with the same world size "
+            f"(nodes x --nproc_per_node = {saved['world_size']}): the batch plan and effective batch depend on it"
+        )
+    if saved["config"] != config.to_dict():
+        raise RuntimeError(f"{source} was trained with another config: resume with the same one or a new dir")
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    checkpoint.set_rng_state(saved["rng"][env.rank])
+    kept = {key: saved[key] for key in ("epoch", "position", "best_val_loss", "best")}
+    return Progress(step=saved["step"], start_step=saved["step"], **kept)
+
+
+def _run(
+    args: argparse.Namespace, config: TrainConfig, env: Distributed, pipes: Any, run_dir: Path, decision: Decision
+) -> dict[str, Any]:
+    """Setup, then the loop: step, log, validate, checkpoint; then the summary."""
+    optim, run = config.optim, config.run
+    parts = _build(args, config, env)
+    data = _data(args, config, env, parts.model_config)
+    progress = _restore(decision, parts, config, env)
+    reporter = Reporter(run_dir, env.is_main, pipes, progress.start_step, optim.max_steps)
+    _describe(args, config, env, run_dir, parts, data, progress, reporter)
+
+    stream = micro_batches(data.loader, data.sampler, progress.epoch, progress.position)
+    tally, totals = Tally(parts.codebooks, env.device), Throughput()
+    last_train: dict[str, float] = {}
+    last_validation: dict[str, float] = {}
+    while progress.step < optim.max_steps:
+        grad_norm, learning_rate = _train_step(stream, parts, config, env, tally, progress)
+        reporter.advance()
+        final = progress.step == optim.max_steps
+        if progress.step % run.log_every == 0 or final:
+            totals, last_train = _log(tally, totals, progress, optim, env, reporter, grad_norm, learning_rate)
+        if len(data.validation_set) and (progress.step % run.eval_every == 0 or final):
+            last_validation = _validate(parts, data, optim, env, run_dir, progress, reporter)
+        if progress.step % run.checkpoint_every == 0 or final:
+            _checkpoint(parts, config, env, run_dir, progress, reporter)
+        if args.stop_after_step == progress.step:
+            _crash(progress.step, reporter)
+
+    if args.debug_save_rank_params:
+        folder = run_dir / RANK_PARAMS_DIR
+        folder.mkdir(exist_ok=True)
+        safetensors.torch.save_file(
+            checkpoint.trainable_weights(parts.peft_model), folder / f"rank{env.rank}.safetensors"
+        )
+    summary = {}
+    if env.is_main:
+        summary = _summary(args, config, env, run_dir, parts, progress, totals, last_train, last_validation)
+        reporter.info(
+            f"done at step {progress.step}: adapter {summary['adapter_path']} (val_loss {summary['val_loss']:.4f})"
+        )
+    reporter.close()
+    dist.barrier()
+    return summary
+
+
+def _effective_batch(config: TrainConfig, env: Distributed) -> int:
+    return config.batch.per_device_batch_size * env.world_size * config.batch.grad_accum_steps
+
+
+def _describe(args, config: TrainConfig, env: Distributed, run_dir: Path, parts: Parts, data: Data, progress, reporter):
+    """run.json (rank 0) and the opening log lines: what trains, on what, from where."""
+    batch, run = config.batch, config.run
+    counts_by_group = trainable_parameters(parts.peft_model)
+    effective_batch = _effective_batch(config, env)
     if env.is_main:
         run_info = {
             "config": config.to_dict(),
@@ -363,182 +486,226 @@ def _train(args: argparse.Namespace, config: TrainConfig, env: Distributed, pipe
             "inputs": {"samples": args.samples, "split": args.split, "token_store": args.token_store},
         }
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2))
+    start = progress.start_step
     reporter.info(
-        f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: base model "
+        f"{'resuming at step ' + str(start) if start else 'starting'}: base model "
         f"{loading.describe(args.model)}, {env.world_size} x {run.device} ({run.backend}, {run.precision}), "
-        f"effective batch {'up to ' * bool(batch_settings.max_tokens_per_device)}{effective_batch}, "
-        f"{len(train_set)} train / {len(validation_set)} validation samples"
+        f"effective batch {'up to ' * bool(batch.max_tokens_per_device)}{effective_batch}, "
+        f"{len(data.train_set)} train / {len(data.validation_set)} validation samples"
     )
-    if batch_settings.max_tokens_per_device:
+    if batch.max_tokens_per_device:
+        over = data.sampler.over_budget()
         reporter.info(
-            f"token budget {batch_settings.max_tokens_per_device} padded positions per device batch (at most "
-            f"{batch_settings.per_device_batch_size} samples): {len(sampler)} micro-batches per rank in epoch 0"
-            + (f"; {sampler.over_budget()} samples exceed it and train alone" if sampler.over_budget() else "")
+            f"token budget {batch.max_tokens_per_device} padded positions per device batch (at most "
+            f"{batch.per_device_batch_size} samples): {len(data.sampler)} micro-batches per rank in epoch 0"
+            + (f"; {over} samples exceed it and train alone" if over else "")
         )
     reporter.info("trainable parameters per group: " + ", ".join(f"{k}={v:,}" for k, v in counts_by_group.items()))
 
-    stream = micro_batches(loader, sampler, state["epoch"], state["position"])
-    step = start_step
-    # Loss sums, then non-pad positions, all positions and samples since the last log line.
-    interval = torch.zeros(3 + 3 * codebooks + 3, dtype=torch.float64, device=env.device)
-    run_tokens = torch.zeros(3, dtype=torch.float64, device=env.device)  # non-pad, all positions, samples
-    mismatch = torch.zeros((), dtype=torch.bool, device=env.device)
-    interval_seconds = train_seconds = 0.0
-    interval_steps = 0
-    last_train: dict[str, float] = {}
-    validation_result: dict[str, float] = {}
-    while step < optim.max_steps:
-        started = time.perf_counter()
-        window = [next(stream) for _ in range(batch_settings.grad_accum_steps)]
-        counts = [label_counts(b.label_ids, b.label_audio_ids, codebooks) for _, _, b in window]
-        window_counts = sum(counts[1:], counts[0]).as_vector().to(env.device)
-        dist.all_reduce(window_counts)
-        window_counts = LabelCounts.from_vector(window_counts)
-        learning_rate = scheduler.get_last_lr()[0]
-        for index, (_, _, batch) in enumerate(window):
-            boundary = index == len(window) - 1
-            with nullcontext() if boundary else ddp.no_sync():
-                result = ddp(**forward_kwargs(batch, env.device))
-                sums = sums_of(result)
-                loss = training_loss(sums, optim.text_weight, optim.audio_weight, window_counts) * env.world_size
-                loss.backward()
-            expected = counts[index]
-            mismatch |= (sums.text_count.double() != expected.text.to(env.device)) | (
-                sums.audio_count.double() != expected.audio.to(env.device)
-            ).any()
-            samples = torch.tensor([batch.input_ids.shape[0]], dtype=torch.float64, device=env.device)
-            token_counts = torch.stack([result["tokens"], result["positions"]]).double()
-            interval += torch.cat([sums.as_vector(), token_counts, samples])
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["epoch"], state["position"] = window[-1][0], window[-1][1]
-        if cuda:
-            torch.cuda.synchronize(env.device)
-        interval_seconds += time.perf_counter() - started
-        interval_steps += 1
-        if reporter.progress is not None:
-            reporter.progress.update(1)
 
-        if step % run.log_every == 0 or step == optim.max_steps:
-            dist.all_reduce(interval)
-            if mismatch.item():
-                raise RuntimeError(
-                    "label counts from the batch differ from the forward's: the loss normalisation would be wrong "
-                    "(a sample whose first label is not -100?)"
-                )
-            sums = LossSums.from_vector(interval[: 3 + 3 * codebooks].cpu())
-            tokens, positions, samples = interval[3 + 3 * codebooks :].tolist()
-            run_tokens += torch.tensor([tokens, positions, samples], dtype=torch.float64, device=env.device)
-            train_seconds += interval_seconds
-            seconds = interval_seconds
-            last_train = prefixed(sums.means(optim.text_weight, optim.audio_weight), "train")
-            record = {
-                "step": step,
-                "epoch": state["epoch"],
-                **last_train,
-                "learning_rate": learning_rate,
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens / seconds,
-                "samples_per_second": samples / seconds,
-                # Varies from step to step under a token budget (batch.max_tokens_per_device).
-                "samples_per_step": samples / interval_steps,
-                "padding_efficiency": tokens / positions,
-                "memory_gb": memory_gb(env.device),
-            }
-            reporter.metrics(record, "train")
-            if reporter.progress is not None:
-                reporter.progress.set_postfix(loss=f"{record['train_loss']:.4f}", tokens_s=f"{tokens / seconds:.0f}")
-            interval.zero_()
-            interval_seconds = 0.0
-            interval_steps = 0
+class Throughput(NamedTuple):
+    """Non-pad positions, all positions, samples and the seconds they took."""
 
-        if len(validation_set) and (step % run.eval_every == 0 or step == optim.max_steps):
-            means = evaluate(module, validation_loader, env.device, codebooks).means(
-                optim.text_weight, optim.audio_weight
+    tokens: float = 0.0
+    positions: float = 0.0
+    samples: float = 0.0
+    seconds: float = 0.0
+
+    def __add__(self, other: Throughput) -> Throughput:  # type: ignore[override]
+        return Throughput(*(a + b for a, b in zip(self, other, strict=True)))
+
+
+class Tally:
+    """What the next log line reports, summed since the previous one.
+
+    Loss sums and the token counts share one float64 buffer (named views into it), so a single all_reduce adds
+    up every rank's share of both.
+    """
+
+    def __init__(self, codebooks: int, device: torch.device) -> None:
+        size = LossSums.vector_size(codebooks)
+        self.buffer = torch.zeros(size + 3, dtype=torch.float64, device=device)
+        self.losses, self.counts = self.buffer[:size], self.buffer[size:]  # counts: tokens, positions, samples
+        self.label_mismatch = torch.zeros((), dtype=torch.bool, device=device)
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, sums: LossSums, result: dict[str, torch.Tensor], samples: int, expected: LabelCounts) -> None:
+        device = self.buffer.device
+        self.losses += sums.as_vector()
+        samples_count = torch.tensor(float(samples), dtype=torch.float64, device=device)
+        self.counts += torch.stack([result["tokens"].double(), result["positions"].double(), samples_count])
+        text_differs = sums.text_count.double() != expected.text.to(device)
+        self.label_mismatch |= text_differs | (sums.audio_count.double() != expected.audio.to(device)).any()
+
+    def reduce(self) -> tuple[LossSums, Throughput, int]:
+        """Every rank's sums added up, and the optimizer steps they cover; the next window starts empty."""
+        dist.all_reduce(self.buffer)
+        if self.label_mismatch.item():
+            raise RuntimeError(
+                "label counts from the batch differ from the forward's: the loss normalisation would be wrong "
+                "(a sample whose first label is not -100?)"
             )
-            validation_result = {"step": step, **prefixed(means, "val")}
-            reporter.metrics(validation_result, "val")
-            reporter.info(
-                f"step {step}: val_loss {means['total_loss']:.4f} (text {means['text_loss']:.4f}, "
-                f"audio {means['audio_loss']:.4f}, audio accuracy {means['audio_accuracy']:.3f})"
-            )
-            if means["total_loss"] < state["best_val_loss"]:
-                state["best_val_loss"], state["best"] = means["total_loss"], validation_result
-                if env.is_main:
-                    checkpoint.save_adapter(
-                        peft_model, run_dir / "best_adapter", {"validation.json": json.dumps(validation_result)}
-                    )
+        sums = LossSums.from_vector(self.losses.cpu().clone())
+        throughput, steps = Throughput(*self.counts.tolist(), self.seconds), self.steps
+        self.buffer.zero_()
+        self.seconds, self.steps = 0.0, 0
+        return sums, throughput, steps
 
-        if step % run.checkpoint_every == 0 or step == optim.max_steps:
-            rng_states: list[Any] = [None] * env.world_size
-            dist.all_gather_object(rng_states, checkpoint.rng_state())
-            if env.is_main:
-                saved_state = {
-                    **state,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_states,
-                    "config": config.to_dict(),
-                    "world_size": env.world_size,
-                }
-                path = checkpoint.save_checkpoint(run_dir, step, peft_model, saved_state, run.keep_checkpoints)
-                reporter.info(f"step {step}: checkpoint {path}")
-            dist.barrier()
 
-        if args.stop_after_step == step:
-            reporter.info(f"--stop-after-step {step}: exiting with status {STOP_EXIT_CODE} as a crash would")
-            reporter.close()
-            logging.shutdown()
-            dist.barrier()
-            os._exit(STOP_EXIT_CODE)
+def _train_step(stream, parts: Parts, config: TrainConfig, env: Distributed, tally: Tally, progress: Progress):
+    """One optimizer step over `grad_accum_steps` micro-batches; returns (gradient norm, learning rate used)."""
+    optim, codebooks = config.optim, parts.codebooks
+    started = time.perf_counter()
+    window = [next(stream) for _ in range(config.batch.grad_accum_steps)]
+    counts = [label_counts(b.label_ids, b.label_audio_ids, codebooks) for _, _, b in window]
+    # Every micro-batch's loss is its share of one mean over the labels of the whole window, on all ranks.
+    window_counts = sum(counts[1:], counts[0]).as_vector().to(env.device)
+    dist.all_reduce(window_counts)
+    window_counts = LabelCounts.from_vector(window_counts)
+    learning_rate = parts.scheduler.get_last_lr()[0]
+    for index, (_, _, batch) in enumerate(window):
+        boundary = index == len(window) - 1
+        with nullcontext() if boundary else parts.ddp.no_sync():
+            result = parts.ddp(**forward_kwargs(batch, env.device))
+            sums = sums_of(result)
+            loss = training_loss(sums, optim.text_weight, optim.audio_weight, window_counts) * env.world_size
+            loss.backward()
+        tally.add(sums, result, batch.input_ids.shape[0], counts[index])
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.trainable, optim.max_grad_norm)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    progress.step += 1
+    progress.epoch, progress.position = window[-1][0], window[-1][1]
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    tally.seconds += time.perf_counter() - started
+    tally.steps += 1
+    return grad_norm, learning_rate
 
-    if args.debug_save_rank_params:
-        debug_dir = run_dir / "rank_params"
-        debug_dir.mkdir(exist_ok=True)
-        trained = {n: p.detach().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
-        torch.save(trained, debug_dir / f"rank{env.rank}.pt")
 
-    summary: dict[str, Any] = {}
+def _log(
+    tally: Tally,
+    totals: Throughput,
+    progress: Progress,
+    optim: OptimSettings,
+    env: Distributed,
+    reporter,
+    grad_norm: torch.Tensor,
+    learning_rate: float,
+) -> tuple[Throughput, dict[str, float]]:
+    """A train metrics line over the steps since the last one; returns the run totals and the line's losses."""
+    sums, window, steps = tally.reduce()
+    train_means = prefixed(sums.means(optim.text_weight, optim.audio_weight), "train")
+    record = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        **train_means,
+        "learning_rate": learning_rate,
+        "grad_norm": float(grad_norm),
+        "tokens_per_second": window.tokens / window.seconds,
+        "samples_per_second": window.samples / window.seconds,
+        # Varies from step to step under a token budget (batch.max_tokens_per_device).
+        "samples_per_step": window.samples / steps,
+        "padding_efficiency": window.tokens / window.positions,
+        "memory_gb": memory_gb(env.device),
+    }
+    reporter.metrics(record, "train")
+    reporter.advance({"loss": f"{record['train_loss']:.4f}", "tokens_s": f"{window.tokens / window.seconds:.0f}"})
+    return totals + window, train_means
+
+
+def _validate(
+    parts: Parts, data: Data, optim: OptimSettings, env: Distributed, run_dir: Path, progress: Progress, reporter
+) -> dict[str, float]:
+    """Validation loss over the whole split; a new best is saved as best_adapter. Returns the metrics line."""
+    sums = evaluate(parts.module, data.validation_loader, env.device, parts.codebooks)
+    means = sums.means(optim.text_weight, optim.audio_weight)
+    result = {"step": progress.step, **prefixed(means, "val")}
+    reporter.metrics(result, "val")
+    reporter.info(
+        f"step {progress.step}: val_loss {means['total_loss']:.4f} (text {means['text_loss']:.4f}, "
+        f"audio {means['audio_loss']:.4f}, audio accuracy {means['audio_accuracy']:.3f})"
+    )
+    if means["total_loss"] < progress.best_val_loss:
+        progress.best_val_loss, progress.best = means["total_loss"], result
+        if env.is_main:
+            extra = {"validation.json": json.dumps(result)}
+            checkpoint.save_adapter(parts.peft_model, run_dir / "best_adapter", extra)
+    return result
+
+
+def _checkpoint(parts: Parts, config: TrainConfig, env: Distributed, run_dir: Path, progress: Progress, reporter):
+    """Everything a resumed run needs, the RNG of every rank included; rank 0 writes it."""
+    rng_states = [json.loads(state) for state in all_gather_bytes(json.dumps(checkpoint.rng_state()).encode(), env)]
     if env.is_main:
-        last_adapter = checkpoint.save_adapter(peft_model, run_dir / "last_adapter")
-        best_adapter = run_dir / "best_adapter"
-        tokens, positions, samples = run_tokens.tolist()
-        # val_* describe the adapter that is handed on: the best by validation loss.
-        best = state["best"] or {}
-        summary = {
-            "train_loss": last_train.get("train_loss", math.nan),
-            "train_text_loss": last_train.get("train_text_loss", math.nan),
-            "train_audio_loss": last_train.get("train_audio_loss", math.nan),
-            "val_loss": best.get("val_loss", math.nan),
-            "val_text_loss": best.get("val_text_loss", math.nan),
-            "val_audio_loss": best.get("val_audio_loss", math.nan),
-            "val_audio_accuracy": best.get("val_audio_accuracy", math.nan),
-            "best_step": best.get("step", step),
-            "final_val_loss": validation_result.get("val_loss", math.nan),
-            "steps": step,
+        state = {
+            **progress.saved(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "rng": rng_states,
+            "config": config.to_dict(),
             "world_size": env.world_size,
-            # Under a token budget effective_batch_size is the most a step can hold; samples_per_step is the mean.
-            "effective_batch_size": effective_batch,
-            "token_budget": batch_settings.max_tokens_per_device,
-            "samples_per_step": samples / (step - start_step) if step > start_step else math.nan,
-            "tokens_per_second": tokens / train_seconds if train_seconds else math.nan,
-            "padding_efficiency": tokens / positions if positions else math.nan,
-            "trainable_parameters": counts_by_group,
-            "base_model": loading.describe(args.model),
-            "adapter_path": str(best_adapter if best_adapter.exists() else last_adapter),
-            "last_adapter_path": str(last_adapter),
-            "run_dir": str(run_dir),
-            "metrics_path": str(reporter.metrics_path),
         }
-        temporary = run_dir / (SUMMARY_FILE + ".tmp")
-        temporary.write_text(json.dumps(summary, indent=2))
-        os.replace(temporary, run_dir / SUMMARY_FILE)
-        reporter.info(f"done at step {step}: adapter {summary['adapter_path']} (val_loss {summary['val_loss']:.4f})")
-    reporter.close()
+        path = checkpoint.save_checkpoint(run_dir, progress.step, parts.peft_model, state, config.run.keep_checkpoints)
+        reporter.info(f"step {progress.step}: checkpoint {path}")
     dist.barrier()
+
+
+def _crash(step: int, reporter: Reporter) -> None:
+    """--stop-after-step: die as a killed run would, after the step's checkpoint (if any) is written."""
+    reporter.info(f"--stop-after-step {step}: exiting with status {STOP_EXIT_CODE} as a crash would")
+    reporter.close()
+    logging.shutdown()
+    dist.barrier()
+    os._exit(STOP_EXIT_CODE)
+
+
+def _summary(
+    args,
+    config: TrainConfig,
+    env: Distributed,
+    run_dir: Path,
+    parts: Parts,
+    progress: Progress,
+    totals: Throughput,
+    last_train: dict[str, float],
+    last_validation: dict[str, float],
+) -> dict[str, Any]:
+    """Rank 0: the last adapter and summary.json (written atomically), the numbers the asset reports."""
+    last_adapter = checkpoint.save_adapter(parts.peft_model, run_dir / "last_adapter")
+    best_adapter = run_dir / "best_adapter"
+    step, trained_steps = progress.step, progress.step - progress.start_step
+    # val_* describe the adapter that is handed on: the best by validation loss.
+    best = progress.best or {}
+    summary = {
+        "train_loss": last_train.get("train_loss", math.nan),
+        "train_text_loss": last_train.get("train_text_loss", math.nan),
+        "train_audio_loss": last_train.get("train_audio_loss", math.nan),
+        "val_loss": best.get("val_loss", math.nan),
+        "val_text_loss": best.get("val_text_loss", math.nan),
+        "val_audio_loss": best.get("val_audio_loss", math.nan),
+        "val_audio_accuracy": best.get("val_audio_accuracy", math.nan),
+        "best_step": best.get("step", step),
+        "final_val_loss": last_validation.get("val_loss", math.nan),
+        "steps": step,
+        "world_size": env.world_size,
+        # Under a token budget effective_batch_size is the most a step can hold; samples_per_step is the mean.
+        "effective_batch_size": _effective_batch(config, env),
+        "token_budget": config.batch.max_tokens_per_device,
+        "samples_per_step": totals.samples / trained_steps if trained_steps else math.nan,
+        "tokens_per_second": totals.tokens / totals.seconds if totals.seconds else math.nan,
+        "padding_efficiency": totals.tokens / totals.positions if totals.positions else math.nan,
+        "trainable_parameters": trainable_parameters(parts.peft_model),
+        "base_model": loading.describe(args.model),
+        "adapter_path": str(best_adapter if best_adapter.exists() else last_adapter),
+        "last_adapter_path": str(last_adapter),
+        "run_dir": str(run_dir),
+        "metrics_path": str(run_dir / METRICS_FILE),
+    }
+    temporary = run_dir / (SUMMARY_FILE + ".tmp")
+    temporary.write_text(json.dumps(summary, indent=2))
+    os.replace(temporary, run_dir / SUMMARY_FILE)
     return summary
 
 

