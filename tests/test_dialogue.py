@@ -523,3 +523,82 @@ def test_dialogue_is_spoken_turn_by_turn_with_earlier_turns_as_context():
     )
     with pytest.raises(ValueError, match="speaker index 2 but 2 speakers"):
         speak_dialogue(engine, system, references, [(2, "Who am I?")], **settings)
+
+
+# ---------------------------------------------------------------------------------------------------- the chain
+
+
+def test_dialogues_flow_through_screening_samples_and_split(tmp_path):
+    """raw_audio_manifest -> transcript_check -> chatml_samples -> tokenized_audio -> train_val_split on the demo's
+    dialogues and a few single clips, plus a dialogue with a missing file and one with a repeated turn."""
+    import shutil
+
+    import dagster as dg
+    from audio_factory import materialize, metadata_of
+
+    from higgs_pipeline.data.records import read_records, read_split
+    from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
+    from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
+    from higgs_pipeline.defs.tokenized_audio import tokenized_audio
+    from higgs_pipeline.defs.train_val_split import train_val_split, train_val_split_is_a_partition
+    from higgs_pipeline.defs.transcript_check import transcript_check
+
+    demo = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False)
+    single = demo[demo["dialogue_id"] == ""].groupby("speaker", sort=False).head(1).head(4)
+    rows = pd.concat([single, demo[demo["dialogue_id"] != ""]], ignore_index=True)
+    kitchen = rows[rows["dialogue_id"] == "kitchen"]
+    # Clips of their own (the kitchen's again would be duplicates), the second turn's file missing.
+    broken = demo[demo["speaker"].isin(["Alice", "Bruce"])].iloc[[2, 14, 3, 15]]
+    broken = broken.assign(dialogue_id="broken", turn=["1", "2", "3", "4"], scene="")
+    broken.loc[broken.index[1], "audio_path"] = "audio/missing.wav"
+    repeated = kitchen.head(2).assign(dialogue_id="repeated", turn="1")
+    rows = pd.concat([rows, broken, repeated], ignore_index=True)
+    root = tmp_path / "corpus"
+    for path in set(rows["audio_path"]) - {"audio/missing.wav"}:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEMO_MANIFEST.parent / path, root / path)
+    rows.to_csv(root / "manifest.csv", index=False)
+    assets = [
+        raw_audio_manifest,
+        raw_audio_manifest_accounts_for_every_row,
+        transcript_check,
+        chatml_samples,
+        chatml_samples_tokenize,
+        tokenized_audio,
+        train_val_split,
+        train_val_split_is_a_partition,
+    ]
+    config = {
+        "raw_audio_manifest": {"manifest_path": str(root / "manifest.csv")},
+        "train_val_split": {"validation_fraction": 0.5},
+    }
+    result = materialize(assets, tmp_path / "artifacts", dg.DagsterInstance.ephemeral(), config)
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+
+    screened = metadata_of(result, "raw_audio_manifest")
+    rejected = pd.read_csv(screened["rejected_path"], dtype=str, keep_default_na=False)
+    assert screened["rows_accepted"] + screened["rows_rejected"] == len(rows)
+    by_row = rejected.set_index("dialogue_id")
+    assert sorted(by_row.loc["broken", "reason"]) == ["dialogue_incomplete"] * 3 + ["missing_file"]
+    incomplete = by_row.loc["broken"].query("reason == 'dialogue_incomplete'")["detail"]
+    assert incomplete.str.fullmatch(r"dialogue 'broken': turn 2 \(row \d+\) was rejected as missing_file").all()
+    assert list(by_row.loc["repeated", "reason"]) == ["bad_turn", "bad_turn"]
+
+    samples = metadata_of(result, "chatml_samples")
+    assert (samples["dialogues"], samples["dialogue_turns"], samples["samples_dialogue"]) == (3, 10, 3)
+    assert samples["dialogues_windowed"] == 0 and samples["samples_tts"] == 4
+    records = [r for r in read_records(samples["samples_path"]) if r.kind == DIALOGUE_KIND]
+    kitchen_record = next(r for r in records if r.chatml["misc"]["dialogue_id"] == "kitchen")
+    chatml = kitchen_record.to_chatml()
+    assert "A quiet kitchen in the morning." in chatml.messages[0].content
+    assert [m.content.text.split("]")[0] for m in chatml.messages[chatml.start_index :: 2]] == [
+        "[SPEAKER0",
+        "[SPEAKER1",
+        "[SPEAKER0",  # " alice" is Alice: the same speaker after normalization
+        "[SPEAKER1",
+    ]
+    assert chatml.start_index == 5  # Alice and Bruce each have a single clip outside the dialogue as reference
+
+    split = read_split(metadata_of(result, "train_val_split")["split_path"])
+    side = {sample: "train" for sample in split["train"]} | {sample: "validation" for sample in split["validation"]}
+    assert {side[r.sample_id] for r in records} <= {"train", "validation"} and len(records) == 3
