@@ -602,3 +602,11 @@ def test_dialogues_flow_through_screening_samples_and_split(tmp_path):
     split = read_split(metadata_of(result, "train_val_split")["split_path"])
     side = {sample: "train" for sample in split["train"]} | {sample: "validation" for sample in split["validation"]}
     assert {side[r.sample_id] for r in records} <= {"train", "validation"} and len(records) == 3
+
+
+def test_no_dialogues_no_tokenizer_needed():
+    accepted = accepted_table([("", "", "Ann", "Alone.")])
+    plan = plan_dialogues(accepted, accepted["speaker"], max_tokens=100)
+    assert plan.samples == [] and plan.metadata()["dialogues"] == 0
+    with pytest.raises(ValueError, match="needs a TokenCounter"):
+        plan_dialogues(accepted_table([("d", "1", "Ann", "Hi.")]), pd.Series(["a"]), max_tokens=100)

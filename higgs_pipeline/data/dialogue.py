@@ -395,10 +395,10 @@ def plan_dialogues(
         raise ValueError(
             f"accepted rows hold a bad dialogue turn, row {accepted['row'].iloc[bad.argmax()]}: {detail[bad][0]}"
         )
-    if max_tokens and counter is None:
-        raise ValueError("max_tokens needs a TokenCounter to measure the turns")
     dialogue, turn = _dialogue_columns(accepted)
     member = (dialogue != "").to_numpy()
+    if max_tokens and counter is None and member.any():
+        raise ValueError("max_tokens needs a TokenCounter to measure the turns")
     pool = ReferencePool(accepted, speaker_ids) if references and member.any() else None
     table = accepted.assign(speaker=speaker_ids.to_numpy(), _dialogue=dialogue.to_numpy(), _turn=0)[member]
     table["_turn"] = turn[member].astype(np.int64).to_numpy()
