@@ -610,3 +610,80 @@ def test_no_dialogues_no_tokenizer_needed():
     assert plan.samples == [] and plan.metadata()["dialogues"] == 0
     with pytest.raises(ValueError, match="needs a TokenCounter"):
         plan_dialogues(accepted_table([("d", "1", "Ann", "Hi.")]), pd.Series(["a"]), max_tokens=100)
+
+
+# ------------------------------------------------------------------------------------------ the synthesis command
+
+
+def _voices(folder) -> list[str]:
+    """Two demo clips as speaker references, each with its transcript beside it (REF.txt)."""
+    import shutil
+
+    demo = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False).set_index("audio_path")
+    arguments = []
+    for k, (name, clip) in enumerate((("alice", "audio/spk_a/a_001.wav"), ("bruce", "audio/spk_b/b_001.wav"))):
+        shutil.copy(DEMO_MANIFEST.parent / clip, folder / f"{name}.wav")
+        (folder / f"{name}.txt").write_text(demo.loc[clip, "text"])
+        arguments += ["--speaker", f"SPEAKER{k}={folder / f'{name}.wav'}"]
+    return arguments
+
+
+def test_synthesize_command_speaks_a_two_speaker_script(tmp_path, capsys):
+    """`higgs-pipeline synthesize --dialogue` on the demo base: one WAV of every turn, one WAV per turn."""
+    import json
+
+    import soundfile as sf
+
+    from higgs_pipeline.cli import main
+
+    script = tmp_path / "talk.txt"
+    script.write_text("[SPEAKER0] Good morning.\n\n[SPEAKER1] Morning to you.\n")
+    out, turns = tmp_path / "talk.wav", tmp_path / "turns"
+    argv = ["synthesize", "--dialogue", str(script), *_voices(tmp_path), "--adapter", "none", "--model", "demo"]
+    argv += ["--out", str(out), "--turns-dir", str(turns), "--max-new-tokens", "10", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["chunks"] == 2 and result["demo_model"] and result["out"] == str(out)
+    audio, rate = sf.read(out)
+    assert rate == result["sample_rate"] and audio.size == round(result["duration_s"] * rate)
+    files = sorted(p.name for p in turns.iterdir())
+    assert files == ["turn_001_SPEAKER0.wav", "turn_002_SPEAKER1.wav"]
+    parts = [sf.read(turns / name)[0] for name in files]
+    gap = round(0.25 * rate)
+    assert audio.size == sum(p.size for p in parts) + gap  # the turns, in order, a short pause between them
+    assert np.allclose(audio[: parts[0].size], parts[0], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "message"),
+    [
+        ("[SPEAKER0] Hi.\n[SPEAKER2] Hello.", [], "line 2: SPEAKER2 has no reference voice"),
+        ("[SPEAKER0] Hi.\nHello.", [], "line 2: expected '[SPEAKERk] text'"),
+        ("[SPEAKER0] Hi.", ["--speaker", "SPEAKER3"], "--speaker 'SPEAKER3': expected SPEAKERk=REFERENCE.wav"),
+        ("[SPEAKER0] Hi.\n[SPEAKER1] Hello.", ["--reference", "x.wav"], "--dialogue takes one --speaker"),
+    ],
+)
+def test_synthesize_dialogue_errors_write_nothing(tmp_path, capsys, script, extra, message):
+    from higgs_pipeline.cli import main
+
+    path = tmp_path / "talk.txt"
+    path.write_text(script)
+    voices = _voices(tmp_path)
+    if "SPEAKER1" not in script:
+        voices = voices[:2]
+    out = tmp_path / "talk.wav"
+    argv = ["synthesize", "--dialogue", str(path), *voices, *extra, "--adapter", "none", "--model", "demo"]
+    assert main([*argv, "--out", str(out), "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_reference_without_its_transcript_is_an_error(tmp_path, capsys):
+    from higgs_pipeline.cli import main
+
+    script = tmp_path / "talk.txt"
+    script.write_text("[SPEAKER0] Hi.\n[SPEAKER1] Hello.")
+    voices = _voices(tmp_path)
+    (tmp_path / "bruce.txt").unlink()
+    out = tmp_path / "talk.wav"
+    assert main(["synthesize", "--dialogue", str(script), *voices, "--out", str(out), "--adapter", "none"]) == 2
+    assert "bruce.txt is missing" in capsys.readouterr().err and not out.exists()
