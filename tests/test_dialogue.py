@@ -687,3 +687,53 @@ def test_a_reference_without_its_transcript_is_an_error(tmp_path, capsys):
     out = tmp_path / "talk.wav"
     assert main(["synthesize", "--dialogue", str(script), *voices, "--out", str(out), "--adapter", "none"]) == 2
     assert "bruce.txt is missing" in capsys.readouterr().err and not out.exists()
+
+
+class SpectralVoice:
+    """A small real speaker embedding for tests: the mean log spectrum in 24 bands (no model to load)."""
+
+    def embed(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        frames = np.lib.stride_tricks.sliding_window_view(np.asarray(waveform, dtype=np.float64), 512)[::256]
+        spectrum = np.abs(np.fft.rfft(frames * np.hanning(512), axis=1)).mean(axis=0)
+        bands = np.array_split(np.log(spectrum + 1e-6), 24)
+        return np.array([band.mean() for band in bands]) - np.log(1e-6)
+
+
+def test_validation_dialogues_are_scored_for_recordings_base_and_adapter(tmp_path):
+    from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
+    from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
+
+    demo = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False)
+    rows = pd.concat([demo[demo["dialogue_id"] == "station"], demo[demo["dialogue_id"] == ""].iloc[[24, 36]]])
+    accepted = rows.assign(
+        row=np.arange(1, len(rows) + 1),
+        audio_uri=[str(DEMO_MANIFEST.parent / p) for p in rows["audio_path"]],
+        clip_hash=[hashlib.sha256(p.encode()).hexdigest() for p in rows["audio_path"]],
+        duration_s=2.0,
+    ).reset_index(drop=True)
+    ids, _ = normalize_speakers(accepted["speaker"])
+    (sample,) = plan_dialogues(accepted, ids).samples
+    dialogue = recorded_dialogue(sample.record())
+    assert dialogue.scored_turns() == [0, 1, 2]  # Carmen and Dmitri both have a clip outside the dialogue
+    demo_model = resolve_model("demo")
+    numbers = evaluate_dialogues(
+        [dialogue],
+        {"base": demo_model, "adapter": demo_model},
+        resolve_audio_tokenizer("demo"),
+        SpectralVoice(),
+        str(tmp_path),
+        seed=0,
+        temperature=0.7,
+        max_new_tokens=10,
+        device="cpu",
+    )
+    assert set(numbers) == {
+        f"{prefix}dialogue_speaker_{name}"
+        for prefix in ("ground_truth_", "base_val_", "val_")
+        for name in ("similarity", "confusion")
+    }
+    assert all(-1.0 <= value <= 1.0 for value in numbers.values())
+    # Same checkpoint, same seeds: the base and the "adapter" take are the same numbers.
+    assert numbers["val_dialogue_speaker_similarity"] == numbers["base_val_dialogue_speaker_similarity"]
+    assert numbers["val_dialogue_speaker_confusion"] == numbers["base_val_dialogue_speaker_confusion"]
+    assert numbers["ground_truth_dialogue_speaker_confusion"] in (0.0, 1 / 3, 2 / 3, 1.0)
