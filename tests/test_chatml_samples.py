@@ -195,7 +195,9 @@ def test_unknown_sample_kind_fails_the_asset(built, tmp_path):
     assert not result.success
     only_tts = materialize(ASSETS[:4], tmp_path, instance, {"chatml_samples": {"kinds": ["tts"]}})
     meta = metadata_of(only_tts, "chatml_samples")
-    assert (meta["samples_tts"], meta["samples_voice_clone"]) == (meta["samples"], 0)
+    # The demo corpus (the default manifest) holds dialogues too: their samples are of their own kind.
+    assert (meta["samples_tts"] + meta["samples_dialogue"], meta["samples_voice_clone"]) == (meta["samples"], 0)
+    assert meta["samples_dialogue"] == meta["dialogues"] == 3
 
 
 def test_no_samples_at_all_fails_with_a_clear_message(tmp_path):

@@ -8,10 +8,15 @@ cannot be shipped, so this script synthesises the clips with espeak-ng (four voi
 act as four speakers) and converts them with sox. It is deterministic: the same tool versions give
 byte-identical files, and everything it writes is overwritten on each run.
 
+It also voices a few short dialogues (two of the speakers taking turns, a scene for most) so the
+multi-speaker path is exercised too: their rows share a `dialogue_id` and number their `turn` from 1.
+
 Outputs (relative to this folder):
-    audio/<speaker_folder>/<clip_id>.<ext>   48 clips, 12 per speaker, each 1-6 s long
-    manifest.csv                             columns `audio_path,text,speaker`; audio_path is relative
-                                             to this folder
+    audio/<speaker_folder>/<clip_id>.<ext>   48 clips, 12 per speaker, each 1-6 s long, plus the dialogue
+                                             turns as <prefix>_<dialogue>_<turn>.<ext> in their speaker's folder
+    manifest.csv                             columns `audio_path,text,speaker,dialogue_id,turn,scene`;
+                                             audio_path is relative to this folder; the single clips first (their
+                                             dialogue columns empty), then the dialogue turns
 
 Run with `python data/demo/make_demo_data.py` (needs `espeak-ng`, and `sox` built with mp3 support,
 e.g. Debian's `libsox-fmt-mp3`).
@@ -122,6 +127,52 @@ SENTENCES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class DialogueSpec:
+    """A short conversation: its id, its scene ("" for none) and its turns as (speaker index, sentence)."""
+
+    dialogue_id: str
+    scene: str
+    turns: tuple[tuple[int, str], ...]
+
+
+# Small on purpose (the demo must stay fast): 3 dialogues, 10 turns, every speaker in at least one. Turn 3 of
+# the kitchen dialogue is labelled with a variant, so speaker numbering must see through label spellings.
+DIALOGUES: tuple[DialogueSpec, ...] = (
+    DialogueSpec(
+        "kitchen",
+        "A quiet kitchen in the morning.",
+        (
+            (0, "Good morning, did you sleep well last night?"),
+            (1, "Not really, the wind kept me awake for hours."),
+            (0, "Then you need a strong cup of coffee."),
+            (1, "Yes please, with just a little milk."),
+        ),
+    ),
+    DialogueSpec(
+        "station",
+        "A busy railway station at rush hour.",
+        (
+            (2, "Excuse me, does this platform serve the city train?"),
+            (3, "It does, and the next one leaves in five minutes."),
+            (2, "Thank you, that is a great help."),
+        ),
+    ),
+    DialogueSpec(
+        "garden",
+        "",
+        (
+            (3, "The roses have finally started to bloom."),
+            (1, "They look wonderful next to the old stone wall."),
+            (3, "I will cut a few for the dinner table."),
+        ),
+    ),
+)
+DIALOGUE_FORMATS: tuple[str, ...] = ("flac", "mp3")
+DIALOGUE_SAMPLE_RATES: tuple[int, ...] = (16000, 22050)
+DIALOGUE_VARIANT_TURNS: tuple[tuple[str, int], ...] = (("kitchen", 3),)
+
+
+@dataclass(frozen=True)
 class ClipSpec:
     """Everything needed to synthesise, convert and list one clip."""
 
@@ -132,6 +183,9 @@ class ClipSpec:
     fmt: str
     sample_rate: int
     channels: int
+    dialogue_id: str = ""
+    turn: int | None = None
+    scene: str = ""
 
     @property
     def relative_path(self) -> str:
@@ -168,6 +222,30 @@ def clip_specs() -> list[ClipSpec]:
                     channels=channels,
                 )
             )
+    return specs + dialogue_specs()
+
+
+def dialogue_specs() -> list[ClipSpec]:
+    """The dialogue turns: mono, alternating flac and mp3 at 16 or 22.05 kHz (small files, still mixed)."""
+    specs: list[ClipSpec] = []
+    for dialogue in DIALOGUES:
+        for turn, (s, text) in enumerate(dialogue.turns, start=1):
+            speaker = SPEAKERS[s]
+            variant = (dialogue.dialogue_id, turn) in DIALOGUE_VARIANT_TURNS
+            specs.append(
+                ClipSpec(
+                    speaker=speaker,
+                    clip_id=f"{speaker.prefix}_{dialogue.dialogue_id}_{turn}",
+                    text=text,
+                    label=speaker.label_variants[0] if variant else speaker.label,
+                    fmt=DIALOGUE_FORMATS[len(specs) % len(DIALOGUE_FORMATS)],
+                    sample_rate=DIALOGUE_SAMPLE_RATES[len(specs) % len(DIALOGUE_SAMPLE_RATES)],
+                    channels=1,
+                    dialogue_id=dialogue.dialogue_id,
+                    turn=turn,
+                    scene=dialogue.scene,
+                )
+            )
     return specs
 
 
@@ -182,7 +260,10 @@ def check_plan(specs: list[ClipSpec]) -> None:
         raise SystemExit(f"need {len(SPEAKERS) * CLIPS_PER_SPEAKER} sentences, have {len(SENTENCES)}")
     if len(set(SENTENCES)) != len(SENTENCES):
         raise SystemExit("sentences must be distinct")
-    for sentence in SENTENCES:
+    spoken = [spec.text for spec in specs]
+    if len(set(spoken)) != len(spoken):
+        raise SystemExit("every clip (single or dialogue turn) must have its own sentence")
+    for sentence in spoken:
         if not 4 <= len(sentence.split()) <= 14:
             raise SystemExit(f"sentence must have 4-14 words: {sentence!r}")
     canonical = {normalise_label(sp.label): sp.folder for sp in SPEAKERS}
@@ -265,13 +346,17 @@ def main() -> None:
             "audio_path": [spec.relative_path for spec in specs],
             "text": [spec.text for spec in specs],
             "speaker": [spec.label for spec in specs],
+            "dialogue_id": [spec.dialogue_id for spec in specs],
+            "turn": ["" if spec.turn is None else str(spec.turn) for spec in specs],
+            "scene": [spec.scene for spec in specs],
         }
     )
     manifest.to_csv(MANIFEST, index=False, encoding="utf-8", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
 
     total_bytes = sum(path.stat().st_size for path in AUDIO_DIR.rglob("*") if path.is_file())
     print(
-        f"demo corpus: {len(specs)} clips, {len(SPEAKERS)} speakers, {total_seconds:.1f} s audio, "
+        f"demo corpus: {len(specs)} clips, {len(SPEAKERS)} speakers, {len(DIALOGUES)} dialogues, "
+        f"{total_seconds:.1f} s audio, "
         f"{total_bytes} bytes of audio -> {MANIFEST.relative_to(DEMO_DIR.parent.parent)}"
     )
 

@@ -18,6 +18,11 @@ EXAMPLE = """examples:
   higgs-pipeline synthesize --text "Hello, this is my new voice." --out hello.wav
   higgs-pipeline synthesize --text "Cloned from a clip." --reference ref.wav --reference-text "What ref.wav says."
   higgs-pipeline synthesize --text "The base model, for comparison." --adapter none --out base.wav
+  higgs-pipeline synthesize --dialogue talk.txt --speaker SPEAKER0=alice.wav --speaker SPEAKER1=bob.wav \
+      --out talk.wav --turns-dir talk_turns/
+
+A dialogue script has one "[SPEAKERk] text" line per turn; each SPEAKERk needs --speaker SPEAKERk=REF.wav, whose
+transcript is REF.txt beside it. Turns are spoken one by one, each hearing the references and the turns before.
 
 --adapter production (the default) follows production_adapter's pointer in the artifact store (--artifacts, or
 $HIGGS_PIPELINE_ARTIFACTS, or .artifacts/); PATH is any adapter folder training wrote (local or s3://); none is
@@ -39,7 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--text", required=True, help="what to say (long text is split at sentence ends)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="what to say (long text is split at sentence ends)")
+    what.add_argument("--dialogue", metavar="SCRIPT", help="a script of '[SPEAKERk] text' lines, one per turn")
+    parser.add_argument(
+        "--speaker", action="append", default=[], metavar="SPEAKERk=REF", help="a dialogue speaker's reference clip"
+    )
+    parser.add_argument("--turns-dir", metavar="DIR", help="with --dialogue: also one WAV per turn in DIR")
+    parser.add_argument("--scene", default="", help="with --dialogue: the scene described to the model")
     parser.add_argument("--reference", metavar="REF", help="a clip of the voice to clone (wav, flac, ogg, mp3)")
     parser.add_argument("--reference-text", metavar="TEXT", help="the transcript of --reference")
     parser.add_argument("--adapter", default="production", help="production (default), none, or an adapter folder")
@@ -80,22 +92,12 @@ def run(args: argparse.Namespace) -> int:
     from higgs_pipeline.models.demo import DEMO_NOTE
 
     show_progress()
+    if args.dialogue is None and (args.speaker or args.turns_dir or args.scene):
+        raise CommandError("--speaker, --turns-dir and --scene go with --dialogue SCRIPT")
+    if args.dialogue is not None and (args.reference or args.reference_text):
+        raise CommandError("--dialogue takes one --speaker SPEAKERk=REF.wav per speaker, not --reference")
     try:
-        result = synthesis.synthesize(
-            args.text,
-            args.out,
-            artifacts_root=args.artifacts,
-            adapter=args.adapter,
-            model=args.model,
-            audio_tokenizer=args.audio_tokenizer,
-            reference_audio=args.reference,
-            reference_text=args.reference_text,
-            seed=args.seed,
-            temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens,
-            device=args.device,
-            overwrite=args.overwrite,
-        )
+        result = _dialogue(args) if args.dialogue is not None else _single(args)
     except synthesis.SynthesisError as error:
         raise CommandError(str(error)) from error
     if result.demo_model:
@@ -109,6 +111,47 @@ def run(args: argparse.Namespace) -> int:
             f"real-time factor {result.real_time_factor:.2f}{cut}"
         )
     return 0
+
+
+def _single(args: argparse.Namespace):
+    from higgs_pipeline import synthesis
+
+    return synthesis.synthesize(
+        args.text,
+        args.out,
+        artifacts_root=args.artifacts,
+        adapter=args.adapter,
+        model=args.model,
+        audio_tokenizer=args.audio_tokenizer,
+        reference_audio=args.reference,
+        reference_text=args.reference_text,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+
+
+def _dialogue(args: argparse.Namespace):
+    from higgs_pipeline.dialogue_synthesis import synthesize_dialogue
+
+    return synthesize_dialogue(
+        args.dialogue,
+        args.speaker,
+        args.out,
+        artifacts_root=args.artifacts,
+        adapter=args.adapter,
+        model=args.model,
+        audio_tokenizer=args.audio_tokenizer,
+        scene=args.scene,
+        seed=args.seed,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        overwrite=args.overwrite,
+        turns_dir=args.turns_dir,
+    )
 
 
 def as_json(result) -> dict:

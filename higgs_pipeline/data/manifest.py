@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
-OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text")
+OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text", "dialogue_id", "turn")
 MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from higgs_pipeline.data.dialogue import DIALOGUE_REJECT_REASONS, incomplete_dialogues, turn_problems
 from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex
 from higgs_pipeline.data.manifest import (
     MANIFEST_COLUMNS,
@@ -45,6 +46,7 @@ REJECT_REASONS: dict[str, str] = {
     "empty_text": "the transcript is empty",
     "empty_speaker": "the speaker label is empty",
     "special_token": "text or ref_text holds a control token of the text tokenizer, such as <|AUDIO_OUT|>",
+    "bad_turn": DIALOGUE_REJECT_REASONS["bad_turn"],
     "path_outside_manifest_dir": (
         "the audio path leads outside the manifest's folder (through '..', an absolute path or a symbolic link); "
         "the same reason and wording whether or not the target exists"
@@ -66,6 +68,7 @@ REJECT_REASONS: dict[str, str] = {
     "bad_reference": "ref_audio_path/ref_text given but unusable (fails the same checks, or is the target itself)",
     "duplicate": "same audio content and same normalized text as an earlier accepted row",
     "speaker_conflict": "same audio content as an earlier accepted row labelled with another speaker",
+    "dialogue_incomplete": DIALOGUE_REJECT_REASONS["dialogue_incomplete"],
 }
 FILE_REASONS = (
     "missing_file",
@@ -85,6 +88,8 @@ ACCEPTED_COLUMNS = (
     "speaker",
     "language",
     "scene",
+    "dialogue_id",
+    "turn",
     "ref_audio_path",
     "ref_audio_uri",
     "ref_text",
@@ -200,6 +205,8 @@ def screen_manifest(
                 for v in values.iloc[at]
             ],
         )
+    bad_turn, turn_details = turn_problems(rows)
+    verdict.reject(bad_turn, "bad_turn", turn_details)
 
     audio_uri, audio_outside = resolve_audio_paths(manifest.uri, rows["audio_path"].str.strip())
     ref_uri, ref_outside = resolve_audio_paths(manifest.uri, rows["ref_audio_path"].str.strip())
@@ -237,6 +244,9 @@ def screen_manifest(
     _reject_reference(verdict, reference, target, has_ref, rules)
     _reject_duplicates(verdict, rows, target["clip_hash"])
     _reject_speaker_conflicts(verdict, rows, target["clip_hash"])
+    # Last: only now is it known which turns survive; a dialogue trains whole or not at all.
+    incomplete, incomplete_details = incomplete_dialogues(rows, verdict.reason)
+    verdict.reject(incomplete, "dialogue_incomplete", incomplete_details)
 
     data_version = digest_of_lines(
         (t + "," + r for t, r in zip(target["clip_hash"], reference["clip_hash"], strict=True)),
@@ -395,6 +405,8 @@ def _accepted_table(
             "speaker": kept["speaker"],
             "language": kept["language"],
             "scene": kept["scene"],
+            "dialogue_id": kept["dialogue_id"].str.strip(),
+            "turn": kept["turn"].str.strip(),
             "ref_audio_path": kept["ref_audio_path"],
             "ref_audio_uri": ref_uri[mask].reset_index(drop=True),
             "ref_text": kept["ref_text"].str.strip(),

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from higgs_pipeline.data.dialogue import split_group_keys
 from higgs_pipeline.data.hashing import digests, unit_interval
 from higgs_pipeline.data.normalize import normalize_label
 
@@ -44,14 +45,15 @@ class SplitResult:
 
 
 def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode: str = "target_clip") -> SplitResult:
-    """`samples` needs columns sample_id, clip_hash (the target's) and speaker, and text_key in text mode."""
+    """`samples` needs columns sample_id, clip_hash (the target's) and speaker, and text_key in text mode; dialogue
+    samples also dialogue_id and speakers (see `split_group_keys`)."""
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction}")
     if mode not in SPLIT_MODES:
         raise ValueError(f"split mode '{mode}': choose one of {SPLIT_MODES}")
     group_column = GROUP_COLUMNS[mode]
     note = ""
-    keys = samples[group_column]
+    keys = split_group_keys(samples, group_column)  # a dialogue's samples share one key: never divided
     if len(samples) >= 2 and keys.nunique() < 2:
         group_column, keys = "sample_id", samples["sample_id"]
         note = f"all samples share one {_GROUP_NAMES[mode]}: split by sample"

@@ -1,10 +1,12 @@
 """chatml_samples: transcript_check's accepted rows -> canonical speakers -> TTS and voice-cloning samples in
 boson_multimodal ChatML."""
 
+import itertools
 from collections import Counter
 
 import dagster as dg
 import fsspec
+import pandas as pd
 from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
 
 from higgs_pipeline.data.chatml import (
@@ -14,6 +16,14 @@ from higgs_pipeline.data.chatml import (
     plan_samples,
     sample_records,
 )
+from higgs_pipeline.data.dialogue import (
+    DIALOGUE_KIND,
+    DialoguePlan,
+    TokenCounter,
+    dialogue_rows,
+    plan_dialogues,
+    recorded_dialogue,
+)
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.records import SAMPLE_KINDS, read_records, write_records
 from higgs_pipeline.data.speakers import normalize_speakers
@@ -22,18 +32,30 @@ from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models.loading import load_text_tokenizer
 
+# The samples index: every sample's kind, speaker, target clip (a dialogue's first turn), reference clip, and for
+# dialogue samples the dialogue and its speakers (the split keeps a dialogue on one side by these).
+INDEX_COLUMNS = ("sample_id", "kind", "speaker", "clip_hash", "ref_clip_hash", "dialogue_id", "speakers")
+
 
 class ChatmlSamplesConfig(dg.Config):
     kinds: list[str] = list(SAMPLE_KINDS)
     case_sensitive_speakers: bool = False
+    # Dialogues (rows sharing a dialogue_id): one reference clip per speaker from outside the dialogue, and the
+    # longest a dialogue sample may be (text tokens + audio frames); a longer one is cut at turn boundaries.
+    dialogue_references: bool = True
+    max_dialogue_tokens: int = 4096
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["transcript_check"], kinds={"pandas"})
 def chatml_samples(
-    context: dg.AssetExecutionContext, config: ChatmlSamplesConfig, artifacts: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: ChatmlSamplesConfig,
+    artifacts: ArtifactStore,
+    checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
     """Speaker-normalized samples: one TTS sample per accepted row and one voice-cloning sample per row that has
-    a reference (its own, or another clip of the same speaker). Writes the records (JSONL) for training, plus a
+    a reference (its own, or another clip of the same speaker); rows sharing a dialogue_id are one dialogue
+    sample instead (or several windows of one, cut at turn boundaries to fit max_dialogue_tokens). Writes the records (JSONL) for training, plus a
     sample index and a clip table (Parquet) for the next assets, and the speaker map (JSON)."""
     try:
         kinds = check_kinds(config.kinds)
@@ -48,13 +70,18 @@ def chatml_samples(
             "nothing to build samples from"
         )
     speaker_ids, speaker_map = normalize_speakers(accepted["speaker"], config.case_sensitive_speakers)
-    plan = plan_samples(accepted, speaker_ids, kinds)
-    if plan.empty:
+    single = ~dialogue_rows(accepted)
+    plan = plan_samples(accepted[single].reset_index(drop=True), speaker_ids[single].reset_index(drop=True), kinds)
+    dialogues = _plan_dialogues(accepted, speaker_ids, speaker_map, config, checkpoints)
+    if plan.empty and not dialogues.samples:
         raise dg.Failure(
             f"chatml_samples built no samples from {len(accepted)} accepted rows with kinds {list(kinds)}: "
             "voice_clone needs a speaker with two or more distinct clips (or a ref_audio_path); add 'tts' to kinds"
         )
-    clips = clip_table(accepted, plan)
+    index = pd.concat([plan[list(INDEX_COLUMNS[:5])], pd.DataFrame(s.index_row() for s in dialogues.samples)])
+    index = index.reindex(columns=list(INDEX_COLUMNS), fill_value="").fillna("").reset_index(drop=True)
+    turn_clips = pd.DataFrame({"clip_hash": sorted(dialogues.clip_hashes()), "ref_clip_hash": ""})
+    clips = clip_table(accepted, pd.concat([index[["clip_hash", "ref_clip_hash"]], turn_clips]))
 
     version = digest(manifest["accepted_path"], manifest["data_version"], config.model_dump_json())[:16]
     folder = artifacts.path("chatml_samples", version)
@@ -62,12 +89,13 @@ def chatml_samples(
     fs.makedirs(folder, exist_ok=True)
     paths = {name: f"{folder}/{name}" for name in ("samples.jsonl", "samples_index.parquet", "clips.parquet")}
     speaker_map_path = f"{folder}/speaker_map.json"
-    written = write_records(paths["samples.jsonl"], sample_records(plan))
-    write_parquet(plan[["sample_id", "kind", "speaker", "clip_hash", "ref_clip_hash"]], paths["samples_index.parquet"])
+    records = itertools.chain(sample_records(plan), (sample.record() for sample in dialogues.samples))
+    written = write_records(paths["samples.jsonl"], records)
+    write_parquet(index, paths["samples_index.parquet"])
     write_parquet(clips, paths["clips.parquet"])
     speaker_map.write(speaker_map_path)
 
-    per_kind = Counter(plan["kind"])
+    per_kind = Counter(index["kind"])
     cloned = set(plan.loc[plan["kind"] == "voice_clone", "speaker"])
     context.log.info(
         f"{written} samples ({dict(per_kind)}) from {len(accepted)} rows, {len(speaker_map.speakers)} speakers"
@@ -78,6 +106,7 @@ def chatml_samples(
             "speakers": len(speaker_map.speakers),
             **{f"samples_{kind}": int(per_kind.get(kind, 0)) for kind in SAMPLE_KINDS},
             "speakers_tts_only": len(set(speaker_map.speakers) - cloned) if "voice_clone" in kinds else 0,
+            **dialogues.metadata(),
             "clips": len(clips),
             "speaker_map": dg.MetadataValue.md(speaker_map.markdown()),
             "case_sensitive_speakers": config.case_sensitive_speakers,
@@ -87,8 +116,20 @@ def chatml_samples(
             "speaker_map_path": speaker_map_path,
             "data_version": manifest["data_version"],
         },
-        data_version=dg.DataVersion(digest_of_lines(plan["sample_id"], seed=version.encode())),
+        data_version=dg.DataVersion(digest_of_lines(index["sample_id"], seed=version.encode())),
     )
+
+
+def _plan_dialogues(accepted, speaker_ids, speaker_map, config: ChatmlSamplesConfig, checkpoints) -> DialoguePlan:
+    """The dialogue samples; the text tokenizer is loaded only when there are dialogues to measure."""
+    if config.max_dialogue_tokens < 0:
+        raise dg.Failure(f"max_dialogue_tokens must be 0 (no limit) or positive, got {config.max_dialogue_tokens}")
+    names = {speaker_id: entry["name"] for speaker_id, entry in speaker_map.speakers.items()}
+    member = dialogue_rows(accepted)
+    counter = None
+    if member.any() and config.max_dialogue_tokens:
+        counter = TokenCounter(load_text_tokenizer(checkpoints.model))
+    return plan_dialogues(accepted, speaker_ids, names, config.dialogue_references, config.max_dialogue_tokens, counter)
 
 
 @dg.asset_check(asset=chatml_samples, blocking=True)
@@ -138,4 +179,11 @@ def _sample_problem(record, tokenizer, seen: set[str]) -> str:
             return "voice_clone sample is not [system, user, reference, user, target] with start_index=3"
         if record.audio[0]["clip_hash"] == record.audio[1]["clip_hash"]:
             return "reference clip is the target clip"
+    if record.kind == DIALOGUE_KIND:
+        try:
+            dialogue = recorded_dialogue(record)
+        except ValueError as error:
+            return str(error)
+        if not dialogue.turns:
+            return "dialogue sample without turns"
     return ""

@@ -103,7 +103,8 @@ def _text_keys(samples_path: str, sample_ids: pd.Series) -> pd.Series:
 
 @dg.asset_check(asset=train_val_split, blocking=True)
 def train_val_split_is_a_partition(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """No sample in both splits or twice, every sample in one, and no target clip (or held-out speaker) in both."""
+    """No sample in both splits or twice, every sample in one, no target clip (or held-out speaker) in both, and
+    no dialogue divided between them."""
     meta = upstream_metadata(context, "train_val_split")
     split = read_split(meta["split_path"])
     index = read_parquet(meta["samples_index_path"])
@@ -124,6 +125,11 @@ def train_val_split_is_a_partition(context: dg.AssetCheckExecutionContext) -> dg
         leaked = set(index.loc[train, group]) & set(index.loc[validation, group])
         if leaked:
             problems.append(f"{len(leaked)} {group} values on both sides")
+    if "dialogue_id" in index and not problems:
+        dialogues = index["dialogue_id"].astype("str")
+        divided = (set(dialogues[train]) & set(dialogues[validation])) - {""}
+        if divided:
+            problems.append(f"{len(divided)} dialogues divided between the sides, e.g. {sorted(divided)[:3]}")
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={"train": len(train), "validation": len(validation), "problems": "; ".join(problems) or "none"},

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.data.dialogue import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
@@ -56,8 +57,11 @@ def transcript_check(
     cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
     heard, cached = _hear_all(context, rows, languages, scorer, cache_root, config)
     checked = _verdicts(rows, languages, heard, config)
+    checked, incomplete = _drop_incomplete_dialogues(checked)
     keep = checked["transcript_status"] != "rejected"
     accepted, rejected = checked[keep].reset_index(drop=True), _rejected_rows(checked[~keep], config)
+    for row, detail in incomplete.items():  # a dialogue trains whole or not at all: its other turns go too
+        rejected.loc[rejected["row"] == row, ["reason", "detail"]] = ["dialogue_incomplete", detail]
 
     settings = json.dumps([config.review_cer, config.reject_cer, scorers.asr_model, CACHE_VERSION])
     folder = artifacts.path(
@@ -172,6 +176,18 @@ def _status(cer: float, config: TranscriptCheckConfig) -> str:
     if cer > config.reject_cer:
         return "rejected"
     return "flagged" if cer > config.review_cer else "verified"
+
+
+def _drop_incomplete_dialogues(checked: pd.DataFrame) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Rows of a dialogue that lost a turn here marked rejected too; returns them as {row: detail}."""
+    reason = np.where(checked["transcript_status"] == "rejected", REJECT_REASON, "").astype(object)
+    incomplete, details = incomplete_dialogues(checked, reason)
+    if not incomplete.any():
+        return checked, {}
+    status = checked["transcript_status"].mask(incomplete, "rejected")
+    return checked.assign(transcript_status=status), dict(
+        zip(checked["row"][incomplete], details[incomplete], strict=True)
+    )
 
 
 def _rejected_rows(rows: pd.DataFrame, config: TranscriptCheckConfig) -> pd.DataFrame:

@@ -24,7 +24,7 @@ import fsspec
 import numpy as np
 
 from higgs_pipeline.data.audio_io import decode, to_mono
-from higgs_pipeline.data.records import SampleRecord, is_local
+from higgs_pipeline.data.records import SAMPLE_KINDS, SampleRecord, is_local
 
 TAKES = ("ground_truth", "base", "adapter")
 MODEL_TAKES = ("base", "adapter")
@@ -91,6 +91,8 @@ def speaker_clips(records: Sequence[SampleRecord]) -> dict[str, list[tuple[str, 
     """Each speaker's distinct target clips as (clip_hash, path), ordered by hash."""
     clips: dict[str, dict[str, str]] = defaultdict(dict)
     for record in records:
+        if record.kind not in SAMPLE_KINDS:  # a dialogue's last clip is its last turn's, often another speaker's
+            continue
         target = record.audio[-1]
         clips[record.speaker].setdefault(target["clip_hash"], target["audio_path"])
     return {speaker: sorted(by_hash.items()) for speaker, by_hash in clips.items()}

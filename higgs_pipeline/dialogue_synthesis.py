@@ -1,0 +1,176 @@
+"""A multi-speaker script spoken by a trained model: `higgs-pipeline synthesize --dialogue SCRIPT.txt`.
+
+The script has one `[SPEAKERk] text` line per turn; each speaker is given a reference clip (`SPEAKERk=REF.wav`)
+whose transcript sits beside it as REF.txt (boson's own voice_prompts convention: name.wav with name.txt). The
+adapter is resolved and merged as for single-speaker synthesis (`synthesis.py`); the turns are generated one by
+one, each hearing the references and every earlier turn (`evaluation/dialogue_speech.py`, the layout dialogue
+samples are trained on), and written as one WAV (and, asked for, one WAV per turn).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import fsspec
+import numpy as np
+
+from higgs_pipeline.data.dialogue import (
+    DialogueScriptError,
+    check_script_speakers,
+    dialogue_system_prompt,
+    parse_dialogue_script,
+    parse_speaker_references,
+)
+from higgs_pipeline.synthesis import (
+    PRODUCTION,
+    Synthesis,
+    SynthesisError,
+    check_output_file,
+    default_audio_tokenizer,
+    local_reference,
+    merged_checkpoint,
+    resolve_adapter,
+    write_wav,
+)
+
+log = logging.getLogger(__name__)
+# Silence between turns in the joined WAV, so one speaker's last word does not run into the next one's first.
+TURN_GAP_S = 0.25
+
+
+def read_script(path: str) -> str:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise SynthesisError(f"--dialogue {path}: no such script file") from None
+    except UnicodeDecodeError:
+        raise SynthesisError(f"--dialogue {path}: not UTF-8 text; save the script as UTF-8") from None
+
+
+def reference_transcript(audio: str) -> str:
+    """The transcript beside a reference clip: REF.txt for REF.wav."""
+    path = os.path.splitext(audio)[0] + ".txt"
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as handle:
+            text = handle.read().strip()
+    except FileNotFoundError:
+        raise SynthesisError(f"--speaker {audio}: its transcript {path} is missing; write what it says there") from None
+    if not text:
+        raise SynthesisError(f"--speaker {audio}: its transcript {path} is empty")
+    return text
+
+
+def check_turns_dir(turns_dir: str | None, overwrite: bool) -> Path | None:
+    if turns_dir is None:
+        return None
+    path = Path(turns_dir)
+    if path.exists() and not path.is_dir():
+        raise SynthesisError(f"--turns-dir {turns_dir} is a file; name a folder for the per-turn WAVs")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise SynthesisError(f"--turns-dir {turns_dir} exists and is not empty; choose another or pass --overwrite")
+    return path
+
+
+def synthesize_dialogue(
+    script_path: str,
+    speakers: Sequence[str],
+    out: str,
+    *,
+    artifacts_root: str,
+    adapter: str = PRODUCTION,
+    model: str | None = None,
+    audio_tokenizer: str | None = None,
+    scene: str = "",
+    seed: int = 0,
+    temperature: float = 0.7,
+    max_new_tokens: int = 1024,
+    device: str = "auto",
+    overwrite: bool = False,
+    turns_dir: str | None = None,
+) -> Synthesis:
+    """The script spoken turn by turn in its speakers' voices, joined into `out` (a WAV); `chunks` counts turns."""
+    import torch
+
+    from higgs_pipeline.evaluation.dialogue_speech import speak_dialogue
+    from higgs_pipeline.evaluation.generate import open_engine, torch_device
+
+    try:
+        turns = parse_dialogue_script(read_script(script_path), source=script_path)
+        references = parse_speaker_references(speakers)
+        tags = check_script_speakers(turns, references)
+    except DialogueScriptError as error:
+        raise SynthesisError(str(error)) from None
+    if max_new_tokens < 8:
+        raise SynthesisError(f"--max-new-tokens {max_new_tokens}: give at least 8 (the codec's delay pattern)")
+    transcripts = {tag: reference_transcript(references[tag]) for tag in tags}
+    out_path = check_output_file(out, overwrite)
+    turns_path = check_turns_dir(turns_dir, overwrite)
+    resolved = resolve_adapter(adapter, artifacts_root, model)
+    device = torch_device(device)
+    # The model numbers speakers by first appearance, as training does: the script's tags map onto that order.
+    number = {tag: k for k, tag in enumerate(tags)}
+    names = [Path(references[tag]).stem for tag in tags]
+    with tempfile.TemporaryDirectory(prefix="higgs_dialogue_") as scratch:
+        voices = []
+        for k, tag in enumerate(tags):
+            (Path(scratch) / str(k)).mkdir()
+            voices.append(local_reference(references[tag], transcripts[tag], f"{scratch}/{k}"))
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model_dir = merged_checkpoint(resolved, f"{scratch}/merged", scratch, dtype)
+        engine = open_engine(model_dir, audio_tokenizer or default_audio_tokenizer(resolved), device)
+        log.info("speaking %d turn(s) of %d speaker(s) on %s", len(turns), len(tags), device)
+        started = time.perf_counter()
+        clips = speak_dialogue(
+            engine,
+            dialogue_system_prompt(scene, names),
+            voices,
+            [(number[turn.speaker], turn.text) for turn in turns],
+            seed=seed,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            on_turn=lambda i, clip: log.info("turn %d/%d: %.2f s of audio", i + 1, len(turns), clip.duration_s),
+        )
+        generation_s = time.perf_counter() - started
+    rate = clips[0].sample_rate
+    gap = np.zeros(round(TURN_GAP_S * rate), dtype=np.float32)
+    waveform = np.concatenate([part for clip in clips for part in (clip.waveform, gap)][:-1])
+    if turns_path is not None:
+        _write_turns(turns_path, [(turn.speaker, clip) for turn, clip in zip(turns, clips, strict=True)], overwrite)
+    write_wav(out_path, waveform, rate, overwrite)
+    return Synthesis(
+        out=str(out_path),
+        sample_rate=rate,
+        duration_s=waveform.size / rate,
+        chunks=len(clips),
+        finished=all(clip.finished for clip in clips),
+        generation_s=generation_s,
+        adapter_path=resolved.adapter_path,
+        base_model=resolved.base_model,
+        demo_model=resolved.demo,
+    )
+
+
+def turn_file_name(index: int, tag: str) -> str:
+    return f"turn_{index + 1:03d}_{tag}.wav"
+
+
+def _write_turns(folder: Path, turns: Sequence[tuple[str, object]], overwrite: bool) -> None:
+    """Every turn's WAV into a temporary sibling folder, then moved into place: never half a set of turns."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for index, (tag, clip) in enumerate(turns):
+            write_wav(staging / turn_file_name(index, tag), clip.waveform, clip.sample_rate, overwrite=False)
+        if folder.exists():
+            shutil.rmtree(folder)  # checked empty, or --overwrite given
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
