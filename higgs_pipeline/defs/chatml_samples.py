@@ -55,8 +55,9 @@ def chatml_samples(
 ) -> dg.MaterializeResult:
     """Speaker-normalized samples: one TTS sample per accepted row and one voice-cloning sample per row that has
     a reference (its own, or another clip of the same speaker); rows sharing a dialogue_id are one dialogue
-    sample instead (or several windows of one, cut at turn boundaries to fit max_dialogue_tokens). Writes the records (JSONL) for training, plus a
-    sample index and a clip table (Parquet) for the next assets, and the speaker map (JSON)."""
+    sample instead (or several windows of one, cut at turn boundaries to fit max_dialogue_tokens). Writes the
+    records (JSONL) for training, plus a sample index and a clip table (Parquet) for the next assets, and the
+    speaker map (JSON)."""
     try:
         kinds = check_kinds(config.kinds)
     except ValueError as error:
