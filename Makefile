@@ -7,6 +7,8 @@ export HIGGS_PIPELINE_CACHE ?= $(HOME)/.cache/higgs_pipeline
 export DAGSTER_HOME ?= $(CURDIR)
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
+# dg runs from the project's venv (as if activated), so it does not warn that another environment is active.
+export VIRTUAL_ENV := $(CURDIR)/.venv
 
 .PHONY: demo test ui lint validate test-deps
 

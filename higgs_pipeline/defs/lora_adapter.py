@@ -182,7 +182,7 @@ def k8s_pytorch_job(config: LoraAdapterConfig, train_args: list[str], run_key: s
 
 
 def k8s_pipes_client():
-    """dagster-k8s' Pipes client, imported only when used (0.29.27 beside dagster 1.13.28 warns on import)."""
+    """dagster-k8s' Pipes client, imported only when the k8s launcher is used."""
     from dagster_k8s import PipesK8sClient
 
     return PipesK8sClient()

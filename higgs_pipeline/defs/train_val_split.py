@@ -9,7 +9,7 @@ import pandas as pd
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records, read_split
 from higgs_pipeline.data.split import GROUP_COLUMNS, split_samples, target_text, text_keys, validation_texts_in_train
-from higgs_pipeline.data.tables import read_parquet
+from higgs_pipeline.data.tables import read_parquet, write_text
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 
@@ -64,8 +64,7 @@ def train_val_split(
     fs, _ = fsspec.core.url_to_fs(folder)
     fs.makedirs(folder, exist_ok=True)
     split_path = f"{folder}/split.json"
-    with fsspec.open(split_path, "w", encoding="utf-8") as handle:
-        json.dump(split, handle)
+    write_text(json.dumps(split), split_path)
     context.log.info(f"{len(train)} train / {len(validation)} validation samples ({mode})")
     return dg.MaterializeResult(
         metadata={

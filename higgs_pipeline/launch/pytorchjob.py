@@ -7,8 +7,7 @@ when the messages params name a bucket). Everything else follows `PipesK8sClient
 environment variables, the job is created through the Kubernetes API and watched until it ends, and a job whose
 step stops before it ends (interrupt, timeout, error) is deleted so no GPUs keep training for nobody.
 
-dagster_aws and kubernetes are imported inside the functions: dagster-aws 0.29.27 beside dagster 1.13.28 warns
-about the version skew on import, and only the multi-node launch needs them.
+dagster_aws and kubernetes are imported inside the functions: only the multi-node launch needs them.
 """
 
 from __future__ import annotations
@@ -80,13 +79,8 @@ def s3_message_reader(messages_url: str, interval: float = 5.0) -> dg.PipesMessa
     attempt's chunks. The boto3 client reads credentials and AWS_ENDPOINT_URL from the environment, as the
     trainer's writer does.
     """
-    import warnings
-
     import boto3
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Found version mismatch", category=UserWarning)
-        from dagster_aws.pipes import PipesS3MessageReader
+    from dagster_aws.pipes import PipesS3MessageReader
 
     bucket, prefix = split_s3_url(messages_url)
 
