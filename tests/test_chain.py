@@ -77,3 +77,10 @@ def test_whole_chain_materializes_with_torchrun_training(tmp_path: Path):
     assert "random weights" in adapter["base_model"]
     assert Path(adapter["adapter_path"]).is_relative_to(tmp_path / "artifacts" / "lora_adapter")
     assert evaluation["adapter_path"] == adapter["adapter_path"]
+    # Who speaks each turn of a validation dialogue, for all three takes (NaN when the split holds no dialogue).
+    dialogue_keys = {
+        f"{take}dialogue_speaker_{n}"
+        for take in ("val_", "base_val_", "ground_truth_")
+        for n in ("similarity", "confusion")
+    }
+    assert dialogue_keys <= set(evaluation)

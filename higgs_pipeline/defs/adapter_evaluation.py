@@ -16,9 +16,11 @@ import tempfile
 import dagster as dg
 import fsspec
 
+from higgs_pipeline.data.dialogue import DIALOGUE_KIND, dialogue_quality_numbers, recorded_dialogue
 from higgs_pipeline.data.records import TokenStore, read_records
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
 from higgs_pipeline.evaluation.evaluate import (
     QUALITY_DEMO_NOTE,
     SIMILARITY_TOLERANCE,
@@ -68,6 +70,8 @@ class AdapterEvaluationConfig(dg.Config):
     # `generation_prompts` text-to-speech and `voice_clone_prompts` voice-clone validation samples.
     generation_prompts: int = 1
     voice_clone_prompts: int = 1
+    # Validation dialogues regenerated turn by turn by both models: who speaks each turn (similarity, confusion).
+    dialogue_prompts: int = 1
     # Generated audio positions (25 frames per second of audio, minus the 7 delay-pattern columns).
     max_new_tokens: int = 64
     temperature: float = 0.7
@@ -117,14 +121,22 @@ def adapter_evaluation(
             config.voice_clone_prompts,
             config.seed,
         )
+        dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: config.dialogue_prompts]
         results = []
-        if prompts:
+        # NaN until measured: no dialogue in the validation split (or dialogue_prompts 0).
+        dialogue_numbers = dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
+        if prompts or dialogues:
             # The serve engine loads a plain checkpoint: the adapter merged into its base.
             merged_dir = str(merge_and_export(base, adapter_dir, f"{scratch}/merged"))
             model_dirs = {"base": resolve_model(base), "adapter": merged_dir}
+        if prompts:
             results = _listen(context, prompts, model_dirs, checkpoints, scorers, config, device, scratch)
         else:
             context.log.warning("no listening prompt (validation split or config): WER and similarity not measured")
+        if dialogues:
+            dialogue_numbers = _listen_to_dialogues(
+                context, dialogues, model_dirs, checkpoints, scorers, config, scratch
+            )
 
     numbers = comparison.recorded()
     quality = quality_numbers(results) | {
@@ -138,6 +150,7 @@ def adapter_evaluation(
         metadata={
             **{name: dg.MetadataValue.float(value) for name, value in numbers.items()},
             **{name: dg.MetadataValue.float(float(value)) for name, value in quality.items()},
+            **{name: dg.MetadataValue.float(value) for name, value in dialogue_numbers.items()},
             "per_codebook": _per_codebook_table(comparison),
             "per_prompt": _per_prompt_table(results),
             "quality_prompts": len(results),
@@ -174,6 +187,24 @@ def _compare_losses(context, base: str, adapter_dir: str, records, split_meta: d
         f"val_total_loss {comparison.adapter['total_loss']:.4f} (base {comparison.base['total_loss']:.4f})"
     )
     return comparison
+
+
+def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scorers, config, scratch: str) -> dict:
+    """Speaker similarity and confusion of the recorded dialogues and of both models' turn-by-turn regenerations."""
+    context.log.info(f"regenerating {len(dialogues)} validation dialogue(s) with the base and the adapter")
+    numbers = evaluate_dialogues(
+        dialogues,
+        model_dirs,
+        resolve_audio_tokenizer(checkpoints.audio_tokenizer),
+        scorers.scorer(),
+        scratch,
+        seed=config.seed,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        device=checkpoints.torch_device(),
+    )
+    context.log.info(", ".join(f"{name} {value:.3f}" for name, value in numbers.items()))
+    return numbers
 
 
 def _listen(context, prompts, model_dirs: dict, checkpoints, scorers, config, device: str, scratch: str):
