@@ -144,17 +144,7 @@ def synthesize_dialogue(
     if turns_path is not None:
         _write_turns(turns_path, [(turn.speaker, clip) for turn, clip in zip(turns, clips, strict=True)], overwrite)
     write_wav(out_path, waveform, rate, overwrite)
-    return Synthesis(
-        out=str(out_path),
-        sample_rate=rate,
-        duration_s=waveform.size / rate,
-        chunks=len(clips),
-        finished=all(clip.finished for clip in clips),
-        generation_s=generation_s,
-        adapter_path=resolved.adapter_path,
-        base_model=resolved.base_model,
-        demo_model=resolved.demo,
-    )
+    return Synthesis.written(out_path, waveform, rate, clips, generation_s, resolved)
 
 
 def turn_file_name(index: int, tag: str) -> str:

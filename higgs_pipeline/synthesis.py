@@ -76,6 +76,23 @@ class Synthesis:
     base_model: str
     demo_model: bool
 
+    @classmethod
+    def written(
+        cls, out_path, waveform: np.ndarray, sample_rate: int, clips: list, generation_s: float, resolved
+    ) -> Synthesis:
+        """The record of a WAV just written from `clips` (its chunks or turns) with `resolved`'s model."""
+        return cls(
+            out=str(out_path),
+            sample_rate=sample_rate,
+            duration_s=waveform.size / sample_rate,
+            chunks=len(clips),
+            finished=all(clip.finished for clip in clips),
+            generation_s=generation_s,
+            adapter_path=resolved.adapter_path,
+            base_model=resolved.base_model,
+            demo_model=resolved.demo,
+        )
+
     @property
     def real_time_factor(self) -> float:
         """Generation wall time per second of audio (below 1: faster than real time)."""
@@ -406,17 +423,7 @@ def synthesize(
     waveform = np.concatenate([clip.waveform for clip in clips])
     sample_rate = clips[0].sample_rate
     write_wav(out_path, waveform, sample_rate, overwrite)
-    return Synthesis(
-        out=str(out_path),
-        sample_rate=sample_rate,
-        duration_s=waveform.size / sample_rate,
-        chunks=len(clips),
-        finished=all(clip.finished for clip in clips),
-        generation_s=generation_s,
-        adapter_path=resolved.adapter_path,
-        base_model=resolved.base_model,
-        demo_model=resolved.demo,
-    )
+    return Synthesis.written(out_path, waveform, sample_rate, clips, generation_s, resolved)
 
 
 def default_audio_tokenizer(resolved: ResolvedAdapter) -> str:
