@@ -173,9 +173,9 @@ PROFILES: dict[str, TrainConfig] = {
     # The tiny DEMO model (random weights) on 2 CPU processes: proves the machinery, says nothing of quality.
     "demo": TrainConfig(
         lora=LoraSettings(rank=8, alpha=16, dropout=0.05),
-        # Audio-first: on random weights a few steps only move the easy structural text tokens unless the audio
-        # loss dominates, and promotion compares the audio loss with the base's.
-        optim=OptimSettings(learning_rate=1e-3, warmup_steps=5, max_steps=40, text_weight=0.1),
+        # Audio only: on random weights a few steps otherwise move just the easy structural text tokens, and
+        # promotion compares the audio loss with the base's (held-out audio 6.932 vs base 6.948 after 40 steps).
+        optim=OptimSettings(learning_rate=5e-3, warmup_steps=5, max_steps=40, text_weight=0.0),
         batch=BatchSettings(
             per_device_batch_size=2,
             grad_accum_steps=1,
