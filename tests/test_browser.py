@@ -20,7 +20,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = TEST_ARTIFACTS / "browser"
 TIMEOUT_MS = 30_000
 
-UPSTREAM = ["raw_audio_manifest", "chatml_samples", "tokenized_audio", "train_val_split", "lora_adapter"]
+UPSTREAM = [
+    "raw_audio_manifest",
+    "transcript_check",
+    "chatml_samples",
+    "tokenized_audio",
+    "train_val_split",
+    "lora_adapter",
+]
 
 LATEST_TOTAL = """
 { assetOrError(assetKey: {path: ["adapter_evaluation"]}) { ... on Asset { assetMaterializations(limit: 1) {
