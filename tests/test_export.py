@@ -4,6 +4,7 @@ that boson's own loaders read, scoring exactly like base + adapter; bad outputs 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -141,14 +142,16 @@ def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, ca
     from s3fs import S3FileSystem
 
     fs = S3FileSystem()
-    for bucket in ("runs", "artifacts"):
+    # Buckets of this test alone: moto keeps one S3 state per process, shared with other test modules' servers.
+    runs, store = (f"{name}-{uuid.uuid4().hex[:12]}" for name in ("runs", "artifacts"))
+    for bucket in (runs, store):
         fs.mkdir(bucket)
-    fs.put(str(adapter), "runs/run1/best_adapter", recursive=True)
-    remote_adapter = "s3://runs/run1/best_adapter"
-    fs.pipe_file("artifacts/production_adapter/current.json", json.dumps({"adapter_path": remote_adapter}).encode())
+    fs.put(str(adapter), f"{runs}/run1/best_adapter", recursive=True)
+    remote_adapter = f"s3://{runs}/run1/best_adapter"
+    fs.pipe_file(f"{store}/production_adapter/current.json", json.dumps({"adapter_path": remote_adapter}).encode())
 
     out = tmp_path / "exported"
-    assert main(["export", "--artifacts", "s3://artifacts", "--out", str(out), "--json"]) == 0
+    assert main(["export", "--artifacts", f"s3://{store}", "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["adapter_path"] == remote_adapter and printed["adapter_source"].startswith("production pointer")
     assert (out / "model.safetensors").is_file()
@@ -162,10 +165,10 @@ def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, ca
         result = dg.materialize(
             [merged_model],
             instance=instance,
-            resources={"artifacts": ArtifactStore(root="s3://artifacts"), "checkpoints": HiggsCheckpoints()},
+            resources={"artifacts": ArtifactStore(root=f"s3://{store}"), "checkpoints": HiggsCheckpoints()},
         )
     metadata = {k: v.value for k, v in result.asset_materializations_for_node("merged_model")[0].metadata.items()}
-    assert metadata["merged_path"].startswith("s3://artifacts/merged_model/")
+    assert metadata["merged_path"].startswith(f"s3://{store}/merged_model/")
     stored = {name.rsplit("/", 1)[-1] for name in fs.ls(metadata["merged_path"])}
     assert {"config.json", "model.safetensors", "tokenizer.json", EXPORT_RECORD} <= stored
     assert json.loads(fs.cat_file(metadata["export_record"]))["adapter_path"] == remote_adapter
