@@ -33,7 +33,7 @@ DEMO = REPO / "data" / "demo" / "manifest.csv"
 def load_clips(count: int) -> list[tuple[np.ndarray, str]]:
     """The first `count` demo clips as 16 kHz mono, with their transcripts."""
     from higgs_pipeline.data.audio_io import decode
-    from higgs_pipeline.evaluation.scoring import to_model_audio
+    from higgs_pipeline.speech.scoring import to_model_audio
 
     with DEMO.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))[:count]
@@ -49,7 +49,7 @@ def timed(function, *args) -> tuple[float, object]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from higgs_pipeline.evaluation import scoring
+    from higgs_pipeline.speech import scoring
 
     clips = load_clips(args.clips)
     audio_s = sum(len(wave) for wave, _ in clips) / scoring.MODEL_RATE

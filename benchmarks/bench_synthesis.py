@@ -29,7 +29,7 @@ from voice_fixtures import make_adapter  # noqa: E402
 
 from higgs_pipeline.models.demo import DEMO_NOTE  # noqa: E402
 from higgs_pipeline.paths import DEMO_DATA  # noqa: E402
-from higgs_pipeline.synthesis import synthesize  # noqa: E402
+from higgs_pipeline.serving.synthesis import synthesize  # noqa: E402
 
 SECTION = "## Synthesis real-time factor"
 INTRO = (

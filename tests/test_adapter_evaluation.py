@@ -86,7 +86,7 @@ def corpus(tmp_path_factory, audio_tokenizer, text_tokenizer):
             "tokenizer": TOKENIZER,
             "train_count": 4,
             "validation_count": 3,
-            "data_version": "data-v1",
+            "corpus_version": "data-v1",
         },
     }
 
@@ -152,7 +152,7 @@ def adapters(corpus, text_tokenizer):
     return {"fitted": str(root / "fitted"), "broken": str(root / "broken"), "metrics": str(root / "metrics.jsonl")}
 
 
-def _report_upstream(instance, corpus, adapter_path, metrics_path, data_version="data-v1"):
+def _report_upstream(instance, corpus, adapter_path, metrics_path, corpus_version="data-v1"):
     instance.report_runless_asset_event(dg.AssetMaterialization("train_val_split", metadata=corpus["split_meta"]))
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
@@ -161,7 +161,7 @@ def _report_upstream(instance, corpus, adapter_path, metrics_path, data_version=
                 "adapter_path": dg.MetadataValue.path(adapter_path),
                 "metrics_path": dg.MetadataValue.path(metrics_path),
                 "run_dir": dg.MetadataValue.path(adapter_path),
-                "data_version": data_version,
+                "corpus_version": corpus_version,
                 "code_versions": dg.MetadataValue.json({"lora_adapter": "1", "train_val_split": "1"}),
             },
         )
@@ -248,7 +248,7 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert metadata["improvement"] == pytest.approx(metadata["base_val_total_loss"] - metadata["val_total_loss"])
         assert metadata["val_audio_loss"] < metadata["base_val_audio_loss"]
         assert metadata["demo_model"] is True and metadata["model_note"] == DEMO_NOTE
-        assert metadata["data_version"] == "data-v1" and metadata["code_version"] == "2"
+        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == "2"
         assert metadata["adapter_code_versions"] == {"lora_adapter": "1", "train_val_split": "1"}
         assert [row.data["codebook"] for row in metadata["per_codebook"].records] == list(range(8))
         prefix = "![loss curves](data:image/png;base64,"
@@ -271,7 +271,7 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert pointer["adapter_path"] == adapters["fitted"]
         assert pointer["val_audio_loss"] == pytest.approx(metadata["val_audio_loss"])
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])
-        assert pointer["data_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]
+        assert pointer["corpus_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]
 
         # A broken adapter on the same data: the blocking check fails the run before production_adapter.
         _report_upstream(instance, corpus, adapters["broken"], adapters["metrics"])

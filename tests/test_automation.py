@@ -108,7 +108,7 @@ def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_de
     assert manifest_sensor(dg.build_sensor_context()).run_key == third.run_key
 
 
-def test_missing_audio_changes_the_data_version(corpus):
+def test_missing_audio_changes_the_corpus_version(corpus):
     before = manifest_fingerprint(str(corpus / "manifest.csv"))
     _first_clip(corpus).unlink()
     assert manifest_fingerprint(str(corpus / "manifest.csv")) != before

@@ -73,7 +73,7 @@ def test_whole_chain_materializes_with_torchrun_training(tmp_path: Path):
         return {k: v.value for k, v in result.asset_materializations_for_node(key)[0].metadata.items()}
 
     split, adapter, evaluation = metadata("train_val_split"), metadata("lora_adapter"), metadata("adapter_evaluation")
-    assert adapter["data_version"] == split["data_version"]
+    assert adapter["corpus_version"] == split["corpus_version"]
     assert adapter["train_count"] == split["train_count"] and adapter["world_size"] == 2 and adapter["steps"] == 20
     assert "random weights" in adapter["base_model"]
     assert Path(adapter["adapter_path"]).is_relative_to(tmp_path / "artifacts" / "lora_adapter")

@@ -18,7 +18,7 @@ from boson_multimodal.model.higgs_audio import HiggsAudioConfig
 from higgs_pipeline.data.chatml import DEFAULT_SCENE, plan_samples, system_prompt
 from higgs_pipeline.data.records import SampleRecord, read_records
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
-from higgs_pipeline.defs.chatml_samples import _sample_problem, chatml_samples, chatml_samples_tokenize
+from higgs_pipeline.defs.chatml_samples import _sample_problem, chatml_samples, chatml_samples_are_well_formed
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 from higgs_pipeline.defs.transcript_check import transcript_check
 from higgs_pipeline.models.demo import demo_checkpoints
@@ -29,7 +29,7 @@ ASSETS = [
     raw_audio_manifest_accounts_for_every_row,
     transcript_check,
     chatml_samples,
-    chatml_samples_tokenize,
+    chatml_samples_are_well_formed,
 ]
 LABELS = ["Alice", "Bob", "  alice", "bob ", "ALICE\t", "BOB", "Alice"]  # two speakers, messy spellings
 
@@ -141,7 +141,9 @@ def test_reference_turn_conditions_and_target_is_trained(built, text_tokenizer):
 
 
 def test_every_sample_tokenizes_and_ids_are_unique_and_stable(built, text_tokenizer):
-    (check,) = [c for c in built["result"].get_asset_check_evaluations() if c.check_name == "chatml_samples_tokenize"]
+    (check,) = [
+        c for c in built["result"].get_asset_check_evaluations() if c.check_name == "chatml_samples_are_well_formed"
+    ]
     assert check.passed and check.metadata["samples_checked"].value == built["meta"]["samples"]
     ids = [r.sample_id for r in built["records"]]
     assert len(set(ids)) == len(ids)

@@ -88,7 +88,7 @@ def test_evaluation_records_losses_and_traces_back_to_the_data(retrain):
     # Lineage by data: the evaluation, the adapter and the manifest agree on the data version.
     _, adapter = _latest(retrain, "lora_adapter")
     _, manifest = _latest(retrain, "raw_audio_manifest")
-    assert evaluation["data_version"] == adapter["data_version"] == manifest["data_version"]
+    assert evaluation["corpus_version"] == adapter["corpus_version"] == manifest["corpus_version"]
     assert evaluation["adapter_path"] == adapter["adapter_path"]
 
     # The adapter answers "which data, which code, which settings" by itself.
@@ -101,4 +101,6 @@ def test_evaluation_records_losses_and_traces_back_to_the_data(retrain):
     assert production["adapter_path"] == adapter["adapter_path"]
     assert production["val_total_loss"] == pytest.approx(evaluation["val_total_loss"])
     pointer = json.loads((retrain.server.artifacts / "production_adapter" / "current.json").read_text())
-    assert pointer["adapter_path"] == adapter["adapter_path"] and pointer["data_version"] == manifest["data_version"]
+    assert (
+        pointer["adapter_path"] == adapter["adapter_path"] and pointer["corpus_version"] == manifest["corpus_version"]
+    )

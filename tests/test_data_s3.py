@@ -16,7 +16,7 @@ from higgs_pipeline.data.manifest import read_manifest
 from higgs_pipeline.data.records import TokenStore, read_records
 from higgs_pipeline.data.screening import ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv
-from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
+from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_are_well_formed
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
 from higgs_pipeline.defs.transcript_check import transcript_check
@@ -26,7 +26,7 @@ ASSETS = [
     raw_audio_manifest_accounts_for_every_row,
     transcript_check,
     chatml_samples,
-    chatml_samples_tokenize,
+    chatml_samples_are_well_formed,
     tokenized_audio,
     tokenized_audio_shards_readable,
 ]

@@ -17,19 +17,12 @@ from higgs_pipeline.data.dialogue import (
     DIALOGUE_KIND,
     MULTISPEAKER_SYSTEM_MESSAGE,
     DialogueSample,
-    DialogueScriptError,
     ReferencePool,
     TokenCounter,
     Utterance,
-    check_script_speakers,
-    dialogue_quality_numbers,
-    dialogue_speaker_scores,
     dialogue_system_prompt,
     incomplete_dialogues,
-    parse_dialogue_script,
-    parse_speaker_references,
     plan_dialogues,
-    pooled_speaker_scores,
     recorded_dialogue,
     screen_dialogues,
     split_group_keys,
@@ -39,8 +32,19 @@ from higgs_pipeline.data.dialogue import (
 from higgs_pipeline.data.records import SampleRecord
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
 from higgs_pipeline.data.split import split_samples
+from higgs_pipeline.evaluation.dialogue_speech import (
+    dialogue_quality_numbers,
+    dialogue_speaker_scores,
+    pooled_speaker_scores,
+)
 from higgs_pipeline.models.demo import demo_checkpoints
 from higgs_pipeline.paths import DEMO_MANIFEST
+from higgs_pipeline.serving.dialogue_script import (
+    DialogueScriptError,
+    check_script_speakers,
+    parse_dialogue_script,
+    parse_speaker_references,
+)
 from higgs_pipeline.training.samples import AudioInput, build_dataset_sample, make_collator
 
 
@@ -490,9 +494,9 @@ def test_demo_corpus_holds_well_formed_two_speaker_dialogues():
 def test_dialogue_is_spoken_turn_by_turn_with_earlier_turns_as_context():
     """The demo model (random weights: the audio is noise, only the mechanics are checked). Its output barely
     depends on the context, so that the earlier turns are heard is checked on what the engine feeds the model."""
-    from higgs_pipeline.evaluation.dialogue_speech import dialogue_prompt, speak_dialogue
-    from higgs_pipeline.evaluation.generate import VoiceReference, open_engine
     from higgs_pipeline.models.loading import resolve_model
+    from higgs_pipeline.serving.dialogue import dialogue_prompt, speak_dialogue
+    from higgs_pipeline.serving.generate import VoiceReference, open_engine
 
     engine = open_engine(resolve_model("demo"), "demo", "cpu")
     references = [VoiceReference(str(DEMO_MANIFEST.parent / "audio/spk_a/a_001.wav"), "The kettle is boiling."), None]
@@ -537,7 +541,7 @@ def test_dialogues_flow_through_screening_samples_and_split(tmp_path):
     from audio_factory import materialize, metadata_of
 
     from higgs_pipeline.data.records import read_records, read_split
-    from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_tokenize
+    from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_are_well_formed
     from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
     from higgs_pipeline.defs.tokenized_audio import tokenized_audio
     from higgs_pipeline.defs.train_val_split import train_val_split, train_val_split_is_a_partition
@@ -563,7 +567,7 @@ def test_dialogues_flow_through_screening_samples_and_split(tmp_path):
         raw_audio_manifest_accounts_for_every_row,
         transcript_check,
         chatml_samples,
-        chatml_samples_tokenize,
+        chatml_samples_are_well_formed,
         tokenized_audio,
         train_val_split,
         train_val_split_is_a_partition,

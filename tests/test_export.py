@@ -20,10 +20,10 @@ from higgs_pipeline.cli import main
 from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.defs.merged_model import merged_model
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
-from higgs_pipeline.evaluation.generate import generate_speech, open_engine
 from higgs_pipeline.models.demo import DEMO_MARKER
 from higgs_pipeline.models.loading import load_model, load_text_tokenizer
-from higgs_pipeline.synthesis import EXPORT_RECORD
+from higgs_pipeline.serving.generate import generate_speech, open_engine
+from higgs_pipeline.serving.merge import EXPORT_RECORD
 from higgs_pipeline.training.data import load_split
 from higgs_pipeline.training.lora import load_adapter
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator

@@ -15,10 +15,10 @@ from training_fixtures import shared_training_fixture
 import higgs_pipeline.models
 from higgs_pipeline.models.demo import is_demo
 from higgs_pipeline.models.loading import describe, load_model, load_text_tokenizer, resolve_model
+from higgs_pipeline.serving.merge import merge_adapter
 from higgs_pipeline.training.checkpoint import save_adapter
 from higgs_pipeline.training.config import LoraSettings
 from higgs_pipeline.training.data import RecordDataset, load_split
-from higgs_pipeline.training.export import merge_and_export
 from higgs_pipeline.training.lora import apply_lora, target_modules, target_regex, trainable_parameters
 from higgs_pipeline.training.module import HiggsTrainingModule, build_lora_model, sums_of
 from higgs_pipeline.training.objective import training_loss
@@ -101,7 +101,7 @@ def test_adapter_saves_in_peft_layout_and_loads_with_plain_peft(tmp_path, batch)
     assert torch.allclose(actual.audio_logits, expected.audio_logits, atol=1e-5)
     assert not torch.allclose(base.audio_logits, expected.audio_logits, atol=1e-3)
 
-    merged_dir = merge_and_export("demo", str(path), str(tmp_path / "merged"))
+    merged_dir = merge_adapter("demo", str(path), str(tmp_path / "merged"))
     merged = HiggsAudioModel.from_pretrained(str(merged_dir)).eval()
     with torch.no_grad():
         from_merged = merged(**forward_kwargs(batch, "cpu"))

@@ -17,7 +17,7 @@ def _evaluation(
     adapter: str,
     total: float,
     base_total: float = 10.0,
-    data_version: str = "data-v1",
+    corpus_version: str = "data-v1",
     audio: float | None = None,
     base_audio: float | None = None,
     demo: bool = True,
@@ -32,7 +32,7 @@ def _evaluation(
     return {
         **{name: dg.MetadataValue.float(value) for name, value in numbers.items()},
         "adapter_path": dg.MetadataValue.path(adapter),
-        "data_version": data_version,
+        "corpus_version": corpus_version,
         "base_model": "demo" if demo else "bosonai/higgs-audio-v2-generation-3B-base",
         "demo_model": demo,
         "report_path": dg.MetadataValue.path(f"{adapter}/report.html"),
@@ -85,7 +85,7 @@ def test_first_adapter_is_promoted_with_its_numbers(promote):
     assert metadata["promoted"] is True and metadata["reason"] == "first promotion"
     assert pointer["adapter_path"] == metadata["adapter_path"] == "/adapters/a"
     assert pointer["val_total_loss"] == metadata["val_total_loss"] == 8.0
-    assert pointer["data_version"] == metadata["data_version"] == "data-v1"
+    assert pointer["corpus_version"] == metadata["corpus_version"] == "data-v1"
     assert pointer["improvement"] == 2.0 and pointer["previous_adapter_path"] is None
 
 
@@ -102,12 +102,12 @@ def test_pointer_moves_only_for_a_better_adapter_on_the_same_data(promote):
     assert better["dagster/data_version"] != first["dagster/data_version"]
 
 
-def test_new_data_version_promotes_the_checked_adapter(promote):
+def test_new_corpus_version_promotes_the_checked_adapter(promote):
     promote(_evaluation("/adapters/a", 5.0))
     # On new data the validation split differs: 6.0 there says nothing against 5.0 on the old split.
-    metadata, pointer, _ = promote(_evaluation("/adapters/d", 6.0, data_version="data-v2"))
+    metadata, pointer, _ = promote(_evaluation("/adapters/d", 6.0, corpus_version="data-v2"))
     assert metadata["promoted"] is True and pointer["adapter_path"] == "/adapters/d"
-    assert pointer["data_version"] == "data-v2"
+    assert pointer["corpus_version"] == "data-v2"
 
 
 def _failure(result) -> str:

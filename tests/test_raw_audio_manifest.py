@@ -216,20 +216,20 @@ def test_na_and_null_stay_text_and_references_are_kept(corpus):
     assert with_ref["ref_text"] == corpus["good"][0].text and with_ref["ref_duration_s"] > 0.5
 
 
-def test_data_version_hashes_manifest_and_audio(corpus, tmp_path):
+def test_corpus_version_hashes_manifest_and_audio(corpus, tmp_path):
     meta = corpus["meta"]
     (event,) = corpus["result"].get_asset_materialization_events()
-    assert event.materialization.tags["dagster/data_version"] == meta["data_version"]
+    assert event.materialization.tags["dagster/data_version"] == meta["corpus_version"]
     rules = ScreeningRules()
     again = screen_manifest(read_manifest(str(corpus["manifest"])), rules)
-    assert again.data_version == meta["data_version"]
+    assert again.corpus_version == meta["corpus_version"]
     # Same manifest bytes, one clip's content changed: a new version.
     root = tmp_path / "copy"
     good = speech_corpus(root, 3)
     manifest = write_csv_manifest(root / "manifest.csv", good)
-    before = screen_manifest(read_manifest(str(manifest)), rules).data_version
+    before = screen_manifest(read_manifest(str(manifest)), rules).corpus_version
     speech(root / good[0].audio_path, "Different words in the same file.")
-    after = screen_manifest(read_manifest(str(manifest)), rules).data_version
+    after = screen_manifest(read_manifest(str(manifest)), rules).corpus_version
     assert before != after
 
 

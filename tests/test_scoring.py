@@ -16,7 +16,7 @@ from audio_factory import SENTENCES, empty, speech, tone
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
-from higgs_pipeline.evaluation import scoring
+from higgs_pipeline.speech import scoring
 
 JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s"}
 

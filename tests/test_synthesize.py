@@ -14,10 +14,11 @@ from boson_multimodal.data_types import AudioContent
 from voice_fixtures import make_adapter, promote
 
 from higgs_pipeline.cli import main
-from higgs_pipeline.evaluation.generate import VoiceReference, generate_speech, open_engine, speech_prompt
 from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
 from higgs_pipeline.paths import DEMO_DATA
-from higgs_pipeline.synthesis import resolve_adapter, synthesize, text_chunks
+from higgs_pipeline.serving.adapters import resolve_adapter
+from higgs_pipeline.serving.generate import VoiceReference, generate_speech, open_engine, speech_prompt
+from higgs_pipeline.serving.synthesis import synthesize, text_chunks
 
 MAX_NEW_TOKENS = 24
 REFERENCE = DEMO_DATA / "audio" / "spk_a" / "a_001.wav"

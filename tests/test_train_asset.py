@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 CONTRACT_KEYS = {
     "train_loss", "val_loss", "val_text_loss", "val_audio_loss", "steps", "world_size", "tokens_per_second",
     "padding_efficiency", "adapter_path", "run_dir", "metrics_path", "training_config", "base_model",
-    "data_version", "code_versions", "train_count", "validation_count", "loss_curve",
+    "corpus_version", "code_versions", "train_count", "validation_count", "loss_curve",
 }  # fmt: skip
 
 
@@ -58,7 +58,7 @@ def test_asset_trains_with_torchrun_and_a_retry_resumes(tmp_path: Path, tmp_path
     assert CONTRACT_KEYS <= metadata.keys()
     assert metadata["steps"] == 4 and metadata["world_size"] == 2
     assert "random weights" in metadata["base_model"]
-    assert metadata["data_version"] == data.data_version
+    assert metadata["corpus_version"] == data.corpus_version
     assert metadata["training_config"]["lora"]["rank"] == 4
     assert metadata["loss_curve"].startswith("![loss](data:image/png;base64,")
     run_dir = Path(metadata["run_dir"])

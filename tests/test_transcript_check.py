@@ -84,7 +84,7 @@ def test_good_rows_kept_noise_rejected_wrong_text_flagged(corpus):
     assert 0.0 < meta["transcript_cer_mean"] <= meta["transcript_cer_p90"] <= 1.0
     assert (
         meta["asr_model"] == "tiny.en"
-        and meta["data_version"] == metadata_of(corpus["first"], "raw_audio_manifest")["data_version"]
+        and meta["corpus_version"] == metadata_of(corpus["first"], "raw_audio_manifest")["corpus_version"]
     )
 
 

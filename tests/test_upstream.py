@@ -19,7 +19,7 @@ class ManifestConfig(dg.Config):
 
 @dg.asset
 def manifest(config: ManifestConfig) -> dg.MaterializeResult:
-    return dg.MaterializeResult(metadata={"manifest": config.name, "data_version": f"v-{config.name}"})
+    return dg.MaterializeResult(metadata={"manifest": config.name, "corpus_version": f"v-{config.name}"})
 
 
 @dg.asset(deps=[manifest])
@@ -31,7 +31,7 @@ def other_retrain(context: dg.AssetExecutionContext) -> None:
 
 def _carry(context, *keys: str) -> dg.MaterializeResult:
     read = [upstream_metadata(context, key) for key in keys]
-    return dg.MaterializeResult(metadata={"manifest": read[0]["manifest"], "data_version": read[0]["data_version"]})
+    return dg.MaterializeResult(metadata={"manifest": read[0]["manifest"], "corpus_version": read[0]["corpus_version"]})
 
 
 @dg.asset(deps=[manifest, other_retrain])
@@ -93,7 +93,7 @@ def test_an_upstream_from_another_run_that_disagrees_with_this_runs_chain_fails(
 
     assert not mixed.success
     message = _failure_message(mixed, "split")
-    assert "samples at data_version v-B" in message and "tokens at data_version v-A" in message
+    assert "samples at corpus_version v-B" in message and "tokens at corpus_version v-A" in message
     assert mixed.run_id in message
 
 
@@ -105,7 +105,9 @@ def test_two_upstreams_from_different_runs_with_different_data_fail_even_with_no
 
     assert not mixed.success
     message = _failure_message(mixed, "split")
-    assert f"samples at data_version v-B (run {second.run_id})" in message and "tokens at data_version v-A" in message
+    assert (
+        f"samples at corpus_version v-B (run {second.run_id})" in message and "tokens at corpus_version v-A" in message
+    )
 
 
 def test_one_consistent_version_from_earlier_runs_is_read_as_before(instance):

@@ -31,7 +31,7 @@ class TrainingFixture:
     split_path: str
     token_store_root: str
     tokenizer: str
-    data_version: str
+    corpus_version: str
     train_ids: tuple[str, ...]
     validation_ids: tuple[str, ...]
 
@@ -141,7 +141,7 @@ def split_asset(data: TrainingFixture, **paths: str) -> dg.AssetsDefinition:
         "samples_path": data.samples_path,
         "token_store_root": data.token_store_root,
         "tokenizer": data.tokenizer,
-        "data_version": data.data_version,
+        "corpus_version": data.corpus_version,
         "train_count": len(data.train_ids),
         "validation_count": len(data.validation_ids),
         **paths,

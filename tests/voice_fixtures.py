@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from higgs_pipeline.models.loading import load_model
-from higgs_pipeline.synthesis import pointer_path
+from higgs_pipeline.serving.adapters import pointer_path
 from higgs_pipeline.training.checkpoint import save_adapter
 from higgs_pipeline.training.config import LoraSettings
 from higgs_pipeline.training.lora import apply_lora

@@ -3,7 +3,7 @@
 The folder has the released checkpoint's layout (config.json, safetensors, the text tokenizer), so boson's
 `HiggsAudioServeEngine` and `HiggsAudioModel.from_pretrained` load it as they load
 bosonai/higgs-audio-v2-generation-3B-base, with no PEFT. The evaluation and the `merged_model` asset merge
-through the same code (`training.export.merge_and_export`).
+through the same code (`serving.merge.merge_adapter`).
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from higgs_pipeline import synthesis
     from higgs_pipeline.models.demo import DEMO_NOTE
+    from higgs_pipeline.serving import merge
+    from higgs_pipeline.serving.adapters import SynthesisError
 
     show_progress()
     try:
-        record = synthesis.export(
+        record = merge.export_merged_model(
             args.adapter,
             args.out,
             artifacts_root=args.artifacts,
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
         )
-    except synthesis.SynthesisError as error:
+    except SynthesisError as error:
         raise CommandError(str(error)) from error
     if record["demo_model"]:
         print(DEMO_BANNER.format(note=DEMO_NOTE.upper()), file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from higgs_pipeline.commands import CommandError
 
 if TYPE_CHECKING:
-    from higgs_pipeline.evaluation.scoring import ClipScore
+    from higgs_pipeline.speech.scoring import ClipScore
 
 EXAMPLE = """example:
   higgs-pipeline score out/clip1.wav out/clip2.wav --text "Please close the window." --reference ref.wav --json
@@ -65,7 +65,7 @@ def _load(path: str, role: str) -> tuple[object, int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from higgs_pipeline.evaluation import scoring
+    from higgs_pipeline.speech import scoring
 
     try:
         scoring.require_words(args.text, args.language)

@@ -88,8 +88,8 @@ def show_progress() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from higgs_pipeline import synthesis
     from higgs_pipeline.models.demo import DEMO_NOTE
+    from higgs_pipeline.serving.adapters import SynthesisError
 
     show_progress()
     if args.dialogue is None and (args.speaker or args.turns_dir or args.scene):
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--dialogue takes one --speaker SPEAKERk=REF.wav per speaker, not --reference")
     try:
         result = _dialogue(args) if args.dialogue is not None else _single(args)
-    except synthesis.SynthesisError as error:
+    except SynthesisError as error:
         raise CommandError(str(error)) from error
     if result.demo_model:
         print(DEMO_BANNER.format(note=DEMO_NOTE.upper()), file=sys.stderr)
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _single(args: argparse.Namespace):
-    from higgs_pipeline import synthesis
+    from higgs_pipeline.serving import synthesis
 
     return synthesis.synthesize(
         args.text,
@@ -134,7 +134,7 @@ def _single(args: argparse.Namespace):
 
 
 def _dialogue(args: argparse.Namespace):
-    from higgs_pipeline.dialogue_synthesis import synthesize_dialogue
+    from higgs_pipeline.serving.dialogue import synthesize_dialogue
 
     return synthesize_dialogue(
         args.dialogue,

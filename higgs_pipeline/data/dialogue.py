@@ -13,9 +13,9 @@ here are pure functions the assets call with a few lines:
   then gives their audio-out segments no labels, exactly as for the voice_clone kind's reference;
 - windows (`window_turns`): a dialogue longer than a token budget is cut at turn boundaries into consecutive
   windows, never mid-turn, and what was cut is counted;
-- evaluation (`dialogue_speaker_scores`): each turn's speaker similarity to its own reference and whether
-  another speaker's reference is closer (confusion);
-- synthesis (`parse_dialogue_script`, `parse_speaker_references`): `[SPEAKERk] text` lines and `SPEAKERk=REF.wav`.
+- the prompt layout (`dialogue_messages`) that training, evaluation and synthesis share.
+
+Scoring dialogues lives in `evaluation/dialogue_speech.py`, reading scripts in `serving/dialogue_script.py`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ MULTISPEAKER_SYSTEM_MESSAGE = (
 SAMPLE_ID_HEX_DIGITS = 20
 SPEAKER_LIST_SEPARATOR = ","  # canonical ids (spk_ + hex) never hold one
 _NUMBER = r"\+?\d+"  # a whole number >= 0 ("03" is 3)
-_SCRIPT_LINE = re.compile(r"\[(SPEAKER(\d+))\]\s*(.*)")
+SCRIPT_LINE = re.compile(r"\[(SPEAKER(\d+))\]\s*(.*)")
 _LISTED = 8  # turn numbers shown in a detail before "..."
 
 
@@ -550,87 +550,12 @@ def window_turns(
 # --------------------------------------------------------------------------------------------------- evaluation
 
 
-@dataclass(frozen=True)
-class DialogueSpeakerScores:
-    """Speaker similarity of a dialogue's turns: to their own speaker's reference, and confusion with others'."""
-
-    own_similarity: np.ndarray  # per turn: cosine to its own speaker's reference
-    best_other_similarity: np.ndarray  # per turn: the highest cosine to another speaker's reference (nan: none)
-    confused: np.ndarray  # per turn: another speaker's reference is closer than its own
-
-    @property
-    def similarity(self) -> float:
-        return float(self.own_similarity.mean()) if len(self.own_similarity) else float("nan")
-
-    @property
-    def confusion(self) -> float:
-        return float(self.confused.mean()) if len(self.confused) else float("nan")
+# ---------------------------------------------------------------------------------------------------- synthesis
 
 
-def _unit(vectors: np.ndarray, what: str) -> np.ndarray:
-    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if not np.isfinite(vectors).all() or (norms == 0).any():
-        raise ValueError(f"{what}: an embedding is zero or not finite")
-    return vectors / norms
-
-
-def dialogue_speaker_scores(
-    turn_embeddings: np.ndarray, turn_speakers: Sequence[str], reference_embeddings: Mapping[str, np.ndarray]
-) -> DialogueSpeakerScores:
-    """Each turn's cosine to its own speaker's reference and whether another speaker's is closer (strictly).
-
-    `turn_embeddings` is [turns, dim] (any scale: rows are normalized here), `turn_speakers` the speaker of each
-    turn and `reference_embeddings` one embedding per speaker. A dialogue with one speaker is never confused.
-    """
-    turns = _unit(turn_embeddings, "turn embeddings") if len(turn_speakers) else np.zeros((0, 0))
-    if len(turns) != len(turn_speakers):
-        raise ValueError(f"{len(turns)} turn embeddings but {len(turn_speakers)} turn speakers")
-    missing = sorted(set(turn_speakers) - set(reference_embeddings))
-    if missing:
-        raise ValueError(f"no reference embedding for speaker(s) {', '.join(map(str, missing))}")
-    names = list(reference_embeddings)
-    if not len(turns):
-        empty = np.zeros(0)
-        return DialogueSpeakerScores(empty, empty, np.zeros(0, dtype=bool))
-    references = _unit(np.stack([np.asarray(reference_embeddings[n]).ravel() for n in names]), "reference embeddings")
-    similarity = turns @ references.T  # [turns, speakers]
-    own = np.asarray([names.index(speaker) for speaker in turn_speakers])
-    own_similarity = similarity[np.arange(len(turns)), own]
-    others = similarity.copy()
-    others[np.arange(len(turns)), own] = -np.inf
-    best_other = others.max(axis=1) if len(names) > 1 else np.full(len(turns), -np.inf)
-    confused = best_other > own_similarity
-    return DialogueSpeakerScores(own_similarity, np.where(np.isfinite(best_other), best_other, np.nan), confused)
-
-
-def pooled_speaker_scores(scores: Sequence[DialogueSpeakerScores]) -> tuple[float, float]:
-    """(similarity, confusion) over every turn of several dialogues: the metadata values, each turn counting once."""
-    own = np.concatenate([s.own_similarity for s in scores]) if scores else np.zeros(0)
-    confused = np.concatenate([s.confused for s in scores]) if scores else np.zeros(0, dtype=bool)
-    if not len(own):
-        return float("nan"), float("nan")
-    return float(own.mean()), float(confused.mean())
-
-
-# Metadata name prefixes of the evaluation's takes, as the other quality numbers spell them.
-TAKE_PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
-
-
-def dialogue_quality_numbers(scores: Mapping[str, Sequence[DialogueSpeakerScores]]) -> dict[str, float]:
-    """`val_dialogue_speaker_similarity` / `_confusion` (adapter), the same with `base_val_` and `ground_truth_`.
-
-    `scores` maps a take ("ground_truth", "base", "adapter") to its dialogues' scores; every turn counts once.
-    """
-    unknown = sorted(set(scores) - set(TAKE_PREFIX))
-    if unknown:
-        raise ValueError(f"unknown take(s) {unknown}: expected {list(TAKE_PREFIX)}")
-    numbers = {}
-    for take, dialogues in scores.items():
-        similarity, confusion = pooled_speaker_scores(dialogues)
-        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_similarity"] = similarity
-        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_confusion"] = confusion
-    return numbers
+def _shown(turn: str) -> str:
+    """A turn as a detail shows it: a number as is, anything else quoted (so "turn '2.5'" reads as written)."""
+    return turn if re.fullmatch(_NUMBER, turn) else repr(turn)
 
 
 @dataclass(frozen=True)
@@ -660,7 +585,7 @@ def recorded_dialogue(record: SampleRecord) -> RecordedDialogue:
     audio = iter(record.audio)
     for position in range(0, len(messages), 2):
         user = messages[position]
-        match = _SCRIPT_LINE.fullmatch(getattr(user.content, "text", str(user.content)))
+        match = SCRIPT_LINE.fullmatch(getattr(user.content, "text", str(user.content)))
         if match is None or int(match.group(2)) >= len(speakers):
             raise ValueError(f"sample {record.sample_id}: message {position + 1} is not a [SPEAKERk] turn")
         entry = (int(match.group(2)), match.group(3), next(audio))
@@ -669,85 +594,3 @@ def recorded_dialogue(record: SampleRecord) -> RecordedDialogue:
         else:
             turns.append(entry)
     return RecordedDialogue(record.sample_id, str(system.content), speakers, references, turns)
-
-
-# ---------------------------------------------------------------------------------------------------- synthesis
-
-
-class DialogueScriptError(ValueError):
-    """A dialogue script or a speaker reference a user can fix; the message names the line or the argument."""
-
-
-@dataclass(frozen=True)
-class ScriptTurn:
-    line: int  # 1-based line number in the script
-    speaker: str  # the tag as written, e.g. "SPEAKER0"
-    text: str
-
-
-def parse_dialogue_script(script: str, source: str = "script") -> list[ScriptTurn]:
-    """`[SPEAKERk] text`, one turn per line; blank lines are skipped. Errors name `source` and the line."""
-    turns = []
-    for number, raw in enumerate(script.splitlines(), start=1):
-        line = raw.strip().lstrip("\ufeff")
-        if not line:
-            continue
-        where = f"{source} line {number}"
-        match = _SCRIPT_LINE.fullmatch(line)
-        if match is None:
-            raise DialogueScriptError(f"{where}: expected '[SPEAKERk] text' (k = 0, 1, ...), got {_clip(line)!r}")
-        tag, index, text = match.group(1), match.group(2), match.group(3).strip()
-        if index != str(int(index)):
-            raise DialogueScriptError(f"{where}: write the tag as [SPEAKER{int(index)}], not [{tag}]")
-        if not text:
-            raise DialogueScriptError(f"{where}: [{tag}] has no text to speak")
-        second = re.search(r"\[SPEAKER\d+\]", text)
-        if second:
-            raise DialogueScriptError(
-                f"{where}: a second tag {second.group(0)} in one line: put each turn on its own line"
-            )
-        turns.append(ScriptTurn(number, tag, text))
-    if not turns:
-        raise DialogueScriptError(f"{source}: no turns (expected lines like '[SPEAKER0] Hello there.')")
-    return turns
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_speaker_references(items: Sequence[str]) -> dict[str, str]:
-    """`SPEAKERk=PATH` arguments (as given to --speaker) -> {"SPEAKERk": "PATH"}, each speaker once."""
-    references: dict[str, str] = {}
-    for item in items:
-        tag, sep, path = item.partition("=")
-        tag, path = tag.strip(), path.strip()
-        if not sep or not path:
-            raise DialogueScriptError(f"--speaker {item!r}: expected SPEAKERk=REFERENCE.wav, e.g. SPEAKER0=alice.wav")
-        if not re.fullmatch(r"SPEAKER(0|[1-9]\d*)", tag):
-            raise DialogueScriptError(f"--speaker {item!r}: {tag!r} is not a speaker tag like SPEAKER0 or SPEAKER1")
-        if tag in references:
-            raise DialogueScriptError(f"--speaker {tag} given twice ({references[tag]!r} and {path!r})")
-        references[tag] = path
-    return references
-
-
-def check_script_speakers(turns: Sequence[ScriptTurn], references: Mapping[str, str]) -> list[str]:
-    """The script's speakers in order of first appearance, each with a reference and no reference unused."""
-    speakers = list(dict.fromkeys(turn.speaker for turn in turns))
-    lines = {speaker: next(t.line for t in turns if t.speaker == speaker) for speaker in speakers}
-    missing = [s for s in speakers if s not in references]
-    if missing:
-        first = missing[0]
-        raise DialogueScriptError(
-            f"script line {lines[first]}: {first} has no reference voice: add --speaker {first}=REFERENCE.wav"
-        )
-    unused = [tag for tag in references if tag not in lines]
-    if unused:
-        raise DialogueScriptError(f"--speaker {unused[0]}={references[unused[0]]}: the script has no {unused[0]} turn")
-    return speakers
-
-
-def _shown(turn: str) -> str:
-    """A turn as a detail shows it: a number as is, anything else quoted (so "turn '2.5'" reads as written)."""
-    return turn if re.fullmatch(_NUMBER, turn) else repr(turn)

@@ -134,7 +134,7 @@ class Screening:
     rows_total: int
     accepted: pd.DataFrame
     rejected: pd.DataFrame
-    data_version: str
+    corpus_version: str
 
     def reason_counts(self) -> dict[str, int]:
         counts = self.rejected["reason"].value_counts()
@@ -248,14 +248,14 @@ def screen_manifest(
     incomplete, incomplete_details = incomplete_dialogues(rows, verdict.reason)
     verdict.reject(incomplete, "dialogue_incomplete", incomplete_details)
 
-    data_version = digest_of_lines(
+    corpus_version = digest_of_lines(
         (t + "," + r for t, r in zip(target["clip_hash"], reference["clip_hash"], strict=True)),
         seed=sha256_hex(manifest.raw).encode(),
     )
     accepted_mask = verdict.open()
     accepted = _accepted_table(rows, accepted_mask, audio_uri, ref_uri, target, reference)
     rejected = _rejected_table(rows, ~accepted_mask, verdict, audio_uri)
-    return Screening(manifest.uri, size, accepted, rejected, data_version)
+    return Screening(manifest.uri, size, accepted, rejected, corpus_version)
 
 
 def _probe_table(probes: dict[str, ClipProbe], uris: np.ndarray) -> dict[str, np.ndarray]:

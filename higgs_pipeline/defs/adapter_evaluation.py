@@ -16,11 +16,11 @@ import tempfile
 import dagster as dg
 import fsspec
 
-from higgs_pipeline.data.dialogue import DIALOGUE_KIND, dialogue_quality_numbers, recorded_dialogue
+from higgs_pipeline.data.dialogue import DIALOGUE_KIND, recorded_dialogue
 from higgs_pipeline.data.records import TokenStore, read_records
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
-from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
+from higgs_pipeline.evaluation.dialogue_speech import dialogue_quality_numbers, evaluate_dialogues
 from higgs_pipeline.evaluation.evaluate import (
     QUALITY_DEMO_NOTE,
     SIMILARITY_TOLERANCE,
@@ -53,7 +53,7 @@ from higgs_pipeline.models.loading import (
     resolve_audio_tokenizer,
     resolve_model,
 )
-from higgs_pipeline.training.export import merge_and_export
+from higgs_pipeline.serving.merge import merge_adapter
 from higgs_pipeline.training.lora import load_adapter
 
 CODE_VERSION = "2"
@@ -98,10 +98,10 @@ def adapter_evaluation(
     speech on held-out prompts scored like the recordings (WER, speaker similarity), with a listening report."""
     adapter_meta = upstream_metadata(context, "lora_adapter")
     split_meta = upstream_metadata(context, "train_val_split")
-    if adapter_meta.get("data_version") != split_meta.get("data_version"):
+    if adapter_meta.get("corpus_version") != split_meta.get("corpus_version"):
         context.log.warning(
-            f"lora_adapter was trained on data version {adapter_meta.get('data_version')} but train_val_split is "
-            f"now at {split_meta.get('data_version')}: evaluating on the current validation split"
+            f"lora_adapter was trained on data version {adapter_meta.get('corpus_version')} but train_val_split is "
+            f"now at {split_meta.get('corpus_version')}: evaluating on the current validation split"
         )
     records = validation_records(split_meta["samples_path"], split_meta["split_path"])
     device = checkpoints.torch_device()
@@ -127,7 +127,7 @@ def adapter_evaluation(
         dialogue_numbers = dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
         if prompts or dialogues:
             # The serve engine loads a plain checkpoint: the adapter merged into its base.
-            merged_dir = str(merge_and_export(base, adapter_dir, f"{scratch}/merged"))
+            merged_dir = str(merge_adapter(base, adapter_dir, f"{scratch}/merged"))
             model_dirs = {"base": resolve_model(base), "adapter": merged_dir}
         if prompts:
             results = _listen(context, prompts, model_dirs, checkpoints, scorers, config, device, scratch)
@@ -166,7 +166,7 @@ def adapter_evaluation(
             "base_model": describe(base),
             "demo_model": demo,
             "model_note": DEMO_NOTE if demo else "released or fine-tuned checkpoint",
-            "data_version": str(adapter_meta.get("data_version")),
+            "corpus_version": str(adapter_meta.get("corpus_version")),
             "adapter_code_versions": dg.MetadataValue.json(adapter_meta.get("code_versions") or {}),
             "code_version": CODE_VERSION,
         },
@@ -287,7 +287,7 @@ def _clips_markdown(results: list[PromptResult], paths: list[str], demo: bool) -
 
 def _evaluation_version(adapter_meta: dict, split_meta: dict) -> str:
     """Same adapter, same validation split, same evaluation code -> same version."""
-    parts = [adapter_meta["adapter_path"], adapter_meta.get("data_version"), split_meta["split_path"], CODE_VERSION]
+    parts = [adapter_meta["adapter_path"], adapter_meta.get("corpus_version"), split_meta["split_path"], CODE_VERSION]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 

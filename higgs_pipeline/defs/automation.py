@@ -2,7 +2,7 @@
 
 Both triggers ask the same cheap question, "did the manifest or the audio it names change?", answered by a
 fingerprint of the manifest bytes plus each referenced file's size and ETag/mtime (one directory listing per
-audio folder, no audio is read). The full content hash is `raw_audio_manifest`'s own `data_version`; the
+audio folder, no audio is read). The full content hash is `raw_audio_manifest`'s own `corpus_version`; the
 fingerprint only decides whether a run is worth starting.
 """
 

@@ -84,7 +84,7 @@ def chatml_samples(
     turn_clips = pd.DataFrame({"clip_hash": sorted(dialogues.clip_hashes()), "ref_clip_hash": ""})
     clips = clip_table(accepted, pd.concat([index[["clip_hash", "ref_clip_hash"]], turn_clips]))
 
-    version = digest(manifest["accepted_path"], manifest["data_version"], config.model_dump_json())[:16]
+    version = digest(manifest["accepted_path"], manifest["corpus_version"], config.model_dump_json())[:16]
     folder = artifacts.path("chatml_samples", version)
     fs, _ = fsspec.core.url_to_fs(folder)
     fs.makedirs(folder, exist_ok=True)
@@ -115,7 +115,7 @@ def chatml_samples(
             "samples_index_path": paths["samples_index.parquet"],
             "clips_path": paths["clips.parquet"],
             "speaker_map_path": speaker_map_path,
-            "data_version": manifest["data_version"],
+            "corpus_version": manifest["corpus_version"],
         },
         data_version=dg.DataVersion(digest_of_lines(index["sample_id"], seed=version.encode())),
     )
@@ -134,7 +134,7 @@ def _plan_dialogues(accepted, speaker_ids, speaker_map, config: ChatmlSamplesCon
 
 
 @dg.asset_check(asset=chatml_samples, blocking=True)
-def chatml_samples_tokenize(
+def chatml_samples_are_well_formed(
     context: dg.AssetCheckExecutionContext, checkpoints: HiggsCheckpoints
 ) -> dg.AssetCheckResult:
     """Every sample goes through boson_multimodal's prepare_chatml_sample with the model's text tokenizer, has

@@ -226,7 +226,7 @@ def lora_adapter(
     # depends on it). One node: world size == nproc, so single-node run keys are what they always were.
     world_size = config.k8s_nodes * nproc
     code_version = training_code_version()
-    inputs = [split[k] for k in ("data_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
+    inputs = [split[k] for k in ("corpus_version", "split_path", "samples_path", "token_store_root", "tokenizer")]
     run_key = digest(*inputs, model, train_config.digest(), str(world_size), code_version)[:16]
     run_dir, remote = run_directory(artifacts, run_key)
     if on_k8s:
@@ -307,7 +307,7 @@ def lora_adapter(
             "profile": profile_name,
             "nproc_per_node": nproc,
             "base_model": loading.describe(model),
-            "data_version": split["data_version"],
+            "corpus_version": split["corpus_version"],
             "code_versions": dg.MetadataValue.json({"lora_adapter": CODE_VERSION, "training_code": code_version}),
             "train_count": split["train_count"],
             "validation_count": split["validation_count"],

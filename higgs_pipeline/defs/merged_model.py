@@ -17,7 +17,8 @@ from higgs_pipeline.data.records import is_local
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models.demo import DEMO_NOTE
-from higgs_pipeline.synthesis import EXPORT_RECORD, SynthesisError, export
+from higgs_pipeline.serving.adapters import SynthesisError
+from higgs_pipeline.serving.merge import EXPORT_RECORD, export_merged_model
 
 CODE_VERSION = "1"
 
@@ -42,7 +43,7 @@ def merged_model(
     with tempfile.TemporaryDirectory(prefix="merged_model_") as scratch:
         local_out = out if is_local(out) else f"{scratch}/{version}"
         try:
-            record = export(
+            record = export_merged_model(
                 pointer["adapter_path"],
                 fsspec.core.url_to_fs(local_out)[1],
                 artifacts_root=artifacts.root,

@@ -17,7 +17,7 @@ import fsspec
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
-from higgs_pipeline.synthesis import read_pointer
+from higgs_pipeline.serving.adapters import read_pointer
 
 CODE_VERSION = "2"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
@@ -61,8 +61,8 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
         return True, "first promotion"
     if current["adapter_path"] == candidate["adapter_path"]:
         return False, "this adapter is already in production"
-    if (current.get("data_version"), current.get("base_model")) != (
-        candidate.get("data_version"),
+    if (current.get("corpus_version"), current.get("base_model")) != (
+        candidate.get("corpus_version"),
         candidate.get("base_model"),
     ):
         return True, "new data version or base model: numbers are not comparable, the checked candidate wins"
@@ -100,7 +100,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         context.log.warning(f"not enforced ({QUALITY_DEMO_NOTE}): " + "; ".join(quality_problems(evaluation)))
     candidate = {
         "adapter_path": evaluation["adapter_path"],
-        "data_version": evaluation.get("data_version"),
+        "corpus_version": evaluation.get("corpus_version"),
         "base_model": evaluation.get("base_model"),
         "demo_model": bool(evaluation.get("demo_model", False)),
         "evaluation_path": evaluation.get("evaluation_path"),
@@ -125,7 +125,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
             "reason": reason,
             "pointer_path": dg.MetadataValue.path(pointer_path),
             "adapter_path": dg.MetadataValue.path(pointer["adapter_path"]),
-            "data_version": str(pointer.get("data_version")),
+            "corpus_version": str(pointer.get("corpus_version")),
             "base_model": str(pointer.get("base_model")),
             "demo_model": bool(pointer.get("demo_model", False)),
             **{name: dg.MetadataValue.float(float(pointer[name])) for name in POINTER_NUMBERS},
@@ -151,5 +151,5 @@ def _plain(value):
 
 def _pointer_version(pointer: dict) -> str:
     """Changes only when the pointer moves, so nothing downstream sees a change when the adapter was kept."""
-    key = json.dumps([pointer["adapter_path"], pointer.get("data_version")])
+    key = json.dumps([pointer["adapter_path"], pointer.get("corpus_version")])
     return hashlib.sha256(key.encode()).hexdigest()[:16]

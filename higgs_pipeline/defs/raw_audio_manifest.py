@@ -36,7 +36,7 @@ def raw_audio_manifest(
     """Every manifest row probed and either accepted or rejected with one reason (accepted + rejected == total).
 
     CSV, JSONL or Parquet; `audio_path` relative to the manifest's folder (or an absolute URI inside it).
-    `data_version` hashes the manifest's bytes and the audio's content, not the screening settings; the
+    `corpus_version` hashes the manifest's bytes and the audio's content, not the screening settings; the
     artifact folder is keyed by both, so re-screening with other limits never overwrites an earlier result.
     """
     try:
@@ -55,7 +55,7 @@ def raw_audio_manifest(
     context.log.info(f"screening {len(manifest.rows)} rows of {manifest.uri}")
     screening = screen_manifest(manifest, rules, context.log.info)
 
-    folder = artifacts.path("raw_audio_manifest", digest(screening.data_version, config.model_dump_json())[:16])
+    folder = artifacts.path("raw_audio_manifest", digest(screening.corpus_version, config.model_dump_json())[:16])
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
     fs, _ = fsspec.core.url_to_fs(folder)
     fs.makedirs(folder, exist_ok=True)
@@ -80,9 +80,9 @@ def raw_audio_manifest(
             "manifest_path": manifest.uri,
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
-            "data_version": screening.data_version,
+            "corpus_version": screening.corpus_version,
         },
-        data_version=dg.DataVersion(screening.data_version),
+        data_version=dg.DataVersion(screening.corpus_version),
     )
 
 

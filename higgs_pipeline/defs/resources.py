@@ -5,9 +5,9 @@ from __future__ import annotations
 import dagster as dg
 import torch
 
-from higgs_pipeline.evaluation import scoring
 from higgs_pipeline.models import loading
 from higgs_pipeline.paths import default_artifacts_root
+from higgs_pipeline.speech import scoring
 
 
 class ArtifactStore(dg.ConfigurableResource):

@@ -80,7 +80,7 @@ def tokenized_audio(
         "token_store_root": store_root,
         "samples_path": samples["samples_path"],
         "clips_path": samples["clips_path"],
-        "data_version": samples["data_version"],
+        "corpus_version": samples["corpus_version"],
     }
     version = digest_of_lines(sorted(clips["clip_hash"]), seed=info.tokenizer_id.encode())
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))

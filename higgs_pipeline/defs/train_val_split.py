@@ -85,7 +85,7 @@ def train_val_split(
             "samples_index_path": samples["samples_index_path"],
             "token_store_root": tokens["token_store_root"],
             "tokenizer": tokens["tokenizer"],
-            "data_version": samples["data_version"],
+            "corpus_version": samples["corpus_version"],
         },
         data_version=dg.DataVersion(digest(json.dumps(split))),
     )

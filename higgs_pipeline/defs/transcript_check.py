@@ -24,7 +24,7 @@ from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
-from higgs_pipeline.evaluation import scoring
+from higgs_pipeline.speech import scoring
 
 REJECT_REASON = "transcript_mismatch"
 CACHE_VERSION = "1"  # bump when what is cached per clip (decoding settings, speech rule) changes
@@ -65,7 +65,7 @@ def transcript_check(
 
     settings = json.dumps([config.review_cer, config.reject_cer, scorers.asr_model, CACHE_VERSION])
     folder = artifacts.path(
-        "transcript_check", digest(manifest["accepted_path"], manifest["data_version"], settings)[:16]
+        "transcript_check", digest(manifest["accepted_path"], manifest["corpus_version"], settings)[:16]
     )
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
     _write_atomically(accepted, accepted_path, write_parquet)
@@ -78,10 +78,10 @@ def transcript_check(
             "clips_from_cache": cached,
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
-            "data_version": manifest["data_version"],
+            "corpus_version": manifest["corpus_version"],
         },
         data_version=dg.DataVersion(
-            digest_of_lines(accepted["clip_hash"], seed=(manifest["data_version"] + settings).encode())
+            digest_of_lines(accepted["clip_hash"], seed=(manifest["corpus_version"] + settings).encode())
         ),
     )
 

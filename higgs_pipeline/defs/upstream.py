@@ -4,7 +4,7 @@ Assets hand each other paths (in metadata), never tensors through an IO manager,
 UI is the same record the next asset reads. Two runs may be under way at once (the schedule, the sensor and the
 UI can each start one), so "the latest materialization" is not enough: a step reads what its own run produced
 (or the run it re-executes) whenever that run materialized the upstream, and otherwise the latest one, which
-must then carry the same `data_version` (metadata present on every asset of the chain) as everything else the
+must then carry the same `corpus_version` (metadata present on every asset of the chain) as everything else the
 step reads and as this run's own materializations above it.
 """
 
@@ -16,7 +16,7 @@ from weakref import WeakKeyDictionary
 
 import dagster as dg
 
-DATA_VERSION = "data_version"
+DATA_VERSION = "corpus_version"
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,11 @@ class _Read:
     metadata: dict[str, Any]
 
     @property
-    def data_version(self) -> Any:
+    def corpus_version(self) -> Any:
         return self.metadata.get(DATA_VERSION)
 
     def describe(self) -> str:
-        return f"{self.key} at data_version {self.data_version} (run {self.run_id or 'none: reported'})"
+        return f"{self.key} at corpus_version {self.corpus_version} (run {self.run_id or 'none: reported'})"
 
 
 # What each running step has read so far, so its later reads are checked against its earlier ones.
@@ -83,17 +83,17 @@ def _check_against_own_run(
     # The job's graph holds every asset of the code location, selected or not, with its parents.
     graph = context.job_def.asset_layer.asset_graph
     asset_key = dg.AssetKey(read.key)
-    if read.data_version is None or not graph.has(asset_key):
+    if read.corpus_version is None or not graph.has(asset_key):
         return
     for ancestor in sorted(graph.get_ancestor_asset_keys(asset_key), key=lambda k: k.to_user_string()):
         mine = own.get(ancestor.to_user_string())
-        if mine is not None and mine.data_version is not None and mine.data_version != read.data_version:
+        if mine is not None and mine.corpus_version is not None and mine.corpus_version != read.corpus_version:
             raise dg.Failure(_mismatch(context.run.run_id, mine, read))
 
 
 def _check_against_earlier_reads(read: _Read, earlier: list[_Read]) -> None:
     for other in earlier:
-        if None not in (other.data_version, read.data_version) and other.data_version != read.data_version:
+        if None not in (other.corpus_version, read.corpus_version) and other.corpus_version != read.corpus_version:
             raise dg.Failure(_mismatch(None, other, read))
 
 

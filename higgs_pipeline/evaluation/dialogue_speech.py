@@ -10,79 +10,21 @@ Used by `higgs-pipeline synthesize --dialogue` and by the evaluation of validati
 
 from __future__ import annotations
 
-import base64
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from boson_multimodal.data_types import AudioContent, ChatMLSample
 
-from higgs_pipeline.data.dialogue import (
-    DialogueSpeakerScores,
-    RecordedDialogue,
-    dialogue_messages,
-    dialogue_quality_numbers,
-    dialogue_speaker_scores,
-)
-from higgs_pipeline.evaluation.generate import GeneratedClip, VoiceReference, _generate
+from higgs_pipeline.data.dialogue import RecordedDialogue
+from higgs_pipeline.serving.dialogue import speak_dialogue
+from higgs_pipeline.serving.generate import VoiceReference
 
 if TYPE_CHECKING:
-    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
+    pass
 
 log = logging.getLogger(__name__)
-
-
-def dialogue_prompt(
-    system_prompt: str,
-    references: Sequence[VoiceReference | None],
-    history: Sequence[tuple[int, GeneratedClip]],
-    turn: tuple[int, str],
-) -> ChatMLSample:
-    """The conversation that asks speaker `turn[0]` to say `turn[1]` after the `history` of (speaker, clip)."""
-    earlier = [(k, clip.prompt_text, _inline(clip)) for k, clip in history]
-    messages, _ = dialogue_messages(
-        system_prompt,
-        [None if r is None else (r.text, r.audio_path) for r in references],
-        [*earlier, (turn[0], turn[1], None)],
-    )
-    return ChatMLSample(messages=messages)
-
-
-def _inline(clip: GeneratedClip) -> AudioContent:
-    """Generated audio as the serve engine reads it back: base64 WAV bytes, no file."""
-    return AudioContent(audio_url="", raw_audio=base64.b64encode(clip.wav_bytes()).decode("ascii"))
-
-
-def speak_dialogue(
-    engine: HiggsAudioServeEngine,
-    system_prompt: str,
-    references: Sequence[VoiceReference | None],
-    turns: Sequence[tuple[int, str]],
-    *,
-    seed: int,
-    temperature: float,
-    max_new_tokens: int,
-    context_turns: int | None = None,
-    on_turn: Callable[[int, GeneratedClip], None] | None = None,
-) -> list[GeneratedClip]:
-    """One clip per turn, in order; turn i is sampled with seed + i and hears the `context_turns` turns before
-    it (None: all of them, as boson's generation example keeps by default)."""
-    for k, text in turns:
-        if not 0 <= k < len(references):
-            raise ValueError(f"turn {text!r}: speaker index {k} but {len(references)} speakers")
-        if not text.strip():
-            raise ValueError(f"a turn of SPEAKER{k} has no text to speak")
-    clips: list[GeneratedClip] = []
-    for index, (k, text) in enumerate(turns):
-        start = 0 if context_turns is None else max(0, index - context_turns)
-        history = [(turns[i][0], clips[i]) for i in range(start, index)]
-        prompt = dialogue_prompt(system_prompt, references, history, (k, text))
-        clip = _generate(engine, prompt, text, f"turn-{index}", seed + index, temperature, max_new_tokens)
-        clips.append(clip)
-        if on_turn is not None:
-            on_turn(index, clip)
-    return clips
 
 
 def evaluate_dialogues(
@@ -104,8 +46,8 @@ def evaluate_dialogues(
     by turn from its own references (dialogue i with seed + i, the same for every take); only turns whose speaker
     has a reference are scored, against every speaker's reference. Returns `dialogue_quality_numbers`.
     """
-    from higgs_pipeline.evaluation.generate import open_engine
     from higgs_pipeline.evaluation.listening import load_clip, local_clip
+    from higgs_pipeline.serving.generate import open_engine
 
     scored = [d for d in dialogues if d.scored_turns()]
     scores: dict[str, list[DialogueSpeakerScores]] = {"ground_truth": [], **{take: [] for take in model_dirs}}
@@ -141,3 +83,86 @@ def evaluate_dialogues(
         log.info("%s: %d dialogue(s) generated and scored", take, len(scored))
         del engine
     return dialogue_quality_numbers(scores)
+
+
+@dataclass(frozen=True)
+class DialogueSpeakerScores:
+    """Speaker similarity of a dialogue's turns: to their own speaker's reference, and confusion with others'."""
+
+    own_similarity: np.ndarray  # per turn: cosine to its own speaker's reference
+    best_other_similarity: np.ndarray  # per turn: the highest cosine to another speaker's reference (nan: none)
+    confused: np.ndarray  # per turn: another speaker's reference is closer than its own
+
+    @property
+    def similarity(self) -> float:
+        return float(self.own_similarity.mean()) if len(self.own_similarity) else float("nan")
+
+    @property
+    def confusion(self) -> float:
+        return float(self.confused.mean()) if len(self.confused) else float("nan")
+
+
+def _unit(vectors: np.ndarray, what: str) -> np.ndarray:
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.isfinite(vectors).all() or (norms == 0).any():
+        raise ValueError(f"{what}: an embedding is zero or not finite")
+    return vectors / norms
+
+
+def dialogue_speaker_scores(
+    turn_embeddings: np.ndarray, turn_speakers: Sequence[str], reference_embeddings: Mapping[str, np.ndarray]
+) -> DialogueSpeakerScores:
+    """Each turn's cosine to its own speaker's reference and whether another speaker's is closer (strictly).
+
+    `turn_embeddings` is [turns, dim] (any scale: rows are normalized here), `turn_speakers` the speaker of each
+    turn and `reference_embeddings` one embedding per speaker. A dialogue with one speaker is never confused.
+    """
+    turns = _unit(turn_embeddings, "turn embeddings") if len(turn_speakers) else np.zeros((0, 0))
+    if len(turns) != len(turn_speakers):
+        raise ValueError(f"{len(turns)} turn embeddings but {len(turn_speakers)} turn speakers")
+    missing = sorted(set(turn_speakers) - set(reference_embeddings))
+    if missing:
+        raise ValueError(f"no reference embedding for speaker(s) {', '.join(map(str, missing))}")
+    names = list(reference_embeddings)
+    if not len(turns):
+        empty = np.zeros(0)
+        return DialogueSpeakerScores(empty, empty, np.zeros(0, dtype=bool))
+    references = _unit(np.stack([np.asarray(reference_embeddings[n]).ravel() for n in names]), "reference embeddings")
+    similarity = turns @ references.T  # [turns, speakers]
+    own = np.asarray([names.index(speaker) for speaker in turn_speakers])
+    own_similarity = similarity[np.arange(len(turns)), own]
+    others = similarity.copy()
+    others[np.arange(len(turns)), own] = -np.inf
+    best_other = others.max(axis=1) if len(names) > 1 else np.full(len(turns), -np.inf)
+    confused = best_other > own_similarity
+    return DialogueSpeakerScores(own_similarity, np.where(np.isfinite(best_other), best_other, np.nan), confused)
+
+
+def pooled_speaker_scores(scores: Sequence[DialogueSpeakerScores]) -> tuple[float, float]:
+    """(similarity, confusion) over every turn of several dialogues: the metadata values, each turn counting once."""
+    own = np.concatenate([s.own_similarity for s in scores]) if scores else np.zeros(0)
+    confused = np.concatenate([s.confused for s in scores]) if scores else np.zeros(0, dtype=bool)
+    if not len(own):
+        return float("nan"), float("nan")
+    return float(own.mean()), float(confused.mean())
+
+
+# Metadata name prefixes of the evaluation's takes, as the other quality numbers spell them.
+TAKE_PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
+
+
+def dialogue_quality_numbers(scores: Mapping[str, Sequence[DialogueSpeakerScores]]) -> dict[str, float]:
+    """`val_dialogue_speaker_similarity` / `_confusion` (adapter), the same with `base_val_` and `ground_truth_`.
+
+    `scores` maps a take ("ground_truth", "base", "adapter") to its dialogues' scores; every turn counts once.
+    """
+    unknown = sorted(set(scores) - set(TAKE_PREFIX))
+    if unknown:
+        raise ValueError(f"unknown take(s) {unknown}: expected {list(TAKE_PREFIX)}")
+    numbers = {}
+    for take, dialogues in scores.items():
+        similarity, confusion = pooled_speaker_scores(dialogues)
+        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_similarity"] = similarity
+        numbers[f"{TAKE_PREFIX[take]}dialogue_speaker_confusion"] = confusion
+    return numbers

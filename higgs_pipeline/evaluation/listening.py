@@ -177,7 +177,7 @@ def generate_takes(
     log: Callable[[str], None],
 ) -> list:
     """One `GeneratedClip` per prompt from the checkpoint in `model_dir`, each with its prompt's seed."""
-    from higgs_pipeline.evaluation.generate import VoiceReference, generate_speech, open_engine
+    from higgs_pipeline.serving.generate import VoiceReference, generate_speech, open_engine
 
     engine = open_engine(model_dir, audio_tokenizer_dir, device)
     clips = []

@@ -9,35 +9,35 @@ samples are trained on), and written as one WAV (and, asked for, one WAV per tur
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
+from boson_multimodal.data_types import AudioContent, ChatMLSample
 
-from higgs_pipeline.data.dialogue import (
+from higgs_pipeline.data.dialogue import dialogue_messages, dialogue_system_prompt
+from higgs_pipeline.serving.adapters import PRODUCTION, SynthesisError, default_audio_tokenizer, resolve_adapter
+from higgs_pipeline.serving.dialogue_script import (
     DialogueScriptError,
     check_script_speakers,
-    dialogue_system_prompt,
     parse_dialogue_script,
     parse_speaker_references,
 )
-from higgs_pipeline.synthesis import (
-    PRODUCTION,
-    Synthesis,
-    SynthesisError,
-    check_output_file,
-    default_audio_tokenizer,
-    local_reference,
-    merged_checkpoint,
-    resolve_adapter,
-    write_wav,
-)
+from higgs_pipeline.serving.generate import GeneratedClip, VoiceReference, _generate
+from higgs_pipeline.serving.merge import merged_checkpoint
+from higgs_pipeline.serving.outputs import check_output_file, write_wav
+from higgs_pipeline.serving.synthesis import Synthesis, local_reference
+
+if TYPE_CHECKING:
+    from boson_multimodal.serve.serve_engine import HiggsAudioServeEngine
 
 log = logging.getLogger(__name__)
 # Silence between turns in the joined WAV, so one speaker's last word does not run into the next one's first.
@@ -98,8 +98,8 @@ def synthesize_dialogue(
     """The script spoken turn by turn in its speakers' voices, joined into `out` (a WAV); `chunks` counts turns."""
     import torch
 
-    from higgs_pipeline.evaluation.dialogue_speech import speak_dialogue
-    from higgs_pipeline.evaluation.generate import open_engine, torch_device
+    from higgs_pipeline.serving.dialogue import speak_dialogue
+    from higgs_pipeline.serving.generate import open_engine, torch_device
 
     try:
         turns = parse_dialogue_script(read_script(script_path), source=script_path)
@@ -164,3 +164,55 @@ def _write_turns(folder: Path, turns: Sequence[tuple[str, object]], overwrite: b
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def dialogue_prompt(
+    system_prompt: str,
+    references: Sequence[VoiceReference | None],
+    history: Sequence[tuple[int, GeneratedClip]],
+    turn: tuple[int, str],
+) -> ChatMLSample:
+    """The conversation that asks speaker `turn[0]` to say `turn[1]` after the `history` of (speaker, clip)."""
+    earlier = [(k, clip.prompt_text, _inline(clip)) for k, clip in history]
+    messages, _ = dialogue_messages(
+        system_prompt,
+        [None if r is None else (r.text, r.audio_path) for r in references],
+        [*earlier, (turn[0], turn[1], None)],
+    )
+    return ChatMLSample(messages=messages)
+
+
+def _inline(clip: GeneratedClip) -> AudioContent:
+    """Generated audio as the serve engine reads it back: base64 WAV bytes, no file."""
+    return AudioContent(audio_url="", raw_audio=base64.b64encode(clip.wav_bytes()).decode("ascii"))
+
+
+def speak_dialogue(
+    engine: HiggsAudioServeEngine,
+    system_prompt: str,
+    references: Sequence[VoiceReference | None],
+    turns: Sequence[tuple[int, str]],
+    *,
+    seed: int,
+    temperature: float,
+    max_new_tokens: int,
+    context_turns: int | None = None,
+    on_turn: Callable[[int, GeneratedClip], None] | None = None,
+) -> list[GeneratedClip]:
+    """One clip per turn, in order; turn i is sampled with seed + i and hears the `context_turns` turns before
+    it (None: all of them, as boson's generation example keeps by default)."""
+    for k, text in turns:
+        if not 0 <= k < len(references):
+            raise ValueError(f"turn {text!r}: speaker index {k} but {len(references)} speakers")
+        if not text.strip():
+            raise ValueError(f"a turn of SPEAKER{k} has no text to speak")
+    clips: list[GeneratedClip] = []
+    for index, (k, text) in enumerate(turns):
+        start = 0 if context_turns is None else max(0, index - context_turns)
+        history = [(turns[i][0], clips[i]) for i in range(start, index)]
+        prompt = dialogue_prompt(system_prompt, references, history, (k, text))
+        clip = _generate(engine, prompt, text, f"turn-{index}", seed + index, temperature, max_new_tokens)
+        clips.append(clip)
+        if on_turn is not None:
+            on_turn(index, clip)
+    return clips

@@ -3,7 +3,7 @@
 `HiggsAudioServeEngine` is what the released model is served with: it builds the prompt with
 `prepare_chatml_sample`, generates with `HiggsAudioModel.generate` (static KV caches, repetition-aware
 sampling), reverts the delay pattern and decodes the codes with the audio tokenizer. It loads a checkpoint
-folder, so the caller merges the adapter into its base first (`training.export.merge_and_export`).
+folder, so the caller merges the adapter into its base first (`serving.merge.merge_adapter`).
 
 The prompt is the one the model was trained on (`data/chatml.py`): the system message with its scene, then for
 voice cloning the reference transcript as a user turn and the reference audio as an assistant turn, then the

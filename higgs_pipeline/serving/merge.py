@@ -1,0 +1,150 @@
+"""Merge a trained adapter into its base and write a plain checkpoint: loadable with HiggsAudioModel.from_pretrained
+and the same text tokenizer, with no PEFT at inference time. Users call it through `higgs-pipeline export`
+(which also resolves the production adapter and checks its base); the evaluation, `higgs-pipeline synthesize`
+and the `merged_model` asset merge through this same function.
+
+    python -m higgs_pipeline.serving.merge --model demo --adapter runs/x/best_adapter --output merged/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from higgs_pipeline.models import loading
+from higgs_pipeline.models.demo import DEMO_MARKER, is_demo
+from higgs_pipeline.serving.adapters import (
+    NO_ADAPTER,
+    ResolvedAdapter,
+    SynthesisError,
+    check_adapter_weights,
+    check_base_is_higgs,
+    default_audio_tokenizer,
+    resolve_adapter,
+)
+from higgs_pipeline.serving.outputs import check_output_folder
+from higgs_pipeline.training.checkpoint import replace_dir, temporary_dir
+from higgs_pipeline.training.lora import load_adapter
+
+log = logging.getLogger(__name__)
+
+
+def merge_adapter(
+    model_name: str,
+    adapter_path: str,
+    output_dir: str,
+    dtype: torch.dtype = torch.float32,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Base + adapter -> merged weights (LoRA folded in, modules_to_save swapped in), written atomically.
+
+    The folder holds what `HiggsAudioModel.from_pretrained` and `HiggsAudioServeEngine` read from a released
+    checkpoint (config.json, safetensors, the text tokenizer), plus `extra_files` (name -> text), e.g. a record
+    of what it was made from.
+    """
+    final = Path(output_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    merged = load_adapter(loading.load_model(model_name, dtype=dtype), adapter_path).merge_and_unload()
+    temporary = temporary_dir(final)
+    try:
+        merged.save_pretrained(str(temporary))
+        loading.load_text_tokenizer(model_name).save_pretrained(str(temporary))
+        source = Path(loading.resolve_model(model_name))
+        if is_demo(source):
+            # A merged demo model is still a demo model: keep the marker that labels it everywhere.
+            shutil.copy(source / DEMO_MARKER, temporary / DEMO_MARKER)
+        for name, text in (extra_files or {}).items():
+            (temporary / name).write_text(text)
+        replace_dir(temporary, final)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # a failed export leaves no half-written folder
+        raise
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=loading.DEMO, help="base model: 'demo', a hub id or a folder")
+    parser.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    parser.add_argument("--output", required=True, help="folder for the merged checkpoint")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    print(merge_adapter(args.model, args.adapter, args.output, getattr(torch, args.dtype)))
+
+
+if __name__ == "__main__":
+    main()
+
+
+EXPORT_RECORD = "higgs_pipeline_export.json"
+
+
+def merged_checkpoint(resolved: ResolvedAdapter, out_dir: str, scratch: str, dtype, extra_files=None) -> str:
+    """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`."""
+    from higgs_pipeline.evaluation.evaluate import local_folder
+    from higgs_pipeline.models.loading import resolve_model
+
+    check_base_is_higgs(resolved.base_model)
+    if resolved.adapter_path is None:
+        return resolve_model(resolved.base_model)
+    try:
+        adapter_dir = local_folder(resolved.adapter_path, scratch)
+    except FileNotFoundError as error:
+        raise SynthesisError(f"adapter {resolved.adapter_path} cannot be read ({error})") from None
+    check_adapter_weights(adapter_dir, resolved.adapter_path)
+    log.info("merging %s into %s", resolved.adapter_path, resolved.base_model)
+    try:
+        return str(merge_adapter(resolved.base_model, adapter_dir, out_dir, dtype, extra_files=extra_files))
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise SynthesisError(
+            f"adapter {resolved.adapter_path} could not be merged into {resolved.base_model}: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
+
+
+def export_merged_model(
+    adapter: str,
+    out: str,
+    *,
+    artifacts_root: str,
+    model: str | None = None,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+) -> dict:
+    """The adapter merged into its base, as a standalone checkpoint folder `out`; returns its provenance record."""
+    import torch
+
+    if dtype not in ("bfloat16", "float32"):
+        raise SynthesisError(f"--dtype {dtype}: choose bfloat16 or float32")
+    check_output_folder(out, overwrite)
+    if adapter == NO_ADAPTER:
+        raise SynthesisError("--adapter none: there is nothing to merge; export needs an adapter")
+    resolved = resolve_adapter(adapter, artifacts_root, model)
+    record = export_record(resolved, dtype)
+    with tempfile.TemporaryDirectory(prefix="higgs_export_") as scratch:
+        extra = {EXPORT_RECORD: json.dumps(record, indent=2) + "\n"}
+        merged_checkpoint(resolved, out, scratch, getattr(torch, dtype), extra_files=extra)
+    return {"out": str(Path(out)), **record}
+
+
+def export_record(resolved: ResolvedAdapter, dtype: str) -> dict:
+    """What an exported folder was made from (written inside it as EXPORT_RECORD)."""
+    from higgs_pipeline.models.demo import DEMO_NOTE
+    from higgs_pipeline.models.loading import describe
+
+    return {
+        "adapter_path": resolved.adapter_path,
+        "adapter_source": resolved.source,
+        "base_model": resolved.base_model,
+        "base_model_label": describe(resolved.base_model),
+        "dtype": dtype,
+        "demo_model": resolved.demo,
+        "model_note": DEMO_NOTE if resolved.demo else "fine-tuned checkpoint",
+        "audio_tokenizer": default_audio_tokenizer(resolved),
+    }
