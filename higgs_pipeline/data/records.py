@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from boson_multimodal.data_types import ChatMLSample
 
-from higgs_pipeline.data.tables import atomic_open
+from higgs_pipeline.files import atomic_open
 
 SAMPLE_KINDS = ("tts", "voice_clone")
 

@@ -4,54 +4,21 @@ Files are opened with fsspec and handed to pandas as file objects: pandas 3 refu
 fsspec >= 2025.7, while the locked s3fs pins fsspec 2024.10, and a file object works with either.
 
 Every write goes to a temporary name beside the target and is renamed onto it only once complete
-(`atomic_open`): a full disk or a killed run leaves the previous file, never a half-written one.
+(`files.atomic_open`): a full disk or a killed run leaves the previous file, never a half-written one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
-from collections.abc import Iterator, Sequence
-from typing import IO
+from collections.abc import Sequence
 
 import fsspec
 import pandas as pd
 
+from higgs_pipeline.files import atomic_open
+
 # OWASP's list for CSV injection: a spreadsheet reads a cell starting with one of these as a formula (or, for
 # tab and carriage return, strips them and reads what follows as one).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
-    """Open a temporary file beside `path` for writing; rename it onto `path` only when the block completes.
-
-    On an error the temporary file is removed and `path` keeps its previous content (or stays absent). Locally
-    the rename is `os.replace` (atomic on one file system); on object stores it is a copy of the finished object.
-    """
-    fs, target = fsspec.core.url_to_fs(path)
-    folder, name = target.rsplit("/", 1) if "/" in target else ("", target)
-    temp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{name}.{uuid.uuid4().hex[:12]}.tmp"
-    if folder:  # as fsspec.open does for a write: the target's folder is created
-        fs.makedirs(folder, exist_ok=True)
-    try:
-        with fs.open(temp, mode, **options) as handle:
-            yield handle
-        if _is_local(fs):
-            os.replace(temp, target)
-        else:
-            fs.mv(temp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if fs.exists(temp):
-                fs.rm(temp)
-        raise
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols
 
 
 def write_parquet(table: pd.DataFrame, path: str) -> str:

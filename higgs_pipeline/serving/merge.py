@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from higgs_pipeline.files import replace_dir, temporary_dir
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_MARKER, is_demo
 from higgs_pipeline.serving.adapters import (
@@ -29,7 +30,6 @@ from higgs_pipeline.serving.adapters import (
     resolve_adapter,
 )
 from higgs_pipeline.serving.outputs import check_output_folder
-from higgs_pipeline.training.checkpoint import replace_dir, temporary_dir
 from higgs_pipeline.training.lora import load_adapter
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,8 @@ Unpickling executes whatever the file says, so a `trainer.pt` (a pickled state) 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ import fsspec
 import numpy as np
 import safetensors.torch
 import torch
+
+from higgs_pipeline.files import replace_dir, temporary_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer.json"
@@ -160,21 +160,6 @@ def _refusal(checkpoint: str, problem: str) -> CheckpointError:
         f"checkpoint {checkpoint}: {problem}. It was not written by this trainer and will not be resumed; "
         f"delete the run folder {run_dir} (or train into a new --output-dir) to start fresh"
     )
-
-
-def replace_dir(temporary: Path, final: Path) -> None:
-    """Move a fully written folder into place; an older folder of that name is swapped out, then removed."""
-    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(temporary, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def temporary_dir(final: Path) -> Path:
-    path = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
-    path.mkdir(parents=True)
-    return path
 
 
 def save_adapter(peft_model, final: Path, extra_files: dict[str, str] | None = None) -> Path:

@@ -1,0 +1,77 @@
+"""Writing a user's and the pipeline's files so that nothing is ever half-written: every file goes to a unique
+temporary name beside its target and is renamed onto it only once complete, every folder is filled under a
+temporary name and swapped into place. A full disk, a killed run or two concurrent writers leave the previous
+content (or nothing), never a partial file. The one place for that rule: the tables, JSON records, checkpoints,
+WAVs and exported folders all go through these helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
+    """Open a temporary file beside `path` for writing; rename it onto `path` only when the block completes.
+
+    On an error the temporary file is removed and `path` keeps its previous content (or stays absent). Locally
+    the rename is `os.replace` (atomic on one file system); on object stores it is a copy of the finished object.
+    """
+    fs, target = fsspec.core.url_to_fs(path)
+    folder, name = target.rsplit("/", 1) if "/" in target else ("", target)
+    temp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if folder else f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+    if folder:  # as fsspec.open does for a write: the target's folder is created
+        fs.makedirs(folder, exist_ok=True)
+    try:
+        with fs.open(temp, mode, **options) as handle:
+            yield handle
+        if _is_local(fs):
+            os.replace(temp, target)
+        else:
+            fs.mv(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if fs.exists(temp):
+                fs.rm(temp)
+        raise
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
+def replace_dir(temporary: Path, final: Path) -> None:
+    """Move a fully written folder into place; an older folder of that name is swapped out, then removed."""
+    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(temporary, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def temporary_dir(final: Path) -> Path:
+    path = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_atomic(path: str, data: bytes | str) -> str:
+    """`data` (text is UTF-8) at `path`, local or fsspec URL, all or nothing."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return path
+
+
+def write_json(path: str, document: Any, indent: int | None = 2) -> str:
+    """`document` as JSON at `path`, all or nothing (a reader never sees half a document)."""
+    return write_atomic(path, json.dumps(document, indent=indent, allow_nan=True) + "\n")
