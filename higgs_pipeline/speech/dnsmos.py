@@ -1,0 +1,59 @@
+"""Naturalness as a listener would rate it, without a listener: Microsoft's DNSMOS (P.835 SIG/BAK/OVRL and P.808).
+
+The ONNX models ship inside the `speechmos` wheel, so this runs offline. DNSMOS scores 9.01 s windows of 16 kHz
+audio, hopping by a second; a shorter clip is repeated to fill one window (speechmos's own rule). Scores are on the
+1..5 MOS scale: clean read speech lands around 3-3.5 OVRL, noise and silence well below.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+DNSMOS_RATE = 16_000  # the models' only input rate
+# Below this many samples (10 ms) there is nothing to rate: speechmos would repeat the clip almost forever.
+MIN_SAMPLES = 160
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Dnsmos:
+    sig: float  # speech signal quality (P.835 SIG)
+    bak: float  # background noise (P.835 BAK; higher = quieter background)
+    ovrl: float  # overall quality (P.835 OVRL): the one number to compare
+    p808: float  # P.808 overall MOS
+
+    @classmethod
+    def missing(cls) -> Dnsmos:
+        return cls(math.nan, math.nan, math.nan, math.nan)
+
+
+@cache
+def _model() -> Any:
+
+    from speechmos import dnsmos
+
+    folder = os.path.join(os.path.dirname(dnsmos.__file__), "dnsmos_models")
+    return dnsmos.DNSMOS(os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx"))
+
+
+def rate(audio16k: np.ndarray) -> Dnsmos:
+    """DNSMOS of mono 16 kHz float audio; NaN scores for a clip too short or not finite to rate."""
+    audio = np.asarray(audio16k, dtype=np.float32).ravel()
+    if audio.size < MIN_SAMPLES or not np.isfinite(audio).all():
+        return Dnsmos.missing()
+    audio = np.clip(audio, -1.0, 1.0)
+    with _LOCK:  # one ONNX session per process, shared by the threads that score
+        scores = _model()(audio, DNSMOS_RATE, False)
+    return Dnsmos(
+        sig=float(scores["sig_mos"]),
+        bak=float(scores["bak_mos"]),
+        ovrl=float(scores["ovrl_mos"]),
+        p808=float(scores["p808_mos"]),
+    )
