@@ -100,10 +100,12 @@ def test_pipes_k8s_client_builds_the_pod_from_our_spec():
 def test_lora_adapter_k8s_launch_builds_the_gpu_pod_and_needs_an_image():
     import pydantic
 
-    from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig, k8s_pod_spec
+    from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig
 
     config = LoraAdapterConfig(launcher="k8s", k8s_image="img:1", k8s_gpus_per_node=4)
-    spec = k8s_pod_spec(config, [*TRAIN_ARGS, "--publish-to", "s3://bucket/lora_adapter/key"])
+    spec = single_node_pod_spec(
+        config.request().k8s_node, [*TRAIN_ARGS, "--publish-to", "s3://bucket/lora_adapter/key"]
+    )
     container = _as_k8s_model("V1PodSpec", spec).containers[0]
     assert container.image == "img:1" and container.resources.limits["nvidia.com/gpu"] == "4"
     assert container.command[:2] == ["torchrun", "--nproc_per_node=4"]

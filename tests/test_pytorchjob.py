@@ -31,10 +31,11 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from training_fixtures import shared_training_fixture, split_asset
 
-from higgs_pipeline.defs import lora_adapter as lora_module
-from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig, k8s_pytorch_job, lora_adapter
+from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig, lora_adapter
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
+from higgs_pipeline.launch import launcher as launcher_module
 from higgs_pipeline.launch.k8s import RUNS_DIR, GpuNodeSpec, pytorch_job_manifest, pytorch_job_name
+from higgs_pipeline.launch.launcher import k8s_pytorch_job
 from higgs_pipeline.launch.pytorchjob import RUN_ID_LABEL, PipesPyTorchJobClient, s3_message_reader, with_container_env
 
 BUCKET = "pipes"
@@ -230,13 +231,14 @@ def test_job_name_is_a_dns_label_with_room_for_replica_suffixes(run_key: str):
 
 def test_runs_volume_claim_is_mounted_at_the_runs_dir_on_every_replica():
     config = LoraAdapterConfig(launcher="k8s", k8s_image="img:1", k8s_nodes=2, k8s_runs_volume_claim="higgs-runs")
-    job = k8s_pytorch_job(config, TRAIN_ARGS, "0123456789abcdef")
+    job = k8s_pytorch_job(config.request().k8s_node, TRAIN_ARGS, 2, "0123456789abcdef")
     assert job["metadata"]["name"] == "higgs-lora-0123456789abcdef"
     for role in ("Master", "Worker"):
         spec = job["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]
         assert {"name": "runs", "persistentVolumeClaim": {"claimName": "higgs-runs"}} in spec["volumes"]
         assert {"name": "runs", "mountPath": RUNS_DIR} in spec["containers"][0]["volumeMounts"]
-    plain = k8s_pytorch_job(LoraAdapterConfig(launcher="k8s", k8s_image="img:1", k8s_nodes=2), TRAIN_ARGS, "k")
+    plain_node = LoraAdapterConfig(launcher="k8s", k8s_image="img:1", k8s_nodes=2).request().k8s_node
+    plain = k8s_pytorch_job(plain_node, TRAIN_ARGS, 2, "k")
     plain_spec = plain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     assert all(volume["name"] != "runs" for volume in plain_spec["volumes"])
 
@@ -401,7 +403,7 @@ def test_lora_adapter_on_two_nodes_through_a_pytorchjob(
         return [arg.replace(RUNS_DIR, str(pvc)) for arg in command]
 
     api = standin(torchrun_agents)
-    monkeypatch.setattr(lora_module, "pytorchjob_client", lambda: api.client(poll_interval=0.5))
+    monkeypatch.setattr(launcher_module, "pytorchjob_client", lambda: api.client(poll_interval=0.5))
     config = {
         "launcher": "k8s", "k8s_image": "registry.example/higgs-pipeline:test", "k8s_nodes": 2,
         "k8s_gpus_per_node": 1, "k8s_runs_volume_claim": "higgs-runs", "profile": "demo", "max_steps": 2,

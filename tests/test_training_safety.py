@@ -20,7 +20,7 @@ import pytest
 import torch
 from training_fixtures import shared_training_fixture
 
-from higgs_pipeline.defs.lora_adapter import local_torchrun_command
+from higgs_pipeline.launch.launcher import local_torchrun_command
 from higgs_pipeline.launch.torchrun import LAUNCHER_PARENT_ENV
 from higgs_pipeline.training import checkpoint
 from higgs_pipeline.training.checkpoint import CheckpointError, StoredState, decode_state, encode_state

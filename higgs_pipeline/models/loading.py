@@ -32,12 +32,15 @@ def resolve_audio_tokenizer(name_or_path: str) -> str:
     return str(demo_checkpoints().audio_tokenizer) if name_or_path == DEMO else name_or_path
 
 
+def is_demo_model(name_or_path: str) -> bool:
+    """True for "demo" and for any folder the demo builder marked (a model, a tokenizer or a merged model):
+    the one test behind every "demo model, random weights" label. Builds nothing."""
+    return name_or_path == DEMO or is_demo(name_or_path)
+
+
 def describe(name_or_path: str) -> str:
     """A label for logs and metadata that never lets a demo checkpoint pass for a real one."""
-    resolved = resolve_model(name_or_path) if name_or_path == DEMO else name_or_path
-    if is_demo(resolved) or name_or_path == DEMO:
-        return f"{name_or_path} ({DEMO_NOTE})"
-    return name_or_path
+    return f"{name_or_path} ({DEMO_NOTE})" if is_demo_model(name_or_path) else name_or_path
 
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
