@@ -1,5 +1,7 @@
-"""Stable hashes for ids, versions and split decisions: sha256 everywhere, so a value never depends on the
-process (Python's `hash()` is salted per process) nor on a library version (pandas' hash_pandas_object)."""
+"""Stable hashes for ids, versions and split decisions, so a value never depends on the process (Python's
+`hash()` is salted per process) nor on a library version (pandas' hash_pandas_object). sha256 for everything
+but canonical speaker ids, which are sha1 (`sha1_hex`): they name speakers in every sample and adapter already
+written, and a new hash would rename them all."""
 
 from __future__ import annotations
 
@@ -14,9 +16,18 @@ _SEPARATOR = "\x1f"
 _FRACTION_HEX_DIGITS = 13  # 52 bits: every value is exactly representable as a float64 fraction
 
 
-def sha256_hex(data: bytes) -> str:
-    """The content hash of a file's bytes (the `clip_hash` that keys the token store)."""
-    return hashlib.sha256(data).hexdigest()
+def sha256_hex(*chunks: bytes) -> str:
+    """sha256 of the chunks' bytes, in order: a file's content hash (the `clip_hash` that keys the token store),
+    or a fingerprint streamed from many pieces."""
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def sha1_hex(data: bytes) -> str:
+    """sha1, for canonical speaker ids only (see above); not a security use."""
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()
 
 
 def digest(*parts: str) -> str:

@@ -14,8 +14,9 @@ later row a "duplicate".
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,6 +110,8 @@ _PROBE_COLUMNS = ("reason", "detail", "clip_hash", "frames", "sample_rate", "cha
 
 @dataclass(frozen=True)
 class ScreeningRules:
+    """The limits a clip must meet; raw_audio_manifest's run config takes its defaults from here."""
+
     min_seconds: float = 0.5
     max_seconds: float = 30.0
     silence_dbfs: float = -60.0
@@ -124,6 +127,12 @@ class ScreeningRules:
             raise ValueError(f"need silence_dbfs < max_peak_dbfs, got {self.silence_dbfs} and {self.max_peak_dbfs}")
         if self.max_clip_bytes <= 0:
             raise ValueError(f"max_clip_bytes must be positive, got {self.max_clip_bytes}")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> ScreeningRules:
+        """The rules named among `settings` (a run config's fields); other keys are not screening rules."""
+        names = {rule.name for rule in fields(cls)}
+        return cls(**{name: value for name, value in settings.items() if name in names})
 
 
 @dataclass(frozen=True)

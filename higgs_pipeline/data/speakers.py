@@ -11,13 +11,13 @@ speakers, since they may be two people, but are reported (`SpeakerMap.confusable
 
 from __future__ import annotations
 
-import hashlib
 import json
 import unicodedata
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from higgs_pipeline.data.hashing import sha1_hex
 from higgs_pipeline.data.normalize import normalize_label
 from higgs_pipeline.data.tables import write_csv, write_text
 
@@ -32,7 +32,7 @@ _LOOKALIKES = str.maketrans(
 
 
 def canonical_speaker_id(normalized_name: str) -> str:
-    digest = hashlib.sha1(normalized_name.encode("utf-8"), usedforsecurity=False).hexdigest()
+    digest = sha1_hex(normalized_name.encode("utf-8"))
     return SPEAKER_ID_PREFIX + digest[:SPEAKER_ID_HEX_DIGITS]
 
 

@@ -6,13 +6,13 @@ audio folder, no audio is read). The full content hash is `raw_audio_manifest`'s
 fingerprint only decides whether a run is worth starting.
 """
 
-import hashlib
 import json
 import os
 
 import dagster as dg
 import fsspec
 
+from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.manifest import Manifest, read_manifest, resolve_audio_paths
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
 from higgs_pipeline.paths import DEMO_MANIFEST
@@ -52,10 +52,8 @@ def manifest_path() -> str:
 def manifest_fingerprint(path: str) -> str:
     """Hash of the manifest bytes and of (size, ETag or mtime) of every audio file it names."""
     manifest = read_manifest(path)
-    digest = hashlib.sha256(manifest.raw)
-    for stamp in _audio_stamps(manifest):
-        digest.update(json.dumps(stamp, default=str).encode())
-    return digest.hexdigest()[:16]
+    stamps = [json.dumps(stamp, default=str).encode() for stamp in _audio_stamps(manifest)]
+    return sha256_hex(manifest.raw, *stamps)[:16]
 
 
 def _audio_stamps(manifest: Manifest) -> list[list]:

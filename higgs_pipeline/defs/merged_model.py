@@ -6,13 +6,13 @@ artifacts nobody asked for. Its lineage shows which promoted adapter a served ch
 `higgs-pipeline export` writes the same folder on a user's machine, through the same code.
 """
 
-import hashlib
 import json
 import tempfile
 
 import dagster as dg
 import fsspec
 
+from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import is_local
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
@@ -76,8 +76,7 @@ def merged_model(
 
 def _merged_version(adapter_path: str, dtype: str) -> str:
     """Same promoted adapter, same dtype, same code -> same folder (re-materializing rewrites it in place)."""
-    key = json.dumps([adapter_path, dtype, CODE_VERSION])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return digest(json.dumps([adapter_path, dtype, CODE_VERSION]))[:16]
 
 
 def _upload(local: str, remote: str) -> dict[str, int]:

@@ -7,26 +7,44 @@ import json
 import dagster as dg
 import fsspec
 import pandas as pd
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
-from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES
 from higgs_pipeline.data.screening import REJECT_REASONS, Screening, ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.paths import DEMO_MANIFEST
 
+_RULES = ScreeningRules()  # the screening defaults, defined once in data/screening.py
+
 
 class RawAudioManifestConfig(dg.Config):
-    manifest_path: str = str(DEMO_MANIFEST)
-    min_seconds: float = 0.5
-    max_seconds: float = 30.0
-    silence_dbfs: float = -60.0
-    max_peak_dbfs: float = 6.0
-    allow_paths_outside_manifest_dir: bool = False
-    probe_workers: int = 8
-    max_clip_bytes: int = DEFAULT_MAX_CLIP_BYTES
+    """Which manifest to read and the limits a clip must meet to be accepted."""
+
+    manifest_path: str = Field(
+        default=str(DEMO_MANIFEST),
+        description="The manifest: CSV, JSONL or Parquet, a local path or s3:// URI; audio paths are relative "
+        "to its folder. Default: the embedded demo corpus.",
+    )
+    min_seconds: float = Field(default=_RULES.min_seconds, description="Shortest clip accepted (too_short below).")
+    max_seconds: float = Field(default=_RULES.max_seconds, description="Longest clip accepted (too_long above).")
+    silence_dbfs: float = Field(
+        default=_RULES.silence_dbfs, description="A clip whose peak is below this level (dBFS) is rejected as silent."
+    )
+    max_peak_dbfs: float = Field(
+        default=_RULES.max_peak_dbfs,
+        description="A clip whose peak is above this level (dBFS) is rejected as out_of_range (broken scaling).",
+    )
+    allow_paths_outside_manifest_dir: bool = Field(
+        default=_RULES.allow_paths_outside_manifest_dir,
+        description="Accept audio paths leading outside the manifest's folder ('..', absolute paths, symlinks).",
+    )
+    probe_workers: int = Field(default=_RULES.probe_workers, description="Clips decoded and checked in parallel.")
+    max_clip_bytes: int = Field(
+        default=_RULES.max_clip_bytes, description="Larger audio files are rejected as file_too_large, unread."
+    )
 
 
 @dg.asset(group_name="data_prep", code_version="1", kinds={"pandas"})
@@ -40,15 +58,7 @@ def raw_audio_manifest(
     artifact folder is keyed by both, so re-screening with other limits never overwrites an earlier result.
     """
     try:
-        rules = ScreeningRules(
-            min_seconds=config.min_seconds,
-            max_seconds=config.max_seconds,
-            silence_dbfs=config.silence_dbfs,
-            max_peak_dbfs=config.max_peak_dbfs,
-            allow_paths_outside_manifest_dir=config.allow_paths_outside_manifest_dir,
-            probe_workers=config.probe_workers,
-            max_clip_bytes=config.max_clip_bytes,
-        )
+        rules = ScreeningRules.from_settings(config.model_dump())
         manifest = read_manifest(config.manifest_path)
     except (ManifestError, ValueError) as error:
         raise dg.Failure(str(error)) from error

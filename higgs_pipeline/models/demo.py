@@ -11,7 +11,6 @@ They are a DEMO/CI model with random weights: their losses and their audio mean 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,11 +24,14 @@ from unittest import mock
 import torch
 from filelock import FileLock
 
+from higgs_pipeline.data.hashing import sha256_hex
+
 DEMO_NOTE = "demo model, random weights"
 DEMO_MARKER = "DEMO_MODEL.json"
 DEMO_SEED = 1234
 # Bumped whenever the build procedure changes, so a stale cache entry is never reused.
 BUILDER_VERSION = 1
+_BUILDER_KEY = f"builder-{BUILDER_VERSION}-seed-{DEMO_SEED}"
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HUBERT_REPO_ID = "bosonai/hubert_base"
@@ -64,11 +66,10 @@ def cache_root() -> Path:
 
 
 def _inputs_digest() -> str:
-    digest = hashlib.sha256(f"builder-{BUILDER_VERSION}-seed-{DEMO_SEED}".encode())
+    chunks = [_BUILDER_KEY.encode()]
     for path in sorted(CONFIG_DIR.glob("tiny_*")):  # only what the demo build reads
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+        chunks += [path.name.encode(), path.read_bytes()]
+    return sha256_hex(*chunks)[:16]
 
 
 @dataclass(frozen=True)
@@ -210,10 +211,8 @@ def build_random_checkpoint(
 def layout_digest(spec_name: str) -> str:
     """A short hash of what a checkpoint built by `build_random_checkpoint` from `spec_name` with the demo text
     tokenizer depends on (builder, seed, config, tokenizer corpus): part of its cache folder's name."""
-    digest = hashlib.sha256(f"builder-{BUILDER_VERSION}-seed-{DEMO_SEED}".encode())
-    for name in (spec_name, "tiny_tokenizer_corpus.txt"):
-        digest.update((CONFIG_DIR / name).read_bytes())
-    return digest.hexdigest()[:16]
+    files = [(CONFIG_DIR / name).read_bytes() for name in (spec_name, "tiny_tokenizer_corpus.txt")]
+    return sha256_hex(_BUILDER_KEY.encode(), *files)[:16]
 
 
 def _build_model(target: Path, tokenizer) -> None:
