@@ -13,15 +13,17 @@ from conftest import ASSET_CHAIN
 from dagster._core.definitions.dependency import NodeHandle
 from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
-from higgs_pipeline.defs.automation import (
-    FINGERPRINT_TAG,
-    MANIFEST_ENV,
-    manifest_fingerprint,
-    manifest_sensor,
-    weekly_retrain,
-)
+from higgs_pipeline.defs.automation import FINGERPRINT_TAG, manifest_fingerprint, manifest_sensor, weekly_retrain
+from higgs_pipeline.defs.resources import MANIFEST_ENV, WatchedManifest
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG
 from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
+
+# The resource as deployed: no path configured, so HIGGS_PIPELINE_MANIFEST (set by the fixtures) decides.
+WATCHED = {"watched_manifest": WatchedManifest()}
+
+
+def _tick(instance: dg.DagsterInstance, when: datetime) -> dg.ScheduleEvaluationContext:
+    return dg.build_schedule_context(resources=WATCHED, instance=instance, scheduled_execution_time=when)
 
 
 @pytest.fixture()
@@ -67,7 +69,7 @@ def test_retrain_job_runs_every_check_of_its_assets_in_one_process(retrain_job_d
 
 
 def test_retrain_runs_carry_the_artifact_store_tag_that_limits_them_to_one_at_a_time(corpus, retrain_job_def):
-    request = manifest_sensor(dg.build_sensor_context())
+    request = manifest_sensor(dg.build_sensor_context(resources=WATCHED))
     # The sensor and schedule daemons and the UI give a run its job's tags and then the request's.
     tags = {**retrain_job_def.run_tags, **request.tags}
     with dg.instance_for_test() as instance:
@@ -77,7 +79,7 @@ def test_retrain_runs_carry_the_artifact_store_tag_that_limits_them_to_one_at_a_
 
 
 def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_def):
-    context = dg.build_sensor_context()
+    context = dg.build_sensor_context(resources=WATCHED)
     first = manifest_sensor(context)
     assert isinstance(first, dg.RunRequest)
     assert first.run_key == context.cursor == first.tags[FINGERPRINT_TAG]
@@ -105,7 +107,7 @@ def test_sensor_requests_a_run_only_when_the_data_changed(corpus, retrain_job_de
     assert isinstance(third, dg.RunRequest) and third.run_key not in (first.run_key, second.run_key)
 
     # A fresh sensor (no cursor) on unchanged data asks again under the same run key, which Dagster dedupes.
-    assert manifest_sensor(dg.build_sensor_context()).run_key == third.run_key
+    assert manifest_sensor(dg.build_sensor_context(resources=WATCHED)).run_key == third.run_key
 
 
 def test_missing_audio_changes_the_corpus_version(corpus):
@@ -117,23 +119,31 @@ def test_missing_audio_changes_the_corpus_version(corpus):
 def test_weekly_schedule_skips_data_already_trained_on(corpus, retrain_job_def):
     tick = datetime(2026, 3, 2, 3, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        request = weekly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
+        request = weekly_retrain(
+            dg.build_schedule_context(resources=WATCHED, instance=instance, scheduled_execution_time=tick)
+        )
         assert isinstance(request, dg.RunRequest)
         # The run the daemon creates from that request, recorded in the instance.
         run = instance.create_run_for_job(retrain_job_def, run_config=request.run_config, tags=request.tags)
 
-        next_week = weekly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
+        next_week = weekly_retrain(
+            dg.build_schedule_context(resources=WATCHED, instance=instance, scheduled_execution_time=tick)
+        )
         assert isinstance(next_week, dg.SkipReason) and run.run_id in next_week.skip_message
 
         # A failed run does not count as trained: the next tick asks again.
         instance.report_run_failed(run)
-        retry = weekly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
+        retry = weekly_retrain(
+            dg.build_schedule_context(resources=WATCHED, instance=instance, scheduled_execution_time=tick)
+        )
         assert isinstance(retry, dg.RunRequest) and retry.tags == request.tags
 
         # New data: a run even though an earlier run on the old data exists.
         instance.create_run_for_job(retrain_job_def, run_config=retry.run_config, tags=retry.tags)
         _first_clip(corpus).write_bytes(_first_clip(corpus).read_bytes() + b"\0\0")
-        changed = weekly_retrain(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
+        changed = weekly_retrain(
+            dg.build_schedule_context(resources=WATCHED, instance=instance, scheduled_execution_time=tick)
+        )
         assert isinstance(changed, dg.RunRequest) and changed.tags[FINGERPRINT_TAG] != request.tags[FINGERPRINT_TAG]
 
 
@@ -154,7 +164,7 @@ def s3_corpus(s3_env, monkeypatch):  # noqa: F811
 
 def test_sensor_watches_an_s3_manifest(s3_corpus):
     fs, rows = s3_corpus
-    context = dg.build_sensor_context()
+    context = dg.build_sensor_context(resources=WATCHED)
     first = manifest_sensor(context)
     assert isinstance(first, dg.RunRequest)
     assert first.run_config["ops"]["raw_audio_manifest"]["config"]["manifest_path"] == "s3://corpus/data/manifest.csv"
@@ -165,3 +175,12 @@ def test_sensor_watches_an_s3_manifest(s3_corpus):
     fs.pipe_file(key, fs.cat_file(key)[:-2])
     second = manifest_sensor(context)
     assert isinstance(second, dg.RunRequest) and second.run_key != first.run_key
+
+
+def test_the_watched_manifest_setting_wins_over_the_environment(corpus: Path, tmp_path_factory):
+    other = tmp_path_factory.mktemp("other") / "manifest.csv"
+    shutil.copy(corpus / "manifest.csv", other)
+    assert WatchedManifest().resolved() == str(corpus / "manifest.csv")
+    configured = {"watched_manifest": WatchedManifest(path=str(other))}
+    request = manifest_sensor(dg.build_sensor_context(resources=configured))
+    assert request.run_config["ops"]["raw_audio_manifest"]["config"]["manifest_path"] == str(other)

@@ -7,17 +7,15 @@ fingerprint only decides whether a run is worth starting.
 """
 
 import json
-import os
 
 import dagster as dg
 import fsspec
 
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.manifest import Manifest, read_manifest, resolve_audio_paths
+from higgs_pipeline.defs.resources import WatchedManifest
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
-from higgs_pipeline.paths import DEMO_MANIFEST
 
-MANIFEST_ENV = "HIGGS_PIPELINE_MANIFEST"
 # Tag on every triggered run: which manifest fingerprint it trains on (the schedule skips fingerprints already run).
 FINGERPRINT_TAG = "higgs_pipeline/manifest_fingerprint"
 # Manifest columns that name audio files (resolved the way raw_audio_manifest resolves them).
@@ -42,11 +40,6 @@ retrain_job = dg.define_asset_job(
     # gets that root as its tag from the run coordinator instead.
     tags={ARTIFACT_STORE_TAG: artifact_store_of({})},
 )
-
-
-def manifest_path() -> str:
-    """The manifest the triggers watch: `HIGGS_PIPELINE_MANIFEST` (local path or s3://), else the demo manifest."""
-    return os.environ.get(MANIFEST_ENV, str(DEMO_MANIFEST))
 
 
 def manifest_fingerprint(path: str) -> str:
@@ -94,9 +87,11 @@ def retrain_request(path: str, fingerprint: str, run_key: str) -> dg.RunRequest:
 
 
 @dg.sensor(job=retrain_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.STOPPED)
-def manifest_sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+def manifest_sensor(
+    context: dg.SensorEvaluationContext, watched_manifest: WatchedManifest
+) -> dg.RunRequest | dg.SkipReason:
     """Requests a retrain when the manifest's fingerprint differs from the last one seen (kept as the cursor)."""
-    path = manifest_path()
+    path = watched_manifest.resolved()
     fingerprint = manifest_fingerprint(path)
     if context.cursor == fingerprint:
         return dg.SkipReason(f"manifest {path} unchanged (fingerprint {fingerprint})")
@@ -111,9 +106,11 @@ def manifest_sensor(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.S
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
 )
-def weekly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+def weekly_retrain(
+    context: dg.ScheduleEvaluationContext, watched_manifest: WatchedManifest
+) -> dg.RunRequest | dg.SkipReason:
     """Mondays 03:00 UTC: retrain unless a run on this exact data already succeeded or is under way."""
-    path = manifest_path()
+    path = watched_manifest.resolved()
     fingerprint = manifest_fingerprint(path)
     runs = context.instance.get_runs(
         filters=dg.RunsFilter(job_name="retrain_job", tags={FINGERPRINT_TAG: fingerprint}, statuses=LIVE_OR_DONE),

@@ -8,6 +8,7 @@ import dagster as dg
 import fsspec
 import pandas as pd
 from boson_multimodal.dataset.chatml_dataset import prepare_chatml_sample
+from pydantic import Field
 
 from higgs_pipeline.data.chatml import (
     VOICE_CLONE_START_INDEX,
@@ -38,12 +39,26 @@ INDEX_COLUMNS = ("sample_id", "kind", "speaker", "clip_hash", "ref_clip_hash", "
 
 
 class ChatmlSamplesConfig(dg.Config):
-    kinds: list[str] = list(SAMPLE_KINDS)
-    case_sensitive_speakers: bool = False
-    # Dialogues (rows sharing a dialogue_id): one reference clip per speaker from outside the dialogue, and the
-    # longest a dialogue sample may be (text tokens + audio frames); a longer one is cut at turn boundaries.
-    dialogue_references: bool = True
-    max_dialogue_tokens: int = 4096
+    """Which kinds of training samples to build, and how speakers and dialogues are handled."""
+
+    kinds: list[str] = Field(
+        default=list(SAMPLE_KINDS),
+        description=f"Sample kinds to build, any of {list(SAMPLE_KINDS)}: plain text-to-speech, voice cloning "
+        "(a reference clip of the same speaker first) and multi-speaker dialogues.",
+    )
+    case_sensitive_speakers: bool = Field(
+        default=False, description="Treat speaker labels differing only in case ('Alice', 'alice') as two speakers."
+    )
+    dialogue_references: bool = Field(
+        default=True,
+        description="Give each dialogue speaker a reference clip from outside the dialogue (boson's multi-speaker "
+        "voice-clone layout).",
+    )
+    max_dialogue_tokens: int = Field(
+        default=4096,
+        description="Longest dialogue sample (text tokens + audio frames); a longer dialogue is cut at turn "
+        "boundaries into windows.",
+    )
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["transcript_check"], kinds={"pandas"})

@@ -11,6 +11,7 @@ import tempfile
 
 import dagster as dg
 import fsspec
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import is_local
@@ -26,7 +27,9 @@ CODE_VERSION = "1"
 class MergedModelConfig(dg.Config):
     """The merged weights' dtype: bfloat16 (the released checkpoint's) or float32."""
 
-    dtype: str = "bfloat16"
+    dtype: str = Field(
+        default="bfloat16", description="dtype of the merged weights: 'bfloat16' (as released) or 'float32'."
+    )
 
 
 @dg.asset(group_name="serving", code_version=CODE_VERSION, deps=["production_adapter"], kinds={"pytorch"})

@@ -1,19 +1,31 @@
-"""Resources shared by the chain: where artifacts live and which Higgs checkpoints to use."""
+"""Resources shared by the chain: where artifacts live, which Higgs checkpoints to use, which models judge
+speech, and which manifest the retrain triggers watch."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Dagster resolves resource annotations at runtime.
+
+import os
 
 import dagster as dg
-import torch
+from pydantic import Field
 
+from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.models import loading
-from higgs_pipeline.paths import default_artifacts_root
+from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
 from higgs_pipeline.speech import scoring
+
+# Honoured when the watched_manifest resource names no path (deployments that configure by environment).
+MANIFEST_ENV = "HIGGS_PIPELINE_MANIFEST"
+_DEVICE_HELP = "'auto' (a GPU when one is visible, else the CPU), 'cpu', 'cuda' or 'cuda:N'."
 
 
 class ArtifactStore(dg.ConfigurableResource):
     """Root for large artifacts: a local folder or an s3:// prefix (read and written through fsspec)."""
 
-    root: str = default_artifacts_root()
+    root: str = Field(
+        default=default_artifacts_root(),
+        description="Folder or s3:// prefix under which every asset writes its files (default: .artifacts/ "
+        "in the checkout). One run at a time per root.",
+    )
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
@@ -24,17 +36,19 @@ class HiggsCheckpoints(dg.ConfigurableResource):
     hub id / local folder such as bosonai/higgs-audio-v2-generation-3B-base and bosonai/higgs-audio-v2-tokenizer.
     """
 
-    model: str = loading.DEMO
-    audio_tokenizer: str = loading.DEMO
-    device: str = "auto"
+    model: str = Field(
+        default=loading.DEMO,
+        description="Base model: 'demo' (tiny, random weights: numbers say nothing about quality), a hub id "
+        f"such as {loading.RELEASED_MODEL}, or a local checkpoint folder.",
+    )
+    audio_tokenizer: str = Field(
+        default=loading.DEMO,
+        description=f"Audio tokenizer: 'demo', a hub id such as {loading.RELEASED_AUDIO_TOKENIZER}, or a folder.",
+    )
+    device: str = Field(default="auto", description=f"Where tokenizing and evaluation run: {_DEVICE_HELP}")
 
     def torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def is_demo(self) -> bool:
-        return loading.DEMO in (self.model, self.audio_tokenizer)
+        return resolve_device(self.device)
 
 
 class QualityScorers(dg.ConfigurableResource):
@@ -45,17 +59,44 @@ class QualityScorers(dg.ConfigurableResource):
     such as microsoft/wavlm-base-plus-sv (or a local folder).
     """
 
-    asr_model: str = scoring.EMBEDDED_ASR
-    speaker_model: str = scoring.EMBEDDED_SPEAKER
-    device: str = "auto"
+    asr_model: str = Field(
+        default=scoring.EMBEDDED_ASR,
+        description="faster-whisper model for transcripts, WER and CER: a size ('tiny.en', 'large-v3') or a "
+        "local CTranslate2 folder.",
+    )
+    speaker_model: str = Field(
+        default=scoring.EMBEDDED_SPEAKER,
+        description="Speaker encoder for speaker similarity: 'resemblyzer' or a WavLMForXVector checkpoint "
+        "(hub id or folder).",
+    )
+    device: str = Field(default="auto", description=f"Where the scorers run: {_DEVICE_HELP}")
 
     def scorer(self) -> scoring.Scorer:
         """The process-wide `Scorer` for these settings (models load once, on first use)."""
-        return scoring.get_scorer(self.asr_model, self.speaker_model, scoring.resolve_device(self.device))
+        return scoring.get_scorer(self.asr_model, self.speaker_model, resolve_device(self.device))
+
+
+class WatchedManifest(dg.ConfigurableResource):
+    """The manifest the manifest sensor and the weekly schedule fingerprint, and hand to raw_audio_manifest."""
+
+    path: str = Field(
+        default="",
+        description=f"Manifest to watch (local path or s3:// URI). Empty: the {MANIFEST_ENV} environment "
+        "variable, else the embedded demo manifest.",
+    )
+
+    def resolved(self) -> str:
+        """The path in effect now: read at every tick, so a changed environment needs no reload."""
+        return self.path or os.environ.get(MANIFEST_ENV) or str(DEMO_MANIFEST)
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(
-        resources={"artifacts": ArtifactStore(), "checkpoints": HiggsCheckpoints(), "scorers": QualityScorers()}
+        resources={
+            "artifacts": ArtifactStore(),
+            "checkpoints": HiggsCheckpoints(),
+            "scorers": QualityScorers(),
+            "watched_manifest": WatchedManifest(),
+        }
     )

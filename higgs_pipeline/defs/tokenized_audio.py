@@ -2,6 +2,7 @@
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest_of_lines
 from higgs_pipeline.data.records import TokenStore
@@ -24,8 +25,10 @@ from higgs_pipeline.models.demo import DEMO_NOTE
 
 
 class TokenizedAudioConfig(dg.Config):
-    batch_size: int = 8
-    loader_threads: int = 2
+    """How clips are fed to the audio tokenizer."""
+
+    batch_size: int = Field(default=8, description="Clips of equal length encoded together per tokenizer call.")
+    loader_threads: int = Field(default=2, description="Threads reading and resampling audio ahead of the encoder.")
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples"], kinds={"pytorch"})
@@ -61,7 +64,7 @@ def tokenized_audio(
             stats = encode_clips(tokenizer, store, todo, config.batch_size, config.loader_threads, context.log.info)
         except (ClipChangedError, FileNotFoundError) as error:
             raise dg.Failure(str(error)) from error
-    is_demo = DEMO_NOTE in info.description
+    is_demo = loading.is_demo_model(name)
     metadata = {
         "clips": len(clips),
         "clips_tokenized_this_run": len(todo),

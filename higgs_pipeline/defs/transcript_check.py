@@ -17,6 +17,7 @@ import dagster as dg
 import fsspec
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.dialogue import incomplete_dialogues
@@ -34,9 +35,13 @@ class TranscriptCheckConfig(dg.Config):
     """CER thresholds. Measured with the embedded tiny.en on espeak-ng speech (2 cores): CER about 0.1 on clean
     voices and up to 0.5 on fast accented ones, while a clip of a different sentence scores above 0.6."""
 
-    review_cer: float = 0.35  # above: listed in `transcript_flagged_rows` for a person to read
-    reject_cer: float = 0.9  # above: rejected as transcript_mismatch (silence and noise score 1.0)
-    progress_every: int = 20  # log "transcribed 120/480 clips" every this many clips
+    review_cer: float = Field(
+        default=0.35, description="Rows whose transcript CER is above this are listed in transcript_flagged_rows."
+    )
+    reject_cer: float = Field(
+        default=0.9, description="Rows above this CER are rejected as transcript_mismatch (silence scores 1.0)."
+    )
+    progress_every: int = Field(default=20, description="Log progress every this many transcribed clips.")
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["raw_audio_manifest"], kinds={"pandas"})

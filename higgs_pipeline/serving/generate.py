@@ -29,6 +29,7 @@ from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, Tex
 from higgs_pipeline.data.chatml import DEFAULT_SCENE
 from higgs_pipeline.data.chatml import system_prompt as scene_system_prompt
 from higgs_pipeline.data.records import SampleRecord
+from higgs_pipeline.devices import resolve_device as torch_device
 from higgs_pipeline.models.demo import demo_checkpoints, is_demo, offline_hub_cache
 from higgs_pipeline.models.loading import resolve_audio_tokenizer
 
@@ -67,13 +68,6 @@ class VoiceReference:
 
     audio_path: str  # a LOCAL audio file (callers copy remote clips to a scratch folder first)
     text: str
-
-
-def torch_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is passed through."""
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def open_engine(model_dir: str, audio_tokenizer: str, device: str) -> HiggsAudioServeEngine:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from higgs_pipeline.devices import resolve_device
+
 EMBEDDED_ASR = "tiny.en"
 EMBEDDED_SPEAKER = "resemblyzer"
 MODEL_RATE = 16_000  # both Whisper and the speaker encoders take 16 kHz mono
@@ -147,14 +149,6 @@ def voiced_seconds(audio16k: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Scorer:
