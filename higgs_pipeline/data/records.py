@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from boson_multimodal.data_types import ChatMLSample
 
-from higgs_pipeline.files import atomic_open
+from higgs_pipeline.files import atomic_open, write_atomic
 
 SAMPLE_KINDS = ("tts", "voice_clone")
 
@@ -107,17 +107,13 @@ class TokenStore:
         return self.fs.exists(self.path_for(clip_hash))
 
     def put(self, clip_hash: str, codes: torch.Tensor | np.ndarray) -> str:
-        """Write atomically (temp name, then move), so a killed run never leaves a truncated shard."""
+        """Written atomically, so a killed run never leaves a truncated shard."""
         array = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
         if array.ndim != 2:
             raise ValueError(f"codes for {clip_hash}: expected [codebooks, frames], got shape {array.shape}")
         buffer = io.BytesIO()
         np.save(buffer, array.astype(np.int16))
-        path = self.path_for(clip_hash)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path + ".tmp", buffer.getvalue())
-        self.fs.mv(path + ".tmp", path)
-        return path
+        return write_atomic(self.path_for(clip_hash), buffer.getvalue())
 
     def read_array(self, clip_hash: str) -> np.ndarray:
         """The shard as stored (no pickles: a shard is plain numbers). Raises FileNotFoundError, or

@@ -19,7 +19,8 @@ import pandas as pd
 
 from higgs_pipeline.data.hashing import sha1_hex
 from higgs_pipeline.data.normalize import normalize_label
-from higgs_pipeline.data.tables import write_csv, write_text
+from higgs_pipeline.data.tables import write_csv
+from higgs_pipeline.files import write_atomic
 
 SPEAKER_ID_PREFIX = "spk_"
 SPEAKER_ID_HEX_DIGITS = 10
@@ -53,7 +54,7 @@ class SpeakerMap:
         """The map as JSON at `path` (exact labels, for programs) and as CSV beside it (`table_path`: one row per
         raw label, for a person with a spreadsheet, formula-like cells escaped). Both written atomically; returns
         the CSV's path."""
-        write_text(self.to_json(), path)
+        write_atomic(path, self.to_json())
         return write_csv(self.table(), table_path(path))
 
     def table(self) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import fsspec
 import pandas as pd
 
-from higgs_pipeline.files import atomic_open
+from higgs_pipeline.files import atomic_open, write_atomic
 
 # OWASP's list for CSV injection: a spreadsheet reads a cell starting with one of these as a formula (or, for
 # tab and carriage return, strips them and reads what follows as one).
@@ -68,7 +68,5 @@ def read_csv(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 def write_text(text: str, path: str) -> str:
-    """A text file (JSON, Markdown), written atomically like the tables."""
-    with atomic_open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path
+    """A text file (JSON, Markdown), written atomically like the tables (`files.write_atomic`)."""
+    return write_atomic(path, text)

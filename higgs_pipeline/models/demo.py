@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from filelock import FileLock
 
 from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.files import replace_dir, temporary_dir, write_atomic
 
 DEMO_NOTE = "demo model, random weights"
 DEMO_MARKER = "DEMO_MODEL.json"
@@ -96,13 +96,8 @@ def demo_checkpoints() -> DemoCheckpoints:
         if (root / "COMPLETE").exists():
             return paths
         _build_into(root, paths)
-        (root / "COMPLETE").write_text(DEMO_NOTE + "\n")
+        write_atomic(str(root / "COMPLETE"), DEMO_NOTE + "\n")
     return paths
-
-
-def _staging_dir(final: Path) -> Path:
-    """A sibling folder to write into, renamed onto `final` only when complete (a crash leaves no half model)."""
-    return Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
 
 
 def _build_into(root: Path, paths: DemoCheckpoints) -> None:
@@ -192,12 +187,12 @@ def build_random_checkpoint(
     torch.manual_seed(DEMO_SEED)
     with torch.device(device):
         model = HiggsAudioModel._from_config(config, torch_dtype=dtype)
-    staging = _staging_dir(target)
+    staging = temporary_dir(target)
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         _write_marker(staging, what)
-        staging.rename(target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # a real-size half-written model is 11 GB of nothing
         raise
@@ -275,11 +270,11 @@ def _build_audio_tokenizer(target: Path, hub_cache: Path) -> None:
         codec._xcodec_encode(noise)
     for layer in codec.quantizer.vq.layers:
         assert bool(layer._codebook.inited), "codebook k-means init did not run"
-    staging = _staging_dir(target)
+    staging = temporary_dir(target)
     (staging / "config.json").write_text(json.dumps(spec, indent=2) + "\n")
     torch.save(codec.state_dict(), staging / "model.pth")
     _write_marker(staging, "HiggsAudioTokenizer")
-    staging.rename(target)
+    replace_dir(staging, target)
 
 
 def is_demo(path: str | os.PathLike) -> bool:
