@@ -19,6 +19,7 @@ import torch
 
 from higgs_pipeline.data.records import SampleRecord, TokenStore, is_local
 from higgs_pipeline.training.data import load_split
+from higgs_pipeline.training.lora import recorded_base
 from higgs_pipeline.training.objective import LossSums, loss_sums
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
 
@@ -114,12 +115,7 @@ def base_model_of(adapter_dir: str, fallback: str) -> str:
     checkpoint); the checkpoints resource then names the same model here.
     """
     with fsspec.open(f"{adapter_dir}/adapter_config.json", "r") as handle:
-        recorded = json.load(handle).get("base_model_name_or_path")
-    if not recorded:
-        return fallback
-    if os.path.isabs(recorded) and not os.path.isdir(recorded):
-        return fallback
-    return recorded
+        return recorded_base(json.load(handle)) or fallback
 
 
 def non_finite_losses(numbers: dict) -> list[str]:

@@ -122,15 +122,14 @@ def base_model_for(adapter: str, config: dict, model: str | None) -> str:
     evaluation does; anything else that differs from `model` is another base, and refused.
     """
     from higgs_pipeline.models.loading import resolve_model
+    from higgs_pipeline.training.lora import recorded_base
 
     recorded = config.get("base_model_name_or_path")
-    if not recorded:
+    if recorded_base(config) is None:
         if model:
             return model
-        raise SynthesisError(f"adapter {adapter}: adapter_config.json records no base model; pass --model")
-    if os.path.isabs(recorded) and not os.path.isdir(recorded):
-        if model:
-            return model
+        if not recorded:
+            raise SynthesisError(f"adapter {adapter}: adapter_config.json records no base model; pass --model")
         raise SynthesisError(
             f"adapter {adapter}: its base model {recorded} is not on this machine; pass --model with the same base"
         )

@@ -11,6 +11,7 @@ Two PEFT details decide what gets trained:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -118,3 +119,16 @@ def load_adapter(base_model: torch.nn.Module, adapter_path: str, trainable: bool
             f"(a pickled adapter_model.bin could run code): re-train or re-save the adapter with PEFT"
         )
     return PeftModel.from_pretrained(base_model, adapter_path, is_trainable=trainable)
+
+
+def recorded_base(adapter_config: dict) -> str | None:
+    """The base model PEFT recorded in an adapter's adapter_config.json, when it can be used on this machine.
+
+    None when nothing is recorded, or when the record is a folder this machine lacks (an adapter trained
+    elsewhere records that machine's folder, e.g. the demo's build cache): the caller's own base then names the
+    same model here.
+    """
+    recorded = adapter_config.get("base_model_name_or_path")
+    if not recorded or (os.path.isabs(recorded) and not os.path.isdir(recorded)):
+        return None
+    return recorded
