@@ -21,14 +21,12 @@ from higgs_pipeline.data.dialogue import (
     TokenCounter,
     Utterance,
     dialogue_system_prompt,
-    incomplete_dialogues,
     plan_dialogues,
     recorded_dialogue,
-    screen_dialogues,
     split_group_keys,
-    turn_problems,
     window_turns,
 )
+from higgs_pipeline.data.dialogue_turns import incomplete_dialogues, screen_dialogues, turn_problems
 from higgs_pipeline.data.records import SampleRecord
 from higgs_pipeline.data.speakers import canonical_speaker_id, normalize_speakers
 from higgs_pipeline.data.split import split_samples

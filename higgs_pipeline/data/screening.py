@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from higgs_pipeline.data.dialogue import DIALOGUE_REJECT_REASONS, incomplete_dialogues, turn_problems
+from higgs_pipeline.data.dialogue_turns import DIALOGUE_REJECT_REASONS, incomplete_dialogues, turn_problems
 from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex
 from higgs_pipeline.data.manifest import (
     MANIFEST_COLUMNS,

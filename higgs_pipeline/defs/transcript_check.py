@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import Field
 
 from higgs_pipeline.data.audio_io import decode
-from higgs_pipeline.data.dialogue import incomplete_dialogues
+from higgs_pipeline.data.dialogue_turns import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers

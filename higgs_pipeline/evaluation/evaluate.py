@@ -172,7 +172,7 @@ def quality_problems(numbers: dict, baseline: dict | None = None, baseline_name:
     if wer is None or base_wer is None:
         return [
             f"no word error rate was measured (val_wer / {baseline_name}wer missing or not finite): set "
-            "adapter_evaluation's tts_prompts / voice_clone_prompts above 0 and evaluate again"
+            "adapter_evaluation's generation_prompts / voice_clone_prompts above 0 and evaluate again"
         ]
     problems = []
     if wer > base_wer + wer_tolerance:
