@@ -34,7 +34,7 @@ def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
     try:
         with fs.open(temp, mode, **options) as handle:
             yield handle
-        if _is_local(fs):
+        if is_local_filesystem(fs):
             os.replace(temp, target)
         else:
             fs.mv(temp, target)
@@ -45,7 +45,8 @@ def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
         raise
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for this machine's own file system, where a rename is atomic."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from boson_multimodal.data_types import ChatMLSample
 
-from higgs_pipeline.files import atomic_open, write_atomic
+from higgs_pipeline.files import atomic_open, is_local_filesystem, write_atomic
 
 SAMPLE_KINDS = ("tts", "voice_clone")
 
@@ -80,9 +80,7 @@ def read_split(path: str) -> dict[str, list[str]]:
 
 def is_local(url: str) -> bool:
     """True when `url` (a path or any fsspec URL) is on this machine's own file system."""
-    fs, _ = fsspec.core.url_to_fs(url)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols
+    return is_local_filesystem(fsspec.core.url_to_fs(url)[0])
 
 
 def tokenizer_slug(tokenizer_id: str) -> str:
