@@ -22,7 +22,6 @@ import soundfile as sf
 import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 from peft import LoraConfig, PeftModel, get_peft_model
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from test_report_browser import CHROMIUM, assert_every_clip_plays, open_report
 
 from higgs_pipeline.data.audio_io import decode, to_mono

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from conftest import ASSET_CHAIN
 from dagster._core.definitions.dependency import NodeHandle
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.defs.automation import (
     FINGERPRINT_TAG,
@@ -138,7 +137,7 @@ def test_weekly_schedule_skips_data_already_trained_on(corpus, retrain_job_def):
 
 
 @pytest.fixture()
-def s3_corpus(s3_env, monkeypatch):  # noqa: F811
+def s3_corpus(s3_env, monkeypatch):
     """The three-clip corpus in a bucket of the moto S3 server (the real S3 API over HTTP on 127.0.0.1)."""
     from s3fs import S3FileSystem
 

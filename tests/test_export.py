@@ -11,7 +11,6 @@ import dagster as dg
 import pytest
 import torch
 from boson_multimodal.model.higgs_audio import HiggsAudioModel
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from safetensors import safe_open
 from training_fixtures import shared_training_fixture
 from voice_fixtures import make_adapter, promote
