@@ -35,7 +35,15 @@ os.environ.setdefault("HIGGS_DAGSTER_COMPUTE_LOGS", str(REPO_ROOT / ".dagster_ho
 # After the environment above: these modules import the project.
 from chromium_session import SharedBrowser, close_shared_browsers, require_chromium, shared_browser  # noqa: E402
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401  (fixtures for every module)
-from webserver import TEST_ARTIFACTS, CompletedRun, DagsterServer, dev_server, fresh_clone, retrain_once  # noqa: E402
+from webserver import (  # noqa: E402
+    RUNNING,
+    TEST_ARTIFACTS,
+    CompletedRun,
+    DagsterServer,
+    dev_server,
+    fresh_clone,
+    retrain_once,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -108,6 +116,15 @@ def _close_browsers() -> Iterator[None]:
     close_shared_browsers()
 
 
+@pytest.fixture(autouse=True)
+def _dev_servers_outlive_each_test() -> Iterator[None]:
+    """A test that kills a dev server it did not start (by killing every child of pytest, say) fails itself,
+    saying so, instead of a later test failing with a refused connection."""
+    yield
+    for server in list(RUNNING):
+        server.ensure_alive()
+
+
 @pytest.fixture(scope="session")
 def project_clone(tmp_path_factory) -> Path:
     """The checkout as a fresh clone holds it (tracked and unignored files), for commands run as a user runs them."""
@@ -119,6 +136,8 @@ def dagster_server(project_clone: Path) -> Iterator[DagsterServer]:
     """`dg dev` (what `make ui` runs) in the fresh clone with only PATH and HOME set, for the whole session."""
     with dev_server(["dg", "dev"], project_clone, TEST_ARTIFACTS / "dg_dev.log") as server:
         yield server
+    # Stopped as a user stops it: the scratch home Dagster made (no DAGSTER_HOME) goes with it.
+    assert not list(project_clone.glob(".tmp_dagster_home_*")), "dg dev left its scratch home behind"
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ run at a time, and killing the launching step kills every trainer process with i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -184,6 +185,7 @@ def test_killing_the_launching_step_kills_every_trainer(data, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    trainers: list[psutil.Process] = []
     try:
         trainers = wait_for_training(step, run_dir)
         with pytest.raises(RunFolderLocked, match=str(run_dir)):
@@ -196,8 +198,13 @@ def test_killing_the_launching_step_kills_every_trainer(data, tmp_path):
         assert not (run_dir / SUMMARY_FILE).exists()
         RunLock(run_dir).release()
     finally:
-        for process in [step, *psutil.Process(os.getpid()).children(recursive=True)]:
-            process.kill()
+        # Only this test's processes: every other child of pytest (the session's dg dev server, Chromium) lives on.
+        if step.poll() is None:
+            trainers += psutil.Process(step.pid).children(recursive=True)
+        step.kill()
+        for process in trainers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def wait_for_training(step: subprocess.Popen, run_dir: Path, timeout: float = 240) -> list[psutil.Process]:

@@ -86,12 +86,15 @@ class DagsterServer:
         return body["data"]
 
     def ensure_alive(self) -> None:
-        """Fails loudly, with the end of the server's log, when the server is no longer running."""
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"the dev server exited with {self.process.returncode}; its log ({self.log_path}) ends:\n"
-                + _tail(self.log_path)
-            )
+        """Fails loudly, saying how the server ended and with the end of its log, when it is no longer running."""
+        code = self.process.poll()
+        if code is None:
+            return
+        # A signal from outside (a SIGKILL) leaves nothing in the server's own log: say it here.
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        raise AssertionError(
+            f"the dev server on {self.url} {how}; its log ({self.log_path}) ends:\n{_tail(self.log_path)}"
+        )
 
     def launch(self, job_name: str, run_config: dict | None = None, assets: Sequence[str] | None = None) -> str:
         """Submits a run of `job_name` (of only `assets`, when given) with the launchRun mutation; returns its id."""
@@ -215,6 +218,10 @@ query Latest($key: AssetKeyInput!) {
 """
 
 
+# The dev servers running now: conftest checks after every test that none of them was killed by it.
+RUNNING: list[DagsterServer] = []
+
+
 @contextmanager
 def dev_server(command: Sequence[str], cwd: Path, log_path: Path, timeout: float = 600) -> Iterator[DagsterServer]:
     """`command` (`dg dev` or `dagster dev`) in `cwd` with `plain_env()`, on a free port of 127.0.0.1."""
@@ -232,10 +239,12 @@ def dev_server(command: Sequence[str], cwd: Path, log_path: Path, timeout: float
             start_new_session=True,
         )
     server = DagsterServer(f"http://127.0.0.1:{port}", cwd, log_path, process)
+    RUNNING.append(server)
     try:
         _wait_until_serving(server, timeout)
         yield server
     finally:
+        RUNNING.remove(server)
         stop(process)
 
 
