@@ -2,9 +2,10 @@
 S3 server, one headless Chromium, and one `dg dev` server in a fresh clone with one completed retrain_job run
 that every chain, lineage, GraphQL and browser test reads.
 
-Tiers (markers registered in pyproject.toml): `unit` (pure functions, no process, no model), `integration` (real
-parts in this process: Dagster, the demo model, moto, speech models), `slow` (other processes: torchrun, `dg dev`,
-Chromium, CLI subprocesses; the whole chain) and `gpu` (skipped without CUDA). `make test-fast` runs all but slow.
+Tiers (markers registered in pyproject.toml): `unit` (pure functions: no model, no run, no process), `integration`
+(real parts in this process: Dagster runs, the demo model, moto, the speech models; the default for a test marked
+neither), `slow` (other processes: torchrun, `dg dev`, Chromium, CLI commands; the whole chain) and `gpu` (skipped
+without CUDA). `make test-fast` runs everything but `slow` and `gpu`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ from webserver import (  # noqa: E402
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`gpu` tests skip, saying why, where torch sees no CUDA device."""
+    """A test marked neither `unit` nor `integration` is `integration` (the safe default: real parts); `gpu` tests
+    skip, saying why, where torch sees no CUDA device."""
+    for item in items:
+        if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
+            item.add_marker(pytest.mark.integration)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

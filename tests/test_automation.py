@@ -22,6 +22,8 @@ from higgs_pipeline.defs.automation import (
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG
 from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def corpus(tmp_path: Path, monkeypatch) -> Path:

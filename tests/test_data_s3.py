@@ -20,6 +20,8 @@ from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
 from higgs_pipeline.defs.transcript_check import transcript_check
 
+pytestmark = pytest.mark.integration
+
 ASSETS = [
     raw_audio_manifest,
     raw_audio_manifest_accounts_for_every_row,

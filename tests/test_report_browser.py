@@ -97,6 +97,7 @@ def results() -> list[PromptResult]:
     return [first, second]
 
 
+@pytest.mark.unit
 def test_page_escapes_text_and_names_every_clip(results):
     page = render_report(results, quality_numbers(results), "Evaluation <run>", "demo model & random weights")
     assert "<script>" not in page and "&lt;script&gt;window.injected = 1&lt;/script&gt;" in page
@@ -110,6 +111,7 @@ def test_page_escapes_text_and_names_every_clip(results):
     assert "http://" not in page and "https://" not in page  # no external asset
 
 
+@pytest.mark.unit
 def test_quality_numbers_average_the_prompts(results):
     numbers = quality_numbers(results)
     assert numbers["val_wer"] == pytest.approx(0.225) and numbers["base_val_wer"] == pytest.approx(0.75)

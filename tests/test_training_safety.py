@@ -74,6 +74,7 @@ def test_a_planted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_planted_pickle_before_training(data, tmp_path):
     """The entry point the asset runs, with --resume as the asset passes it, on a poisoned run folder."""
     marker = tmp_path / "pwned"
@@ -150,6 +151,7 @@ def test_rng_states_are_plain_json_and_restore_every_generator():
 # --- 5. one run per folder; trainers die with the step that launched them ---
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_locked_run_folder_fails_naming_folder_and_holder(data, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
