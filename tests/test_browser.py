@@ -50,6 +50,8 @@ def walk_ui(browser, base_url: str, screenshots: Path) -> dict:
     """What a user does: graph -> adapter_evaluation -> its metadata -> the loss-curve picture -> lineage."""
     from playwright.sync_api import expect
 
+    # The UI lays the graphs out in the browser: on 2 busy cores that takes longer than expect's 5 s default.
+    expect.set_options(timeout=TIMEOUT_MS)
     screenshots.mkdir(parents=True, exist_ok=True)
     seen: dict = {}
     context = browser.new_context(viewport=VIEWPORT)
@@ -59,6 +61,7 @@ def walk_ui(browser, base_url: str, screenshots: Path) -> dict:
         page.goto(f"{base_url}/asset-groups", wait_until="networkidle")
         evaluation_group = page.get_by_text("evaluation", exact=True).last
         expect(evaluation_group).to_be_visible()
+        expect(page.get_by_text("fetching statuses")).to_have_count(0)  # each group shows what the run made
         _assert_no_dialog(page)
         page.screenshot(path=str(screenshots / "01_asset_graph.png"))
 
