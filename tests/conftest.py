@@ -28,6 +28,8 @@ ASSET_CHAIN = (
     "adapter_evaluation",
     "production_adapter",
 )
+# Seconds for a test using the shared dev server: its start plus the whole chain on 2 busy cores.
+SERVER_TEST_TIMEOUT = 1800
 os.environ.setdefault("HIGGS_PIPELINE_CACHE", str(Path.home() / ".cache" / "higgs_pipeline"))
 os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT))
 os.environ.setdefault("HIGGS_DAGSTER_STORAGE", str(REPO_ROOT / ".dagster_home" / "storage"))
@@ -49,11 +51,14 @@ from webserver import (  # noqa: E402
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test marked neither `unit` nor `integration` is `integration` (the safe default: real parts); `gpu` tests
-    skip, saying why, where torch sees no CUDA device."""
+    """A test marked neither `unit` nor `integration` is `integration` (the safe default: real parts); tests of the
+    shared dev server get a longer timeout; `gpu` tests skip, saying why, where torch sees no CUDA device."""
     for item in items:
         if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
             item.add_marker(pytest.mark.integration)
+        # The first test that asks for the session's server pays for its start and the whole chain run.
+        if "dagster_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -4,10 +4,12 @@
 user's environment in the project folder (the virtualenv first on PATH, HOME, nothing else). `dev_server()` starts
 `dg dev` or `dagster dev` there on 127.0.0.1, in a session of its own, waits until the code location has loaded,
 and always ends the whole process group (webserver, daemon, code server, run workers) when it leaves.
+`retrain_once()` runs retrain_job on such a server on a small corpus: the session's one completed chain.
 
 The server's output goes to a file, never to a pipe: a pipe that nobody reads fills up (64 KiB) and then blocks
-every process of the server that writes a log line, and a server that outlives the test that started it keeps
-writing for the rest of the session. Each server has a log file of its own, kept under test-artifacts/.
+every process of the server that writes a log line. The server is a child of pytest, so a test that kills "every
+child of pytest" kills it too, with a SIGKILL that leaves no line in its log: conftest checks after every test
+that each running server is still alive, so such a test fails itself, naming the signal.
 """
 
 from __future__ import annotations
