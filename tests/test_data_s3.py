@@ -54,6 +54,7 @@ def bucket_corpus(s3_env, tmp_path) -> dict:
     return {"client": client, "hashes": hashes, "manifest": f"s3://{DATA}/corpus/manifest.csv"}
 
 
+@pytest.mark.slow  # the data assets through S3, Whisper included: a minute on 2 cores
 def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     client = bucket_corpus["client"]
     instance = dg.DagsterInstance.ephemeral()
