@@ -97,14 +97,20 @@ def walk_ui(browser, base_url: str, screenshots: Path) -> dict:
         if all_depths.is_enabled():
             all_depths.click()
         page.wait_for_load_state("networkidle")
-        # Switching views keeps the zoom on the selected node; the same link opened fresh fits the whole chain.
-        lineage = context.new_page()
-        lineage.goto(page.url, wait_until="networkidle")
+        # Switching views keeps the zoom on the selected node; the link opened fresh fits the whole chain. The
+        # depth control stops at 4 and the manifest is 6 steps up: the link asks for the chain's depth, opened as a
+        # new visitor (in the same browser context the UI kept the depth of 4 chosen above).
+        lineage = browser.new_context(viewport=VIEWPORT).new_page()
+        lineage.goto(
+            f"{base_url}/assets/adapter_evaluation?view=lineage&lineageScope=upstream&lineageDepth={len(UPSTREAM)}",
+            wait_until="networkidle",
+        )
         for name in UPSTREAM:
             expect(lineage.get_by_text(name, exact=True)).to_be_visible()
         seen["lineage_nodes"] = [name for name in UPSTREAM if lineage.get_by_text(name, exact=True).count()]
         lineage.wait_for_timeout(1_000)  # let the graph finish its zoom-to-fit
         lineage.screenshot(path=str(screenshots / "05_adapter_evaluation_lineage.png"))
+        lineage.context.close()
     finally:
         context.close()
     return seen
