@@ -10,7 +10,7 @@ PY := .venv/bin/python
 # dg runs from the project's venv (as if activated), so it does not warn that another environment is active.
 export VIRTUAL_ENV := $(CURDIR)/.venv
 
-.PHONY: demo test ui lint validate test-deps
+.PHONY: demo test test-fast ui lint validate test-deps
 
 $(UV):
 	python3 -m pip install --user --quiet uv==0.13.9
@@ -37,8 +37,13 @@ test-deps:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; } || \
 		echo "could not install $(TEST_PACKAGES): the tests that need them will skip"; }
 
+# The whole suite (what CI runs); the 25 slowest tests are listed at the end, so a slow newcomer shows.
 test: .venv/.synced test-deps
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
+
+# The inner loop: unit and integration tests that start no other process (no torchrun, dg dev, browser, chain).
+test-fast: .venv/.synced test-deps
+	$(PY) -m pytest -q -ra -m "not slow and not gpu"
 
 lint: .venv/.synced
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

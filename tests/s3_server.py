@@ -1,28 +1,25 @@
 """A real S3 API for tests: moto's server mode on 127.0.0.1 and a free port, reached through the standard
 AWS environment variables (AWS_ENDPOINT_URL and dummy credentials), exactly as s3fs would reach a real
-endpoint. Import the fixtures into a test module: `from s3_server import s3_endpoint, s3_env  # noqa: F401`.
+endpoint. conftest.py provides the fixtures to every test module: one server for the whole session (starting
+moto's server costs seconds), and a test that asks for `s3_env` starts from an empty S3 (moto's reset API), so
+every test makes the buckets it needs and sees no other test's objects.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
+import requests
+from webserver import free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """The URL of a moto S3 server that lives for the test module."""
+    """The URL of a moto S3 server that lives for the test session."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
@@ -33,13 +30,14 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture()
 def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point every AWS client in this process at the moto server; yields the endpoint URL.
+    """Point every AWS client in this process at the moto server, emptied first; yields the endpoint URL.
 
     s3fs caches filesystem instances (with the endpoint they were created for), so the cache is cleared on the
     way in and out: no test talks to another test's server.
     """
     import s3fs
 
+    requests.post(f"{s3_endpoint}/moto-api/reset", timeout=30).raise_for_status()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")

@@ -22,7 +22,6 @@ import soundfile as sf
 import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message
 from peft import LoraConfig, PeftModel, get_peft_model
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from test_report_browser import CHROMIUM, assert_every_clip_plays, open_report
 
 from higgs_pipeline.data.audio_io import decode, to_mono
@@ -216,6 +215,7 @@ def _checks(result) -> dict[str, dg.AssetCheckEvaluation]:
     return {evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()}
 
 
+@pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_untrained_adapter_scores_exactly_like_its_base(corpus, text_tokenizer, tmp_path):
     """LoRA starts with B = 0: adapter on and adapter off must give identical losses on the same batches."""
     from higgs_pipeline.models.loading import load_model
@@ -236,6 +236,7 @@ def test_untrained_adapter_scores_exactly_like_its_base(corpus, text_tokenizer, 
     assert other.adapter["total_loss"] == pytest.approx(comparison.adapter["total_loss"], rel=1e-5)
 
 
+@pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, adapters, artifacts_dir):
     with dg.instance_for_test() as instance:
         _report_upstream(instance, corpus, adapters["fitted"], adapters["metrics"])
@@ -317,6 +318,7 @@ def _assert_listened(metadata: dict) -> None:
         assert_every_clip_plays(open_report(report, str(CHROMIUM)), expected=2 * 4)
 
 
+@pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_untrained_adapter_generates_exactly_like_its_base(corpus, tmp_path, artifacts_dir):
     """LoRA B = 0: the merged model is the base, so the same seed per prompt gives the very same clips."""
     from higgs_pipeline.models.loading import load_model
@@ -337,6 +339,7 @@ def test_untrained_adapter_generates_exactly_like_its_base(corpus, tmp_path, art
     assert len(list(folder.glob("*_base.wav"))) == 2
 
 
+@pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_adapter_and_artifacts_in_s3(corpus, adapters, s3_env):  # noqa: F811
     """An adapter published to a bucket is evaluated, and the evaluation's files land in the artifact bucket."""
     from s3fs import S3FileSystem

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 from conftest import ASSET_CHAIN
 from dagster._core.definitions.dependency import NodeHandle
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 
 from higgs_pipeline.defs.automation import FINGERPRINT_TAG, manifest_fingerprint, manifest_sensor, weekly_retrain
 from higgs_pipeline.defs.resources import MANIFEST_ENV, WatchedManifest
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG
 from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
+
+pytestmark = pytest.mark.integration
 
 # The resource as deployed: no path configured, so HIGGS_PIPELINE_MANIFEST (set by the fixtures) decides.
 WATCHED = {"watched_manifest": WatchedManifest()}
@@ -148,7 +149,7 @@ def test_weekly_schedule_skips_data_already_trained_on(corpus, retrain_job_def):
 
 
 @pytest.fixture()
-def s3_corpus(s3_env, monkeypatch):  # noqa: F811
+def s3_corpus(s3_env, monkeypatch):
     """The three-clip corpus in a bucket of the moto S3 server (the real S3 API over HTTP on 127.0.0.1)."""
     from s3fs import S3FileSystem
 

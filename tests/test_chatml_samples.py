@@ -190,6 +190,7 @@ def test_adding_a_clip_changes_at_most_one_reference():
     assert len(changed) <= 1 and (after.index != after.to_numpy()).all()
 
 
+@pytest.mark.slow  # the data assets on a generated corpus: minutes on 2 cores
 def test_unknown_sample_kind_fails_the_asset(built, tmp_path):
     config = {"chatml_samples": {"kinds": ["tts", "karaoke"]}}
     instance = dg.DagsterInstance.ephemeral()

@@ -10,7 +10,6 @@ import dagster as dg
 import pandas as pd
 import pytest
 from audio_factory import Row, failure_message, materialize, metadata_of, speech_corpus, write_csv_manifest
-from s3_server import s3_endpoint, s3_env  # noqa: F401, F811  (fixtures)
 
 from higgs_pipeline.data.manifest import read_manifest
 from higgs_pipeline.data.records import TokenStore, read_records
@@ -20,6 +19,8 @@ from higgs_pipeline.defs.chatml_samples import chatml_samples, chatml_samples_ar
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 from higgs_pipeline.defs.tokenized_audio import tokenized_audio, tokenized_audio_shards_readable
 from higgs_pipeline.defs.transcript_check import transcript_check
+
+pytestmark = pytest.mark.integration
 
 ASSETS = [
     raw_audio_manifest,
@@ -34,7 +35,7 @@ DATA, ARTIFACTS = "speech-data", "pipeline-artifacts"
 
 
 @pytest.fixture()
-def bucket_corpus(s3_env, tmp_path) -> dict:  # noqa: F811
+def bucket_corpus(s3_env, tmp_path) -> dict:
     """Four good clips (wav/flac/mp3, two speakers), a missing file and a path into another bucket, uploaded."""
     client = boto3.client("s3", endpoint_url=s3_env)  # explicit endpoint: an independent view of the server
     for bucket in (DATA, ARTIFACTS, "elsewhere"):
@@ -53,6 +54,7 @@ def bucket_corpus(s3_env, tmp_path) -> dict:  # noqa: F811
     return {"client": client, "hashes": hashes, "manifest": f"s3://{DATA}/corpus/manifest.csv"}
 
 
+@pytest.mark.slow  # the data assets through S3, Whisper included: a minute on 2 cores
 def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     client = bucket_corpus["client"]
     instance = dg.DagsterInstance.ephemeral()
@@ -89,7 +91,7 @@ def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found by listing the bucket
 
 
-def test_missing_s3_manifest_fails_naming_it(s3_env, tmp_path):  # noqa: F811
+def test_missing_s3_manifest_fails_naming_it(s3_env, tmp_path):
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket="empty-bucket")
     uri = "s3://empty-bucket/nothing/manifest.jsonl"
     config = {"raw_audio_manifest": {"manifest_path": uri}}
@@ -117,7 +119,7 @@ class _DiskFull:
         raise OSError("the writer failed half-way")
 
 
-def test_s3_table_write_that_fails_half_way_leaves_the_old_object(s3_env):  # noqa: F811
+def test_s3_table_write_that_fails_half_way_leaves_the_old_object(s3_env):
     client = boto3.client("s3", endpoint_url=s3_env)
     client.create_bucket(Bucket="atomic")
     path = "s3://atomic/run/rejected.csv"

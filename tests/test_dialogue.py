@@ -530,6 +530,7 @@ def test_dialogue_is_spoken_turn_by_turn_with_earlier_turns_as_context():
 # ---------------------------------------------------------------------------------------------------- the chain
 
 
+@pytest.mark.slow  # the data assets on a generated corpus: minutes on 2 cores
 def test_dialogues_flow_through_screening_samples_and_split(tmp_path):
     """raw_audio_manifest -> transcript_check -> chatml_samples -> tokenized_audio -> train_val_split on the demo's
     dialogues and a few single clips, plus a dialogue with a missing file and one with a repeated turn."""
@@ -701,6 +702,7 @@ class SpectralVoice:
         return np.array([band.mean() for band in bands]) - np.log(1e-6)
 
 
+@pytest.mark.slow  # generation and the speech models: minutes on 2 cores
 def test_validation_dialogues_are_scored_for_recordings_base_and_adapter(tmp_path):
     from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
     from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model

@@ -11,10 +11,9 @@ import dagster as dg
 import pytest
 import torch
 from boson_multimodal.model.higgs_audio import HiggsAudioModel
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from safetensors import safe_open
 from training_fixtures import shared_training_fixture
-from voice_fixtures import make_adapter, promote
+from voice_fixtures import promote
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.records import TokenStore
@@ -30,8 +29,8 @@ from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, 
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    return make_adapter(tmp_path_factory.mktemp("adapters") / "best_adapter", seed=3)
+def adapter(demo_adapter) -> Path:
+    return demo_adapter
 
 
 @pytest.fixture(scope="module")

@@ -93,3 +93,9 @@ def _job() -> dg.JobDefinition:
         assets=[stored], jobs=[dg.define_asset_job("stored_job")], resources={"artifacts": ArtifactStore()}
     )
     return defs.resolve_job_def("stored_job")
+
+
+def test_a_first_visit_to_the_ui_shows_no_newsletter_dialog(project_instance):
+    """dagster.yaml turns Dagster's "Join the community" dialog off: the UI opens on the asset graph."""
+    _, instance = project_instance
+    assert instance.nux_enabled is False

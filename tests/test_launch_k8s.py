@@ -15,6 +15,8 @@ from higgs_pipeline.launch.k8s import (
     torchrun_command,
 )
 
+pytestmark = pytest.mark.unit
+
 TRAIN_ARGS = ["--samples", "s3://bucket/samples.jsonl", "--profile", "8xgpu"]
 
 

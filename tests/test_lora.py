@@ -45,9 +45,9 @@ def test_targets_are_decoder_projections_by_group(demo_model):
         target_regex(["attention", "vision"])
 
 
-def test_whisper_tower_projections_are_not_wrapped():
+def test_whisper_tower_projections_are_not_wrapped(demo_model):
     """On a model WITH the audio tower, the regex leaves the tower alone; a plain name list would not."""
-    config = copy.deepcopy(load_model("demo").config)
+    config = copy.deepcopy(demo_model.config)
     config.skip_audio_tower = False
     torch.manual_seed(0)
     model = HiggsAudioModel(config)
@@ -79,7 +79,7 @@ def test_frozen_bf16_base_fp32_trainables_and_counts_per_group():
     )
 
 
-def test_adapter_saves_in_peft_layout_and_loads_with_plain_peft(tmp_path, batch):
+def test_adapter_saves_in_peft_layout_and_loads_with_plain_peft(tmp_path, batch, demo_model):
     settings = LoraSettings(rank=4, alpha=8, modules_to_save=("audio_lm_head",))
     model = apply_lora(load_model("demo"), settings)
     torch.manual_seed(1)
@@ -97,7 +97,7 @@ def test_adapter_saves_in_peft_layout_and_loads_with_plain_peft(tmp_path, batch)
     loaded = PeftModel.from_pretrained(load_model("demo"), str(path)).eval()
     with torch.no_grad():
         actual = loaded(**forward_kwargs(batch, "cpu"))
-        base = load_model("demo").eval()(**forward_kwargs(batch, "cpu"))
+        base = demo_model(**forward_kwargs(batch, "cpu"))
     assert torch.allclose(actual.audio_logits, expected.audio_logits, atol=1e-5)
     assert not torch.allclose(base.audio_logits, expected.audio_logits, atol=1e-3)
 

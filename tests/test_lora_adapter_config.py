@@ -7,6 +7,8 @@ import pytest
 
 from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     "fields, message",

@@ -4,32 +4,29 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from training_fixtures import shared_training_fixture
+from webserver import free_port
 
 from higgs_pipeline.launch.k8s import torchrun_command
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = ["max_steps=2", "warmup_steps=1", "per_device_batch_size=1", "grad_accum_steps=1", "eval_every=2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_two_agents(data, output_dirs: list[Path], settings: list[str], *extra: str) -> list[tuple[int, str]]:
-    """Two torchrun agents (one process each) at one c10d rendezvous; agent i writes to output_dirs[i]."""
-    endpoint, run_id = f"127.0.0.1:{_free_port()}", f"multinode-{_free_port()}"
+    """Two torchrun agents (one process each) at one c10d rendezvous; agent i writes to output_dirs[i].
+
+    Each agent's output goes to a file, not a pipe: while the test waits for one agent, the other's pipe would
+    fill up (64 KiB) unread and block it mid-collective, and the two would wait for each other until the timeout.
+    """
+    endpoint, run_id = f"127.0.0.1:{free_port()}", f"multinode-{free_port()}"
     agents = []
     for output_dir in output_dirs:
         train_args = ["--samples", data.samples_path, "--split", data.split_path]
@@ -39,27 +36,18 @@ def run_two_agents(data, output_dirs: list[Path], settings: list[str], *extra: s
         command = torchrun_command(train_args, nproc_per_node=1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id=run_id)
         assert command[0] == "torchrun"
         launcher = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
-        agents.append(subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        output = tempfile.TemporaryFile("w+")
+        agents.append((subprocess.Popen(launcher, stdout=output, stderr=subprocess.STDOUT, text=True), output))
     results = []
-    for agent in agents:
+    for agent, output in agents:
         try:
-            results.append((agent.communicate(timeout=300)[0], agent))
+            agent.wait(timeout=300)
         finally:
             agent.kill()
-    return [(agent.returncode, output) for output, agent in results]
-
-
-def test_two_torchrun_agents_rendezvous_and_train_in_sync(tmp_path_factory, tmp_path):
-    data = shared_training_fixture(tmp_path_factory)
-    run_dir = tmp_path / "run"
-    for code, output in run_two_agents(data, [run_dir, run_dir], SETTINGS, "--debug-save-rank-params"):
-        assert code == 0, output[-5000:]
-
-    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
-    rank0 = load_file(run_dir / "rank_params" / "rank0.safetensors")
-    rank1 = load_file(run_dir / "rank_params" / "rank1.safetensors")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "ranks on the two 'nodes' diverged"
+        output.seek(0)
+        results.append((agent.returncode, output.read()))
+        output.close()
+    return results
 
 
 def test_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path_factory, tmp_path):
@@ -84,8 +72,11 @@ def test_nodes_without_a_shared_disk_resume_from_rank_0s_checkpoint(tmp_path_fac
         assert code == 0, output[-5000:]
     rank0_dir = holder if (holder / "rank_params" / "rank0.safetensors").exists() else empty
     rank1_dir = empty if rank0_dir == holder else holder
+    # The two agents met at the rendezvous as one world of 2 and trained in step.
+    assert json.loads((rank0_dir / "run.json").read_text())["world_size"] == 2
     rank0 = load_file(rank0_dir / "rank_params" / "rank0.safetensors")
     rank1 = load_file(rank1_dir / "rank_params" / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0), "the two 'nodes' diverged"
     summary = json.loads((rank0_dir / "summary.json").read_text())
     assert summary["steps"] == 4

@@ -2,54 +2,35 @@
 
 Each command runs in a copy of the checkout (its tracked and unignored files: what a fresh clone holds) with an
 environment of PATH (the project's virtualenv first) and HOME only, and its instance must end up in the copy's
-git-ignored `.dagster_home/`.
+git-ignored `.dagster_home/`. `dg dev` is the session's shared server (conftest's `dagster_server`), started that
+way in a clone of its own; `dagster dev` is started and stopped here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO_ROOT
+from webserver import DagsterServer, dev_server, fresh_clone, plain_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 COMMAND_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fresh") / "higgs_pipeline"
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, (entry.decode() for entry in listed)):
-        source = REPO_ROOT / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    return root
-
-
-def _env() -> dict[str, str]:
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"]}
+    return fresh_clone(tmp_path_factory.mktemp("fresh") / "higgs_pipeline")
 
 
 def _run(clone: Path, *command: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=clone, env=_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    result = subprocess.run(
+        command, cwd=clone, env=plain_env(), capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+    )
     assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     assert "HIGGS_DAGSTER" not in result.stdout + result.stderr
     return result
@@ -86,64 +67,19 @@ def test_materializing_records_the_run_in_the_projects_instance(clone, command):
     assert not list(clone.glob(".tmp_dagster_home_*"))
 
 
-@pytest.mark.parametrize("command", [("dagster", "dev"), ("dg", "dev")])
-def test_dev_serves_graphql_on_loopback_then_stops(clone, tmp_path, command):
-    port = _free_port()
-    log_path = tmp_path / "dev.log"
-    with open(log_path, "wb") as log:
-        # Own session: webserver, daemon and code server end together with the group.
-        process = subprocess.Popen(
-            [*command, "-h", "127.0.0.1", "-p", str(port)],
-            cwd=clone,
-            env=_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        version = _wait_for_version(f"http://127.0.0.1:{port}/graphql", process, log_path, timeout=COMMAND_TIMEOUT)
-        assert version
-    finally:
-        _stop(process)
-    assert (clone / ".dagster_home" / "storage" / "schedules" / "schedules.db").is_file()
+def _assert_serves_graphql_from_the_projects_instance(server: DagsterServer) -> None:
+    response = requests.post(f"{server.url}/graphql", json={"query": "{ version }"}, timeout=30)
+    assert response.ok and response.json()["data"]["version"]
+    assert (server.workdir / ".dagster_home" / "storage" / "schedules" / "schedules.db").is_file()
+
+
+def test_dagster_dev_serves_graphql_on_loopback_then_stops(clone, tmp_path):
+    with dev_server(["dagster", "dev"], clone, tmp_path / "dev.log", timeout=COMMAND_TIMEOUT) as server:
+        _assert_serves_graphql_from_the_projects_instance(server)
+    # Its scratch home (Dagster makes one when DAGSTER_HOME is unset) goes with it; the instance stays.
     assert not list(clone.glob(".tmp_dagster_home_*"))
 
 
-def _wait_for_version(url: str, process: subprocess.Popen, log_path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            response = requests.post(url, json={"query": "{ version }"}, timeout=5)
-            if response.ok:
-                return response.json()["data"]["version"]
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"no GraphQL answer at {url} after {timeout:.0f} s:\n{log_path.read_text()[-5000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Ctrl-C as a user would, then SIGTERM, then SIGKILL to the whole group as a last resort."""
-    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # Children that outlived the leader (a code server mid-shutdown) share its group.
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_dg_dev_serves_graphql_on_loopback(dagster_server):
+    """The session's shared server (its scratch home is checked when it stops, at the end of the session)."""
+    _assert_serves_graphql_from_the_projects_instance(dagster_server)

@@ -28,7 +28,6 @@ import boto3
 import dagster as dg
 import pytest
 from dagster._core.errors import DagsterExecutionInterruptedError
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from training_fixtures import shared_training_fixture, split_asset
 
 from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig, lora_adapter

@@ -8,16 +8,17 @@ it (a duration above zero, no media error) and `play()` starts it (muted, as hea
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+# CHROMIUM too: test_adapter_evaluation imports it from here.
+from chromium_session import CHROMIUM, shared_browser  # noqa: F401
+
 from higgs_pipeline.evaluation.listening import ListeningPrompt, PromptResult, Take, quality_numbers
 from higgs_pipeline.evaluation.report import REPORT_NAME, clip_file, render_report, write_report
 
-CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 30_000
 RATE = 24_000
 HOSTILE_TEXT = 'Say "<b>bold</b>" & <script>window.injected = 1</script> now'
@@ -96,6 +97,7 @@ def results() -> list[PromptResult]:
     return [first, second]
 
 
+@pytest.mark.unit
 def test_page_escapes_text_and_names_every_clip(results):
     page = render_report(results, quality_numbers(results), "Evaluation <run>", "demo model & random weights")
     assert "<script>" not in page and "&lt;script&gt;window.injected = 1&lt;/script&gt;" in page
@@ -109,6 +111,7 @@ def test_page_escapes_text_and_names_every_clip(results):
     assert "http://" not in page and "https://" not in page  # no external asset
 
 
+@pytest.mark.unit
 def test_quality_numbers_average_the_prompts(results):
     numbers = quality_numbers(results)
     assert numbers["val_wer"] == pytest.approx(0.225) and numbers["base_val_wer"] == pytest.approx(0.75)
@@ -120,44 +123,33 @@ def test_quality_numbers_average_the_prompts(results):
     assert math.isnan(quality_numbers([])["val_wer"])
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
-        pytest.skip(
-            "Debian chromium is not installed at /usr/bin/chromium: run `make test-deps` "
-            "(apt-get install chromium chromium-driver); Playwright never downloads its own browser here"
-        )
-    pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
-    return str(CHROMIUM)
-
-
 def open_report(report: Path, chromium_path: str) -> dict:
-    """Load the page from disk and ask every <audio> element whether it plays; also the page's visible text."""
-    from playwright.sync_api import sync_playwright
+    """Load the page from disk (in the session's Chromium) and ask every <audio> element whether it plays; also
+    the page's visible text."""
+    return shared_browser(chromium_path).run(_open_report, report)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=chromium_path, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
+
+def _open_report(browser, report: Path) -> dict:
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        failed: list[str] = []
+        # A media element may abort its own preload fetch when play() asks again (net::ERR_ABORTED): not
+        # a missing file. Any other failure (file not found, ...) is.
+        page.on(
+            "requestfailed",
+            lambda request: None if "ERR_ABORTED" in (request.failure or "") else failed.append(request.url),
         )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            failed: list[str] = []
-            # A media element may abort its own preload fetch when play() asks again (net::ERR_ABORTED): not
-            # a missing file. Any other failure (file not found, ...) is.
-            page.on(
-                "requestfailed",
-                lambda request: None if "ERR_ABORTED" in (request.failure or "") else failed.append(request.url),
-            )
-            page.goto(report.as_uri(), wait_until="load")
-            return {
-                "audio": page.evaluate(AUDIO_STATES),
-                "text": page.inner_text("body"),
-                "injected": page.evaluate("() => window.injected === 1"),
-                "failed_requests": failed,
-            }
-        finally:
-            browser.close()
+        page.goto(report.as_uri(), wait_until="load")
+        return {
+            "audio": page.evaluate(AUDIO_STATES),
+            "text": page.inner_text("body"),
+            "injected": page.evaluate("() => window.injected === 1"),
+            "failed_requests": failed,
+        }
+    finally:
+        context.close()
 
 
 def assert_every_clip_plays(seen: dict, expected: int) -> None:

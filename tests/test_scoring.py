@@ -180,6 +180,7 @@ def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
     assert "--text" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two fresh interpreters run the console script
 def test_console_script_is_declared():
     script = shutil.which("higgs-pipeline") or str(Path(__file__).parents[1] / ".venv/bin/higgs-pipeline")
     done = subprocess.run([script, "score", "--help"], capture_output=True, text=True, timeout=120)

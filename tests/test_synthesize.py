@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from boson_multimodal.data_types import AudioContent
-from voice_fixtures import make_adapter, promote
+from voice_fixtures import promote
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
@@ -32,8 +32,8 @@ LONG_TEXT = (
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    return make_adapter(tmp_path_factory.mktemp("adapters") / "best_adapter")
+def adapter(demo_adapter) -> Path:
+    return demo_adapter
 
 
 @pytest.fixture(scope="module")

@@ -138,14 +138,13 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(data, tmp_path):
     assert max_difference(rank_params(tmp_path / "two", 0), rank_params(tmp_path / "one", 0)) < 1e-5
 
 
-def test_token_budget_batches_train_in_sync(data, tmp_path):
+def test_token_budget_batches_train_in_sync(data, tmp_path, demo_model, text_tokenizer):
     """Under a token budget the ranks' micro-batches differ in size; DDP and the window-wide loss still agree."""
-    from higgs_pipeline.models import loading
     from higgs_pipeline.training.data import RecordDataset, load_split, sequence_lengths
 
     train_records, _ = load_split(data.samples_path, data.split_path)
-    dataset = RecordDataset(train_records, data.token_store_root, data.tokenizer, loading.load_text_tokenizer("demo"))
-    lengths = sorted(sequence_lengths(dataset, loading.load_model("demo").config))
+    dataset = RecordDataset(train_records, data.token_store_root, data.tokenizer, text_tokenizer)
+    lengths = sorted(sequence_lengths(dataset, demo_model.config))
     budget = 2 * lengths[len(lengths) // 2]  # two median samples: long ones go alone, short ones in fours
     settings = [*SETTINGS, "per_device_batch_size=4", f"max_tokens_per_device={budget}", "eval_every=6"]
     result = ok(launch(data, tmp_path, 2, "--debug-save-rank-params", settings=settings))

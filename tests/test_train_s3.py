@@ -11,7 +11,6 @@ import dagster as dg
 import fsspec
 import pytest
 from peft import PeftModel
-from s3_server import s3_endpoint, s3_env  # noqa: F401  (fixtures)
 from training_fixtures import shared_training_fixture, split_asset
 
 from higgs_pipeline.data.records import TokenStore, read_records

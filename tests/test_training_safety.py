@@ -3,6 +3,7 @@ run at a time, and killing the launching step kills every trainer process with i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,6 +74,7 @@ def test_a_planted_pickle_checkpoint_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_planted_pickle_before_training(data, tmp_path):
     """The entry point the asset runs, with --resume as the asset passes it, on a poisoned run folder."""
     marker = tmp_path / "pwned"
@@ -149,6 +151,7 @@ def test_rng_states_are_plain_json_and_restore_every_generator():
 # --- 5. one run per folder; trainers die with the step that launched them ---
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_a_locked_run_folder_fails_naming_folder_and_holder(data, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -184,6 +187,7 @@ def test_killing_the_launching_step_kills_every_trainer(data, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    trainers: list[psutil.Process] = []
     try:
         trainers = wait_for_training(step, run_dir)
         with pytest.raises(RunFolderLocked, match=str(run_dir)):
@@ -196,8 +200,13 @@ def test_killing_the_launching_step_kills_every_trainer(data, tmp_path):
         assert not (run_dir / SUMMARY_FILE).exists()
         RunLock(run_dir).release()
     finally:
-        for process in [step, *psutil.Process(os.getpid()).children(recursive=True)]:
-            process.kill()
+        # Only this test's processes: every other child of pytest (the session's dg dev server, Chromium) lives on.
+        if step.poll() is None:
+            trainers += psutil.Process(step.pid).children(recursive=True)
+        step.kill()
+        for process in trainers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def wait_for_training(step: subprocess.Popen, run_dir: Path, timeout: float = 240) -> list[psutil.Process]:

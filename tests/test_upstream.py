@@ -12,6 +12,8 @@ import pytest
 
 from higgs_pipeline.defs.upstream import upstream_metadata
 
+pytestmark = pytest.mark.integration
+
 
 class ManifestConfig(dg.Config):
     name: str

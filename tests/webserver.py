@@ -1,9 +1,15 @@
-"""The real Dagster webserver for tests: `dagster dev -w workspace.yaml` on 127.0.0.1, on a throwaway instance.
+"""The real Dagster webserver for tests, run the way a user runs it: in a fresh clone, with no project variable set.
 
-`dagster_dev()` starts it with a temporary DAGSTER_HOME (a copy of the project's dagster.yaml, storage and
-compute logs in temp folders) and a temporary artifacts root, waits for /server_info, and always ends the
-whole process group (webserver, daemon, code server, run workers). `completed_retrain_run()` starts one such
-server per pytest session and runs retrain_job on it once, so the webserver and browser tests share one chain.
+`fresh_clone()` copies what a clone of the checkout holds (its tracked and unignored files); `plain_env()` is a
+user's environment in the project folder (the virtualenv first on PATH, HOME, nothing else). `dev_server()` starts
+`dg dev` or `dagster dev` there on 127.0.0.1, in a session of its own, waits until the code location has loaded,
+and always ends the whole process group (webserver, daemon, code server, run workers) when it leaves.
+`retrain_once()` runs retrain_job on such a server on a small corpus: the session's one completed chain.
+
+The server's output goes to a file, never to a pipe: a pipe that nobody reads fills up (64 KiB) and then blocks
+every process of the server that writes a log line. The server is a child of pytest, so a test that kills "every
+child of pytest" kills it too, with a SIGKILL that leaves no line in its log: conftest checks after every test
+that each running server is still alive, so such a test fails itself, naming the signal.
 """
 
 from __future__ import annotations
@@ -15,31 +21,63 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import requests
+
+from higgs_pipeline.paths import DEMO_MANIFEST
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_ARTIFACTS = REPO_ROOT / "test-artifacts"
 LOCATION = "higgs_pipeline"
 # Jobs of a code location loaded from one Definitions object live in this repository.
 REPOSITORY = "__repository__"
+# The job Dagster makes of all assets: what the UI's "Materialize" of a selection submits.
+ASSET_JOB = "__ASSET_JOB"
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def fresh_clone(root: Path) -> Path:
+    """A copy of the checkout's tracked and unignored files at `root`: what a fresh clone holds."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (entry.decode() for entry in listed)):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    return root
+
+
+def plain_env() -> dict[str, str]:
+    """A user's shell in the project folder: the project's virtualenv first on PATH, HOME, and nothing else."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"]}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @dataclass
 class DagsterServer:
     url: str
-    home: Path
-    artifacts: Path
+    workdir: Path
     log_path: Path
+    process: subprocess.Popen
 
     def graphql(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        self.ensure_alive()
         response = requests.post(
             f"{self.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=timeout
         )
@@ -49,17 +87,25 @@ class DagsterServer:
             raise AssertionError(f"GraphQL errors: {body['errors']}")
         return body["data"]
 
-    def launch(self, job_name: str, run_config: dict | None = None) -> str:
-        """Submits a run of `job_name` with the launchRun mutation; returns its run id."""
-        data = self.graphql(
-            LAUNCH_RUN,
-            {
-                "executionParams": {
-                    "selector": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": job_name},
-                    "runConfigData": run_config or {},
-                }
-            },
-        )["launchRun"]
+    def ensure_alive(self) -> None:
+        """Fails loudly, saying how the server ended and with the end of its log, when it is no longer running."""
+        code = self.process.poll()
+        if code is None:
+            return
+        # A signal from outside (a SIGKILL) leaves nothing in the server's own log: say it here.
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        raise AssertionError(
+            f"the dev server on {self.url} {how}; its log ({self.log_path}) ends:\n{_tail(self.log_path)}"
+        )
+
+    def launch(self, job_name: str, run_config: dict | None = None, assets: Sequence[str] | None = None) -> str:
+        """Submits a run of `job_name` (of only `assets`, when given) with the launchRun mutation; returns its id."""
+        selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "jobName": job_name}
+        if assets is not None:
+            selector["assetSelection"] = [{"path": [key]} for key in assets]
+        data = self.graphql(LAUNCH_RUN, {"executionParams": {"selector": selector, "runConfigData": run_config or {}}})[
+            "launchRun"
+        ]
         if data["__typename"] != "LaunchRunSuccess":
             raise AssertionError(f"launchRun of {job_name} failed: {data}")
         return data["run"]["runId"]
@@ -80,8 +126,33 @@ class DagsterServer:
         return {s["stepKey"]: round((s["endTime"] or 0) - (s["startTime"] or 0), 1) for s in stats}
 
     def failure_messages(self, run_id: str) -> list[str]:
-        events = self.graphql(RUN_FAILURES, {"runId": run_id})["logsForRun"].get("events", [])
-        return [f"{e.get('stepKey')}: {(e.get('error') or {}).get('message', e.get('message'))}" for e in events]
+        events = self.graphql(RUN_EVENTS, {"runId": run_id})["logsForRun"].get("events", [])
+        return [
+            f"{e.get('stepKey')}: {(e.get('error') or {}).get('message', e.get('message'))}"
+            for e in events
+            if e["__typename"] in ("ExecutionStepFailureEvent", "RunFailureEvent")
+        ]
+
+    def check_evaluations(self, run_id: str) -> list[dict]:
+        """Every asset check evaluated in the run: checkName, assetKey, success and severity (WARN or ERROR)."""
+        events = self.graphql(RUN_EVENTS, {"runId": run_id})["logsForRun"].get("events", [])
+        return [e["evaluation"] for e in events if e["__typename"] == "AssetCheckEvaluationEvent"]
+
+    def materialized_keys(self, run_id: str) -> set[str]:
+        events = self.graphql(RUN_EVENTS, {"runId": run_id})["logsForRun"].get("events", [])
+        return {"/".join(e["assetKey"]["path"]) for e in events if e["__typename"] == "MaterializationEvent"}
+
+    def latest(self, key: str) -> tuple[str, dict]:
+        """The run id and metadata ({label: value}) of `key`'s latest materialization in the instance."""
+        data = self.graphql(LATEST_MATERIALIZATION, {"key": {"path": [key]}})["assetOrError"]
+        assert data["__typename"] == "Asset", f"{key}: {data}"
+        assert data["assetMaterializations"], f"{key} was never materialized"
+        latest = data["assetMaterializations"][0]
+        values = {}
+        for entry in latest["metadataEntries"]:
+            value = [v for k, v in entry.items() if k not in ("label", "__typename")]
+            values[entry["label"]] = value[0] if value else None
+        return latest["runId"], values
 
 
 LAUNCH_RUN = """
@@ -105,8 +176,8 @@ STEP_STATS = """
 query Steps($runId: ID!) { runOrError(runId: $runId) { ... on Run { stepStats { stepKey startTime endTime } } } }
 """
 
-RUN_FAILURES = """
-query Failures($runId: ID!) {
+RUN_EVENTS = """
+query Events($runId: ID!) {
   logsForRun(runId: $runId, limit: 5000) {
     __typename
     ... on EventConnection {
@@ -114,6 +185,34 @@ query Failures($runId: ID!) {
         __typename
         ... on ExecutionStepFailureEvent { stepKey message error { message } }
         ... on RunFailureEvent { message }
+        ... on AssetCheckEvaluationEvent {
+          evaluation { checkName assetKey { path } success severity }
+        }
+        ... on MaterializationEvent { assetKey { path } }
+      }
+    }
+  }
+}
+"""
+
+LATEST_MATERIALIZATION = """
+query Latest($key: AssetKeyInput!) {
+  assetOrError(assetKey: $key) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        runId
+        metadataEntries {
+          label
+          __typename
+          ... on FloatMetadataEntry { floatValue }
+          ... on TextMetadataEntry { text }
+          ... on BoolMetadataEntry { boolValue }
+          ... on MarkdownMetadataEntry { mdStr }
+          ... on PathMetadataEntry { path }
+          ... on IntMetadataEntry { intValue }
+          ... on JsonMetadataEntry { jsonString }
+        }
       }
     }
   }
@@ -121,55 +220,49 @@ query Failures($runId: ID!) {
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# The dev servers running now: conftest checks after every test that none of them was killed by it.
+RUNNING: list[DagsterServer] = []
 
 
 @contextmanager
-def dagster_dev(workdir: Path, startup_timeout: float = 240) -> Iterator[DagsterServer]:
-    """`dagster dev` on a free port of 127.0.0.1 with its instance and artifacts under `workdir`."""
-    home, artifacts = workdir / "dagster_home", workdir / "artifacts"
-    for folder in (home / "storage", home / "compute_logs", artifacts):
-        folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-    TEST_ARTIFACTS.mkdir(exist_ok=True)
-    log_path = TEST_ARTIFACTS / "dagster_dev.log"
-    env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
-        "HIGGS_DAGSTER_STORAGE": str(home / "storage"),
-        "HIGGS_DAGSTER_COMPUTE_LOGS": str(home / "compute_logs"),
-        "HIGGS_PIPELINE_ARTIFACTS": str(artifacts),
-    }
-    port = _free_port()
-    command = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+def dev_server(command: Sequence[str], cwd: Path, log_path: Path, timeout: float = 600) -> Iterator[DagsterServer]:
+    """`command` (`dg dev` or `dagster dev`) in `cwd` with `plain_env()`, on a free port of 127.0.0.1."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     with open(log_path, "wb") as log:
-        # Own session: the webserver, daemon, code server and run workers are all ended with one killpg.
+        # Own session: the webserver, daemon, code server and run workers all end with the group.
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [*command, "-h", "127.0.0.1", "-p", str(port)],
+            cwd=cwd,
+            env=plain_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    server = DagsterServer(f"http://127.0.0.1:{port}", home, artifacts, log_path)
+    server = DagsterServer(f"http://127.0.0.1:{port}", cwd, log_path, process)
+    RUNNING.append(server)
     try:
-        _wait_until_serving(server, process, startup_timeout)
+        _wait_until_serving(server, timeout)
         yield server
     finally:
-        _stop(process)
+        RUNNING.remove(server)
+        stop(process)
 
 
-def _wait_until_serving(server: DagsterServer, process: subprocess.Popen, timeout: float) -> None:
+def _wait_until_serving(server: DagsterServer, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"dagster dev exited with {process.returncode}; log: {server.log_path}")
+        server.ensure_alive()
         try:
             if requests.get(f"{server.url}/server_info", timeout=5).ok and _location_loaded(server):
                 return
         except requests.RequestException:
             pass
         time.sleep(2)
-    raise AssertionError(f"dagster dev not serving after {timeout:.0f} s; log: {server.log_path}")
+    raise AssertionError(
+        f"dev server not serving after {timeout:.0f} s; log: {server.log_path}\n" + _tail(server.log_path)
+    )
 
 
 def _location_loaded(server: DagsterServer) -> bool:
@@ -187,56 +280,84 @@ def _location_loaded(server: DagsterServer) -> bool:
     return True
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
+def stop(process: subprocess.Popen) -> None:
+    """Ctrl-C as a user would, then SIGTERM, then SIGKILL to the whole group; stragglers in the group too."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+            os.killpg(process.pid, sig)
         except ProcessLookupError:
-            pass
-    # Children that outlived the parent (a run worker mid-step) share its process group.
+            return
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Children that outlived the leader (a code server mid-shutdown, a run worker mid-step) share its group.
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
 
+def _tail(path: Path, size: int = 4000) -> str:
+    return path.read_text(errors="replace")[-size:] if path.exists() else "(no log)"
+
+
 @dataclass
 class CompletedRun:
+    """The session's one retrain_job run, on the session's dev server."""
+
     server: DagsterServer
     run_id: str
     status: str
     failures: list[str]
+    artifacts: Path
+    manifest: Path
 
 
-_shared: CompletedRun | BaseException | None = None
+def small_corpus(root: Path, per_speaker: int = 2) -> Path:
+    """The first clips of each demo speaker (all formats and rates stay represented), copied with their manifest."""
+    manifest = pd.read_csv(DEMO_MANIFEST)
+    rows = manifest.groupby(manifest.audio_path.str.split("/").str[1], sort=True).head(per_speaker)
+    for audio_path in rows.audio_path:
+        (root / audio_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DEMO_MANIFEST.parent / audio_path, root / audio_path)
+    rows.to_csv(root / "manifest.csv", index=False)
+    return root / "manifest.csv"
 
 
-def completed_retrain_run(config, timeout: float = 900) -> CompletedRun:
-    """One server and one finished retrain_job run per pytest session (stopped at session end).
+# Enough steps for the audio loss to beat the base's (the promotion gate); each is ~0.2 s here.
+CHAIN_STEPS = 20
 
-    A failure to start is remembered and raised again for every caller, so a broken server costs its
-    timeout once, not once per test module.
-    """
-    global _shared
-    if _shared is None:
-        stack = ExitStack()
-        config.add_cleanup(stack.close)
-        try:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="higgs_dagster_dev_")))
-            server = stack.enter_context(dagster_dev(workdir))
-            run_id = server.launch("retrain_job")
-            started = time.monotonic()
-            status = server.wait_for_run(run_id, timeout)
-            timing = {"run_seconds": round(time.monotonic() - started, 1), "steps": server.step_seconds(run_id)}
-            (TEST_ARTIFACTS / "retrain_job_timing.json").write_text(json.dumps(timing, indent=2))
-            failures = server.failure_messages(run_id) if status != "SUCCESS" else []
-            _shared = CompletedRun(server, run_id, status, failures)
-        except BaseException as error:
-            _shared = error
-    if isinstance(_shared, BaseException):
-        raise _shared
-    return _shared
+
+def chain_run_config(manifest: Path, artifacts: Path) -> dict:
+    """retrain_job on a small corpus: every asset and check of the chain, in a few minutes on 2 CPU cores."""
+    return {
+        "resources": {"artifacts": {"config": {"root": str(artifacts)}}},
+        "ops": {
+            "raw_audio_manifest": {"config": {"manifest_path": str(manifest)}},
+            "train_val_split": {"config": {"validation_fraction": 0.25}},
+            "lora_adapter": {
+                "config": {
+                    "profile": "demo",
+                    "nproc_per_node": 2,
+                    "max_steps": CHAIN_STEPS,
+                    "overrides": ["run.eval_every=10", "run.checkpoint_every=10"],
+                }
+            },
+            "adapter_evaluation": {"config": {"generation_prompts": 1, "max_new_tokens": 16}},
+        },
+    }
+
+
+def retrain_once(server: DagsterServer, root: Path, timeout: float = 1200) -> CompletedRun:
+    """Submits retrain_job on a small corpus under `root` and waits for it; step timings go to test-artifacts/."""
+    manifest = small_corpus(root / "corpus")
+    artifacts = root / "artifacts"
+    run_id = server.launch("retrain_job", chain_run_config(manifest, artifacts))
+    started = time.monotonic()
+    status = server.wait_for_run(run_id, timeout)
+    timing = {"run_seconds": round(time.monotonic() - started, 1), "steps": server.step_seconds(run_id)}
+    (TEST_ARTIFACTS / "retrain_job_timing.json").write_text(json.dumps(timing, indent=2))
+    failures = server.failure_messages(run_id) if status != "SUCCESS" else []
+    return CompletedRun(server, run_id, status, failures, artifacts, manifest)
