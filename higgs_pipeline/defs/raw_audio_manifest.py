@@ -10,6 +10,7 @@ import pandas as pd
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
+from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES
 from higgs_pipeline.data.screening import REJECT_REASONS, Screening, ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
@@ -113,7 +114,7 @@ def _rejected_preview(rejected: pd.DataFrame, limit: int = 20) -> str:
     lines = ["| row | reason | audio_path | detail |", "| --- | --- | --- | --- |"]
     for item in rejected.head(limit).itertuples():
         cells = [str(item.row), item.reason, item.audio_path, item.detail]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     if len(rejected) > limit:
         lines.append(f"\n{len(rejected) - limit} more in the rejected-rows file.")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ import pandas as pd
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.dialogue import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
+from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.probe import read_clip_bytes
 from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
@@ -250,7 +251,7 @@ def _flagged_table(flagged: pd.DataFrame, limit: int = 50) -> str:
     for item in flagged.head(limit).itertuples():
         cells = [str(item.row), f"{item.transcript_cer:.2f}", item.transcript_status, item.audio_path, item.text,
                  item.hypothesis]  # fmt: skip
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     if len(flagged) > limit:
         lines.append(f"\n{len(flagged) - limit} more: see the accepted and rejected files.")
     return "\n".join(lines)
