@@ -128,7 +128,6 @@ def export_merged_model(
 
     if dtype not in ("bfloat16", "float32"):
         raise SynthesisError(f"--dtype {dtype}: choose bfloat16 or float32")
-    check_output_folder(out, overwrite, earlier_export)
     if adapter == NO_ADAPTER:
         raise SynthesisError("--adapter none: there is nothing to merge; export needs an adapter")
     resolved = resolve_adapter(adapter, artifacts_root, model)
@@ -169,10 +168,10 @@ def protected_folders(resolved: ResolvedAdapter, artifacts_root: str, exempt: st
     store = artifacts_root.rstrip("/")
     return local_folders(
         [
-            Protected("the artifact store", store, f"{store}/{exempt}" if exempt else None),
             Protected("the adapter", resolved.adapter_path or ""),
             Protected("the base model", resolve_model(resolved.base_model)),
             Protected("the audio tokenizer", resolve_audio_tokenizer(default_audio_tokenizer(resolved))),
+            Protected("the artifact store", store, f"{store}/{exempt}" if exempt else None),
         ]
     )
 

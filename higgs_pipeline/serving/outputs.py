@@ -56,11 +56,12 @@ def _refuse_special(flag: str, out: str, st: os.stat_result) -> None:
 def check_output_file(out: str, overwrite: bool, flag: str = "--out", protected: Sequence[Protected] = ()) -> Path:
     """`out` as a file to write: new, or an existing regular file with --overwrite."""
     path = Path(out)
-    check_not_protected(path, flag, protected)
     st = _lstat(path)
+    if st is not None:
+        _refuse_special(flag, out, st)
+    check_not_protected(path, flag, protected)
     if st is None:
         return path
-    _refuse_special(flag, out, st)
     if stat.S_ISDIR(st.st_mode):
         raise SynthesisError(f"{flag} {out} is a folder; name a .wav file")
     if not overwrite:
@@ -73,11 +74,12 @@ def check_output_folder(
 ) -> Path:
     """`out` as a folder to write: new or empty, or with --overwrite one `owned` says the command may replace."""
     path = Path(out)
-    check_not_protected(path, flag, protected)
     st = _lstat(path)
+    if st is not None:
+        _refuse_special(flag, out, st)
+    check_not_protected(path, flag, protected)
     if st is None:
         return path
-    _refuse_special(flag, out, st)
     if not stat.S_ISDIR(st.st_mode):
         raise SynthesisError(f"{flag} {out} is a file; name a folder")
     if not any(path.iterdir()):
