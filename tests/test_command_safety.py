@@ -402,11 +402,12 @@ def _dialogue(tmp_path: Path) -> tuple[Path, list[str]]:
 def test_overwrite_replaces_only_the_commands_own_turn_files(capsys, tmp_path, nodes):
     """--overwrite into a folder of a user's files: the new turn files land beside them, an earlier run's extra
     turn file goes, and every other file and folder is untouched; outputs get the umask's mode."""
+    signal.alarm(0)  # this one generates (seconds to minutes on a busy CPU); nothing here can hang
     script, speakers = _dialogue(tmp_path)
     user = nodes["user"]
     (user / "turn_009_SPEAKER0.wav").write_bytes(b"an earlier run's turn")
     out = tmp_path / "talk.wav"
-    argv = _synth(tmp_path, "--dialogue", str(script), *speakers, "--out", str(out), "--max-new-tokens", "16")
+    argv = _synth(tmp_path, "--dialogue", str(script), *speakers, "--out", str(out), "--max-new-tokens", "8")
     old_umask = os.umask(0o022)
     try:
         code = main([*argv, "--turns-dir", str(user), "--overwrite", "--device", "cpu"])
