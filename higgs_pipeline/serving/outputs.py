@@ -53,13 +53,18 @@ def _refuse_special(flag: str, out: str, st: os.stat_result) -> None:
         )
 
 
-def check_output_file(out: str, overwrite: bool, flag: str = "--out", protected: Sequence[Protected] = ()) -> Path:
-    """`out` as a file to write: new, or an existing regular file with --overwrite."""
-    path = Path(out)
-    st = _lstat(path)
+def _guarded(out: str, flag: str, protected: Sequence[Protected]) -> os.stat_result | None:
+    """The output's own stat (None: a new path), after refusing links, nodes and protected folders."""
+    st = _lstat(Path(out))
     if st is not None:
         _refuse_special(flag, out, st)
-    check_not_protected(path, flag, protected)
+    check_not_protected(Path(out), flag, protected)
+    return st
+
+
+def check_output_file(out: str, overwrite: bool, flag: str = "--out", protected: Sequence[Protected] = ()) -> Path:
+    """`out` as a file to write: new, or an existing regular file with --overwrite."""
+    path, st = Path(out), _guarded(out, flag, protected)
     if st is None:
         return path
     if stat.S_ISDIR(st.st_mode):
@@ -73,11 +78,7 @@ def check_output_folder(
     out: str, overwrite: bool, owned: OwnedCheck, flag: str = "--out", protected: Sequence[Protected] = ()
 ) -> Path:
     """`out` as a folder to write: new or empty, or with --overwrite one `owned` says the command may replace."""
-    path = Path(out)
-    st = _lstat(path)
-    if st is not None:
-        _refuse_special(flag, out, st)
-    check_not_protected(path, flag, protected)
+    path, st = Path(out), _guarded(out, flag, protected)
     if st is None:
         return path
     if not stat.S_ISDIR(st.st_mode):
