@@ -4,6 +4,7 @@ that boson's own loaders read, scoring exactly like base + adapter; bad outputs 
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -171,3 +172,13 @@ def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, ca
     stored = {name.rsplit("/", 1)[-1] for name in fs.ls(metadata["merged_path"])}
     assert {"config.json", "model.safetensors", "tokenizer.json", EXPORT_RECORD} <= stored
     assert json.loads(fs.cat_file(metadata["export_record"]))["adapter_path"] == remote_adapter
+
+
+def test_overwrite_replaces_an_earlier_export_only(exported, adapter, tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported[0], earlier)
+    (earlier / "stale.txt").write_text("from the earlier export")
+    assert main(["export", "--adapter", str(adapter), "--out", str(earlier), "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(earlier)
+    assert (earlier / EXPORT_RECORD).is_file() and not (earlier / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]

@@ -173,7 +173,7 @@ def test_reference_that_is_not_audio_is_an_error(capsys, tmp_path, adapter):
         "--reference-text",
         "x",
     )
-    assert "nowhere.wav: no such audio file" in missing
+    assert "nowhere.wav: missing_file: audio file not found" in missing
     no_text = _bad(capsys, tmp_path, "--text", "Hi.", "--adapter", str(adapter), "--reference", str(REFERENCE))
     assert "needs --reference-text" in no_text
 

@@ -222,3 +222,48 @@ def wait_for_training(step: subprocess.Popen, run_dir: Path, timeout: float = 24
                 return descendants
         time.sleep(0.5)
     raise AssertionError(f"training did not start within {timeout}s")
+
+
+def test_killing_the_step_in_its_first_second_kills_the_starting_workers(data, tmp_path):
+    """The step is SIGKILLed the moment torchrun's workers exist, while they still import torch (seconds): the
+    guard is armed before those imports, so they die with the agent at once instead of living on until they
+    notice their parent is gone."""
+    command = local_torchrun_command(2, train_args(data, tmp_path / "run", "max_steps=100000"))
+    step = subprocess.Popen(
+        [sys.executable, "-c", STEP_SCRIPT, LAUNCHER_PARENT_ENV, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        started = time.monotonic()
+        while True:
+            assert step.poll() is None and time.monotonic() - started < 60, "torchrun started no workers"
+            descendants = psutil.Process(step.pid).children(recursive=True)
+            workers = [p for p in descendants if _is_worker(p)]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.02)
+        step.send_signal(signal.SIGKILL)
+        step.wait(timeout=10)
+        _, alive = psutil.wait_procs(descendants, timeout=1.5)
+        running = [p.pid for p in alive if _running(p)]  # a killed orphan may stay a zombie until init reaps it
+        assert not running, f"processes {running} still running 1.5 s after the step was killed"
+    finally:
+        for process in [step, *psutil.Process(os.getpid()).children(recursive=True)]:
+            process.kill()
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_worker(process: psutil.Process) -> bool:
+    """A torchrun worker (its command line runs the training module; the agent's runs torch.distributed.run)."""
+    try:
+        line = " ".join(process.cmdline())
+    except psutil.Error:
+        return False
+    return "higgs_pipeline.training.train" in line and "torch.distributed.run" not in line

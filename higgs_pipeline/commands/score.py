@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from higgs_pipeline.commands import CommandError
@@ -45,20 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(path: str, role: str) -> tuple[object, int]:
-    """Decoded audio; a missing, empty or non-audio file is a `CommandError` naming it."""
-    from higgs_pipeline.data.audio_io import decode
+    """Decoded audio, read under the manifest probe's rules (regular files only, a byte cap before reading, finite
+    samples); anything else is a `CommandError` naming the file and the reason."""
+    from higgs_pipeline.serving.adapters import SynthesisError
+    from higgs_pipeline.serving.inputs import read_audio
 
-    file = Path(path)
-    if not file.is_file():
-        raise CommandError(f"{role} {path}: file not found")
-    if file.stat().st_size == 0:
-        raise CommandError(f"{role} {path}: file is empty")
     try:
-        wave, rate = decode(str(file))
-    except Exception as error:  # libsndfile says "Format not recognised" and the like
-        raise CommandError(f"{role} {path}: not audio soundfile can decode ({error})") from error
-    if wave.shape[-1] == 0:
-        raise CommandError(f"{role} {path}: holds no audio samples")
+        wave, rate, _ = read_audio(path, role)
+    except SynthesisError as error:
+        raise CommandError(str(error)) from None
     return wave, rate
 
 

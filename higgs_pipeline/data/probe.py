@@ -82,7 +82,7 @@ def probe_clip(uri: str, max_seconds: float | None = None, max_bytes: int = DEFA
     frames = int(wave.shape[1])
     if frames == 0:
         return ClipProbe(uri, "empty_audio", "no audio samples", clip_hash, 0, rate, channels, 0.0)
-    non_finite = _non_finite(wave, rate)
+    non_finite = non_finite_samples(wave, rate)
     if non_finite:
         return _probe(uri, "non_finite_samples", non_finite, clip_hash, frames, rate, channels, -math.inf)
     peak = float(np.max(np.abs(wave)))
@@ -105,65 +105,71 @@ class ClipRefusedError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_clip_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_CLIP_BYTES) -> bytes:
-    """A clip's bytes, from a regular file of at most `max_bytes` (None: no cap); raises ClipRefusedError otherwise.
+def read_clip_bytes(
+    uri: str, max_bytes: int | None = DEFAULT_MAX_CLIP_BYTES, what: str = "audio file", limit: str = "max_clip_bytes"
+) -> bytes:
+    """A file's bytes, from a regular file of at most `max_bytes` (None: no cap); raises ClipRefusedError otherwise.
 
-    Nothing but a regular file is ever opened (a FIFO would block forever, /dev/zero never ends), and the size
-    comes from the file system before a byte is read. Containment in the manifest's folder is the caller's
-    check (`manifest.resolve_audio_paths`), made on real paths before anything here touches the file.
+    The one reader for every file a user names (manifest clips, a command's references and inputs, their
+    transcripts, an adapter's files, cache entries): nothing but a regular file is ever opened (a FIFO would block
+    forever, /dev/zero never ends), and the size comes from the file system before a byte is read. `what` names
+    the file in the detail ("audio file", "transcript", ...), `limit` the setting
+    that caps it. Containment in the manifest's folder is the caller's check (`manifest.resolve_audio_paths`),
+    made on real paths before anything here touches the file.
     """
     protocol, _, rest = uri.partition("://")
     if not rest or protocol == "file":
-        return _read_local(rest or uri, max_bytes)
+        return _read_local(rest or uri, max_bytes, what, limit)
     if rest.startswith("../") or rest == "..":
         raise ClipRefusedError("missing_file", f"the path climbs above the {protocol} store's root")
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         info = fs.info(path)
         if info.get("type") != "file":
-            raise ClipRefusedError("not_a_regular_file", f"audio path is a {info.get('type', 'non-file')}")
-        _check_size(int(info.get("size") or 0), max_bytes)
+            raise ClipRefusedError("not_a_regular_file", f"{what} path is a {info.get('type', 'non-file')}")
+        _check_size(int(info.get("size") or 0), max_bytes, limit)
         data = fs.cat_file(path)
     except FileNotFoundError:
-        raise ClipRefusedError("missing_file", "audio file not found") from None
+        raise ClipRefusedError("missing_file", f"{what} not found") from None
     except OSError as error:
-        raise ClipRefusedError("missing_file", f"cannot read audio file: {error}") from None
+        raise ClipRefusedError("missing_file", f"cannot read {what}: {error}") from None
     except ValueError as error:  # fsspec: "Protocol not known"; a malformed URI. A missing fsspec backend
         # (ImportError) or missing credentials are set-up problems of the whole run: they propagate.
-        raise ClipRefusedError("missing_file", f"cannot open audio file: {error}") from None
-    _check_size(len(data), max_bytes)  # an object replaced by a larger one between the two requests
+        raise ClipRefusedError("missing_file", f"cannot open {what}: {error}") from None
+    _check_size(len(data), max_bytes, limit)  # an object replaced by a larger one between the two requests
     return data
 
 
-def _read_local(path: str, max_bytes: int | None) -> bytes:
+def _read_local(path: str, max_bytes: int | None, what: str, limit: str) -> bytes:
     """stat first (never open what is not a regular file), then open without following links or blocking, and
     check the opened file again: it may have been swapped between the two calls."""
     try:
         real = os.path.realpath(path)
-        _check_regular(os.stat(real).st_mode, "(not opened)")
+        _check_regular(os.stat(real).st_mode, "(not opened)", what)
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         with os.fdopen(os.open(real, flags), "rb") as handle:
             opened = os.fstat(handle.fileno())
-            _check_regular(opened.st_mode, "(swapped in after it was checked)")
-            _check_size(opened.st_size, max_bytes)
+            _check_regular(opened.st_mode, "(swapped in after it was checked)", what)
+            _check_size(opened.st_size, max_bytes, limit)
             data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except FileNotFoundError:
-        raise ClipRefusedError("missing_file", "audio file not found" + _spelling_hint(path)) from None
+        raise ClipRefusedError("missing_file", f"{what} not found" + _spelling_hint(path)) from None
     except OSError as error:
-        raise ClipRefusedError("missing_file", f"cannot read audio file: {error.strerror or error}") from None
+        raise ClipRefusedError("missing_file", f"cannot read {what}: {error.strerror or error}") from None
     except ValueError as error:  # a NUL character in the path
-        raise ClipRefusedError("missing_file", f"cannot open audio file: {error}") from None
-    _check_size(len(data), max_bytes)  # a file that grew after it was measured
+        raise ClipRefusedError("missing_file", f"cannot open {what}: {error}") from None
+    _check_size(len(data), max_bytes, limit)  # a file that grew after it was measured
     return data
 
 
-def _check_regular(mode: int, note: str) -> None:
-    kind = _file_kind(mode)
+def _check_regular(mode: int, note: str, what: str) -> None:
+    kind = file_kind(mode)
     if kind != "regular file":
-        raise ClipRefusedError("not_a_regular_file", f"audio path is a {kind}, not a regular file {note}")
+        raise ClipRefusedError("not_a_regular_file", f"{what} path is a {kind}, not a regular file {note}")
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a stat mode says the path is, in words ("regular file", "FIFO (named pipe)", ...)."""
     kinds = {
         stat.S_ISREG: "regular file",
         stat.S_ISDIR: "directory",
@@ -175,14 +181,14 @@ def _file_kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "special file")
 
 
-def _check_size(size: int, max_bytes: int | None) -> None:
+def _check_size(size: int, max_bytes: int | None, limit: str) -> None:
     if max_bytes is not None and size > max_bytes:
         raise ClipRefusedError(
-            "file_too_large", f"{size} bytes > max_clip_bytes {max_bytes} (not read; raise max_clip_bytes to allow it)"
+            "file_too_large", f"{size} bytes > {limit} {max_bytes} (not read; raise {limit} to allow it)"
         )
 
 
-def _non_finite(wave: np.ndarray, rate: int) -> str:
+def non_finite_samples(wave: np.ndarray, rate: int) -> str:
     """ "" when every sample is a number, else how many are NaN or infinite and where the first one is."""
     finite = np.isfinite(wave)
     if finite.all():

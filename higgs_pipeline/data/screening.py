@@ -36,6 +36,9 @@ from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, ClipProbe, probe_c
 # Llama-3 / Higgs control tokens are spelled <|name|>. In a transcript the text tokenizer reads one as the token
 # itself: a stray <|AUDIO_OUT|> adds an audio slot with no clip, and training fails in the collator.
 SPECIAL_TOKEN = r"<\|[^|<>\s]{1,64}\|>"
+# Every manifest field whose text reaches the text tokenizer: the transcripts, the scene in the system prompt and
+# the speaker label (a dialogue's system prompt names its speakers).
+TOKENIZED_COLUMNS = ("text", "ref_text", "scene", "speaker")
 
 # Reject reasons, in the order the checks run, with what each means (shown in the reject table).
 REJECT_REASONS: dict[str, str] = {
@@ -46,7 +49,10 @@ REJECT_REASONS: dict[str, str] = {
     "invalid_utf8": "a text field holds bytes that are not valid UTF-8",
     "empty_text": "the transcript is empty",
     "empty_speaker": "the speaker label is empty",
-    "special_token": "text or ref_text holds a control token of the text tokenizer, such as <|AUDIO_OUT|>",
+    "special_token": (
+        "a field the text tokenizer reads (text, ref_text, scene, speaker) holds one of its control tokens, such as "
+        "<|AUDIO_OUT|>"
+    ),
     "bad_turn": DIALOGUE_REJECT_REASONS["bad_turn"],
     "path_outside_manifest_dir": (
         "the audio path leads outside the manifest's folder (through '..', an absolute path or a symbolic link); "
@@ -204,7 +210,7 @@ def screen_manifest(
     verdict.reject(invalid != "", "invalid_utf8", lambda at: [f"invalid UTF-8 bytes in {c}" for c in invalid.iloc[at]])
     verdict.reject(_is_empty(rows["text"]), "empty_text", "text is empty")
     verdict.reject(_is_empty(rows["speaker"]), "empty_speaker", "speaker is empty")
-    for column in ("text", "ref_text"):
+    for column in TOKENIZED_COLUMNS:
         values = rows[column]
         verdict.reject(
             values.str.contains(SPECIAL_TOKEN, regex=True).to_numpy(bool),

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from higgs_pipeline.data.hashing import sha1_hex
+from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.normalize import normalize_label
 from higgs_pipeline.data.tables import write_csv
 from higgs_pipeline.files import write_atomic
@@ -79,7 +80,7 @@ class SpeakerMap:
         ordered = sorted(self.speakers.items(), key=lambda item: -item[1]["rows"])
         for speaker_id, entry in ordered[:limit]:
             raw = ", ".join(f"`{label!r}`" for label in entry["raw_labels"])
-            lines.append(f"| {speaker_id} | {_cell(entry['name'])} | {entry['rows']} | {_cell(raw)} |")
+            lines.append(f"| {speaker_id} | {markdown_cell(entry['name'])} | {entry['rows']} | {markdown_cell(raw)} |")
         if len(ordered) > limit:
             lines.append(f"| ... | {len(ordered) - limit} more in the speaker map file | | |")
         if self.confusable:
@@ -94,10 +95,6 @@ class SpeakerMap:
 def table_path(json_path: str) -> str:
     """Where `SpeakerMap.write` puts the CSV: the JSON's name with .csv."""
     return json_path.removesuffix(".json") + ".csv"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _scripts(name: str) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,10 +29,12 @@ from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
 from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import write_text
 from higgs_pipeline.models import loading
 
 TOKENIZER_INFO = "tokenizer.json"
+logger = logging.getLogger(__name__)
 # Clips of ever-different lengths leave glibc's heap fragmented: measured on the tiny tokenizer, resident memory
 # grew from 1.6 to 3.7 GB over 40 clips and stays at 1.6 GB when freed memory is handed back to the system.
 # A trim costs ~50 ms, so it runs once every this many clips (~1% of encoding time).
@@ -80,15 +83,24 @@ def tokenizer_info(tokenizer, name: str) -> TokenizerInfo:
 
 
 def write_tokenizer_info(store: TokenStore, info: TokenizerInfo) -> None:
-    write_text(json.dumps(asdict(info), indent=2), f"{store.root}/{TOKENIZER_INFO}")
+    """The store's tokenizer info, sealed with its checksum and keyed by the store's folder (`data/sealed.py`)."""
+    write_text(json.dumps(seal(_info_key(store), asdict(info)), indent=2), f"{store.root}/{TOKENIZER_INFO}")
 
 
-def read_tokenizer_info(store: TokenStore) -> TokenizerInfo | None:
+def read_tokenizer_info(store: TokenStore, log: Callable[[str], None] | None = None) -> TokenizerInfo | None:
+    """The store's tokenizer info, or None when absent or untrustworthy (corrupt, forged, of another store): the
+    caller then loads the tokenizer and writes it again, so a damaged file costs one load, never the run."""
     path = f"{store.root}/{TOKENIZER_INFO}"
-    if not store.fs.exists(path):
+    try:
+        payload = read_sealed(path, _info_key(store))
+        return None if payload is None else TokenizerInfo(**payload)
+    except (BrokenEntry, TypeError) as error:
+        (log or logger.warning)(f"{path} is not trustworthy ({error}): dropped; it is recomputed from the tokenizer")
         return None
-    with store.fs.open(path, "r", encoding="utf-8") as handle:
-        return TokenizerInfo(**json.load(handle))
+
+
+def _info_key(store: TokenStore) -> str:
+    return store.root.rsplit("/", 1)[-1]  # the tokenizer's slug: the folder the shards belong to
 
 
 def stored_hashes(store: TokenStore) -> set[str]:

@@ -12,11 +12,11 @@ import math
 from datetime import UTC, datetime
 
 import dagster as dg
-import fsspec
 
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
+from higgs_pipeline.files import write_json
 from higgs_pipeline.serving.adapters import read_pointer
 
 CODE_VERSION = "2"
@@ -41,11 +41,9 @@ POINTER_QUALITY = (
 
 
 def write_pointer(path: str, pointer: dict) -> None:
-    """Write a temp file, then move it over the pointer, so a reader never sees a half-written pointer."""
-    fs, root = fsspec.core.url_to_fs(path)
-    fs.makedirs(root.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(root + ".tmp", json.dumps(pointer, indent=2).encode())
-    fs.mv(root + ".tmp", root)
+    """A unique temporary name, then moved over the pointer: a reader never sees half a pointer, two writers never
+    share a temporary file."""
+    write_json(path, pointer)
 
 
 def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:

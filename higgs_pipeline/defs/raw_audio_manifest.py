@@ -11,6 +11,7 @@ from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
+from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.screening import REJECT_REASONS, Screening, ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore
@@ -123,7 +124,7 @@ def _rejected_preview(rejected: pd.DataFrame, limit: int = 20) -> str:
     lines = ["| row | reason | audio_path | detail |", "| --- | --- | --- | --- |"]
     for item in rejected.head(limit).itertuples():
         cells = [str(item.row), item.reason, item.audio_path, item.detail]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     if len(rejected) > limit:
         lines.append(f"\n{len(rejected) - limit} more in the rejected-rows file.")
     return "\n".join(lines)

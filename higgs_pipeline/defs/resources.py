@@ -3,12 +3,14 @@ speech, and which manifest the retrain triggers watch."""
 
 # No `from __future__ import annotations`: Dagster resolves resource annotations at runtime.
 
+import contextlib
 import os
 
 import dagster as dg
 from pydantic import Field
 
 from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.locks import store_lock
 from higgs_pipeline.models import loading
 from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
 from higgs_pipeline.speech import scoring
@@ -29,6 +31,14 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext):
+        """One run per store: the store's lock (`locks.store_lock`) is held from the run's first step that uses the
+        store to its end, whether the run came through the queue or straight from `dg launch`."""
+        log = context.log.info if context.log is not None else None
+        with store_lock(self.root, f"dagster run {context.run_id}", log):
+            yield self
 
 
 class HiggsCheckpoints(dg.ConfigurableResource):

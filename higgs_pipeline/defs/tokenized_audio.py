@@ -47,7 +47,7 @@ def tokenized_audio(
     store_root = artifacts.path("tokenized_audio")
     store = TokenStore(store_root, loading.tokenizer_id(name))
     stored = clips["clip_hash"].isin(stored_hashes(store))
-    info = read_tokenizer_info(store)
+    info = read_tokenizer_info(store, context.log.warning)
     device = checkpoints.torch_device()
     tokenizer, stats = None, None
     if info is None:

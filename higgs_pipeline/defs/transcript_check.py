@@ -22,13 +22,16 @@ from pydantic import Field
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.dialogue_turns import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
+from higgs_pipeline.data.markdown import markdown_cell
+from higgs_pipeline.data.probe import read_clip_bytes
+from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.speech import scoring
 
 REJECT_REASON = "transcript_mismatch"
-CACHE_VERSION = "1"  # bump when what is cached per clip (decoding settings, speech rule) changes
+CACHE_VERSION = "2"  # bump when what is cached per clip (decoding settings, speech rule) changes
 
 
 class TranscriptCheckConfig(dg.Config):
@@ -124,26 +127,44 @@ def _hear_all(
     for clip_hash, uri, (code, _why) in zip(rows["clip_hash"], rows["audio_uri"], languages, strict=True):
         if code is not None:
             wanted.setdefault((clip_hash, code), uri)
-    fs, _ = fsspec.core.url_to_fs(cache_root)
     heard: dict[tuple[str, str], dict] = {}
     cached = 0
     for done, ((clip_hash, code), uri) in enumerate(wanted.items(), start=1):
         path = f"{cache_root}/{clip_hash}-{code or 'auto'}.json"
-        if fs.exists(path):
-            with fsspec.open(path, "r", encoding="utf-8") as handle:
-                heard[clip_hash, code] = json.load(handle)
+        key = [clip_hash, code, cache_root.rsplit("/", 1)[-1]]  # the clip, its language and the ASR model
+        entry = _cached(context, path, key)
+        if entry is not None:
+            heard[clip_hash, code] = entry
             cached += 1
         else:
             heard[clip_hash, code] = _hear(uri, code, scorer)
-            _write_atomically(heard[clip_hash, code], path, _write_json)
+            _write_atomically(seal(key, heard[clip_hash, code]), path, _write_json)
         if done % max(1, config.progress_every) == 0 or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
     return heard, cached
 
 
+def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dict | None:
+    """A cached transcript, or None when there is none or it cannot be trusted (corrupt, edited, copied from
+    another clip, language or model: each entry is sealed with its key and checksum); a bad one is logged, then
+    transcribed again and overwritten, never fatal."""
+    try:
+        entry = read_sealed(path, key)
+    except BrokenEntry as error:
+        context.log.warning(f"transcript cache entry {path} dropped ({error}): transcribing the clip again")
+        return None
+    if entry is not None and not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("hypothesis"), str)
+        and isinstance(entry.get("speech_detected"), bool)
+    ):
+        context.log.warning(f"transcript cache entry {path} dropped (unexpected fields): transcribing the clip again")
+        return None
+    return entry
+
+
 def _hear(uri: str, code: str, scorer: scoring.Scorer) -> dict:
-    with fsspec.open(uri, "rb") as handle:
-        wave, rate = decode(handle.read())
+    wave, rate = decode(read_clip_bytes(uri))  # as the probe read it: regular files only, under the byte cap
     hypothesis, speech = scorer.listen(wave, rate, code or None)
     return {"hypothesis": hypothesis, "speech_detected": speech}
 
@@ -235,7 +256,7 @@ def _flagged_table(flagged: pd.DataFrame, limit: int = 50) -> str:
     for item in flagged.head(limit).itertuples():
         cells = [str(item.row), f"{item.transcript_cer:.2f}", item.transcript_status, item.audio_path, item.text,
                  item.hypothesis]  # fmt: skip
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append("| " + " | ".join(markdown_cell(c) for c in cells) + " |")
     if len(flagged) > limit:
         lines.append(f"\n{len(flagged) - limit} more: see the accepted and rejected files.")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ torchrun starts its workers in sessions of their own, so a SIGKILL of the launch
 reaches neither the agent nor the workers: they would train on as orphans and write a summary a later
 materialization takes for its own. This wrapper asks the kernel to SIGKILL it when its parent dies
 (PR_SET_PDEATHSIG survives exec), records its pid for the workers and execs torchrun; each worker does the same
-relative to the agent (`die_with_agent`, called first thing by the training entry point).
+relative to the agent (`die_with_agent`, armed when a worker imports `higgs_pipeline.training`, before torch).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,17 +89,7 @@ def adapter_config(adapter: str) -> dict:
     """adapter_config.json of a LoRA adapter of a Higgs Audio decoder; a clear error for anything else."""
     from higgs_pipeline.training.lora import group_of
 
-    path = f"{adapter.rstrip('/')}/adapter_config.json"
-    try:
-        with fsspec.open(path, "r") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise SynthesisError(
-            f"adapter {adapter}: no adapter_config.json there; pass a folder that training wrote "
-            "(its best_adapter or final adapter folder)"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise SynthesisError(f"adapter {adapter}: adapter_config.json is unreadable ({error})") from None
+    config = _read_config(f"{adapter.rstrip('/')}/adapter_config.json", adapter)
     if config.get("peft_type") != "LORA":
         raise SynthesisError(f"adapter {adapter}: peft_type is {config.get('peft_type')!r}, not a LoRA adapter")
     targets = config.get("target_modules") or []
@@ -112,6 +103,26 @@ def adapter_config(adapter: str) -> dict:
             f"adapter {adapter}: its target_modules {targets!r} name no Higgs Audio decoder layer; "
             "it is not a LoRA of a Higgs Audio v2 model"
         )
+    return config
+
+
+def _read_config(path: str, adapter: str) -> dict:
+    """adapter_config.json as a JSON object, read under the probe's rules (a FIFO or device is never opened)."""
+    from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
+
+    try:
+        config = json.loads(read_clip_bytes(path, 2**20, what="adapter_config.json", limit="the limit"))
+    except ClipRefusedError as refused:
+        if refused.reason == "missing_file" and "not found" in refused.detail:
+            raise SynthesisError(
+                f"adapter {adapter}: no adapter_config.json there; pass a folder that training wrote "
+                "(its best_adapter or final adapter folder)"
+            ) from None
+        raise SynthesisError(f"adapter {adapter}: adapter_config.json: {refused.reason}: {refused.detail}") from None
+    except ValueError as error:
+        raise SynthesisError(f"adapter {adapter}: adapter_config.json is unreadable ({error})") from None
+    if not isinstance(config, dict):
+        raise SynthesisError(f"adapter {adapter}: adapter_config.json is unreadable (not a JSON object)")
     return config
 
 
@@ -163,20 +174,116 @@ def check_base_is_higgs(base_model: str) -> None:
 
 
 def check_adapter_weights(adapter_dir: str, name: str) -> None:
-    """The adapter's weights file is there and readable: checked before a (3B) base model is loaded for nothing."""
+    """The adapter's files agree with each other, checked before a (3B) base model is loaded for nothing.
+
+    PEFT trusts adapter_config.json: a huge `r` allocates until memory runs out, a narrowed `target_modules`
+    silently drops trained weights, a pickled adapter_model.bin may run code. So: safetensors only (read as a
+    regular file), a rank within MAX_LORA_RANK, every tensor a LoRA A/B (or modules_to_save) weight of a targeted
+    module with both halves present, shapes that match the rank, and finite values.
+    """
     from safetensors import SafetensorError, safe_open
 
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (Path(adapter_dir) / "adapter_model.bin").is_file():
-            return  # PEFT's older pickle format: read (and checked) by PEFT itself
+    folder = Path(adapter_dir)
+    config = _read_config(f"{adapter_dir.rstrip('/')}/adapter_config.json", name)
+    weights = folder / "adapter_model.safetensors"
+    if not os.path.lexists(weights):
+        if os.path.lexists(folder / "adapter_model.bin"):
+            raise SynthesisError(
+                f"adapter {name}: holds only adapter_model.bin, a pickle, which is never loaded (it could run code); "
+                "re-save the adapter with PEFT as adapter_model.safetensors"
+            )
         raise SynthesisError(f"adapter {name}: no adapter_model.safetensors there; the folder is incomplete")
+    _check_regular_file(str(weights), name)
+    rank = _rank(config, name)
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            if not list(handle.keys()):
+            keys = list(handle.keys())
+            if not keys:
                 raise SynthesisError(f"adapter {name}: adapter_model.safetensors holds no weights")
+            halves: dict[str, set[str]] = {}
+            for key in keys:
+                module, half = _lora_module(key, config, name)
+                if half:
+                    halves.setdefault(module, set()).add(half)
+                    _check_shape(key, handle.get_slice(key).get_shape(), half, _module_rank(config, module, rank), name)
+                if not bool(torch_isfinite(handle.get_tensor(key))):
+                    raise SynthesisError(f"adapter {name}: tensor {key} holds NaN or infinite values")
     except SafetensorError as error:
         raise SynthesisError(f"adapter {name}: adapter_model.safetensors is unreadable ({error})") from None
+    lonely = sorted(module for module, found in halves.items() if found != {"lora_A", "lora_B"})
+    if lonely:
+        raise SynthesisError(f"adapter {name}: module {lonely[0]} has only one of its lora_A / lora_B weights")
+
+
+# The largest LoRA rank an adapter may declare: far above any useful one (training's profiles use 8 to 64), and a
+# bound on what PEFT allocates before it reads a single weight.
+MAX_LORA_RANK = 4096
+_LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.(?P<half>lora_A|lora_B)(?:\.[^.]+)?\.weight")
+
+
+def torch_isfinite(tensor) -> bool:
+    import torch
+
+    return bool(torch.isfinite(tensor).all()) if tensor.is_floating_point() else True
+
+
+def _rank(config: dict, name: str) -> int:
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+        raise SynthesisError(f"adapter {name}: adapter_config.json has r={rank!r}; a LoRA rank is 1..{MAX_LORA_RANK}")
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LORA_RANK:
+            raise SynthesisError(f"adapter {name}: rank_pattern {key!r}: {value!r}; a LoRA rank is 1..{MAX_LORA_RANK}")
+    return rank
+
+
+def _module_rank(config: dict, module: str, rank: int) -> int:
+    """PEFT's rule: a rank_pattern key matching the end of the module's name overrides `r`."""
+    for pattern, value in (config.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return value
+    return rank
+
+
+def _targeted(module: str, targets) -> bool:
+    """PEFT's matching: a string is a regex of the whole name; a list names modules by their last parts."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == target or module.endswith(f".{target}") for target in targets or [])
+
+
+def _lora_module(key: str, config: dict, name: str) -> tuple[str, str]:
+    """(module, "lora_A"/"lora_B") of a LoRA weight, (module, "") of a modules_to_save one; anything else refused."""
+    match = _LORA_KEY.fullmatch(key)
+    if match:
+        module = match.group("module")
+        if not _targeted(module, config.get("target_modules")):
+            raise SynthesisError(
+                f"adapter {name}: tensor {key} belongs to {module}, which target_modules "
+                f"{config.get('target_modules')!r} does not name: PEFT would drop it silently"
+            )
+        return module, match.group("half")
+    module = key.removeprefix("base_model.model.")
+    if any(f".{saved}." in f".{module}" for saved in config.get("modules_to_save") or []):
+        return module, ""
+    raise SynthesisError(f"adapter {name}: tensor {key} is neither a LoRA weight nor in modules_to_save")
+
+
+def _check_shape(key: str, shape: list[int], half: str, rank: int, name: str) -> None:
+    found = shape[0] if half == "lora_A" else (shape[1] if len(shape) > 1 else None)
+    if len(shape) != 2 or found != rank:
+        raise SynthesisError(
+            f"adapter {name}: tensor {key} has shape {list(shape)}, which does not match the rank {rank} of "
+            "adapter_config.json (lora_A is [r, in], lora_B is [out, r])"
+        )
+
+
+def _check_regular_file(path: str, name: str) -> None:
+    from higgs_pipeline.data.probe import file_kind
+
+    mode = os.stat(os.path.realpath(path)).st_mode
+    if not stat.S_ISREG(mode):
+        raise SynthesisError(f"adapter {name}: {Path(path).name}: not_a_regular_file: it is a {file_kind(mode)}")
 
 
 def default_audio_tokenizer(resolved: ResolvedAdapter) -> str:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import fsspec
 import numpy as np
 from boson_multimodal.data_types import AudioContent, ChatMLSample
 
@@ -32,8 +30,15 @@ from higgs_pipeline.serving.dialogue_script import (
     parse_speaker_references,
 )
 from higgs_pipeline.serving.generate import GeneratedClip, VoiceReference, _generate
-from higgs_pipeline.serving.merge import merged_checkpoint
-from higgs_pipeline.serving.outputs import check_output_file, write_wav
+from higgs_pipeline.serving.inputs import MAX_TURNS, check_prompt_text, check_sampling, is_empty_text, read_text_file
+from higgs_pipeline.serving.merge import merged_checkpoint, protected_folders
+from higgs_pipeline.serving.outputs import (
+    check_output_file,
+    check_output_folder,
+    own_turn_files,
+    write_turns,
+    write_wav,
+)
 from higgs_pipeline.serving.synthesis import Synthesis, local_reference
 
 if TYPE_CHECKING:
@@ -45,37 +50,25 @@ TURN_GAP_S = 0.25
 
 
 def read_script(path: str) -> str:
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise SynthesisError(f"--dialogue {path}: no such script file") from None
-    except UnicodeDecodeError:
-        raise SynthesisError(f"--dialogue {path}: not UTF-8 text; save the script as UTF-8") from None
+    return read_text_file(path, "--dialogue", "script")
 
 
 def reference_transcript(audio: str) -> str:
-    """The transcript beside a reference clip: REF.txt for REF.wav."""
+    """The transcript beside a reference clip: REF.txt for REF.wav, checked as any text the model reads."""
     path = os.path.splitext(audio)[0] + ".txt"
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as handle:
-            text = handle.read().strip()
-    except FileNotFoundError:
-        raise SynthesisError(f"--speaker {audio}: its transcript {path} is missing; write what it says there") from None
-    if not text:
+    if "://" not in path and not os.path.lexists(path):
+        raise SynthesisError(f"--speaker {audio}: its transcript {path} is missing; write what it says there")
+    text = read_text_file(path, f"--speaker {audio}", "transcript")
+    if is_empty_text(text):
         raise SynthesisError(f"--speaker {audio}: its transcript {path} is empty")
-    return text
+    return check_prompt_text(text, f"--speaker {audio}: its transcript {path}")
 
 
-def check_turns_dir(turns_dir: str | None, overwrite: bool) -> Path | None:
+def check_turns_dir(turns_dir: str | None, overwrite: bool, protected=()) -> Path | None:
+    """A folder for the per-turn WAVs: new or empty, or with --overwrite one whose turn files may be replaced."""
     if turns_dir is None:
         return None
-    path = Path(turns_dir)
-    if path.exists() and not path.is_dir():
-        raise SynthesisError(f"--turns-dir {turns_dir} is a file; name a folder for the per-turn WAVs")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise SynthesisError(f"--turns-dir {turns_dir} exists and is not empty; choose another or pass --overwrite")
-    return path
+    return check_output_folder(turns_dir, overwrite, own_turn_files, flag="--turns-dir", protected=protected)
 
 
 def synthesize_dialogue(
@@ -107,21 +100,30 @@ def synthesize_dialogue(
         tags = check_script_speakers(turns, references)
     except DialogueScriptError as error:
         raise SynthesisError(str(error)) from None
-    if max_new_tokens < 8:
-        raise SynthesisError(f"--max-new-tokens {max_new_tokens}: give at least 8 (the codec's delay pattern)")
+    if len(turns) > MAX_TURNS:
+        raise SynthesisError(f"--dialogue {script_path}: {len(turns)} turns; the limit is {MAX_TURNS}")
+    for turn in turns:
+        check_prompt_text(turn.text, f"--dialogue {script_path} line {turn.line}")
+    scene = check_prompt_text(scene, "--scene", required=False)
+    check_sampling(temperature, seed, max_new_tokens, 8)
     transcripts = {tag: reference_transcript(references[tag]) for tag in tags}
-    out_path = check_output_file(out, overwrite)
-    turns_path = check_turns_dir(turns_dir, overwrite)
-    resolved = resolve_adapter(adapter, artifacts_root, model)
-    device = torch_device(device)
     # The model numbers speakers by first appearance, as training does: the script's tags map onto that order.
     number = {tag: k for k, tag in enumerate(tags)}
     names = [Path(references[tag]).stem for tag in tags]
+    for tag, name in zip(tags, names, strict=True):
+        check_prompt_text(name, f"--speaker {tag}={references[tag]}: the file name (it names the speaker)")
+    check_output_file(out, overwrite)
+    check_turns_dir(turns_dir, overwrite)
+    resolved = resolve_adapter(adapter, artifacts_root, model)
+    protected = protected_folders(resolved, artifacts_root)
+    out_path = check_output_file(out, overwrite, protected=protected)
+    turns_path = check_turns_dir(turns_dir, overwrite, protected)
     with tempfile.TemporaryDirectory(prefix="higgs_dialogue_") as scratch:
         voices = []
         for k, tag in enumerate(tags):
             (Path(scratch) / str(k)).mkdir()
-            voices.append(local_reference(references[tag], transcripts[tag], f"{scratch}/{k}"))
+            voices.append(local_reference(references[tag], transcripts[tag], f"{scratch}/{k}", f"--speaker {tag}"))
+        device = torch_device(device)
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model_dir = merged_checkpoint(resolved, f"{scratch}/merged", scratch, dtype)
         engine = open_engine(model_dir, audio_tokenizer or default_audio_tokenizer(resolved), device)
@@ -142,28 +144,9 @@ def synthesize_dialogue(
     gap = np.zeros(round(TURN_GAP_S * rate), dtype=np.float32)
     waveform = np.concatenate([part for clip in clips for part in (clip.waveform, gap)][:-1])
     if turns_path is not None:
-        _write_turns(turns_path, [(turn.speaker, clip) for turn, clip in zip(turns, clips, strict=True)], overwrite)
+        write_turns(turns_path, [(t.speaker, c.waveform, c.sample_rate) for t, c in zip(turns, clips, strict=True)])
     write_wav(out_path, waveform, rate, overwrite)
     return Synthesis.written(out_path, waveform, rate, clips, generation_s, resolved)
-
-
-def turn_file_name(index: int, tag: str) -> str:
-    return f"turn_{index + 1:03d}_{tag}.wav"
-
-
-def _write_turns(folder: Path, turns: Sequence[tuple[str, object]], overwrite: bool) -> None:
-    """Every turn's WAV into a temporary sibling folder, then moved into place: never half a set of turns."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        for index, (tag, clip) in enumerate(turns):
-            write_wav(staging / turn_file_name(index, tag), clip.waveform, clip.sample_rate, overwrite=False)
-        if folder.exists():
-            shutil.rmtree(folder)  # checked empty, or --overwrite given
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def dialogue_prompt(

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,10 +30,12 @@ from higgs_pipeline.serving.adapters import (
     default_audio_tokenizer,
     resolve_adapter,
 )
-from higgs_pipeline.serving.outputs import check_output_folder
+from higgs_pipeline.serving.outputs import Protected, check_output_folder, local_folders
 from higgs_pipeline.training.lora import load_adapter
 
 log = logging.getLogger(__name__)
+# The record an exported folder holds (what it was made from); its presence marks a folder --overwrite may replace.
+EXPORT_RECORD = "higgs_pipeline_export.json"
 
 
 def merge_adapter(
@@ -41,12 +44,14 @@ def merge_adapter(
     output_dir: str,
     dtype: torch.dtype = torch.float32,
     extra_files: dict[str, str] | None = None,
+    check_target: Callable[[], None] | None = None,
 ) -> Path:
     """Base + adapter -> merged weights (LoRA folded in, modules_to_save swapped in), written atomically.
 
     The folder holds what `HiggsAudioModel.from_pretrained` and `HiggsAudioServeEngine` read from a released
     checkpoint (config.json, safetensors, the text tokenizer), plus `extra_files` (name -> text), e.g. a record
-    of what it was made from.
+    of what it was made from. `check_target` runs just before an existing `output_dir` is swapped out (the
+    export checks again that it is still its own to replace).
     """
     final = Path(output_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +66,8 @@ def merge_adapter(
             shutil.copy(source / DEMO_MARKER, temporary / DEMO_MARKER)
         for name, text in (extra_files or {}).items():
             (temporary / name).write_text(text)
+        if check_target is not None:
+            check_target()
         replace_dir(temporary, final)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)  # a failed export leaves no half-written folder
@@ -82,10 +89,9 @@ if __name__ == "__main__":
     main()
 
 
-EXPORT_RECORD = "higgs_pipeline_export.json"
-
-
-def merged_checkpoint(resolved: ResolvedAdapter, out_dir: str, scratch: str, dtype, extra_files=None) -> str:
+def merged_checkpoint(
+    resolved: ResolvedAdapter, out_dir: str, scratch: str, dtype, extra_files=None, check_target=None
+) -> str:
     """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`."""
     from higgs_pipeline.evaluation.evaluate import local_folder
     from higgs_pipeline.models.loading import resolve_model
@@ -100,7 +106,7 @@ def merged_checkpoint(resolved: ResolvedAdapter, out_dir: str, scratch: str, dty
     check_adapter_weights(adapter_dir, resolved.adapter_path)
     log.info("merging %s into %s", resolved.adapter_path, resolved.base_model)
     try:
-        return str(merge_adapter(resolved.base_model, adapter_dir, out_dir, dtype, extra_files=extra_files))
+        return str(merge_adapter(resolved.base_model, adapter_dir, out_dir, dtype, extra_files, check_target))
     except (OSError, RuntimeError, ValueError, KeyError) as error:
         raise SynthesisError(
             f"adapter {resolved.adapter_path} could not be merged into {resolved.base_model}: "
@@ -122,15 +128,52 @@ def export_merged_model(
 
     if dtype not in ("bfloat16", "float32"):
         raise SynthesisError(f"--dtype {dtype}: choose bfloat16 or float32")
-    check_output_folder(out, overwrite)
     if adapter == NO_ADAPTER:
         raise SynthesisError("--adapter none: there is nothing to merge; export needs an adapter")
     resolved = resolve_adapter(adapter, artifacts_root, model)
+    protected = protected_folders(resolved, artifacts_root, exempt="merged_model")
+    check_output_folder(out, overwrite, earlier_export, protected=protected)
     record = export_record(resolved, dtype)
     with tempfile.TemporaryDirectory(prefix="higgs_export_") as scratch:
         extra = {EXPORT_RECORD: json.dumps(record, indent=2) + "\n"}
-        merged_checkpoint(resolved, out, scratch, getattr(torch, dtype), extra_files=extra)
+        merged_checkpoint(
+            resolved,
+            out,
+            scratch,
+            getattr(torch, dtype),
+            extra_files=extra,
+            check_target=lambda: check_output_folder(out, overwrite, earlier_export, protected=protected),
+        )
     return {"out": str(Path(out)), **record}
+
+
+def earlier_export(folder: Path) -> str | None:
+    """None when `folder` is a previous export (it holds its record as a regular file), else why it is not."""
+    from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
+
+    try:
+        record = json.loads(read_clip_bytes(str(folder / EXPORT_RECORD), 2**20, what="export record"))
+    except (ClipRefusedError, ValueError):
+        record = None
+    if not isinstance(record, dict) or "adapter_path" not in record:
+        return f"it holds files but no {EXPORT_RECORD}, so it is not an earlier export and is not replaced"
+    return None
+
+
+def protected_folders(resolved: ResolvedAdapter, artifacts_root: str, exempt: str | None = None) -> list[Protected]:
+    """The folders a command reads and must never write over: the adapter, its base (and audio tokenizer) and
+    the artifact store (except its `exempt` subfolder, where the merged_model asset keeps its exports)."""
+    from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
+
+    store = artifacts_root.rstrip("/")
+    return local_folders(
+        [
+            Protected("the adapter", resolved.adapter_path or ""),
+            Protected("the base model", resolve_model(resolved.base_model)),
+            Protected("the audio tokenizer", resolve_audio_tokenizer(default_audio_tokenizer(resolved))),
+            Protected("the artifact store", store, f"{store}/{exempt}" if exempt else None),
+        ]
+    )
 
 
 def export_record(resolved: ResolvedAdapter, dtype: str) -> dict:

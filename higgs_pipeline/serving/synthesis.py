@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 
 from higgs_pipeline.serving.adapters import PRODUCTION, SynthesisError, default_audio_tokenizer, resolve_adapter
-from higgs_pipeline.serving.merge import merged_checkpoint
+from higgs_pipeline.serving.inputs import check_prompt_text, check_sampling, is_empty_text, read_audio
+from higgs_pipeline.serving.merge import merged_checkpoint, protected_folders
 from higgs_pipeline.serving.outputs import check_output_file, write_wav
 
 log = logging.getLogger(__name__)
@@ -89,35 +89,20 @@ def text_chunks(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
     return chunks
 
 
-def check_text(text: str) -> str:
-    if not text or not text.strip():
-        raise SynthesisError("--text is empty: give the sentence(s) to speak")
-    return text.strip()
-
-
-def local_reference(audio: str, text: str | None, scratch: str):
-    """A `VoiceReference` on a local file (a remote clip is copied into `scratch`), checked to be audio."""
-    from higgs_pipeline.data.audio_io import decode
+def local_reference(audio: str, text: str | None, scratch: str, role: str = "--reference"):
+    """A `VoiceReference` on a local file (read under the probe's rules, copied into `scratch`), checked to be
+    finite audio of some length, with its transcript checked as any text the model reads."""
     from higgs_pipeline.serving.generate import VoiceReference
 
-    if not text or not text.strip():
-        raise SynthesisError(f"--reference {audio} needs --reference-text: the transcript of what it says")
-    try:
-        with fsspec.open(audio, "rb") as handle:
-            data = handle.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise SynthesisError(f"--reference {audio}: no such audio file") from None
-    except OSError as error:
-        raise SynthesisError(f"--reference {audio}: cannot be read ({error})") from None
-    try:
-        wave, rate = decode(data)
-    except Exception as error:  # libsndfile's errors share no useful base class
-        raise SynthesisError(f"--reference {audio} is not audio soundfile can decode ({error})") from None
+    if text is None or is_empty_text(text):
+        raise SynthesisError(f"{role} {audio} needs --reference-text: the transcript of what it says")
+    text = check_prompt_text(text, "--reference-text")
+    wave, rate, data = read_audio(audio, role)
     if wave.shape[-1] / rate < 0.1:
-        raise SynthesisError(f"--reference {audio} holds {wave.shape[-1] / rate:.3f} s of audio; give a clip of speech")
+        raise SynthesisError(f"{role} {audio} holds {wave.shape[-1] / rate:.3f} s of audio; give a clip of speech")
     local = Path(scratch) / ("reference" + (Path(audio).suffix or ".wav"))
     local.write_bytes(data)
-    return VoiceReference(audio_path=str(local), text=text.strip())
+    return VoiceReference(audio_path=str(local), text=text)
 
 
 def speak(engine, chunks: Sequence[str], reference, *, seed: int, temperature: float, max_new_tokens: int) -> list:
@@ -174,21 +159,18 @@ def synthesize(
     from higgs_pipeline.models.demo import DEMO_NOTE
     from higgs_pipeline.serving.generate import open_engine, torch_device
 
-    text = check_text(text)
+    text = check_prompt_text(text, "--text")
     if reference_text and not reference_audio:
         raise SynthesisError("--reference-text needs --reference: the clip it transcribes")
-    if max_new_tokens < MIN_NEW_TOKENS:
-        raise SynthesisError(
-            f"--max-new-tokens {max_new_tokens}: give at least {MIN_NEW_TOKENS} (the first 9 frames of each chunk are "
-            "the codec's delay pattern and stream markers, not audio)"
-        )
-    out_path = check_output_file(out, overwrite)
+    check_sampling(temperature, seed, max_new_tokens, MIN_NEW_TOKENS)
+    check_output_file(out, overwrite)
     resolved = resolve_adapter(adapter, artifacts_root, model)
-    if resolved.demo:
-        log.warning("%s: the audio is noise from random weights, not a voice", DEMO_NOTE)
-    device = torch_device(device)
+    out_path = check_output_file(out, overwrite, protected=protected_folders(resolved, artifacts_root))
     with tempfile.TemporaryDirectory(prefix="higgs_synthesize_") as scratch:
         reference = local_reference(reference_audio, reference_text, scratch) if reference_audio else None
+        if resolved.demo:
+            log.warning("%s: the audio is noise from random weights, not a voice", DEMO_NOTE)
+        device = torch_device(device)
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         model_dir = merged_checkpoint(resolved, f"{scratch}/merged", scratch, dtype)
         engine = open_engine(model_dir, audio_tokenizer or default_audio_tokenizer(resolved), device)
