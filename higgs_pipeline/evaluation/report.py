@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
-from higgs_pipeline.evaluation.listening import PREFIX, TAKES, PromptResult, Take
+from higgs_pipeline.evaluation.listening import TAKE_PREFIX, TAKES, PromptResult, Take
 
 REPORT_NAME = "report.html"
 TAKE_TITLES = {"ground_truth": "Ground truth (recording)", "base": "Base model", "adapter": "Adapter"}
@@ -25,6 +25,9 @@ SUMMARY_ROWS = (
     ("WER", "wer"),
     ("CER", "cer"),
     ("Speaker similarity", "speaker_similarity"),
+    ("Naturalness (DNSMOS OVRL, 1-5)", "dnsmos_ovrl"),
+    ("DNSMOS signal (SIG)", "dnsmos_sig"),
+    ("DNSMOS background (BAK)", "dnsmos_bak"),
     ("Unfinished (hit max_new_tokens)", "unfinished_rate"),
     ("No speech detected", "silence_rate"),
 )
@@ -101,7 +104,7 @@ def _summary_table(numbers: dict[str, float]) -> str:
     header = "".join(f"<th>{html.escape(TAKE_TITLES[name])}</th>" for name in TAKES)
     rows = []
     for label, key in SUMMARY_ROWS:
-        cells = "".join(f"<td>{_number(numbers.get(PREFIX[name] + key))}</td>" for name in TAKES)
+        cells = "".join(f"<td>{_number(numbers.get(TAKE_PREFIX[name] + key))}</td>" for name in TAKES)
         rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     return f'<table class="summary"><tr><th>Mean over prompts</th>{header}</tr>{"".join(rows)}</table>'
 
@@ -142,6 +145,7 @@ def _take_cell(path: str, title: str, take: Take, name: str) -> str:
         f"<table><tr><th>WER</th><td>{_number(take.wer)}</td></tr>"
         f"<tr><th>CER</th><td>{_number(take.cer)}</td></tr>"
         f"<tr><th>Similarity</th><td>{_number(take.speaker_similarity)}</td></tr>"
+        f"<tr><th>DNSMOS</th><td>{_number(take.dnsmos_ovrl)}</td></tr>"
         f"<tr><th>Duration</th><td>{take.duration_s:.2f} s</td></tr></table>"
         f"<p>Heard: “{e(take.hypothesis)}”</p>{flag_html}</div>"
     )

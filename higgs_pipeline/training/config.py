@@ -70,6 +70,9 @@ class RunSettings:
     eval_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    # Adapters of evaluation points kept for adapter_evaluation to listen to (plus the best by validation loss);
+    # thinned evenly over the run (training/candidates.py).
+    keep_candidates: int = 4
 
 
 @dataclass(frozen=True)
