@@ -62,7 +62,13 @@ def test_when_every_candidate_sounds_worse_the_lowest_loss_goes_to_the_gate_and_
     worse = [(10, _like_base(audio_loss=2.0, wer=0.5, silence_rate=0.0)), (20, _like_base(audio_loss=4.0, wer=0.6))]
     # Step 10 beats the base's loss and is unintelligible: collapsed. Step 20 does not beat it: only worse.
     choice = choose(worse, BASE, Tolerances())
-    assert set(choice.collapsed) == {10} and choice.chosen == 20 and "worse than the base" in choice.reason
+    assert set(choice.collapsed) == {10} and choice.chosen == 20 and "loss gate decides" in choice.reason
+    # A candidate worse by ear but below the base's loss goes before one above the base's loss.
+    mumbling = _like_base(audio_loss=2.9, wer=0.5, silence_rate=0.0, speaker_similarity=0.5)
+    assert choose([(5, mumbling), (20, worse[1][1])], BASE, Tolerances()).chosen == 20  # 5 collapsed (WER)
+    muffled = _like_base(audio_loss=2.9, dnsmos_ovrl=2.0)
+    picked = choose([(5, muffled), (20, worse[1][1])], BASE, Tolerances())
+    assert picked.chosen == 5 and "quality gate decides" in picked.reason
     silent = _like_base(audio_loss=1.0, silence_rate=1.0, wer=1.0)
     everything = choose([(10, silent), (20, silent)], BASE, Tolerances())
     assert everything.chosen is None and set(everything.collapsed) == {10, 20}

@@ -7,13 +7,15 @@ the same seed per prompt as the base model, so their scores compare. The rule, i
    base's while its takes are silent, unfinished (ran into max_new_tokens) or unintelligible (WER) beyond the
    tolerances: the failure a loss curve hides (silence at an audio loss of 0.0028).
 2. **No candidate worse than the base beyond the tolerances** on WER (up), speaker similarity (down) and
-   DNSMOS OVRL (down): the same comparison the quality gate makes (`evaluate.quality_problems`).
+   DNSMOS OVRL (down): the same comparison the quality gate makes (`evaluate.quality_problems`), among the
+   candidates whose audio loss is not above the base's (the loss gate would refuse the others).
 3. Among those, **the lowest validation audio loss**; on a tie **the earliest step** (the less trained adapter,
    as fish-speech advises when two sound alike).
 
-When no candidate passes 2, the lowest audio loss among the candidates not collapsed is handed on and the
-quality gate decides (it blocks on a released base). When every candidate collapsed, none is chosen: the
-evaluation hands on the training's own best-by-loss adapter, marked, and promotion is blocked on a released base.
+When no candidate passes 2, the lowest audio loss among the candidates not collapsed (those not above the base's
+loss first) is handed on and the gates decide (they block on a released base). When every candidate collapsed,
+none is chosen: the evaluation hands on the training's own best-by-loss adapter, marked, and promotion is blocked
+on a released base.
 """
 
 from __future__ import annotations
@@ -113,15 +115,17 @@ def choose(candidates: Sequence[tuple[int, Scores]], base: Scores, tolerances: T
         problems = quality_problems(quality_numbers_against_base(scores, base, tolerances))
         if problems:
             worse[step] = "; ".join(problems)
-    eligible = [(step, scores) for step, scores in candidates if step not in collapsed and step not in worse]
-    if eligible:
-        step = _lowest_loss(eligible)
-        return Choice(step, f"step {step}: no worse than the base by ear, then the lowest audio loss", collapsed, worse)
     standing = [(step, scores) for step, scores in candidates if step not in collapsed]
-    if standing:
-        step = _lowest_loss(standing)
-        reason = f"step {step}: every candidate sounds worse than the base; the lowest audio loss, for the gate"
-        return Choice(step, reason, collapsed, worse)
+    beats_base = [(step, scores) for step, scores in standing if not _above(scores.audio_loss, base.audio_loss)]
+    tiers = (
+        ([(step, scores) for step, scores in beats_base if step not in worse], "no worse than the base by ear"),
+        (beats_base, "every candidate sounds worse than the base; the quality gate decides"),
+        (standing, "every candidate's audio loss is above the base's; the loss gate decides"),
+    )
+    for tier, why in tiers:
+        if tier:
+            step = _lowest_loss(tier)
+            return Choice(step, f"step {step}: {why}; then the lowest audio loss", collapsed, worse)
     return Choice(None, f"every candidate collapsed ({len(collapsed)}): none is chosen", collapsed, worse)
 
 
@@ -132,6 +136,10 @@ def _lowest_loss(candidates: Sequence[tuple[int, Scores]]) -> int:
 
 def _or_inf(value: float) -> float:
     return value if math.isfinite(value) else math.inf
+
+
+def _above(value: float, reference: float) -> bool:
+    return math.isfinite(value) and math.isfinite(reference) and value > reference
 
 
 def _below(value: float, reference: float) -> bool:
