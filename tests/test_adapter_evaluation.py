@@ -299,7 +299,8 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert quality.metadata["enforced"].value is False and "random weights" in quality.metadata["note"].value
 
         pointer = read_pointer(str(artifacts_dir / "production_adapter" / "current.json"))
-        assert pointer["adapter_path"] == str(run / "candidates" / "step-00000012") == metadata["adapter_path"]
+        # The chosen candidate is the best by loss too: reported under the path training handed on.
+        assert pointer["adapter_path"] == str(run / "best_adapter") == metadata["adapter_path"]
         assert pointer["chosen_step"] == 12
         assert pointer["val_audio_loss"] == pytest.approx(metadata["val_audio_loss"])
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])

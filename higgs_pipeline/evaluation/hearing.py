@@ -77,8 +77,14 @@ def candidate_adapters(adapter_meta: dict, scratch: str, limit: int) -> list[Can
         return [CandidateAdapter(-1, path, local_folder(path, scratch), True)]
     best = next((c.step for c in found if c.best), None)
     dropped = set(steps_to_drop([c.step for c in found], best, max(limit - 1, 0))) if limit else set()
+    # The best candidate holds the very weights training handed on: reported under that adapter's path.
     return [
-        CandidateAdapter(c.step, c.path, local_folder(c.path, f"{scratch}/candidate-{c.step}"), c.best)
+        CandidateAdapter(
+            c.step,
+            adapter_meta["adapter_path"] if c.best else c.path,
+            local_folder(c.path, f"{scratch}/candidate-{c.step}"),
+            c.best,
+        )
         for c in found
         if c.step not in dropped
     ]
