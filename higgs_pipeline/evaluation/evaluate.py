@@ -180,54 +180,53 @@ def quality_problems(numbers: dict, baseline: dict | None = None, baseline_name:
             "adapter_evaluation's generation_prompts / voice_clone_prompts above 0 and evaluate again"
         ]
     rules = (  # (name, +1: higher is worse / -1: lower is worse, tolerance key, default, what it means)
-        ("wer", 1, "quality_wer_tolerance", WER_TOLERANCE, "speech is less intelligible"),
-        (
-            "speaker_similarity",
-            -1,
-            "quality_similarity_tolerance",
-            SIMILARITY_TOLERANCE,
-            "voice is less like the reference",
-        ),
-        ("dnsmos_ovrl", -1, "quality_dnsmos_tolerance", DNSMOS_TOLERANCE, "speech sounds less natural"),
-    )
-    problems = []
-    for name, sign, tolerance_key, default, meaning in rules:
-        value, reference = _finite(numbers.get(f"val_{name}")), _finite(baseline.get(f"val_{name}"))
-        tolerance = float(numbers.get(tolerance_key, default))
-        if value is None or reference is None or sign * (value - reference) <= tolerance:
-            continue
-        relation, bound = (">", "+") if sign > 0 else ("<", "-")
-        problems.append(
-            f"adapter's {meaning}: val_{name} {value:.4f} {relation} {baseline_name}{name} {reference:.4f} "
-            f"{bound} tolerance {tolerance}"
-        )
-    return problems
+        ("wer", 1, "quality_wer_tolerance", WER_TOLERANCE, "adapter's speech is less intelligible"),
+        ("speaker_similarity", -1, "quality_similarity_tolerance", SIMILARITY_TOLERANCE, "adapter's voice is less "
+         "like the reference"),
+        ("dnsmos_ovrl", -1, "quality_dnsmos_tolerance", DNSMOS_TOLERANCE, "adapter's speech sounds less natural"),
+    )  # fmt: skip
+    return _worse_beyond(
+        numbers,
+        [
+            (meaning, f"val_{name}", numbers.get(f"val_{name}"), f"{baseline_name}{name}",
+             baseline.get(f"val_{name}"), sign, key, default)
+            for name, sign, key, default, meaning in rules
+        ],
+    )  # fmt: skip
 
 
 def retention_problems(numbers: dict) -> list[str]:
     """Where the adapter lost what the base could do on the retention set (voices outside the training data):
     WER up by more than `retention_wer_tolerance` or similarity down by more than
     `retention_similarity_tolerance`. Nothing is a problem when the retention set was not scored."""
-    problems = []
     rules = (
         ("retention_wer", 1, "retention_wer_tolerance", WER_TOLERANCE, "clones unseen voices less intelligibly"),
-        (
-            "retention_speaker_similarity",
-            -1,
-            "retention_similarity_tolerance",
-            SIMILARITY_TOLERANCE,
-            "clones unseen voices less faithfully",
-        ),
-    )
-    for name, sign, tolerance_key, default, meaning in rules:
-        value, reference = _finite(numbers.get(name)), _finite(numbers.get(f"base_{name}"))
+        ("retention_speaker_similarity", -1, "retention_similarity_tolerance", SIMILARITY_TOLERANCE,
+         "clones unseen voices less faithfully"),
+    )  # fmt: skip
+    return _worse_beyond(
+        numbers,
+        [
+            (f"adapter {meaning}", name, numbers.get(name), f"base_{name}", numbers.get(f"base_{name}"), sign, key,
+             default)
+            for name, sign, key, default, meaning in rules
+        ],
+    )  # fmt: skip
+
+
+def _worse_beyond(numbers: dict, comparisons: list[tuple]) -> list[str]:
+    """One problem per (meaning, name, value, reference name, reference, sign, tolerance key, default) whose value
+    is worse than the reference by more than the tolerance recorded in `numbers` (sign +1: higher is worse)."""
+    problems = []
+    for meaning, name, value, reference_name, reference, sign, tolerance_key, default in comparisons:
+        value, reference = _finite(value), _finite(reference)
         tolerance = float(numbers.get(tolerance_key, default))
-        if value is not None and reference is not None and sign * (value - reference) > tolerance:
-            relation, bound = (">", "+") if sign > 0 else ("<", "-")
-            problems.append(
-                f"adapter {meaning}: {name} {value:.4f} {relation} base_{name} {reference:.4f} {bound} "
-                f"tolerance {tolerance}"
-            )
+        if value is None or reference is None or sign * (value - reference) <= tolerance:
+            continue
+        relation, bound = (">", "+") if sign > 0 else ("<", "-")
+        problems.append(
+            f"{meaning}: {name} {value:.4f} {relation} {reference_name} {reference:.4f} {bound} tolerance {tolerance}"
+        )
     return problems
 
 

@@ -12,7 +12,6 @@ prompt, another clip of the same speaker (the next one in the speaker's clips or
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
@@ -24,7 +23,9 @@ import fsspec
 import numpy as np
 
 from higgs_pipeline.data.audio_io import decode, to_mono
+from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import SAMPLE_KINDS, SampleRecord, is_local
+from higgs_pipeline.files import atomic_open
 
 TAKES = ("ground_truth", "base", "adapter")
 MODEL_TAKES = ("base", "adapter")
@@ -149,12 +150,11 @@ def local_clip(path: str, scratch: str) -> str:
     """`path` itself when it is on this machine; else a copy under `scratch` (the serve engine reads local files)."""
     if is_local(path):
         return fsspec.core.url_to_fs(path)[1]
-    name = hashlib.sha256(path.encode()).hexdigest()[:16] + "_" + os.path.basename(path)
+    name = digest(path)[:16] + "_" + os.path.basename(path)
     target = os.path.join(scratch, "clips", name)
     if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fsspec.core.url_to_fs(path)[0].get_file(path, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        with atomic_open(target, "wb") as handle:
+            handle.write(fsspec.core.url_to_fs(path)[0].cat_file(path))
     return target
 
 
