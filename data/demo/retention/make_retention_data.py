@@ -22,7 +22,14 @@ from pathlib import Path
 FOLDER = Path(__file__).resolve().parent
 # (file stem, espeak-ng voice, pitch, speed, what the reference says, what the model is asked to say)
 VOICES = (
-    ("caribbean", "en-029+f2", 70, 160, "The harbour was calm when the boats came home.", "Please bring the blue basket."),
+    (
+        "caribbean",
+        "en-029+f2",
+        70,
+        160,
+        "The harbour was calm when the boats came home.",
+        "Please bring the blue basket.",
+    ),
     ("rp", "en-gb-x-rp+m7", 30, 145, "Every morning he walks along the river.", "The concert starts at eight."),
     ("nyc", "en-us-nyc+f5", 55, 170, "I like to read the paper with my coffee.", "Is the shop open on Monday?"),
 )
@@ -36,8 +43,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for stem, voice, pitch, speed, ref_text, text in VOICES:
             raw = Path(scratch) / f"{stem}.wav"
-            subprocess.run([espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(raw), ref_text], check=True)
-            subprocess.run([sox, str(raw), "-r", "16000", "-c", "1", "-b", "16", str(FOLDER / f"{stem}.wav")], check=True)
+            subprocess.run(
+                [espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(raw), ref_text], check=True
+            )
+            subprocess.run(
+                [sox, str(raw), "-r", "16000", "-c", "1", "-b", "16", str(FOLDER / f"{stem}.wav")], check=True
+            )
             rows.append({"ref_audio_path": f"{stem}.wav", "ref_text": ref_text, "text": text})
     with (FOLDER / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["ref_audio_path", "ref_text", "text"])
