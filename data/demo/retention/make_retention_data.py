@@ -47,7 +47,7 @@ def main() -> None:
                 [espeak, "-v", voice, "-p", str(pitch), "-s", str(speed), "-w", str(raw), ref_text], check=True
             )
             subprocess.run(
-                [sox, str(raw), "-r", "16000", "-c", "1", "-b", "16", str(FOLDER / f"{stem}.wav")], check=True
+                [sox, "-D", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(FOLDER / f"{stem}.wav")], check=True
             )
             rows.append({"ref_audio_path": f"{stem}.wav", "ref_text": ref_text, "text": text})
     with (FOLDER / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
