@@ -30,9 +30,11 @@ from higgs_pipeline.data.records import SampleRecord, TokenStore, write_records
 from higgs_pipeline.defs.adapter_evaluation import (
     adapter_evaluation,
     adapter_no_worse_than_base,
+    chosen_checkpoint_not_collapsed,
     losses_are_finite,
     no_regression_vs_previous,
     quality_no_worse_than_base,
+    retention_no_worse_than_base,
 )
 from higgs_pipeline.defs.production_adapter import production_adapter, read_pointer
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
@@ -40,6 +42,7 @@ from higgs_pipeline.evaluation.evaluate import compare_with_base, validation_rec
 from higgs_pipeline.evaluation.listening import TAKES
 from higgs_pipeline.models.demo import DEMO_NOTE
 from higgs_pipeline.paths import DEMO_MANIFEST
+from higgs_pipeline.training.candidates import save_candidate
 from higgs_pipeline.training.objective import loss_sums, training_loss
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
 
@@ -148,10 +151,21 @@ def adapters(corpus, text_tokenizer):
     (root / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     broken, _ = _fit(corpus["records"], corpus["store"], text_tokenizer, steps=6, audio_sign=-1.0)
     broken.save_pretrained(root / "broken")
-    return {"fitted": str(root / "fitted"), "broken": str(root / "broken"), "metrics": str(root / "metrics.jsonl")}
+    # A training run's folder as the trainer leaves it: two evaluation points kept as candidates (the broken one at
+    # step 6, the fitted one at step 12, the best by validation loss) and the best handed on as best_adapter.
+    run = root / "run"
+    save_candidate(broken, run, {"step": 6, "val_loss": 9.0, "val_audio_loss": 9.0}, best_step=6)
+    save_candidate(fitted, run, {"step": 12, "val_loss": 5.0, "val_audio_loss": 5.0}, best_step=12)
+    fitted.save_pretrained(run / "best_adapter")
+    return {
+        "fitted": str(root / "fitted"),
+        "broken": str(root / "broken"),
+        "metrics": str(root / "metrics.jsonl"),
+        "run": str(run),
+    }
 
 
-def _report_upstream(instance, corpus, adapter_path, metrics_path, corpus_version="data-v1"):
+def _report_upstream(instance, corpus, adapter_path, metrics_path, corpus_version="data-v1", run_dir=None):
     instance.report_runless_asset_event(dg.AssetMaterialization("train_val_split", metadata=corpus["split_meta"]))
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
@@ -159,7 +173,7 @@ def _report_upstream(instance, corpus, adapter_path, metrics_path, corpus_versio
             metadata={
                 "adapter_path": dg.MetadataValue.path(adapter_path),
                 "metrics_path": dg.MetadataValue.path(metrics_path),
-                "run_dir": dg.MetadataValue.path(adapter_path),
+                "run_dir": dg.MetadataValue.path(run_dir or adapter_path),
                 "corpus_version": corpus_version,
                 "code_versions": dg.MetadataValue.json({"lora_adapter": "1", "train_val_split": "1"}),
             },
@@ -178,6 +192,26 @@ QUALITY_KEYS = (
     "ground_truth_speaker_similarity",
     "val_unfinished_rate",
     "val_silence_rate",
+    "val_dnsmos_ovrl",
+    "base_val_dnsmos_ovrl",
+    "ground_truth_dnsmos_ovrl",
+    "val_dnsmos_sig",
+    "val_dnsmos_bak",
+    "retention_wer",
+    "base_retention_wer",
+    "retention_speaker_similarity",
+    "base_retention_speaker_similarity",
+    "golden_wer",
+    "golden_speaker_similarity",
+    "golden_dnsmos_ovrl",
+)
+CHECKS = (
+    losses_are_finite,
+    adapter_no_worse_than_base,
+    quality_no_worse_than_base,
+    retention_no_worse_than_base,
+    chosen_checkpoint_not_collapsed,
+    no_regression_vs_previous,
 )
 
 
@@ -192,14 +226,7 @@ def _resources(artifacts_root: str) -> dict:
 def _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=1):
     config = {"generation_prompts": prompts, "voice_clone_prompts": voice_clone_prompts, "max_new_tokens": 48}
     return dg.materialize(
-        [
-            adapter_evaluation,
-            losses_are_finite,
-            adapter_no_worse_than_base,
-            quality_no_worse_than_base,
-            no_regression_vs_previous,
-            production_adapter,
-        ],
+        [adapter_evaluation, *CHECKS, production_adapter],
         instance=instance,
         resources=_resources(str(artifacts_dir)),
         run_config={"ops": {"adapter_evaluation": {"config": config}}},
@@ -238,18 +265,22 @@ def test_untrained_adapter_scores_exactly_like_its_base(corpus, text_tokenizer, 
 
 @pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, adapters, artifacts_dir):
+    """A run that kept two candidates (a broken one at step 6, the fitted one at step 12): both are heard, the
+    fitted one is chosen, evaluated, reported and promoted; then a run whose only adapter is broken is blocked."""
+    run = Path(adapters["run"])
     with dg.instance_for_test() as instance:
-        _report_upstream(instance, corpus, adapters["fitted"], adapters["metrics"])
+        _report_upstream(instance, corpus, str(run / "best_adapter"), adapters["metrics"], run_dir=str(run))
         result = _evaluate_and_promote(instance, artifacts_dir)
         assert result.success
         metadata = _metadata(result)
+        _assert_candidates_heard(metadata, run)
         names = ["text_loss", "audio_loss", "total_loss", "audio_accuracy"] + [f"audio_loss_cb{i}" for i in range(8)]
         for name in names:
             assert math.isfinite(metadata[f"val_{name}"]) and math.isfinite(metadata[f"base_val_{name}"])
         assert metadata["improvement"] == pytest.approx(metadata["base_val_total_loss"] - metadata["val_total_loss"])
         assert metadata["val_audio_loss"] < metadata["base_val_audio_loss"]
         assert metadata["demo_model"] is True and metadata["model_note"] == DEMO_NOTE
-        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == "2"
+        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == "3"
         assert metadata["adapter_code_versions"] == {"lora_adapter": "1", "train_val_split": "1"}
         assert [row.data["codebook"] for row in metadata["per_codebook"].records] == list(range(8))
         prefix = "![loss curves](data:image/png;base64,"
@@ -269,7 +300,9 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert quality.metadata["enforced"].value is False and "random weights" in quality.metadata["note"].value
 
         pointer = read_pointer(str(artifacts_dir / "production_adapter" / "current.json"))
-        assert pointer["adapter_path"] == adapters["fitted"]
+        # The chosen candidate is the best by loss too: reported under the path training handed on.
+        assert pointer["adapter_path"] == str(run / "best_adapter") == metadata["adapter_path"]
+        assert pointer["chosen_step"] == 12
         assert pointer["val_audio_loss"] == pytest.approx(metadata["val_audio_loss"])
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])
         assert pointer["corpus_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]
@@ -291,6 +324,26 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert read_pointer(str(artifacts_dir / "production_adapter" / "current.json")) == pointer
 
 
+def _assert_candidates_heard(metadata: dict, run: Path) -> None:
+    """Both candidates scored on the same prompts; the fitted one (lower audio loss, not above the base's) chosen."""
+    assert metadata["checkpoints_evaluated"] == 2 and metadata["chosen_step"] == 12
+    rows = [row.data for row in metadata["checkpoint_scores"].records]
+    assert [row["step"] for row in rows] == [6, 12] and [row["chosen"] for row in rows] == [False, True]
+    assert rows[1]["audio_loss"] == pytest.approx(metadata["val_audio_loss"])
+    assert rows[0]["audio_loss"] > metadata["base_val_audio_loss"] > rows[1]["audio_loss"]
+    assert not rows[0]["collapsed"]  # its loss is above the base's: worse, but not a hidden collapse
+    for row in rows:
+        assert {"wer", "cer", "speaker_similarity", "dnsmos_ovrl", "silence_rate", "unfinished_rate"} <= set(row)
+        assert math.isfinite(row["wer"]) and 0.0 < row["dnsmos_ovrl"] <= 5.0
+    assert rows[1]["wer"] == pytest.approx(metadata["val_wer"])
+    assert metadata["all_candidates_collapsed"] is False and metadata["choice_reason"].startswith("step 12")
+    assert metadata["trained_adapter_path"] == str(run / "best_adapter")
+    prefix = "![checkpoint scores](data:image/png;base64,"
+    assert metadata["checkpoint_plot"].startswith(prefix)
+    summary = json.loads(Path(metadata["evaluation_path"]).read_text())
+    assert [row["step"] for row in summary["checkpoint_scores"]] == [6, 12] and summary["chosen_step"] == 12
+
+
 def _assert_listened(metadata: dict) -> None:
     """One TTS and one voice-clone prompt, scored for ground truth, base and adapter, with a report that plays."""
     for key in QUALITY_KEYS:
@@ -301,6 +354,15 @@ def _assert_listened(metadata: dict) -> None:
         assert -1 <= metadata[key] <= 1, key
     for key in ("val_unfinished_rate", "val_silence_rate"):
         assert metadata[key] in (0.0, 0.5, 1.0), key
+    # DNSMOS rates every clip, the recordings (espeak speech) and the generations (the demo model's noise).
+    for key in ("val_dnsmos_ovrl", "base_val_dnsmos_ovrl", "ground_truth_dnsmos_ovrl", "val_dnsmos_sig"):
+        assert 0.0 < metadata[key] <= 5.0, key  # a DNSMOS fit, ~1..5 (noise can rate just below 1)
+    # One retention voice (not in the corpus) and one golden sentence, for the base and the chosen adapter.
+    for key in ("retention_wer", "base_retention_wer", "golden_wer", "base_golden_wer"):
+        assert math.isfinite(metadata[key]) and metadata[key] >= 0, key
+    for key in ("retention_speaker_similarity", "base_retention_speaker_similarity", "golden_speaker_similarity"):
+        assert -1 <= metadata[key] <= 1, key
+    assert 0.0 < metadata["golden_dnsmos_ovrl"] <= 5.0
     assert metadata["quality_prompts"] == 2
     rows = [row.data for row in metadata["per_prompt"].records]
     assert [(row["prompt"], row["kind"]) for row in rows] == [("s4", "tts"), ("v5", "voice_clone")]
@@ -311,7 +373,8 @@ def _assert_listened(metadata: dict) -> None:
     report = Path(metadata["report_path"])
     page = report.read_text()
     assert report.name == "report.html" and page.count('<section class="prompt"') == 2
-    assert DEMO_NOTE in page
+    assert DEMO_NOTE in page and "Naturalness (DNSMOS OVRL" in page and "Checkpoints heard" in page
+    assert "Retention set (unseen voices)" in page
     for row in rows:
         assert row["text"] in page or html.escape(row["text"]) in page
     if CHROMIUM.exists():
@@ -379,14 +442,30 @@ def test_adapter_and_artifacts_in_s3(corpus, adapters, s3_env):  # noqa: F811
     assert fs.exists(metadata["report_path"].rsplit("/", 1)[0] + "/audio/00_s4_adapter.wav")
 
 
-def _recorded_check(check, numbers: dict, demo: bool) -> dg.AssetCheckResult:
-    """Run a check against one recorded evaluation (numbers chosen here) in a real instance."""
-    metadata = {name: dg.MetadataValue.float(value) for name, value in numbers.items()}
-    with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization("adapter_evaluation", metadata={**metadata, "demo_model": demo})
+def _evaluation_stub(numbers: dict, demo: bool, store: str, then=None):
+    """An `adapter_evaluation` that records the given numbers as if it had evaluated into artifact store `store`;
+    `then` runs after its materialization is recorded, inside the same step (before the run's checks)."""
+
+    @dg.asset(name="adapter_evaluation")
+    def recorded():
+        metadata = {name: dg.MetadataValue.float(value) for name, value in numbers.items()}
+        yield dg.MaterializeResult(
+            metadata={**metadata, "demo_model": demo, "evaluation_path": f"{store}/adapter_evaluation/evaluation.json"}
         )
-        return check(dg.build_asset_check_context(instance=instance))
+        if then is not None:
+            then()
+
+    return recorded
+
+
+def _recorded_check(check, numbers: dict, demo: bool) -> dg.AssetCheckEvaluation:
+    """Run a check in a real run, after an evaluation that recorded the numbers chosen here."""
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [_evaluation_stub(numbers, demo, "store"), check], instance=instance, raise_on_error=False
+        )
+        (evaluation,) = result.get_asset_check_evaluations()
+        return evaluation
 
 
 # The demo chain's numbers from the issue: the total fell (text tokens), the audio got worse.
@@ -421,3 +500,49 @@ def test_quality_check_blocks_on_a_released_model_and_warns_on_the_demo():
     assert _recorded_check(quality_no_worse_than_base, good, demo=False).passed
     strict = numbers | {"val_wer": 0.12, "quality_wer_tolerance": 0.0}
     assert not _recorded_check(quality_no_worse_than_base, strict, demo=False).passed
+
+
+def test_checks_read_their_own_runs_evaluation_while_another_run_records_a_newer_one(tmp_path):
+    """Run A (store A) records a good evaluation; before A's checks run, run B (store B) records a worse one. A's
+    checks judge A's numbers (the newest evaluation in the instance is B's), and B's own checks judge B's."""
+    good = TEXT_ONLY_GAIN | {"val_audio_loss": 6.90, "val_wer": 0.10, "base_val_wer": 0.10}
+    worse = TEXT_ONLY_GAIN | {"val_wer": 0.50, "base_val_wer": 0.10}
+    with dg.instance_for_test() as instance:
+        runs = {}
+
+        def run_b() -> None:
+            stub = _evaluation_stub(worse, False, str(tmp_path / "store_b"))
+            runs["b"] = dg.materialize([stub, *CHECKS], instance=instance, raise_on_error=False)
+
+        stub_a = _evaluation_stub(good, False, str(tmp_path / "store_a"), then=run_b)
+        run_a = dg.materialize([stub_a, *CHECKS], instance=instance, raise_on_error=False)
+        latest = instance.get_latest_materialization_event(dg.AssetKey("adapter_evaluation"))
+        assert latest.run_id == runs["b"].run_id != run_a.run_id  # B's is the newest when A's checks run
+        checks_a, checks_b = _checks(run_a), _checks(runs["b"])
+        assert checks_a["adapter_no_worse_than_base"].passed and checks_a["quality_no_worse_than_base"].passed
+        assert checks_a["adapter_no_worse_than_base"].metadata["val_audio_loss"].value == pytest.approx(6.90)
+        assert "previous" in checks_a["no_regression_vs_previous"].metadata  # A is the first evaluation
+        assert not checks_b["adapter_no_worse_than_base"].passed and not checks_b["quality_no_worse_than_base"].passed
+        assert checks_b["no_regression_vs_previous"].metadata["previous_val_audio_loss"].value == pytest.approx(6.90)
+
+
+def test_retention_and_collapse_checks_block_on_a_released_model_and_warn_on_the_demo():
+    forgot = {
+        **TEXT_ONLY_GAIN,
+        "val_audio_loss": 6.90,
+        "retention_wer": 0.40,
+        "base_retention_wer": 0.10,
+        "retention_speaker_similarity": 0.70,
+        "base_retention_speaker_similarity": 0.72,
+    }
+    released = _recorded_check(retention_no_worse_than_base, forgot, demo=False)
+    assert not released.passed and released.severity == dg.AssetCheckSeverity.ERROR
+    assert "retention_wer 0.4000 > base_retention_wer 0.1000" in released.metadata["problems"].value
+    demo = _recorded_check(retention_no_worse_than_base, forgot, demo=True)
+    assert not demo.passed and demo.severity == dg.AssetCheckSeverity.WARN
+    kept = forgot | {"retention_wer": 0.12}
+    assert _recorded_check(retention_no_worse_than_base, kept, demo=False).passed
+    collapsed = {**TEXT_ONLY_GAIN, "all_candidates_collapsed": 1.0, "chosen_step": 40.0, "checkpoints_evaluated": 2.0}
+    blocked = _recorded_check(chosen_checkpoint_not_collapsed, collapsed, demo=False)
+    assert not blocked.passed and "every candidate adapter collapsed" in blocked.metadata["problems"].value
+    assert _recorded_check(chosen_checkpoint_not_collapsed, collapsed | {"all_candidates_collapsed": 0.0}, False).passed

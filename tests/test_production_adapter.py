@@ -184,3 +184,21 @@ def test_pointer_records_the_audio_and_quality_numbers(promote):
     worse, pointer, _ = promote(_evaluation("/adapters/b", 6.0, demo=False, quality=_quality(0.2, 0.2, 0.7, 0.69)))
     assert worse["promoted"] is False and pointer["adapter_path"] == "/adapters/a"
     assert "current adapter's val_wer 0.1000" in worse["reason"]
+
+
+def test_released_model_blocks_forgotten_voices_and_all_collapsed_candidates(promote):
+    """The retention set and the collapse flag gate promotion on a released base, like the listening numbers; the
+    pointer names the chosen candidate with its step and naturalness."""
+    heard = _quality(0.05, 0.05) | {"val_dnsmos_ovrl": 3.1, "base_val_dnsmos_ovrl": 3.2, "chosen_step": 40.0}
+    metadata, pointer, _ = promote(_evaluation("/run/candidates/step-00000040", 8.0, demo=False, quality=heard))
+    assert metadata["promoted"] is True and pointer["chosen_step"] == 40.0 and pointer["val_dnsmos_ovrl"] == 3.1
+    forgot = heard | {"retention_wer": 0.5, "base_retention_wer": 0.1}
+    _, pointer, result = promote(_evaluation("/adapters/forgot", 7.0, demo=False, quality=forgot))
+    assert not result.success and pointer["adapter_path"] == "/run/candidates/step-00000040"
+    assert "retention_wer 0.5000 > base_retention_wer 0.1000" in _failure(result)
+    collapsed = heard | {"all_candidates_collapsed": 1.0}
+    _, pointer, result = promote(_evaluation("/adapters/silent", 7.0, demo=False, quality=collapsed))
+    assert not result.success and "every candidate adapter collapsed" in _failure(result)
+    unnatural = heard | {"val_dnsmos_ovrl": 2.0}
+    _, _, result = promote(_evaluation("/adapters/buzzing", 7.0, demo=False, quality=unnatural))
+    assert not result.success and "val_dnsmos_ovrl 2.0000 < base_val_dnsmos_ovrl 3.2000" in _failure(result)

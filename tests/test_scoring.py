@@ -18,7 +18,7 @@ from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.speech import scoring
 
-JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s"}
+JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s", "dnsmos_ovrl"}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,27 @@ def test_score_command_json(capsys, voices):
     assert wrong["speaker_similarity"] is None and wrong["wer"] >= 0.8
     assert main(["score", clips[0], "--text", SENTENCES[1]]) == 0
     assert "WER 0." in capsys.readouterr().out
+
+
+def test_dnsmos_separates_clean_from_noisy_speech_in_score(capsys, tmp_path, voices):
+    """The same espeak sentences, clean and under white noise at 0 dB SNR: `score --json` rates the clean ones more
+    natural (DNSMOS OVRL) every time, and a clip too short to rate says null rather than a made-up number."""
+    rng = np.random.default_rng(0)
+    clean, noisy = [], []
+    for index in (1, 2):
+        wave, rate = soundfile.read(str(voices[0, index]), dtype="float32")
+        noise = rng.normal(0, 1, wave.shape).astype(np.float32) * np.sqrt(np.mean(wave**2))
+        soundfile.write(tmp_path / f"noisy{index}.wav", np.clip(wave + noise, -1, 1), rate)
+        clean.append(str(voices[0, index]))
+        noisy.append(str(tmp_path / f"noisy{index}.wav"))
+    assert main(["score", *clean, *noisy, "--text", SENTENCES[1], "--json"]) == 0
+    scores = [json.loads(line)["dnsmos_ovrl"] for line in capsys.readouterr().out.strip().splitlines()]
+    assert all(1.0 <= score <= 5.0 for score in scores), scores
+    for clean_score, noisy_score in zip(scores[:2], scores[2:], strict=True):
+        assert clean_score - noisy_score >= 0.5, scores
+    soundfile.write(tmp_path / "blip.wav", np.full(100, 0.1, dtype=np.float32), 16_000)
+    assert main(["score", str(tmp_path / "blip.wav"), "--text", "Hi there.", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dnsmos_ovrl"] is None
 
 
 def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):

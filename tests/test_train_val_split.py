@@ -105,7 +105,7 @@ def test_split_asset_is_stable_as_the_corpus_grows(tmp_path):
     kept = [(s, name) for name in ("train", "validation") for s in before[name] if s in side_after]
     assert len(kept) >= 18  # a new clip can only change the reference (hence id) of one voice-clone sample per speaker
     assert all(side_after[s] == name for s, name in kept)
-    held_out = run(12, {"speaker_held_out": True, "validation_fraction": 0.3})
+    held_out = run(12, {"group_by": "speaker", "validation_fraction": 0.3})
     assert held_out["split_group"] == "speaker" and held_out["speakers_in_both"] == 0
 
 
@@ -179,7 +179,40 @@ def test_split_asset_reports_and_removes_validation_texts_in_train(tmp_path):
     assert by_text["validation_count"] >= 4 and by_text["train_count"] >= 4
     held_out = metadata_of(run({"group_by": "speaker", "validation_fraction": 0.3}), "train_val_split")
     assert held_out["split_group"] == "speaker" and held_out["speakers_in_both"] == 0
-    bad = run({"group_by": "text", "speaker_held_out": True}, raise_on_error=False)
-    assert not bad.success and "speaker_held_out" in failure_message(bad)
+    bad = run({"group_by": "speaker", "speaker_held_out": True}, raise_on_error=False)
+    assert not bad.success and "use group_by: speaker" in failure_message(bad)
     bad = run({"group_by": "sentence"}, raise_on_error=False)
     assert not bad.success and "group_by 'sentence'" in failure_message(bad)
+
+
+def _with_dialogues(index: pd.DataFrame, dialogues: int) -> pd.DataFrame:
+    """`dialogues` two-speaker dialogue samples added to a sample index (one sample per dialogue)."""
+    rows = pd.DataFrame(
+        {
+            "sample_id": [f"dlg-{d}" for d in range(dialogues)],
+            "kind": ["dialogue"] * dialogues,
+            "speaker": ["spk_00"] * dialogues,
+            "clip_hash": [f"{d:064x}"[::-1] for d in range(dialogues)],
+            "dialogue_id": [f"talk{d}" for d in range(dialogues)],
+            "speakers": ["spk_00,spk_01"] * dialogues,
+        }
+    )
+    return pd.concat([index.assign(dialogue_id="", speakers=""), rows], ignore_index=True)
+
+
+def test_validation_holds_a_dialogue_whenever_the_data_hold_one():
+    """Three dialogues among 48 clips at 5%: the hash alone puts none in validation, the rule moves the dialogue
+    with the lowest hash there (whole), the rest of the split stays as the hash decided, and the choice is stable."""
+    index = _with_dialogues(_index(48), dialogues=3)
+    plain = split_samples(index.assign(dialogue_id=""), 0.05)
+    result = split_samples(index, 0.05)
+    is_dialogue = (index["kind"] == "dialogue").to_numpy()
+    assert result.is_validation[is_dialogue].sum() == 1  # exactly one dialogue moved, none divided
+    assert np.array_equal(result.is_validation[~is_dialogue], plain.is_validation[~is_dialogue])
+    again = split_samples(index.sample(frac=1.0, random_state=3).sort_index(), 0.05)
+    assert np.array_equal(again.is_validation, result.is_validation)
+    for mode in ("speaker_held_out", "text"):
+        keyed = index.assign(text_key=index["sample_id"])
+        moved = split_samples(keyed, 0.05, mode=mode)
+        assert moved.is_validation[is_dialogue].any() and not moved.is_validation.all(), mode
+    assert not split_samples(_index(48), 0.05).is_validation.all()  # no dialogue: nothing moved

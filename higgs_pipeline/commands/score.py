@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,8 @@ EXAMPLE = """example:
   higgs-pipeline score out/clip1.wav out/clip2.wav --text "Please close the window." --reference ref.wav --json
 
 With --json each clip prints one object: {"wer": ..., "cer": ..., "speaker_similarity": ... (null without
---reference), "duration_s": ...}, in the order the clips were given. WER/CER are after Whisper's English text
+--reference), "duration_s": ..., "dnsmos_ovrl": ... (DNSMOS overall naturalness, 1..5; null when the clip is
+too short to rate)}, in the order the clips were given. WER/CER are after Whisper's English text
 normalizer; the embedded models (Whisper tiny.en, Resemblyzer) run offline on a CPU."""
 
 
@@ -89,11 +91,13 @@ def _as_json(score: ClipScore) -> dict[str, float | None]:
         "cer": score.cer,
         "speaker_similarity": score.speaker_similarity,
         "duration_s": score.duration_s,
+        "dnsmos_ovrl": None if math.isnan(score.dnsmos_ovrl) else score.dnsmos_ovrl,
     }
 
 
 def _as_line(path: str, score: ClipScore) -> str:
     similarity = "" if score.speaker_similarity is None else f"  SIM {score.speaker_similarity:.3f}"
     speech = "" if score.speech_detected else "  (no speech detected)"
-    numbers = f"WER {score.wer:.3f}  CER {score.cer:.3f}{similarity}  {score.duration_s:.2f} s{speech}"
+    numbers = f"WER {score.wer:.3f}  CER {score.cer:.3f}{similarity}  DNSMOS {score.dnsmos_ovrl:.2f}"
+    numbers += f"  {score.duration_s:.2f} s{speech}"
     return f"{path}: {numbers}  heard: {score.hypothesis!r}"

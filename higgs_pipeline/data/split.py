@@ -14,6 +14,11 @@ gives none, the highest is moved back, so a lone sample always trains). Those tw
 that can change when data is added, and only for corpora so small that the hash alone yields an empty side. A
 corpus whose samples all share one group (one recording) is split by sample id instead, with a warning in the
 result: a leak is then unavoidable.
+
+Dialogues heard: when the data hold dialogues but the hash puts none of them in validation, the group holding a
+dialogue with the lowest hash is moved to validation (unless it is the only train group left), so the evaluation
+always regenerates at least one dialogue. Like the repairs above it can change only while validation holds no
+dialogue: once one is there by its hash, adding data moves nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode
     validation = position < validation_fraction
     if len(groups) >= 2 and not validation.any():
         validation[np.argmin(position)] = True
+    _validate_a_dialogue(samples, codes, position, validation)
     if len(groups) >= 1 and validation.all():  # a lone sample trains: an empty train side cannot train at all
         validation[np.argmax(position)] = False
     return SplitResult(
@@ -71,6 +77,20 @@ def split_samples(samples: pd.DataFrame, validation_fraction: float = 0.05, mode
         groups_validation=int(validation.sum()),
         note=note,
     )
+
+
+def _validate_a_dialogue(samples: pd.DataFrame, codes: np.ndarray, position: np.ndarray, validation: np.ndarray):
+    """Move the lowest-hash group holding a dialogue to validation when none is there (module docstring)."""
+    if "dialogue_id" not in samples or not len(samples):
+        return
+    in_dialogue = samples["dialogue_id"].astype("str").to_numpy() != ""
+    holds_dialogue = np.zeros(len(position), dtype=bool)
+    holds_dialogue[codes[in_dialogue]] = True
+    if not holds_dialogue.any() or (holds_dialogue & validation).any():
+        return
+    candidate = int(np.argmin(np.where(holds_dialogue, position, np.inf)))
+    if (~validation).sum() >= 2:  # a train side must remain
+        validation[candidate] = True
 
 
 def text_keys(texts: pd.Series) -> pd.Series:

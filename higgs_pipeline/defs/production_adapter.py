@@ -6,20 +6,19 @@ Materialized on its own later, it asks the same gate (`promotion_blockers`) agai
 to an adapter those checks would reject.
 """
 
-import hashlib
-import json
 import math
 from datetime import UTC, datetime
 
 import dagster as dg
 
+from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
 from higgs_pipeline.files import write_json
 from higgs_pipeline.serving.adapters import read_pointer
 
-CODE_VERSION = "2"
+CODE_VERSION = "3"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
 POINTER_NUMBERS = ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement")
 # Copied too when the evaluation recorded them (it listened): the audio numbers promotion compares.
@@ -35,14 +34,27 @@ POINTER_QUALITY = (
     "ground_truth_speaker_similarity",
     "val_unfinished_rate",
     "val_silence_rate",
+    "val_dnsmos_ovrl",
+    "base_val_dnsmos_ovrl",
+    "ground_truth_dnsmos_ovrl",
+    "retention_wer",
+    "base_retention_wer",
+    "retention_speaker_similarity",
+    "base_retention_speaker_similarity",
+    "golden_wer",
+    "golden_speaker_similarity",
+    "golden_dnsmos_ovrl",
+    "chosen_step",
+    "checkpoints_evaluated",
     "quality_wer_tolerance",
     "quality_similarity_tolerance",
+    "quality_dnsmos_tolerance",
 )
 
 
 def write_pointer(path: str, pointer: dict) -> None:
-    """A unique temporary name, then moved over the pointer: a reader never sees half a pointer, two writers never
-    share a temporary file."""
+    """The pointer written whole under a unique temporary name, then renamed: a reader never sees half of it, and
+    two writers never share a temporary file."""
     write_json(path, pointer)
 
 
@@ -85,7 +97,8 @@ def _sounds_worse_than(current: dict, candidate: dict) -> str:
 
 @dg.asset(group_name="evaluation", code_version=CODE_VERSION, deps=["adapter_evaluation"])
 def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactStore) -> dg.MaterializeResult:
-    """Points at the best evaluated adapter that passed the blocking checks; keeps the current one otherwise."""
+    """Points at the evaluated adapter (the candidate adapter_evaluation chose by ear, then by loss) when it passed
+    the blocking checks and beats the current one; keeps the current one otherwise."""
     evaluation = upstream_metadata(context, "adapter_evaluation")
     blockers = promotion_blockers(evaluation)
     if blockers:
@@ -149,5 +162,4 @@ def _plain(value):
 
 def _pointer_version(pointer: dict) -> str:
     """Changes only when the pointer moves, so nothing downstream sees a change when the adapter was kept."""
-    key = json.dumps([pointer["adapter_path"], pointer.get("corpus_version")])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    return digest(str(pointer["adapter_path"]), str(pointer.get("corpus_version")))[:16]

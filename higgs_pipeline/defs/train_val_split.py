@@ -5,6 +5,7 @@ import json
 import dagster as dg
 import fsspec
 import pandas as pd
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records, read_split
@@ -17,18 +18,26 @@ GROUP_BY = {"target_clip": "target_clip", "speaker": "speaker_held_out", "text":
 
 
 class TrainValSplitConfig(dg.Config):
-    validation_fraction: float = 0.05
-    # target_clip: a recording's samples stay together; speaker: validation speakers are unseen (the same as
-    # speaker_held_out=True); text: no validation sentence is also trained on.
-    group_by: str = "target_clip"
-    speaker_held_out: bool = False
+    """Which share of the samples is held out, and what is kept together on one side."""
+
+    validation_fraction: float = Field(
+        0.05, description="Share of the groups (by hash) that go to validation, between 0 and 1 (exclusive)"
+    )
+    group_by: str = Field(
+        "target_clip",
+        description="target_clip: a recording's samples stay together; speaker: validation speakers are unseen; "
+        "text: no validation sentence is also trained on",
+    )
+    speaker_held_out: bool | None = Field(
+        None, description="Not a setting any more: use group_by: speaker (setting this fails, saying so)"
+    )
 
     def mode(self) -> str:
+        if self.speaker_held_out is not None:
+            raise ValueError("speaker_held_out is not a setting any more: use group_by: speaker instead")
         if self.group_by not in GROUP_BY:
             raise ValueError(f"group_by '{self.group_by}': choose one of {sorted(GROUP_BY)}")
-        if self.speaker_held_out and self.group_by not in ("target_clip", "speaker"):
-            raise ValueError(f"speaker_held_out=True groups by speaker; it contradicts group_by='{self.group_by}'")
-        return "speaker_held_out" if self.speaker_held_out else GROUP_BY[self.group_by]
+        return GROUP_BY[self.group_by]
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples", "tokenized_audio"], kinds={"pandas"})

@@ -13,16 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from higgs_pipeline.data.dialogue import RecordedDialogue
+from higgs_pipeline.evaluation.listening import TAKE_PREFIX
 from higgs_pipeline.serving.dialogue import speak_dialogue
 from higgs_pipeline.serving.generate import VoiceReference
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +143,6 @@ def pooled_speaker_scores(scores: Sequence[DialogueSpeakerScores]) -> tuple[floa
     if not len(own):
         return float("nan"), float("nan")
     return float(own.mean()), float(confused.mean())
-
-
-# Metadata name prefixes of the evaluation's takes, as the other quality numbers spell them.
-TAKE_PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
 
 
 def dialogue_quality_numbers(scores: Mapping[str, Sequence[DialogueSpeakerScores]]) -> dict[str, float]:

@@ -12,7 +12,6 @@ prompt, another clip of the same speaker (the next one in the speaker's clips or
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
@@ -24,12 +23,14 @@ import fsspec
 import numpy as np
 
 from higgs_pipeline.data.audio_io import decode, to_mono
+from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import SAMPLE_KINDS, SampleRecord, is_local
+from higgs_pipeline.files import atomic_open
 
 TAKES = ("ground_truth", "base", "adapter")
 MODEL_TAKES = ("base", "adapter")
-# The metadata name prefix of each take's numbers.
-PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
+# The metadata name prefix of each take's numbers (listening prompts and dialogues alike).
+TAKE_PREFIX = {"ground_truth": "ground_truth_", "base": "base_val_", "adapter": "val_"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class ListeningPrompt:
     speaker: str
     text: str
     system_prompt: str | None
-    target_path: str  # the recording of `text` (the ground truth); may be remote
+    target_path: str | None  # the recording of `text` (the ground truth; may be remote); None: none exists
     reference_path: str | None  # voice_clone: the clip the model imitates
     reference_text: str | None
     similarity_path: str | None  # the clip speaker similarity is measured against (None: no other clip)
@@ -61,6 +62,9 @@ class Take:
     finished: bool  # the generation emitted the audio end before max_new_tokens (always True for a recording)
     hypothesis: str
     duration_s: float
+    dnsmos_sig: float = math.nan  # DNSMOS P.835 (1..5, higher is better); NaN when not rated
+    dnsmos_bak: float = math.nan
+    dnsmos_ovrl: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -146,12 +150,11 @@ def local_clip(path: str, scratch: str) -> str:
     """`path` itself when it is on this machine; else a copy under `scratch` (the serve engine reads local files)."""
     if is_local(path):
         return fsspec.core.url_to_fs(path)[1]
-    name = hashlib.sha256(path.encode()).hexdigest()[:16] + "_" + os.path.basename(path)
+    name = digest(path)[:16] + "_" + os.path.basename(path)
     target = os.path.join(scratch, "clips", name)
     if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fsspec.core.url_to_fs(path)[0].get_file(path, target + ".tmp")
-        os.replace(target + ".tmp", target)
+        with atomic_open(target, "wb") as handle:
+            handle.write(fsspec.core.url_to_fs(path)[0].cat_file(path))
     return target
 
 
@@ -208,19 +211,36 @@ def score_takes(
     generated: dict[str, list],
     scratch: str,
     log: Callable[[str], None],
+    ground_truth: bool = True,
 ) -> list[PromptResult]:
-    """Transcribe and embed each prompt's recording and generations, against the same text and reference."""
+    """Transcribe, embed and rate each prompt's generations (and, with `ground_truth`, its recording) against the
+    same text and reference. `generated` maps a take name to one `GeneratedClip` per prompt."""
     results = []
     for position, prompt in enumerate(prompts):
         reference = load_clip(prompt.similarity_path, scratch) if prompt.similarity_path else None
-        target, rate = load_clip(prompt.target_path, scratch)
-        takes = {"ground_truth": _take(scorer, target, rate, True, prompt.text, reference)}
-        for name in MODEL_TAKES:
-            clip = generated[name][position]
+        takes = {}
+        if ground_truth:
+            if prompt.target_path is None:
+                raise ValueError(f"prompt {prompt.sample_id} has no recording to score as the ground truth")
+            target, rate = load_clip(prompt.target_path, scratch)
+            takes["ground_truth"] = _take(scorer, target, rate, True, prompt.text, reference)
+        for name, clips in generated.items():
+            clip = clips[position]
             takes[name] = _take(scorer, clip.waveform, clip.sample_rate, clip.finished, prompt.text, reference)
         results.append(PromptResult(prompt, takes, reference))
         log(f"scored {position + 1}/{len(prompts)} prompts")
     return results
+
+
+def with_takes(results: Sequence[PromptResult], others: Sequence[PromptResult], rename: dict[str, str]):
+    """`results` with the takes of `others` (the same prompts) added under new names (`rename`: old -> new)."""
+    merged = []
+    for result, other in zip(results, others, strict=True):
+        if result.prompt != other.prompt:
+            raise ValueError(f"prompt {other.prompt.sample_id} is not {result.prompt.sample_id}: cannot merge takes")
+        extra = {new: other.takes[old] for old, new in rename.items()}
+        merged.append(PromptResult(result.prompt, {**result.takes, **extra}, result.reference))
+    return merged
 
 
 def _take(scorer, waveform: np.ndarray, rate: int, finished: bool, text: str, reference) -> Take:
@@ -235,27 +255,38 @@ def _take(scorer, waveform: np.ndarray, rate: int, finished: bool, text: str, re
         finished=bool(finished),
         hypothesis=score.hypothesis,
         duration_s=float(score.duration_s),
+        dnsmos_sig=float(score.dnsmos_sig),
+        dnsmos_bak=float(score.dnsmos_bak),
+        dnsmos_ovrl=float(score.dnsmos_ovrl),
     )
 
 
-def quality_numbers(results: Sequence[PromptResult]) -> dict[str, float]:
-    """Means over the prompts, under the stable metadata names: `val_*` (adapter), `base_val_*`, `ground_truth_*`.
+def take_numbers(results: Sequence[PromptResult], name: str, generated: bool = True) -> dict[str, float]:
+    """Means over the prompts of one take: wer, cer, speaker_similarity (over the prompts with a reference),
+    dnsmos_sig/bak/ovrl, and for a generated take unfinished_rate (ran into max_new_tokens) and silence_rate (no
+    speech detected). A number nothing was measured for is NaN."""
+    takes = [result.takes[name] for result in results]
+    numbers = {
+        "wer": _mean([take.wer for take in takes]),
+        "cer": _mean([take.cer for take in takes]),
+        "speaker_similarity": _mean([t.speaker_similarity for t in takes if t.speaker_similarity is not None]),
+        "dnsmos_sig": _mean([take.dnsmos_sig for take in takes if math.isfinite(take.dnsmos_sig)]),
+        "dnsmos_bak": _mean([take.dnsmos_bak for take in takes if math.isfinite(take.dnsmos_bak)]),
+        "dnsmos_ovrl": _mean([take.dnsmos_ovrl for take in takes if math.isfinite(take.dnsmos_ovrl)]),
+    }
+    if generated:
+        numbers["unfinished_rate"] = _mean([float(not take.finished) for take in takes])
+        numbers["silence_rate"] = _mean([float(not take.speech_detected) for take in takes])
+    return numbers
 
-    Speaker similarity averages the prompts that have a reference; a number nothing was measured for is NaN.
-    Rates count the generations that ran into max_new_tokens (unfinished) or held no detected speech (silence).
-    """
+
+def quality_numbers(results: Sequence[PromptResult]) -> dict[str, float]:
+    """`take_numbers` of every take under the stable metadata names: `val_*` (adapter), `base_val_*`,
+    `ground_truth_*` (the recordings have no unfinished or silence rate)."""
     numbers: dict[str, float] = {}
     for name in TAKES:
-        takes = [result.takes[name] for result in results]
-        prefix = PREFIX[name]
-        numbers[f"{prefix}wer"] = _mean([take.wer for take in takes])
-        numbers[f"{prefix}cer"] = _mean([take.cer for take in takes])
-        numbers[f"{prefix}speaker_similarity"] = _mean(
-            [take.speaker_similarity for take in takes if take.speaker_similarity is not None]
-        )
-        if name in MODEL_TAKES:
-            numbers[f"{prefix}unfinished_rate"] = _mean([float(not take.finished) for take in takes])
-            numbers[f"{prefix}silence_rate"] = _mean([float(not take.speech_detected) for take in takes])
+        for key, value in take_numbers(results, name, generated=name in MODEL_TAKES).items():
+            numbers[f"{TAKE_PREFIX[name]}{key}"] = value
     return numbers
 
 
@@ -276,6 +307,7 @@ def prompt_rows(results: Sequence[PromptResult]) -> list[dict[str, Any]]:
                 f"{name}_wer": take.wer,
                 f"{name}_cer": take.cer,
                 f"{name}_sim": similarity,
+                f"{name}_dnsmos": take.dnsmos_ovrl,
             }
         for name in MODEL_TAKES:
             take = result.takes[name]

@@ -47,3 +47,37 @@ def loss_curves_png(rows: list[dict], title: str) -> bytes:
 def markdown_image(png: bytes, alt: str) -> str:
     """The PNG inlined as a data URI, which the Dagster UI renders inside a markdown metadata value."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+# The panels of the checkpoint plot: (row key, title, the base's number in the evaluation's metadata).
+CHECKPOINT_PANELS = (
+    ("audio_loss", "validation audio loss", "base_val_audio_loss"),
+    ("wer", "WER", "base_val_wer"),
+    ("speaker_similarity", "speaker similarity", "base_val_speaker_similarity"),
+    ("dnsmos_ovrl", "DNSMOS OVRL", "base_val_dnsmos_ovrl"),
+)
+
+
+def checkpoint_scores_png(rows: list[dict], base: dict, title: str) -> bytes:
+    """Each candidate's audio loss, WER, similarity and DNSMOS against its step, the base's as a dashed line; the
+    chosen candidate ringed, collapsed ones crossed."""
+    figure, axes = plt.subplots(1, len(CHECKPOINT_PANELS), figsize=(10.0, 2.8), dpi=80)
+    steps = [row["step"] for row in rows]
+    for axis, (key, label, base_key) in zip(axes, CHECKPOINT_PANELS, strict=True):
+        axis.plot(steps, [row[key] for row in rows], "o-", markersize=4, label="candidates")
+        if isinstance(base.get(base_key), float):
+            axis.axhline(base[base_key], linestyle="--", color="grey", label="base")
+        for row in rows:
+            if row["collapsed"]:
+                axis.plot(row["step"], row[key], "x", color="red", markersize=9)
+            if row["chosen"]:
+                axis.plot(row["step"], row[key], "o", mfc="none", color="green", markersize=11)
+        axis.set_title(label, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(title + " (ring: chosen, cross: collapsed, dashed: base)", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()

@@ -17,7 +17,8 @@ import fsspec
 import numpy as np
 import soundfile as sf
 
-from higgs_pipeline.evaluation.listening import PREFIX, TAKES, PromptResult, Take
+from higgs_pipeline.evaluation.listening import TAKE_PREFIX, TAKES, PromptResult, Take
+from higgs_pipeline.files import write_atomic
 
 REPORT_NAME = "report.html"
 TAKE_TITLES = {"ground_truth": "Ground truth (recording)", "base": "Base model", "adapter": "Adapter"}
@@ -25,6 +26,9 @@ SUMMARY_ROWS = (
     ("WER", "wer"),
     ("CER", "cer"),
     ("Speaker similarity", "speaker_similarity"),
+    ("Naturalness (DNSMOS OVRL, 1-5)", "dnsmos_ovrl"),
+    ("DNSMOS signal (SIG)", "dnsmos_sig"),
+    ("DNSMOS background (BAK)", "dnsmos_bak"),
     ("Unfinished (hit max_new_tokens)", "unfinished_rate"),
     ("No speech detected", "silence_rate"),
 )
@@ -53,7 +57,12 @@ def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
 
 
 def write_report(
-    out_dir: str, results: Sequence[PromptResult], numbers: dict[str, float], title: str, note: str | None
+    out_dir: str,
+    results: Sequence[PromptResult],
+    numbers: dict[str, float],
+    title: str,
+    note: str | None,
+    checkpoints: Sequence[dict] = (),
 ) -> dict[str, str]:
     """Write every clip and the page under `out_dir` (local or any fsspec URL). Returns {"report": page path,
     "<index>/<take>": clip path, ...}. The page is written last, under a temporary name then moved, so a reader
@@ -70,14 +79,19 @@ def write_report(
             relative = clip_file(index, result, name)
             fs.pipe_file(f"{root}/{relative}", wav_bytes(waveform, rate))
             written[f"{index}/{name}"] = f"{out_dir.rstrip('/')}/{relative}"
-    page = render_report(results, numbers, title, note)
-    fs.pipe_file(f"{root}/{REPORT_NAME}.tmp", page.encode("utf-8"))
-    fs.mv(f"{root}/{REPORT_NAME}.tmp", f"{root}/{REPORT_NAME}")
-    written["report"] = f"{out_dir.rstrip('/')}/{REPORT_NAME}"
+    written["report"] = write_atomic(
+        f"{out_dir.rstrip('/')}/{REPORT_NAME}", render_report(results, numbers, title, note, checkpoints)
+    )
     return written
 
 
-def render_report(results: Sequence[PromptResult], numbers: dict[str, float], title: str, note: str | None) -> str:
+def render_report(
+    results: Sequence[PromptResult],
+    numbers: dict[str, float],
+    title: str,
+    note: str | None,
+    checkpoints: Sequence[dict] = (),
+) -> str:
     """The page's HTML (pure: the clips are referenced by `clip_file`, never embedded)."""
     e = html.escape
     parts = [
@@ -89,6 +103,9 @@ def render_report(results: Sequence[PromptResult], numbers: dict[str, float], ti
     if note:
         parts.append(f'<p class="note">{e(note)}</p>')
     parts.append(_summary_table(numbers))
+    parts.append(_sets_table(numbers))
+    if checkpoints:
+        parts.append(_checkpoints_table(checkpoints))
     if not results:
         parts.append("<p>No prompt was evaluated: the validation split has none of the kinds asked for.</p>")
     for index, result in enumerate(results):
@@ -101,9 +118,40 @@ def _summary_table(numbers: dict[str, float]) -> str:
     header = "".join(f"<th>{html.escape(TAKE_TITLES[name])}</th>" for name in TAKES)
     rows = []
     for label, key in SUMMARY_ROWS:
-        cells = "".join(f"<td>{_number(numbers.get(PREFIX[name] + key))}</td>" for name in TAKES)
+        cells = "".join(f"<td>{_number(numbers.get(TAKE_PREFIX[name] + key))}</td>" for name in TAKES)
         rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
     return f'<table class="summary"><tr><th>Mean over prompts</th>{header}</tr>{"".join(rows)}</table>'
+
+
+def _sets_table(numbers: dict[str, float]) -> str:
+    """The golden and retention sets: base against the chosen adapter (no recording exists for them)."""
+    rows = []
+    for label, name in (("Golden set (fixed sentences)", "golden"), ("Retention set (unseen voices)", "retention")):
+        for metric, key in (("WER", "wer"), ("Similarity", "speaker_similarity"), ("DNSMOS OVRL", "dnsmos_ovrl")):
+            base, adapter = numbers.get(f"base_{name}_{key}"), numbers.get(f"{name}_{key}")
+            rows.append(
+                f"<tr><th>{html.escape(label)}: {metric}</th><td>{_number(base)}</td><td>{_number(adapter)}</td></tr>"
+            )
+    return f'<table class="sets"><tr><th>Set</th><th>Base model</th><th>Adapter</th></tr>{"".join(rows)}</table>'
+
+
+def _checkpoints_table(rows: Sequence[dict]) -> str:
+    """Every candidate adapter heard, with the one chosen and the collapsed ones marked."""
+    names = [name for name in rows[0] if name not in ("collapsed", "chosen", "best_by_loss")]
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in names) + "<th>verdict</th>"
+    body = []
+    for row in rows:
+        cells = "".join(
+            f"<td>{row[name]}</td>" if name == "step" else f"<td>{_number(row[name])}</td>" for name in names
+        )
+        verdict = "chosen" if row["chosen"] else "collapsed" if row["collapsed"] else ""
+        verdict += " (best by loss)" if row.get("best_by_loss") else ""
+        body.append(f'<tr class="{"bad" if row["collapsed"] else ""}">{cells}<td>{html.escape(verdict)}</td></tr>')
+    return (
+        f'<h2>Checkpoints heard</h2><table class="checkpoints"><tr>{header}</tr>{"".join(body)}</table>'
+        "<p>Chosen by ear first (no candidate worse than the base beyond the tolerances; collapsed ones never), "
+        "then by the lowest audio loss, then the earliest step.</p>"
+    )
 
 
 def _prompt_section(index: int, result: PromptResult) -> str:
@@ -142,6 +190,7 @@ def _take_cell(path: str, title: str, take: Take, name: str) -> str:
         f"<table><tr><th>WER</th><td>{_number(take.wer)}</td></tr>"
         f"<tr><th>CER</th><td>{_number(take.cer)}</td></tr>"
         f"<tr><th>Similarity</th><td>{_number(take.speaker_similarity)}</td></tr>"
+        f"<tr><th>DNSMOS</th><td>{_number(take.dnsmos_ovrl)}</td></tr>"
         f"<tr><th>Duration</th><td>{take.duration_s:.2f} s</td></tr></table>"
         f"<p>Heard: “{e(take.hypothesis)}”</p>{flag_html}</div>"
     )

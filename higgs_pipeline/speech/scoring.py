@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.speech import dnsmos
 
 EMBEDDED_ASR = "tiny.en"
 EMBEDDED_SPEAKER = "resemblyzer"
@@ -42,6 +44,11 @@ class ClipScore:
     duration_s: float
     speech_detected: bool  # False for silence / no speech: then wer = cer = 1.0 (every word missing)
     hypothesis: str  # the ASR transcript
+    # DNSMOS P.835 (1..5, higher is better; `speech.dnsmos`): speech signal, background, overall. NaN when the
+    # clip was too short to rate or naturalness was not asked for (`Scorer.score(..., naturalness=False)`).
+    dnsmos_sig: float = math.nan
+    dnsmos_bak: float = math.nan
+    dnsmos_ovrl: float = math.nan
 
 
 # ---------------------------------------------------------------------------------------------------- text metrics
@@ -247,8 +254,10 @@ class Scorer:
         text: str,
         reference: tuple[np.ndarray, int] | None = None,
         language: str | None = None,
+        naturalness: bool = True,
     ) -> ClipScore:
-        """WER/CER of the transcript against `text` and, with a reference clip, the speaker similarity to it."""
+        """WER/CER of the transcript against `text`, with a reference clip the speaker similarity to it, and (unless
+        `naturalness` is False) DNSMOS: one rating per clip, ~1 s on a CPU once its ONNX models are loaded."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
         hypothesis, speech = self._listen(audio, language)
@@ -256,6 +265,7 @@ class Scorer:
         similarity = None
         if reference is not None:
             similarity = cosine_similarity(self._embed(audio), self._reference_embedding(*reference))
+        mos = dnsmos.rate(audio) if naturalness else dnsmos.Dnsmos.missing()
         return ClipScore(
             wer=word_error_rate(text, scored, language),
             cer=char_error_rate(text, scored, language),
@@ -263,6 +273,9 @@ class Scorer:
             duration_s=float(np.asarray(waveform).shape[-1] / sample_rate),
             speech_detected=speech,
             hypothesis=hypothesis,
+            dnsmos_sig=mos.sig,
+            dnsmos_bak=mos.bak,
+            dnsmos_ovrl=mos.ovrl,
         )
 
 

@@ -32,7 +32,7 @@ TENSORS_FILE = "trainer.safetensors"
 PICKLED_STATE_FILE = "trainer.pt"
 STATE_FORMAT = "higgs-pipeline trainer state 1"
 # What a finished run publishes to a remote artifact store (checkpoints stay where training ran).
-PUBLISHED = ("best_adapter", "last_adapter", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
+PUBLISHED = ("best_adapter", "last_adapter", "candidates", "tensorboard", "metrics.jsonl", "summary.json", "run.json")
 
 
 class CheckpointError(RuntimeError):

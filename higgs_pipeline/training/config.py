@@ -70,6 +70,9 @@ class RunSettings:
     eval_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    # Adapters of evaluation points kept for adapter_evaluation to listen to (plus the best by validation loss);
+    # thinned evenly over the run (training/candidates.py).
+    keep_candidates: int = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class TrainConfig:
             "batch.grad_accum_steps": (self.batch.grad_accum_steps > 0, "a positive integer"),
             "batch.bucket_batches": (self.batch.bucket_batches > 0, "a positive integer"),
             "batch.max_tokens_per_device": (self.batch.max_tokens_per_device >= 0, "0 (off) or a positive integer"),
+            "run.keep_candidates": (self.run.keep_candidates >= 0, "0 (only the best) or more"),
         }
         bad = [f"{key} must be {rule}" for key, (ok, rule) in checks.items() if not ok]
         if self.run.backend == "nccl" and self.run.device == "cpu":

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from higgs_pipeline.launch.pipes_messages import pipes_message_writer
 from higgs_pipeline.launch.torchrun import die_with_agent
 from higgs_pipeline.models import loading
-from higgs_pipeline.training import checkpoint
+from higgs_pipeline.training import candidates, checkpoint
 from higgs_pipeline.training.config import OptimSettings, TrainConfig, parse_overrides, profile
 from higgs_pipeline.training.data import (
     DistributedLengthBucketSampler,
@@ -363,6 +363,8 @@ def _validate(
         if env.is_main:
             extra = {"validation.json": json.dumps(result)}
             checkpoint.save_adapter(parts.peft_model, run_dir / "best_adapter", extra)
+    if env.is_main:  # every evaluation point is heard later (adapter_evaluation), not only the best by loss
+        candidates.save_candidate(parts.peft_model, run_dir, result, (progress.best or {}).get("step"))
     return result
 
 
@@ -380,6 +382,7 @@ def _checkpoint(parts: Parts, config: TrainConfig, env: Distributed, run_dir: Pa
         }
         path = checkpoint.save_checkpoint(run_dir, progress.step, parts.peft_model, state, config.run.keep_checkpoints)
         reporter.info(f"step {progress.step}: checkpoint {path}")
+        candidates.thin_candidates(run_dir, config.run.keep_candidates)
     dist.barrier()
 
 

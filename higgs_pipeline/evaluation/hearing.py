@@ -1,0 +1,218 @@
+"""Every candidate adapter of a run heard, one chosen, and the chosen one heard on the golden and retention sets.
+
+The order keeps one model in memory at a time (two 3B models need not fit together): the validation losses of
+the base and of each candidate (one loaded model each), then the base model's speech on every prompt set, then
+each candidate's speech on the held-out listening prompts (merged into its base, generated, scored, its merged
+folder removed), then the choice (`evaluation/choice.py`), then the chosen adapter's speech on the golden and
+retention sets. Every model speaks a prompt with the prompt's own seed, so base and candidates compare.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.evaluation.choice import Choice, Scores, Tolerances, choose
+from higgs_pipeline.evaluation.evaluate import LossComparison, local_folder, validation_losses
+from higgs_pipeline.evaluation.listening import (
+    ListeningPrompt,
+    PromptResult,
+    generate_takes,
+    score_takes,
+    take_numbers,
+    with_takes,
+)
+from higgs_pipeline.models.loading import load_model, load_text_tokenizer, resolve_model
+from higgs_pipeline.serving.merge import merge_adapter
+from higgs_pipeline.training.candidates import read_candidates, steps_to_drop
+from higgs_pipeline.training.lora import load_adapter
+
+# The numbers of a prompt set recorded for the base and the chosen adapter (`<set>_<name>`, `base_<set>_<name>`).
+SET_NUMBERS = ("wer", "cer", "speaker_similarity", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak")
+
+
+@dataclass(frozen=True)
+class CandidateAdapter:
+    step: int  # the training step it was saved at (-1: the handed-on adapter of a run that kept no candidates)
+    path: str  # where the run keeps it (local path or URL): what is reported and promoted
+    local_dir: str  # a local copy PEFT and the merge can read
+    best: bool  # the best by validation loss
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How the models speak: the same for every model and prompt set."""
+
+    audio_tokenizer: str
+    max_new_tokens: int
+    temperature: float
+    device: str
+    scratch: str
+    log: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What listening found: the chosen candidate, every candidate's scores, and the sets' results."""
+
+    candidates: list[CandidateAdapter]
+    scores: dict[int, Scores]  # by step
+    choice: Choice
+    chosen: CandidateAdapter
+    comparison: LossComparison  # the chosen adapter's losses against the base's
+    results: list[PromptResult]  # listening prompts: ground_truth, base, adapter (the chosen)
+    retention: list[PromptResult]  # base, adapter
+    golden: list[PromptResult]  # base, adapter
+    merged_dir: str | None  # the chosen adapter merged into its base (None when nothing needed it)
+
+
+def candidate_adapters(adapter_meta: dict, scratch: str, limit: int) -> list[CandidateAdapter]:
+    """The run's kept candidates (at most `limit` of them, spread over the run as training thins them, the best
+    always in; 0 = all), or the handed-on adapter alone when the run kept none."""
+    found = read_candidates(str(adapter_meta.get("run_dir") or adapter_meta["adapter_path"].rsplit("/", 1)[0]))
+    if not found:
+        path = adapter_meta["adapter_path"]
+        return [CandidateAdapter(-1, path, local_folder(path, scratch), True)]
+    best = next((c.step for c in found if c.best), None)
+    dropped = set(steps_to_drop([c.step for c in found], best, max(limit - 1, 0))) if limit else set()
+    # The best candidate holds the very weights training handed on: reported under that adapter's path.
+    return [
+        CandidateAdapter(
+            c.step,
+            adapter_meta["adapter_path"] if c.best else c.path,
+            local_folder(c.path, f"{scratch}/candidate-{c.step}"),
+            c.best,
+        )
+        for c in found
+        if c.step not in dropped
+    ]
+
+
+def candidate_losses(
+    base: str, candidates: Sequence[CandidateAdapter], records, split_meta: dict, batch_size: int, device: str
+) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """Validation losses of the base (the first candidate's model, adapter off) and of every candidate, on the same
+    batches; one model in memory at a time."""
+    store = TokenStore(split_meta["token_store_root"], split_meta["tokenizer"])
+    tokenizer = load_text_tokenizer(base)
+    base_losses, losses = None, {}
+    for candidate in candidates:
+        model = load_adapter(load_model(base, device=device), candidate.local_dir).eval()
+        if base_losses is None:
+            with model.disable_adapter():
+                base_losses = validation_losses(model, records, store, tokenizer, batch_size, device)
+        losses[candidate.step] = validation_losses(model, records, store, tokenizer, batch_size, device)
+        del model
+    return base_losses, losses
+
+
+def hear_candidates(
+    base: str,
+    candidates: Sequence[CandidateAdapter],
+    losses: tuple[dict[str, float], dict[int, dict[str, float]]],
+    prompt_sets: dict[str, list[ListeningPrompt]],
+    scorer,
+    generation: Generation,
+    tolerances: Tolerances,
+    samples: int,
+) -> Heard:
+    """Generate, score and choose (module docstring). `prompt_sets` holds "listening", "retention", "golden"."""
+    listening, retention, golden = (prompt_sets[name] for name in ("listening", "retention", "golden"))
+    base_losses, candidate_loss = losses
+    base_clips = _speak(resolve_model(base), [*listening, *retention, *golden], generation, "base")
+    n, r = len(listening), len(retention)
+    base_heard = score_takes(scorer, listening, {"base": base_clips[:n]}, generation.scratch, generation.log)
+    scores, heard = {}, {}
+    for candidate in candidates:
+        model_dir = _merge(base, candidate, generation.scratch) if listening else None
+        clips = _speak(model_dir, listening, generation, f"step {candidate.step}") if listening else []
+        heard[candidate.step] = score_takes(
+            scorer, listening, {"adapter": clips}, generation.scratch, generation.log, ground_truth=False
+        )
+        numbers = take_numbers(heard[candidate.step], "adapter") if listening else {}
+        scores[candidate.step] = _scores(candidate_loss[candidate.step]["audio_loss"], numbers)
+        if model_dir:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    base_scores = _scores(base_losses["audio_loss"], take_numbers(base_heard, "base") if listening else {})
+    choice = choose([(c.step, scores[c.step]) for c in candidates], base_scores, tolerances)
+    by_step = {c.step: c for c in candidates}
+    # Every candidate collapsed: the one training handed on (best by loss) is reported, marked, and gated.
+    chosen = by_step[choice.chosen] if choice.chosen is not None else next(c for c in candidates if c.best)
+    generation.log(f"chose step {chosen.step}: {choice.reason}")
+    merged_dir = _merge(base, chosen, generation.scratch) if retention or golden else None
+    extra = _speak(merged_dir, [*retention, *golden], generation, "chosen adapter") if merged_dir else []
+    sets = {}
+    for name, prompts, base_part, adapter_part in (
+        ("retention", retention, base_clips[n : n + r], extra[:r]),
+        ("golden", golden, base_clips[n + r :], extra[r:]),
+    ):
+        generated = {"base": base_part, "adapter": adapter_part}
+        sets[name] = score_takes(scorer, prompts, generated, generation.scratch, generation.log, ground_truth=False)
+    results = with_takes(base_heard, heard[chosen.step], {"adapter": "adapter"}) if listening else []
+    comparison = LossComparison(adapter=candidate_loss[chosen.step], base=base_losses, samples=samples)
+    return Heard(
+        list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"], merged_dir
+    )
+
+
+def _speak(model_dir: str | None, prompts: Sequence[ListeningPrompt], generation: Generation, label: str) -> list:
+    if not prompts or model_dir is None:
+        return []
+    return generate_takes(
+        model_dir,
+        generation.audio_tokenizer,
+        prompts,
+        max_new_tokens=generation.max_new_tokens,
+        temperature=generation.temperature,
+        device=generation.device,
+        scratch=generation.scratch,
+        label=label,
+        log=generation.log,
+    )
+
+
+def _merge(base: str, candidate: CandidateAdapter, scratch: str) -> str:
+    """The serve engine loads a plain checkpoint: the candidate merged into its base."""
+    return str(merge_adapter(base, candidate.local_dir, f"{scratch}/merged-step{candidate.step}"))
+
+
+def _scores(audio_loss: float, numbers: dict[str, float]) -> Scores:
+    nan = float("nan")
+    return Scores(
+        audio_loss=audio_loss,
+        **{
+            name: numbers.get(name, nan)
+            for name in ("wer", "cer", "speaker_similarity", "dnsmos_ovrl", "silence_rate", "unfinished_rate")
+        },
+    )
+
+
+def set_numbers(results: Sequence[PromptResult], name: str) -> dict[str, float]:
+    """`<name>_<number>` (the chosen adapter) and `base_<name>_<number>` of a prompt set; NaN when it is empty."""
+    numbers = {}
+    for take, prefix in (("adapter", f"{name}_"), ("base", f"base_{name}_")):
+        measured = take_numbers(results, take, generated=False) if results else {}
+        numbers |= {f"{prefix}{key}": measured.get(key, float("nan")) for key in SET_NUMBERS}
+    return numbers
+
+
+def checkpoint_rows(heard: Heard) -> list[dict]:
+    """One row per candidate: the `checkpoint_scores` table of the evaluation's metadata and report."""
+    return [
+        {
+            "step": candidate.step,
+            "audio_loss": heard.scores[candidate.step].audio_loss,
+            "wer": heard.scores[candidate.step].wer,
+            "cer": heard.scores[candidate.step].cer,
+            "speaker_similarity": heard.scores[candidate.step].speaker_similarity,
+            "dnsmos_ovrl": heard.scores[candidate.step].dnsmos_ovrl,
+            "silence_rate": heard.scores[candidate.step].silence_rate,
+            "unfinished_rate": heard.scores[candidate.step].unfinished_rate,
+            "collapsed": candidate.step in heard.choice.collapsed,
+            "chosen": candidate.step == heard.chosen.step,
+            "best_by_loss": candidate.best,
+        }
+        for candidate in heard.candidates
+    ]
