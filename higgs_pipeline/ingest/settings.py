@@ -41,7 +41,7 @@ class IngestSettings:
     pause_s: float = 0.25  # a gap between words this long is a place to cut
     max_gap_s: float = 1.2  # a longer gap always ends a clip (no long silence inside one)
     edge_pad_s: float = 0.12  # audio kept before the first and after the last word (never into a neighbour word)
-    min_dnsmos: float = 2.0  # DNSMOS OVRL below this: low_quality
+    min_dnsmos: float = 1.5  # DNSMOS OVRL below this: low_quality (noise); curated real corpora use ~3.0
     min_asr_confidence: float = 0.45  # mean Whisper word probability below this: low_asr_confidence
     min_words_per_second: float = 0.7
     max_words_per_second: float = 6.0
