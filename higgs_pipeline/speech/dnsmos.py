@@ -36,6 +36,7 @@ class Dnsmos:
 
 @cache
 def _model() -> Any:
+
     from speechmos import dnsmos
 
     folder = os.path.join(os.path.dirname(dnsmos.__file__), "dnsmos_models")
