@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest clip (default 1.0)")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="longest clip (default 20, at most 30)")
+    parser.add_argument(
+        "--max-recording-seconds", type=float, default=6 * 3600.0, help="refuse longer recordings (default 6 h)"
+    )
     parser.add_argument("--target-lufs", type=float, default=-20.0, help="clip loudness (default -20 LUFS)")
     parser.add_argument("--min-dnsmos", type=float, default=1.5, help="reject clips below this DNSMOS OVRL")
     parser.add_argument("--dialogue-turns", type=int, default=0, help="N > 1: multi-speaker runs become dialogues")
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             min_seconds=args.min_seconds,
             max_seconds=args.max_seconds,
             target_lufs=args.target_lufs,
+            max_recording_seconds=args.max_recording_seconds,
             min_dnsmos=args.min_dnsmos,
             dialogue_turns=args.dialogue_turns,
             asr_model=args.asr_model,

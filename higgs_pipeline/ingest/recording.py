@@ -111,14 +111,14 @@ def _ingest(
     regions = stages.find_speech(decoded.analysis, settings)
     if regions.empty:
         raise RecordingRejected("no_speech", "the voice activity detector found no speech (silence, tone or noise)")
+    try:  # before ASR: a speaker count the speech cannot hold fails in seconds
+        windows, centers = stages.diarize_windows(decoded.analysis, regions, settings, options)
+    except TooManySpeakersError as error:
+        raise RecordingRejected("too_many_speakers", str(error)) from None
     heard = stages.transcribe(decoded.analysis, regions, settings, options, progress)
     if not heard:
         seconds = float((regions["end_s"] - regions["start_s"]).sum())
         raise RecordingRejected("no_speech", f"{seconds:.1f} s sounded like speech, but the ASR heard no words")
-    try:
-        windows, centers = stages.diarize_windows(decoded.analysis, regions, settings, options)
-    except TooManySpeakersError as error:
-        raise RecordingRejected("too_many_speakers", str(error)) from None
     speakers = stages.speakers_of_words(heard, windows)
     candidates = cut.cut(heard, speakers, settings)
     staging = temporary_dir(target)

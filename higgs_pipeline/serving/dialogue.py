@@ -61,10 +61,23 @@ def reference_transcript(audio: str) -> str:
         with fsspec.open(path, "r", encoding="utf-8") as handle:
             text = handle.read().strip()
     except FileNotFoundError:
-        raise SynthesisError(f"--speaker {audio}: its transcript {path} is missing; write what it says there") from None
+        return _transcribed(audio)
     if not text:
         raise SynthesisError(f"--speaker {audio}: its transcript {path} is empty")
     return text
+
+
+def _transcribed(audio: str) -> str:
+    """A reference without REF.txt is transcribed by the speech models' ASR (the transcript is printed)."""
+    from higgs_pipeline.data.audio_io import decode
+    from higgs_pipeline.speech.words import transcribe_reference
+
+    try:
+        with fsspec.open(audio, "rb") as handle:
+            wave, rate = decode(handle.read())
+        return transcribe_reference(wave, rate, f"--speaker {audio}")
+    except Exception as error:  # unreadable audio or no words: the same one-line refusal either way
+        raise SynthesisError(f"--speaker {audio}: no transcript beside it and none heard ({error})") from None
 
 
 def check_turns_dir(turns_dir: str | None, overwrite: bool) -> Path | None:

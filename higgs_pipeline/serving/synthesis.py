@@ -100,8 +100,6 @@ def local_reference(audio: str, text: str | None, scratch: str):
     from higgs_pipeline.data.audio_io import decode
     from higgs_pipeline.serving.generate import VoiceReference
 
-    if not text or not text.strip():
-        raise SynthesisError(f"--reference {audio} needs --reference-text: the transcript of what it says")
     try:
         with fsspec.open(audio, "rb") as handle:
             data = handle.read()
@@ -115,6 +113,13 @@ def local_reference(audio: str, text: str | None, scratch: str):
         raise SynthesisError(f"--reference {audio} is not audio soundfile can decode ({error})") from None
     if wave.shape[-1] / rate < 0.1:
         raise SynthesisError(f"--reference {audio} holds {wave.shape[-1] / rate:.3f} s of audio; give a clip of speech")
+    if not text or not text.strip():  # transcribed by the speech models' ASR, and printed
+        from higgs_pipeline.speech.words import transcribe_reference
+
+        try:
+            text = transcribe_reference(wave, rate, f"--reference {audio}")
+        except ValueError as error:
+            raise SynthesisError(f"{error}; give --reference-text") from None
     local = Path(scratch) / ("reference" + (Path(audio).suffix or ".wav"))
     local.write_bytes(data)
     return VoiceReference(audio_path=str(local), text=text.strip())

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from higgs_pipeline.speech.scoring import EMBEDDED_ASR, language_code, load_whisper, to_model_audio
+from higgs_pipeline.speech.scoring import (
+    EMBEDDED_ASR,
+    MIN_VOICED_S,
+    language_code,
+    load_whisper,
+    to_model_audio,
+    voiced_seconds,
+)
 
 
 @dataclass(frozen=True)
@@ -66,3 +73,17 @@ def transcribe_clip(
 ) -> str:
     """The transcript of one clip (e.g. a voice reference without its text file)."""
     return joined_text(transcribe_words(to_model_audio(waveform, sample_rate), asr_model, device, language))
+
+
+def transcribe_reference(waveform: np.ndarray, sample_rate: int, name: str, asr_model: str = EMBEDDED_ASR) -> str:
+    """The transcript of a voice reference given without one, printed to stderr so the user can check and correct
+    it; a ValueError naming the clip when nothing is heard (a reference must say words)."""
+    import sys
+
+    audio16k = to_model_audio(waveform, sample_rate)
+    voiced = voiced_seconds(audio16k) >= MIN_VOICED_S  # Whisper "hears" words in silence: the VAD decides first
+    text = joined_text(transcribe_words(audio16k, asr_model, "cpu")) if voiced else ""
+    if not any(character.isalnum() for character in text):
+        raise ValueError(f"{name}: no transcript given and the ASR heard no words in it")
+    print(f"{name}: no transcript given; transcribed as {text!r} (give the transcript to correct it)", file=sys.stderr)
+    return text
