@@ -3,8 +3,8 @@ fails alone, the merged manifest with its checks, `raw_audio_manifest` reading i
 
 from __future__ import annotations
 
+import json
 import warnings
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -107,7 +107,7 @@ def test_each_partition_step_is_a_gpu_pod_built_by_dagster_k8s():
         import kubernetes.client
         from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
 
-    tag = recording_clips.op.tags["dagster-k8s/config"]
+    tag = json.loads(recording_clips.op.tags["dagster-k8s/config"])  # Dagster keeps op tags as strings
     assert tag == ingest_step_k8s_config()
     job = construct_dagster_k8s_job(
         DagsterK8sJobConfig(job_image="registry.example/higgs-pipeline:1.0", dagster_home="/opt/dagster"),
@@ -134,4 +134,4 @@ def test_definitions_load_the_ingest_assets():
     assert definitions.get_assets_def("recording_clips").partitions_def == recordings_partitions
     assert definitions.get_assets_def("recordings_manifest") is not None
     assert definitions.get_sensor_def("recordings_sensor") is not None
-    assert Path(definitions.get_job_def("recording_clips_job").name) is not None
+    assert definitions.resolve_job_def("recording_clips_job").partitions_def == recordings_partitions
