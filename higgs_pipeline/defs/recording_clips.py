@@ -23,6 +23,7 @@ from higgs_pipeline.files import write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
 from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
 from higgs_pipeline.paths import DEMO_DATA
 from higgs_pipeline.speech.scoring import resolve_device
@@ -157,6 +158,12 @@ def recording_stamps(root: str) -> dict[str, str]:
     return stamps
 
 
+def _store_tag(key: str) -> str:
+    """Partitions write disjoint folders, so each run gets a store tag of its own: dagster.yaml's one-run-per-store
+    limit then lets them run side by side (up to max_concurrent_runs) instead of one after another."""
+    return f"{artifact_store_of({})}#recording_clips/{digest(key)[:16]}"
+
+
 @dg.sensor(job=recording_clips_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
 def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Adds a partition for every new recording and requests a run for every new or changed one."""
@@ -166,7 +173,10 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     new_keys = sorted(key for key in stamps if key not in known)
     changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=key, run_key=f"{key}@{stamps[key]}") for key in changed],
+        run_requests=[
+            dg.RunRequest(partition_key=key, run_key=f"{key}@{stamps[key]}", tags={ARTIFACT_STORE_TAG: _store_tag(key)})
+            for key in changed
+        ],
         dynamic_partitions_requests=[recordings_partitions.build_add_request(new_keys)] if new_keys else [],
         cursor=json.dumps(stamps, sort_keys=True),
     )

@@ -111,4 +111,3 @@ def recordings_manifest_accounts_for_every_segment(context: dg.AssetCheckExecuti
         passed=not problems,
         metadata={"segments": len(segments), "problems": "; ".join(problems[:10]) or "none"},
     )
-
