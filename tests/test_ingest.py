@@ -191,3 +191,38 @@ def test_speaker_count_is_honoured_or_refused(prepared, tmp_path):
     assert (many.status, many.reason) == ("rejected", "too_many_speakers")
     german = process_recording(talk, tmp_path, settings, RecordingOptions(language="de"))
     assert (german.status, german.reason) == ("rejected", "unsupported_language")
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from higgs_pipeline.ingest.settings import IngestSettings
+from higgs_pipeline.ingest.source import decode_recording
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoded = decode_recording(sys.argv[1], IngestSettings(), Path(sys.argv[2]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(decoded.duration_s, decoded.analysis.frames, (after - before) / 1024)
+"""
+
+
+def test_decoding_streams_in_flat_memory(tmp_path):
+    """10 minutes of 48 kHz stereo (220 MB as float32) decode with a peak growth of a few MB: it is never whole."""
+    import subprocess
+    import sys
+
+    import soundfile
+
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal((48000 * 10, 2)) * 0.1).astype(np.float32)
+    with soundfile.SoundFile(str(path), "w", 48000, 2, subtype="PCM_16") as out:
+        for _ in range(60):
+            out.write(block)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path), str(scratch)], capture_output=True, text=True, check=True
+    )
+    duration, frames, growth_mib = (float(value) for value in done.stdout.split())
+    assert duration == pytest.approx(600.0) and frames == pytest.approx(600 * 16000, abs=64)
+    assert growth_mib < 60, f"peak memory grew {growth_mib:.0f} MiB while decoding"
