@@ -76,9 +76,12 @@ def process_recording(
     """
     options = options or RecordingOptions()
     name = name or source
-    scratch = scratch_dir()
     try:
         check_language(settings.asr_model, settings.device, options.language)
+    except ValueError as error:  # a language the ASR does not cover (or Whisper does not know)
+        return RecordingResult(name, "rejected", "unsupported_language", str(error), options=asdict(options))
+    scratch = scratch_dir()
+    try:
         if folder is not None:
             check_inside(source, folder)
         decoded = decode_recording(localize(source, scratch, settings.max_recording_bytes), settings, scratch)
@@ -91,8 +94,6 @@ def process_recording(
         result = _ingest(decoded, key, target, settings, options, name, progress)
     except RecordingRejected as rejected:
         return RecordingResult(name, "rejected", rejected.reason, rejected.detail, options=asdict(options))
-    except ValueError as error:  # a language the ASR does not cover (or Whisper does not know)
-        return RecordingResult(name, "rejected", "unsupported_language", str(error), options=asdict(options))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return result

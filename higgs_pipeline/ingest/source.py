@@ -69,7 +69,9 @@ class DecodedRecording:
 
 def check_inside(path: str, folder: str) -> None:
     """The recording must lie inside `folder` once links are followed (the manifest's containment rule)."""
-    _resolved, outside = resolve_audio_paths(posixpath.join(folder, "recordings"), pd.Series([path]))
+    local = "://" not in path or path.startswith("file://")
+    target = os.path.abspath(path.removeprefix("file://")) if local else path
+    _resolved, outside = resolve_audio_paths(posixpath.join(folder, "recordings"), pd.Series([target]))
     if bool(outside.iloc[0]):
         raise RecordingRejected("path_outside_folder", f"{path} leads outside {folder} (a link or '..')")
 
