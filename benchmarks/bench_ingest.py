@@ -1,6 +1,6 @@
 """Throughput of each ingest stage and peak memory against recording length, on generated speech.
 
-    python -m higgs_pipeline.ingest.benchmark --minutes 2 8 --device cpu
+    python benchmarks/bench_ingest.py --minutes 1 3 --device cpu
 
 Builds recordings of the given lengths by repeating the demo conversation (two voices, pauses, noise, tone), runs
 each through `process_recording` in a fresh process (so peak memory is that recording's alone), and prints one JSON
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         for minutes in args.minutes:
             path = long_recording(Path(scratch) / f"long-{minutes:g}.flac", minutes)
-            child = [sys.executable, "-m", "higgs_pipeline.ingest.benchmark", "--one", str(path)]
+            child = [sys.executable, __file__, "--one", str(path)]
             subprocess.run([*child, "--asr-model", args.asr_model, "--device", args.device], check=True)
     return 0
 
