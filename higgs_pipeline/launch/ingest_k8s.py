@@ -15,7 +15,7 @@ INGEST_GPUS_ENV = "HIGGS_INGEST_K8S_GPUS"  # 0 runs the step on CPU nodes (tiny.
 
 
 def ingest_step_k8s_config(
-    gpus: int | None = None, cpu: str = "4", memory: str = "16Gi", secret: str | None = "higgs-pipeline-s3"
+    gpus: int | None = None, cpu: str = "8", memory: str = "16Gi", secret: str | None = "higgs-pipeline-s3"
 ) -> dict[str, Any]:
     """The `dagster-k8s/config` tag for one partition's pod (dagster-k8s' `UserDefinedDagsterK8sConfig` shape)."""
     gpus = int(os.environ.get(INGEST_GPUS_ENV, "1")) if gpus is None else gpus
