@@ -151,11 +151,14 @@ def test_raw_audio_manifest_screening_accepts_the_output(prepared):
 
 
 def test_a_rerun_reuses_unchanged_recordings(prepared):
+    folders = sorted((prepared["out"] / "clips").iterdir())
     clips = sorted((prepared["out"] / "clips").rglob("*.flac"))
     stamps = [path.stat().st_mtime_ns for path in clips]
     good = [str(prepared["folder"] / name) for name in GOOD]
     code, printed = _run(["prepare", *good, "--out", str(prepared["out"]), "--json"])
-    assert code == 0 and json.loads(printed)["clips"] == prepared["summary"]["clips"]
+    summary = json.loads(printed)
+    assert code == 0 and summary["clips"] == prepared["summary"]["clips"] and summary["recordings_reused"] == 3
+    assert sorted((prepared["out"] / "clips").iterdir()) == folders  # nothing computed again
     assert [path.stat().st_mtime_ns for path in clips] == stamps  # not rewritten
 
 

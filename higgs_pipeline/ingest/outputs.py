@@ -62,6 +62,7 @@ class Summary:
     rejected: list[dict] = field(default_factory=list)
     segments: int = 0
     segments_rejected: int = 0
+    recordings_reused: int = 0  # unchanged recordings whose earlier result was used as it was
 
 
 def write_outputs(out: Path, results: Sequence[RecordingResult], settings: IngestSettings) -> Summary:
@@ -101,6 +102,7 @@ def write_outputs(out: Path, results: Sequence[RecordingResult], settings: Inges
         rejected=rejected,
         segments=len(segments),
         segments_rejected=int((segments["reason"] != "").sum()),
+        recordings_reused=sum(1 for r in results if r.reused),
     )
 
 

@@ -65,7 +65,7 @@ class IngestSettings:
         """What a recording's result depends on besides its bytes (not the speaker name: that is applied when
         the manifest is merged, nor the cross-recording threshold)."""
         values = asdict(self)
-        for merge_only in ("speaker_match_threshold", "dialogue_turns"):
-            values.pop(merge_only)
+        for no_effect in ("speaker_match_threshold", "dialogue_turns", "max_recording_seconds", "max_recording_bytes"):
+            values.pop(no_effect)  # applied at merge, or limits that refuse a recording rather than change it
         values.update(language=options.language, num_speakers=options.num_speakers, code=INGEST_CODE_VERSION)
         return json.dumps(values, sort_keys=True)
