@@ -2,8 +2,8 @@
 WavLM x-vector checkpoint by name or folder) clustered per recording, and clusters matched across recordings so
 that one person keeps one label.
 
-Clustering is agglomerative (average linkage on cosine distance, scipy). With a known speaker count the tree is cut
-into exactly that many clusters; otherwise at `distance_threshold`. A long recording's windows are subsampled for
+Clustering is agglomerative (scipy): with a known speaker count, Ward linkage cut into exactly that many clusters;
+otherwise average linkage on cosine distance cut at `distance_threshold`. A long recording's windows are subsampled for
 the tree (its memory is quadratic) and every window then joins its nearest centroid, so memory stays bounded.
 """
 
@@ -79,10 +79,14 @@ def cluster(
         if count > settings.max_tree_points
         else np.arange(count)
     )
-    tree = linkage(embeddings[tree_index].astype(np.float64), method="average", metric="cosine")
+    points = embeddings[tree_index].astype(np.float64)
     if num_speakers is not None:
+        # Ward on unit vectors (Euclidean ~ cosine) makes balanced clusters: average linkage cut into a given count
+        # splits off one outlier window instead of the second voice (telephone-band speech: 52% vs 97% of windows).
+        tree = linkage(points, method="ward")
         tree_labels = cut_tree(tree, n_clusters=num_speakers).ravel()
     else:
+        tree = linkage(points, method="average", metric="cosine")
         tree_labels = fcluster(tree, t=settings.distance_threshold, criterion="distance") - 1
     labels = _assign_to_centroids(embeddings, centroids(embeddings[tree_index], tree_labels))
     labels = _first_appearance_order(labels)
