@@ -680,16 +680,23 @@ def test_synthesize_dialogue_errors_write_nothing(tmp_path, capsys, script, extr
     assert message in capsys.readouterr().err and not out.exists()
 
 
-def test_a_reference_without_its_transcript_is_an_error(tmp_path, capsys):
+def test_a_reference_without_its_transcript_is_transcribed_or_refused(tmp_path, capsys):
+    import soundfile
+
     from higgs_pipeline.cli import main
+    from higgs_pipeline.serving.dialogue import reference_transcript
 
     script = tmp_path / "talk.txt"
     script.write_text("[SPEAKER0] Hi.\n[SPEAKER1] Hello.")
     voices = _voices(tmp_path)
+    spoken = (tmp_path / "bruce.txt").read_text()
     (tmp_path / "bruce.txt").unlink()
+    heard = reference_transcript(str(tmp_path / "bruce.wav"))  # transcribed by the speech models' ASR, and printed
+    assert heard in capsys.readouterr().err and len(set(heard.lower().split()) & set(spoken.lower().split())) >= 2
+    soundfile.write(tmp_path / "bruce.wav", np.zeros(16000, dtype=np.float32), 16000)  # nothing to hear
     out = tmp_path / "talk.wav"
     assert main(["synthesize", "--dialogue", str(script), *voices, "--out", str(out), "--adapter", "none"]) == 2
-    assert "bruce.txt is missing" in capsys.readouterr().err and not out.exists()
+    assert "bruce.wav: no transcript beside it and none heard" in capsys.readouterr().err and not out.exists()
 
 
 class SpectralVoice:

@@ -174,8 +174,10 @@ def test_reference_that_is_not_audio_is_an_error(capsys, tmp_path, adapter):
         "x",
     )
     assert "nowhere.wav: missing_file: audio file not found" in missing
-    no_text = _bad(capsys, tmp_path, "--text", "Hi.", "--adapter", str(adapter), "--reference", str(REFERENCE))
-    assert "needs --reference-text" in no_text
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    no_text = _bad(capsys, tmp_path, "--text", "Hi.", "--adapter", str(adapter), "--reference", str(silent))
+    assert "ASR heard no words" in no_text and "give --reference-text" in no_text
 
 
 def test_missing_or_unreadable_adapter_is_an_error(capsys, tmp_path, adapter):

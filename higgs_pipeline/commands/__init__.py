@@ -7,7 +7,7 @@ as a default. It imports only the standard library at module level: heavy import
 from __future__ import annotations
 
 # The subcommands, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("score", "synthesize", "export")
+COMMANDS: tuple[str, ...] = ("score", "synthesize", "export", "prepare")
 
 
 class CommandError(Exception):

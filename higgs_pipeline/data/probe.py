@@ -18,6 +18,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -87,14 +88,21 @@ def probe_clip(uri: str, max_seconds: float | None = None, max_bytes: int = DEFA
         return _probe(uri, "non_finite_samples", non_finite, clip_hash, frames, rate, channels, -math.inf)
     peak = float(np.max(np.abs(wave)))
     peak_dbfs = 20.0 * math.log10(peak) if peak > 0 else -math.inf
+    shortfall = header_shortfall(log, container, declared, frames)
+    if shortfall:
+        return _probe(uri, "truncated", shortfall, clip_hash, frames, rate, channels, peak_dbfs)
+    return _probe(uri, "", "", clip_hash, frames, rate, channels, peak_dbfs)
+
+
+def header_shortfall(log: str | None, container: str, declared: int, frames: int) -> str:
+    """ "" when the file holds what its header declares, else what the header claims and what the file holds
+    (`log` is libsndfile's `extra_info`, `container` its format name, `frames` what was decoded)."""
     short_chunk = _SHORT_DATA_CHUNK.search(log or "")
     if short_chunk and int(short_chunk.group(2)) < int(short_chunk.group(1)):
-        detail = f"data chunk says {short_chunk.group(1)} bytes, file holds {short_chunk.group(2)}"
-        return _probe(uri, "truncated", detail, clip_hash, frames, rate, channels, peak_dbfs)
+        return f"data chunk says {short_chunk.group(1)} bytes, file holds {short_chunk.group(2)}"
     if container in _EXACT_LENGTH_FORMATS and frames < declared:
-        detail = f"header says {declared} frames, decoded {frames}"
-        return _probe(uri, "truncated", detail, clip_hash, frames, rate, channels, peak_dbfs)
-    return _probe(uri, "", "", clip_hash, frames, rate, channels, peak_dbfs)
+        return f"header says {declared} frames, decoded {frames}"
+    return ""
 
 
 class ClipRefusedError(Exception):
@@ -140,17 +148,29 @@ def read_clip_bytes(
     return data
 
 
-def _read_local(path: str, max_bytes: int | None, what: str, limit: str) -> bytes:
-    """stat first (never open what is not a regular file), then open without following links or blocking, and
-    check the opened file again: it may have been swapped between the two calls."""
+def open_local_file(
+    path: str, max_bytes: int | None, what: str = "audio file", limit: str = "max_clip_bytes"
+) -> BinaryIO:
+    """A local file opened for reading by the probe's rules (raises ClipRefusedError or OSError otherwise): stat
+    first (never open what is not a regular file), then open without following links or blocking, and check the
+    opened file again: it may have been swapped between the two calls. Callers that stream use it too."""
+    real = os.path.realpath(path)
+    _check_regular(os.stat(real).st_mode, "(not opened)", what)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    handle = os.fdopen(os.open(real, flags), "rb")
     try:
-        real = os.path.realpath(path)
-        _check_regular(os.stat(real).st_mode, "(not opened)", what)
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        with os.fdopen(os.open(real, flags), "rb") as handle:
-            opened = os.fstat(handle.fileno())
-            _check_regular(opened.st_mode, "(swapped in after it was checked)", what)
-            _check_size(opened.st_size, max_bytes, limit)
+        opened = os.fstat(handle.fileno())
+        _check_regular(opened.st_mode, "(swapped in after it was checked)", what)
+        _check_size(opened.st_size, max_bytes, limit)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _read_local(path: str, max_bytes: int | None, what: str, limit: str) -> bytes:
+    try:
+        with open_local_file(path, max_bytes, what, limit) as handle:
             data = handle.read(-1 if max_bytes is None else max_bytes + 1)
     except FileNotFoundError:
         raise ClipRefusedError("missing_file", f"{what} not found" + _spelling_hint(path)) from None

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import fsspec
 import numpy as np
 from boson_multimodal.data_types import AudioContent, ChatMLSample
 
@@ -30,7 +31,14 @@ from higgs_pipeline.serving.dialogue_script import (
     parse_speaker_references,
 )
 from higgs_pipeline.serving.generate import GeneratedClip, VoiceReference, _generate
-from higgs_pipeline.serving.inputs import MAX_TURNS, check_prompt_text, check_sampling, is_empty_text, read_text_file
+from higgs_pipeline.serving.inputs import (
+    MAX_TURNS,
+    check_prompt_text,
+    check_sampling,
+    is_empty_text,
+    read_audio,
+    read_text_file,
+)
 from higgs_pipeline.serving.merge import merged_checkpoint, protected_folders
 from higgs_pipeline.serving.outputs import (
     check_output_file,
@@ -56,12 +64,31 @@ def read_script(path: str) -> str:
 def reference_transcript(audio: str) -> str:
     """The transcript beside a reference clip: REF.txt for REF.wav, checked as any text the model reads."""
     path = os.path.splitext(audio)[0] + ".txt"
-    if "://" not in path and not os.path.lexists(path):
-        raise SynthesisError(f"--speaker {audio}: its transcript {path} is missing; write what it says there")
+    if not _exists(path):
+        return _transcribed(audio)
     text = read_text_file(path, f"--speaker {audio}", "transcript")
     if is_empty_text(text):
         raise SynthesisError(f"--speaker {audio}: its transcript {path} is empty")
     return check_prompt_text(text, f"--speaker {audio}: its transcript {path}")
+
+
+def _exists(path: str) -> bool:
+    """Whether a file is there at all (a link counts: the reader refuses what it points to, with a reason)."""
+    if "://" not in path:
+        return os.path.lexists(path)
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.exists(inner)
+
+
+def _transcribed(audio: str) -> str:
+    """A reference without REF.txt is transcribed by the speech models' ASR (the transcript is printed)."""
+    from higgs_pipeline.speech.words import transcribe_reference
+
+    wave, rate, _ = read_audio(audio, f"--speaker {audio}")
+    try:
+        return transcribe_reference(wave, rate, f"--speaker {audio}")
+    except ValueError as error:  # no words heard
+        raise SynthesisError(f"--speaker {audio}: no transcript beside it and none heard ({error})") from None
 
 
 def check_turns_dir(turns_dir: str | None, overwrite: bool, protected=()) -> Path | None:

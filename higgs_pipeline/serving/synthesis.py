@@ -91,15 +91,21 @@ def text_chunks(text: str, max_words: int = CHUNK_WORDS) -> list[str]:
 
 def local_reference(audio: str, text: str | None, scratch: str, role: str = "--reference"):
     """A `VoiceReference` on a local file (read under the probe's rules, copied into `scratch`), checked to be
-    finite audio of some length, with its transcript checked as any text the model reads."""
+    finite audio of some length, with its transcript checked as any text the model reads (heard by the ASR, and
+    printed, when none is given)."""
     from higgs_pipeline.serving.generate import VoiceReference
 
-    if text is None or is_empty_text(text):
-        raise SynthesisError(f"{role} {audio} needs --reference-text: the transcript of what it says")
-    text = check_prompt_text(text, "--reference-text")
     wave, rate, data = read_audio(audio, role)
     if wave.shape[-1] / rate < 0.1:
         raise SynthesisError(f"{role} {audio} holds {wave.shape[-1] / rate:.3f} s of audio; give a clip of speech")
+    if text is None or is_empty_text(text):  # transcribed by the speech models' ASR, and printed
+        from higgs_pipeline.speech.words import transcribe_reference
+
+        try:
+            text = transcribe_reference(wave, rate, f"{role} {audio}")
+        except ValueError as error:
+            raise SynthesisError(f"{error}; give --reference-text") from None
+    text = check_prompt_text(text, "--reference-text")
     local = Path(scratch) / ("reference" + (Path(audio).suffix or ".wav"))
     local.write_bytes(data)
     return VoiceReference(audio_path=str(local), text=text)

@@ -185,7 +185,7 @@ class Scorer:
     def _asr_model(self) -> Any:
         with self._lock:
             if self._asr is None:
-                self._asr = _load_whisper(self.asr_model, self.device)
+                self._asr = load_whisper(self.asr_model, self.device)
             return self._asr
 
     @property
@@ -224,7 +224,7 @@ class Scorer:
     def _speaker_model(self) -> Any:
         with self._lock:
             if self._speaker is None:
-                self._speaker = _load_speaker(self.speaker_model, self.device)
+                self._speaker = load_speaker(self.speaker_model, self.device)
             return self._speaker
 
     def embed(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -279,7 +279,9 @@ class Scorer:
         )
 
 
-def _load_whisper(asr_model: str, device: str) -> Any:
+@cache
+def load_whisper(asr_model: str, device: str) -> Any:
+    """faster-whisper's `WhisperModel`, once per (model, device) per process: scoring, ingest and serving share it."""
     from faster_whisper import WhisperModel
 
     source = asr_model
@@ -296,7 +298,8 @@ def _load_whisper(asr_model: str, device: str) -> Any:
     return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=local)
 
 
-def _load_speaker(speaker_model: str, device: str) -> Any:
+@cache
+def load_speaker(speaker_model: str, device: str) -> Any:
     """A function from 16 kHz mono audio to a speaker embedding."""
     if speaker_model == EMBEDDED_SPEAKER:
         return _resemblyzer(device)

@@ -1,0 +1,100 @@
+"""`higgs-pipeline prepare`: long raw recordings into a transcribed, diarized, checked clip manifest.
+
+A thin wrapper over `higgs_pipeline.ingest.prepare`, the code the `recording_clips` and `recordings_manifest`
+assets run too: the manifest it writes is the one `raw_audio_manifest` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from higgs_pipeline.commands import CommandError
+
+EXAMPLE = """example:
+  higgs-pipeline prepare data/demo/recordings/monologue.mp3 data/demo/recordings/conversation.ogg --out prepared/
+
+Writes prepared/manifest.csv (audio_path, text, speaker, source_recording, start_s, end_s and quality columns),
+prepared/rejected_recordings.csv (recording, reason, detail), prepared/segments.csv (every clip candidate with its
+reason) and the clips under prepared/clips/. Run it again with more recordings: unchanged ones are reused.
+With --json it prints one object: {"recordings": ..., "recordings_rejected": ..., "clips": ...,
+"speech_seconds": ..., "speakers": ..., "rejected": [...], ...}."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="long recordings -> a clip manifest (VAD, ASR, diarization, quality checks)",
+        description=__doc__,
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "recordings", nargs="+", metavar="RECORDING", help="audio files (wav, flac, ogg, mp3), any length"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder: new, empty, or an earlier output")
+    parser.add_argument("--num-speakers", type=int, default=None, help="exactly this many speakers per recording")
+    parser.add_argument("--speaker", default=None, help="the name of the (single) speaker of these recordings")
+    parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest clip (default 1.0)")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="longest clip (default 20, at most 30)")
+    parser.add_argument(
+        "--max-recording-seconds", type=float, default=6 * 3600.0, help="refuse longer recordings (default 6 h)"
+    )
+    parser.add_argument("--target-lufs", type=float, default=-20.0, help="clip loudness (default -20 LUFS)")
+    parser.add_argument("--min-dnsmos", type=float, default=1.5, help="reject clips below this DNSMOS OVRL")
+    parser.add_argument("--dialogue-turns", type=int, default=0, help="N > 1: multi-speaker runs become dialogues")
+    parser.add_argument("--asr-model", default="tiny.en", help="tiny.en (embedded), large-v3, or a local folder")
+    parser.add_argument("--speaker-model", default="resemblyzer", help="resemblyzer (embedded) or a WavLM x-vector")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from higgs_pipeline.ingest.prepare import NothingUsableError, check_output_folder, prepare
+    from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+    from higgs_pipeline.speech.scoring import resolve_device
+    from higgs_pipeline.speech.words import check_language
+
+    if args.num_speakers is not None and args.num_speakers < 1:
+        raise CommandError(f"--num-speakers {args.num_speakers}: must be 1 or more")
+    if args.speaker is not None and not args.speaker.strip():
+        raise CommandError("--speaker: the name is empty")
+    if args.speaker and (args.num_speakers or 1) != 1:
+        raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
+    try:
+        settings = IngestSettings(
+            min_seconds=args.min_seconds,
+            max_seconds=args.max_seconds,
+            target_lufs=args.target_lufs,
+            max_recording_seconds=args.max_recording_seconds,
+            min_dnsmos=args.min_dnsmos,
+            dialogue_turns=args.dialogue_turns,
+            asr_model=args.asr_model,
+            speaker_model=args.speaker_model,
+            device=resolve_device(args.device),
+        )
+        check_output_folder(args.out)
+        check_language(settings.asr_model, settings.device, args.language)  # loads the ASR model: fails early
+    except (ValueError, FileNotFoundError) as error:
+        raise CommandError(str(error)) from error
+    options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
+    try:
+        summary, _results = prepare(args.recordings, args.out, settings, options, progress=not args.json)
+    except NothingUsableError as error:
+        raise CommandError(str(error)) from error
+    if args.json:
+        print(json.dumps(asdict(summary)))
+        return 0
+    used = summary.recordings - summary.recordings_rejected
+    print(
+        f"{summary.clips} clips ({summary.speech_seconds:.1f} s of speech, {summary.speakers} speakers) from "
+        f"{used} of {summary.recordings} recordings -> {args.out / 'manifest.csv'}"
+    )
+    for item in summary.rejected:
+        print(f"rejected {item['recording']}: {item['reason']} ({item['detail']})")
+    return 0

@@ -1,0 +1,182 @@
+"""recording_clips: one dynamic partition per raw recording, each ingested into clips (VAD, ASR, diarization,
+quality), and the sensor that adds a partition for every new or changed recording in the watched folder.
+
+Partition key: the recording's path relative to the watched root (`HIGGS_PIPELINE_RECORDINGS`, a folder or an
+s3:// prefix; the demo recordings by default), with '/' between folders: `talks/ep01.mp3`. The key stays the same
+when the file changes; the content hash decides whether its clips are computed again.
+"""
+
+# No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
+
+import json
+import os
+import posixpath
+from dataclasses import asdict
+from pathlib import Path
+
+import dagster as dg
+import fsspec
+
+from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
+from higgs_pipeline.files import write_json
+from higgs_pipeline.ingest.outputs import CLIPS_DIR
+from higgs_pipeline.ingest.recording import process_recording
+from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
+from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
+from higgs_pipeline.paths import DEMO_DATA
+from higgs_pipeline.speech.scoring import resolve_device
+
+RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
+# Partition keys may not hold these (Dagster's rule); a file whose relative path does is skipped with a warning.
+_INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
+
+recordings_partitions = dg.DynamicPartitionsDefinition(name="recordings")
+
+
+def recordings_root() -> str:
+    """The watched folder or s3:// prefix: `HIGGS_PIPELINE_RECORDINGS`, else the demo recordings."""
+    return os.environ.get(RECORDINGS_ENV, str(DEMO_DATA / "recordings")).rstrip("/")
+
+
+def ingest_root(artifacts: ArtifactStore) -> Path:
+    """Where ingest writes: `<artifacts>/recordings/` holds the clips, the partitions' results and the manifest."""
+    root = artifacts.path("recordings")
+    if "://" in root and not root.startswith("file://"):
+        raise dg.Failure(
+            f"recording_clips writes clips under a local or mounted artifact root, not {root} "
+            "(on Kubernetes mount one ReadWriteMany volume there; see docs/deploy.md)"
+        )
+    return Path(root.removeprefix("file://"))
+
+
+def result_path(root: Path, key: str) -> Path:
+    """The partition's result record (what `recordings_manifest` merges)."""
+    return root / "partitions" / f"{digest(key)[:24]}.json"
+
+
+class RecordingClipsConfig(dg.Config):
+    recordings_root: str = ""  # empty: HIGGS_PIPELINE_RECORDINGS or the demo recordings
+    language: str = ""  # empty: the ASR's default (English)
+    num_speakers: int = 0  # 0: estimated per recording
+    speaker: str = ""  # the name of every recording's single speaker
+    min_seconds: float = 1.0
+    max_seconds: float = 20.0
+    target_lufs: float = -20.0
+    min_dnsmos: float = 1.5
+    max_recording_seconds: float = 6 * 3600.0
+
+    def settings(self, scorers: QualityScorers) -> IngestSettings:
+        return IngestSettings(
+            min_seconds=self.min_seconds,
+            max_seconds=self.max_seconds,
+            target_lufs=self.target_lufs,
+            min_dnsmos=self.min_dnsmos,
+            max_recording_seconds=self.max_recording_seconds,
+            asr_model=scorers.asr_model,
+            speaker_model=scorers.speaker_model,
+            device=resolve_device(scorers.device),
+        )
+
+    def options(self) -> RecordingOptions:
+        return RecordingOptions(self.language or None, self.num_speakers or None, self.speaker or None)
+
+
+@dg.asset(
+    partitions_def=recordings_partitions,
+    group_name="ingest",
+    code_version="1",
+    kinds={"python"},
+    op_tags={"dagster-k8s/config": ingest_step_k8s_config()},
+)
+def recording_clips(
+    context: dg.AssetExecutionContext, config: RecordingClipsConfig, artifacts: ArtifactStore, scorers: QualityScorers
+) -> dg.MaterializeResult:
+    """One recording into loudness-normalised, transcribed, speaker-labelled clips with a reason for every segment.
+
+    A bad recording (unreadable, silent, no speech, too long, ...) materializes as `rejected` with its reason, so
+    the manifest accounts for it; an error of the set-up (a model that does not load) fails this partition only.
+    """
+    key = context.partition_key
+    source_root = config.recordings_root.rstrip("/") or recordings_root()
+    source = posixpath.join(source_root, key)
+    root = ingest_root(artifacts)
+    context.log.info(f"ingesting {source}")
+    folder = source_root if "://" not in source_root else None
+    result = process_recording(source, root / CLIPS_DIR, config.settings(scorers), config.options(), key, folder)
+    write_json(str(result_path(root, key)), asdict(result))
+    metadata = {
+        "recording": key,
+        "recording_status": result.status,
+        "reject_reason": result.reason,
+        "detail": result.detail,
+        "duration_s": result.duration_s,
+        "speech_seconds": result.speech_seconds,
+        "reused": result.reused,
+        "result_folder": str(root / CLIPS_DIR / result.folder) if result.folder else "",
+    }
+    if result.folder:
+        metadata.update(_segment_counts(root / CLIPS_DIR / result.folder))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result.folder or result.reason))
+
+
+def _segment_counts(folder: Path) -> dict:
+    from higgs_pipeline.data.tables import read_csv
+
+    segments = read_csv(str(folder / "segments.csv"), columns=["reason"])["reason"]
+    return {
+        "segments": len(segments),
+        "clips": int((segments == "").sum()),
+        "segment_reasons": dg.MetadataValue.json(
+            {k: int(v) for k, v in segments[segments != ""].value_counts().items()}
+        ),
+    }
+
+
+recording_clips_job = dg.define_asset_job(
+    "recording_clips_job",
+    selection=[recording_clips],
+    partitions_def=recordings_partitions,
+    description="Ingest recordings, one partition each (a backfill runs them in parallel).",
+)
+
+
+def recording_stamps(root: str) -> dict[str, str]:
+    """Partition key -> (size, mtime or ETag) of every audio file under `root`; nothing is read but the listing."""
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    stamps = {}
+    for path, info in fs.find(base, detail=True).items():
+        key = posixpath.relpath(path, base)
+        if not key.lower().endswith(AUDIO_SUFFIXES) or any(bad in key for bad in _INVALID_IN_KEYS):
+            continue
+        stamps[key] = json.dumps(
+            [info.get("size"), info.get("ETag") or info.get("mtime") or info.get("LastModified")], default=str
+        )
+    return stamps
+
+
+def _store_tag(key: str) -> str:
+    """Partitions write disjoint folders, so each run gets a store tag of its own: dagster.yaml's one-run-per-store
+    limit then lets them run side by side (up to max_concurrent_runs) instead of one after another."""
+    return f"{artifact_store_of({})}#recording_clips/{digest(key)[:16]}"
+
+
+@dg.sensor(job=recording_clips_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Adds a partition for every new recording and requests a run for every new or changed one."""
+    stamps = recording_stamps(recordings_root())
+    seen = json.loads(context.cursor) if context.cursor else {}
+    known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
+    new_keys = sorted(key for key in stamps if key not in known)
+    changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(partition_key=key, run_key=f"{key}@{stamps[key]}", tags={ARTIFACT_STORE_TAG: _store_tag(key)})
+            for key in changed
+        ],
+        dynamic_partitions_requests=[recordings_partitions.build_add_request(new_keys)] if new_keys else [],
+        cursor=json.dumps(stamps, sort_keys=True),
+    )

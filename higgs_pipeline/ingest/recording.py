@@ -1,0 +1,185 @@
+"""One recording end to end: the stages in order, the clips and tables written to a content-addressed folder.
+
+The folder `<clips root>/<key>/` (key: the recording's sha256 and every setting its result depends on) holds the
+clips (`<start ms>-<end ms>.flac`, loudness-normalised), `regions.csv` (VAD), `words.csv` (ASR + speaker),
+`windows.csv` (speaker windows), `segments.csv` (every clip candidate with its quality and `reason`, "" when
+accepted) and `recording.json`. It is filled under a temporary name and renamed when complete, so it exists
+whole or not at all, and an unchanged recording finds it and is not processed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile
+
+from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.data.tables import write_csv
+from higgs_pipeline.files import replace_dir, temporary_dir, write_json
+from higgs_pipeline.ingest import cut, quality, stages
+from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.ingest.source import (
+    DecodedRecording,
+    RecordingRejected,
+    check_inside,
+    decode_recording,
+    localize,
+    scratch_dir,
+)
+from higgs_pipeline.speech.diarize import TooManySpeakersError
+from higgs_pipeline.speech.words import check_language, joined_text
+
+RESULT_FILE = "recording.json"
+
+
+@dataclass
+class RecordingResult:
+    """What became of one recording; `folder` is its result folder's name under the clips root ("" if none)."""
+
+    recording: str  # the name it is known by: a partition key, or the path as given
+    status: str  # "accepted" (it yielded clip candidates) or "rejected"
+    reason: str = ""
+    detail: str = ""
+    folder: str = ""
+    content_hash: str = ""
+    duration_s: float = 0.0
+    speech_seconds: float = 0.0
+    reused: bool = False
+    centroids: list[list[float]] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path) -> RecordingResult:
+        return cls(**json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")))
+
+
+def process_recording(
+    source: str,
+    clips_root: Path,
+    settings: IngestSettings,
+    options: RecordingOptions | None = None,
+    name: str | None = None,
+    folder: str | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> RecordingResult:
+    """Ingest one recording into `clips_root`; a bad recording is a rejected result, never an exception.
+
+    `folder`: the folder the recording must stay inside (links out of it are refused); `progress` is called with
+    seconds of speech transcribed. Errors of the set-up (a model that does not load) do raise.
+    """
+    options = options or RecordingOptions()
+    name = name or source
+    try:
+        check_language(settings.asr_model, settings.device, options.language)
+    except ValueError as error:  # a language the ASR does not cover (or Whisper does not know)
+        return RecordingResult(name, "rejected", "unsupported_language", str(error), options=asdict(options))
+    scratch = scratch_dir()
+    try:
+        if folder is not None:
+            check_inside(source, folder)
+        decoded = decode_recording(localize(source, scratch, settings.max_recording_bytes), settings, scratch)
+        key = digest(decoded.content_hash, settings.cache_key(options))[:24]
+        target = clips_root / key
+        if (target / RESULT_FILE).is_file():
+            previous = RecordingResult.load(target)
+            previous.recording, previous.reused, previous.options = name, True, asdict(options)
+            return previous
+        result = _ingest(decoded, key, target, settings, options, name, progress)
+    except RecordingRejected as rejected:
+        return RecordingResult(name, "rejected", rejected.reason, rejected.detail, options=asdict(options))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _ingest(
+    decoded: DecodedRecording,
+    key: str,
+    target: Path,
+    settings: IngestSettings,
+    options: RecordingOptions,
+    name: str,
+    progress: Callable[[float], None] | None,
+) -> RecordingResult:
+    base = {"content_hash": decoded.content_hash, "duration_s": decoded.duration_s, "options": asdict(options)}
+    regions = stages.find_speech(decoded.analysis, settings)
+    if regions.empty:
+        raise RecordingRejected("no_speech", "the voice activity detector found no speech (silence, tone or noise)")
+    try:  # before ASR: a speaker count the speech cannot hold fails in seconds
+        windows, centers = stages.diarize_windows(decoded.analysis, regions, settings, options)
+    except TooManySpeakersError as error:
+        raise RecordingRejected("too_many_speakers", str(error)) from None
+    heard = stages.transcribe(decoded.analysis, regions, settings, options, progress)
+    if not heard:
+        seconds = float((regions["end_s"] - regions["start_s"]).sum())
+        raise RecordingRejected("no_speech", f"{seconds:.1f} s sounded like speech, but the ASR heard no words")
+    speakers = stages.speakers_of_words(heard, windows)
+    candidates = cut.cut(heard, speakers, settings)
+    staging = temporary_dir(target)
+    try:
+        segments = _write_clips(decoded, heard, windows, candidates, settings, staging)
+        write_csv(regions, str(staging / "regions.csv"))
+        write_csv(stages.word_table(heard, speakers), str(staging / "words.csv"), for_spreadsheets=False)
+        write_csv(windows, str(staging / "windows.csv"))
+        write_csv(segments, str(staging / "segments.csv"), for_spreadsheets=False)
+        speech = float((regions["end_s"] - regions["start_s"]).sum())
+        result = RecordingResult(
+            name, "accepted", folder=key, speech_seconds=speech, centroids=centers.tolist(), **base
+        )
+        write_json(str(staging / RESULT_FILE), asdict(result))
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result
+
+
+def _write_clips(
+    decoded: DecodedRecording,
+    heard: list,
+    windows: pd.DataFrame,
+    candidates: list[cut.Candidate],
+    settings: IngestSettings,
+    staging: Path,
+) -> pd.DataFrame:
+    """One row per candidate; the accepted ones written as loudness-normalised FLAC clips."""
+    window_spans = list(zip(windows["start_s"], windows["end_s"], strict=True))
+    labels = windows["local_speaker"].to_numpy()
+    rows = []
+    for candidate in candidates:
+        row = {
+            "start_s": candidate.start_s,
+            "end_s": candidate.end_s,
+            "duration_s": round(candidate.end_s - candidate.start_s, 3),
+            "local_speaker": candidate.speaker,
+            "text": joined_text(heard[candidate.first : candidate.last + 1]),
+            "words": candidate.last - candidate.first + 1,
+            "reason": candidate.reason,
+            "detail": "",
+            "clip": "",
+        }
+        if not candidate.reason:
+            raw = decoded.clip_audio.read(candidate.start_s, candidate.end_s)
+            purity = quality.speaker_purity(candidate, window_spans, labels)
+            measured = quality.measure(
+                candidate, heard, decoded.analysis.read(candidate.start_s, candidate.end_s), raw, purity
+            )
+            row.update({k: round(v, 4) for k, v in asdict(measured).items()})
+            row["reason"], row["detail"] = quality.reject_reason(measured, settings)
+            if not row["reason"]:
+                row["clip"] = f"{int(candidate.start_s * 1000):09d}-{int(candidate.end_s * 1000):09d}.flac"
+                clip = quality.normalize_loudness(raw, decoded.clip_audio.rate, settings.target_lufs)
+                soundfile.write(str(staging / row["clip"]), clip, decoded.clip_audio.rate, subtype="PCM_16")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for column in [item.name for item in dataclasses.fields(quality.ClipQuality)]:
+        if column not in table:
+            table[column] = np.nan
+    return table

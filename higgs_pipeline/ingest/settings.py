@@ -1,0 +1,71 @@
+"""What ingest is asked to do: one frozen settings object for a run, options per recording."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from higgs_pipeline.speech.diarize import DiarizeSettings
+from higgs_pipeline.speech.scoring import EMBEDDED_ASR, EMBEDDED_SPEAKER
+from higgs_pipeline.speech.vad import VadSettings
+
+# Raised when what a recording's cached result means changes, so old results are not reused.
+INGEST_CODE_VERSION = "1"
+# Clips are written at the recording's own rate up to this (the Higgs audio tokenizer's rate): no upsampling.
+MAX_CLIP_RATE = 24_000
+HARD_MAX_SECONDS = 30.0  # Higgs training samples longer clips poorly; raw_audio_manifest's default maximum too
+
+
+@dataclass(frozen=True)
+class RecordingOptions:
+    """What is known about one recording (from flags or a metadata table)."""
+
+    language: str | None = None  # None: the ASR model's default (English)
+    num_speakers: int | None = None  # exactly this many speakers, or the recording is rejected
+    speaker: str | None = None  # the name its (single) speaker gets, across every recording
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Defaults suit Higgs training: clips of 1-20 s of clean read or conversational speech at -20 LUFS."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = 20.0
+    target_lufs: float = -20.0
+    max_recording_seconds: float = 6 * 3600.0  # refused from the header, before decoding
+    max_recording_bytes: int = 16 * 2**30
+    window_s: float = 300.0  # decode and VAD this much audio at a time: memory is flat in the recording's length
+    asr_model: str = EMBEDDED_ASR
+    speaker_model: str = EMBEDDED_SPEAKER
+    device: str = "cpu"
+    pause_s: float = 0.25  # a gap between words this long is a place to cut
+    max_gap_s: float = 1.2  # a longer gap always ends a clip (no long silence inside one)
+    edge_pad_s: float = 0.12  # audio kept before the first and after the last word (never into a neighbour word)
+    min_dnsmos: float = 1.5  # DNSMOS OVRL below this: low_quality (noise); curated real corpora use ~3.0
+    min_asr_confidence: float = 0.45  # mean Whisper word probability below this: low_asr_confidence
+    min_words_per_second: float = 0.7
+    max_words_per_second: float = 6.0
+    max_clipped_fraction: float = 0.001  # share of samples at full scale
+    min_speaker_purity: float = 0.75  # share of a clip's speech windows labelled with its speaker
+    speaker_match_threshold: float = 0.75  # cosine of centroids for one person across recordings
+    dialogue_turns: int = 0  # > 0: consecutive turns of multi-speaker recordings become dialogues of up to N turns
+    vad: VadSettings = field(default_factory=VadSettings)
+    diarize: DiarizeSettings = field(default_factory=DiarizeSettings)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_seconds < self.max_seconds <= HARD_MAX_SECONDS:
+            raise ValueError(
+                f"min_seconds {self.min_seconds:g} and max_seconds {self.max_seconds:g} must satisfy "
+                f"0 < min_seconds < max_seconds <= {HARD_MAX_SECONDS:g}"
+            )
+        if self.max_recording_seconds <= 0 or self.window_s < 30:
+            raise ValueError("max_recording_seconds must be positive and window_s at least 30 s")
+
+    def cache_key(self, options: RecordingOptions) -> str:
+        """What a recording's result depends on besides its bytes (not the speaker name: that is applied when
+        the manifest is merged, nor the cross-recording threshold)."""
+        values = asdict(self)
+        for no_effect in ("speaker_match_threshold", "dialogue_turns", "max_recording_seconds", "max_recording_bytes"):
+            values.pop(no_effect)  # applied at merge, or limits that refuse a recording rather than change it
+        values.update(language=options.language, num_speakers=options.num_speakers, code=INGEST_CODE_VERSION)
+        return json.dumps(values, sort_keys=True)

@@ -1,0 +1,231 @@
+"""Recordings in: the `prepare` command on generated speech (two espeak-ng voices, pauses, noise, a tone) and on
+every kind of bad recording, run once per module; the assertions read that one output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from audio_factory import corrupt, empty, tone, truncated
+from recording_factory import MONOLOGUE, TALK_A, TALK_B, write_lying_wav, write_recording
+
+from higgs_pipeline.cli import main
+from higgs_pipeline.data.manifest import read_manifest
+from higgs_pipeline.data.screening import ScreeningRules, screen_manifest
+from higgs_pipeline.ingest.recording import process_recording
+from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.speech.scoring import word_error_rate
+
+GOOD = {"monologue.mp3": MONOLOGUE, "talk_a.wav": TALK_A, "talk_b.ogg": TALK_B}
+BAD = {
+    "zero.wav": "empty_audio",
+    "corrupt.wav": "undecodable",
+    "cut.flac": "truncated",
+    "lying.wav": "truncated",
+    "silence.wav": "silent",
+    "tone.wav": "no_speech",
+    "long.wav": "too_long",
+    "escape.wav": "path_outside_folder",
+    "pipe.wav": "not_a_regular_file",
+}
+MAX_RECORDING_S = 40.0
+
+
+def _bad_recordings(folder: Path, outside: Path, good: Path) -> None:
+    empty(folder / "zero.wav")
+    corrupt(folder / "corrupt.wav")
+    truncated(folder / "cut.flac", good, keep=0.4)
+    write_lying_wav(folder / "lying.wav")
+    tone(folder / "silence.wav", 3.0, gain_db=-90)
+    tone(folder / "tone.wav", 4.0, gain_db=-10)
+    tone(folder / "long.wav", MAX_RECORDING_S + 5, gain_db=-10)
+    tone(outside / "elsewhere.wav", 3.0)
+    (folder / "escape.wav").symlink_to(outside / "elsewhere.wav")
+    os.mkfifo(folder / "pipe.wav")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ingest")
+    folder, outside = root / "recordings", root / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    spoken = {name: write_recording(folder / name, parts) for name, parts in GOOD.items()}
+    flac = folder / "source.flac"
+    write_recording(flac, MONOLOGUE)
+    _bad_recordings(folder, outside, flac)
+    flac.unlink()
+    out = root / "out"
+    paths = [str(folder / name) for name in (*GOOD, *BAD)]
+    args = ["prepare", *paths, "--out", str(out), "--json", "--device", "cpu"]
+    code, printed = _run([*args, "--max-recording-seconds", str(MAX_RECORDING_S)])
+    assert code == 0
+    return {"folder": folder, "out": out, "spoken": spoken, "summary": json.loads(printed), "argv": args}
+
+
+def _run(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    return code, buffer.getvalue()
+
+
+def _manifest(prepared) -> pd.DataFrame:
+    return pd.read_csv(prepared["out"] / "manifest.csv", keep_default_na=False)
+
+
+def test_summary_counts_every_recording(prepared):
+    summary = prepared["summary"]
+    assert summary["recordings"] == len(GOOD) + len(BAD)
+    assert summary["recordings_rejected"] == len(BAD)
+    assert summary["clips"] == len(_manifest(prepared)) >= 8
+    assert summary["speakers"] == 2
+    assert 20 < summary["speech_seconds"] < 60
+
+
+def test_every_bad_recording_has_its_reason(prepared):
+    rejected = pd.read_csv(prepared["out"] / "rejected_recordings.csv", keep_default_na=False)
+    reasons = {Path(row.recording).name: row.reason for row in rejected.itertuples()}
+    assert reasons == BAD
+    assert (rejected["detail"] != "").all()
+    assert not any(Path(name).name in BAD for name in _manifest(prepared)["source_recording"])
+
+
+def test_transcripts_match_what_was_said(prepared):
+    manifest = _manifest(prepared)
+    for name, turns in prepared["spoken"].items():
+        clips = manifest[manifest["source_recording"].str.endswith(name)].sort_values("start_s")
+        said = " ".join(text for _voice, text in turns)
+        heard = " ".join(clips["text"])
+        assert word_error_rate(said, heard) < 0.15, (name, heard)
+
+
+def test_voices_are_separated_and_the_same_across_recordings(prepared):
+    manifest = _manifest(prepared)
+    label_of_voice: dict[int, set[str]] = {0: set(), 1: set()}
+    for name, turns in prepared["spoken"].items():
+        clips = manifest[manifest["source_recording"].str.endswith(name)].sort_values("start_s")
+        assert len(clips) == len(turns), (name, clips["text"].tolist())  # one clip per turn: a turn is a sentence
+        for (voice, _text), speaker in zip(turns, clips["speaker"], strict=True):
+            label_of_voice[voice].add(speaker)
+    assert len(label_of_voice[0]) == 1 and len(label_of_voice[1]) == 1
+    assert label_of_voice[0] != label_of_voice[1]
+
+
+def test_clips_are_cut_between_words_within_limits_and_normalised(prepared):
+    import pyloudnorm
+    import soundfile
+
+    manifest = _manifest(prepared)
+    assert ((manifest["end_s"] - manifest["start_s"]).between(1.0, 20.0 + 0.3)).all()
+    for row in manifest.itertuples():
+        audio, rate = soundfile.read(prepared["out"] / row.audio_path)
+        assert abs(len(audio) / rate - (row.end_s - row.start_s)) < 0.01
+        assert abs(pyloudnorm.Meter(rate).integrated_loudness(audio) - (-20.0)) < 1.0
+        assert np.abs(audio).max() <= 10 ** (-1 / 20) + 1e-3
+    assert {"dnsmos_ovrl", "asr_confidence", "words_per_second", "clipped_fraction", "speaker_purity"} <= set(manifest)
+
+
+def test_every_segment_accounted_for(prepared):
+    segments = pd.read_csv(prepared["out"] / "segments.csv", keep_default_na=False)
+    accepted = segments[segments["reason"] == ""]
+    assert len(accepted) == len(_manifest(prepared))
+    assert set(segments["reason"]) <= {"", "too_short", "too_long", "mixed_speakers", "low_asr_confidence",
+                                       "speaking_rate", "clipping", "low_quality"}  # fmt: skip
+    words = sum(len(pd.read_csv(f)) for f in (prepared["out"] / "clips").glob("*/words.csv"))
+    assert segments["words"].astype(int).sum() == words
+
+
+def test_raw_audio_manifest_screening_accepts_the_output(prepared):
+    manifest = read_manifest(str(prepared["out"] / "manifest.csv"))
+    screening = screen_manifest(manifest, ScreeningRules())
+    assert len(screening.rejected) == 0, screening.rejected[["reason", "detail"]].to_dict("records")
+    assert len(screening.accepted) == len(_manifest(prepared))
+
+
+def test_a_rerun_reuses_unchanged_recordings(prepared):
+    folders = sorted((prepared["out"] / "clips").iterdir())
+    clips = sorted((prepared["out"] / "clips").rglob("*.flac"))
+    stamps = [path.stat().st_mtime_ns for path in clips]
+    good = [str(prepared["folder"] / name) for name in GOOD]
+    code, printed = _run(["prepare", *good, "--out", str(prepared["out"]), "--json"])
+    summary = json.loads(printed)
+    assert code == 0 and summary["clips"] == prepared["summary"]["clips"] and summary["recordings_reused"] == 3
+    assert sorted((prepared["out"] / "clips").iterdir()) == folders  # nothing computed again
+    assert [path.stat().st_mtime_ns for path in clips] == stamps  # not rewritten
+
+
+def test_nothing_usable_exits_2_and_leaves_no_output(prepared, tmp_path, capsys):
+    out = tmp_path / "never"
+    code = main(
+        ["prepare", str(prepared["folder"] / "zero.wav"), str(prepared["folder"] / "tone.wav"), "--out", str(out)]
+    )
+    assert code == 2
+    assert "zero.wav: empty_audio" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_usage_errors_are_one_line(prepared, tmp_path, capsys):
+    talk = str(prepared["folder"] / "talk_a.wav")
+    assert main(["prepare", talk, "--out", str(tmp_path / "x"), "--language", "de"]) == 2
+    assert "does not cover language 'de'" in capsys.readouterr().err
+    assert main(["prepare", talk, "--out", str(tmp_path / "x"), "--max-seconds", "45"]) == 2
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert main(["prepare", talk, "--out", str(tmp_path / "busy")]) == 2
+    assert "other files" in capsys.readouterr().err
+
+
+def test_speaker_count_is_honoured_or_refused(prepared, tmp_path):
+    settings = IngestSettings()
+    talk = str(prepared["folder"] / "talk_b.ogg")
+    one = process_recording(talk, tmp_path, settings, RecordingOptions(num_speakers=1))
+    assert one.status == "accepted" and len(one.centroids) == 1
+    segments = pd.read_csv(tmp_path / one.folder / "segments.csv")
+    assert set(segments["local_speaker"]) == {0}
+    many = process_recording(talk, tmp_path, settings, RecordingOptions(num_speakers=9))
+    assert (many.status, many.reason) == ("rejected", "too_many_speakers")
+    german = process_recording(talk, tmp_path, settings, RecordingOptions(language="de"))
+    assert (german.status, german.reason) == ("rejected", "unsupported_language")
+
+
+MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from higgs_pipeline.ingest.settings import IngestSettings
+from higgs_pipeline.ingest.source import decode_recording
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+decoded = decode_recording(sys.argv[1], IngestSettings(), Path(sys.argv[2]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(decoded.duration_s, decoded.analysis.frames, (after - before) / 1024)
+"""
+
+
+def test_decoding_streams_in_flat_memory(tmp_path):
+    """6 minutes of 48 kHz stereo (132 MB as float32) decode with a peak growth of a few MB: it is never whole."""
+    import subprocess
+    import sys
+
+    import soundfile
+
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal((48000 * 10, 2)) * 0.1).astype(np.float32)
+    with soundfile.SoundFile(str(path), "w", 48000, 2, subtype="PCM_16") as out:
+        for _ in range(36):
+            out.write(block)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path), str(scratch)], capture_output=True, text=True, check=True
+    )
+    duration, frames, growth_mib = (float(value) for value in done.stdout.split())
+    assert duration == pytest.approx(360.0) and frames == pytest.approx(360 * 16000, abs=64)
+    assert growth_mib < 60, f"peak memory grew {growth_mib:.0f} MiB while decoding"

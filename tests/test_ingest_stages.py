@@ -1,0 +1,108 @@
+"""Each ingest stage on its own: the cut rules on hand-made word timings, clustering and cross-recording speaker
+matching on hand-made embeddings, and the VAD on generated speech, tone and silence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from higgs_pipeline.ingest.cut import cut
+from higgs_pipeline.ingest.settings import IngestSettings
+from higgs_pipeline.speech.diarize import DiarizeSettings, TooManySpeakersError, cluster, match_speakers, speech_windows
+from higgs_pipeline.speech.words import Word
+
+SETTINGS = IngestSettings(min_seconds=1.0, max_seconds=4.0)
+
+
+def _words(spec: str, start: float = 0.0, length: float = 0.3, gap: float = 0.05) -> list[Word]:
+    """Words of `spec` ("a b. c" ...), each `length` s, `gap` s apart; "|" between words is a 0.6 s pause."""
+    words, t = [], start
+    for token in spec.split():
+        if token == "|":
+            t += 0.6
+            continue
+        words.append(Word(t, t + length, " " + token, 0.9))
+        t += length + gap
+    return words
+
+
+def test_clips_end_at_sentence_ends_and_cover_every_word_once():
+    words = _words("one two three four. five six seven eight.")
+    candidates = cut(words, [0] * len(words), SETTINGS)
+    assert [(c.first, c.last) for c in candidates] == [(0, 3), (4, 7)]
+    assert all(c.reason == "" for c in candidates)
+    assert candidates[0].end_s <= candidates[1].start_s  # padding never reaches into the next word
+    assert words[3].end <= candidates[0].end_s and candidates[1].start_s <= words[4].start
+
+
+def test_a_speaker_change_always_cuts_even_mid_sentence():
+    words = _words("one two three four five six seven eight")
+    speakers = [0, 0, 0, 0, 1, 1, 1, 1]
+    candidates = cut(words, speakers, SETTINGS)
+    assert [(c.first, c.last, c.speaker) for c in candidates] == [(0, 3, 0), (4, 7, 1)]
+
+
+def test_long_speech_is_cut_at_its_widest_pause_below_max_seconds():
+    words = _words("a b c d e f g | h i j k l m n")  # 14 words, ~5.2 s, no sentence end
+    candidates = cut(words, [0] * len(words), SETTINGS)
+    assert all(c.end_s - c.start_s <= SETTINGS.max_seconds + 2 * SETTINGS.edge_pad_s for c in candidates)
+    assert candidates[0].last == 6  # at the pause, not inside a word
+    assert sum(c.last - c.first + 1 for c in candidates) == len(words)
+
+
+def test_a_lone_short_sentence_is_rejected_too_short():
+    words = _words("yes.", start=0.0) + _words("a b c d e f.", start=3.0)  # 2.6 s silence: a forced cut
+    candidates = cut(words, [0] * len(words), SETTINGS)
+    assert [c.reason for c in candidates] == ["too_short", ""]
+
+
+def _two_voices(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.eye(2, 32)
+    points = np.concatenate([centres[0] + 0.05 * rng.standard_normal((count, 32)),
+                             centres[1] + 0.05 * rng.standard_normal((count, 32))])  # fmt: skip
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_clustering_finds_two_voices_and_honours_a_given_count():
+    embeddings = _two_voices(10)
+    durations = np.full(20, 1.5)
+    labels = cluster(embeddings, durations, DiarizeSettings())
+    assert labels.tolist() == [0] * 10 + [1] * 10
+    assert len(set(cluster(embeddings, durations, DiarizeSettings(), num_speakers=2).tolist())) == 2
+    assert set(cluster(embeddings, durations, DiarizeSettings(), num_speakers=1).tolist()) == {0}
+    with pytest.raises(TooManySpeakersError):
+        cluster(embeddings, durations, DiarizeSettings(), num_speakers=25)  # more than the windows
+    with pytest.raises(TooManySpeakersError, match="2 s or more"):
+        cluster(embeddings, durations, DiarizeSettings(), num_speakers=8)  # splits voices into slivers
+
+
+def test_speakers_keep_one_label_across_recordings():
+    a, b = np.eye(3, 8)[0], np.eye(3, 8)[1]
+    c = np.eye(3, 8)[2]
+    numbers = match_speakers(
+        [np.stack([a, b]), np.stack([b, a]), np.stack([c]), np.stack([a, a * 0.99 + c * 0.01])], 0.8
+    )
+    assert numbers[0] == [0, 1] and numbers[1] == [1, 0] and numbers[2] == [2]
+    assert sorted(numbers[3]) == [0, 3]  # two clusters of one recording are never merged into one speaker
+
+
+def test_speech_windows_cover_each_region():
+    windows = speech_windows([(0.0, 4.0), (5.0, 5.3), (6.0, 7.0)], DiarizeSettings())
+    assert windows[0] == (0.0, 1.5) and windows[-2][1] == 4.0 and windows[-1] == (6.0, 7.0)
+    assert all(not (5.0 <= start < 5.3) for start, _ in windows)  # a 0.3 s region is too short to embed
+
+
+def test_vad_hears_speech_and_not_tone_or_silence(tmp_path):
+    import soundfile
+    from audio_factory import speech
+
+    from higgs_pipeline.speech.vad import speech_regions
+
+    audio, _ = soundfile.read(speech(tmp_path / "s.wav", "Please close the window before you leave."), dtype="float32")
+    padded = np.concatenate([np.zeros(16000, np.float32), audio, np.zeros(16000, np.float32)])
+    regions = speech_regions(padded)
+    assert len(regions) >= 1 and regions[0][0] >= 0.7 and regions[-1][1] <= len(padded) / 16000 - 0.5
+    t = np.arange(48000) / 16000
+    assert speech_regions((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)) == []
+    assert speech_regions(np.zeros(48000, np.float32)) == []
