@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from higgs_pipeline.data.hashing import digest
 
 # The lock file in a local artifact store's root.
 STORE_LOCK_FILE = ".store.lock"
@@ -83,7 +84,7 @@ def store_lock_path(root: str) -> Path:
 
     folder = cache_root() / "store-locks"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{hashlib.sha256(root.rstrip('/').encode()).hexdigest()[:24]}.lock"
+    return folder / f"{digest(root.rstrip('/'))[:24]}.lock"
 
 
 @contextlib.contextmanager

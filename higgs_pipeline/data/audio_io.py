@@ -18,6 +18,13 @@ def decode(data: bytes | str) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(wave.T), int(rate)
 
 
+def encode_wav(waveform: np.ndarray, sample_rate: int) -> bytes:
+    """16-bit PCM WAV bytes (`[samples]` or `[samples, channels]`): what every clip the pipeline writes is."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.asarray(waveform, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
 def to_mono(wave: np.ndarray, rate: int, target_rate: int | None = None) -> torch.Tensor:
     """Mono float32 tensor, resampled with torchaudio when `target_rate` differs."""
     mono = torch.from_numpy(wave.mean(axis=0) if wave.ndim == 2 else wave)

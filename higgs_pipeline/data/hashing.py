@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,6 +23,14 @@ def sha256_hex(*chunks: bytes) -> str:
     hasher = hashlib.sha256()
     for chunk in chunks:
         hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def sha256_of_stream(handle: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 of a binary file read to its end a chunk at a time: a long recording never sits in memory whole."""
+    hasher = hashlib.sha256()
+    for block in iter(lambda: handle.read(chunk), b""):
+        hasher.update(block)
     return hasher.hexdigest()
 
 

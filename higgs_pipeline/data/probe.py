@@ -72,14 +72,16 @@ def probe_clip(uri: str, max_seconds: float | None = None, max_bytes: int = DEFA
             declared, rate, channels, container = header.frames, header.samplerate, header.channels, header.format
             log = header.extra_info
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        return ClipProbe(uri, "undecodable", f"not a readable audio file: {_short(error)}", clip_hash)
+        return ClipProbe(uri, "undecodable", f"not a readable audio file: {short_error(error)}", clip_hash)
     if max_seconds is not None and rate > 0 and declared / rate > max_seconds and container in _EXACT_LENGTH_FORMATS:
         return _probe(uri, "too_long", "", clip_hash, declared, rate, channels, -math.inf)
     try:
         wave, rate = decode(data)
     except (soundfile.LibsndfileError, RuntimeError) as error:
         reason = "truncated" if declared > 0 else "undecodable"
-        return ClipProbe(uri, reason, f"decoding failed part-way (truncated or corrupt): {_short(error)}", clip_hash)
+        return ClipProbe(
+            uri, reason, f"decoding failed part-way (truncated or corrupt): {short_error(error)}", clip_hash
+        )
     frames = int(wave.shape[1])
     if frames == 0:
         return ClipProbe(uri, "empty_audio", "no audio samples", clip_hash, 0, rate, channels, 0.0)
@@ -236,7 +238,7 @@ def _probe(uri, reason, detail, clip_hash, frames, rate, channels, peak_dbfs) ->
     return ClipProbe(uri, reason, detail, clip_hash, int(frames), int(rate), int(channels), duration, peak_dbfs)
 
 
-def _short(error: Exception) -> str:
+def short_error(error: Exception) -> str:
     """libsndfile messages embed the repr of the BytesIO they read; keep only the part that says what failed."""
     text = str(error)
     return text.split(": ", 1)[1] if text.startswith("Error opening <") and ": " in text else text

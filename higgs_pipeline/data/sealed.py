@@ -8,10 +8,10 @@ payload edited without recomputing the checksum, does not open.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
+from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
 
 # A cache entry is a few hundred bytes; a bound on what reading one costs whatever sits in its place.
@@ -24,7 +24,7 @@ class BrokenEntry(ValueError):
 
 def _checksum(key: Any, payload: Any) -> str:
     canonical = json.dumps([key, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+    return sha256_hex(canonical.encode("utf-8", "surrogatepass"))
 
 
 def seal(key: Any, payload: Any) -> dict:

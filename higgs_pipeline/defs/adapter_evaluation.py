@@ -50,8 +50,8 @@ from higgs_pipeline.evaluation.prompt_sets import (
 )
 from higgs_pipeline.evaluation.recorded import evaluation_metadata, evaluation_numbers, write_outputs
 from higgs_pipeline.evaluation.sizes import Sizes, resolve_sizes
-from higgs_pipeline.models.demo import DEMO_NOTE, is_demo
-from higgs_pipeline.models.loading import describe, resolve_audio_tokenizer, resolve_model
+from higgs_pipeline.models.demo import DEMO_NOTE
+from higgs_pipeline.models.loading import describe, is_demo_model, resolve_audio_tokenizer, resolve_model
 from higgs_pipeline.serving.merge import merge_adapter
 
 CODE_VERSION = "3"
@@ -155,7 +155,7 @@ def adapter_evaluation(
     out_dir = artifacts.path("adapter_evaluation", context.run.run_id)
     with tempfile.TemporaryDirectory(prefix="adapter_evaluation_") as scratch:
         base = base_model_of(adapter_meta["adapter_path"], fallback=checkpoints.model)
-        demo = is_demo(resolve_model(base))
+        demo = is_demo_model(base)
         if demo:
             context.log.warning(f"Evaluating on the {DEMO_NOTE}: its losses and audio say nothing about quality")
         try:

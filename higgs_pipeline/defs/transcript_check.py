@@ -11,10 +11,8 @@ so a re-run transcribes only new clips.
 # No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
 
 import json
-import uuid
 
 import dagster as dg
-import fsspec
 import numpy as np
 import pandas as pd
 from pydantic import Field
@@ -28,6 +26,7 @@ from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.files import write_json
 from higgs_pipeline.speech import scoring
 
 REJECT_REASON = "transcript_mismatch"
@@ -76,8 +75,8 @@ def transcript_check(
         "transcript_check", digest(manifest["accepted_path"], manifest["corpus_version"], settings)[:16]
     )
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
-    _write_atomically(accepted, accepted_path, write_parquet)
-    _write_atomically(rejected, rejected_path, write_csv)
+    write_parquet(accepted, accepted_path)
+    write_csv(rejected, rejected_path)
     context.log.info(f"{len(accepted)} accepted, {len(rejected)} rejected as {REJECT_REASON}: {rejected_path}")
     return dg.MaterializeResult(
         metadata={
@@ -138,7 +137,7 @@ def _hear_all(
             cached += 1
         else:
             heard[clip_hash, code] = _hear(uri, code, scorer)
-            _write_atomically(seal(key, heard[clip_hash, code]), path, _write_json)
+            write_json(path, seal(key, heard[clip_hash, code]), indent=None)
         if done % max(1, config.progress_every) == 0 or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
     return heard, cached
@@ -260,20 +259,6 @@ def _flagged_table(flagged: pd.DataFrame, limit: int = 50) -> str:
     if len(flagged) > limit:
         lines.append(f"\n{len(flagged) - limit} more: see the accepted and rejected files.")
     return "\n".join(lines)
-
-
-def _write_json(value: dict, path: str) -> None:
-    with fsspec.open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle)
-
-
-def _write_atomically(value, path: str, write) -> None:
-    """Write under a temporary name, then rename: a failed run never leaves a half-written file at `path`."""
-    fs, _ = fsspec.core.url_to_fs(path)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    write(value, temporary)
-    fs.mv(temporary, path)
 
 
 @dg.asset_check(asset=transcript_check, blocking=True)

@@ -8,15 +8,11 @@ folder plays the same opened from a disk, a download, or a bucket synced to a la
 from __future__ import annotations
 
 import html
-import io
 import math
 import re
 from collections.abc import Sequence
 
-import fsspec
-import numpy as np
-import soundfile as sf
-
+from higgs_pipeline.data.audio_io import encode_wav
 from higgs_pipeline.evaluation.listening import TAKE_PREFIX, TAKES, PromptResult, Take
 from higgs_pipeline.files import write_atomic
 
@@ -50,12 +46,6 @@ def clip_file(index: int, result: PromptResult, name: str) -> str:
     return f"audio/{index:02d}_{safe_id}_{name}.wav"
 
 
-def wav_bytes(waveform: np.ndarray, sample_rate: int) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, np.asarray(waveform, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def write_report(
     out_dir: str,
     results: Sequence[PromptResult],
@@ -67,9 +57,6 @@ def write_report(
     """Write every clip and the page under `out_dir` (local or any fsspec URL). Returns {"report": page path,
     "<index>/<take>": clip path, ...}. The page is written last, under a temporary name then moved, so a reader
     never finds a page whose clips are missing."""
-    fs, root = fsspec.core.url_to_fs(out_dir)
-    root = root.rstrip("/")
-    fs.makedirs(f"{root}/audio", exist_ok=True)
     written = {}
     for index, result in enumerate(results):
         clips = {name: (result.takes[name].waveform, result.takes[name].sample_rate) for name in TAKES}
@@ -77,7 +64,7 @@ def write_report(
             clips["reference"] = result.reference
         for name, (waveform, rate) in clips.items():
             relative = clip_file(index, result, name)
-            fs.pipe_file(f"{root}/{relative}", wav_bytes(waveform, rate))
+            write_atomic(f"{out_dir.rstrip('/')}/{relative}", encode_wav(waveform, rate))
             written[f"{index}/{name}"] = f"{out_dir.rstrip('/')}/{relative}"
     written["report"] = write_atomic(
         f"{out_dir.rstrip('/')}/{REPORT_NAME}", render_report(results, numbers, title, note, checkpoints)

@@ -9,7 +9,6 @@ Every refusal is a `RecordingRejected` with one of the probe's reasons (`missing
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import posixpath
@@ -21,8 +20,9 @@ import numpy as np
 import pandas as pd
 import soundfile
 
+from higgs_pipeline.data.hashing import sha256_of_stream
 from higgs_pipeline.data.manifest import resolve_audio_paths
-from higgs_pipeline.data.probe import ClipRefusedError, _short, header_shortfall, open_local_file
+from higgs_pipeline.data.probe import ClipRefusedError, header_shortfall, open_local_file, short_error
 from higgs_pipeline.ingest.settings import MAX_CLIP_RATE, IngestSettings
 from higgs_pipeline.speech.scoring import MODEL_RATE
 
@@ -110,7 +110,7 @@ def decode_recording(path: str, settings: IngestSettings, scratch: Path) -> Deco
         with _open_sound(handle) as header:  # the length check comes before a byte is hashed or decoded
             _check_header(header, settings)
         handle.seek(0)
-        content_hash = _hash(handle)
+        content_hash = sha256_of_stream(handle)
         handle.seek(0)
         with _open_sound(handle) as sound:
             return _stream(sound, content_hash, settings, scratch)
@@ -120,7 +120,7 @@ def _open_sound(handle) -> soundfile.SoundFile:
     try:
         return soundfile.SoundFile(handle)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        raise RecordingRejected("undecodable", f"not a readable audio file: {_short(error)}") from None
+        raise RecordingRejected("undecodable", f"not a readable audio file: {short_error(error)}") from None
 
 
 def _check_header(sound: soundfile.SoundFile, settings: IngestSettings) -> None:
@@ -130,13 +130,6 @@ def _check_header(sound: soundfile.SoundFile, settings: IngestSettings) -> None:
     if declared / rate > settings.max_recording_seconds:
         detail = f"header says {declared / rate:.0f} s > max_recording_seconds {settings.max_recording_seconds:g}"
         raise RecordingRejected("too_long", detail + " (not decoded)")
-
-
-def _hash(handle) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stream(sound: soundfile.SoundFile, content_hash: str, settings: IngestSettings, scratch: Path) -> DecodedRecording:
@@ -170,7 +163,7 @@ def _stream(sound: soundfile.SoundFile, content_hash: str, settings: IngestSetti
                 clip_out.write(to_clip.resample_chunk(np.zeros(0, np.float32), last=True).tobytes())
         except (soundfile.LibsndfileError, RuntimeError) as error:
             raise RecordingRejected(
-                "truncated", f"decoding failed part-way (truncated or corrupt): {_short(error)}"
+                "truncated", f"decoding failed part-way (truncated or corrupt): {short_error(error)}"
             ) from None
     if frames == 0:
         raise RecordingRejected("empty_audio", "no audio samples")

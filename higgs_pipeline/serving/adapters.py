@@ -38,10 +38,9 @@ class ResolvedAdapter:
 
     @property
     def demo(self) -> bool:
-        from higgs_pipeline.models.demo import is_demo
-        from higgs_pipeline.models.loading import resolve_model
+        from higgs_pipeline.models.loading import is_demo_model
 
-        return is_demo(resolve_model(self.base_model))
+        return is_demo_model(self.base_model)
 
 
 def pointer_path(artifacts_root: str) -> str:

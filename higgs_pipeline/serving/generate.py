@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import io
 import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -22,10 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import soundfile as sf
 import torch
 from boson_multimodal.data_types import AudioContent, ChatMLSample, Message, TextContent
 
+from higgs_pipeline.data.audio_io import encode_wav
 from higgs_pipeline.data.chatml import DEFAULT_SCENE
 from higgs_pipeline.data.chatml import system_prompt as scene_system_prompt
 from higgs_pipeline.data.records import SampleRecord
@@ -57,9 +56,7 @@ class GeneratedClip:
         return self.waveform.size / self.sample_rate
 
     def wav_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        sf.write(buffer, self.waveform, self.sample_rate, format="WAV", subtype="PCM_16")
-        return buffer.getvalue()
+        return encode_wav(self.waveform, self.sample_rate)
 
 
 @dataclass(frozen=True)

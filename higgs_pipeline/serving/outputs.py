@@ -7,7 +7,6 @@ Files are written through `files.py` (a temporary name, renamed once complete, t
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import stat
@@ -114,13 +113,12 @@ def local_folders(candidates: Iterable[Protected]) -> list[Protected]:
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, overwrite: bool, flag: str = "--out") -> None:
     """16-bit WAV written under a temporary name and renamed, so a failure leaves no partial file; the path is
     checked again just before the rename (it may have appeared, or turned into a link, while generating)."""
-    import soundfile as sf
+    from higgs_pipeline.data.audio_io import encode_wav
 
-    buffer = io.BytesIO()
-    sf.write(buffer, waveform, sample_rate, format="WAV", subtype="PCM_16")
+    data = encode_wav(waveform, sample_rate)
     try:
         with atomic_open(str(path), "wb") as handle:
-            handle.write(buffer.getvalue())
+            handle.write(data)
             try:
                 check_output_file(str(path), overwrite, flag)
             except SynthesisError as error:

@@ -13,7 +13,6 @@ copied from the PyPI package whisper-normalizer 0.1.15) so that "Mr." and "miste
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.speech import dnsmos
 
@@ -238,7 +238,7 @@ class Scorer:
 
     def _reference_embedding(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
         wave = np.ascontiguousarray(waveform, dtype=np.float32)
-        key = hashlib.sha1(wave.tobytes() + str((wave.shape, sample_rate)).encode()).hexdigest()
+        key = sha256_hex(wave.tobytes(), str((wave.shape, sample_rate)).encode())
         if key not in self._references:
             if len(self._references) >= 16:
                 self._references.pop(next(iter(self._references)))
