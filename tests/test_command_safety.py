@@ -421,3 +421,28 @@ def test_overwrite_replaces_only_the_commands_own_turn_files(capsys, tmp_path, n
         assert stat.S_IMODE(written.stat().st_mode) == 0o644, f"{written} is not written with the umask's mode"
         assert sf.info(written).frames > 0
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "a temporary file was left behind"
+
+
+def test_a_dialogue_whose_turn_files_fail_leaves_nothing(capsys, tmp_path, monkeypatch):
+    """The joined WAV lands only with its turn files: a failure writing the turns (a full disk, simulated after the
+    first turn file) leaves neither the WAV nor a turns folder nor a temporary file, and exits 2 naming the flag."""
+    import higgs_pipeline.serving.outputs as outputs
+
+    signal.alarm(0)  # generates (seconds to minutes on a busy CPU)
+    script, speakers = _dialogue(tmp_path)
+    out, turns_dir = tmp_path / "talk.wav", tmp_path / "turns"
+    real_write_wav, written = outputs.write_wav, []
+
+    def disk_full_after_one_turn(path, *args, **kwargs):
+        if written:
+            raise outputs.SynthesisError(f"--turns-dir {path}: cannot be written (No space left on device)")
+        written.append(path)
+        real_write_wav(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs, "write_wav", disk_full_after_one_turn)
+    argv = _synth(tmp_path, "--dialogue", str(script), *speakers, "--out", str(out), "--max-new-tokens", "8")
+    code = main([*argv, "--turns-dir", str(turns_dir), "--device", "cpu"])
+    assert code == 2 and "No space left on device" in capsys.readouterr().err and written
+    assert not out.exists(), "the joined WAV was written although its turn files failed"
+    assert not turns_dir.exists(), "a half-written turns folder was left"
+    assert not [p for p in tmp_path.glob("*") if ".tmp" in p.name or p.name.startswith(".")], "a temporary was left"

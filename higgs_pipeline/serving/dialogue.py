@@ -44,8 +44,8 @@ from higgs_pipeline.serving.outputs import (
     check_output_file,
     check_output_folder,
     own_turn_files,
+    staged_wav,
     write_turns,
-    write_wav,
 )
 from higgs_pipeline.serving.synthesis import Synthesis, local_reference
 
@@ -170,9 +170,10 @@ def synthesize_dialogue(
     rate = clips[0].sample_rate
     gap = np.zeros(round(TURN_GAP_S * rate), dtype=np.float32)
     waveform = np.concatenate([part for clip in clips for part in (clip.waveform, gap)][:-1])
-    if turns_path is not None:
-        write_turns(turns_path, [(t.speaker, c.waveform, c.sample_rate) for t, c in zip(turns, clips, strict=True)])
-    write_wav(out_path, waveform, rate, overwrite)
+    with staged_wav(out_path, waveform, rate, overwrite):  # the joined WAV lands only once the turn files have
+        if turns_path is not None:
+            turn_waves = [(t.speaker, c.waveform, c.sample_rate) for t, c in zip(turns, clips, strict=True)]
+            write_turns(turns_path, turn_waves)
     return Synthesis.written(out_path, waveform, rate, clips, generation_s, resolved)
 
 

@@ -7,10 +7,11 @@ Files are written through `files.py` (a temporary name, renamed once complete, t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,16 +114,28 @@ def local_folders(candidates: Iterable[Protected]) -> list[Protected]:
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, overwrite: bool, flag: str = "--out") -> None:
     """16-bit WAV written under a temporary name and renamed, so a failure leaves no partial file; the path is
     checked again just before the rename (it may have appeared, or turned into a link, while generating)."""
+    with staged_wav(path, waveform, sample_rate, overwrite, flag):
+        pass
+
+
+@contextlib.contextmanager
+def staged_wav(
+    path: Path, waveform: np.ndarray, sample_rate: int, overwrite: bool, flag: str = "--out"
+) -> Iterator[None]:
+    """`write_wav` with the rename held until the block completes: what the block writes besides (a dialogue's turn
+    files) and the WAV land together, and an error in the block leaves `path` as it was."""
     from higgs_pipeline.data.audio_io import encode_wav
 
     data = encode_wav(waveform, sample_rate)
     try:
         with atomic_open(str(path), "wb") as handle:
             handle.write(data)
+            handle.flush()
             try:
                 check_output_file(str(path), overwrite, flag)
             except SynthesisError as error:
                 raise SynthesisError(f"{error} (the path changed while synthesizing; nothing written)") from None
+            yield
     except OSError as error:
         raise SynthesisError(f"{flag} {path}: cannot be written ({error.strerror or error})") from None
 
