@@ -293,11 +293,13 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
             assert rate == 24000 and wave.size > 0 and torch.isfinite(torch.from_numpy(wave)).all()
         _assert_listened(metadata)
         checks = _checks(result)
-        quality = checks.pop("quality_no_worse_than_base")
-        assert all(evaluation.passed for evaluation in checks.values()), checks
-        # On the demo model the quality check always warns, saying why; it never stops the chain.
-        assert not quality.passed and quality.severity == dg.AssetCheckSeverity.WARN
-        assert quality.metadata["enforced"].value is False and "random weights" in quality.metadata["note"].value
+        # On the demo model the checks that judge by ear always warn, saying why; they never stop the chain.
+        for name in ("quality_no_worse_than_base", "retention_no_worse_than_base", "chosen_checkpoint_not_collapsed"):
+            heard = checks.pop(name)
+            assert not heard.passed and heard.severity == dg.AssetCheckSeverity.WARN, name
+            assert heard.metadata["enforced"].value is False and "random weights" in heard.metadata["note"].value
+        failed = {name: {k: v.value for k, v in e.metadata.items()} for name, e in checks.items() if not e.passed}
+        assert not failed, failed
 
         pointer = read_pointer(str(artifacts_dir / "production_adapter" / "current.json"))
         # The chosen candidate is the best by loss too: reported under the path training handed on.

@@ -273,7 +273,7 @@ def test_control_tokens_and_invisible_only_text_are_refused(capsys, tmp_path, no
         capsys, *_synth(tmp_path, "--text", "Hi.", *out, "--reference", str(CLIP), "--reference-text", "<|eot_id|>")
     )
     assert "--reference-text holds <|eot_id|>" in error
-    assert "needs --reference-text" in _fail(
+    assert "--reference-text is empty" in _fail(
         capsys, *_synth(tmp_path, "--text", "Hi.", *out, "--reference", str(CLIP), "--reference-text", "\u200b")
     )
     script, speakers = _dialogue(tmp_path)

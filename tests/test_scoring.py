@@ -182,10 +182,16 @@ def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
     zero_frames = tmp_path / "zero.wav"
     soundfile.write(zero_frames, np.zeros(0, dtype=np.float32), 16_000)
     cases = [
-        (["score", str(tmp_path / "missing.wav"), "--text", "Hi there."], "missing.wav: file not found"),
-        (["score", str(empty(tmp_path / "empty.wav")), "--text", "Hi there."], "empty.wav: file is empty"),
-        (["score", str(not_audio), "--text", "Hi there."], "notes.wav: not audio"),
-        (["score", str(zero_frames), "--text", "Hi there."], "zero.wav: holds no audio samples"),
+        (
+            ["score", str(tmp_path / "missing.wav"), "--text", "Hi there."],
+            "missing.wav: missing_file: audio file not found",
+        ),
+        (
+            ["score", str(empty(tmp_path / "empty.wav")), "--text", "Hi there."],
+            "empty.wav: empty_audio: the file has 0 bytes",
+        ),
+        (["score", str(not_audio), "--text", "Hi there."], "notes.wav: undecodable: not audio"),
+        (["score", str(zero_frames), "--text", "Hi there."], "zero.wav: empty_audio: holds no audio samples"),
         (["score", good, "--text", "Hi there.", "--reference", str(not_audio)], "reference " + str(not_audio)),
         (["score", good, "--text", " ... "], "has no words"),
         (["score", good, "--text", "Hi there.", "--language", "klingon"], "'klingon'"),
@@ -207,7 +213,7 @@ def test_console_script_is_declared():
     done = subprocess.run([script, "score", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "example:" in done.stdout and "--reference" in done.stdout
     done = subprocess.run([script, "score", "nope.wav", "--text", "x"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "nope.wav: file not found" in done.stderr
+    assert done.returncode == 2 and "nope.wav: missing_file: audio file not found" in done.stderr
 
 
 def test_tone_is_not_speech(scorer, tmp_path):

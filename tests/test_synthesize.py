@@ -228,3 +228,21 @@ def test_existing_output_is_not_overwritten(capsys, tmp_path, adapter):
     code, _, stderr = _run(capsys, "--text", "Hi.", "--adapter", str(adapter), "--out", str(out))
     assert code == 2 and "already exists" in stderr and "--overwrite" in stderr
     assert out.read_bytes() == b"precious"
+
+
+def test_audio_that_ends_inside_the_delay_pattern_decodes_as_silence():
+    """Zero frames (the model stopped within the codebook delay pattern) cannot pass the codec's convolutions:
+    the engine's decoder gives one frame of silence for them, and decodes real frames as before."""
+    import torch
+
+    from higgs_pipeline.models.loading import load_audio_tokenizer
+    from higgs_pipeline.serving.generate import _decode_empty_as_silence
+
+    tokenizer = load_audio_tokenizer("demo")
+    codes = torch.zeros((1, 8, 0), dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        tokenizer.decode(codes)
+    _decode_empty_as_silence(tokenizer)
+    silence = tokenizer.decode(codes)
+    assert silence.shape == (1, 1, tokenizer.hop_length) and not silence.any()
+    assert tokenizer.decode(torch.zeros((1, 8, 3), dtype=torch.long)).shape[-1] == 3 * tokenizer.hop_length

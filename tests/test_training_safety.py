@@ -234,6 +234,7 @@ def test_killing_the_step_in_its_first_second_kills_the_starting_workers(data, t
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    descendants: list[psutil.Process] = []
     try:
         started = time.monotonic()
         while True:
@@ -249,8 +250,11 @@ def test_killing_the_step_in_its_first_second_kills_the_starting_workers(data, t
         running = [p.pid for p in alive if _running(p)]  # a killed orphan may stay a zombie until init reaps it
         assert not running, f"processes {running} still running 1.5 s after the step was killed"
     finally:
-        for process in [step, *psutil.Process(os.getpid()).children(recursive=True)]:
-            process.kill()
+        # Only this test's processes: every other child of pytest (the session's dg dev server, Chromium) lives on.
+        step.kill()
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
 
 def _running(process: psutil.Process) -> bool:

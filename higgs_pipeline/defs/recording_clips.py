@@ -16,9 +16,11 @@ from pathlib import Path
 
 import dagster as dg
 import fsspec
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
+from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.files import write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
@@ -26,11 +28,11 @@ from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
 from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
 from higgs_pipeline.paths import DEMO_DATA
-from higgs_pipeline.speech.scoring import resolve_device
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
 # Partition keys may not hold these (Dagster's rule); a file whose relative path does is skipped with a warning.
+_DEFAULTS = IngestSettings()
 _INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
 recordings_partitions = dg.DynamicPartitionsDefinition(name="recordings")
@@ -58,15 +60,22 @@ def result_path(root: Path, key: str) -> Path:
 
 
 class RecordingClipsConfig(dg.Config):
-    recordings_root: str = ""  # empty: HIGGS_PIPELINE_RECORDINGS or the demo recordings
-    language: str = ""  # empty: the ASR's default (English)
-    num_speakers: int = 0  # 0: estimated per recording
-    speaker: str = ""  # the name of every recording's single speaker
-    min_seconds: float = 1.0
-    max_seconds: float = 20.0
-    target_lufs: float = -20.0
-    min_dnsmos: float = 1.5
-    max_recording_seconds: float = 6 * 3600.0
+    recordings_root: str = Field(
+        default="", description="Folder of long recordings (local); empty: HIGGS_PIPELINE_RECORDINGS, else the demo's"
+    )
+    language: str = Field(default="", description="Language code for the ASR (e.g. 'en'); empty: the ASR's default")
+    num_speakers: int = Field(default=0, description="Speakers per recording; 0: estimated for each recording")
+    speaker: str = Field(default="", description="Name of every recording's single speaker (implies one speaker)")
+    min_seconds: float = Field(default=_DEFAULTS.min_seconds, description="Shortest clip cut (too_short below)")
+    max_seconds: float = Field(default=_DEFAULTS.max_seconds, description="Longest clip cut, split at pauses")
+    target_lufs: float = Field(default=_DEFAULTS.target_lufs, description="Integrated loudness every clip is set to")
+    min_dnsmos: float = Field(
+        default=_DEFAULTS.min_dnsmos,
+        description="DNSMOS OVRL below this: low_quality (1.5 rejects noise; ~3 for curated corpora)",
+    )
+    max_recording_seconds: float = Field(
+        default=_DEFAULTS.max_recording_seconds, description="Longer recordings are refused from their header, unread"
+    )
 
     def settings(self, scorers: QualityScorers) -> IngestSettings:
         return IngestSettings(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
@@ -21,8 +22,13 @@ from higgs_pipeline.ingest.settings import IngestSettings
 
 
 class RecordingsManifestConfig(dg.Config):
-    speaker_match_threshold: float = 0.75  # cosine of speaker centroids for one person across recordings
-    dialogue_turns: int = 0  # > 1: consecutive turns of multi-speaker recordings become dialogues of up to N turns
+    speaker_match_threshold: float = Field(
+        default=IngestSettings().speaker_match_threshold,
+        description="Cosine of speaker centroids above which two recordings' speakers are one person",
+    )
+    dialogue_turns: int = Field(
+        default=0, description="> 1: consecutive turns of multi-speaker recordings become dialogues of up to N turns"
+    )
 
 
 @dg.asset(group_name="ingest", code_version="1", kinds={"pandas"}, deps=[recording_clips])

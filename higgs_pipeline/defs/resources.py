@@ -37,7 +37,8 @@ class ArtifactStore(dg.ConfigurableResource):
         """One run per store: the store's lock (`locks.store_lock`) is held from the run's first step that uses the
         store to its end, whether the run came through the queue or straight from `dg launch`."""
         log = context.log.info if context.log is not None else None
-        with store_lock(self.root, f"dagster run {context.run_id}", log):
+        run_id = context.run.run_id if context.run is not None else "outside a run"
+        with store_lock(self.root, f"dagster run {run_id}", log):
             yield self
 
 

@@ -79,12 +79,28 @@ def open_engine(model_dir: str, audio_tokenizer: str, device: str) -> HiggsAudio
     tokenizer_dir = resolve_audio_tokenizer(audio_tokenizer)
     offline = offline_hub_cache(demo_checkpoints().hub_cache) if is_demo(tokenizer_dir) else nullcontext()
     with offline:
-        return HiggsAudioServeEngine(
+        engine = HiggsAudioServeEngine(
             model_dir,
             tokenizer_dir,
             device=device,
             torch_dtype=torch.float32 if device == "cpu" else torch.bfloat16,
         )
+    _decode_empty_as_silence(engine.audio_tokenizer)
+    return engine
+
+
+def _decode_empty_as_silence(audio_tokenizer) -> None:
+    """A model that ends its audio inside the codebook delay pattern leaves zero frames, which the codec's
+    convolutions cannot decode (boson's engine then raises from deep inside torch). Such a take is silence: one
+    frame of zeros, so it is scored (and counted) as a silent take instead of failing the whole command or run."""
+    decode = audio_tokenizer.decode
+
+    def decode_or_silence(vq_code: torch.Tensor):
+        if vq_code.shape[-1] == 0:
+            return np.zeros((1, 1, int(audio_tokenizer.hop_length)), dtype=np.float32)
+        return decode(vq_code)
+
+    audio_tokenizer.decode = decode_or_silence
 
 
 def speech_prompt(
