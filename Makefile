@@ -38,12 +38,15 @@ test-deps:
 		echo "could not install $(TEST_PACKAGES): the tests that need them will skip"; }
 
 # The whole suite (what CI runs); the 25 slowest tests are listed at the end, so a slow newcomer shows.
+# Two pytest workers (pytest-xdist): most tests keep one core busy, so two share 2 cores well; the tests of the
+# shared dev server stay together on one worker (conftest's xdist_group). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: .venv/.synced test-deps
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup
 
 # The inner loop: unit and integration tests that start no other process (no torchrun, dg dev, browser, chain).
 test-fast: .venv/.synced test-deps
-	$(PY) -m pytest -q -ra -m "not slow and not gpu"
+	$(PY) -m pytest -q -ra -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadgroup
 
 lint: .venv/.synced
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

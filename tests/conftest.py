@@ -59,6 +59,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # The first test that asks for the session's server pays for its start and the whole chain run.
         if "dagster_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))
+            # Under pytest-xdist (`make test`: two workers, --dist loadgroup) every test of the server runs on one
+            # worker, so the session starts one server and runs one retrain_job, as in a single process.
+            item.add_marker(pytest.mark.xdist_group("dagster_server"))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
