@@ -38,6 +38,9 @@ os.environ.setdefault("HIGGS_DAGSTER_COMPUTE_LOGS", str(REPO_ROOT / ".dagster_ho
 # After the environment above: these modules import the project.
 from chromium_session import SharedBrowser, close_shared_browsers, require_chromium, shared_browser  # noqa: E402
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401  (fixtures for every module)
+
+pytest_plugins = ["xdist_groups"]  # the dev server's tests on one pytest-xdist worker
+
 from webserver import (  # noqa: E402
     RUNNING,
     TEST_ARTIFACTS,
@@ -59,9 +62,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # The first test that asks for the session's server pays for its start and the whole chain run.
         if "dagster_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))
-            # Under pytest-xdist (`make test`: two workers, --dist loadgroup) every test of the server runs on one
-            # worker, so the session starts one server and runs one retrain_job, as in a single process.
-            item.add_marker(pytest.mark.xdist_group("dagster_server"))
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return

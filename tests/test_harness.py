@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,43 @@ def test_a_killed_server_is_reported_with_its_signal_and_log(tmp_path: Path):
     process.wait(timeout=10)
     with pytest.raises(AssertionError, match=r"was killed by SIGKILL; its log .* ends:\nServing dagster-webserver"):
         server.ensure_alive()
+
+
+def test_the_dev_servers_tests_share_one_xdist_worker(tmp_path: Path):
+    """`make test` runs two pytest-xdist workers: the tests that use the session's dev server must all land on one
+    (one server, one retrain_job). Checked on a stand-in fixture with the real plugin and the pinned pytest/xdist:
+    pytest 9.2 silently broke --dist loadgroup (pytest-dev/pytest-xdist#1386)."""
+    (tmp_path / "test_grouping.py").write_text(
+        "import os, time\nimport pytest\n\n"
+        "@pytest.fixture(scope='session')\ndef dagster_server():\n    return os.environ['PYTEST_XDIST_WORKER']\n\n"
+        "@pytest.mark.parametrize('n', range(6))\ndef test_server(dagster_server, n):\n    time.sleep(0.2)\n"
+        "    open('workers.txt', 'a').write(dagster_server + '\\n')\n\n"
+        "@pytest.mark.parametrize('n', range(6))\ndef test_other(n):\n    time.sleep(0.2)\n"
+    )
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-n",
+            "2",
+            "--dist",
+            "loadgroup",
+            "-p",
+            "xdist_groups",
+            "-p",
+            "no:cacheprovider",
+            "test_grouping.py",
+        ],  # fmt: skip
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tests)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    workers = set((tmp_path / "workers.txt").read_text().split())
+    assert len(workers) == 1, f"the server's tests ran on {sorted(workers)}"
