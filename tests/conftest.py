@@ -131,6 +131,18 @@ def _close_browsers() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _no_leftover_dagster_state_storage() -> None:
+    """Each test starts with no definitions-state storage bound. Entering a DagsterInstance binds its storage in a
+    context variable, and one entered by an earlier test (or fixture) and never exited stays bound after that
+    instance is gone: the next `dg.materialize` on an ephemeral instance then fails with "Attempted to resolve
+    undefined DagsterInstance weakref", depending only on which tests ran before it in the process (pytest-xdist's
+    order showed it). This project keeps no definitions state, so None is what every test should see."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+
+
+@pytest.fixture(autouse=True)
 def _dev_servers_outlive_each_test() -> Iterator[None]:
     """A test that kills a dev server it did not start (by killing every child of pytest, say) fails itself,
     saying so, instead of a later test failing with a refused connection."""
