@@ -39,8 +39,12 @@ test-deps:
 
 # The whole suite (what CI runs); the 25 slowest tests are listed at the end, so a slow newcomer shows.
 # Two pytest workers (pytest-xdist): most tests keep one core busy, so two share 2 cores well; the tests of the
-# shared dev server stay together on one worker (conftest's xdist_group). TEST_WORKERS=0 runs in one process.
+# shared dev server stay together on one worker (tests/xdist_groups.py). TEST_WORKERS=0 runs in one process.
+# One math thread per process (torch, CTranslate2's Whisper): two workers already fill two cores, and tiny models
+# gain nothing from threads that only contend (torchrun sets the same for its workers).
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
+test test-fast: export OMP_NUM_THREADS ?= $(TEST_THREADS)
 test: .venv/.synced test-deps
 	$(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadgroup
 
