@@ -395,8 +395,11 @@ def test_untrained_adapter_generates_exactly_like_its_base(corpus, tmp_path, art
         result = _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=1)
         metadata = _metadata(result)
     assert metadata["val_audio_loss"] == metadata["base_val_audio_loss"]
-    for take in ("wer", "cer", "speaker_similarity", "unfinished_rate", "silence_rate"):
+    for take in ("wer", "cer", "unfinished_rate", "silence_rate"):
         assert metadata[f"val_{take}"] == metadata[f"base_val_{take}"], take
+    # The clips are byte-identical (below); the speaker encoder's float sums may differ in the last bits between two
+    # calls on the same audio (seen as 1.7e-8 with three test workers), so the similarity is equal to 1e-6.
+    assert metadata["val_speaker_similarity"] == pytest.approx(metadata["base_val_speaker_similarity"], abs=1e-6)
     folder = Path(metadata["report_path"]).parent / "audio"
     for base_clip in sorted(folder.glob("*_base.wav")):
         adapter_clip = base_clip.with_name(base_clip.name.replace("_base.wav", "_adapter.wav"))
