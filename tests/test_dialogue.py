@@ -695,7 +695,8 @@ def test_a_reference_without_its_transcript_is_transcribed_or_refused(tmp_path, 
     assert heard in capsys.readouterr().err and len(set(heard.lower().split()) & set(spoken.lower().split())) >= 2
     soundfile.write(tmp_path / "bruce.wav", np.zeros(16000, dtype=np.float32), 16000)  # nothing to hear
     out = tmp_path / "talk.wav"
-    assert main(["synthesize", "--dialogue", str(script), *voices, "--out", str(out), "--adapter", "none"]) == 2
+    argv = ["synthesize", "--dialogue", str(script), *voices, "--out", str(out), "--adapter", "none", "--model", "demo"]
+    assert main(argv) == 2  # every other argument valid: the reference is the one refused
     assert "bruce.wav: no transcript beside it and none heard" in capsys.readouterr().err and not out.exists()
 
 

@@ -31,8 +31,8 @@ from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
-# Partition keys may not hold these (Dagster's rule); a file whose relative path does is skipped with a warning.
 _DEFAULTS = IngestSettings()
+# Partition keys may not hold these (Dagster's rule); a file whose relative path does is skipped with a warning.
 _INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
 recordings_partitions = dg.DynamicPartitionsDefinition(name="recordings")

@@ -20,14 +20,17 @@ from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENT
 from higgs_pipeline.ingest.recording import RecordingResult
 from higgs_pipeline.ingest.settings import IngestSettings
 
+_DEFAULTS = IngestSettings()
+
 
 class RecordingsManifestConfig(dg.Config):
     speaker_match_threshold: float = Field(
-        default=IngestSettings().speaker_match_threshold,
+        default=_DEFAULTS.speaker_match_threshold,
         description="Cosine of speaker centroids above which two recordings' speakers are one person",
     )
     dialogue_turns: int = Field(
-        default=0, description="> 1: consecutive turns of multi-speaker recordings become dialogues of up to N turns"
+        default=_DEFAULTS.dialogue_turns,
+        description="> 1: consecutive turns of multi-speaker recordings become dialogues of up to N turns",
     )
 
 

@@ -57,18 +57,15 @@ def write_report(
     """Write every clip and the page under `out_dir` (local or any fsspec URL). Returns {"report": page path,
     "<index>/<take>": clip path, ...}. The page is written last, under a temporary name then moved, so a reader
     never finds a page whose clips are missing."""
-    written = {}
+    root, written = out_dir.rstrip("/"), {}
     for index, result in enumerate(results):
         clips = {name: (result.takes[name].waveform, result.takes[name].sample_rate) for name in TAKES}
         if result.reference is not None:
             clips["reference"] = result.reference
         for name, (waveform, rate) in clips.items():
             relative = clip_file(index, result, name)
-            write_atomic(f"{out_dir.rstrip('/')}/{relative}", encode_wav(waveform, rate))
-            written[f"{index}/{name}"] = f"{out_dir.rstrip('/')}/{relative}"
-    written["report"] = write_atomic(
-        f"{out_dir.rstrip('/')}/{REPORT_NAME}", render_report(results, numbers, title, note, checkpoints)
-    )
+            written[f"{index}/{name}"] = write_atomic(f"{root}/{relative}", encode_wav(waveform, rate))
+    written["report"] = write_atomic(f"{root}/{REPORT_NAME}", render_report(results, numbers, title, note, checkpoints))
     return written
 
 

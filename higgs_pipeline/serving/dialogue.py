@@ -133,7 +133,6 @@ def synthesize_dialogue(
         check_prompt_text(turn.text, f"--dialogue {script_path} line {turn.line}")
     scene = check_prompt_text(scene, "--scene", required=False)
     check_sampling(temperature, seed, max_new_tokens, 8)
-    transcripts = {tag: reference_transcript(references[tag]) for tag in tags}
     # The model numbers speakers by first appearance, as training does: the script's tags map onto that order.
     number = {tag: k for k, tag in enumerate(tags)}
     names = [Path(references[tag]).stem for tag in tags]
@@ -145,6 +144,8 @@ def synthesize_dialogue(
     protected = protected_folders(resolved, artifacts_root)
     out_path = check_output_file(out, overwrite, protected=protected)
     turns_path = check_turns_dir(turns_dir, overwrite, protected)
+    # Last of the checks: a reference without its REF.txt loads the ASR to be transcribed.
+    transcripts = {tag: reference_transcript(references[tag]) for tag in tags}
     with tempfile.TemporaryDirectory(prefix="higgs_dialogue_") as scratch:
         voices = []
         for k, tag in enumerate(tags):

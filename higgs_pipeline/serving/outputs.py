@@ -127,16 +127,20 @@ def staged_wav(
     from higgs_pipeline.data.audio_io import encode_wav
 
     data = encode_wav(waveform, sample_rate)
+    in_block = False  # an OSError from the caller's block is the caller's to name, not this WAV's
     try:
         with atomic_open(str(path), "wb") as handle:
             handle.write(data)
-            handle.flush()
             try:
                 check_output_file(str(path), overwrite, flag)
             except SynthesisError as error:
                 raise SynthesisError(f"{error} (the path changed while synthesizing; nothing written)") from None
+            in_block = True
             yield
+            in_block = False
     except OSError as error:
+        if in_block:
+            raise
         raise SynthesisError(f"{flag} {path}: cannot be written ({error.strerror or error})") from None
 
 
