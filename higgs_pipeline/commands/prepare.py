@@ -57,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
     from higgs_pipeline.ingest.prepare import NothingUsableError, check_output_folder, prepare
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
-    from higgs_pipeline.speech.scoring import resolve_device
     from higgs_pipeline.speech.words import check_language
 
     if args.num_speakers is not None and args.num_speakers < 1:
@@ -67,16 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.speaker and (args.num_speakers or 1) != 1:
         raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
     try:
-        settings = IngestSettings(
-            min_seconds=args.min_seconds,
-            max_seconds=args.max_seconds,
-            target_lufs=args.target_lufs,
-            max_recording_seconds=args.max_recording_seconds,
-            min_dnsmos=args.min_dnsmos,
-            dialogue_turns=args.dialogue_turns,
-            asr_model=args.asr_model,
-            speaker_model=args.speaker_model,
-            device=resolve_device(args.device),
+        settings = IngestSettings.from_knobs(
+            args, args.asr_model, args.speaker_model, args.device, dialogue_turns=args.dialogue_turns
         )
         check_output_folder(args.out)
         check_language(settings.asr_model, settings.device, args.language)  # loads the ASR model: fails early

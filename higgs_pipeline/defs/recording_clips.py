@@ -20,7 +20,6 @@ from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
-from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.files import write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
@@ -76,17 +75,18 @@ class RecordingClipsConfig(dg.Config):
     max_recording_seconds: float = Field(
         default=_DEFAULTS.max_recording_seconds, description="Longer recordings are refused from their header, unread"
     )
+    max_recording_bytes: int = Field(
+        default=_DEFAULTS.max_recording_bytes,
+        description="Larger files are refused (file_too_large) before a byte is read or an object downloaded",
+    )
 
     def settings(self, scorers: QualityScorers) -> IngestSettings:
-        return IngestSettings(
-            min_seconds=self.min_seconds,
-            max_seconds=self.max_seconds,
-            target_lufs=self.target_lufs,
-            min_dnsmos=self.min_dnsmos,
-            max_recording_seconds=self.max_recording_seconds,
-            asr_model=scorers.asr_model,
-            speaker_model=scorers.speaker_model,
-            device=resolve_device(scorers.device),
+        return IngestSettings.from_knobs(
+            self,
+            scorers.asr_model,
+            scorers.speaker_model,
+            scorers.device,
+            max_recording_bytes=self.max_recording_bytes,
         )
 
     def options(self) -> RecordingOptions:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
+from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.speech.diarize import DiarizeSettings
 from higgs_pipeline.speech.scoring import EMBEDDED_ASR, EMBEDDED_SPEAKER
 from higgs_pipeline.speech.vad import VadSettings
@@ -23,6 +25,16 @@ class RecordingOptions:
     language: str | None = None  # None: the ASR model's default (English)
     num_speakers: int | None = None  # exactly this many speakers, or the recording is rejected
     speaker: str | None = None  # the name its (single) speaker gets, across every recording
+
+
+class IngestKnobs(Protocol):
+    """The settings a user tunes per run, named alike in `prepare`'s flags and recording_clips' config."""
+
+    min_seconds: float
+    max_seconds: float
+    target_lufs: float
+    min_dnsmos: float
+    max_recording_seconds: float
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,24 @@ class IngestSettings:
             )
         if self.max_recording_seconds <= 0 or self.window_s < 30:
             raise ValueError("max_recording_seconds must be positive and window_s at least 30 s")
+
+    @classmethod
+    def from_knobs(
+        cls, knobs: IngestKnobs, asr_model: str, speaker_model: str, device: str, **others: object
+    ) -> IngestSettings:
+        """The settings for a run of `prepare` or `recording_clips`: the user's knobs, the models, the device ("auto"
+        resolved here) and any other field by name, so both read a flag or config value the same way."""
+        return cls(
+            min_seconds=knobs.min_seconds,
+            max_seconds=knobs.max_seconds,
+            target_lufs=knobs.target_lufs,
+            min_dnsmos=knobs.min_dnsmos,
+            max_recording_seconds=knobs.max_recording_seconds,
+            asr_model=asr_model,
+            speaker_model=speaker_model,
+            device=resolve_device(device),
+            **others,
+        )
 
     def cache_key(self, options: RecordingOptions) -> str:
         """What a recording's result depends on besides its bytes (not the speaker name: that is applied when
