@@ -1,17 +1,20 @@
-"""The ingest assets in real Dagster: one partition per recording added by the sensor, a failing partition that
-fails alone, the merged manifest with its checks, `raw_audio_manifest` reading it, and the step's k8s pod."""
+"""The ingest assets in real Dagster: one partition per recording added by the sensor (from a folder or an s3://
+prefix on moto), a failing partition that fails alone, an s3 object ingested as the same file on disk is, the
+merged manifest with its checks, `raw_audio_manifest` reading it, and the step's k8s pod."""
 
 from __future__ import annotations
 
 import json
 import warnings
 
+import boto3
 import dagster as dg
 import pandas as pd
 import pytest
 from audio_factory import corrupt, metadata_of, resources
 from recording_factory import MONOLOGUE, TALK_A, write_recording
 
+from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.recording_clips import (
     RECORDINGS_ENV,
@@ -92,6 +95,95 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         )
         screening = metadata_of(screened, "raw_audio_manifest")
         assert (screening["rows_accepted"], screening["rows_rejected"]) == (len(manifest), 0)
+
+
+def _bucket(name: str):
+    """A new bucket on the test's moto server, and the s3fs filesystem that reaches it."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(name)
+    return fs
+
+
+def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_changed_one(s3_env, monkeypatch):
+    fs = _bucket("studio")
+    fs.pipe(
+        {
+            "studio/in/show/ep1.wav": b"first take",  # the sensor lists objects, it reads none
+            "studio/in/top.flac": b"flac",
+            "studio/in/notes.txt": b"not audio",
+            "studio/in2/sibling.wav": b"another prefix that merely starts alike",
+            "studio/elsewhere/x.wav": b"outside the prefix",
+        }
+    )
+    monkeypatch.setenv(RECORDINGS_ENV, "s3://studio/in/")
+    with dg.instance_for_test() as instance:
+        first = _run_sensor(instance)
+        keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
+        assert keys == ["show/ep1.wav", "top.flac"]  # relative to the prefix, folders kept
+        assert sorted(r.partition_key for r in first.run_requests) == keys
+        assert _run_sensor(instance, first.cursor).run_requests == []
+
+        fs.pipe("studio/in/show/ep1.wav", b"second take")  # same size class, new bytes: a new ETag
+        again = _run_sensor(instance, first.cursor)
+        assert [r.partition_key for r in again.run_requests] == ["show/ep1.wav"]
+        assert _run_sensor(instance, again.cursor).run_requests == []
+        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+
+def test_an_s3_recording_yields_the_clips_its_file_on_disk_does_and_bad_objects_are_rejected(
+    s3_env, tmp_path, monkeypatch
+):
+    folder = tmp_path / "recordings"
+    write_recording(folder / "show" / "ep1.wav", MONOLOGUE)
+    recording = (folder / "show" / "ep1.wav").read_bytes()
+    fs = _bucket("studio")
+    objects = {"show/ep1.wav": recording, "empty.wav": b"", "big.wav": recording, "gone.wav": recording}
+    fs.pipe({f"studio/in/{key}": data for key, data in objects.items()})
+    monkeypatch.setenv(RECORDINGS_ENV, "s3://studio/in")
+
+    def ingest(key: str, artifacts: str, **config) -> dict:
+        result = dg.materialize(
+            [recording_clips],
+            partition_key=key,
+            instance=instance,
+            resources=resources(tmp_path / artifacts),
+            run_config={"ops": {"recording_clips": {"config": config}}},
+        )
+        return metadata_of(result, "recording_clips")
+
+    with dg.instance_for_test() as instance:
+        _run_sensor(instance)
+        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == sorted(objects)
+        # Deleted by another client after this process listed it (s3fs's own rm would drop its listing cache).
+        boto3.client("s3").delete_object(Bucket="studio", Key="in/gone.wav")
+        from_s3 = ingest("show/ep1.wav", "from-s3")
+        from_disk = ingest("show/ep1.wav", "from-disk", recordings_root=str(folder))
+        assert (from_s3["recording_status"], from_s3["reused"], from_disk["reused"]) == ("accepted", False, False)
+        assert from_s3["clips"] == from_disk["clips"] > 0
+        assert from_s3["segments"] == from_disk["segments"]
+        s3_segments, disk_segments = (
+            read_csv(f"{meta['result_folder']}/segments.csv", columns=["text", "reason"])
+            for meta in (from_s3, from_disk)
+        )
+        pd.testing.assert_frame_equal(s3_segments, disk_segments)
+
+        rejected = {
+            key: ingest(key, "from-s3", **limit)
+            for key, limit in (
+                ("empty.wav", {}),
+                ("big.wav", {"max_recording_bytes": len(recording) - 1}),
+                ("gone.wav", {}),
+            )
+        }
+    reasons = {key: (meta["recording_status"], meta["reject_reason"]) for key, meta in rejected.items()}
+    assert reasons == {
+        "empty.wav": ("rejected", "empty_audio"),
+        "big.wav": ("rejected", "file_too_large"),
+        "gone.wav": ("rejected", "missing_file"),
+    }
+    assert str(len(recording)) in rejected["big.wav"]["detail"]
 
 
 def _missing_asr():

@@ -60,7 +60,8 @@ def result_path(root: Path, key: str) -> Path:
 
 class RecordingClipsConfig(dg.Config):
     recordings_root: str = Field(
-        default="", description="Folder of long recordings (local); empty: HIGGS_PIPELINE_RECORDINGS, else the demo's"
+        default="",
+        description="Folder or s3:// prefix of long recordings; empty: HIGGS_PIPELINE_RECORDINGS, else the demo's",
     )
     language: str = Field(default="", description="Language code for the ASR (e.g. 'en'); empty: the ASR's default")
     num_speakers: int = Field(default=0, description="Speakers per recording; 0: estimated for each recording")

@@ -81,6 +81,7 @@ def localize(uri: str, scratch: Path, max_bytes: int) -> str:
     if "://" not in uri or uri.startswith("file://"):
         return uri.removeprefix("file://")
     fs, path = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache(path)  # a listing cached in this process (the sensor's) may predate a change or deletion
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -90,7 +91,10 @@ def localize(uri: str, scratch: Path, max_bytes: int) -> str:
     if int(info.get("size") or 0) > max_bytes:
         raise RecordingRejected("file_too_large", f"{info.get('size')} bytes > max_recording_bytes {max_bytes}")
     local = scratch / ("download" + Path(path).suffix)
-    fs.get(path, str(local))
+    try:
+        fs.get(path, str(local))
+    except FileNotFoundError:  # deleted since it was measured
+        raise RecordingRejected("missing_file", f"{uri} not found") from None
     return str(local)
 
 
