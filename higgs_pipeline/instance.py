@@ -7,21 +7,26 @@ when it is set, else the current folder (where `dagster dev` and `dg` read dagst
 `HIGGS_DAGSTER_STORAGE` and `HIGGS_DAGSTER_COMPUTE_LOGS` move the two parts anywhere else.
 
 The run coordinator tags every queued run with the artifact store it reads and writes, so dagster.yaml's tag
-limit lets one run at a time work on a store (runs launched from the UI carry no job tags of their own).
+limit lets one run at a time work on a store (runs launched from the UI carry no job tags of their own). A run of
+one `recording_clips` partition gets a value of its own within the store: partitions write disjoint folders, so the
+queue starts a backfill's runs together (up to max_concurrent_runs) rather than holding them back one by one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from pathlib import Path
 
+from dagster import AssetKey
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
 from dagster._core.storage.root import LocalArtifactStorage
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
+from dagster._core.storage.tags import PARTITION_NAME_TAG
 
+from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.paths import default_artifacts_root
 
 STORAGE_ENV = "HIGGS_DAGSTER_STORAGE"
@@ -29,6 +34,8 @@ COMPUTE_LOGS_ENV = "HIGGS_DAGSTER_COMPUTE_LOGS"
 INSTANCE_FOLDER = ".dagster_home"
 # Run tag naming the artifact store a run works on; dagster.yaml allows one queued run per value at a time.
 ARTIFACT_STORE_TAG = "higgs_pipeline/artifact_store"
+# The asset whose partitions write disjoint folders of the store, so runs of single partitions need no turn.
+PARALLEL_PARTITIONS_ASSET = AssetKey("recording_clips")
 
 
 def instance_folder() -> Path:
@@ -94,15 +101,42 @@ def artifact_store_of(run_config: Mapping) -> str:
     return str(configured_artifact_root(run_config) or default_artifacts_root())
 
 
+def store_tag(run_config: Mapping, partition_key: str | None = None) -> str:
+    """The `ARTIFACT_STORE_TAG` value of a run: its artifact store, or for a run of one `recording_clips`
+    partition a value of that partition's own within the store (the sensor and the run coordinator both ask here)."""
+    store = artifact_store_of(run_config)
+    if partition_key is None:
+        return store
+    return f"{store}#{PARALLEL_PARTITIONS_ASSET.to_user_string()}/{digest(partition_key)[:16]}"
+
+
 class ArtifactStoreRunCoordinator(QueuedRunCoordinator):
     """Dagster's queued run coordinator, tagging each run with its artifact store before it enters the queue.
 
-    A root named in the run config wins over a tag the run already has (retrain_job's default one)."""
+    A root named in the run config wins over a tag the run already has (retrain_job's default one); a run that
+    materializes `recording_clips` partitions only always gets its partition's value (a UI backfill's runs too)."""
 
     def submit_run(self, context: SubmitRunContext) -> DagsterRun:
         run = context.dagster_run
-        if configured_artifact_root(run.run_config) or ARTIFACT_STORE_TAG not in run.tags:
-            self._instance.add_run_tags(run.run_id, {ARTIFACT_STORE_TAG: artifact_store_of(run.run_config)})
+        tag = self._store_tag(run)
+        if run.tags.get(ARTIFACT_STORE_TAG) != tag:
+            self._instance.add_run_tags(run.run_id, {ARTIFACT_STORE_TAG: tag})
             tagged = self._instance.get_run_by_id(run.run_id)
             context = SubmitRunContext(dagster_run=tagged or run, workspace=context.workspace)
         return super().submit_run(context)
+
+    def _store_tag(self, run: DagsterRun) -> str:
+        """The value the run should carry; a tag the sensor or the job set is kept unless the run config moves it."""
+        partition = run.tags.get(PARTITION_NAME_TAG)
+        if partition is not None and self._assets_of(run) == {PARALLEL_PARTITIONS_ASSET}:
+            return store_tag(run.run_config, partition)
+        if configured_artifact_root(run.run_config) or ARTIFACT_STORE_TAG not in run.tags:
+            return artifact_store_of(run.run_config)
+        return run.tags[ARTIFACT_STORE_TAG]
+
+    def _assets_of(self, run: DagsterRun) -> Set[AssetKey]:
+        """The assets the run materializes, from its execution plan: a job's run (recording_clips_job's, a job
+        backfill's) names no asset selection of its own."""
+        if run.execution_plan_snapshot_id is None:
+            return run.asset_selection or set()
+        return self._instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id).asset_selection

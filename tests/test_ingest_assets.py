@@ -27,6 +27,7 @@ from higgs_pipeline.defs.recordings_manifest import (
     recordings_manifest_accounts_for_every_recording,
     recordings_manifest_accounts_for_every_segment,
 )
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
 
 
@@ -123,6 +124,7 @@ def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_cha
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
         assert keys == ["show/ep1.wav", "top.flac"]  # relative to the prefix, folders kept
         assert sorted(r.partition_key for r in first.run_requests) == keys
+        assert all(r.tags[ARTIFACT_STORE_TAG] == store_tag({}, r.partition_key) for r in first.run_requests)
         assert _run_sensor(instance, first.cursor).run_requests == []
 
         fs.pipe("studio/in/show/ep1.wav", b"second take")  # same size class, new bytes: a new ETag

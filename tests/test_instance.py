@@ -1,5 +1,5 @@
-"""The project's Dagster instance (dagster.yaml): where it lives with and without variables, and one run at a
-time per artifact store."""
+"""The project's Dagster instance (dagster.yaml): where it lives with and without variables, one run at a time
+per artifact store, and runs of single recording_clips partitions side by side."""
 
 # No `from __future__ import annotations`: Dagster resolves resource annotations at runtime.
 import shutil
@@ -10,9 +10,18 @@ import pytest
 from conftest import REPO_ROOT
 from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
 from dagster._core.run_coordinator import SubmitRunContext
+from dagster._core.storage.tags import BACKFILL_ID_TAG, PARTITION_NAME_TAG
+from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import QueuedRunCoordinatorDaemon
 
+from higgs_pipeline.defs.recording_clips import RECORDINGS_ENV, recordings_sensor
 from higgs_pipeline.defs.resources import ArtifactStore
-from higgs_pipeline.instance import ARTIFACT_STORE_TAG, COMPUTE_LOGS_ENV, STORAGE_ENV, ArtifactStoreRunCoordinator
+from higgs_pipeline.instance import (
+    ARTIFACT_STORE_TAG,
+    COMPUTE_LOGS_ENV,
+    STORAGE_ENV,
+    ArtifactStoreRunCoordinator,
+    store_tag,
+)
 from higgs_pipeline.paths import default_artifacts_root
 
 
@@ -80,6 +89,79 @@ def test_the_run_coordinator_tags_every_run_with_its_artifact_store(project_inst
     assert instance.get_run_by_id(default.run_id).tags[ARTIFACT_STORE_TAG] == default_artifacts_root()
     assert instance.get_run_by_id(configured.run_id).tags[ARTIFACT_STORE_TAG] == elsewhere
     assert {instance.get_run_by_id(r.run_id).status for r in (default, configured)} == {dg.DagsterRunStatus.QUEUED}
+
+
+@pytest.fixture(scope="module")
+def project_defs() -> dg.Definitions:
+    from higgs_pipeline.definitions import defs
+
+    return defs()
+
+
+def _submit(
+    instance: dg.DagsterInstance, job: dg.JobDefinition, assets: set[str] | None = None, tags: dict | None = None
+) -> dg.DagsterRun:
+    """A run queued as the UI and the backfill daemon queue one: created for the job, then given to the coordinator."""
+    origin = RemoteJobOrigin(
+        RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("higgs_pipeline"), "__repository__"), job.name
+    )
+    selection = {dg.AssetKey(name) for name in assets} if assets else None
+    run = instance.create_run_for_job(
+        job, run_config={}, tags=tags or {}, asset_selection=selection, remote_job_origin=origin
+    )
+    instance.run_coordinator.submit_run(SubmitRunContext(dagster_run=run, workspace=None))
+    return instance.get_run_by_id(run.run_id)
+
+
+def _backfill_run(instance: dg.DagsterInstance, defs: dg.Definitions, key: str, assets: set[str]) -> dg.DagsterRun:
+    """One run of a backfill launched from the UI: the global asset job, the selected assets, no store tag."""
+    tags = {PARTITION_NAME_TAG: key, BACKFILL_ID_TAG: "ui-backfill"}
+    return _submit(instance, defs.resolve_implicit_global_asset_job_def(), assets, tags)
+
+
+def test_backfill_runs_of_recording_clips_partitions_get_a_store_tag_each(
+    project_instance, project_defs, tmp_path: Path, monkeypatch
+):
+    """The backfill daemon's runs carry no tags of the sensor's: the coordinator gives each partition's run the
+    value the sensor gives it, and every run that touches another asset the store's own."""
+    _, instance = project_instance
+    first, second = (
+        _backfill_run(instance, project_defs, key, {"recording_clips"}) for key in ("show/ep1.wav", "ep2.ogg")
+    )
+    tags = [run.tags[ARTIFACT_STORE_TAG] for run in (first, second)]
+    assert tags == [store_tag({}, "show/ep1.wav"), store_tag({}, "ep2.ogg")]
+    assert len(set(tags) | {default_artifacts_root()}) == 3  # distinct from each other and from the store's
+
+    folder = tmp_path / "recordings"
+    (folder / "show").mkdir(parents=True)
+    (folder / "show" / "ep1.wav").write_bytes(b"RIFF")  # the sensor lists files, it reads none
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    (request,) = recordings_sensor(dg.build_sensor_context(instance=instance)).run_requests
+    assert request.tags[ARTIFACT_STORE_TAG] == first.tags[ARTIFACT_STORE_TAG]  # the sensor and the coordinator agree
+    sensed = _submit(
+        instance, project_defs.resolve_job_def("recording_clips_job"), tags={**request.tags, PARTITION_NAME_TAG: "x"}
+    )
+    assert sensed.tags[ARTIFACT_STORE_TAG] == store_tag({}, "x")  # recording_clips_job names no asset selection
+
+    with_manifest = _backfill_run(instance, project_defs, "ep2.ogg", {"recording_clips", "recordings_manifest"})
+    manifest = _submit(instance, project_defs.resolve_implicit_global_asset_job_def(), {"recordings_manifest"})
+    retrain = _submit(instance, project_defs.resolve_job_def("retrain_job"))
+    for run in (with_manifest, manifest, retrain):
+        assert run.tags[ARTIFACT_STORE_TAG] == default_artifacts_root()
+
+
+def test_the_queue_starts_partition_runs_together_and_store_runs_one_at_a_time(project_instance, project_defs):
+    """Dagster's own dequeue step (the queued run daemon's, called without the daemon) applied to dagster.yaml's
+    limits: both partition runs leave the queue at once, of two manifest runs only the first."""
+    _, instance = project_instance
+    partitions = [_backfill_run(instance, project_defs, key, {"recording_clips"}) for key in ("a.wav", "b.wav")]
+    manifests = [
+        _submit(instance, project_defs.resolve_implicit_global_asset_job_def(), {"recordings_manifest"})
+        for _ in range(2)
+    ]
+    daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
+    dequeued = daemon._get_runs_to_dequeue(instance, instance.get_concurrency_config(), None)
+    assert {run.run_id for run in dequeued} == {run.run_id for run in (*partitions, manifests[0])}
 
 
 def _job() -> dg.JobDefinition:

@@ -24,7 +24,7 @@ from higgs_pipeline.files import write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
-from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
+from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
 from higgs_pipeline.paths import DEMO_DATA
 
@@ -148,7 +148,6 @@ def _segment_counts(folder: Path) -> dict:
 recording_clips_job = dg.define_asset_job(
     "recording_clips_job",
     selection=[recording_clips],
-    partitions_def=recordings_partitions,
     description="Ingest recordings, one partition each (a backfill runs them in parallel).",
 )
 
@@ -168,12 +167,6 @@ def recording_stamps(root: str) -> dict[str, str]:
     return stamps
 
 
-def _store_tag(key: str) -> str:
-    """Partitions write disjoint folders, so each run gets a store tag of its own: dagster.yaml's one-run-per-store
-    limit then lets them run side by side (up to max_concurrent_runs) instead of one after another."""
-    return f"{artifact_store_of({})}#recording_clips/{digest(key)[:16]}"
-
-
 @dg.sensor(job=recording_clips_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
 def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Adds a partition for every new recording and requests a run for every new or changed one."""
@@ -184,7 +177,9 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
     return dg.SensorResult(
         run_requests=[
-            dg.RunRequest(partition_key=key, run_key=f"{key}@{stamps[key]}", tags={ARTIFACT_STORE_TAG: _store_tag(key)})
+            dg.RunRequest(
+                partition_key=key, run_key=f"{key}@{stamps[key]}", tags={ARTIFACT_STORE_TAG: store_tag({}, key)}
+            )
             for key in changed
         ],
         dynamic_partitions_requests=[recordings_partitions.build_add_request(new_keys)] if new_keys else [],
