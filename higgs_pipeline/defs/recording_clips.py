@@ -148,7 +148,7 @@ def _segment_counts(folder: Path) -> dict:
 recording_clips_job = dg.define_asset_job(
     "recording_clips_job",
     selection=[recording_clips],
-    description="Ingest recordings, one partition each (a backfill runs them in parallel).",
+    description="Ingest recordings, one partition each (a backfill's runs leave the queue together).",
 )
 
 
