@@ -1,16 +1,12 @@
 """The ingest assets in real Dagster: one partition per recording added by the sensor (from a folder or an s3://
 prefix on moto), a failing partition that fails alone, an s3 object ingested as the same file on disk is, the
-merged manifest with its checks, `raw_audio_manifest` reading it, and the step's k8s pod."""
+merged manifest with its checks, and `raw_audio_manifest` reading it (the step's k8s pod: test_ingest_k8s.py)."""
 
 from __future__ import annotations
-
-import json
-import warnings
 
 import boto3
 import dagster as dg
 import pandas as pd
-import pytest
 from audio_factory import corrupt, metadata_of, resources
 from recording_factory import MONOLOGUE, TALK_A, write_recording
 
@@ -28,7 +24,6 @@ from higgs_pipeline.defs.recordings_manifest import (
     recordings_manifest_accounts_for_every_segment,
 )
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
-from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
 
 
 def _run_sensor(instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
@@ -192,33 +187,6 @@ def _missing_asr():
     from higgs_pipeline.defs.resources import QualityScorers
 
     return QualityScorers(asr_model="/nonexistent/whisper", device="cpu")
-
-
-def test_each_partition_step_is_a_gpu_pod_built_by_dagster_k8s():
-    """dagster-k8s builds the step's Job from the asset's own `dagster-k8s/config` tag."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import kubernetes.client
-        from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
-
-    tag = json.loads(recording_clips.op.tags["dagster-k8s/config"])  # Dagster keeps op tags as strings
-    assert tag == ingest_step_k8s_config()
-    job = construct_dagster_k8s_job(
-        DagsterK8sJobConfig(job_image="registry.example/higgs-pipeline:1.0", dagster_home="/opt/dagster"),
-        args=["dagster", "api", "execute_step"],
-        job_name="higgs-ingest-step",
-        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(tag),
-    )
-    assert isinstance(job, kubernetes.client.V1Job)
-    pod = job.spec.template.spec
-    assert pod.containers[0].resources.limits["nvidia.com/gpu"] == "1"
-    assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
-    assert pod.tolerations[0].key == "nvidia.com/gpu"
-    assert pod.containers[0].env_from[0].secret_ref.name == "higgs-pipeline-s3"
-    cpu_only = ingest_step_k8s_config(gpus=0)
-    assert "nvidia.com/gpu" not in cpu_only["container_config"]["resources"]["limits"]
-    with pytest.raises(ValueError, match="gpus"):
-        ingest_step_k8s_config(gpus=-1)
 
 
 def test_definitions_load_the_ingest_assets():
