@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Set
 from pathlib import Path
 
-from dagster import AssetKey
+from dagster import AssetKey, DagsterInstance
 from dagster._core.run_coordinator import QueuedRunCoordinator, SubmitRunContext
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
@@ -127,16 +127,26 @@ class ArtifactStoreRunCoordinator(QueuedRunCoordinator):
 
     def _store_tag(self, run: DagsterRun) -> str:
         """The value the run should carry; a tag the sensor or the job set is kept unless the run config moves it."""
-        partition = run.tags.get(PARTITION_NAME_TAG)
-        if partition is not None and self._assets_of(run) == {PARALLEL_PARTITIONS_ASSET}:
+        partition = parallel_partition(self._instance, run)
+        if partition is not None:
             return store_tag(run.run_config, partition)
         if configured_artifact_root(run.run_config) or ARTIFACT_STORE_TAG not in run.tags:
             return artifact_store_of(run.run_config)
         return run.tags[ARTIFACT_STORE_TAG]
 
-    def _assets_of(self, run: DagsterRun) -> Set[AssetKey]:
-        """The assets the run materializes, from its execution plan: a job's run (recording_clips_job's, a job
-        backfill's) names no asset selection of its own."""
-        if run.execution_plan_snapshot_id is None:
-            return run.asset_selection or set()
-        return self._instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id).asset_selection
+
+def parallel_partition(instance: DagsterInstance, run: DagsterRun) -> str | None:
+    """The partition key of a run that materializes one `recording_clips` partition and nothing else (such runs
+    share their store: the queue's tag and the store lock both ask here), else None."""
+    partition = run.tags.get(PARTITION_NAME_TAG)
+    if partition is None:
+        return None
+    return partition if _assets_of(instance, run) == {PARALLEL_PARTITIONS_ASSET} else None
+
+
+def _assets_of(instance: DagsterInstance, run: DagsterRun) -> Set[AssetKey]:
+    """The assets the run materializes, from its execution plan: a job's run (recording_clips_job's, a job
+    backfill's) names no asset selection of its own."""
+    if run.execution_plan_snapshot_id is None:
+        return run.asset_selection or set()
+    return instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id).asset_selection

@@ -1,5 +1,7 @@
-"""Exclusive `flock`s with a readable holder: one training per run folder (`training/run_lock.py`) and one run
-per artifact store (`store_lock`, held by the `artifacts` resource for the whole run).
+"""`flock`s with a readable holder: one training per run folder (`training/run_lock.py`) and one run per artifact
+store (`store_lock`, held by the `artifacts` resource for the whole run). A run of one `recording_clips` partition
+holds the store's lock shared and its partition's own lock exclusively: partitions write disjoint folders, so they
+run side by side, while every other run still has the store to itself.
 
 The kernel drops a flock when its holder dies (even by SIGKILL), so a crashed run never leaves anything locked;
 the lock file itself stays (deleting it races with the next taker). The holder (pid, host, time, and what holds
@@ -32,13 +34,22 @@ class LockBusy(RuntimeError):
 
 
 class FileLock:
-    """An exclusive flock on `path`, taken at construction (blocking, or raising LockBusy when `wait` is False)."""
+    """A flock on `path`, taken at construction (blocking, or raising LockBusy when `wait` is False); exclusive,
+    or `shared` with other shared holders (an exclusive taker then waits for all of them)."""
 
-    def __init__(self, path: Path, what: str, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        what: str,
+        wait: bool = False,
+        on_wait: Callable[[str], None] | None = None,
+        shared: bool = False,
+    ) -> None:
         self.path = path
         self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self.holder()
             if not wait:
@@ -46,7 +57,8 @@ class FileLock:
                 raise LockBusy(path, holder) from None
             if on_wait is not None:
                 on_wait(holder)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, mode)
+        # Shared holders each write themselves: a waiting taker names the latest one (enough to find the runs).
         os.ftruncate(self._fd, 0)
         holder = {
             "pid": os.getpid(),
@@ -87,13 +99,30 @@ def store_lock_path(root: str) -> Path:
     return folder / f"{digest(root.rstrip('/'))[:24]}.lock"
 
 
+def partition_lock_path(root: str, partition: str) -> Path:
+    """The lock of one `recording_clips` partition of the store: beside the store's own lock file."""
+    path = store_lock_path(root)
+    return path.with_name(f"{path.name}.{digest(partition)[:16]}.partition")
+
+
 @contextlib.contextmanager
-def store_lock(root: str, what: str, log: Callable[[str], None] | None = None) -> Iterator[FileLock]:
-    """Hold the artifact store's lock while the block runs; wait (saying for whom) while another run holds it."""
+def store_lock(
+    root: str, what: str, log: Callable[[str], None] | None = None, partition: str | None = None
+) -> Iterator[FileLock]:
+    """Hold the artifact store's lock while the block runs; wait (saying for whom) while another run holds it.
+
+    With `partition` (a run of one `recording_clips` partition), the store's lock is held shared and the
+    partition's own lock (`partition_lock_path`) exclusively."""
 
     def waiting(holder: str) -> None:
         if log is not None:
             log(f"artifact store {root} is in use by another run ({holder}): waiting for it to finish")
 
-    with FileLock(store_lock_path(root), what, wait=True, on_wait=waiting) as lock:
-        yield lock
+    path = store_lock_path(root)
+    with FileLock(path, what, wait=True, on_wait=waiting, shared=partition is not None) as lock:
+        if partition is None:
+            yield lock
+            return
+        own = partition_lock_path(root, partition)
+        with FileLock(own, f"{what}, partition {partition}", wait=True, on_wait=waiting) as partition_lock:
+            yield partition_lock

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from higgs_pipeline.defs.resources import ArtifactStore
-from higgs_pipeline.locks import STORE_LOCK_FILE, store_lock_path
+from higgs_pipeline.locks import STORE_LOCK_FILE, FileLock, LockBusy, partition_lock_path, store_lock_path
 
 # Another process holding the store, as a second `dg launch` would: it takes the lock, says so, and lets go
 # when its stdin says so.
@@ -77,3 +78,54 @@ def test_object_stores_are_locked_on_this_machine(tmp_path, monkeypatch):
     one, other = store_lock_path("s3://bucket/a"), store_lock_path("s3://bucket/b")
     assert one != other and one.parent == tmp_path / "cache" / "store-locks"
     assert store_lock_path("s3://bucket/a/") == one
+
+
+def _probe(root: Path, shared: bool) -> bool:
+    """Could another process take the store's lock (shared or exclusive) right now?"""
+    try:
+        FileLock(store_lock_path(str(root)), "probe", shared=shared).release()
+    except LockBusy:
+        return False
+    return True
+
+
+def test_partition_runs_of_recording_clips_share_the_store_and_every_other_run_has_it_alone(tmp_path):
+    """A run of one `recording_clips` partition holds the store's lock shared (another partition's run can start)
+    and its partition's own lock exclusively (the same partition's second run waits); any other run, partitioned
+    or not, holds the store exclusively."""
+    root = tmp_path / "store"
+    seen: dict[str, tuple[bool, bool]] = {}
+    partitions = dg.StaticPartitionsDefinition(["talks/ep01.wav", "talks/ep02.wav"])
+
+    def observe(context: dg.AssetExecutionContext) -> None:
+        name = context.asset_key.to_user_string()
+        seen[f"{name}/{context.partition_key if context.has_partition_key else ''}"] = (
+            _probe(root, shared=True),
+            _probe(root, shared=False),
+        )
+        if context.asset_key.to_user_string() == "recording_clips":
+            with pytest.raises(LockBusy):  # its own partition's lock is taken: the same partition's run would wait
+                FileLock(partition_lock_path(str(root), context.partition_key), "the same partition again")
+
+    @dg.asset(name="recording_clips", partitions_def=partitions)
+    def recording_clips(context, artifacts: ArtifactStore) -> None:
+        observe(context)
+
+    @dg.asset(name="other_partitioned", partitions_def=partitions)
+    def other_partitioned(context, artifacts: ArtifactStore) -> None:
+        observe(context)
+
+    @dg.asset(name="recordings_manifest")
+    def recordings_manifest(context, artifacts: ArtifactStore) -> None:
+        observe(context)
+
+    resources = {"artifacts": ArtifactStore(root=str(root))}
+    with dg.instance_for_test() as instance:
+        for assets, key in (([recording_clips], "talks/ep01.wav"), ([other_partitioned], "talks/ep02.wav")):
+            assert dg.materialize(assets, instance=instance, resources=resources, partition_key=key).success
+        assert dg.materialize([recordings_manifest], instance=instance, resources=resources).success
+    assert seen == {
+        "recording_clips/talks/ep01.wav": (True, False),
+        "other_partitioned/talks/ep02.wav": (False, False),
+        "recordings_manifest/": (False, False),
+    }

@@ -10,6 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.instance import parallel_partition
 from higgs_pipeline.locks import store_lock
 from higgs_pipeline.models import loading
 from higgs_pipeline.paths import DEMO_MANIFEST, default_artifacts_root
@@ -35,10 +36,13 @@ class ArtifactStore(dg.ConfigurableResource):
     @contextlib.contextmanager
     def yield_for_execution(self, context: dg.InitResourceContext):
         """One run per store: the store's lock (`locks.store_lock`) is held from the run's first step that uses the
-        store to its end, whether the run came through the queue or straight from `dg launch`."""
+        store to its end, whether the run came through the queue or straight from `dg launch`; runs of single
+        `recording_clips` partitions share it, each holding its partition's own lock."""
         log = context.log.info if context.log is not None else None
-        run_id = context.run.run_id if context.run is not None else "outside a run"
-        with store_lock(self.root, f"dagster run {run_id}", log):
+        run = context.run
+        partition = parallel_partition(context.instance, run) if run is not None and context.instance else None
+        what = f"dagster run {run.run_id}" if run is not None else "outside a run"
+        with store_lock(self.root, what, log, partition=partition):
             yield self
 
 
