@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,19 +45,32 @@ def test_demo_checkpoints_are_labelled_and_released_layout():
     assert {p.name for p in paths.audio_tokenizer.iterdir()} >= {"config.json", "model.pth"}
 
 
+BUILD_ON_THREE_THREADS = """
+import torch
+torch.set_num_threads(3)
+from higgs_pipeline.models.demo import demo_checkpoints
+paths = demo_checkpoints()
+print(paths.model, paths.audio_tokenizer, sep="\\n")
+"""
+
+
 @pytest.mark.slow  # builds the demo checkpoints a second time, from scratch
-def test_demo_build_is_deterministic(tmp_path, monkeypatch):
-    """A second build from the same configs in another cache gives bit-identical weights."""
+def test_demo_build_is_deterministic(tmp_path):
+    """A second build from the same configs, in another cache and another process with another thread count,
+    gives bit-identical weights (the codebooks' k-means depends on the thread count unless the build pins it)."""
     from safetensors.torch import load_file
 
     first = demo_checkpoints()
-    monkeypatch.setenv("HIGGS_PIPELINE_CACHE", str(tmp_path))
-    second = demo_checkpoints()
-    assert second.model != first.model
-    a, b = load_file(first.model / "model.safetensors"), load_file(second.model / "model.safetensors")
+    env = {**os.environ, "HIGGS_PIPELINE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "3"}
+    built = subprocess.run(
+        [sys.executable, "-c", BUILD_ON_THREE_THREADS], env=env, capture_output=True, text=True, check=True
+    )
+    model, audio_tokenizer = (Path(line) for line in built.stdout.split())
+    assert model != first.model and model.is_relative_to(tmp_path)
+    a, b = load_file(first.model / "model.safetensors"), load_file(model / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ta = torch.load(first.audio_tokenizer / "model.pth")
-    tb = torch.load(second.audio_tokenizer / "model.pth")
+    tb = torch.load(audio_tokenizer / "model.pth")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
