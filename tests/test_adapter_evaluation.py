@@ -223,8 +223,18 @@ def _resources(artifacts_root: str) -> dict:
     }
 
 
-def _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=1):
-    config = {"generation_prompts": prompts, "voice_clone_prompts": voice_clone_prompts, "max_new_tokens": 48}
+# Losses only: nothing generated, nothing heard (what the blocking loss check needs, at a fraction of the cost).
+NOTHING_HEARD = {
+    "generation_prompts": 0,
+    "voice_clone_prompts": 0,
+    "retention_prompts": 0,
+    "golden_prompts": 0,
+    "dialogue_prompts": 0,
+}
+
+
+def _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=1, **sizes):
+    config = {"generation_prompts": prompts, "voice_clone_prompts": voice_clone_prompts, "max_new_tokens": 48} | sizes
     return dg.materialize(
         [adapter_evaluation, *CHECKS, production_adapter],
         instance=instance,
@@ -309,9 +319,9 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])
         assert pointer["corpus_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]
 
-        # A broken adapter on the same data: the blocking check fails the run before production_adapter.
+        # A broken adapter on the same data: the blocking loss check fails the run before production_adapter.
         _report_upstream(instance, corpus, adapters["broken"], adapters["metrics"])
-        blocked = _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=0)
+        blocked = _evaluate_and_promote(instance, artifacts_dir, **NOTHING_HEARD)
         assert not blocked.success
         checks = _checks(blocked)
         assert not checks["adapter_no_worse_than_base"].passed

@@ -50,6 +50,7 @@ def built(tmp_path_factory) -> dict:
     meta = metadata_of(result, "chatml_samples")
     accepted = pd.read_parquet(metadata_of(result, "raw_audio_manifest")["accepted_path"])
     return {
+        "manifest": str(manifest),
         "rows": rows,
         "result": result,
         "meta": meta,
@@ -190,17 +191,17 @@ def test_adding_a_clip_changes_at_most_one_reference():
     assert len(changed) <= 1 and (after.index != after.to_numpy()).all()
 
 
-@pytest.mark.slow  # the data assets on a generated corpus: minutes on 2 cores
 def test_unknown_sample_kind_fails_the_asset(built, tmp_path):
-    config = {"chatml_samples": {"kinds": ["tts", "karaoke"]}}
+    """On the module's corpus (its transcripts already cached): an unknown kind fails chatml_samples naming it;
+    tts alone builds text-to-speech samples only."""
+    manifest = {"raw_audio_manifest": {"manifest_path": built["manifest"]}}
     instance = dg.DagsterInstance.ephemeral()
+    config = manifest | {"chatml_samples": {"kinds": ["tts", "karaoke"]}}
     result = materialize(ASSETS[:4], tmp_path, instance, config, raise_on_error=False)
-    assert not result.success
-    only_tts = materialize(ASSETS[:4], tmp_path, instance, {"chatml_samples": {"kinds": ["tts"]}})
+    assert not result.success and "karaoke" in failure_message(result)
+    only_tts = materialize(ASSETS[:4], tmp_path, instance, manifest | {"chatml_samples": {"kinds": ["tts"]}})
     meta = metadata_of(only_tts, "chatml_samples")
-    # The demo corpus (the default manifest) holds dialogues too: their samples are of their own kind.
-    assert (meta["samples_tts"] + meta["samples_dialogue"], meta["samples_voice_clone"]) == (meta["samples"], 0)
-    assert meta["samples_dialogue"] == meta["dialogues"] == 3
+    assert meta["samples_voice_clone"] == 0 and meta["samples_tts"] == meta["samples"] == len(built["rows"])
 
 
 def test_no_samples_at_all_fails_with_a_clear_message(tmp_path):
