@@ -32,7 +32,7 @@ import soundfile
 
 SAMPLE_SHA256 = "c319b4abca767b124e41432d364fd7df006cb26bb79d09326c487d606a134e6e"  # same in pyannote.audio 3.3-4.0
 SAMPLE_FILES = ("sample.wav", "sample.rttm", "sample.stm")
-FETCH = "pip download --no-deps pyannote.audio==4.0.7 -d ~/.cache/higgs_pipeline/real_call"
+FETCH = "make test-deps (pip download --no-deps pyannote.audio==4.0.7 -d ~/.cache/higgs_pipeline/real_call)"
 FRAME_S = 0.01  # purity is counted on 10 ms frames
 NOISE_DBFS = -70.0
 

@@ -1,4 +1,4 @@
-"""Real two-speaker telephone speech through `prepare`'s code (issue 23): the 30 s call that pyannote.audio ships in
+"""Real two-speaker telephone speech through `prepare`'s code: the 30 s call that pyannote.audio ships in
 its wheel, with its reference turns and words. Neither the audio nor pyannote.audio is part of the project: the test
 reads the wheel from the cache (benchmarks/bench_real_call.py says how to fetch it) and is skipped without it."""
 
