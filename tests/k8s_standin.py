@@ -25,8 +25,7 @@ from typing import Any
 
 import dagster as dg
 
-from higgs_pipeline.definitions import recording_clips_k8s_job
-from higgs_pipeline.defs.recording_clips import recording_clips
+from higgs_pipeline.defs.recording_clips import recording_clips, recording_clips_k8s_job
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 
 JOBS_PATH = re.compile(r"^/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/?]+)(/status)?)?(?:\?.*)?$")

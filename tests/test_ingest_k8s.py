@@ -23,7 +23,12 @@ import dagster as dg
 import pytest
 from k8s_standin import StandInBatchApi, standin_batch_api
 
-from higgs_pipeline.defs.recording_clips import recording_clips, recordings_partitions
+from higgs_pipeline.defs.recording_clips import (
+    RECORDINGS_ENV,
+    recording_clips,
+    recordings_partitions,
+    recordings_sensor,
+)
 from higgs_pipeline.launch.ingest_k8s import (
     INGEST_IMAGE_ENV,
     INGEST_K8S_JOB,
@@ -233,3 +238,18 @@ def test_a_pod_that_exits_non_zero_fails_the_run_naming_the_step(cluster, tmp_pa
     assert status_reads and all(path.endswith(f"/jobs/{job_name}/status") for path in status_reads)
     assert api.unhandled == []
     assert instance.get_latest_materialization_event(recording_clips.key) is None
+
+
+def test_the_sensor_requests_the_k8s_job_where_runs_launch_on_kubernetes(
+    cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same watched folder: runs of recording_clips_k8s_job on the K8sRunLauncher's instance, of the local
+    recording_clips_job on a default one."""
+    _api, k8s_instance = cluster
+    recordings = tmp_path / "recordings"
+    _silent_recording(recordings / RECORDING)
+    monkeypatch.setenv(RECORDINGS_ENV, str(recordings))
+    with dg.instance_for_test() as local_instance:
+        for instance, job in ((k8s_instance, INGEST_K8S_JOB), (local_instance, "recording_clips_job")):
+            result = recordings_sensor(dg.build_sensor_context(instance=instance))
+            assert [(r.partition_key, r.job_name) for r in result.run_requests] == [(RECORDING, job)]

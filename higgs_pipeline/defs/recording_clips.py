@@ -25,7 +25,7 @@ from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
-from higgs_pipeline.launch.ingest_k8s import ingest_step_k8s_config
+from higgs_pipeline.launch.ingest_k8s import INGEST_K8S_JOB, ingest_step_executor, ingest_step_k8s_config
 from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
@@ -150,6 +150,14 @@ recording_clips_job = dg.define_asset_job(
     selection=[recording_clips],
     description="Ingest recordings, one partition each (a backfill's runs leave the queue together).",
 )
+# The one job with an executor of its own: each partition's step a Kubernetes pod (needs the K8sRunLauncher).
+recording_clips_k8s_job = dg.define_asset_job(
+    INGEST_K8S_JOB,
+    selection=[recording_clips],
+    executor_def=ingest_step_executor(),
+    description="Ingest recordings on Kubernetes: each partition's step a pod of its own, with a GPU "
+    "(docs/deploy.md; needs the K8sRunLauncher).",
+)
 
 
 def recording_stamps(root: str) -> dict[str, str]:
@@ -167,18 +175,34 @@ def recording_stamps(root: str) -> dict[str, str]:
     return stamps
 
 
-@dg.sensor(job=recording_clips_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
+def ingest_job_for(instance: dg.DagsterInstance) -> str:
+    """recording_clips_k8s_job where runs are launched on Kubernetes (each step a GPU pod), else the local job."""
+    from dagster_k8s import K8sRunLauncher
+
+    return INGEST_K8S_JOB if isinstance(instance.run_launcher, K8sRunLauncher) else recording_clips_job.name
+
+
+@dg.sensor(
+    jobs=[recording_clips_job, recording_clips_k8s_job],
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
 def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """Adds a partition for every new recording and requests a run for every new or changed one."""
+    """Adds a partition for every new recording and requests a run for every new or changed one (of the k8s job
+    on an instance whose runs launch on Kubernetes)."""
     stamps = recording_stamps(recordings_root())
     seen = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     new_keys = sorted(key for key in stamps if key not in known)
     changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
+    job = ingest_job_for(context.instance)
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
-                partition_key=key, run_key=f"{key}@{stamps[key]}", tags={ARTIFACT_STORE_TAG: store_tag({}, key)}
+                partition_key=key,
+                run_key=f"{key}@{stamps[key]}",
+                job_name=job,
+                tags={ARTIFACT_STORE_TAG: store_tag({}, key)},
             )
             for key in changed
         ],

@@ -1,6 +1,6 @@
 """Ingest on Kubernetes: each `recording_clips` partition's step as its own pod, through dagster-k8s.
 
-`recording_clips_k8s_job` (definitions.py) runs `recording_clips` with `k8s_job_executor`: the run's process
+`recording_clips_k8s_job` (defs/recording_clips.py) runs `recording_clips` with `k8s_job_executor`: the run's process
 creates one batch/v1 Job per step, whose pod runs `dagster api execute_step` in the project's image. dagster-k8s
 builds that pod from the op's `dagster-k8s/config` tag, which this module builds: one GPU for Whisper, CPU and
 memory for decoding and DNSMOS, the GPU node pool's selector and toleration, and the artifact store's credentials.
