@@ -436,9 +436,7 @@ def test_adapter_and_artifacts_in_s3(corpus, adapters, s3_env):  # noqa: F811
             resources=_resources("s3://artifacts"),
             run_config={
                 "ops": {
-                    "adapter_evaluation": {
-                        "config": {"generation_prompts": 1, "voice_clone_prompts": 0, "max_new_tokens": 32}
-                    }
+                    "adapter_evaluation": {"config": NOTHING_HEARD | {"generation_prompts": 1, "max_new_tokens": 32}}
                 }
             },
         )

@@ -24,6 +24,8 @@ CHAIN = [
     train_val_split,
     train_val_split_is_a_partition,
 ]
+# The split alone, reading what the chain above recorded on the same instance: another split of the same corpus.
+SPLIT_ONLY = CHAIN[-2:]
 
 
 def _index(targets: int, speakers: int = 20, start: int = 0) -> pd.DataFrame:
@@ -86,10 +88,12 @@ def test_split_asset_is_stable_as_the_corpus_grows(tmp_path):
 
     # Half the clips to validation makes both sides non-empty by hash alone, so the small-corpus repair (the one
     # documented exception to stability) stays out of this test.
-    def run(count: int, split_config: dict) -> dict:
+    def run(count: int, split_config: dict, assets: list = CHAIN) -> dict:
         manifest = write_csv_manifest(root / f"manifest_{count}.csv", rows[:count])
         config = {"train_val_split": split_config, "raw_audio_manifest": {"manifest_path": str(manifest)}}
-        result = materialize(CHAIN, artifacts, instance, config)
+        if assets is SPLIT_ONLY:
+            config = {"train_val_split": split_config}
+        result = materialize(assets, artifacts, instance, config)
         (check,) = result.get_asset_check_evaluations()
         assert check.passed
         return metadata_of(result, "train_val_split")
@@ -105,8 +109,9 @@ def test_split_asset_is_stable_as_the_corpus_grows(tmp_path):
     kept = [(s, name) for name in ("train", "validation") for s in before[name] if s in side_after]
     assert len(kept) >= 18  # a new clip can only change the reference (hence id) of one voice-clone sample per speaker
     assert all(side_after[s] == name for s, name in kept)
-    held_out = run(12, {"group_by": "speaker", "validation_fraction": 0.3})
+    held_out = run(12, {"group_by": "speaker", "validation_fraction": 0.3}, SPLIT_ONLY)
     assert held_out["split_group"] == "speaker" and held_out["speakers_in_both"] == 0
+    assert held_out["train_count"] + held_out["validation_count"] == 24
 
 
 def test_invalid_fraction_fails_with_a_message(tmp_path):
@@ -167,9 +172,11 @@ def test_split_asset_reports_and_removes_validation_texts_in_train(tmp_path):
     config = {"raw_audio_manifest": {"manifest_path": str(manifest)}, "chatml_samples": {"kinds": ["tts"]}}
 
     def run(split_config: dict, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
-        return materialize(CHAIN, artifacts, instance, {**config, "train_val_split": split_config}, raise_on_error)
+        """Another split of the corpus the first (whole-chain) run below made."""
+        return materialize(SPLIT_ONLY, artifacts, instance, {"train_val_split": split_config}, raise_on_error)
 
-    by_clip = metadata_of(run({"validation_fraction": 0.5}), "train_val_split")
+    first = materialize(CHAIN, artifacts, instance, {**config, "train_val_split": {"validation_fraction": 0.5}})
+    by_clip = metadata_of(first, "train_val_split")
     assert by_clip["split_group"] == "clip_hash" and by_clip["validation_texts_in_train"] >= 1
     result = run({"validation_fraction": 0.5, "group_by": "text"})
     (check,) = result.get_asset_check_evaluations()

@@ -247,7 +247,7 @@ def dev_server(command: Sequence[str], cwd: Path, log_path: Path, timeout: float
         yield server
     finally:
         RUNNING.remove(server)
-        stop(process)
+        stop(process, log_path)
 
 
 def _wait_until_serving(server: DagsterServer, timeout: float) -> None:
@@ -280,8 +280,9 @@ def _location_loaded(server: DagsterServer) -> bool:
     return True
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C as a user would, then SIGTERM, then SIGKILL to the whole group; stragglers in the group too."""
+def stop(process: subprocess.Popen, log_path: Path | None = None) -> None:
+    """Ctrl-C as a user would, then SIGTERM, then SIGKILL to the whole group; stragglers in the group too. When
+    Ctrl-C is not enough, the group's processes (state, kernel wait channel, command) go to `log_path` first."""
     for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 15), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
@@ -291,12 +292,22 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=wait)
             break
         except subprocess.TimeoutExpired:
+            if sig == signal.SIGINT and log_path is not None:
+                _log_process_group(process.pid, log_path)
             continue
     # Children that outlived the leader (a code server mid-shutdown, a run worker mid-step) share its group.
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _log_process_group(pgid: int, log_path: Path) -> None:
+    listing = subprocess.run(
+        ["ps", "-o", "pid,ppid,stat,wchan:20,etime,args", "-g", str(pgid)], capture_output=True, text=True
+    ).stdout
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n--- still running 60 s after Ctrl-C (process group {pgid}) ---\n{listing}")
 
 
 def _tail(path: Path, size: int = 4000) -> str:
