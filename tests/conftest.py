@@ -11,6 +11,7 @@ without CUDA). `make test-fast` runs everything but `slow` and `gpu`.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,24 @@ def _dev_servers_outlive_each_test() -> Iterator[None]:
     yield
     for server in list(RUNNING):
         server.ensure_alive()
+
+
+def _signal_state() -> tuple[object, ...]:
+    """Python's SIGINT handler, and the kernel's ignored and blocked signals of this process (set from C too)."""
+    kernel = [
+        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(("SigIgn", "SigBlk"))
+    ]
+    return signal.getsignal(signal.SIGINT), *kernel
+
+
+@pytest.fixture(autouse=True)
+def _signals_as_found() -> Iterator[None]:
+    """A test that leaves Ctrl-C ignored or blocked in this process fails itself, naming what changed: commands
+    started later inherit an ignored or blocked SIGINT (it survives exec), and a dev server then outlives Ctrl-C."""
+    before = _signal_state()
+    yield
+    after = _signal_state()
+    assert after == before, f"SIGINT handler / blocked signals changed by this test: {before} -> {after}"
 
 
 @pytest.fixture(scope="session")

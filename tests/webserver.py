@@ -304,8 +304,13 @@ def stop(process: subprocess.Popen, log_path: Path | None = None) -> None:
 
 def _log_process_group(pgid: int, log_path: Path) -> None:
     listing = subprocess.run(
-        ["ps", "-o", "pid,ppid,stat,wchan:20,etime,args", "-g", str(pgid)], capture_output=True, text=True
+        ["ps", "-ww", "-o", "pid,ppid,stat,wchan:20,etime,args", "-g", str(pgid)], capture_output=True, text=True
     ).stdout
+    for pid in listing.split()[7::1]:
+        status = Path(f"/proc/{pid}/status")
+        if pid.isdigit() and status.exists():
+            signals = [line for line in status.read_text().splitlines() if line.startswith(("SigIgn", "SigBlk"))]
+            listing += f"{pid}: {' '.join(signals)}\n"
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n--- still running 60 s after Ctrl-C (process group {pgid}) ---\n{listing}")
 
