@@ -152,22 +152,17 @@ def _dev_servers_outlive_each_test() -> Iterator[None]:
         server.ensure_alive()
 
 
-def _signal_state() -> tuple[object, ...]:
-    """Python's SIGINT handler, and the kernel's ignored and blocked signals of this process (set from C too)."""
-    kernel = [
-        line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(("SigIgn", "SigBlk"))
-    ]
-    return signal.getsignal(signal.SIGINT), *kernel
-
-
 @pytest.fixture(autouse=True)
-def _signals_as_found() -> Iterator[None]:
-    """A test that leaves Ctrl-C ignored or blocked in this process fails itself, naming what changed: commands
-    started later inherit an ignored or blocked SIGINT (it survives exec), and a dev server then outlives Ctrl-C."""
-    before = _signal_state()
+def _signal_handlers_as_found() -> Iterator[None]:
+    """SIGINT and SIGTERM handlers put back after each test. An in-process Dagster run leaves SIGTERM mapped to
+    whatever SIGINT's handler was (`dagster._utils.interrupts.setup_interrupt_handlers`), and a pytest-xdist worker
+    ignores SIGINT, so after such a run the worker ignored SIGTERM too; every command started later inherited both
+    ignored signals (they survive exec), and a dev server started then outlived Ctrl-C and SIGTERM."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
-    after = _signal_state()
-    assert after == before, f"SIGINT handler / blocked signals changed by this test: {before} -> {after}"
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) != handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,13 @@ def plain_env() -> dict[str, str]:
     return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"]}
 
 
+def _signals_as_in_a_shell() -> None:
+    """Ctrl-C and SIGTERM at their defaults in the child, as a user's shell starts a command: a pytest-xdist worker
+    ignores SIGINT, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -239,6 +246,7 @@ def dev_server(command: Sequence[str], cwd: Path, log_path: Path, timeout: float
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_signals_as_in_a_shell,
         )
     server = DagsterServer(f"http://127.0.0.1:{port}", cwd, log_path, process)
     RUNNING.append(server)
