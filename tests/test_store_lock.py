@@ -103,7 +103,7 @@ def test_partition_runs_of_recording_clips_share_the_store_and_every_other_run_h
             _probe(root, shared=True),
             _probe(root, shared=False),
         )
-        if context.asset_key.to_user_string() == "recording_clips":
+        if name == "recording_clips":
             with pytest.raises(LockBusy):  # its own partition's lock is taken: the same partition's run would wait
                 FileLock(partition_lock_path(str(root), context.partition_key), "the same partition again")
 

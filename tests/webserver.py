@@ -314,11 +314,11 @@ def _log_process_group(pgid: int, log_path: Path) -> None:
     listing = subprocess.run(
         ["ps", "-ww", "-o", "pid,ppid,stat,wchan:20,etime,args", "-g", str(pgid)], capture_output=True, text=True
     ).stdout
-    for pid in listing.split()[7::1]:
-        status = Path(f"/proc/{pid}/status")
-        if pid.isdigit() and status.exists():
-            signals = [line for line in status.read_text().splitlines() if line.startswith(("SigIgn", "SigBlk"))]
-            listing += f"{pid}: {' '.join(signals)}\n"
+    for line in listing.splitlines()[1:]:  # the first column of each process's line is its pid
+        status = Path(f"/proc/{line.split()[0]}/status")
+        if status.exists():
+            signals = [field for field in status.read_text().splitlines() if field.startswith(("SigIgn", "SigBlk"))]
+            listing += f"{line.split()[0]}: {' '.join(signals)}\n"
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n--- still running 60 s after Ctrl-C (process group {pgid}) ---\n{listing}")
 

@@ -25,7 +25,12 @@ from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
-from higgs_pipeline.launch.ingest_k8s import INGEST_K8S_JOB, ingest_step_executor, ingest_step_k8s_config
+from higgs_pipeline.launch.ingest_k8s import (
+    INGEST_K8S_JOB,
+    ingest_step_executor,
+    ingest_step_k8s_config,
+    runs_on_kubernetes,
+)
 from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
@@ -175,13 +180,6 @@ def recording_stamps(root: str) -> dict[str, str]:
     return stamps
 
 
-def ingest_job_for(instance: dg.DagsterInstance) -> str:
-    """recording_clips_k8s_job where runs are launched on Kubernetes (each step a GPU pod), else the local job."""
-    from dagster_k8s import K8sRunLauncher
-
-    return INGEST_K8S_JOB if isinstance(instance.run_launcher, K8sRunLauncher) else recording_clips_job.name
-
-
 @dg.sensor(
     jobs=[recording_clips_job, recording_clips_k8s_job],
     minimum_interval_seconds=60,
@@ -195,7 +193,7 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     new_keys = sorted(key for key in stamps if key not in known)
     changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
-    job = ingest_job_for(context.instance)
+    job = INGEST_K8S_JOB if runs_on_kubernetes(context.instance) else recording_clips_job.name
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(

@@ -54,6 +54,14 @@ def ingest_executor_config(image: str = "", namespace: str = "") -> dict[str, An
     return {**({"job_image": image} if image else {}), **({"job_namespace": namespace} if namespace else {})}
 
 
+def runs_on_kubernetes(instance: dg.DagsterInstance) -> bool:
+    """Whether the instance launches its runs as Kubernetes pods (dagster-k8s' K8sRunLauncher): the sensor then
+    requests recording_clips_k8s_job, and only then can that job's executor start step pods."""
+    from dagster_k8s import K8sRunLauncher
+
+    return isinstance(instance.run_launcher, K8sRunLauncher)
+
+
 def ingest_step_executor() -> dg.ExecutorDefinition:
     """`k8s_job_executor` with two run-config fields, `job_image` and `job_namespace` (`ingest_executor_config`).
 
@@ -64,14 +72,14 @@ def ingest_step_executor() -> dg.ExecutorDefinition:
     name it (no in-cluster config, or an AttributeError when the first step launches).
     """
     # dagster-k8s (and the kubernetes client) load where the job is defined, not with every ingest step.
-    from dagster_k8s import K8sRunLauncher, k8s_job_executor
+    from dagster_k8s import k8s_job_executor
 
     def checked(init_context: dg.InitExecutorContext) -> dg.Executor:
-        launcher = init_context.instance.run_launcher
-        if not isinstance(launcher, K8sRunLauncher):
+        if not runs_on_kubernetes(init_context.instance):
             raise dg.DagsterInvariantViolationError(
                 f"{INGEST_K8S_JOB} runs each step as a Kubernetes Job and needs the instance's run launcher to be "
-                f"dagster_k8s.K8sRunLauncher, not {type(launcher).__name__} (docs/deploy.md); locally, run "
+                f"dagster_k8s.K8sRunLauncher, not {type(init_context.instance.run_launcher).__name__} "
+                "(docs/deploy.md); locally, run "
                 "recording_clips_job instead"
             )
         return k8s_job_executor.executor_creation_fn(init_context)
