@@ -106,3 +106,11 @@ def test_vad_hears_speech_and_not_tone_or_silence(tmp_path):
     t = np.arange(48000) / 16000
     assert speech_regions((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)) == []
     assert speech_regions(np.zeros(48000, np.float32)) == []
+
+
+def test_limits_that_would_refuse_every_recording_are_refused_themselves():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"max_recording_bytes must be positive, got {bad}"):
+            IngestSettings(max_recording_bytes=bad)
+    with pytest.raises(ValueError, match="max_recording_seconds must be positive"):
+        IngestSettings(max_recording_seconds=0)

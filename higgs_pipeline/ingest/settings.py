@@ -72,6 +72,8 @@ class IngestSettings:
             )
         if self.max_recording_seconds <= 0 or self.window_s < 30:
             raise ValueError("max_recording_seconds must be positive and window_s at least 30 s")
+        if self.max_recording_bytes <= 0:
+            raise ValueError(f"max_recording_bytes must be positive, got {self.max_recording_bytes}")
 
     @classmethod
     def from_knobs(
