@@ -220,3 +220,13 @@ def test_tone_is_not_speech(scorer, tmp_path):
     """A steady tone passes the screening's loudness test but holds no words."""
     wave, rate = decode(str(tone(tmp_path / "tone.wav", 2.0)))
     assert scorer.score(wave, rate, SENTENCES[3]).wer >= 0.9
+
+
+def test_whisper_token_budget_grows_with_the_audio_up_to_one_window():
+    """12 tokens a second plus headroom, per 30 s window at most, and always inside Whisper's 448-token context
+    (faster-whisper refuses a budget that does not fit beside its 4-token start-of-transcript prompt)."""
+    budget = scoring.whisper_token_budget
+    assert budget(np.zeros(2 * scoring.MODEL_RATE)) == 2 * 12 + 16
+    assert budget(np.zeros(0)) == 16
+    assert budget(np.zeros(30 * scoring.MODEL_RATE)) == budget(np.zeros(600 * scoring.MODEL_RATE)) == 376
+    assert budget(np.zeros(600 * scoring.MODEL_RATE)) + 4 <= 448

@@ -34,6 +34,13 @@ MODEL_RATE = 16_000  # both Whisper and the speaker encoders take 16 kHz mono
 _SPELLING = Path(__file__).with_name("whisper_english_spelling.json")
 # Below this many voiced seconds (webrtcvad) a clip holds no speech: Whisper still "hears" words in silence.
 MIN_VOICED_S = 0.2
+# Whisper may decode up to 448 tokens per 30 s window. On noise, a tone or a collapsed model's output it loops,
+# and each temperature fallback loops again (measured: 14 s to transcribe a 2 s tone on tiny.en, one CPU thread;
+# 1.5 s with this budget). Speech needs ~5 tokens a second (fast speech, ~4 words/s); 12 a second plus headroom for
+# timestamps and punctuation leaves real speech whole and ends a loop early.
+WHISPER_TOKENS_PER_SECOND = 12
+WHISPER_TOKEN_HEADROOM = 16
+WHISPER_WINDOW_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,12 @@ class Scorer:
         model = self._asr_model()
         code = language_code(language) if self.multilingual else None
         segments, _info = model.transcribe(
-            audio16k, language=code, beam_size=5, condition_on_previous_text=False, vad_filter=False
+            audio16k,
+            language=code,
+            beam_size=5,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            max_new_tokens=whisper_token_budget(audio16k),
         )
         return " ".join(segment.text.strip() for segment in segments).strip()
 
@@ -277,6 +289,12 @@ class Scorer:
             dnsmos_bak=mos.bak,
             dnsmos_ovrl=mos.ovrl,
         )
+
+
+def whisper_token_budget(audio16k: np.ndarray) -> int:
+    """The most tokens Whisper may decode per window of this 16 kHz audio (see WHISPER_TOKENS_PER_SECOND)."""
+    seconds = min(len(audio16k) / MODEL_RATE, WHISPER_WINDOW_S)
+    return math.ceil(seconds * WHISPER_TOKENS_PER_SECOND) + WHISPER_TOKEN_HEADROOM
 
 
 @cache

@@ -14,6 +14,7 @@ from higgs_pipeline.speech.scoring import (
     load_whisper,
     to_model_audio,
     voiced_seconds,
+    whisper_token_budget,
 )
 
 
@@ -51,6 +52,7 @@ def transcribe_words(
         word_timestamps=True,
         condition_on_previous_text=False,  # a hallucination in one window must not carry into the next
         vad_filter=False,  # the caller has cut speech regions already
+        max_new_tokens=whisper_token_budget(audio16k),
     )
     return [
         Word(offset_s + float(w.start), offset_s + float(w.end), w.word, float(w.probability))
