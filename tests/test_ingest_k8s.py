@@ -219,10 +219,26 @@ def test_a_partition_runs_as_a_gpu_job_that_materializes_it(cluster, tmp_path: P
     assert (metadata["recording_status"], metadata["reject_reason"]) == ("rejected", "silent")
 
 
+@pytest.fixture()
+def health_checked_every_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster's step-delegating executor reads the Job of a step that sends no events every 20 s (its default, not
+    a k8s_job_executor setting); here every second, so the test waits for the check, not for the interval."""
+    from dagster._core.executor.step_delegating import step_delegating_executor
+
+    executor = step_delegating_executor.StepDelegatingExecutor
+    original = executor.__init__
+
+    def every_second(self, *args, check_step_health_interval_seconds: int | None = None, **kwargs) -> None:
+        original(self, *args, check_step_health_interval_seconds=check_step_health_interval_seconds or 1, **kwargs)
+
+    monkeypatch.setattr(executor, "__init__", every_second)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("health_checked_every_second")
 def test_a_pod_that_exits_non_zero_fails_the_run_naming_the_step(cluster, tmp_path: Path):
-    """A container that never starts the step sends no step events: the executor's health check (every 20 s)
-    reads the Job's status and fails the step with it. Image from the run config, namespace the run launcher's."""
+    """A container that never starts the step sends no step events: the executor's health check reads the Job's
+    status and fails the step with it. Image from the run config, namespace the run launcher's."""
     api, instance = cluster
     run = _run_partition(instance, RECORDING, tmp_path, {"job_image": IMAGE_WITHOUT_DAGSTER})
     [(namespace, job_name)] = api.jobs

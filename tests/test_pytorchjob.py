@@ -199,6 +199,16 @@ def standin(tmp_path: Path) -> Iterator[Callable[[CommandFor], StandInKubernetes
 
 
 @pytest.fixture()
+def no_pod_ever_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a step that fails before the job exists: no Pipes message can come, yet Dagster's message reader waits
+    10 s (WAIT_FOR_LOGS_AFTER_EXECUTION_INTERVAL) for one after the session closes. That wait is not what these
+    tests check, so it is zero here."""
+    from dagster._core.pipes import utils as pipes_utils
+
+    monkeypatch.setattr(pipes_utils, "WAIT_FOR_LOGS_AFTER_EXECUTION_INTERVAL", 0)
+
+
+@pytest.fixture()
 def bucket(s3_env: str) -> str:  # noqa: F811
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=BUCKET)
     return BUCKET
@@ -353,6 +363,7 @@ def test_interrupted_step_deletes_the_job(standin, bucket: str):
     assert api.requests[-1][0] == "DELETE" and not api.jobs and not api.operators, "the job (and its pods) is gone"
 
 
+@pytest.mark.usefixtures("no_pod_ever_starts")
 def test_cluster_without_the_training_operator_fails_saying_so(standin, bucket: str):
     api = standin(_script_replicas)
     result = _run_asset(api.client(poll_interval=0.2), f"s3://{bucket}/messages", {}, namespace=NO_OPERATOR)
@@ -362,6 +373,7 @@ def test_cluster_without_the_training_operator_fails_saying_so(standin, bucket: 
     assert api.methods() == ["POST"], "nothing was created, so nothing is deleted"
 
 
+@pytest.mark.usefixtures("no_pod_ever_starts")
 def test_a_job_another_run_is_still_training_is_left_alone(standin, bucket: str):
     api = standin(_script_replicas)
     running = [{"type": "Running", "status": "True", "message": ""}]
