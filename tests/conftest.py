@@ -131,13 +131,16 @@ def _close_browsers() -> Iterator[None]:
     close_shared_browsers()
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_dagster_state_storage() -> None:
-    """Each test starts with no definitions-state storage bound. Entering a DagsterInstance binds its storage in a
-    context variable, and one entered by an earlier test (or fixture) and never exited stays bound after that
-    instance is gone: the next `dg.materialize` on an ephemeral instance then fails with "Attempted to resolve
-    undefined DagsterInstance weakref", depending only on which tests ran before it in the process (pytest-xdist's
-    order showed it). This project keeps no definitions state, so None is what every test should see."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test, and each module- or session-scoped fixture it sets up first, starts with no definitions-state
+    storage bound. Entering a DagsterInstance binds its storage in a context variable, and one entered by an earlier
+    test (or fixture) and never exited stays bound after that instance is gone: the next `dg.materialize` on an
+    ephemeral instance then fails ("unable to open database file", or "Attempted to resolve undefined
+    DagsterInstance weakref"), depending only on which tests ran before it in the process (pytest-xdist's order
+    showed both, the first in a module-scoped fixture, which an autouse function fixture comes too late for). This
+    project keeps no definitions state, so None is what every test should see. A hook, not a fixture: it runs before
+    any fixture of the item is set up."""
     from dagster._core.storage.defs_state.base import _current_storage
 
     _current_storage.set(None)
