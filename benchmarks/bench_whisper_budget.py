@@ -5,8 +5,8 @@ seconds each transcription takes and whether the transcript changes.
 
 Three kinds of audio: the demo corpus's speech (its transcripts must come out the same: the budget is there only
 to end loops), a steady tone and white noise (what a collapsed model speaks: Whisper loops on them and retries
-at every fallback temperature). Decoding settings are `Scorer.transcribe`'s (beam 5, no previous-text prompt, no
-VAD filter); only `max_new_tokens` differs. Prints one JSON object.
+at every fallback temperature). Decoding settings are the pipeline's (`speech.scoring.whisper_decoding`); only
+`max_new_tokens` differs. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from _report import command_line, machine, stamp  # noqa: E402
 from bench_scoring import load_clips  # noqa: E402
 
 
-def transcribe(model, audio16k: np.ndarray, budget: int | None) -> tuple[str, float]:
-    """The transcript and the seconds it took, with the budget given or Whisper's own limit (None)."""
+def transcribe(model, audio16k: np.ndarray, budget: bool) -> tuple[str, float]:
+    """The transcript and the seconds it took, with the pipeline's settings and its budget, or with the same
+    settings and Whisper's own limit (faster-whisper's max_new_tokens None)."""
+    from higgs_pipeline.speech.scoring import whisper_decoding
+
+    options = whisper_decoding(audio16k) | ({} if budget else {"max_new_tokens": None})
     started = time.perf_counter()
-    extra = {} if budget is None else {"max_new_tokens": budget}
-    segments, _info = model.transcribe(
-        audio16k, beam_size=5, condition_on_previous_text=False, vad_filter=False, **extra
-    )
+    segments, _info = model.transcribe(audio16k, **options)
     text = " ".join(segment.text.strip() for segment in segments).strip()
     return text, time.perf_counter() - started
 
@@ -42,7 +43,7 @@ def main() -> None:
     parser.add_argument("--asr-model", default="tiny.en")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from higgs_pipeline.speech.scoring import MODEL_RATE, load_whisper, whisper_token_budget
+    from higgs_pipeline.speech.scoring import MODEL_RATE, load_whisper
 
     model = load_whisper(args.asr_model, args.device)
     rng = np.random.default_rng(0)
@@ -50,11 +51,11 @@ def main() -> None:
     audio = {f"speech_{i}": clip for i, (clip, _text) in enumerate(load_clips(args.clips))}
     audio["tone_2s"] = (0.3 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32)
     audio["noise_2s"] = (0.1 * rng.standard_normal(2 * MODEL_RATE)).astype(np.float32)
-    transcribe(model, audio["speech_0"], None)  # warm the model before any clock runs
+    transcribe(model, audio["speech_0"], budget=False)  # warm the model before any clock runs
     rows = []
     for name, clip in audio.items():
-        free_text, free_s = transcribe(model, clip, None)
-        kept_text, kept_s = transcribe(model, clip, whisper_token_budget(clip))
+        free_text, free_s = transcribe(model, clip, budget=False)
+        kept_text, kept_s = transcribe(model, clip, budget=True)
         rows.append(
             {
                 "audio": name,

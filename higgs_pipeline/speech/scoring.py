@@ -212,14 +212,7 @@ class Scorer:
             raise ValueError(f"ASR model {self.asr_model!r} does not cover language {language!r}")
         model = self._asr_model()
         code = language_code(language) if self.multilingual else None
-        segments, _info = model.transcribe(
-            audio16k,
-            language=code,
-            beam_size=5,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            max_new_tokens=whisper_token_budget(audio16k),
-        )
+        segments, _info = model.transcribe(audio16k, language=code, **whisper_decoding(audio16k))
         return " ".join(segment.text.strip() for segment in segments).strip()
 
     def listen(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> tuple[str, bool]:
@@ -295,6 +288,18 @@ def whisper_token_budget(audio16k: np.ndarray) -> int:
     """The most tokens Whisper may decode per window of this 16 kHz audio (see WHISPER_TOKENS_PER_SECOND)."""
     seconds = min(len(audio16k) / MODEL_RATE, WHISPER_WINDOW_S)
     return math.ceil(seconds * WHISPER_TOKENS_PER_SECOND) + WHISPER_TOKEN_HEADROOM
+
+
+def whisper_decoding(audio16k: np.ndarray) -> dict[str, Any]:
+    """faster-whisper's `transcribe` settings for every transcription here (scoring and word timestamps): beam 5,
+    no previous-text prompt (a hallucination in one window must not carry into the next), no VAD filter (the
+    callers find speech themselves: webrtcvad for scoring, Silero regions for ingest), and the token budget."""
+    return {
+        "beam_size": 5,
+        "condition_on_previous_text": False,
+        "vad_filter": False,
+        "max_new_tokens": whisper_token_budget(audio16k),
+    }
 
 
 @cache

@@ -14,7 +14,7 @@ from higgs_pipeline.speech.scoring import (
     load_whisper,
     to_model_audio,
     voiced_seconds,
-    whisper_token_budget,
+    whisper_decoding,
 )
 
 
@@ -48,11 +48,8 @@ def transcribe_words(
     segments, _info = model.transcribe(
         np.ascontiguousarray(audio16k, dtype=np.float32),
         language=code if model.model.is_multilingual else None,
-        beam_size=5,
         word_timestamps=True,
-        condition_on_previous_text=False,  # a hallucination in one window must not carry into the next
-        vad_filter=False,  # the caller has cut speech regions already
-        max_new_tokens=whisper_token_budget(audio16k),
+        **whisper_decoding(audio16k),
     )
     return [
         Word(offset_s + float(w.start), offset_s + float(w.end), w.word, float(w.probability))
