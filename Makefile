@@ -9,6 +9,11 @@ UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 # dg runs from the project's venv (as if activated), so it does not warn that another environment is active.
 export VIRTUAL_ENV := $(CURDIR)/.venv
+# Python's bytecode cache on (in __pycache__ folders, git-ignored, as Python does by default): the demo and the tests
+# start dozens of Python processes (dg, Dagster's code servers and run workers, torchrun ranks, pytest workers) that
+# each import torch, transformers and Dagster. Where the environment turns the cache off (PYTHONDONTWRITEBYTECODE=1,
+# as some CI images do), every one of them compiled those from source again: about 20 s of CPU per process.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: demo test test-fast ui lint validate test-deps
 
