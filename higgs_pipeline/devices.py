@@ -10,3 +10,12 @@ def resolve_device(device: str) -> str:
     import torch  # not at import time: the command line's --help stays fast
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def math_threads() -> int:
+    """Threads for this process's CPU math: torch's own count (OMP_NUM_THREADS when set, else one per core), which
+    the speech models (CTranslate2's Whisper, DNSMOS's ONNX sessions) follow too. Their own defaults ignore it, and
+    threads beyond the free cores only spin waiting for each other (two pytest workers, or ranks sharing a node)."""
+    import torch
+
+    return torch.get_num_threads()

@@ -230,3 +230,32 @@ def test_whisper_token_budget_grows_with_the_audio_up_to_one_window():
     assert budget(np.zeros(0)) == 16
     assert budget(np.zeros(30 * scoring.MODEL_RATE)) == budget(np.zeros(600 * scoring.MODEL_RATE)) == 376
     assert budget(np.zeros(600 * scoring.MODEL_RATE)) + 4 <= 448
+
+
+def test_speech_models_run_on_torchs_thread_count(monkeypatch):
+    """Whisper (CTranslate2) and DNSMOS (two ONNX sessions) take torch's thread count, as set by OMP_NUM_THREADS
+    or torch.set_num_threads, instead of their own defaults (4 threads; a thread per core)."""
+    import faster_whisper
+    import torch
+
+    from higgs_pipeline.speech import dnsmos
+
+    asked = {}
+    real_whisper = faster_whisper.WhisperModel
+
+    def recording_whisper(*args, **kwargs):
+        asked.update(kwargs)
+        return real_whisper(*args, **kwargs)
+
+    monkeypatch.setattr(faster_whisper, "WhisperModel", recording_whisper)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        scoring.load_whisper.__wrapped__(scoring.EMBEDDED_ASR, "cpu")
+        model = dnsmos._model.__wrapped__()
+    finally:
+        torch.set_num_threads(threads)
+    assert asked["cpu_threads"] == 1
+    for session in (model.onnx_sess, model.p808_onnx_sess):
+        options = session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)

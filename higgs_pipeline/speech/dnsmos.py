@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from higgs_pipeline.devices import math_threads
+
 DNSMOS_RATE = 16_000  # the models' only input rate
 # Below this many samples (10 ms) there is nothing to rate: speechmos would repeat the clip almost forever.
 MIN_SAMPLES = 160
@@ -36,10 +38,21 @@ class Dnsmos:
 
 @cache
 def _model() -> Any:
+    """speechmos's DNSMOS, its two ONNX sessions on `math_threads()` threads: speechmos builds them with
+    onnxruntime's defaults (a spinning thread per core, whatever else the process runs beside them)."""
+    import onnxruntime as ort
     from speechmos import dnsmos
 
     folder = os.path.join(os.path.dirname(dnsmos.__file__), "dnsmos_models")
-    return dnsmos.DNSMOS(os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx"))
+    primary, p808 = os.path.join(folder, "sig_bak_ovr.onnx"), os.path.join(folder, "model_v8.onnx")
+    model = dnsmos.DNSMOS(primary, p808)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = math_threads()
+    options.inter_op_num_threads = 1
+    # The two sessions its __call__ runs (speechmos is pinned in uv.lock), rebuilt with the options.
+    model.onnx_sess = ort.InferenceSession(primary, options)
+    model.p808_onnx_sess = ort.InferenceSession(p808, options)
+    return model
 
 
 def rate(audio16k: np.ndarray) -> Dnsmos:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from higgs_pipeline.data.hashing import sha256_hex
-from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.devices import math_threads, resolve_device
 from higgs_pipeline.speech import dnsmos
 
 EMBEDDED_ASR = "tiny.en"
@@ -316,7 +315,7 @@ def load_whisper(asr_model: str, device: str) -> Any:
     if not local and source.startswith(("/", ".", "~")):  # a path, not a size name or hub id: say so now
         raise FileNotFoundError(f"ASR model folder {source} not found (give a local CTranslate2 folder or a size name)")
     compute_type = "int8" if device == "cpu" else "float16"
-    threads = min(4, os.cpu_count() or 1)
+    threads = min(4, math_threads())  # CTranslate2's own default, 4, at most
     source = str(Path(source).expanduser()) if local else source
     return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=local)
 
