@@ -131,19 +131,17 @@ def _close_browsers() -> Iterator[None]:
     close_shared_browsers()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Each test, and each module- or session-scoped fixture it sets up first, starts with no definitions-state
-    storage bound. Entering a DagsterInstance binds its storage in a context variable, and one entered by an earlier
-    test (or fixture) and never exited stays bound after that instance is gone: the next `dg.materialize` on an
-    ephemeral instance then fails ("unable to open database file", or "Attempted to resolve undefined
-    DagsterInstance weakref"), depending only on which tests ran before it in the process (pytest-xdist's order
-    showed both, the first in a module-scoped fixture, which an autouse function fixture comes too late for). This
-    project keeps no definitions state, so None is what every test should see. A hook, not a fixture: it runs before
-    any fixture of the item is set up."""
-    from dagster._core.storage.defs_state.base import _current_storage
+def pytest_configure(config: pytest.Config) -> None:
+    """No test process reads a definitions-state storage. Entering a DagsterInstance binds its storage in a context
+    variable, and Dagster objects that enter an ephemeral instance and are freed by the garbage collector (not
+    exited) put back whatever storage was bound when they entered, at whatever moment the collector runs: a later
+    `dg.materialize` then read the storage of an instance long gone ("Attempted to resolve undefined DagsterInstance
+    weakref", or "unable to open database file"), inside whichever test or fixture the collection fell in (seen in
+    test_chatml_samples' module fixture, after a per-test reset had already run). This project keeps no definitions
+    state (no state-backed component), so "none", which a fresh process reads too, is right for every test."""
+    from dagster._core.storage.defs_state.base import DefsStateStorage
 
-    _current_storage.set(None)
+    DefsStateStorage.get = classmethod(lambda cls: None)
 
 
 @pytest.fixture(autouse=True)
