@@ -8,7 +8,7 @@ import math
 import pytest
 
 from higgs_pipeline.evaluation.choice import Scores, Tolerances, choose, collapse_reasons
-from higgs_pipeline.evaluation.evaluate import promotion_blockers, quality_problems, retention_problems
+from higgs_pipeline.evaluation.gates import promotion_blockers, quality_problems, retention_problems
 from higgs_pipeline.training.candidates import steps_to_drop
 
 BASE = Scores(

@@ -29,6 +29,17 @@ def test_definitions_load_in_process():
     assert "artifacts" in definitions.resources and "checkpoints" in definitions.resources
 
 
+def test_loading_the_code_location_leaves_the_model_libraries_to_the_runs():
+    """`dg check defs`, the UI's code server and every run's process load the definitions; transformers, PEFT and
+    matplotlib load only when an asset that needs them runs."""
+    program = (
+        "import sys; import higgs_pipeline.definitions as d; d.defs(); "
+        "print(sorted(m for m in ('transformers', 'peft', 'matplotlib') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout
+
+
 def test_demo_checkpoints_are_labelled_and_released_layout():
     paths = demo_checkpoints()
     assert is_demo(paths.model) and is_demo(paths.audio_tokenizer)

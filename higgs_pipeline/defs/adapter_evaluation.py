@@ -10,6 +10,7 @@ its base's, before `production_adapter` can point at it.
 
 import math
 import tempfile
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
@@ -20,26 +21,16 @@ from higgs_pipeline.data.records import read_records
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.choice import SILENCE_TOLERANCE, UNFINISHED_TOLERANCE, Tolerances
-from higgs_pipeline.evaluation.dialogue_speech import dialogue_quality_numbers, evaluate_dialogues
-from higgs_pipeline.evaluation.evaluate import (
+from higgs_pipeline.evaluation.gates import (
     DNSMOS_TOLERANCE,
     QUALITY_DEMO_NOTE,
     SIMILARITY_TOLERANCE,
     WER_TOLERANCE,
-    base_model_of,
     collapse_problems,
     loss_blockers,
     non_finite_losses,
     quality_problems,
     retention_problems,
-    validation_records,
-)
-from higgs_pipeline.evaluation.hearing import (
-    Generation,
-    Heard,
-    candidate_adapters,
-    candidate_losses,
-    hear_candidates,
 )
 from higgs_pipeline.evaluation.listening import listening_prompts
 from higgs_pipeline.evaluation.prompt_sets import (
@@ -48,11 +39,15 @@ from higgs_pipeline.evaluation.prompt_sets import (
     golden_prompts,
     retention_prompts,
 )
-from higgs_pipeline.evaluation.recorded import evaluation_metadata, evaluation_numbers, write_outputs
 from higgs_pipeline.evaluation.sizes import Sizes, resolve_sizes
 from higgs_pipeline.models.demo import DEMO_NOTE
 from higgs_pipeline.models.loading import describe, is_demo_model, resolve_audio_tokenizer, resolve_model
-from higgs_pipeline.serving.merge import merge_adapter
+
+if TYPE_CHECKING:
+    from higgs_pipeline.evaluation.hearing import Heard
+
+# The modules that measure and listen (PEFT, transformers, boson's serve engine, matplotlib) are imported in the
+# functions that run them: loading the code location (the UI, `dg check defs`, every run's process) skips them.
 
 CODE_VERSION = "3"
 ASSET_KEY = dg.AssetKey("adapter_evaluation")
@@ -144,6 +139,9 @@ def adapter_evaluation(
     """Every candidate adapter of the training run (its evaluation points) heard on held-out prompts against the
     base model, one chosen by ear first, then by audio loss (evaluation/choice.py); the chosen one's losses,
     speech on the golden and retention sets and dialogues, with a listening report."""
+    from higgs_pipeline.evaluation import dialogue_speech, evaluate, recorded
+    from higgs_pipeline.serving.merge import merge_adapter
+
     adapter_meta = upstream_metadata(context, "lora_adapter")
     split_meta = upstream_metadata(context, "train_val_split")
     if adapter_meta.get("corpus_version") != split_meta.get("corpus_version"):
@@ -151,10 +149,10 @@ def adapter_evaluation(
             f"lora_adapter was trained on data version {adapter_meta.get('corpus_version')} but train_val_split is "
             f"now at {split_meta.get('corpus_version')}: evaluating on the current validation split"
         )
-    records = validation_records(split_meta["samples_path"], split_meta["split_path"])
+    records = evaluate.validation_records(split_meta["samples_path"], split_meta["split_path"])
     out_dir = artifacts.path("adapter_evaluation", context.run.run_id)
     with tempfile.TemporaryDirectory(prefix="adapter_evaluation_") as scratch:
-        base = base_model_of(adapter_meta["adapter_path"], fallback=checkpoints.model)
+        base = evaluate.base_model_of(adapter_meta["adapter_path"], fallback=checkpoints.model)
         demo = is_demo_model(base)
         if demo:
             context.log.warning(f"Evaluating on the {DEMO_NOTE}: its losses and audio say nothing about quality")
@@ -164,20 +162,20 @@ def adapter_evaluation(
             raise dg.Failure(str(error)) from error
         heard = _hear(context, config, sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, scratch)
         dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
-        dialogue_numbers = dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
+        dialogue_numbers = dialogue_speech.dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
         if dialogues:
             merged = heard.merged_dir or str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
             model_dirs = {"base": resolve_model(base), "adapter": merged}
             dialogue_numbers = _listen_to_dialogues(
                 context, dialogues, model_dirs, checkpoints, scorers, config, sizes, scratch
             )
-    numbers = evaluation_numbers(heard, config.tolerances(), _retention_tolerances(config)) | dialogue_numbers
+    numbers = recorded.evaluation_numbers(heard, config.tolerances(), _retention_tolerances(config)) | dialogue_numbers
     if not heard.results:
         context.log.warning("no listening prompt (validation split or config): WER and similarity not measured")
     title = heard.chosen.path.rstrip("/").rsplit("/", 1)[-1] + (f" ({DEMO_NOTE})" if demo else "")
-    files = write_outputs(out_dir, adapter_meta, describe(base), demo, numbers, heard, title)
+    files = recorded.write_outputs(out_dir, adapter_meta, describe(base), demo, numbers, heard, title)
     return dg.MaterializeResult(
-        metadata=evaluation_metadata(numbers, heard, files, adapter_meta, describe(base), demo, CODE_VERSION),
+        metadata=recorded.evaluation_metadata(numbers, heard, files, adapter_meta, describe(base), demo, CODE_VERSION),
         data_version=dg.DataVersion(_evaluation_version(adapter_meta, split_meta, heard)),
     )
 
@@ -191,6 +189,8 @@ def _retention_tolerances(config: AdapterEvaluationConfig) -> dict[str, float]:
 
 def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, scratch):
     """Candidates found, their losses measured, every prompt set generated and scored, one chosen."""
+    from higgs_pipeline.evaluation.hearing import Generation, candidate_adapters, candidate_losses, hear_candidates
+
     device = checkpoints.torch_device()
     candidates = candidate_adapters(adapter_meta, scratch, sizes.max_candidates)
     context.log.info(f"{len(candidates)} candidate adapter(s): steps {[c.step for c in candidates]}")
@@ -226,6 +226,8 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
 
 def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scorers, config, sizes, scratch) -> dict:
     """Speaker similarity and confusion of the recorded dialogues and of both models' turn-by-turn regenerations."""
+    from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
+
     context.log.info(f"regenerating {len(dialogues)} validation dialogue(s) with the base and the adapter")
     numbers = evaluate_dialogues(
         dialogues,
@@ -242,7 +244,7 @@ def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scor
     return numbers
 
 
-def _evaluation_version(adapter_meta: dict, split_meta: dict, heard: Heard) -> str:
+def _evaluation_version(adapter_meta: dict, split_meta: dict, heard: "Heard") -> str:
     """Same chosen adapter, same validation split, same evaluation code -> same version."""
     parts = [heard.chosen.path, adapter_meta.get("corpus_version"), split_meta["split_path"], CODE_VERSION]
     return digest(*(str(part) for part in parts))[:16]

@@ -25,7 +25,6 @@ from higgs_pipeline.launch.plan import PlanRefused, TrainingPlan, TrainingReques
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
 from higgs_pipeline.training.config import PROFILES, parse_overrides
-from higgs_pipeline.training.reporting import METRICS_FILE
 
 CODE_VERSION = "1"
 # Run-config fields -> training settings they override (anything else: `overrides`).
@@ -230,6 +229,8 @@ def adapter_metadata(
 ) -> dict[str, Any]:
     """The trainer's own numbers, with paths pointing where downstream reads them, the loss curve and the
     plan's choices."""
+    from higgs_pipeline.training.reporting import METRICS_FILE  # the trainer's module: torch, PEFT, tqdm
+
     metrics_path = f"{plan.published_root}/{METRICS_FILE}"
     title = f"lora_adapter {plan.run_key}" + (f" ({DEMO_NOTE})" if demo else "")
     paths = {}

@@ -19,7 +19,6 @@ from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models.demo import DEMO_NOTE
 from higgs_pipeline.serving.adapters import SynthesisError
-from higgs_pipeline.serving.merge import EXPORT_RECORD, export_merged_model
 
 CODE_VERSION = "1"
 
@@ -40,6 +39,9 @@ def merged_model(
     checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
     """The adapter `production_adapter` points at, merged into its base and written as a standalone checkpoint."""
+    # Merging needs PEFT and transformers: imported when the asset runs, not when the code location loads.
+    from higgs_pipeline.serving.merge import EXPORT_RECORD, export_merged_model
+
     pointer = upstream_metadata(context, "production_adapter")
     version = _merged_version(pointer["adapter_path"], config.dtype)
     out = artifacts.path("merged_model", version)

@@ -14,7 +14,7 @@ import dagster as dg
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
-from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
+from higgs_pipeline.evaluation.gates import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
 from higgs_pipeline.files import write_json
 from higgs_pipeline.serving.adapters import read_pointer
 

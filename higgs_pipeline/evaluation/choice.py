@@ -7,7 +7,7 @@ the same seed per prompt as the base model, so their scores compare. The rule, i
    base's while its takes are silent, unfinished (ran into max_new_tokens) or unintelligible (WER) beyond the
    tolerances: the failure a loss curve hides (silence at an audio loss of 0.0028).
 2. **No candidate worse than the base beyond the tolerances** on WER (up), speaker similarity (down) and
-   DNSMOS OVRL (down): the same comparison the quality gate makes (`evaluate.quality_problems`), among the
+   DNSMOS OVRL (down): the same comparison the quality gate makes (`gates.quality_problems`), among the
    candidates whose audio loss is not above the base's (the loss gate would refuse the others).
 3. Among those, **the lowest validation audio loss**; on a tie **the earliest step** (the less trained adapter,
    as fish-speech advises when two sound alike).
@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from higgs_pipeline.evaluation.evaluate import (
+from higgs_pipeline.evaluation.gates import (
     DNSMOS_TOLERANCE,
     SIMILARITY_TOLERANCE,
     WER_TOLERANCE,
@@ -87,7 +87,7 @@ def collapse_reasons(candidate: Scores, base: Scores, tolerances: Tolerances) ->
 
 
 def quality_numbers_against_base(candidate: Scores, base: Scores, tolerances: Tolerances) -> dict[str, float]:
-    """The numbers `evaluate.quality_problems` reads, for one candidate against the base."""
+    """The numbers `gates.quality_problems` reads, for one candidate against the base."""
     numbers = {}
     for prefix, scores in (("val_", candidate), ("base_val_", base)):
         numbers |= {

@@ -5,12 +5,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+from typing import Any
 
 import fsspec
-import matplotlib
 
-matplotlib.use("Agg")  # no display on the run worker
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display on the run worker), imported when a figure is drawn:
+    the code location imports this module, and loading it must not wait for matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 # Validation lines of metrics.jsonl, drawn when present (`val_loss` is the total the training log reports).
 VALIDATION_SERIES = ("val_loss", "val_text_loss", "val_audio_loss")
@@ -24,6 +33,7 @@ def read_metrics(path: str) -> list[dict]:
 
 def loss_curves_png(rows: list[dict], title: str) -> bytes:
     """Train loss and validation losses against step."""
+    plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=80)
     series = [("train_loss", "-")] + [(name, "o--") for name in VALIDATION_SERIES]
     for name, style in series:
@@ -61,6 +71,7 @@ CHECKPOINT_PANELS = (
 def checkpoint_scores_png(rows: list[dict], base: dict, title: str) -> bytes:
     """Each candidate's audio loss, WER, similarity and DNSMOS against its step, the base's as a dashed line; the
     chosen candidate ringed, collapsed ones crossed."""
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(CHECKPOINT_PANELS), figsize=(10.0, 2.8), dpi=80)
     steps = [row["step"] for row in rows]
     for axis, (key, label, base_key) in zip(axes, CHECKPOINT_PANELS, strict=True):

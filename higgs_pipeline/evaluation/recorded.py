@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 
 from higgs_pipeline.evaluation.choice import Tolerances
-from higgs_pipeline.evaluation.evaluate import QUALITY_DEMO_NOTE
+from higgs_pipeline.evaluation.gates import QUALITY_DEMO_NOTE
 from higgs_pipeline.evaluation.hearing import Heard, checkpoint_rows, set_numbers
 from higgs_pipeline.evaluation.listening import PromptResult, prompt_rows, quality_numbers
 from higgs_pipeline.evaluation.plots import checkpoint_scores_png, loss_curves_png, markdown_image, read_metrics
