@@ -29,6 +29,7 @@ def test_definitions_load_in_process():
     assert "artifacts" in definitions.resources and "checkpoints" in definitions.resources
 
 
+@pytest.mark.slow  # a fresh interpreter loads the code location
 def test_loading_the_code_location_leaves_the_model_libraries_to_the_runs():
     """`dg check defs`, the UI's code server and every run's process load the definitions; transformers, PEFT and
     matplotlib load only when an asset that needs them runs."""
