@@ -12,7 +12,8 @@ export VIRTUAL_ENV := $(CURDIR)/.venv
 # Python's bytecode cache on (in __pycache__ folders, git-ignored, as Python does by default): the demo and the tests
 # start dozens of Python processes (dg, Dagster's code servers and run workers, torchrun ranks, pytest workers) that
 # each import torch, transformers and Dagster. Where the environment turns the cache off (PYTHONDONTWRITEBYTECODE=1,
-# as some CI images do), every one of them compiled those from source again: about 20 s of CPU per process.
+# as some CI images do), every one of them compiled those from source again: a process loading the code location
+# took 16 s of CPU instead of 6.4 s (benchmarks/bench_bytecode_cache.py, docs/benchmarks.md).
 export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: demo test test-fast ui lint validate test-deps

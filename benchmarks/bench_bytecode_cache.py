@@ -5,9 +5,9 @@ location (what `dg check defs`, every Dagster code server, run worker and step p
     .venv/bin/python benchmarks/bench_bytecode_cache.py [--repeats 3]
 
 "off" is PYTHONDONTWRITEBYTECODE=1 with an empty cache folder (PYTHONPYCACHEPREFIX), so nothing compiled earlier is
-read: each process compiles torch, transformers and Dagster from source, as every process of `make test` did on a CI
-image that sets that variable. "on" reads a cache folder one untimed process filled first, as the Makefile's
-processes do after the first. Prints one JSON object.
+read: each process compiles torch, transformers and Dagster from source, as a process of `make test` did under that
+variable for every module no plain-environment command had cached before it. "on" reads a cache folder one
+untimed process filled first, as the Makefile's processes do after the first. Prints one JSON object.
 """
 
 from __future__ import annotations
