@@ -35,7 +35,8 @@ ui: .venv/.synced
 
 # Debian packages the tests use: chromium for the real-browser UI test (never a downloaded browser), espeak-ng and
 # sox (with its mp3 format) to generate the speech corpora of the data tests. Installed once where apt is
-# available; elsewhere the tests that need them skip and say why.
+# available. A failed install fails here, naming what is missing: the tests need every one of them (under CI a
+# test that misses one fails; elsewhere it skips, saying why).
 TEST_PACKAGES := chromium espeak-ng sox libsox-fmt-mp3
 # A real two-speaker phone call with its reference words and turns (tests/test_real_call.py): the 30 s sample that
 # pyannote.audio ships in its wheel, read from the wheel (never installed), fetched once from PyPI into the cache.
@@ -43,11 +44,11 @@ REAL_CALL_WHEEL := pyannote.audio==4.0.7
 test-deps:
 	@command -v chromium >/dev/null 2>&1 && command -v espeak-ng >/dev/null 2>&1 && command -v sox >/dev/null 2>&1 \
 		&& sox -h 2>/dev/null | grep -q 'mp3' || { command -v apt-get >/dev/null 2>&1 && \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; } || \
-		echo "could not install $(TEST_PACKAGES): the tests that need them will skip"; }
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; } || \
+		{ echo "make test-deps: could not install $(TEST_PACKAGES) (apt-get missing or failed): install them" >&2; exit 1; }
 	@ls $(HIGGS_PIPELINE_CACHE)/real_call/pyannote_audio-*.whl >/dev/null 2>&1 || $(UV) tool run pip download -q --no-deps \
 		--only-binary=:all: $(REAL_CALL_WHEEL) -d $(HIGGS_PIPELINE_CACHE)/real_call || \
-		echo "could not fetch $(REAL_CALL_WHEEL): tests/test_real_call.py will skip"
+		{ echo "make test-deps: could not fetch $(REAL_CALL_WHEEL) from PyPI into $(HIGGS_PIPELINE_CACHE)/real_call" >&2; exit 1; }
 
 # The whole suite (what CI runs); the 25 slowest tests are listed at the end, so a slow newcomer shows.
 # Two pytest workers (pytest-xdist): most tests keep one core busy, so two share 2 cores well; the tests of the
@@ -62,7 +63,7 @@ test: .venv/.synced test-deps
 
 # The inner loop: unit and integration tests that start no other process (no torchrun, dg dev, browser, chain).
 test-fast: .venv/.synced test-deps
-	$(PY) -m pytest -q -ra -m "not slow and not gpu" -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadgroup
 
 lint: .venv/.synced
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -4,8 +4,11 @@ that every chain, lineage, GraphQL and browser test reads.
 
 Tiers (markers registered in pyproject.toml): `unit` (pure functions: no model, no run, no process), `integration`
 (real parts in this process: Dagster runs, the demo model, moto, the speech models; the default for a test marked
-neither), `slow` (other processes: torchrun, `dg dev`, Chromium, CLI commands; the whole chain) and `gpu` (skipped
-without CUDA). `make test-fast` runs everything but `slow` and `gpu`.
+neither) and `slow` (other processes: torchrun, `dg dev`, Chromium, CLI commands; the whole chain). `make test-fast`
+runs everything but `slow`.
+
+Under CI (`CI` set, as `.ci/run` is run) a test that would skip fails instead, with its reason: a missing tool
+(espeak-ng, sox, Chromium) or data set (the real call) must never let a broken setup pass.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ os.environ.setdefault("HIGGS_DAGSTER_COMPUTE_LOGS", str(REPO_ROOT / ".dagster_ho
 from chromium_session import SharedBrowser, close_shared_browsers, require_chromium, shared_browser  # noqa: E402
 from s3_server import s3_endpoint, s3_env  # noqa: E402, F401  (fixtures for every module)
 
-pytest_plugins = ["xdist_groups"]  # the dev server's tests on one pytest-xdist worker
+pytest_plugins = ["xdist_groups", "ci_skips"]  # the dev server's tests on one xdist worker; no skip under CI
 
 from webserver import (  # noqa: E402
     RUNNING,
@@ -56,21 +59,13 @@ from webserver import (  # noqa: E402
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test marked neither `unit` nor `integration` is `integration` (the safe default: real parts); tests of the
-    shared dev server get a longer timeout; `gpu` tests skip, saying why, where torch sees no CUDA device."""
+    shared dev server get a longer timeout."""
     for item in items:
         if not (item.get_closest_marker("unit") or item.get_closest_marker("integration")):
             item.add_marker(pytest.mark.integration)
         # The first test that asks for the session's server pays for its start and the whole chain run.
         if "dagster_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT))
-    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        for item in gpu_items:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)"))
 
 
 @pytest.fixture(scope="session")

@@ -63,3 +63,25 @@ def test_the_dev_servers_tests_share_one_xdist_worker(tmp_path: Path):
     assert done.returncode == 0, done.stdout + done.stderr
     workers = set((tmp_path / "workers.txt").read_text().split())
     assert len(workers) == 1, f"the server's tests ran on {sorted(workers)}"
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "2 errors"), ("", "2 skipped")])
+def test_under_ci_a_skip_fails_with_its_reason(tmp_path: Path, ci: str, outcome: str):
+    """A test whose tool is missing skips on a developer's machine but fails under CI (`.ci/run` runs with CI=true),
+    naming what was missing: a broken setup cannot pass CI with its tests skipped."""
+    (tmp_path / "test_needs_tool.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef tool():\n    pytest.skip('needs espeak-ng')\n\n"
+        "def test_with_tool(tool):\n    pass\n\n"
+        "@pytest.mark.skipif(True, reason='needs the real call')\ndef test_with_data():\n    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "ci_skips", "-p", "no:cacheprovider", "test_needs_tool.py"],
+        cwd=tmp_path,
+        env={**os.environ, "CI": ci, "PYTHONPATH": str(Path(__file__).parent)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert outcome in done.stdout, done.stdout + done.stderr
+    assert "needs espeak-ng" in done.stdout and "needs the real call" in done.stdout
+    assert done.returncode == (1 if ci else 0)
