@@ -181,6 +181,8 @@ def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
     not_audio.write_text("this is not audio")
     zero_frames = tmp_path / "zero.wav"
     soundfile.write(zero_frames, np.zeros(0, dtype=np.float32), 16_000)
+    long_clip = tmp_path / "long.wav"  # the manifest's too_long limit: a 2-hour file is refused, not heard for hours
+    soundfile.write(long_clip, np.full(16_000 * 31, 0.01, dtype=np.float32), 16_000)
     cases = [
         (
             ["score", str(tmp_path / "missing.wav"), "--text", "Hi there."],
@@ -197,6 +199,7 @@ def test_score_command_rejects_bad_input_naming_it(capsys, tmp_path, voices):
         (["score", good, "--text", "Hi there.", "--language", "klingon"], "'klingon'"),
         (["score", good, "--text", "Bonjour.", "--language", "fr"], "does not cover it"),
         (["score", good, "--text", "Hi there.", "--asr-model", str(tmp_path / "no-asr")], "no-asr not found"),
+        (["score", str(long_clip), "--text", "Hi there."], "long.wav: too_long: 31.0 s of audio, the limit is 30 s"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -178,6 +178,10 @@ def test_reference_that_is_not_audio_is_an_error(capsys, tmp_path, adapter):
     sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
     no_text = _bad(capsys, tmp_path, "--text", "Hi.", "--adapter", str(adapter), "--reference", str(silent))
     assert "ASR heard no words" in no_text and "give --reference-text" in no_text
+    long_reference = tmp_path / "ten_minutes.wav"  # an untranscribed reference is capped before the ASR hears it
+    sf.write(long_reference, np.zeros(16000 * 31, dtype=np.float32), 16000)
+    too_long = _bad(capsys, tmp_path, "--text", "Hi.", "--adapter", str(adapter), "--reference", str(long_reference))
+    assert "ten_minutes.wav: too_long: 31.0 s of audio, the limit is 30 s" in too_long and "transcript" in too_long
 
 
 def test_missing_or_unreadable_adapter_is_an_error(capsys, tmp_path, adapter):

@@ -47,12 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _load(path: str, role: str) -> tuple[object, int]:
     """Decoded audio, read under the manifest probe's rules (regular files only, a byte cap before reading, finite
-    samples); anything else is a `CommandError` naming the file and the reason."""
+    samples, at most the manifest's longest clip); anything else is a `CommandError` naming the file and the reason."""
     from higgs_pipeline.serving.adapters import SynthesisError
-    from higgs_pipeline.serving.inputs import read_audio
+    from higgs_pipeline.serving.inputs import MAX_SCORED_SECONDS, read_audio
 
     try:
-        wave, rate, _ = read_audio(path, role)
+        wave, rate, _ = read_audio(path, role, max_seconds=MAX_SCORED_SECONDS, why=" (the manifest's too_long limit)")
     except SynthesisError as error:
         raise CommandError(str(error)) from None
     return wave, rate

@@ -36,7 +36,7 @@ from higgs_pipeline.serving.inputs import (
     check_prompt_text,
     check_sampling,
     is_empty_text,
-    read_audio,
+    read_reference,
     read_text_file,
 )
 from higgs_pipeline.serving.merge import merged_checkpoint, protected_folders
@@ -84,7 +84,7 @@ def _transcribed(audio: str) -> str:
     """A reference without REF.txt is transcribed by the speech models' ASR (the transcript is printed)."""
     from higgs_pipeline.speech.words import transcribe_reference
 
-    wave, rate, _ = read_audio(audio, f"--speaker {audio}")
+    wave, rate, _ = read_reference(audio, f"--speaker {audio}", transcribed=False)
     try:
         return transcribe_reference(wave, rate, f"--speaker {audio}")
     except ValueError as error:  # no words heard

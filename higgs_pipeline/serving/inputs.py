@@ -14,11 +14,16 @@ import numpy as np
 
 from higgs_pipeline.data.normalize import INVISIBLE
 from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, ClipRefusedError, non_finite_samples, read_clip_bytes
-from higgs_pipeline.data.screening import SPECIAL_TOKEN
+from higgs_pipeline.data.screening import SPECIAL_TOKEN, ScreeningRules
 from higgs_pipeline.serving.adapters import SynthesisError
 
 # Bytes an audio input may hold: the manifest's own default cap.
 MAX_INPUT_AUDIO_BYTES = DEFAULT_MAX_CLIP_BYTES
+# Seconds a reference heard by the ASR may last: Higgs' own voice references are a few seconds to 30 s, and the
+# transcript of a longer one would cost minutes of ASR for a prompt the model reads poorly anyway.
+MAX_REFERENCE_SECONDS = 30.0
+# Seconds a clip `score` hears may last: the manifest's own `too_long` limit, so a score means what it means there.
+MAX_SCORED_SECONDS = ScreeningRules().max_seconds
 # Bytes a script, transcript or JSON file may hold: far above any real one, and a bound on what is read.
 MAX_TEXT_FILE_BYTES = 4 * 2**20
 # Characters one text to speak may hold (about an hour of speech): beyond it, split the text into several runs.
@@ -39,8 +44,11 @@ def read_input_file(path: str, role: str, what: str, max_bytes: int, limit: str)
         raise SynthesisError(f"{role} {path}: {refused.reason}: {refused.detail}") from None
 
 
-def read_audio(path: str, role: str, max_bytes: int = MAX_INPUT_AUDIO_BYTES) -> tuple[np.ndarray, int, bytes]:
-    """(waveform [channels, frames], sample rate, the file's bytes) of an audio input, checked to be usable."""
+def read_audio(
+    path: str, role: str, max_bytes: int = MAX_INPUT_AUDIO_BYTES, max_seconds: float | None = None, why: str = ""
+) -> tuple[np.ndarray, int, bytes]:
+    """(waveform [channels, frames], sample rate, the file's bytes) of an audio input, checked to be usable and, with
+    `max_seconds`, no longer than that (`why` says what to do instead, in the error)."""
     from higgs_pipeline.data.audio_io import decode
 
     data = read_input_file(path, role, "audio file", max_bytes, "the limit")
@@ -55,7 +63,18 @@ def read_audio(path: str, role: str, max_bytes: int = MAX_INPUT_AUDIO_BYTES) -> 
     problem = non_finite_samples(wave, rate)
     if problem:
         raise SynthesisError(f"{role} {path}: non_finite_samples: {problem}")
+    seconds = wave.shape[-1] / rate
+    if max_seconds is not None and seconds > max_seconds:
+        raise SynthesisError(f"{role} {path}: too_long: {seconds:.1f} s of audio, the limit is {max_seconds:g} s{why}")
     return wave, rate, data
+
+
+def read_reference(path: str, role: str, transcribed: bool) -> tuple[np.ndarray, int, bytes]:
+    """A voice reference's audio; one the ASR must transcribe first is capped at `MAX_REFERENCE_SECONDS`."""
+    if transcribed:
+        return read_audio(path, role)
+    hint = f"; cut a clip of at most {MAX_REFERENCE_SECONDS:g} s, or give its transcript so that it need not be heard"
+    return read_audio(path, role, max_seconds=MAX_REFERENCE_SECONDS, why=hint)
 
 
 def read_text_file(path: str, role: str, what: str) -> str:

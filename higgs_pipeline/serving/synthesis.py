@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from higgs_pipeline.serving.adapters import PRODUCTION, SynthesisError, default_audio_tokenizer, resolve_adapter
-from higgs_pipeline.serving.inputs import check_prompt_text, check_sampling, read_audio
+from higgs_pipeline.serving.inputs import check_prompt_text, check_sampling, read_reference
 from higgs_pipeline.serving.merge import merged_checkpoint, protected_folders
 from higgs_pipeline.serving.outputs import check_output_file, write_wav
 
@@ -95,7 +95,7 @@ def local_reference(audio: str, text: str | None, scratch: str, role: str = "--r
     printed, when none is given)."""
     from higgs_pipeline.serving.generate import VoiceReference
 
-    wave, rate, data = read_audio(audio, role)
+    wave, rate, data = read_reference(audio, role, transcribed=text is not None)
     if wave.shape[-1] / rate < 0.1:
         raise SynthesisError(f"{role} {audio} holds {wave.shape[-1] / rate:.3f} s of audio; give a clip of speech")
     if text is None:  # none given: transcribed by the speech models' ASR, and printed (an empty one is refused)
