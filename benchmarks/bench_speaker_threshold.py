@@ -122,6 +122,20 @@ def describe(name: str, same: list[float], different: list[float]) -> None:
     )
 
 
+def pipeline_cosines(folder: Path) -> list[tuple[str, str, float]]:
+    """The cosines the registry really compares: the demo recordings' centroids as `prepare` computes them (mean of
+    1.5 s windows per diarized voice), every pair across the two recordings."""
+    from higgs_pipeline.ingest.recording import process_recording
+    from higgs_pipeline.ingest.settings import IngestSettings
+
+    voices = []
+    for name in ("monologue.mp3", "conversation.ogg"):
+        source = HERE.parent / "data" / "demo" / "recordings" / name
+        result = process_recording(str(source), folder / "clips", IngestSettings(), name=name)
+        voices += [(f"{name}:{local}", np.asarray(c) / np.linalg.norm(c)) for local, c in enumerate(result.centroids)]
+    return [(a, b, float(va @ vb)) for (a, va), (b, vb) in itertools.combinations(voices, 2) if a[:5] != b[:5]]
+
+
 def main() -> None:
     from higgs_pipeline.speech.scoring import load_speaker
 
@@ -136,6 +150,9 @@ def main() -> None:
         same, different = pair_cosines(espeak)
         describe("espeak-ng, 8 voices x 3 takes", same, different)
         call = real_call_centroids(embed, Path(scratch))
+        print("pipeline centroids of the demo recordings (one voice in the monologue, two in the conversation):")
+        for a, b, cosine in pipeline_cosines(Path(scratch)):
+            print(f"  {a} / {b}: {cosine:.3f}")
     if call is None:
         print("real call not found: pyannote.audio's wheel is not in the cache (see bench_real_call.FETCH)")
         return

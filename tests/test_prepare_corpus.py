@@ -154,3 +154,9 @@ def test_a_named_speaker_keeps_the_name(corpus):
     assert code == 0 and "Bob" in summary["speaker_labels"]
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert set(manifest[manifest["source_recording"].str.endswith("bob.wav")]["speaker"]) == {"Bob"}
+
+
+@pytest.mark.parametrize(("name", "reason"), [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control")])
+def test_a_speaker_name_follows_the_label_rules(tmp_path, capsys, name, reason):
+    assert main(["prepare", str(tmp_path / "x.wav"), "--speaker", name, "--out", str(tmp_path / "out")]) == 2
+    assert reason in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from higgs_pipeline.ingest.prepare import check_output_folder, prepare
+    from higgs_pipeline.ingest.registry import label_problem
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
     from higgs_pipeline.speech.words import check_language
 
@@ -73,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give recordings to add, or --remove RECORDING to take one out")
     if args.num_speakers is not None and args.num_speakers < 1:
         raise CommandError(f"--num-speakers {args.num_speakers}: must be 1 or more")
-    if args.speaker is not None and not args.speaker.strip():
-        raise CommandError("--speaker: the name is empty")
+    if args.speaker is not None and label_problem(args.speaker):  # the rules speakers.csv's labels follow
+        raise CommandError(f"--speaker {args.speaker!r}: {label_problem(args.speaker)}")
     if args.speaker and (args.num_speakers or 1) != 1:
         raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
     try:
