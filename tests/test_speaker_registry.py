@@ -1,29 +1,18 @@
-"""The speaker registry (`ingest/registry.py`): optimal matching, labels that never move, a speakers.csv a user
-edits. Hand-made vectors for the matching rules; real recordings (two espeak-ng voices, processed once per module)
-for the labels written through `write_outputs`."""
+"""The speaker registry's rules (`ingest/registry.py`) on hand-made vectors: optimal matching, labels that never
+move, pinned names. Real voices through `write_outputs` and speakers.csv edits: tests/test_prepare_corpus.py."""
 
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-import pytest
-from recording_factory import write_recording
 
-from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, write_outputs
-from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.registry import (
-    EMBEDDINGS,
     MATCH_THRESHOLDS,
-    SPEAKERS,
     NewRecording,
     Registry,
-    RegistryError,
     assign,
-    load_registry,
     match_threshold,
     register,
 )
-from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 
 
 def _unit(*rows: list[float]) -> np.ndarray:
@@ -91,108 +80,3 @@ def test_a_pinned_name_wins_and_joins_its_namesake():
     )
     assert labels == {"p1": ["Ann"], "p2": ["Ann"]}
     assert len(registry.voices) == 1  # one speaker named Ann
-
-
-@pytest.fixture(scope="module")
-def voices(tmp_path_factory):
-    """Two one-voice recordings and one with both voices, processed once; each test merges them its own way."""
-    root = tmp_path_factory.mktemp("registry")
-    parts = {
-        "alice.wav": ((0, "The kettle is boiling, so I will make some tea."),),
-        "bob.wav": ((1, "The library closes early on Sundays."),),
-        "both.wav": ((1, "Our neighbours have a very friendly dog."), (0, "My sister moved to a small town.")),
-    }
-    settings = IngestSettings()
-    results = {}
-    for name, turns in parts.items():
-        write_recording(root / name, turns)
-        results[name] = process_recording(str(root / name), root / CLIPS_DIR, settings, name=name)
-        assert results[name].status == "accepted", results[name]
-    return root, results, settings
-
-
-def _corpus(voices, tmp_path, names):
-    """A fresh output folder holding the processed clips, merged from `names` in that order."""
-    root, results, settings = voices
-    out = tmp_path / "out"
-    if not out.exists():
-        out.mkdir(parents=True)
-        (out / CLIPS_DIR).symlink_to(root / CLIPS_DIR, target_is_directory=True)
-    write_outputs(out, [results[name] for name in names], settings)
-    manifest = pd.read_csv(out / MANIFEST, keep_default_na=False).sort_values(["source_recording", "start_s"])
-    return out, {rec: rows["speaker"].tolist() for rec, rows in manifest.groupby("source_recording")}
-
-
-def test_real_voices_keep_their_labels_in_any_order(voices, tmp_path):
-    _out, forward = _corpus(voices, tmp_path / "a", ["alice.wav", "bob.wav", "both.wav"])
-    _out, backward = _corpus(voices, tmp_path / "b", ["both.wav", "bob.wav", "alice.wav"])
-    assert forward == backward
-    assert forward["both.wav"] == [forward["bob.wav"][0], forward["alice.wav"][0]]  # matched across recordings
-    assert forward["alice.wav"] != forward["bob.wav"]
-
-
-def test_a_recording_added_later_leaves_labels_and_a_dropped_one_keeps_its_voice(voices, tmp_path):
-    out, before = _corpus(voices, tmp_path, ["bob.wav"])
-    _out, after = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])  # alice sorts first
-    assert after["bob.wav"] == before["bob.wav"] == ["speaker_01"]
-    assert after["alice.wav"] == ["speaker_02"]
-    _out, dropped = _corpus(voices, tmp_path, ["bob.wav"])
-    assert dropped == before
-    registered = pd.read_csv(out / SPEAKERS, keep_default_na=False)
-    assert registered.set_index("label")["clips"].to_dict() == {"speaker_01": 1, "speaker_02": 0}
-
-
-def test_renames_and_merges_in_speakers_csv_are_honoured(voices, tmp_path):
-    out, labels = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
-    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
-    table.loc[table["label"] == labels["alice.wav"][0], "label"] = "Alice Smith"
-    table.to_csv(out / SPEAKERS, index=False)
-    _out, renamed = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
-    assert renamed["alice.wav"] == ["Alice Smith"] and renamed["both.wav"][1] == "Alice Smith"
-    assert renamed["bob.wav"] == labels["bob.wav"]
-    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
-    table["label"] = "narrator"  # the two voices are one speaker
-    table.to_csv(out / SPEAKERS, index=False)
-    _out, merged = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
-    assert {label for labels in merged.values() for label in labels} == {"narrator"}
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda t: t.drop(columns=["label"]), "missing column 'label'"),
-        (lambda t: pd.concat([t, t.iloc[:1]]), r"appears twice \(also line 2\)"),
-        (lambda t: t.assign(label=["speaker_01", "\u200b "]), "line 3: label of voice_"),
-        (lambda t: t.assign(label=["<|AUDIO_OUT|>", "b"]), "line 2: label of voice_"),
-        (lambda t: t.assign(label=["a\tb", "b"]), "a tab, a line break"),
-        (lambda t: t.assign(voice_id=["voice_nobody", t["voice_id"].iloc[1]]), "not a voice of this corpus"),
-    ],
-)
-def test_a_broken_speakers_csv_is_named_with_its_line(voices, tmp_path, edit, message):
-    out, _labels = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
-    manifest = (out / MANIFEST).read_bytes()
-    edit(pd.read_csv(out / SPEAKERS, keep_default_na=False)).to_csv(out / SPEAKERS, index=False)
-    with pytest.raises(RegistryError, match=message) as error:
-        _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
-    assert str(out / SPEAKERS) in str(error.value)
-    assert (out / MANIFEST).read_bytes() == manifest  # nothing written
-
-
-def test_the_centroids_survive_any_edit_of_the_csv(voices, tmp_path):
-    out, labels = _corpus(voices, tmp_path, ["alice.wav"])
-    (out / SPEAKERS).unlink()  # the user deleted the table: the sidecar still knows every voice
-    _out, again = _corpus(voices, tmp_path, ["alice.wav", "both.wav"])
-    assert again["alice.wav"] == labels["alice.wav"] and again["both.wav"][1] == labels["alice.wav"][0]
-    assert load_registry(out).voices and (out / EMBEDDINGS).is_file()
-
-
-def test_a_named_speaker_is_pinned(voices, tmp_path):
-    root, results, settings = voices
-    named = process_recording(
-        str(root / "bob.wav"), root / CLIPS_DIR, settings, RecordingOptions(speaker="Bob"), name="bob.wav"
-    )
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / CLIPS_DIR).symlink_to(root / CLIPS_DIR, target_is_directory=True)
-    summary = write_outputs(out, [results["alice.wav"], named], settings)
-    assert "Bob" in summary.speaker_labels and len(summary.speaker_labels) == 2
