@@ -20,9 +20,9 @@ from recording_factory import write_recording
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, write_outputs
-from higgs_pipeline.ingest.prepare import MARKER, load_corpus, lock_path
+from higgs_pipeline.ingest.prepare import MARKER, load_corpus, lock_path, prepare
 from higgs_pipeline.ingest.registry import EMBEDDINGS, SPEAKERS, RegistryError, load_registry
-from higgs_pipeline.ingest.settings import IngestSettings
+from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock
 
 
@@ -268,3 +268,16 @@ def test_a_named_speaker_is_pinned(voices, tmp_path):
     (out / CLIPS_DIR).symlink_to(root / CLIPS_DIR, target_is_directory=True)
     summary = write_outputs(out, [results["alice.wav"], named], settings)
     assert "Bob" in summary.speaker_labels and len(summary.speaker_labels) == 2
+
+
+def test_a_run_that_breaks_mid_work_changes_nothing(corpus, tmp_path):
+    """An error of the set-up (an ASR model that cannot be loaded) surfaces after VAD and embeddings ran."""
+    folder, out = corpus
+    files = {name: (out / name).read_bytes() for name in ("manifest.csv", "speakers.csv", "segments.csv", MARKER)}
+    clips = _clip_folders(out)
+    settings = IngestSettings(asr_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(Exception, match="no-such-model") as error:
+        prepare([str(folder / "bob.wav")], out, settings, RecordingOptions(), progress=False)
+    assert not isinstance(error.value, ValueError | AssertionError), error.value
+    assert {name: (out / name).read_bytes() for name in files} == files
+    assert _clip_folders(out) == clips and not (out / ".scratch").exists()
