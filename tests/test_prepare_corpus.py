@@ -229,6 +229,12 @@ def test_renames_and_merges_in_speakers_csv_are_honoured(voices, tmp_path):
     table.to_csv(out / SPEAKERS, index=False)
     _out, merged = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
     assert {label for labels in merged.values() for label in labels} == {"narrator"}
+    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    table["label"] = "=narrator"  # escaped in the CSV for spreadsheets, read back as typed
+    table.to_csv(out / SPEAKERS, index=False)
+    for _run_again in range(2):
+        _out, formula = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
+        assert {label for labels in formula.values() for label in labels} == {"=narrator"}
 
 
 @pytest.mark.parametrize(

@@ -94,6 +94,7 @@ def prepare(
     """Add `recordings` to the corpus in `out` and take `remove` out of it; returns the summary and the results of
     the whole corpus. Raises ValueError (usage: exit 2) before any work when the folder or a name is wrong."""
     check_output_folder(out)
+    out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
     try:
         lock = FileLock(lock_path(out), f"prepare --out {out}")
     except LockBusy as busy:

@@ -263,6 +263,7 @@ def _read_edits(path: Path, registry: Registry) -> dict[str, str]:
     if not path.exists():
         return {}
     try:
+        # utf-8-sig: a spreadsheet saving the file puts a byte-order mark before the first column's name
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise RegistryError(f"{path}: cannot be read as a CSV table ({str(error).splitlines()[0]})") from None
