@@ -228,7 +228,8 @@ def _write(
         )
     outputs.summary.duplicates, outputs.summary.removed = duplicates, removed
     outputs.write(work)
-    write_json(str(work / MARKER), {"format": MARKER_FORMAT, "recordings": [asdict(r) for r in merged]})
+    marker = {"format": MARKER_FORMAT, "recordings": [asdict(r) for r in merged]}
+    write_json(str(work / MARKER), marker, indent=None)  # one line: centroids would take a line per number
     referenced = {r.folder for r in merged if r.folder}
     for folder in (work / CLIPS_DIR).iterdir() if (work / CLIPS_DIR).is_dir() else ():
         if folder.name not in referenced:
