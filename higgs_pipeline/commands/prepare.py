@@ -17,9 +17,12 @@ EXAMPLE = """example:
 
 Writes prepared/manifest.csv (audio_path, text, speaker, source_recording, start_s, end_s and quality columns),
 prepared/rejected_recordings.csv (recording, reason, detail), prepared/segments.csv (every clip candidate with its
-reason) and the clips under prepared/clips/. Run it again with more recordings: unchanged ones are reused.
+reason), prepared/speakers.csv (voice_id, label, clips, seconds, recordings: rename or merge voices by editing
+`label`) and the clips under prepared/clips/. The folder is a corpus that grows: run it again with more recordings
+to add them (unchanged ones are reused, every recording prepared there stays in the manifest), or take one out:
+  higgs-pipeline prepare --remove data/demo/recordings/monologue.mp3 --out prepared/
 With --json it prints one object: {"recordings": ..., "recordings_rejected": ..., "clips": ...,
-"speech_seconds": ..., "speakers": ..., "rejected": [...], ...}."""
+"speech_seconds": ..., "speakers": ..., "rejected": [...], "duplicates": [...], "removed": [...], ...}."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,9 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "recordings", nargs="+", metavar="RECORDING", help="audio files (wav, flac, ogg, mp3), any length"
+        "recordings", nargs="*", metavar="RECORDING", help="audio files (wav, flac, ogg, mp3), any length"
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder: new, empty, or an earlier output")
+    parser.add_argument(
+        "--remove",
+        action="append",
+        default=[],
+        metavar="RECORDING",
+        help="take this recording and its clips out of the corpus in --out (repeatable)",
+    )
     parser.add_argument("--num-speakers", type=int, default=None, help="exactly this many speakers per recording")
     parser.add_argument("--speaker", default=None, help="the name of the (single) speaker of these recordings")
     parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
@@ -55,14 +65,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from higgs_pipeline.ingest.prepare import NothingUsableError, check_output_folder, prepare
+    from higgs_pipeline.ingest.prepare import check_output_folder, prepare
+    from higgs_pipeline.ingest.registry import label_problem
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
     from higgs_pipeline.speech.words import check_language
 
+    if not args.recordings and not args.remove:
+        raise CommandError("give recordings to add, or --remove RECORDING to take one out")
     if args.num_speakers is not None and args.num_speakers < 1:
         raise CommandError(f"--num-speakers {args.num_speakers}: must be 1 or more")
-    if args.speaker is not None and not args.speaker.strip():
-        raise CommandError("--speaker: the name is empty")
+    if args.speaker is not None and label_problem(args.speaker):  # the rules speakers.csv's labels follow
+        raise CommandError(f"--speaker {args.speaker!r}: {label_problem(args.speaker)}")
     if args.speaker and (args.num_speakers or 1) != 1:
         raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
     try:
@@ -75,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from error
     options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
     try:
-        summary, _results = prepare(args.recordings, args.out, settings, options, progress=not args.json)
-    except NothingUsableError as error:
+        summary, _results = prepare(
+            args.recordings, args.out, settings, options, progress=not args.json, remove=args.remove
+        )
+    except ValueError as error:  # NothingUsableError, a busy or broken folder, a bad speakers.csv, a bad --remove
         raise CommandError(str(error)) from error
     if args.json:
         print(json.dumps(asdict(summary)))
@@ -88,4 +103,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for item in summary.rejected:
         print(f"rejected {item['recording']}: {item['reason']} ({item['detail']})")
+    for item in summary.duplicates:
+        print(f"duplicate {item['recording']}: {item['reason']} as {item['same_as']} (counted once)")
+    for name in summary.removed:
+        print(f"removed {name} and its clips")
     return 0

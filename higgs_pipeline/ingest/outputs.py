@@ -3,8 +3,10 @@
 The output folder holds `manifest.csv` (one accepted clip per row: `audio_path` relative to the folder, `text`,
 `speaker`, `source_recording`, `start_s`, `end_s` and the quality columns), `rejected_recordings.csv`
 (`recording`, `reason`, `detail`), `segments.csv` (every clip candidate of every recording, with its `reason`),
-`speakers.csv` (one row per global speaker) and `clips/<recording key>/` (the clips and per-stage tables).
-Speakers are matched across recordings here, in the order the recordings are given, so one person keeps one label.
+`speakers.csv` with `speaker_embeddings.json` (the speaker registry, `ingest/registry.py`) and
+`clips/<recording key>/` (the clips and per-stage tables). Each recording's voices get their labels from the registry,
+so a voice keeps its label whichever recordings are merged, in whatever order; a recording no longer given simply
+drops out of the tables while its voices stay registered.
 """
 
 from __future__ import annotations
@@ -18,13 +20,19 @@ import pandas as pd
 
 from higgs_pipeline.data.tables import read_csv, write_csv
 from higgs_pipeline.ingest.recording import RecordingResult
+from higgs_pipeline.ingest.registry import (
+    NewRecording,
+    Registry,
+    load_registry,
+    match_threshold,
+    register,
+    save_registry,
+)
 from higgs_pipeline.ingest.settings import IngestSettings
-from higgs_pipeline.speech.diarize import match_speakers
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected_recordings.csv"
 SEGMENTS = "segments.csv"
-SPEAKERS = "speakers.csv"
 CLIPS_DIR = "clips"
 QUALITY_COLUMNS = (
     "dnsmos_ovrl",
@@ -47,7 +55,14 @@ MANIFEST_COLUMNS = (
     "id",
     "dialogue_id",
     "turn",
-    *QUALITY_COLUMNS,
+    "dnsmos_ovrl",
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "asr_confidence",
+    "asr_model",  # the ASR model as configured: transcript_check reuses `text` when it runs the same model
+    "words_per_second",
+    "clipped_fraction",
+    "speaker_purity",
 )
 
 
@@ -63,16 +78,47 @@ class Summary:
     segments: int = 0
     segments_rejected: int = 0
     recordings_reused: int = 0  # unchanged recordings whose earlier result was used as it was
+    duplicates: list[dict] = field(default_factory=list)  # recordings given twice or with another's bytes
+    removed: list[str] = field(default_factory=list)  # recordings taken out of the corpus (`--remove`)
+
+
+@dataclass
+class Outputs:
+    """Everything `write_outputs` writes, computed before any of it is written (a caller may still refuse it)."""
+
+    manifest: pd.DataFrame
+    rejected: pd.DataFrame
+    segments: pd.DataFrame
+    registry: Registry
+    usage: pd.DataFrame  # voice_id, clips, seconds, recordings of this manifest
+    summary: Summary
+
+    def write(self, out: Path) -> None:
+        """The registry first (the labels the manifest uses), then the tables, each file atomically."""
+        save_registry(out, self.registry, self.usage)
+        write_csv(self.manifest, str(out / MANIFEST), for_spreadsheets=False)
+        write_csv(self.rejected, str(out / REJECTED))
+        write_csv(self.segments, str(out / SEGMENTS), for_spreadsheets=False)
 
 
 def write_outputs(out: Path, results: Sequence[RecordingResult], settings: IngestSettings) -> Summary:
-    """Write manifest, rejected recordings, segments and speakers under `out` (each file atomically)."""
+    """Write manifest, rejected recordings, segments and the speaker registry under `out` (each file atomically)."""
+    outputs = merge_outputs(out, results, settings)
+    outputs.write(out)
+    return outputs.summary
+
+
+def merge_outputs(out: Path, results: Sequence[RecordingResult], settings: IngestSettings) -> Outputs:
+    """The tables of `results` and the registry updated with their voices; nothing written yet.
+
+    `results` may be any subset of the recordings merged before: the tables hold exactly these, the registry keeps
+    every voice it ever saw."""
+    registry = load_registry(out)
     segments = _segments(out / CLIPS_DIR, results)
-    labels = _speaker_labels(results, settings.speaker_match_threshold)
-    segments["speaker"] = [
-        labels.get((rec, local), "")
-        for rec, local in zip(segments["recording"], segments["local_speaker"], strict=True)
-    ]
+    voice_ids = _voice_ids(registry, results, settings)
+    keys = zip(segments["recording"], segments["local_speaker"], strict=True)
+    voices = pd.Series([voice_ids.get(key, "") for key in keys], index=segments.index, dtype=object)
+    segments["speaker"] = [registry.label(v) if v else "" for v in voices]
     accepted = segments[segments["reason"] == ""]
     yielded = set(accepted["recording"])
     rejected = [
@@ -84,15 +130,18 @@ def write_outputs(out: Path, results: Sequence[RecordingResult], settings: Inges
             detail = "every clip candidate was rejected: " + ", ".join(f"{k} {v}" for k, v in counts.items())
             rejected.append({"recording": result.recording, "reason": "no_usable_clips", "detail": detail})
     manifest = _manifest(accepted, results, settings)
-    write_csv(manifest, str(out / MANIFEST), for_spreadsheets=False)
-    write_csv(pd.DataFrame(rejected, columns=["recording", "reason", "detail"]), str(out / REJECTED))
-    write_csv(segments, str(out / SEGMENTS), for_spreadsheets=False)
-    speakers = manifest.groupby("speaker").agg(
-        clips=("audio_path", "size"), seconds=("duration_s", "sum"), recordings=("source_recording", "nunique")
+    used = pd.DataFrame(
+        {
+            "voice_id": voices[accepted.index],
+            "seconds": pd.to_numeric(accepted["duration_s"]),
+            "recording": accepted["recording"],
+        }
     )
-    write_csv(speakers.reset_index(), str(out / SPEAKERS))
+    usage = used.groupby("voice_id").agg(
+        clips=("seconds", "size"), seconds=("seconds", "sum"), recordings=("recording", "nunique")
+    )
     speech = sum(r.speech_seconds for r in results if r.recording in yielded)
-    return Summary(
+    summary = Summary(
         recordings=len(results),
         recordings_rejected=len(rejected),
         clips=len(manifest),
@@ -104,6 +153,8 @@ def write_outputs(out: Path, results: Sequence[RecordingResult], settings: Inges
         segments_rejected=int((segments["reason"] != "").sum()),
         recordings_reused=sum(1 for r in results if r.reused),
     )
+    rejected_table = pd.DataFrame(rejected, columns=["recording", "reason", "detail"])
+    return Outputs(manifest, rejected_table, segments, registry, usage.reset_index(), summary)
 
 
 def _segments(clips_root: Path, results: Sequence[RecordingResult]) -> pd.DataFrame:
@@ -132,23 +183,20 @@ def _segments(clips_root: Path, results: Sequence[RecordingResult]) -> pd.DataFr
     return segments
 
 
-def _speaker_labels(results: Sequence[RecordingResult], threshold: float) -> dict[tuple[str, int], str]:
-    """(recording, local speaker) -> global label; a name given for a recording wins for its speaker everywhere."""
+def _voice_ids(registry, results: Sequence[RecordingResult], settings: IngestSettings) -> dict[tuple[str, int], str]:
+    """(recording, local speaker) -> registered voice id; a name given for a recording pins its speaker's label."""
     accepted = [r for r in results if r.status == "accepted"]
-    numbers = match_speakers(
-        [np.asarray(r.centroids, dtype=np.float32).reshape(len(r.centroids), -1) for r in accepted], threshold
-    )
-    names: dict[int, str] = {}
-    for result, assigned in zip(accepted, numbers, strict=True):
-        given = (result.options or {}).get("speaker")
-        if given:
-            for local, number in enumerate(assigned):
-                names.setdefault(number, given if len(assigned) == 1 else f"{given}_{local + 1}")
-    return {
-        (result.recording, local): names.get(number, f"speaker_{number + 1:02d}")
-        for result, assigned in zip(accepted, numbers, strict=True)
-        for local, number in enumerate(assigned)
-    }
+    recordings = [
+        NewRecording(
+            r.folder,
+            np.asarray(r.centroids, dtype=np.float64).reshape(len(r.centroids), -1),
+            (r.options or {}).get("speaker") or "",
+        )
+        for r in accepted
+    ]
+    threshold = match_threshold(settings.speaker_model, settings.speaker_match_threshold)
+    assigned = register(registry, recordings, settings.speaker_model, threshold)
+    return {(r.recording, local): voice for r in accepted for local, voice in enumerate(assigned[r.folder])}
 
 
 def _manifest(accepted: pd.DataFrame, results: Sequence[RecordingResult], settings: IngestSettings) -> pd.DataFrame:
@@ -170,6 +218,7 @@ def _manifest(accepted: pd.DataFrame, results: Sequence[RecordingResult], settin
     )
     for column in QUALITY_COLUMNS:
         table[column] = pd.to_numeric(accepted[column])
+    table["asr_model"] = settings.asr_model
     if settings.dialogue_turns > 1:
         table = _dialogues(table, settings.dialogue_turns)
     return table.reset_index(drop=True)[list(MANIFEST_COLUMNS)]

@@ -1,0 +1,304 @@
+"""The speaker registry of a prepared corpus: who each voice is, kept across runs so that a label never moves.
+
+Each voice one recording's diarizer found (a *local* speaker) is assigned once to a registered *voice*
+(`voice_id`, stable) and that assignment is remembered per result folder, so rerunning, reordering or adding
+recordings never relabels a voice already seen. A new recording's voices are matched to the registered speakers by
+optimal assignment (Hungarian, on centroid cosines, one local voice per speaker) and a pair counts only above the
+speaker model's calibrated threshold (`MATCH_THRESHOLDS`); an unmatched voice is registered under the next
+`speaker_NN` never issued before. A recording given a speaker name (`--speaker`) is pinned to that label.
+
+Two files beside the manifest:
+- `speakers.csv` (`voice_id`, `label`, and read-only `clips`, `seconds`, `recordings` of the current manifest):
+  the file a user edits. A new label renames the voice everywhere; two voice ids given one label are one speaker.
+- `speaker_embeddings.json`: every voice's centroid, model and weight and every folder's assignment, written
+  atomically; a user never needs to edit it, so editing the CSV cannot break it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.data.normalize import INVISIBLE
+from higgs_pipeline.data.screening import SPECIAL_TOKEN
+from higgs_pipeline.data.tables import FORMULA_PREFIXES, write_csv
+from higgs_pipeline.files import write_json
+
+SPEAKERS = "speakers.csv"
+EMBEDDINGS = "speaker_embeddings.json"
+FORMAT_VERSION = 1
+EDITABLE_COLUMNS = ("voice_id", "label")
+SUMMARY_COLUMNS = ("clips", "seconds", "recordings")
+
+# Cosine between two recordings' centroids of one voice above which they are one person, per speaker model.
+# resemblyzer: benchmarks/bench_speaker_threshold.py (docs/benchmarks.md, 2026-12-05): just above the highest
+#   different-speaker cosine of the real call (0.859) and below the lowest same-voice one of espeak-ng (0.908); a false
+#   merge mixes two people's clips, a false split only needs a merge in speakers.csv, so the threshold sits high.
+# WavLM x-vectors (microsoft/wavlm-base-plus-sv and its fine-tunes): 0.86, the threshold its model card gives for
+#   cosine similarity of its x-vectors (not measured here: no hub models on this machine).
+MATCH_THRESHOLDS = {"resemblyzer": 0.86, "wavlm": 0.86}
+
+_BAD_LABEL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class RegistryError(ValueError):
+    """speakers.csv or speaker_embeddings.json cannot be used as they are (the message names the file and row)."""
+
+
+def match_threshold(speaker_model: str, fallback: float) -> float:
+    """The calibrated threshold of `speaker_model` (a WavLM checkpoint by any path or hub id whose name holds
+    "wavlm"), else `fallback` (the configured `speaker_match_threshold`)."""
+    name = speaker_model.lower()
+    if name in MATCH_THRESHOLDS:
+        return MATCH_THRESHOLDS[name]
+    return MATCH_THRESHOLDS["wavlm"] if "wavlm" in name else fallback
+
+
+def assign(centroids: np.ndarray, known: np.ndarray, threshold: float) -> list[int]:
+    """For each row of `centroids`, the row of `known` it is (or -1): the one-to-one assignment of maximal total
+    cosine, pairs under `threshold` dropped. Rows are unit vectors; two local voices never share a known one."""
+    from scipy.optimize import linear_sum_assignment
+
+    assigned = [-1] * len(centroids)
+    if len(centroids) == 0 or len(known) == 0:
+        return assigned
+    similarity = np.asarray(centroids, dtype=np.float64) @ np.asarray(known, dtype=np.float64).T
+    for row, column in zip(*linear_sum_assignment(similarity, maximize=True), strict=True):
+        if similarity[row, column] >= threshold:
+            assigned[int(row)] = int(column)
+    return assigned
+
+
+@dataclass
+class Voice:
+    voice_id: str
+    label: str
+    model: str
+    centroid: np.ndarray  # unit norm: the mean of the local centroids assigned to it
+    weight: int  # how many local voices made the centroid
+
+
+@dataclass
+class Registry:
+    voices: dict[str, Voice] = field(default_factory=dict)
+    assignments: dict[str, list[str]] = field(default_factory=dict)  # result folder -> voice_id per local speaker
+    next_number: int = 1  # the next speaker_NN: a number once issued is never issued again
+
+    def label(self, voice_id: str) -> str:
+        return self.voices[voice_id].label
+
+
+@dataclass(frozen=True)
+class NewRecording:
+    """One recording's local voices as the registry sees them."""
+
+    folder: str  # its result folder: the recording's bytes and the settings it was processed with
+    centroids: np.ndarray  # one unit row per local speaker
+    pinned: str = ""  # the speaker name given for it ("" if none)
+
+
+def register(
+    registry: Registry, recordings: Sequence[NewRecording], model: str, threshold: float
+) -> dict[str, list[str]]:
+    """Assign every recording's local voices to voices (updating `registry`); returns folder -> voice ids.
+
+    A folder assigned before keeps its voices. New folders are taken in sorted order, not the order given, so the
+    same recordings give the same labels whichever order they arrive in."""
+    out = {}
+    for recording in sorted(recordings, key=lambda r: r.folder):
+        before = registry.assignments.get(recording.folder)
+        if before is not None and len(before) == len(recording.centroids) and _keeps_pin(registry, before, recording):
+            out[recording.folder] = before
+            continue
+        if recording.pinned:
+            voices = _pinned_voices(registry, recording, model)
+        else:
+            voices = _matched_voices(registry, recording, model, threshold)
+        registry.assignments[recording.folder] = out[recording.folder] = voices
+    return out
+
+
+def _keeps_pin(registry: Registry, voice_ids: list[str], recording: NewRecording) -> bool:
+    names = _pinned_names(recording.pinned, len(voice_ids))
+    return not recording.pinned or [registry.label(v) for v in voice_ids] == names
+
+
+def _pinned_names(name: str, count: int) -> list[str]:
+    return [name] if count == 1 else [f"{name}_{local + 1}" for local in range(count)]
+
+
+def _pinned_voices(registry: Registry, recording: NewRecording, model: str) -> list[str]:
+    voices = []
+    for local, name in enumerate(_pinned_names(recording.pinned, len(recording.centroids))):
+        same = [v for v in registry.voices.values() if v.label == name and v.model == model]
+        if same:
+            voices.append(_join(same[0], recording.centroids[local]))
+        else:
+            voices.append(_new_voice(registry, recording, local, model, name))
+    return voices
+
+
+def _matched_voices(registry: Registry, recording: NewRecording, model: str, threshold: float) -> list[str]:
+    """Match against speakers (labels), not voice ids: two voices a user merged are one speaker, so two local voices
+    of one recording never both land on it."""
+    dimension = recording.centroids.shape[1] if recording.centroids.ndim == 2 else 0
+    candidates = [v for v in registry.voices.values() if v.model == model and len(v.centroid) == dimension]
+    by_label: dict[str, list[Voice]] = {}
+    for voice in candidates:
+        by_label.setdefault(voice.label, []).append(voice)
+    labels = list(by_label)
+    speakers = np.array([_unit(sum(v.centroid * v.weight for v in by_label[label])) for label in labels])
+    matched = assign(recording.centroids, speakers.reshape(len(labels), dimension), threshold)
+    voices = []
+    for local, speaker in enumerate(matched):
+        if speaker < 0:
+            voices.append(_new_voice(registry, recording, local, model, ""))
+            continue
+        nearest = max(by_label[labels[speaker]], key=lambda v: float(v.centroid @ recording.centroids[local]))
+        voices.append(_join(nearest, recording.centroids[local]))
+    return voices
+
+
+def _join(voice: Voice, centroid: np.ndarray) -> str:
+    voice.centroid = _unit(voice.centroid * voice.weight + centroid)
+    voice.weight += 1
+    return voice.voice_id
+
+
+def _new_voice(registry: Registry, recording: NewRecording, local: int, model: str, label: str) -> str:
+    voice_id = "voice_" + digest(recording.folder, str(local))[:12]
+    if not label:
+        taken = {v.label for v in registry.voices.values()}
+        while f"speaker_{registry.next_number:02d}" in taken:  # a user may have named a voice speaker_NN
+            registry.next_number += 1
+        label = f"speaker_{registry.next_number:02d}"
+        registry.next_number += 1
+    registry.voices[voice_id] = Voice(voice_id, label, model, _unit(recording.centroids[local]), 1)
+    return voice_id
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def load_registry(folder: Path) -> Registry:
+    """The registry in `folder` (empty when there is none), with the labels of the user's speakers.csv applied."""
+    registry = _load_embeddings(folder / EMBEDDINGS)
+    for voice_id, label in _read_edits(folder / SPEAKERS, registry).items():
+        registry.voices[voice_id].label = label
+    return registry
+
+
+def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None:
+    """The sidecar first, then speakers.csv; `usage`: voice_id, clips, seconds, recordings of the current manifest."""
+    document = {
+        "format": FORMAT_VERSION,
+        "next_number": registry.next_number,
+        "voices": [
+            {
+                "voice_id": v.voice_id,
+                "label": v.label,
+                "model": v.model,
+                "weight": v.weight,
+                "centroid": [round(float(x), 7) for x in v.centroid],
+            }
+            for v in registry.voices.values()
+        ],
+        "assignments": registry.assignments,
+    }
+    write_json(str(folder / EMBEDDINGS), document, indent=None)
+    table = pd.DataFrame(
+        {"voice_id": list(registry.voices), "label": [v.label for v in registry.voices.values()]},
+        columns=list(EDITABLE_COLUMNS),
+    )
+    table = table.merge(usage, on="voice_id", how="left")
+    table["clips"] = table["clips"].fillna(0).astype(int)
+    table["seconds"] = table["seconds"].fillna(0.0).astype(float).round(3)
+    table["recordings"] = table["recordings"].fillna(0).astype(int)
+    write_csv(table[[*EDITABLE_COLUMNS, *SUMMARY_COLUMNS]], str(folder / SPEAKERS))
+
+
+def _load_embeddings(path: Path) -> Registry:
+    if not path.exists():
+        return Registry()
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        if document.get("format") != FORMAT_VERSION:
+            raise ValueError(f"format {document.get('format')!r}, expected {FORMAT_VERSION}")
+        voices = {
+            item["voice_id"]: Voice(
+                str(item["voice_id"]),
+                str(item["label"]),
+                str(item["model"]),
+                np.asarray(item["centroid"], dtype=np.float64),
+                int(item["weight"]),
+            )
+            for item in document["voices"]
+        }
+        assignments = {str(k): [str(v) for v in ids] for k, ids in document["assignments"].items()}
+        unknown = {v for ids in assignments.values() for v in ids} - set(voices)
+        if unknown:
+            raise ValueError(f"assignments name unknown voices {sorted(unknown)[:3]}")
+        return Registry(voices, assignments, int(document["next_number"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise RegistryError(
+            f"{path}: not a speaker registry this version can read ({error}); restore it, or delete it and "
+            f"{SPEAKERS} to label every voice afresh"
+        ) from None
+
+
+def _read_edits(path: Path, registry: Registry) -> dict[str, str]:
+    """voice_id -> label as the user left them; every row checked, the first bad one named by its line."""
+    if not path.exists():
+        return {}
+    try:
+        # utf-8-sig: a spreadsheet saving the file puts a byte-order mark before the first column's name
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise RegistryError(f"{path}: cannot be read as a CSV table ({str(error).splitlines()[0]})") from None
+    missing = [column for column in EDITABLE_COLUMNS if column not in table.columns]
+    if missing:
+        raise RegistryError(f"{path}: missing column {missing[0]!r} (needs {', '.join(EDITABLE_COLUMNS)})")
+    edits: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for index, (voice_id, label) in enumerate(zip(table["voice_id"], table["label"], strict=True)):
+        line = index + 2  # line 1 is the header
+        where = f"{path}, line {line}"
+        voice_id, label = voice_id.strip(), _unescaped(label.strip())
+        if voice_id in lines:
+            raise RegistryError(f"{where}: voice_id {voice_id!r} appears twice (also line {lines[voice_id]})")
+        if voice_id not in registry.voices:
+            raise RegistryError(f"{where}: voice_id {voice_id!r} is not a voice of this corpus ({EMBEDDINGS})")
+        problem = label_problem(label)
+        if problem:
+            raise RegistryError(f"{where}: label of {voice_id}: {problem}")
+        edits[voice_id], lines[voice_id] = label, line
+    return edits
+
+
+def label_problem(label: str) -> str:
+    """ "" or why `label` cannot name a speaker in the manifest (the rules `raw_audio_manifest` screens by)."""
+    if not re.sub(INVISIBLE, "", label).strip():
+        return "the label is empty"
+    found = re.search(SPECIAL_TOKEN, label)
+    if found:
+        return f"holds {found.group(0)}, a control token of the Higgs text tokenizer"
+    if _BAD_LABEL_CHARACTERS.search(label):
+        return "holds a tab, a line break or another control character"
+    return ""
+
+
+def _unescaped(label: str) -> str:
+    """A label as typed: `write_csv` puts a quote before text a spreadsheet would run as a formula."""
+    return label[1:] if label.startswith("'") and label[1:].startswith(FORMULA_PREFIXES) else label

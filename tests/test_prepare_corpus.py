@@ -1,0 +1,289 @@
+"""`prepare --out` as a corpus that grows run by run: it adds, removes, counts a recording once, changes nothing
+when a run fails, takes one run at a time, cleans what a killed run left and keeps out of folders it did not make.
+
+Three short recordings (two espeak-ng voices) are processed once per module into a base corpus; each test
+works on its own copy, whose cached results make every run seconds long. The speaker registry's tests merge the
+same results through `write_outputs` in their own orders."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from recording_factory import write_recording
+
+from higgs_pipeline.cli import main
+from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, write_outputs
+from higgs_pipeline.ingest.prepare import MARKER, load_corpus, lock_path, prepare
+from higgs_pipeline.ingest.registry import EMBEDDINGS, SPEAKERS, RegistryError, load_registry
+from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.locks import FileLock
+
+
+def _run(argv: list[str]) -> tuple[int, dict | str]:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    printed = buffer.getvalue()
+    return code, json.loads(printed) if "--json" in argv and code == 0 else printed
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    folder = root / "recordings"
+    folder.mkdir()
+    write_recording(folder / "alice.wav", ((0, "The kettle is boiling, so I will make some tea."),))
+    write_recording(folder / "bob.wav", ((1, "The library closes early on Sundays."),))
+    write_recording(
+        folder / "both.wav", ((1, "Our neighbours have a very friendly dog."), (0, "My sister moved to a small town."))
+    )
+    shutil.copyfile(folder / "alice.wav", folder / "alice_again.wav")
+    out = root / "base"
+    code, first = _run(["prepare", str(folder / "alice.wav"), str(folder / "bob.wav"), "--out", str(out), "--json"])
+    assert code == 0, first
+    code, second = _run(["prepare", str(folder / "both.wav"), "--out", str(out), "--json"])  # added to the corpus
+    assert code == 0, second
+    return folder, out, (first, second)
+
+
+@pytest.fixture()
+def corpus(base, tmp_path):
+    folder, out, _summaries = base
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, symlinks=True)
+    return folder, copy
+
+
+def _recordings(out: Path) -> set[str]:
+    return {Path(p).name for p in pd.read_csv(out / "manifest.csv", keep_default_na=False)["source_recording"]}
+
+
+def _clip_folders(out: Path) -> set[str]:
+    return {path.name for path in (out / "clips").iterdir()}
+
+
+def test_runs_add_to_the_corpus_and_remove_takes_a_recording_out_with_its_clips(base, corpus):
+    folder, out = corpus
+    first, second = base[2]
+    assert (first["recordings"], second["recordings"], second["recordings_reused"]) == (2, 3, 2)
+    assert _recordings(out) == {"alice.wav", "bob.wav", "both.wav"}
+    clips = _clip_folders(out)
+    alice, bob = str(folder / "alice.wav"), str(folder / "bob.wav")
+    code, summary = _run(["prepare", "--remove", alice, "--out", str(out), "--json"])
+    assert code == 0 and summary["removed"] == [alice] and summary["recordings"] == 2
+    assert _recordings(out) == {"bob.wav", "both.wav"} and len(_clip_folders(out)) == len(clips) - 1
+    code, summary = _run(["prepare", bob, "--out", str(out), "--json"])  # bob alone: both.wav stays, alice gone
+    assert code == 0 and summary["recordings_reused"] == 2 and _recordings(out) == {"bob.wav", "both.wav"}
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert set(manifest["asr_model"]) == {"tiny.en"}
+    assert list(manifest.columns).index("asr_model") == list(manifest.columns).index("asr_confidence") + 1
+
+
+def test_a_recording_given_twice_or_with_the_same_bytes_is_one_recording(corpus):
+    folder, out = corpus
+    alice, again = str(folder / "alice.wav"), str(folder / "alice_again.wav")
+    before = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    code, summary = _run(["prepare", alice, alice, again, "--out", str(out), "--json"])
+    assert code == 0, summary
+    assert summary["recordings"] == 3 and summary["clips"] == len(before)
+    assert sorted((d["reason"], Path(d["recording"]).name) for d in summary["duplicates"]) == [
+        ("given twice", "alice.wav"),
+        ("same bytes", "alice_again.wav"),
+    ]
+    assert _recordings(out) == {"alice.wav", "bob.wav", "both.wav"}
+
+
+def test_a_failed_run_changes_nothing(corpus):
+    folder, out = corpus
+    files = {name: (out / name).read_bytes() for name in ("manifest.csv", "speakers.csv", "segments.csv", MARKER)}
+    clips = _clip_folders(out)
+    every = [arg for name in ("alice.wav", "bob.wav", "both.wav") for arg in ("--remove", str(folder / name))]
+    code, _ = _run(["prepare", *every, "--out", str(out)])
+    assert code == 2  # nothing would be left: refused, not emptied
+    assert {name: (out / name).read_bytes() for name in files} == files and _clip_folders(out) == clips
+    code, _ = _run(["prepare", "--remove", str(folder / "nobody.wav"), "--out", str(out)])
+    assert code == 2 and {name: (out / name).read_bytes() for name in files} == files
+
+
+def test_one_run_per_folder_at_a_time(corpus, capsys):
+    folder, out = corpus
+    with FileLock(lock_path(out), "a test standing in for another prepare run"):
+        code, _ = _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "another prepare run" in error and "a test standing in" in error and "Traceback" not in error
+
+
+def test_a_killed_runs_leftovers_are_cleaned_by_the_next(corpus):
+    folder, out = corpus
+    clips = _clip_folders(out)
+    leftovers = [
+        out.parent / ".tmp-out-0123abcd",
+        out / ".scratch" / "higgs-ingest-x",
+        out / "clips" / ".tmp-0123456789abcdef01234567-0123abcd",
+        out / "clips" / "fedcba9876543210fedcba98",  # a result no table refers to
+    ]
+    for path in leftovers:
+        path.mkdir(parents=True)
+        (path / "audio.pcm").write_bytes(b"\0" * 1024)
+    (out / ".manifest.csv.0123456789ab.tmp").write_text("half a table")
+    code, _ = _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])
+    assert code == 0
+    assert not any(path.exists() for path in leftovers) and not list(out.glob(".*.tmp"))
+    assert _clip_folders(out) == clips
+
+
+def test_prepare_keeps_out_of_folders_it_did_not_make(corpus, tmp_path, capsys):
+    folder, out = corpus
+    bob = str(folder / "bob.wav")
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "manifest.csv").write_text("audio_path,text,speaker\na.wav,hello,me\n")
+    assert _run(["prepare", bob, "--out", str(foreign)])[0] == 2
+    assert "not one prepare made" in capsys.readouterr().err
+    assert (foreign / "manifest.csv").read_text() == "audio_path,text,speaker\na.wav,hello,me\n"
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "gone")
+    assert _run(["prepare", bob, "--out", str(dangling)])[0] == 2
+    assert "which does not exist" in capsys.readouterr().err and not (tmp_path / "gone").exists()
+    assert _run(["prepare", "--out", str(out)])[0] == 2  # nothing to add or remove
+    assert "--remove" in capsys.readouterr().err
+
+
+def test_a_named_speaker_keeps_the_name(corpus):
+    folder, out = corpus
+    code, summary = _run(["prepare", str(folder / "bob.wav"), "--speaker", "Bob", "--out", str(out), "--json"])
+    assert code == 0 and "Bob" in summary["speaker_labels"]
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert set(manifest[manifest["source_recording"].str.endswith("bob.wav")]["speaker"]) == {"Bob"}
+
+
+@pytest.mark.parametrize(("name", "reason"), [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control")])
+def test_a_speaker_name_follows_the_label_rules(tmp_path, capsys, name, reason):
+    assert main(["prepare", str(tmp_path / "x.wav"), "--speaker", name, "--out", str(tmp_path / "out")]) == 2
+    assert reason in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the speaker registry on the base corpus's voices
+
+
+@pytest.fixture(scope="module")
+def voices(base):
+    """The base corpus's processed recordings by file name; each test merges them its own way."""
+    _folder, out, _summaries = base
+    results = {Path(name).name: result for name, result in load_corpus(out).items()}
+    assert all(result.status == "accepted" for result in results.values()), results
+    for result in results.values():
+        result.recording = Path(result.recording).name
+    return out, results, IngestSettings()
+
+
+def _corpus(voices, tmp_path, names):
+    """A fresh output folder holding the processed clips, merged from `names` in that order."""
+    root, results, settings = voices
+    out = tmp_path / "merged"
+    if not out.exists():
+        out.mkdir(parents=True)
+        (out / CLIPS_DIR).symlink_to(root / CLIPS_DIR, target_is_directory=True)
+    write_outputs(out, [results[name] for name in names], settings)
+    manifest = pd.read_csv(out / MANIFEST, keep_default_na=False).sort_values(["source_recording", "start_s"])
+    return out, {rec: rows["speaker"].tolist() for rec, rows in manifest.groupby("source_recording")}
+
+
+def test_real_voices_keep_their_labels_in_any_order(voices, tmp_path):
+    _out, forward = _corpus(voices, tmp_path / "a", ["alice.wav", "bob.wav", "both.wav"])
+    _out, backward = _corpus(voices, tmp_path / "b", ["both.wav", "bob.wav", "alice.wav"])
+    assert forward == backward
+    assert forward["both.wav"] == [forward["bob.wav"][0], forward["alice.wav"][0]]  # matched across recordings
+    assert forward["alice.wav"] != forward["bob.wav"]
+
+
+def test_a_recording_added_later_leaves_labels_and_a_dropped_one_keeps_its_voice(voices, tmp_path):
+    out, before = _corpus(voices, tmp_path, ["bob.wav"])
+    _out, after = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])  # alice sorts first
+    assert after["bob.wav"] == before["bob.wav"] == ["speaker_01"]
+    assert after["alice.wav"] == ["speaker_02"]
+    _out, dropped = _corpus(voices, tmp_path, ["bob.wav"])
+    assert dropped == before
+    registered = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    assert registered.set_index("label")["clips"].to_dict() == {"speaker_01": 1, "speaker_02": 0}
+
+
+def test_renames_and_merges_in_speakers_csv_are_honoured(voices, tmp_path):
+    out, labels = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
+    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    table.loc[table["label"] == labels["alice.wav"][0], "label"] = "Alice Smith"
+    table.to_csv(out / SPEAKERS, index=False)
+    _out, renamed = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
+    assert renamed["alice.wav"] == ["Alice Smith"] and renamed["both.wav"][1] == "Alice Smith"
+    assert renamed["bob.wav"] == labels["bob.wav"]
+    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    table["label"] = "narrator"  # the two voices are one speaker
+    table.to_csv(out / SPEAKERS, index=False)
+    _out, merged = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
+    assert {label for labels in merged.values() for label in labels} == {"narrator"}
+    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    table["label"] = "=narrator"  # escaped in the CSV for spreadsheets, read back as typed
+    table.to_csv(out / SPEAKERS, index=False)
+    for _run_again in range(2):
+        _out, formula = _corpus(voices, tmp_path, ["alice.wav", "bob.wav", "both.wav"])
+        assert {label for labels in formula.values() for label in labels} == {"=narrator"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.drop(columns=["label"]), "missing column 'label'"),
+        (lambda t: pd.concat([t, t.iloc[:1]]), r"appears twice \(also line 2\)"),
+        (lambda t: t.assign(label=["speaker_01", "\u200b "]), "line 3: label of voice_"),
+        (lambda t: t.assign(label=["<|AUDIO_OUT|>", "b"]), "line 2: label of voice_"),
+        (lambda t: t.assign(label=["a\tb", "b"]), "a tab, a line break"),
+        (lambda t: t.assign(voice_id=["voice_nobody", t["voice_id"].iloc[1]]), "not a voice of this corpus"),
+    ],
+)
+def test_a_broken_speakers_csv_is_named_with_its_line(voices, tmp_path, edit, message):
+    out, _labels = _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
+    manifest = (out / MANIFEST).read_bytes()
+    edit(pd.read_csv(out / SPEAKERS, keep_default_na=False)).to_csv(out / SPEAKERS, index=False)
+    with pytest.raises(RegistryError, match=message) as error:
+        _corpus(voices, tmp_path, ["alice.wav", "bob.wav"])
+    assert str(out / SPEAKERS) in str(error.value)
+    assert (out / MANIFEST).read_bytes() == manifest  # nothing written
+
+
+def test_the_centroids_survive_any_edit_of_the_csv(voices, tmp_path):
+    out, labels = _corpus(voices, tmp_path, ["alice.wav"])
+    (out / SPEAKERS).unlink()  # the user deleted the table: the sidecar still knows every voice
+    _out, again = _corpus(voices, tmp_path, ["alice.wav", "both.wav"])
+    assert again["alice.wav"] == labels["alice.wav"] and again["both.wav"][1] == labels["alice.wav"][0]
+    assert load_registry(out).voices and (out / EMBEDDINGS).is_file()
+
+
+def test_a_named_speaker_is_pinned(voices, tmp_path):
+    root, results, settings = voices
+    named = dataclasses.replace(results["bob.wav"], options={**results["bob.wav"].options, "speaker": "Bob"})
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / CLIPS_DIR).symlink_to(root / CLIPS_DIR, target_is_directory=True)
+    summary = write_outputs(out, [results["alice.wav"], named], settings)
+    assert "Bob" in summary.speaker_labels and len(summary.speaker_labels) == 2
+
+
+def test_a_run_that_breaks_mid_work_changes_nothing(corpus, tmp_path):
+    """An error of the set-up (an ASR model that cannot be loaded) surfaces after VAD and embeddings ran."""
+    folder, out = corpus
+    files = {name: (out / name).read_bytes() for name in ("manifest.csv", "speakers.csv", "segments.csv", MARKER)}
+    clips = _clip_folders(out)
+    settings = IngestSettings(asr_model=str(tmp_path / "no-such-model"))
+    with pytest.raises(Exception, match="no-such-model") as error:
+        prepare([str(folder / "bob.wav")], out, settings, RecordingOptions(), progress=False)
+    assert not isinstance(error.value, ValueError | AssertionError), error.value
+    assert {name: (out / name).read_bytes() for name in files} == files
+    assert _clip_folders(out) == clips and not (out / ".scratch").exists()

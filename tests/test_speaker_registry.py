@@ -1,0 +1,82 @@
+"""The speaker registry's rules (`ingest/registry.py`) on hand-made vectors: optimal matching, labels that never
+move, pinned names. Real voices through `write_outputs` and speakers.csv edits: tests/test_prepare_corpus.py."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from higgs_pipeline.ingest.registry import (
+    MATCH_THRESHOLDS,
+    NewRecording,
+    Registry,
+    assign,
+    match_threshold,
+    register,
+)
+
+
+def _unit(*rows: list[float]) -> np.ndarray:
+    matrix = np.asarray(rows, dtype=np.float64)
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def test_assignment_is_optimal_not_greedy():
+    """Greedy takes the best pair (0.9) and leaves local 1 with 0.1; the optimum pairs 0.8 + 0.85."""
+    cosines = np.array([[0.9, 0.8], [0.85, 0.1]])
+    assert assign(np.eye(2), cosines.T, threshold=0.5) == [1, 0]
+    assert assign(np.eye(2), cosines.T, threshold=0.95) == [-1, -1]  # nothing is close enough
+    assert assign(np.eye(2), np.zeros((0, 2)), threshold=0.5) == [-1, -1]
+
+
+def test_thresholds_come_from_the_speaker_model():
+    assert match_threshold("resemblyzer", 0.5) == MATCH_THRESHOLDS["resemblyzer"]
+    assert match_threshold("/models/WavLM-Base-Plus-SV", 0.5) == MATCH_THRESHOLDS["wavlm"]
+    assert match_threshold("some-other-encoder", 0.61) == 0.61  # uncalibrated: the configured threshold
+
+
+ALICE, BOB, CAROL = [1.0, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.0, 1.0]
+RECORDINGS = {
+    "f1": NewRecording("f1", _unit(ALICE, BOB)),
+    "f2": NewRecording("f2", _unit(BOB)),
+    "f3": NewRecording("f3", _unit(CAROL, [0.95, 0.15, 0.0])),  # Carol and Alice
+}
+
+
+def _labels(registry: Registry, assigned: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {folder: [registry.label(v) for v in voices] for folder, voices in assigned.items()}
+
+
+def test_the_same_recordings_in_any_order_get_the_same_labels():
+    first, second = Registry(), Registry()
+    one = _labels(first, register(first, list(RECORDINGS.values()), "resemblyzer", 0.8))
+    two = _labels(second, register(second, list(reversed(RECORDINGS.values())), "resemblyzer", 0.8))
+    assert one == two
+    assert one["f1"][0] == one["f3"][1] and one["f1"][1] == one["f2"][0]  # one person, one label
+    assert len({label for labels in one.values() for label in labels}) == 3
+
+
+def test_a_new_recording_never_relabels_old_voices_and_labels_are_never_reused():
+    registry = Registry()
+    old = _labels(registry, register(registry, [RECORDINGS["f2"], RECORDINGS["f3"]], "resemblyzer", 0.8))
+    registry.voices[registry.assignments["f3"][0]].label = "carol"  # a rename frees speaker_NN, never reissued
+    newcomer = NewRecording("a0", _unit([0.3, 0.3, -0.9], ALICE))  # sorts first; a stranger and Alice
+    new = _labels(registry, register(registry, [*RECORDINGS.values(), newcomer], "resemblyzer", 0.8))
+    assert new["f2"] == old["f2"] and new["f3"] == ["carol", old["f3"][1]]
+    assert new["a0"][1] == old["f3"][1]  # Alice recognised
+    issued = {label for labels in old.values() for label in labels}
+    assert new["a0"][0] not in issued | {"carol"} and new["a0"][0].startswith("speaker_")
+
+
+def test_a_pinned_name_wins_and_joins_its_namesake():
+    registry = Registry()
+    labels = _labels(
+        registry,
+        register(
+            registry,
+            [NewRecording("p1", _unit(ALICE), pinned="Ann"), NewRecording("p2", _unit(CAROL), pinned="Ann")],
+            "resemblyzer",
+            0.8,
+        ),
+    )
+    assert labels == {"p1": ["Ann"], "p2": ["Ann"]}
+    assert len(registry.voices) == 1  # one speaker named Ann
