@@ -4,6 +4,9 @@ merged manifest with its checks, and `raw_audio_manifest` reading it (the step's
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import boto3
 import dagster as dg
 import pandas as pd
@@ -17,6 +20,7 @@ from higgs_pipeline.defs.recording_clips import (
     recording_clips,
     recordings_partitions,
     recordings_sensor,
+    result_path,
 )
 from higgs_pipeline.defs.recordings_manifest import (
     recordings_manifest,
@@ -27,61 +31,88 @@ from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 
 
 def _run_sensor(instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
+    """One tick, its partition requests applied as the sensor daemon applies them."""
     context = dg.build_sensor_context(instance=instance, cursor=cursor)
     result = recordings_sensor(context)
     for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
+
+
+def _merge(instance: dg.DagsterInstance, artifacts_dir) -> dict:
+    """recordings_manifest with its blocking checks, which must pass; its metadata."""
+    merged = dg.materialize(
+        [
+            recordings_manifest,
+            recordings_manifest_accounts_for_every_recording,
+            recordings_manifest_accounts_for_every_segment,
+        ],
+        instance=instance,
+        resources=resources(artifacts_dir),
+        selection=[recordings_manifest],
+    )
+    assert all(check.passed for check in merged.get_asset_check_evaluations())
+    return metadata_of(merged, "recordings_manifest")
+
+
+def _table(path: str) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False)
 
 
 def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifacts_dir):
     folder = tmp_path / "recordings"
     write_recording(folder / "show" / "ep1.wav", MONOLOGUE)
     write_recording(folder / "show" / "ep2.ogg", TALK_A)
+    write_recording(folder / "ep3.flac", MONOLOGUE[1:])
     corrupt(folder / "broken.mp3")
     (folder / "notes.txt").write_text("not audio")
+    corrupt(folder / "odd\tname.wav")  # a name no partition key can hold
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
     with dg.instance_for_test() as instance:
         first = _run_sensor(instance)
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
-        assert keys == ["broken.mp3", "show/ep1.wav", "show/ep2.ogg"]  # the documented key: the relative path
+        assert keys == ["broken.mp3", "ep3.flac", "show/ep1.wav", "show/ep2.ogg"]  # the key: the relative path
         assert sorted(r.partition_key for r in first.run_requests) == keys
         assert _run_sensor(instance, first.cursor).run_requests == []  # nothing changed: nothing requested
         write_recording(folder / "show" / "ep1.wav", MONOLOGUE[:1])  # changed content, same key
+        shutil.copy(folder / "show" / "ep1.wav", folder / "show" / "ep1 again.wav")  # same bytes: one clip folder
         again = _run_sensor(instance, first.cursor)
-        assert [r.partition_key for r in again.run_requests] == ["show/ep1.wav"]
+        assert sorted(r.partition_key for r in again.run_requests) == ["show/ep1 again.wav", "show/ep1.wav"]
 
-        for key in ("show/ep1.wav", "broken.mp3"):
+        for key in ("show/ep1.wav", "show/ep1 again.wav", "ep3.flac", "broken.mp3"):
             dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
-        failed = dg.materialize(
-            [recording_clips],
-            partition_key="show/ep2.ogg",
-            instance=instance,
-            resources={**resources(artifacts_dir), "scorers": _missing_asr()},
-            raise_on_error=False,
-        )
-        assert not failed.success  # this partition fails alone
+        for key in ("show/ep2.ogg", "show/ep1 again.wav"):  # fails alone; "ep1 again" after an earlier success
+            failed = dg.materialize(
+                [recording_clips],
+                partition_key=key,
+                instance=instance,
+                resources={**resources(artifacts_dir), "scorers": _missing_asr()},
+                raise_on_error=False,
+            )
+            assert not failed.success
 
-        merged = dg.materialize(
-            [
-                recordings_manifest,
-                recordings_manifest_accounts_for_every_recording,
-                recordings_manifest_accounts_for_every_segment,
-            ],
-            instance=instance,
-            resources=resources(artifacts_dir),
-            selection=[recordings_manifest],
-        )
-        assert all(check.passed for check in merged.get_asset_check_evaluations())
-        meta = metadata_of(merged, "recordings_manifest")
-        assert (meta["recordings"], meta["recordings_rejected"], meta["speakers"]) == (3, 2, 1)
-        rejected = pd.read_csv(meta["rejected_recordings_path"], keep_default_na=False)
+        meta = _merge(instance, artifacts_dir)
+        assert (meta["recordings"], meta["recordings_rejected"], meta["speakers"]) == (5, 3, 1)
+        rejected = _table(meta["rejected_recordings_path"])
         assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {
             "broken.mp3": "undecodable",
-            "show/ep2.ogg": "not_processed",
+            "show/ep2.ogg": "failed",
+            "show/ep1 again.wav": "failed",  # listed with its error, not merged from its earlier result
         }
-        manifest = pd.read_csv(meta["manifest_path"], keep_default_na=False)
-        assert set(manifest["source_recording"]) == {"show/ep1.wav"} and len(manifest) == 1
+        assert all("/nonexistent/whisper" in detail for detail in rejected["detail"][rejected["reason"] == "failed"])
+        manifest = _table(meta["manifest_path"])
+        assert set(manifest["source_recording"]) == {"show/ep1.wav", "ep3.flac"} and len(manifest) == 2
+        unlisted = _table(meta["unlisted_files_path"])
+        assert dict(zip(unlisted["path"], unlisted["reason"], strict=True)) == {
+            "notes.txt": "unsupported_suffix",
+            "odd\tname.wav": "invalid_partition_key",
+        }
+        assert "a tab" in unlisted["detail"][unlisted["path"] == "odd\tname.wav"].item()
+        assert meta["files_not_ingested"] == 2 and meta["recordings_removed"] == 0
 
         screened = dg.materialize(
             [raw_audio_manifest],
@@ -91,6 +122,58 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         )
         screening = metadata_of(screened, "raw_audio_manifest")
         assert (screening["rows_accepted"], screening["rows_rejected"]) == (len(manifest), 0)
+
+        _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, again.cursor, meta)
+
+
+def _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, cursor: str, before: dict) -> None:
+    """Deleted files lose their partitions at the next tick and their clips at the next merge; a clip folder goes
+    only when no remaining recording shares it."""
+    ingest = Path(before["manifest_path"]).parent
+    manifest = _table(before["manifest_path"])
+    clips = ingest / Path(manifest["audio_path"][manifest["source_recording"] == "show/ep1.wav"].item()).parent
+    (folder / "show" / "ep1.wav").unlink()
+    (folder / "broken.mp3").unlink()
+    tick = _run_sensor(instance, cursor)
+    assert tick.run_requests == []
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == [
+        "ep3.flac",
+        "show/ep1 again.wav",
+        "show/ep2.ogg",
+    ]
+    after = _merge(instance, artifacts_dir)
+    assert (after["recordings"], after["clips"], after["recordings_removed"]) == (3, 1, 2)
+    assert set(_table(after["manifest_path"])["source_recording"]) == {"ep3.flac"}
+    removed = _table(after["removed_recordings_path"])
+    assert dict(zip(removed["recording"], removed["clips_dropped"], strict=True)) == {
+        "broken.mp3": 0,
+        "show/ep1.wav": 1,
+    }
+    assert not result_path(ingest, "show/ep1.wav").exists() and not result_path(ingest, "broken.mp3").exists()
+    assert clips.is_dir()  # "ep1 again" holds the same bytes: its record still names the folder
+
+    (folder / "show" / "ep1 again.wav").unlink()
+    _run_sensor(instance, tick.cursor)
+    last = _merge(instance, artifacts_dir)
+    assert last["recordings_removed"] == 1 and not clips.exists()
+    assert list(_table(last["removed_recordings_path"])["recording"]) == [
+        "broken.mp3",
+        "show/ep1.wav",
+        "show/ep1 again.wav",
+    ]  # every removal is kept
+
+
+def test_the_sensor_removes_nothing_while_the_root_is_missing(tmp_path, monkeypatch):
+    folder = tmp_path / "recordings"
+    corrupt(folder / "a.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    with dg.instance_for_test() as instance:
+        first = _run_sensor(instance)
+        (folder / "a.wav").unlink()
+        folder.rmdir()  # an unmounted volume looks like this, not like an empty folder
+        tick = _run_sensor(instance, first.cursor)
+        assert str(folder) in tick.skip_reason.skip_message and not tick.dynamic_partitions_requests
+        assert instance.get_dynamic_partitions(recordings_partitions.name) == ["a.wav"]
 
 
 def _bucket(name: str):
