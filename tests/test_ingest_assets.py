@@ -11,6 +11,7 @@ import boto3
 import dagster as dg
 import pandas as pd
 from audio_factory import corrupt, metadata_of, resources
+from conftest import ASSET_CHAIN
 from recording_factory import MONOLOGUE, TALK_A, write_recording
 
 from higgs_pipeline.data.tables import read_csv
@@ -71,6 +72,7 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
     corrupt(folder / "broken.mp3")
     (folder / "notes.txt").write_text("not audio")
     corrupt(folder / "odd\tname.wav")  # a name no partition key can hold
+    (folder / "moved.wav").symlink_to(folder / "elsewhere.wav")  # a link to nothing
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
     with dg.instance_for_test() as instance:
         first = _run_sensor(instance)
@@ -110,9 +112,10 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         assert dict(zip(unlisted["path"], unlisted["reason"], strict=True)) == {
             "notes.txt": "unsupported_suffix",
             "odd\tname.wav": "invalid_partition_key",
+            "moved.wav": "not_a_file",
         }
         assert "a tab" in unlisted["detail"][unlisted["path"] == "odd\tname.wav"].item()
-        assert meta["files_not_ingested"] == 2 and meta["recordings_removed"] == 0
+        assert meta["files_not_ingested"] == 3 and meta["recordings_removed"] == 0
 
         screened = dg.materialize(
             [raw_audio_manifest],
@@ -280,3 +283,22 @@ def test_definitions_load_the_ingest_assets():
     assert definitions.get_assets_def("recordings_manifest") is not None
     assert definitions.get_sensor_def("recordings_sensor") is not None
     assert definitions.resolve_job_def("recording_clips_job").partitions_def == recordings_partitions
+
+
+def test_retrain_job_needs_no_recording_and_recordings_retrain_job_trains_on_them():
+    """`make demo` (`dg launch --job retrain_job`) on a fresh instance: the job holds the chain only, though
+    raw_audio_manifest depends on recordings_manifest for lineage; recordings_retrain_job merges the recordings and
+    points raw_audio_manifest at their manifest."""
+    from higgs_pipeline.definitions import defs
+    from higgs_pipeline.instance import artifact_store_of
+
+    definitions = defs()
+    chain = {dg.AssetKey(key) for key in ASSET_CHAIN}
+    assert dg.AssetKey("recordings_manifest") in definitions.resolve_assets_def("raw_audio_manifest").dependency_keys
+    retrain = definitions.resolve_job_def("retrain_job")
+    assert set(retrain.asset_layer.executable_asset_keys) == chain and retrain.partitions_def is None
+    with_recordings = definitions.resolve_job_def("recordings_retrain_job")
+    assert set(with_recordings.asset_layer.executable_asset_keys) == chain | {recordings_manifest.key}
+    assert with_recordings.partitions_def is None
+    manifest_path = with_recordings.run_config["ops"]["raw_audio_manifest"]["config"]["manifest_path"]
+    assert manifest_path == f"{artifact_store_of({})}/recordings/manifest.csv"
