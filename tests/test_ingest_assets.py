@@ -18,6 +18,7 @@ from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.recording_clips import (
     RECORDINGS_ENV,
+    list_recordings,
     recording_clips,
     recordings_partitions,
     recordings_sensor,
@@ -302,3 +303,42 @@ def test_retrain_job_needs_no_recording_and_recordings_retrain_job_trains_on_the
     assert with_recordings.partitions_def is None
     manifest_path = with_recordings.run_config["ops"]["raw_audio_manifest"]["config"]["manifest_path"]
     assert manifest_path == f"{artifact_store_of({})}/recordings/manifest.csv"
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_and_its_partitions_stay(tmp_path, monkeypatch):
+    """As root no folder is unreadable, so the walk meets the error the kernel gives an unprivileged user."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    folder = tmp_path / "recordings"
+    corrupt(folder / "a.wav")
+    corrupt(folder / "locked" / "b.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    with dg.instance_for_test() as instance:
+        first = _run_sensor(instance)
+        listed = LocalFileSystem.ls
+
+        def ls(self, path, detail=False, **kwargs):
+            if path.rstrip("/").endswith("/locked"):
+                raise PermissionError(13, "Permission denied", path)
+            return listed(self, path, detail=detail, **kwargs)
+
+        monkeypatch.setattr(LocalFileSystem, "ls", ls)
+        listing = list_recordings(str(folder))
+        assert listing.unlisted == [{"path": "locked", "reason": "unreadable", "detail": listing.unlisted[0]["detail"]}]
+        assert "Permission denied" in listing.unlisted[0]["detail"] and not listing.complete
+        tick = _run_sensor(instance, first.cursor)
+        assert not tick.dynamic_partitions_requests  # b.wav may still be there: nothing is removed
+        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == ["a.wav", "locked/b.wav"]
+
+
+def test_a_link_to_a_recording_is_that_recording_and_a_link_to_a_folder_is_reported(tmp_path):
+    folder = tmp_path / "recordings"
+    corrupt(folder / "takes" / "a.wav")
+    (folder / "linked.wav").symlink_to(folder / "takes" / "a.wav")
+    (folder / "again").symlink_to(folder / "takes")  # not followed: a link may loop
+    listing = list_recordings(str(folder))
+    assert sorted(listing.stamps) == ["linked.wav", "takes/a.wav"]
+    assert listing.stamps["linked.wav"] == listing.stamps["takes/a.wav"]  # the target's size and mtime
+    assert [(entry["path"], entry["reason"]) for entry in listing.unlisted] == [("again", "not_a_file")]
+    (folder / "takes" / "a.wav").write_bytes(b"a longer, changed take")
+    assert list_recordings(str(folder)).stamps["linked.wav"] != listing.stamps["linked.wav"]  # runs again

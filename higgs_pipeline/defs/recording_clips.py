@@ -11,6 +11,7 @@ when the file changes; the content hash decides whether its clips are computed a
 import json
 import os
 import posixpath
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,11 +191,11 @@ def list_recordings(root: str) -> RecordingsListing:
     base = base.rstrip("/")
     if not fs.isdir(base):
         raise FileNotFoundError(f"recordings root {root} is not a folder or a prefix holding files")
-    errors: list[Exception] = []
-    # A local walk skips a folder it cannot list unless told; s3fs lists a prefix in one call that raises.
-    walk = {"on_error": errors.append} if is_local_filesystem(fs) else {}
+    errors: list[OSError] = []
+    # s3fs lists a prefix in one call that raises; fsspec's local walk would skip a folder it cannot list.
+    entries = _find_local(fs, base, errors) if is_local_filesystem(fs) else fs.find(base, detail=True)
     stamps, unlisted = {}, []
-    for path, info in fs.find(base, detail=True, **walk).items():
+    for path, info in sorted(entries.items()):
         key = posixpath.relpath(path, base)
         reason, detail = _unlisted_reason(key, info)
         if reason:
@@ -209,11 +210,43 @@ def list_recordings(root: str) -> RecordingsListing:
     return RecordingsListing(stamps, unlisted, complete=not errors)
 
 
+def _find_local(fs: fsspec.AbstractFileSystem, base: str, errors: list[OSError]) -> dict[str, dict]:
+    """Path -> info of every entry below `base` that is not a folder; each folder that cannot be listed goes to
+    `errors`. Links are not followed into folders (fsspec types a link to one as "other"), so a loop ends."""
+    found, pending = {}, [base]
+    while pending:
+        try:
+            listing = fs.ls(pending.pop(), detail=True)
+        except OSError as error:
+            errors.append(error)
+            continue
+        for info in listing:
+            if info["type"] == "directory":
+                pending.append(info["name"])
+            else:
+                found[info["name"]] = _through_link(info)
+    return found
+
+
+def _through_link(info: dict) -> dict:
+    """A link to a file is that file (size and mtime of the target, so a changed target runs again); a broken one,
+    a loop or a link to a folder stays "other"."""
+    if not info.get("islink"):
+        return info
+    try:
+        target = os.stat(info["name"])
+    except OSError:
+        return info
+    if not stat.S_ISREG(target.st_mode):
+        return info
+    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime}
+
+
 def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
     """(reason, detail) why the entry at `key` is no recording partition; ("", "") for one that is."""
     if info.get("type", "file") != "file":
         if info.get("islink"):
-            return NOT_A_FILE, f"a link to {info.get('destination')} that is no file (broken, a loop or a folder)"
+            return NOT_A_FILE, f"a link to {info.get('destination')}, which is no file (missing, a loop or a folder)"
         return NOT_A_FILE, f"a {info.get('type')} entry, not a file"
     if not key.lower().endswith(AUDIO_SUFFIXES):
         return UNSUPPORTED_SUFFIX, f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
