@@ -75,7 +75,7 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
     corrupt(folder / "odd\tname.wav")  # a name no partition key can hold
     (folder / "moved.wav").symlink_to(folder / "elsewhere.wav")  # a link to nothing
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         first = _run_sensor(instance)
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
         assert keys == ["broken.mp3", "ep3.flac", "show/ep1.wav", "show/ep2.ogg"]  # the key: the relative path
@@ -165,19 +165,6 @@ def _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, curso
         "show/ep1.wav",
         "show/ep1 again.wav",
     ]  # every removal is kept
-
-
-def test_the_sensor_removes_nothing_while_the_root_is_missing(tmp_path, monkeypatch):
-    folder = tmp_path / "recordings"
-    corrupt(folder / "a.wav")
-    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
-    with dg.instance_for_test() as instance:
-        first = _run_sensor(instance)
-        (folder / "a.wav").unlink()
-        folder.rmdir()  # an unmounted volume looks like this, not like an empty folder
-        tick = _run_sensor(instance, first.cursor)
-        assert str(folder) in tick.skip_reason.skip_message and not tick.dynamic_partitions_requests
-        assert instance.get_dynamic_partitions(recordings_partitions.name) == ["a.wav"]
 
 
 def _bucket(name: str):
@@ -305,30 +292,40 @@ def test_retrain_job_needs_no_recording_and_recordings_retrain_job_trains_on_the
     assert manifest_path == f"{artifact_store_of({})}/recordings/manifest.csv"
 
 
-def test_a_folder_that_cannot_be_listed_is_reported_and_its_partitions_stay(tmp_path, monkeypatch):
-    """As root no folder is unreadable, so the walk meets the error the kernel gives an unprivileged user."""
+def test_the_sensor_removes_nothing_it_cannot_see_gone(tmp_path, monkeypatch):
+    """A folder that cannot be listed is reported and keeps its partitions; a root that is missing (an unmounted
+    volume) is not an empty one. As root no folder is unreadable, so the walk meets the error the kernel gives
+    an unprivileged user."""
     from fsspec.implementations.local import LocalFileSystem
 
     folder = tmp_path / "recordings"
     corrupt(folder / "a.wav")
     corrupt(folder / "locked" / "b.wav")
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
-    with dg.instance_for_test() as instance:
-        first = _run_sensor(instance)
-        listed = LocalFileSystem.ls
+    instance = dg.DagsterInstance.ephemeral()
+    first = _run_sensor(instance)
+    keys = ["a.wav", "locked/b.wav"]
+    listed = LocalFileSystem.ls
 
-        def ls(self, path, detail=False, **kwargs):
-            if path.rstrip("/").endswith("/locked"):
-                raise PermissionError(13, "Permission denied", path)
-            return listed(self, path, detail=detail, **kwargs)
+    def ls(self, path, detail=False, **kwargs):
+        if path.rstrip("/").endswith("/locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return listed(self, path, detail=detail, **kwargs)
 
-        monkeypatch.setattr(LocalFileSystem, "ls", ls)
-        listing = list_recordings(str(folder))
-        assert listing.unlisted == [{"path": "locked", "reason": "unreadable", "detail": listing.unlisted[0]["detail"]}]
-        assert "Permission denied" in listing.unlisted[0]["detail"] and not listing.complete
-        tick = _run_sensor(instance, first.cursor)
-        assert not tick.dynamic_partitions_requests  # b.wav may still be there: nothing is removed
-        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == ["a.wav", "locked/b.wav"]
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    listing = list_recordings(str(folder))
+    assert [(entry["path"], entry["reason"]) for entry in listing.unlisted] == [("locked", "unreadable")]
+    assert "Permission denied" in listing.unlisted[0]["detail"] and not listing.complete
+    tick = _run_sensor(instance, first.cursor)
+    assert not tick.dynamic_partitions_requests  # b.wav may still be there: nothing is removed
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+    monkeypatch.undo()
+    shutil.rmtree(folder)
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    tick = _run_sensor(instance, first.cursor)
+    assert str(folder) in tick.skip_reason.skip_message and not tick.dynamic_partitions_requests
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
 
 
 def test_a_link_to_a_recording_is_that_recording_and_a_link_to_a_folder_is_reported(tmp_path):
