@@ -188,7 +188,7 @@ def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_cha
         }
     )
     monkeypatch.setenv(RECORDINGS_ENV, "s3://studio/in/")
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         first = _run_sensor(instance)
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
         assert keys == ["show/ep1.wav", "top.flac"]  # relative to the prefix, folders kept
@@ -201,6 +201,13 @@ def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_cha
         assert [r.partition_key for r in again.run_requests] == ["show/ep1.wav"]
         assert _run_sensor(instance, again.cursor).run_requests == []
         assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+        # Another client deletes one object and adds one: the next tick sees both, not this process's listing.
+        boto3.client("s3").delete_object(Bucket="studio", Key="in/top.flac")
+        boto3.client("s3").put_object(Bucket="studio", Key="in/new.wav", Body=b"new")
+        later = _run_sensor(instance, again.cursor)
+        assert [r.partition_key for r in later.run_requests] == ["new.wav"]
+        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == ["new.wav", "show/ep1.wav"]
 
 
 def test_an_s3_recording_yields_the_clips_its_file_on_disk_does_and_bad_objects_are_rejected(
