@@ -133,12 +133,15 @@ def _removed_records(instance: dg.DagsterInstance, root: Path, keys: set[str]) -
     Only those: a record no partition of this instance ever produced (a fresh instance on an old store) is left
     alone, so starting a new instance never deletes a corpus."""
     materialized = instance.get_materialized_partitions(recording_clips.key) - keys
-    removed = {}
-    for path in sorted((root / PARTITIONS_DIR).glob("*.json")):
-        recording = json.loads(path.read_text(encoding="utf-8"))["recording"]
-        if recording in materialized and path == result_path(root, recording):
-            removed[recording] = path
-    return removed
+    records = {record["recording"]: path for path, record in _records(root).items()}
+    return {recording: path for recording, path in sorted(records.items()) if recording in materialized}
+
+
+def _records(root: Path) -> dict[Path, dict]:
+    """Every partition's result record (removed partitions' included) by its path."""
+    return {
+        path: json.loads(path.read_text(encoding="utf-8")) for path in sorted((root / PARTITIONS_DIR).glob("*.json"))
+    }
 
 
 def _clips_per_recording(manifest: Path) -> dict[str, int]:
@@ -160,15 +163,11 @@ def _append_removed(path: Path, dropped: list[dict]) -> None:
 def _delete_removed(root: Path, removed: dict[str, Path]) -> None:
     """Each removed recording's result record, and its clip folder unless a remaining record shares it (folders
     are named by content hash, so two recordings with the same bytes share one)."""
-    if not removed:
-        return
-    folders = {path: json.loads(path.read_text(encoding="utf-8")).get("folder", "") for path in removed.values()}
-    kept = {
-        json.loads(path.read_text(encoding="utf-8")).get("folder", "")
-        for path in (root / PARTITIONS_DIR).glob("*.json")
-        if path not in folders
-    }
-    for path, folder in folders.items():
+    records = _records(root)
+    gone = set(removed.values())
+    kept = {record.get("folder", "") for path, record in records.items() if path not in gone}
+    for path in gone:
+        folder = records[path].get("folder", "")
         if folder and folder not in kept:
             clips = root / CLIPS_DIR / folder
             # Its result file first: a folder half deleted is then never taken for a complete one.
