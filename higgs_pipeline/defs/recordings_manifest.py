@@ -47,7 +47,7 @@ class RecordingsManifestConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="ingest", code_version="1", kinds={"pandas"}, deps=[recording_clips])
+@dg.asset(group_name="ingest", code_version="2", kinds={"pandas"}, deps=[recording_clips])
 def recordings_manifest(
     context: dg.AssetExecutionContext, config: RecordingsManifestConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
