@@ -4,19 +4,25 @@ merged manifest with its checks, and `raw_audio_manifest` reading it (the step's
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import boto3
 import dagster as dg
 import pandas as pd
 from audio_factory import corrupt, metadata_of, resources
+from conftest import ASSET_CHAIN
 from recording_factory import MONOLOGUE, TALK_A, write_recording
 
 from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest
 from higgs_pipeline.defs.recording_clips import (
     RECORDINGS_ENV,
+    list_recordings,
     recording_clips,
     recordings_partitions,
     recordings_sensor,
+    result_path,
 )
 from higgs_pipeline.defs.recordings_manifest import (
     recordings_manifest,
@@ -27,61 +33,90 @@ from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 
 
 def _run_sensor(instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
+    """One tick, its partition requests applied as the sensor daemon applies them."""
     context = dg.build_sensor_context(instance=instance, cursor=cursor)
     result = recordings_sensor(context)
     for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
+
+
+def _merge(instance: dg.DagsterInstance, artifacts_dir) -> dict:
+    """recordings_manifest with its blocking checks, which must pass; its metadata."""
+    merged = dg.materialize(
+        [
+            recordings_manifest,
+            recordings_manifest_accounts_for_every_recording,
+            recordings_manifest_accounts_for_every_segment,
+        ],
+        instance=instance,
+        resources=resources(artifacts_dir),
+        selection=[recordings_manifest],
+    )
+    assert all(check.passed for check in merged.get_asset_check_evaluations())
+    return metadata_of(merged, "recordings_manifest")
+
+
+def _table(path: str) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False)
 
 
 def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifacts_dir):
     folder = tmp_path / "recordings"
     write_recording(folder / "show" / "ep1.wav", MONOLOGUE)
     write_recording(folder / "show" / "ep2.ogg", TALK_A)
+    write_recording(folder / "ep3.flac", MONOLOGUE[1:])
     corrupt(folder / "broken.mp3")
     (folder / "notes.txt").write_text("not audio")
+    corrupt(folder / "odd\tname.wav")  # a name no partition key can hold
+    (folder / "moved.wav").symlink_to(folder / "elsewhere.wav")  # a link to nothing
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         first = _run_sensor(instance)
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
-        assert keys == ["broken.mp3", "show/ep1.wav", "show/ep2.ogg"]  # the documented key: the relative path
+        assert keys == ["broken.mp3", "ep3.flac", "show/ep1.wav", "show/ep2.ogg"]  # the key: the relative path
         assert sorted(r.partition_key for r in first.run_requests) == keys
         assert _run_sensor(instance, first.cursor).run_requests == []  # nothing changed: nothing requested
         write_recording(folder / "show" / "ep1.wav", MONOLOGUE[:1])  # changed content, same key
+        shutil.copy(folder / "show" / "ep1.wav", folder / "show" / "ep1 again.wav")  # same bytes: one clip folder
         again = _run_sensor(instance, first.cursor)
-        assert [r.partition_key for r in again.run_requests] == ["show/ep1.wav"]
+        assert sorted(r.partition_key for r in again.run_requests) == ["show/ep1 again.wav", "show/ep1.wav"]
 
-        for key in ("show/ep1.wav", "broken.mp3"):
+        for key in ("show/ep1.wav", "show/ep1 again.wav", "ep3.flac", "broken.mp3"):
             dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
-        failed = dg.materialize(
-            [recording_clips],
-            partition_key="show/ep2.ogg",
-            instance=instance,
-            resources={**resources(artifacts_dir), "scorers": _missing_asr()},
-            raise_on_error=False,
-        )
-        assert not failed.success  # this partition fails alone
+        for key in ("show/ep2.ogg", "show/ep1 again.wav"):  # fails alone; "ep1 again" after an earlier success
+            failed = dg.materialize(
+                [recording_clips],
+                partition_key=key,
+                instance=instance,
+                resources={**resources(artifacts_dir), "scorers": _missing_asr()},
+                raise_on_error=False,
+            )
+            assert not failed.success
 
-        merged = dg.materialize(
-            [
-                recordings_manifest,
-                recordings_manifest_accounts_for_every_recording,
-                recordings_manifest_accounts_for_every_segment,
-            ],
-            instance=instance,
-            resources=resources(artifacts_dir),
-            selection=[recordings_manifest],
-        )
-        assert all(check.passed for check in merged.get_asset_check_evaluations())
-        meta = metadata_of(merged, "recordings_manifest")
-        assert (meta["recordings"], meta["recordings_rejected"], meta["speakers"]) == (3, 2, 1)
-        rejected = pd.read_csv(meta["rejected_recordings_path"], keep_default_na=False)
+        meta = _merge(instance, artifacts_dir)
+        assert (meta["recordings"], meta["recordings_rejected"], meta["speakers"]) == (5, 3, 1)
+        rejected = _table(meta["rejected_recordings_path"])
         assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {
             "broken.mp3": "undecodable",
-            "show/ep2.ogg": "not_processed",
+            "show/ep2.ogg": "failed",
+            "show/ep1 again.wav": "failed",  # listed with its error, not merged from its earlier result
         }
-        manifest = pd.read_csv(meta["manifest_path"], keep_default_na=False)
-        assert set(manifest["source_recording"]) == {"show/ep1.wav"} and len(manifest) == 1
+        assert all("/nonexistent/whisper" in detail for detail in rejected["detail"][rejected["reason"] == "failed"])
+        manifest = _table(meta["manifest_path"])
+        assert set(manifest["source_recording"]) == {"show/ep1.wav", "ep3.flac"} and len(manifest) == 2
+        unlisted = _table(meta["unlisted_files_path"])
+        assert dict(zip(unlisted["path"], unlisted["reason"], strict=True)) == {
+            "notes.txt": "unsupported_suffix",
+            "odd\tname.wav": "invalid_partition_key",
+            "moved.wav": "not_a_file",
+        }
+        assert "a tab" in unlisted["detail"][unlisted["path"] == "odd\tname.wav"].item()
+        assert meta["files_not_ingested"] == 3 and meta["recordings_removed"] == 0
 
         screened = dg.materialize(
             [raw_audio_manifest],
@@ -91,6 +126,45 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         )
         screening = metadata_of(screened, "raw_audio_manifest")
         assert (screening["rows_accepted"], screening["rows_rejected"]) == (len(manifest), 0)
+
+        _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, again.cursor, meta)
+
+
+def _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, cursor: str, before: dict) -> None:
+    """Deleted files lose their partitions at the next tick and their clips at the next merge; a clip folder goes
+    only when no remaining recording shares it."""
+    ingest = Path(before["manifest_path"]).parent
+    manifest = _table(before["manifest_path"])
+    clips = ingest / Path(manifest["audio_path"][manifest["source_recording"] == "show/ep1.wav"].item()).parent
+    (folder / "show" / "ep1.wav").unlink()
+    (folder / "broken.mp3").unlink()
+    tick = _run_sensor(instance, cursor)
+    assert tick.run_requests == []
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == [
+        "ep3.flac",
+        "show/ep1 again.wav",
+        "show/ep2.ogg",
+    ]
+    after = _merge(instance, artifacts_dir)
+    assert (after["recordings"], after["clips"], after["recordings_removed"]) == (3, 1, 2)
+    assert set(_table(after["manifest_path"])["source_recording"]) == {"ep3.flac"}
+    removed = _table(after["removed_recordings_path"])
+    assert dict(zip(removed["recording"], removed["clips_dropped"], strict=True)) == {
+        "broken.mp3": 0,
+        "show/ep1.wav": 1,
+    }
+    assert not result_path(ingest, "show/ep1.wav").exists() and not result_path(ingest, "broken.mp3").exists()
+    assert clips.is_dir()  # "ep1 again" holds the same bytes: its record still names the folder
+
+    (folder / "show" / "ep1 again.wav").unlink()
+    _run_sensor(instance, tick.cursor)
+    last = _merge(instance, artifacts_dir)
+    assert last["recordings_removed"] == 1 and not clips.exists()
+    assert list(_table(last["removed_recordings_path"])["recording"]) == [
+        "broken.mp3",
+        "show/ep1.wav",
+        "show/ep1 again.wav",
+    ]  # every removal is kept
 
 
 def _bucket(name: str):
@@ -114,7 +188,7 @@ def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_cha
         }
     )
     monkeypatch.setenv(RECORDINGS_ENV, "s3://studio/in/")
-    with dg.instance_for_test() as instance:
+    with dg.DagsterInstance.ephemeral() as instance:
         first = _run_sensor(instance)
         keys = sorted(instance.get_dynamic_partitions(recordings_partitions.name))
         assert keys == ["show/ep1.wav", "top.flac"]  # relative to the prefix, folders kept
@@ -127,6 +201,13 @@ def test_an_s3_prefix_gets_a_partition_per_audio_object_and_a_run_per_new_or_cha
         assert [r.partition_key for r in again.run_requests] == ["show/ep1.wav"]
         assert _run_sensor(instance, again.cursor).run_requests == []
         assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+        # Another client deletes one object and adds one: the next tick sees both, not this process's listing.
+        boto3.client("s3").delete_object(Bucket="studio", Key="in/top.flac")
+        boto3.client("s3").put_object(Bucket="studio", Key="in/new.wav", Body=b"new")
+        later = _run_sensor(instance, again.cursor)
+        assert [r.partition_key for r in later.run_requests] == ["new.wav"]
+        assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == ["new.wav", "show/ep1.wav"]
 
 
 def test_an_s3_recording_yields_the_clips_its_file_on_disk_does_and_bad_objects_are_rejected(
@@ -197,3 +278,71 @@ def test_definitions_load_the_ingest_assets():
     assert definitions.get_assets_def("recordings_manifest") is not None
     assert definitions.get_sensor_def("recordings_sensor") is not None
     assert definitions.resolve_job_def("recording_clips_job").partitions_def == recordings_partitions
+
+
+def test_retrain_job_needs_no_recording_and_recordings_retrain_job_trains_on_them():
+    """`make demo` (`dg launch --job retrain_job`) on a fresh instance: the job holds the chain only, though
+    raw_audio_manifest depends on recordings_manifest for lineage; recordings_retrain_job merges the recordings and
+    points raw_audio_manifest at their manifest."""
+    from higgs_pipeline.definitions import defs
+    from higgs_pipeline.instance import artifact_store_of
+
+    definitions = defs()
+    chain = {dg.AssetKey(key) for key in ASSET_CHAIN}
+    assert dg.AssetKey("recordings_manifest") in definitions.resolve_assets_def("raw_audio_manifest").dependency_keys
+    retrain = definitions.resolve_job_def("retrain_job")
+    assert set(retrain.asset_layer.executable_asset_keys) == chain and retrain.partitions_def is None
+    with_recordings = definitions.resolve_job_def("recordings_retrain_job")
+    assert set(with_recordings.asset_layer.executable_asset_keys) == chain | {recordings_manifest.key}
+    assert with_recordings.partitions_def is None
+    manifest_path = with_recordings.run_config["ops"]["raw_audio_manifest"]["config"]["manifest_path"]
+    assert manifest_path == f"{artifact_store_of({})}/recordings/manifest.csv"
+
+
+def test_the_sensor_removes_nothing_it_cannot_see_gone(tmp_path, monkeypatch):
+    """A folder that cannot be listed is reported and keeps its partitions; a root that is missing (an unmounted
+    volume) is not an empty one. As root no folder is unreadable, so the walk meets the error the kernel gives
+    an unprivileged user."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    folder = tmp_path / "recordings"
+    corrupt(folder / "a.wav")
+    corrupt(folder / "locked" / "b.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    instance = dg.DagsterInstance.ephemeral()
+    first = _run_sensor(instance)
+    keys = ["a.wav", "locked/b.wav"]
+    listed = LocalFileSystem.ls
+
+    def ls(self, path, detail=False, **kwargs):
+        if path.rstrip("/").endswith("/locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return listed(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "ls", ls)
+    listing = list_recordings(str(folder))
+    assert [(entry["path"], entry["reason"]) for entry in listing.unlisted] == [("locked", "unreadable")]
+    assert "Permission denied" in listing.unlisted[0]["detail"] and not listing.complete
+    tick = _run_sensor(instance, first.cursor)
+    assert not tick.dynamic_partitions_requests  # b.wav may still be there: nothing is removed
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+    monkeypatch.undo()
+    shutil.rmtree(folder)
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    tick = _run_sensor(instance, first.cursor)
+    assert str(folder) in tick.skip_reason.skip_message and not tick.dynamic_partitions_requests
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+
+def test_a_link_to_a_recording_is_that_recording_and_a_link_to_a_folder_is_reported(tmp_path):
+    folder = tmp_path / "recordings"
+    corrupt(folder / "takes" / "a.wav")
+    (folder / "linked.wav").symlink_to(folder / "takes" / "a.wav")
+    (folder / "again").symlink_to(folder / "takes")  # not followed: a link may loop
+    listing = list_recordings(str(folder))
+    assert sorted(listing.stamps) == ["linked.wav", "takes/a.wav"]
+    assert listing.stamps["linked.wav"] == listing.stamps["takes/a.wav"]  # the target's size and mtime
+    assert [(entry["path"], entry["reason"]) for entry in listing.unlisted] == [("again", "not_a_file")]
+    (folder / "takes" / "a.wav").write_bytes(b"a longer, changed take")
+    assert list_recordings(str(folder)).stamps["linked.wav"] != listing.stamps["linked.wav"]  # runs again

@@ -1,4 +1,5 @@
-"""Retraining: one job over the whole chain, a weekly schedule, and a sensor that fires when the data changed.
+"""Retraining: one job over the whole chain (and one that merges the recordings first), a weekly schedule, and a
+sensor that fires when the data changed.
 
 Both triggers ask the same cheap question, "did the manifest or the audio it names change?", answered by a
 fingerprint of the manifest bytes plus each referenced file's size and ETag/mtime (one directory listing per
@@ -14,6 +15,7 @@ import fsspec
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.manifest import Manifest, read_manifest, resolve_audio_paths
 from higgs_pipeline.defs.resources import WatchedManifest
+from higgs_pipeline.ingest.outputs import MANIFEST
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, artifact_store_of
 
 # Tag on every triggered run: which manifest fingerprint it trains on (the schedule skips fingerprints already run).
@@ -29,9 +31,16 @@ LIVE_OR_DONE = [
     dg.DagsterRunStatus.SUCCESS,
 ]
 
+# The chain from the manifest to the promoted adapter, without the ingest group that may feed it: retrain_job (and
+# `make demo`) runs on a fresh instance, with no recording ingested.
+RETRAIN_CHAIN = (
+    dg.AssetSelection.assets("production_adapter").upstream()
+    - dg.AssetSelection.assets("recordings_manifest").upstream()
+)
+
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets("production_adapter").upstream(),
+    selection=RETRAIN_CHAIN,
     description="The whole chain, from the manifest to the promoted adapter.",
     # The chain is a line, so steps gain nothing from a process each; one process saves a torch+dagster import
     # per step (minutes over the 14 steps and checks). Training still runs as its own torchrun job via Pipes.
@@ -39,6 +48,24 @@ retrain_job = dg.define_asset_job(
     # One retrain at a time per artifact store (dagster.yaml's tag limit); a run config naming another root
     # gets that root as its tag from the run coordinator instead.
     tags={ARTIFACT_STORE_TAG: artifact_store_of({})},
+)
+
+# The recordings' manifest merged, then the chain trained on it: the run's lineage goes from every recording's
+# partition to the adapter. The path assumes the default artifact store; a run config naming another root names
+# this manifest under it too.
+recordings_retrain_job = dg.define_asset_job(
+    "recordings_retrain_job",
+    selection=RETRAIN_CHAIN | dg.AssetSelection.assets("recordings_manifest"),
+    description="recordings_manifest (every ingested recording's clips), then the whole chain trained on it.",
+    executor_def=dg.in_process_executor,
+    tags={ARTIFACT_STORE_TAG: artifact_store_of({})},
+    config={
+        "ops": {
+            "raw_audio_manifest": {
+                "config": {"manifest_path": "/".join([artifact_store_of({}).rstrip("/"), "recordings", MANIFEST])}
+            }
+        }
+    },
 )
 
 

@@ -48,7 +48,9 @@ class RawAudioManifestConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="data_prep", code_version="1", kinds={"pandas"})
+# The ingest group's manifest is one source it may read (recordings_retrain_job wires it): the edge draws an
+# adapter's lineage back to the recordings. By key, not import, so the chain does not load the ingest code.
+@dg.asset(group_name="data_prep", code_version="1", kinds={"pandas"}, deps=["recordings_manifest"])
 def raw_audio_manifest(
     context: dg.AssetExecutionContext, config: RawAudioManifestConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:

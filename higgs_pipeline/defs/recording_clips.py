@@ -11,7 +11,8 @@ when the file changes; the content hash decides whether its clips are computed a
 import json
 import os
 import posixpath
-from dataclasses import asdict
+import stat
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +21,7 @@ from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
-from higgs_pipeline.files import write_json
+from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
@@ -34,9 +35,10 @@ from higgs_pipeline.launch.ingest_k8s import (
 from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
+PARTITIONS_DIR = "partitions"  # under the ingest root: one result record per partition
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
 _DEFAULTS = IngestSettings()
-# Partition keys may not hold these (Dagster's rule); a file whose relative path does is skipped with a warning.
+# Partition keys may not hold these (Dagster's rule); a file whose relative path does is reported, not ingested.
 _INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
 recordings_partitions = dg.DynamicPartitionsDefinition(name="recordings")
@@ -60,7 +62,7 @@ def ingest_root(artifacts: ArtifactStore) -> Path:
 
 def result_path(root: Path, key: str) -> Path:
     """The partition's result record (what `recordings_manifest` merges)."""
-    return root / "partitions" / f"{digest(key)[:24]}.json"
+    return root / PARTITIONS_DIR / f"{digest(key)[:24]}.json"
 
 
 class RecordingClipsConfig(dg.Config):
@@ -165,19 +167,94 @@ recording_clips_k8s_job = dg.define_asset_job(
 )
 
 
-def recording_stamps(root: str) -> dict[str, str]:
-    """Partition key -> (size, mtime or ETag) of every audio file under `root`; nothing is read but the listing."""
+# Why a file under the root is no partition; recordings_manifest lists each in `unlisted_files.csv`.
+UNSUPPORTED_SUFFIX = "unsupported_suffix"
+INVALID_KEY = "invalid_partition_key"
+NOT_A_FILE = "not_a_file"
+UNREADABLE = "unreadable"
+_KEY_CHARACTER_NAMES = {"...": "'...'", "\n": "a newline", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
+
+
+@dataclass
+class RecordingsListing:
+    """One listing of the watched root: its recordings and every entry that cannot be one, with the reason."""
+
+    stamps: dict[str, str]  # partition key -> (size, ETag or mtime)
+    unlisted: list[dict[str, str]]  # path (relative to the root), reason, detail
+    complete: bool  # every folder could be listed: only then does a key missing from `stamps` mean a deleted file
+
+
+def list_recordings(root: str) -> RecordingsListing:
+    """Every file under `root` as a recording (partition key and stamp) or an unlisted entry; nothing is read but
+    the listing. A root that does not exist raises FileNotFoundError (an unmounted volume is not an empty one)."""
     fs, base = fsspec.core.url_to_fs(root)
     base = base.rstrip("/")
-    stamps = {}
-    for path, info in fs.find(base, detail=True).items():
+    if not fs.isdir(base):
+        raise FileNotFoundError(f"recordings root {root} is not a folder or a prefix holding files")
+    errors: list[OSError] = []
+    # s3fs lists a prefix in one call that raises; fsspec's local walk would skip a folder it cannot list.
+    entries = _find_local(fs, base, errors) if is_local_filesystem(fs) else fs.find(base, detail=True)
+    stamps, unlisted = {}, []
+    for path, info in sorted(entries.items()):
         key = posixpath.relpath(path, base)
-        if not key.lower().endswith(AUDIO_SUFFIXES) or any(bad in key for bad in _INVALID_IN_KEYS):
+        reason, detail = _unlisted_reason(key, info)
+        if reason:
+            unlisted.append({"path": key, "reason": reason, "detail": detail})
             continue
         stamps[key] = json.dumps(
             [info.get("size"), info.get("ETag") or info.get("mtime") or info.get("LastModified")], default=str
         )
-    return stamps
+    for error in errors:
+        where = posixpath.relpath(getattr(error, "filename", None) or base, base)
+        unlisted.append({"path": where, "reason": UNREADABLE, "detail": f"could not be listed: {error}"})
+    return RecordingsListing(stamps, unlisted, complete=not errors)
+
+
+def _find_local(fs: fsspec.AbstractFileSystem, base: str, errors: list[OSError]) -> dict[str, dict]:
+    """Path -> info of every entry below `base` that is not a folder; each folder that cannot be listed goes to
+    `errors`. Links are not followed into folders (fsspec types a link to one as "other"), so a loop ends."""
+    found, pending = {}, [base]
+    while pending:
+        try:
+            listing = fs.ls(pending.pop(), detail=True)
+        except OSError as error:
+            errors.append(error)
+            continue
+        for info in listing:
+            if info["type"] == "directory":
+                pending.append(info["name"])
+            else:
+                found[info["name"]] = _through_link(info)
+    return found
+
+
+def _through_link(info: dict) -> dict:
+    """A link to a file is that file (size and mtime of the target, so a changed target runs again); a broken one,
+    a loop or a link to a folder stays "other"."""
+    if not info.get("islink"):
+        return info
+    try:
+        target = os.stat(info["name"])
+    except OSError:
+        return info
+    if not stat.S_ISREG(target.st_mode):
+        return info
+    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime}
+
+
+def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
+    """(reason, detail) why the entry at `key` is no recording partition; ("", "") for one that is."""
+    if info.get("type", "file") != "file":
+        if info.get("islink"):
+            return NOT_A_FILE, f"a link to {info.get('destination')}, which is no file (missing, a loop or a folder)"
+        return NOT_A_FILE, f"a {info.get('type')} entry, not a file"
+    if not key.lower().endswith(AUDIO_SUFFIXES):
+        return UNSUPPORTED_SUFFIX, f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
+    bad = [bad for bad in _INVALID_IN_KEYS if bad in key]
+    if bad:
+        names = ", ".join(_KEY_CHARACTER_NAMES.get(c, "a control character") for c in bad)
+        return INVALID_KEY, f"its path holds {names}, which a Dagster partition key cannot; rename the file"
+    return "", ""
 
 
 @dg.sensor(
@@ -186,24 +263,40 @@ def recording_stamps(root: str) -> dict[str, str]:
     default_status=dg.DefaultSensorStatus.STOPPED,
 )
 def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """Adds a partition for every new recording and requests a run for every new or changed one (of the k8s job
-    on an instance whose runs launch on Kubernetes)."""
-    stamps = recording_stamps(recordings_root())
+    """Adds a partition for every new recording, requests a run for every new or changed one (of the k8s job on an
+    instance whose runs launch on Kubernetes) and removes the partition of every recording no longer under the
+    root, so `recordings_manifest` drops its clips (a withdrawn file leaves the training data)."""
+    root = recordings_root()
+    try:
+        listing = list_recordings(root)
+    except FileNotFoundError as error:
+        return dg.SensorResult(skip_reason=f"{error}: no partition added or removed")
     seen = json.loads(context.cursor) if context.cursor else {}
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
-    new_keys = sorted(key for key in stamps if key not in known)
-    changed = sorted(key for key, stamp in stamps.items() if seen.get(key) != stamp)
+    new_keys = set(listing.stamps) - known
+    # A folder that could not be listed hides files that are still there: remove nothing until it can.
+    gone = sorted(known - set(listing.stamps)) if listing.complete else []
+    if not listing.complete:
+        context.log.warning(f"part of {root} could not be listed; no partition is removed this tick")
+    if gone:
+        context.log.info(f"removing the partitions of {len(gone)} recordings no longer under {root}: {gone[:10]}")
+    changed = sorted(key for key, stamp in listing.stamps.items() if seen.get(key) != stamp)
     job = INGEST_K8S_JOB if runs_on_kubernetes(context.instance) else recording_clips_job.name
+    partition_requests = [recordings_partitions.build_add_request(sorted(new_keys))] if new_keys else []
+    if gone:
+        partition_requests.append(recordings_partitions.build_delete_request(gone))
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
                 partition_key=key,
-                run_key=f"{key}@{stamps[key]}",
+                # A key added this tick always runs: a file removed and restored unchanged would find its old
+                # run key and be skipped, though its result was deleted with its partition.
+                run_key=None if key in new_keys else f"{key}@{listing.stamps[key]}",
                 job_name=job,
                 tags={ARTIFACT_STORE_TAG: store_tag({}, key)},
             )
             for key in changed
         ],
-        dynamic_partitions_requests=[recordings_partitions.build_add_request(new_keys)] if new_keys else [],
-        cursor=json.dumps(stamps, sort_keys=True),
+        dynamic_partitions_requests=partition_requests,
+        cursor=json.dumps(listing.stamps, sort_keys=True),
     )

@@ -5,22 +5,35 @@ recordings so that one person keeps one label."""
 # No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
 
 import json
+import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+from dagster import AssetPartitionStatus
 from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.data.tables import read_csv
-from higgs_pipeline.defs.recording_clips import ingest_root, recording_clips, recordings_partitions, result_path
+from higgs_pipeline.data.tables import read_csv, write_csv
+from higgs_pipeline.defs.recording_clips import (
+    PARTITIONS_DIR,
+    ingest_root,
+    list_recordings,
+    recording_clips,
+    recordings_partitions,
+    recordings_root,
+    result_path,
+)
 from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENTS, write_outputs
-from higgs_pipeline.ingest.recording import RecordingResult
+from higgs_pipeline.ingest.recording import RESULT_FILE, RecordingResult
 from higgs_pipeline.ingest.settings import IngestSettings
 
 _DEFAULTS = IngestSettings()
+REMOVED = "removed_recordings.csv"  # recording, removed_at, clips_dropped: every removal, kept
+UNLISTED = "unlisted_files.csv"  # path, reason, detail: files under the watched folder that are no partition
 
 
 class RecordingsManifestConfig(dg.Config):
@@ -34,28 +47,33 @@ class RecordingsManifestConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="ingest", code_version="1", kinds={"pandas"}, deps=[recording_clips])
+@dg.asset(group_name="ingest", code_version="2", kinds={"pandas"}, deps=[recording_clips])
 def recordings_manifest(
     context: dg.AssetExecutionContext, config: RecordingsManifestConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
-    """The manifest of every recording's accepted clips; a recording whose partition failed or never ran is listed
-    in `rejected_recordings.csv` as `not_processed`, so every partition is accounted for."""
+    """The manifest of every recording's accepted clips. Every partition is accounted for: one whose latest run
+    failed is listed in `rejected_recordings.csv` as `failed` with its error (never merged from an older result),
+    one that never ran as `not_processed`. A recording whose partition was removed (its file left the watched
+    folder) loses its clips and is listed in `removed_recordings.csv`; every file under the watched folder that is
+    no partition is listed in `unlisted_files.csv` with the reason."""
     root = ingest_root(artifacts)
     keys = sorted(context.instance.get_dynamic_partitions(recordings_partitions.name))
-    results = []
-    for key in keys:
-        path = result_path(root, key)
-        if path.is_file():
-            record = json.loads(path.read_text(encoding="utf-8"))
-            results.append(RecordingResult(**{**record, "recording": key}))
-        else:
-            results.append(
-                RecordingResult(key, "rejected", "not_processed", "its recording_clips partition failed or never ran")
-            )
+    statuses = context.instance.get_status_by_partition(recording_clips.key, keys, recordings_partitions) or {}
+    results = [_partition_result(context.instance, root, key, statuses.get(key)) for key in keys]
+    removed = _removed_records(context.instance, root, set(keys))
+    clips_before = _clips_per_recording(root / MANIFEST)
     settings = IngestSettings(
         speaker_match_threshold=config.speaker_match_threshold, dialogue_turns=config.dialogue_turns
     )
     summary = write_outputs(root, results, settings)
+    removed_at = datetime.now(UTC).isoformat(timespec="seconds")
+    dropped = [
+        {"recording": key, "removed_at": removed_at, "clips_dropped": clips_before.get(key, 0)} for key in removed
+    ]
+    _append_removed(root / REMOVED, dropped)
+    _delete_removed(root, removed)
+    unlisted = _unlisted_files(context)
+    write_csv(pd.DataFrame(unlisted, columns=["path", "reason", "detail"]), str(root / UNLISTED))
     version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()))[:16]
     context.log.info(f"{summary.clips} clips from {len(keys) - summary.recordings_rejected} of {len(keys)} recordings")
     return dg.MaterializeResult(
@@ -63,18 +81,108 @@ def recordings_manifest(
             "manifest_path": str(root / MANIFEST),
             "rejected_recordings_path": str(root / REJECTED),
             "segments_path": str(root / SEGMENTS),
+            "removed_recordings_path": str(root / REMOVED),
+            "unlisted_files_path": str(root / UNLISTED),
             "recordings": summary.recordings,
             "recordings_rejected": summary.recordings_rejected,
+            "recordings_removed": len(dropped),
+            "files_not_ingested": len(unlisted),
             "clips": summary.clips,
             "segments": summary.segments,
             "segments_rejected": summary.segments_rejected,
             "speech_seconds": summary.speech_seconds,
             "speakers": summary.speakers,
             "rejected_preview": dg.MetadataValue.json(summary.rejected[:20]),
+            "removed_preview": dg.MetadataValue.json(dropped[:20]),
+            "unlisted_preview": dg.MetadataValue.json(unlisted[:20]),
             "corpus_version": version,
         },
         data_version=dg.DataVersion(version),
     )
+
+
+def _partition_result(
+    instance: dg.DagsterInstance, root: Path, key: str, status: AssetPartitionStatus | None
+) -> RecordingResult:
+    """The partition's result record, unless its latest run failed: an older record is of older content."""
+    if status == AssetPartitionStatus.FAILED:
+        return RecordingResult(key, "rejected", "failed", _latest_error(instance, key))
+    path = result_path(root, key)
+    if not path.is_file():
+        return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return RecordingResult(**{**record, "recording": key})
+
+
+def _latest_error(instance: dg.DagsterInstance, key: str) -> str:
+    """The error of the partition's latest planned run: the innermost cause of its failed step."""
+    planned = instance.get_latest_planned_materialization_info(recording_clips.key, key)
+    if planned is None:
+        return "its latest recording_clips run failed"
+    for event in instance.all_logs(planned.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+        error = event.dagster_event.step_failure_data.error
+        while error.cause is not None:
+            error = error.cause
+        return f"run {planned.run_id}: {error.message.strip()}"
+    return f"run {planned.run_id} failed before its step ran (see the run's logs)"
+
+
+def _removed_records(instance: dg.DagsterInstance, root: Path, keys: set[str]) -> dict[str, Path]:
+    """Recording -> result record of every partition this instance materialized and has since removed.
+
+    Only those: a record no partition of this instance ever produced (a fresh instance on an old store) is left
+    alone, so starting a new instance never deletes a corpus."""
+    materialized = instance.get_materialized_partitions(recording_clips.key) - keys
+    records = {record["recording"]: path for path, record in _records(root).items()}
+    return {recording: path for recording, path in sorted(records.items()) if recording in materialized}
+
+
+def _records(root: Path) -> dict[Path, dict]:
+    """Every partition's result record (removed partitions' included) by its path."""
+    return {
+        path: json.loads(path.read_text(encoding="utf-8")) for path in sorted((root / PARTITIONS_DIR).glob("*.json"))
+    }
+
+
+def _clips_per_recording(manifest: Path) -> dict[str, int]:
+    """Clips per source recording in the manifest as it was before this merge (what a removal takes out)."""
+    if not manifest.is_file():
+        return {}
+    counts = read_csv(str(manifest), columns=["source_recording"])["source_recording"].value_counts()
+    return {str(recording): int(count) for recording, count in counts.items()}
+
+
+def _append_removed(path: Path, dropped: list[dict]) -> None:
+    """`removed_recordings.csv` keeps every removal ever made: the record of a withdrawal outlives its clips."""
+    columns = ["recording", "removed_at", "clips_dropped"]
+    earlier = read_csv(str(path), columns=columns) if path.is_file() else pd.DataFrame(columns=columns)
+    if dropped or not path.is_file():
+        write_csv(pd.concat([earlier, pd.DataFrame(dropped, columns=columns)], ignore_index=True), str(path))
+
+
+def _delete_removed(root: Path, removed: dict[str, Path]) -> None:
+    """Each removed recording's result record, and its clip folder unless a remaining record shares it (folders
+    are named by content hash, so two recordings with the same bytes share one)."""
+    records = _records(root)
+    gone = set(removed.values())
+    kept = {record.get("folder", "") for path, record in records.items() if path not in gone}
+    for path in gone:
+        folder = records[path].get("folder", "")
+        if folder and folder not in kept:
+            clips = root / CLIPS_DIR / folder
+            # Its result file first: a folder half deleted is then never taken for a complete one.
+            (clips / RESULT_FILE).unlink(missing_ok=True)
+            shutil.rmtree(clips, ignore_errors=True)
+        path.unlink()
+
+
+def _unlisted_files(context: dg.AssetExecutionContext) -> list[dict[str, str]]:
+    """The entries under the watched root that are no partition, from the listing the sensor uses."""
+    try:
+        return list_recordings(recordings_root()).unlisted
+    except FileNotFoundError as error:
+        context.log.warning(f"{error}: unlisted_files.csv is empty")
+        return []
 
 
 @dg.asset_check(asset=recordings_manifest, blocking=True)
