@@ -4,6 +4,7 @@ move, pinned names. Real voices through `write_outputs` and speakers.csv edits: 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from higgs_pipeline.ingest.registry import (
     MATCH_THRESHOLDS,
@@ -80,3 +81,18 @@ def test_a_pinned_name_wins_and_joins_its_namesake():
     )
     assert labels == {"p1": ["Ann"], "p2": ["Ann"]}
     assert len(registry.voices) == 1  # one speaker named Ann
+
+
+def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(tmp_path):
+    """Every recording withdrawn, failed or rejected: the manifest is empty with its columns (so the withdrawal
+    reaches the training data), every recording is listed as rejected, and nothing fails."""
+    from higgs_pipeline.ingest.outputs import MANIFEST, MANIFEST_COLUMNS, REJECTED, write_outputs
+    from higgs_pipeline.ingest.recording import RecordingResult
+    from higgs_pipeline.ingest.settings import IngestSettings
+
+    results = [RecordingResult("a.wav", "rejected", "failed", "boom"), RecordingResult("b.wav", "rejected", "silent")]
+    summary = write_outputs(tmp_path, results, IngestSettings())
+    assert summary.clips == 0 and summary.recordings_rejected == 2
+    manifest = pd.read_csv(tmp_path / MANIFEST)
+    assert manifest.empty and tuple(manifest.columns) == MANIFEST_COLUMNS
+    assert pd.read_csv(tmp_path / REJECTED)["recording"].tolist() == ["a.wav", "b.wav"]

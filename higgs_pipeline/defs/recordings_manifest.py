@@ -25,7 +25,7 @@ from higgs_pipeline.defs.recording_clips import (
     recordings_root,
     result_path,
 )
-from higgs_pipeline.defs.resources import ArtifactStore
+from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENTS, write_outputs
 from higgs_pipeline.ingest.recording import RESULT_FILE, RecordingResult
@@ -39,7 +39,8 @@ UNLISTED = "unlisted_files.csv"  # path, reason, detail: files under the watched
 class RecordingsManifestConfig(dg.Config):
     speaker_match_threshold: float = Field(
         default=_DEFAULTS.speaker_match_threshold,
-        description="Cosine of speaker centroids above which two recordings' speakers are one person",
+        description="Cosine of speaker centroids above which two recordings' speakers are one person, for a speaker "
+        "model without a calibrated threshold (ingest/registry.py's MATCH_THRESHOLDS: Resemblyzer, WavLM)",
     )
     dialogue_turns: int = Field(
         default=_DEFAULTS.dialogue_turns,
@@ -49,7 +50,10 @@ class RecordingsManifestConfig(dg.Config):
 
 @dg.asset(group_name="ingest", code_version="2", kinds={"pandas"}, deps=[recording_clips])
 def recordings_manifest(
-    context: dg.AssetExecutionContext, config: RecordingsManifestConfig, artifacts: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: RecordingsManifestConfig,
+    artifacts: ArtifactStore,
+    scorers: QualityScorers,
 ) -> dg.MaterializeResult:
     """The manifest of every recording's accepted clips. Every partition is accounted for: one whose latest run
     failed is listed in `rejected_recordings.csv` as `failed` with its error (never merged from an older result),
@@ -63,7 +67,10 @@ def recordings_manifest(
     removed = _removed_records(context.instance, root, set(keys))
     clips_before = _clips_per_recording(root / MANIFEST)
     settings = IngestSettings(
-        speaker_match_threshold=config.speaker_match_threshold, dialogue_turns=config.dialogue_turns
+        speaker_match_threshold=config.speaker_match_threshold,
+        dialogue_turns=config.dialogue_turns,
+        asr_model=scorers.asr_model,
+        speaker_model=scorers.speaker_model,
     )
     summary = write_outputs(root, results, settings)
     removed_at = datetime.now(UTC).isoformat(timespec="seconds")

@@ -177,6 +177,7 @@ def _segments(clips_root: Path, results: Sequence[RecordingResult]) -> pd.DataFr
         "reason",
         "detail",
         "clip",
+        *QUALITY_COLUMNS,
     ]
     segments = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns, dtype=str)
     segments["local_speaker"] = pd.to_numeric(segments["local_speaker"]).astype(int)

@@ -222,7 +222,7 @@ def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None
         {"voice_id": list(registry.voices), "label": [v.label for v in registry.voices.values()]},
         columns=list(EDITABLE_COLUMNS),
     )
-    table = table.merge(usage, on="voice_id", how="left")
+    table = table.astype({"voice_id": str}).merge(usage.astype({"voice_id": str}), on="voice_id", how="left")
     table["clips"] = table["clips"].fillna(0).astype(int)
     table["seconds"] = table["seconds"].fillna(0.0).astype(float).round(3)
     table["recordings"] = table["recordings"].fillna(0).astype(int)
