@@ -68,6 +68,9 @@ class RunSettings:
     cpu_threads: int = 0
     log_every: int = 10
     eval_every: int = 200
+    # Validation samples an evaluation point measures, a hash-stable subset of the validation split (0 = all of
+    # it): a pass costs the same whatever the corpus size (data/split.py `validation_subset`).
+    max_validation_samples: int = 2000
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     # Adapters of evaluation points kept for adapter_evaluation to listen to (plus the best by validation loss);
@@ -96,6 +99,7 @@ class TrainConfig:
             "batch.bucket_batches": (self.batch.bucket_batches > 0, "a positive integer"),
             "batch.max_tokens_per_device": (self.batch.max_tokens_per_device >= 0, "0 (off) or a positive integer"),
             "run.keep_candidates": (self.run.keep_candidates >= 0, "0 (only the best) or more"),
+            "run.max_validation_samples": (self.run.max_validation_samples >= 0, "0 (the whole split) or more"),
         }
         bad = [f"{key} must be {rule}" for key, (ok, rule) in checks.items() if not ok]
         if self.run.backend == "nccl" and self.run.device == "cpu":
