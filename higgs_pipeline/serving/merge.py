@@ -23,8 +23,10 @@ from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_MARKER, is_demo
 from higgs_pipeline.serving.adapters import (
     NO_ADAPTER,
+    PRODUCTION,
     ResolvedAdapter,
     SynthesisError,
+    check_adapter_sha256,
     check_adapter_weights,
     check_base_is_higgs,
     default_audio_tokenizer,
@@ -90,9 +92,18 @@ if __name__ == "__main__":
 
 
 def merged_checkpoint(
-    resolved: ResolvedAdapter, out_dir: str, scratch: str, dtype, extra_files=None, check_target=None
+    resolved: ResolvedAdapter,
+    out_dir: str,
+    scratch: str,
+    dtype,
+    extra_files=None,
+    check_target=None,
+    heard: tuple[str | None, str] | None = None,
 ) -> str:
-    """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`."""
+    """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`.
+
+    `heard` (the recorded `adapter_sha256`, and who recorded it): the copy that is merged must be those very files.
+    """
     from higgs_pipeline.evaluation.evaluate import local_folder
     from higgs_pipeline.models.loading import resolve_model
 
@@ -103,6 +114,8 @@ def merged_checkpoint(
         adapter_dir = local_folder(resolved.adapter_path, scratch)
     except FileNotFoundError as error:
         raise SynthesisError(f"adapter {resolved.adapter_path} cannot be read ({error})") from None
+    if heard is not None:
+        check_adapter_sha256(resolved.adapter_path, heard[0], heard[1], files_at=adapter_dir)
     check_adapter_weights(adapter_dir, resolved.adapter_path)
     log.info("merging %s into %s", resolved.adapter_path, resolved.base_model)
     try:
@@ -122,8 +135,14 @@ def export_merged_model(
     model: str | None = None,
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    adapter_sha256: str | None = None,
 ) -> dict:
-    """The adapter merged into its base, as a standalone checkpoint folder `out`; returns its provenance record."""
+    """The adapter merged into its base, as a standalone checkpoint folder `out`; returns its provenance record.
+
+    The production adapter (named "production", or its path with the `adapter_sha256` production_adapter
+    recorded) is merged only when its files are the ones the evaluation heard; a folder named by a user is
+    merged as it is (nothing recorded its files).
+    """
     import torch
 
     if dtype not in ("bfloat16", "float32"):
@@ -133,7 +152,12 @@ def export_merged_model(
     resolved = resolve_adapter(adapter, artifacts_root, model)
     protected = protected_folders(resolved, artifacts_root, exempt="merged_model")
     check_output_folder(out, overwrite, earlier_export, protected=protected)
-    record = export_record(resolved, dtype)
+    heard = None
+    if adapter_sha256 is not None:
+        heard = (adapter_sha256, "production_adapter")
+    elif adapter == PRODUCTION:
+        heard = (resolved.adapter_sha256, resolved.source)
+    record = export_record(resolved, dtype) | {"adapter_sha256": heard[0] if heard else None}
     with tempfile.TemporaryDirectory(prefix="higgs_export_") as scratch:
         extra = {EXPORT_RECORD: json.dumps(record, indent=2) + "\n"}
         merged_checkpoint(
@@ -143,6 +167,7 @@ def export_merged_model(
             getattr(torch, dtype),
             extra_files=extra,
             check_target=lambda: check_output_folder(out, overwrite, earlier_export, protected=protected),
+            heard=heard,
         )
     return {"out": str(Path(out)), **record}
 
