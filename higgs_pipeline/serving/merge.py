@@ -13,10 +13,12 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from higgs_pipeline.files import replace_dir, temporary_dir
 from higgs_pipeline.models import loading
@@ -75,6 +77,49 @@ def merge_adapter(
         shutil.rmtree(temporary, ignore_errors=True)  # a failed export leaves no half-written folder
         raise
     return final
+
+
+@contextmanager
+def adapter_merged_in_place(model: torch.nn.Module, adapter_dir: str, base: str) -> Iterator[torch.nn.Module]:
+    """`model`, a loaded base (the serve engine's), with the adapter's LoRA folded into its weights in place while
+    the block runs; afterwards the LoRA layers are removed and every weight the merge changed is read back from the
+    base checkpoint, so the model is its base again to the bit.
+
+    What the evaluation hears every candidate through: no second copy of the model and no merged checkpoint written
+    and read back per candidate (23 GB each at real size). The merged weights are those `merge_adapter` computes
+    (PEFT's own merge, in the model's dtype), and they live in the same tensors, so an engine that captured CUDA
+    graphs on them replays the merged model. An adapter with `modules_to_save` swaps whole modules at forward time,
+    which a captured graph would not see: it is refused here (`merge_adapter` serves it).
+    """
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("modules_to_save"):
+        raise ValueError(f"adapter {adapter_dir}: modules_to_save cannot be merged in place; use merge_adapter")
+    peft_model = load_adapter(model, adapter_dir)
+    changed = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    try:
+        peft_model.merge_adapter()
+        yield model
+    finally:
+        peft_model.unload()  # the LoRA layers out; the merged weights are still in place
+        _restore_weights(model, base, changed)
+
+
+def _restore_weights(model: torch.nn.Module, base: str, names: list[str]) -> None:
+    """Copy `names` from the base checkpoint's safetensors (one file or shards) into the model's own tensors."""
+    from safetensors import safe_open
+
+    folder = Path(loading.resolve_model(base))
+    index = folder / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.exists() else dict.fromkeys(names, "model.safetensors")
+    parameters = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for file, file_names in by_file.items():
+            with safe_open(str(folder / file), framework="pt") as handle:
+                for name in file_names:
+                    parameters[name].copy_(handle.get_tensor(name))
 
 
 def main(argv: list[str] | None = None) -> None:
