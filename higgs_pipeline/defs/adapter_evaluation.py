@@ -166,7 +166,8 @@ def adapter_evaluation(
         dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
         dialogue_numbers = dialogue_speech.dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
         if dialogues:
-            merged = heard.merged_dir or str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
+            # The dialogue engine loads a checkpoint folder: the one merge of the evaluation, for the chosen adapter.
+            merged = str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
             model_dirs = {"base": resolve_model(base), "adapter": merged}
             dialogue_numbers = _listen_to_dialogues(
                 context, dialogues, model_dirs, checkpoints, scorers, config, sizes, scratch

@@ -2,17 +2,20 @@
 
 The order keeps one model in memory at a time (two 3B models need not fit together): the validation losses of
 the base and of each candidate (one loaded model each; a candidate whose loss training recorded on the same samples
-keeps that record), then the base model's speech on every prompt set, then
-each candidate's speech on the held-out listening prompts (merged into its base, generated, scored, its merged
-folder removed), then the choice (`evaluation/choice.py`), then the chosen adapter's speech on the golden and
-retention sets. Every model speaks a prompt with the prompt's own seed, so base and candidates compare.
+keeps that record), then one serve engine on the base: the base's speech on every prompt set, then each
+candidate's speech on the held-out listening prompts (its LoRA merged into the engine's weights in place, then the
+base restored to the bit: `serving.merge.adapter_merged_in_place`, no merged checkpoint written per candidate),
+then the choice (`evaluation/choice.py`), then the chosen adapter's speech on the golden and retention sets. Every
+model speaks a prompt with the prompt's own seed, so base and candidates compare.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,7 +33,7 @@ from higgs_pipeline.evaluation.listening import (
 )
 from higgs_pipeline.models.loading import load_model, load_text_tokenizer, resolve_model
 from higgs_pipeline.serving.adapters import SynthesisError, adapter_sha256
-from higgs_pipeline.serving.merge import merge_adapter
+from higgs_pipeline.serving.merge import adapter_merged_in_place, merge_adapter
 from higgs_pipeline.training.candidates import Candidate, read_candidates, steps_to_drop
 from higgs_pipeline.training.lora import load_adapter
 from higgs_pipeline.training.objective import LossSums
@@ -82,7 +85,6 @@ class Heard:
     results: list[PromptResult]  # listening prompts: ground_truth, base, adapter (the chosen)
     retention: list[PromptResult]  # base, adapter
     golden: list[PromptResult]  # base, adapter
-    merged_dir: str | None  # the chosen adapter merged into its base (None when nothing needed it)
     losses_reused: int = 0  # candidates whose validation loss was training's record (`CandidateLosses.reused`)
 
 
@@ -175,28 +177,27 @@ def hear_candidates(
     """Generate, score and choose (module docstring). `prompt_sets` holds "listening", "retention", "golden"."""
     listening, retention, golden = (prompt_sets[name] for name in ("listening", "retention", "golden"))
     base_losses, candidate_loss = losses.base, losses.by_step
-    base_clips = _speak(resolve_model(base), [*listening, *retention, *golden], generation, "base")
+    # One engine on the base for every voice: each candidate is merged into it in place, then taken out again.
+    engine = _open(resolve_model(base), generation) if listening or retention or golden else None
+    base_clips = _speak(engine, [*listening, *retention, *golden], generation, "base")
     n, r = len(listening), len(retention)
     base_heard = score_takes(scorer, listening, {"base": base_clips[:n]}, generation.scratch, generation.log)
     scores, heard = {}, {}
     for candidate in candidates:
-        model_dir = _merge(base, candidate, generation.scratch) if listening else None
-        clips = _speak(model_dir, listening, generation, f"step {candidate.step}") if listening else []
+        clips = _speak_as(engine, base, candidate, listening, generation, f"step {candidate.step}")
         heard[candidate.step] = score_takes(
             scorer, listening, {"adapter": clips}, generation.scratch, generation.log, ground_truth=False
         )
         numbers = take_numbers(heard[candidate.step], "adapter") if listening else {}
         scores[candidate.step] = _scores(candidate_loss[candidate.step]["audio_loss"], numbers)
-        if model_dir:
-            shutil.rmtree(model_dir, ignore_errors=True)
     base_scores = _scores(base_losses["audio_loss"], take_numbers(base_heard, "base") if listening else {})
     choice = choose([(c.step, scores[c.step]) for c in candidates], base_scores, tolerances)
     by_step = {c.step: c for c in candidates}
     # Every candidate collapsed: the one training handed on (best by loss) is reported, marked, and gated.
     chosen = by_step[choice.chosen] if choice.chosen is not None else next(c for c in candidates if c.best)
     generation.log(f"chose step {chosen.step}: {choice.reason}")
-    merged_dir = _merge(base, chosen, generation.scratch) if retention or golden else None
-    extra = _speak(merged_dir, [*retention, *golden], generation, "chosen adapter") if merged_dir else []
+    extra = _speak_as(engine, base, chosen, [*retention, *golden], generation, "chosen adapter")
+    del engine
     sets = {}
     for name, prompts, base_part, adapter_part in (
         ("retention", retention, base_clips[n : n + r], extra[:r]),
@@ -207,38 +208,45 @@ def hear_candidates(
     results = with_takes(base_heard, heard[chosen.step], {"adapter": "adapter"}) if listening else []
     comparison = LossComparison(adapter=candidate_loss[chosen.step], base=base_losses, samples=samples)
     return Heard(
-        list(candidates),
-        scores,
-        choice,
-        chosen,
-        comparison,
-        results,
-        sets["retention"],
-        sets["golden"],
-        merged_dir,
-        losses.reused,
+        list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"], losses.reused
     )
 
 
-def _speak(model_dir: str | None, prompts: Sequence[ListeningPrompt], generation: Generation, label: str) -> list:
-    if not prompts or model_dir is None:
+def _open(model_dir: str, generation: Generation):
+    from higgs_pipeline.serving.generate import open_engine
+
+    return open_engine(model_dir, generation.audio_tokenizer, generation.device)
+
+
+def _speak(engine, prompts: Sequence[ListeningPrompt], generation: Generation, label: str) -> list:
+    if not prompts:
         return []
     return generate_takes(
-        model_dir,
-        generation.audio_tokenizer,
+        engine,
         prompts,
         max_new_tokens=generation.max_new_tokens,
         temperature=generation.temperature,
-        device=generation.device,
         scratch=generation.scratch,
         label=label,
         log=generation.log,
     )
 
 
-def _merge(base: str, candidate: CandidateAdapter, scratch: str) -> str:
-    """The serve engine loads a plain checkpoint: the candidate merged into its base."""
-    return str(merge_adapter(base, candidate.local_dir, f"{scratch}/merged-step{candidate.step}"))
+def _speak_as(engine, base: str, candidate: CandidateAdapter, prompts, generation: Generation, label: str) -> list:
+    """The candidate speaks through the base's engine, merged into it in place (`adapter_merged_in_place`: no
+    merged checkpoint per candidate); an adapter with modules_to_save, which that refuses, is merged into a
+    checkpoint of its own and spoken by an engine of its own."""
+    if not prompts:
+        return []
+    config = json.loads((Path(candidate.local_dir) / "adapter_config.json").read_text())
+    if not config.get("modules_to_save"):
+        with adapter_merged_in_place(engine.model, candidate.local_dir, base):
+            return _speak(engine, prompts, generation, label)
+    model_dir = merge_adapter(base, candidate.local_dir, f"{generation.scratch}/merged-step{candidate.step}")
+    try:
+        return _speak(_open(str(model_dir), generation), prompts, generation, label)
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def _scores(audio_loss: float, numbers: dict[str, float]) -> Scores:

@@ -87,9 +87,10 @@ def adapter_merged_in_place(model: torch.nn.Module, adapter_dir: str, base: str)
 
     What the evaluation hears every candidate through: no second copy of the model and no merged checkpoint written
     and read back per candidate (23 GB each at real size). The merged weights are those `merge_adapter` computes
-    (PEFT's own merge, in the model's dtype), and they live in the same tensors, so an engine that captured CUDA
-    graphs on them replays the merged model. An adapter with `modules_to_save` swaps whole modules at forward time,
-    which a captured graph would not see: it is refused here (`merge_adapter` serves it).
+    (PEFT's own merge, in the model's dtype), written into the same tensors: boson's engine captures CUDA graphs
+    on a GPU at start, and a graph reads its weights' memory, so only an in-place change can reach it (this path
+    is tested on CPU; on a GPU it is not yet run). An adapter with `modules_to_save` swaps whole modules at forward
+    time, which a captured graph would not see: it is refused here (`merge_adapter` serves it).
     """
     config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     if config.get("modules_to_save"):
