@@ -64,3 +64,14 @@ def test_the_setting_defaults_to_2000_and_refuses_a_negative_count():
     assert profile("demo", {"max_validation_samples": "0"}).run.max_validation_samples == 0
     with pytest.raises(ValueError, match="run.max_validation_samples must be 0"):
         profile("demo", {"max_validation_samples": "-1"})
+
+
+def test_the_evaluation_measures_the_subset_its_training_measured():
+    """adapter_evaluation reads the limit from lora_adapter's recorded training config: a config from before the
+    setting validated on the whole split; with no config recorded, the default."""
+    from higgs_pipeline.defs.adapter_evaluation import training_validation_limit
+
+    recorded = {"training_config": profile("demo", {"max_validation_samples": "16"}).to_dict()}
+    assert training_validation_limit(recorded) == 16
+    assert training_validation_limit({"training_config": {"run": {"eval_every": 20}}}) == 0
+    assert training_validation_limit({}) == 2000
