@@ -42,6 +42,7 @@ from higgs_pipeline.evaluation.evaluate import compare_with_base, validation_rec
 from higgs_pipeline.evaluation.listening import TAKES
 from higgs_pipeline.models.demo import DEMO_NOTE
 from higgs_pipeline.paths import DEMO_MANIFEST
+from higgs_pipeline.serving.adapters import adapter_sha256
 from higgs_pipeline.training.candidates import save_candidate
 from higgs_pipeline.training.objective import loss_sums, training_loss
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
@@ -291,7 +292,7 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert metadata["improvement"] == pytest.approx(metadata["base_val_total_loss"] - metadata["val_total_loss"])
         assert metadata["val_audio_loss"] < metadata["base_val_audio_loss"]
         assert metadata["demo_model"] is True and metadata["model_note"] == DEMO_NOTE
-        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == "3"
+        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == "4"
         assert metadata["adapter_code_versions"] == {"lora_adapter": "1", "train_val_split": "1"}
         assert [row.data["codebook"] for row in metadata["per_codebook"].records] == list(range(8))
         prefix = "![loss curves](data:image/png;base64,"
@@ -316,6 +317,10 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         # The chosen candidate is the best by loss too: reported under the path training handed on.
         assert pointer["adapter_path"] == str(run / "best_adapter") == metadata["adapter_path"]
         assert pointer["chosen_step"] == 12
+        # What was heard is what is promoted: the hash of the heard files, recorded and checked.
+        assert pointer["adapter_sha256"] == metadata["adapter_sha256"] == adapter_sha256(str(run / "best_adapter"))
+        # These candidates' lines record no loss sums: both were measured here.
+        assert metadata["val_losses_reused"] == 0 and metadata["validation_samples"] == 3
         assert pointer["val_audio_loss"] == pytest.approx(metadata["val_audio_loss"])
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])
         assert pointer["corpus_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]

@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
-from higgs_pipeline.training.candidates import CANDIDATES, INDEX_FILE, read_candidates, save_candidate, thin_candidates
+from higgs_pipeline.training.candidates import (
+    CANDIDATES,
+    INDEX_FILE,
+    folder_name,
+    read_candidates,
+    save_candidate,
+    thin_candidates,
+)
 
 
 def _tiny_peft():
@@ -40,3 +48,29 @@ def test_candidates_are_saved_listed_thinned_and_read_back(tmp_path):
     assert read_candidates(str(tmp_path))[-1].validation["val_loss"] == 2.9
     assert read_candidates(str(tmp_path / "elsewhere")) == []
     assert read_candidates(f"file://{tmp_path}")[0].path == f"file://{tmp_path}/{CANDIDATES}/step-00000020"
+
+
+def test_the_best_candidate_is_reported_as_best_adapter_only_when_its_files_are_the_ones_heard(tmp_path):
+    """best_adapter normally holds the best candidate's very files; when it does not (a resumed run re-saved one),
+    the evaluation reports the candidate folder it heard, with a warning, never the other files."""
+    from higgs_pipeline.evaluation.hearing import candidate_adapters
+    from higgs_pipeline.serving.adapters import ADAPTER_FILES, adapter_sha256
+
+    def folder(path: Path, content: str) -> None:
+        path.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            (path / name).write_text(f"{name}: {content}")
+
+    folder(tmp_path / "candidates" / folder_name(20), "step 20")
+    entry = {"step": 20, "folder": folder_name(20), "validation": {"step": 20, "val_loss": 1.0}, "best": True}
+    (tmp_path / "candidates" / "index.json").write_text(json.dumps({"best_step": 20, "candidates": [entry]}))
+    folder(tmp_path / "best_adapter", "step 20")
+    meta = {"adapter_path": str(tmp_path / "best_adapter"), "run_dir": str(tmp_path)}
+    warnings: list[str] = []
+    (same,) = candidate_adapters(meta, str(tmp_path / "scratch"), 0, warnings.append)
+    assert same.path == str(tmp_path / "best_adapter") and not warnings
+    assert same.adapter_sha256 == adapter_sha256(str(tmp_path / "best_adapter"))
+    (tmp_path / "best_adapter" / "adapter_model.safetensors").write_text("re-saved")
+    (heard,) = candidate_adapters(meta, str(tmp_path / "scratch"), 0, warnings.append)
+    assert heard.path == str(tmp_path / "candidates" / folder_name(20)) and len(warnings) == 1
+    assert heard.adapter_sha256 == same.adapter_sha256

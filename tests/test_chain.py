@@ -37,6 +37,11 @@ def test_whole_chain_materializes_with_torchrun_training(retrain):
     assert evaluation["adapter_path"] == adapter["adapter_path"] or evaluation["adapter_path"].startswith(
         adapter["run_dir"] + "/candidates/step-"
     )
+    # Each candidate's validation loss is the one training recorded on the same samples: not measured again; the
+    # files heard are hashed, and the promoted pointer names those very files.
+    assert evaluation["val_losses_reused"] == evaluation["checkpoints_evaluated"] >= 1
+    assert len(evaluation["adapter_sha256"]) == 64
+    assert metadata("production_adapter")["adapter_sha256"] == evaluation["adapter_sha256"]
     # Who speaks each turn of a validation dialogue, for all three takes (NaN when the split holds no dialogue).
     dialogue_keys = {
         f"{take}dialogue_speaker_{n}"

@@ -22,6 +22,7 @@ from higgs_pipeline.defs.merged_model import merged_model
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.models.demo import DEMO_MARKER
 from higgs_pipeline.models.loading import load_model, load_text_tokenizer
+from higgs_pipeline.serving.adapters import adapter_sha256
 from higgs_pipeline.serving.generate import generate_speech, open_engine
 from higgs_pipeline.serving.merge import EXPORT_RECORD
 from higgs_pipeline.training.data import load_split
@@ -84,9 +85,8 @@ def test_merged_model_asset_follows_the_production_pointer(adapter, tmp_path):
     artifacts = tmp_path / "artifacts"
     promote(artifacts, adapter)
     instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(
-        dg.AssetMaterialization("production_adapter", metadata={"adapter_path": dg.MetadataValue.path(str(adapter))})
-    )
+    heard = {"adapter_path": dg.MetadataValue.path(str(adapter)), "adapter_sha256": adapter_sha256(str(adapter))}
+    instance.report_runless_asset_event(dg.AssetMaterialization("production_adapter", metadata=heard))
     result = dg.materialize(
         [merged_model],
         instance=instance,
@@ -148,7 +148,8 @@ def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, ca
         fs.mkdir(bucket)
     fs.put(str(adapter), f"{runs}/run1/best_adapter", recursive=True)
     remote_adapter = f"s3://{runs}/run1/best_adapter"
-    fs.pipe_file(f"{store}/production_adapter/current.json", json.dumps({"adapter_path": remote_adapter}).encode())
+    heard = {"adapter_path": remote_adapter, "adapter_sha256": adapter_sha256(str(adapter))}
+    fs.pipe_file(f"{store}/production_adapter/current.json", json.dumps(heard).encode())
 
     out = tmp_path / "exported"
     assert main(["export", "--artifacts", f"s3://{store}", "--out", str(out), "--json"]) == 0
@@ -159,7 +160,7 @@ def test_export_and_merged_model_with_an_s3_artifact_store(adapter, tmp_path, ca
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
-                "production_adapter", metadata={"adapter_path": dg.MetadataValue.path(remote_adapter)}
+                "production_adapter", metadata=heard | {"adapter_path": dg.MetadataValue.path(remote_adapter)}
             )
         )
         result = dg.materialize(
@@ -182,3 +183,30 @@ def test_overwrite_replaces_an_earlier_export_only(exported, adapter, tmp_path, 
     assert json.loads(capsys.readouterr().out)["out"] == str(earlier)
     assert (earlier / EXPORT_RECORD).is_file() and not (earlier / "stale.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_an_adapter_changed_after_it_was_heard_is_neither_exported_nor_merged(adapter, tmp_path, capsys):
+    """The production pointer and production_adapter record the heard files' hash; once the files change, export
+    and merged_model refuse, naming the adapter and both hashes, and write nothing."""
+    artifacts, changed = tmp_path / "artifacts", tmp_path / "run" / "best_adapter"
+    shutil.copytree(adapter, changed)
+    promote(artifacts, changed)
+    heard = adapter_sha256(str(changed))
+    weights = changed / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    out = tmp_path / "exported"
+    assert main(["export", "--artifacts", str(artifacts), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert str(changed) in error and heard in error and adapter_sha256(str(changed)) in error
+    assert "changed since they were heard" in error and not out.exists()
+    with dg.instance_for_test() as instance:
+        metadata = {"adapter_path": dg.MetadataValue.path(str(changed)), "adapter_sha256": heard}
+        instance.report_runless_asset_event(dg.AssetMaterialization("production_adapter", metadata=metadata))
+        result = dg.materialize(
+            [merged_model],
+            instance=instance,
+            resources={"artifacts": ArtifactStore(root=str(artifacts)), "checkpoints": HiggsCheckpoints()},
+            raise_on_error=False,
+        )
+    assert not result.success and not (artifacts / "merged_model").exists()
+    assert heard in result.get_step_failure_events()[0].step_failure_data.error.message

@@ -157,3 +157,32 @@ def test_token_budget_batches_train_in_sync(data, tmp_path, demo_model, text_tok
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["token_budget"] == budget and summary["effective_batch_size"] == 16  # the most a step holds
     assert summary["samples_per_step"] == pytest.approx(sum(per_step) / len(per_step))
+
+
+def test_recorded_validation_losses_are_reused_and_agree_with_a_fresh_pass(uninterrupted, data):
+    """Each candidate records what its validation covered; adapter_evaluation's own pass over the same samples
+    gives the same numbers to 1e-4, so `candidate_losses` takes the record instead of measuring again."""
+    from higgs_pipeline.data.records import TokenStore
+    from higgs_pipeline.data.split import validation_subset_records
+    from higgs_pipeline.evaluation.evaluate import RECORDED, validation_losses, validation_records
+    from higgs_pipeline.evaluation.hearing import candidate_adapters, candidate_losses
+    from higgs_pipeline.models.loading import load_model, load_text_tokenizer
+    from higgs_pipeline.training.lora import load_adapter
+
+    records = validation_subset_records(validation_records(data.samples_path, data.split_path), 2000)
+    adapter_meta = {"adapter_path": str(uninterrupted / "best_adapter"), "run_dir": str(uninterrupted)}
+    candidates = candidate_adapters(adapter_meta, str(uninterrupted / "scratch"), 0, print)
+    assert [c.step for c in candidates] == [3, 6]
+    assert all(c.validation["val_samples"] == len(records) == len(data.validation_ids) for c in candidates)
+    split_meta = {"token_store_root": data.token_store_root, "tokenizer": data.tokenizer}
+    losses = candidate_losses("demo", candidates, records, split_meta, 2, "cpu")
+    assert losses.reused == 2
+    chosen = candidates[-1]
+    model = load_adapter(load_model("demo"), chosen.local_dir).eval()
+    store = TokenStore(data.token_store_root, data.tokenizer)
+    fresh = validation_losses(model, records, store, load_text_tokenizer("demo"), 2, "cpu")
+    for name in RECORDED:
+        assert losses.by_step[chosen.step][name] == pytest.approx(fresh[name], abs=1e-4), name
+    assert chosen.validation["val_audio_loss"] == pytest.approx(fresh["audio_loss"], abs=1e-4)
+    # Another set of samples (here: one fewer) is measured, not taken from the record.
+    assert candidate_losses("demo", [chosen], records[:-1], split_meta, 2, "cpu").reused == 0

@@ -175,8 +175,9 @@ def test_profiles_and_overrides():
         profile("demo", {"optim.rank": "3"})
     with pytest.raises(ValueError, match="is not a int"):
         profile("demo", {"max_steps": "many"})
-    with pytest.raises(ValueError, match="run.precision 'bf16' is for GPUs"):
-        profile("demo", {"precision": "bf16"})
+    assert profile("demo", {"precision": "bf16"}).run.precision == "bf16"  # bf16 on CPU is allowed
+    with pytest.raises(ValueError, match="run.precision must be 'bf16' or 'fp32'"):
+        profile("demo", {"precision": "fp16"})
     with pytest.raises(ValueError, match="choose one of"):
         profile("4xtpu")
     with pytest.raises(ValueError, match="key=value"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from higgs_pipeline.models.loading import load_model
-from higgs_pipeline.serving.adapters import pointer_path
+from higgs_pipeline.serving.adapters import adapter_sha256, pointer_path
 from higgs_pipeline.training.checkpoint import save_adapter
 from higgs_pipeline.training.config import LoraSettings
 from higgs_pipeline.training.lora import apply_lora
@@ -33,5 +33,6 @@ def promote(artifacts_root: Path, adapter: Path) -> Path:
     """Write production_adapter's pointer naming `adapter`, as that asset writes it."""
     path = Path(pointer_path(str(artifacts_root)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"adapter_path": str(adapter), "base_model": "demo (demo model, random weights)"}))
+    pointer = {"adapter_path": str(adapter), "base_model": "demo (demo model, random weights)"}
+    path.write_text(json.dumps(pointer | {"adapter_sha256": adapter_sha256(str(adapter))}))
     return path

@@ -25,7 +25,8 @@ Then serve it as the released model is served (the audio tokenizer is the releas
 
 The folder also holds higgs_pipeline_export.json: the adapter, base model and dtype it was made from. With --json
 one object is printed: {"out", "adapter_path", "adapter_source", "base_model", "base_model_label", "dtype",
-"demo_model", "model_note", "audio_tokenizer"}."""
+"demo_model", "model_note", "audio_tokenizer", "adapter_sha256"}. The production adapter is exported only while
+its files are the ones adapter_evaluation heard (adapter_sha256, recorded in the production pointer)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--adapter", default="production", help="production (default) or an adapter folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must be new or empty)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="bfloat16 (as released, half the size) rounds away a LoRA change smaller than ~1/512 of a weight; "
+        "float32 keeps it exactly: pick it for an adapter of a released model (docs/benchmarks.md)",
+    )
     parser.add_argument("--model", default=None, help="the base (checked against the adapter's recorded base)")
     add_artifacts_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")

@@ -23,7 +23,7 @@ dialogue: once one is there by its hash, adding data moves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from higgs_pipeline.data.dialogue import split_group_keys
-from higgs_pipeline.data.hashing import digests, unit_interval
+from higgs_pipeline.data.hashing import digest_of_lines, digests, unit_interval
 from higgs_pipeline.data.normalize import normalize_label
 
 SPLIT_MODES = ("target_clip", "speaker_held_out", "text")
@@ -116,3 +116,48 @@ def validation_texts_in_train(keys: pd.Series, is_validation: np.ndarray) -> int
     validation = np.asarray(is_validation, dtype=bool)
     trained = set(keys[~validation])
     return int(keys[validation].isin(trained).sum())
+
+
+# Salt of the validation subset's hash: independent of the split's own (a group's position decides its side, a
+# sample's position under this salt decides whether training validates on it).
+_SUBSET_SALT = "validation_subset"
+
+
+def validation_subset(sample_ids: Sequence[str], limit: int) -> np.ndarray:
+    """Which validation samples training validates on (a bool mask aligned with `sample_ids`): at most `limit`
+    (0 = all), so a validation pass costs the same at 100 hours of data as at 10,000.
+
+    Each id is hashed onto [0, 1); the subset is the ids below the threshold 2^-k, for the smallest k >= 0 that
+    keeps the count within `limit`. Why a threshold on a ladder of halvings and not the `limit` smallest hashes:
+    with the smallest-N rule every added sample whose hash is smaller pushes an old member out, so a retrain on 10%
+    more data validates on ~9% different samples. Here adding data can only raise the count below the threshold,
+    so k never falls: while k stays, every old member stays (an id's hash does not change) and new ids below the
+    threshold join; only when the count passes `limit` does k rise, which keeps exactly the old members below the
+    lower threshold (no old outsider ever enters). No rule that is a function of the ids alone can both hold
+    exactly `limit` samples and never drop one (once `limit` ids fill it, two such sets could not both be kept),
+    so the count is what gives: between about limit/2 and `limit`, never above.
+    """
+    if limit < 0:
+        raise ValueError(f"max_validation_samples must be 0 (all) or more, got {limit}")
+    size = len(sample_ids)
+    if not limit or size <= limit:
+        return np.ones(size, dtype=bool)
+    position = unit_interval(digests(sample_ids, [_SUBSET_SALT] * size))
+    ordered = np.sort(position)
+    threshold = 1.0
+    while np.searchsorted(ordered, threshold) > limit:
+        threshold /= 2  # exact in floating point: the thresholds are powers of two
+    return position < threshold
+
+
+def validation_subset_records(records: Sequence[Any], limit: int) -> list[Any]:
+    """The records (anything with a `sample_id`) `validation_subset` keeps, in their order: what training and
+    `adapter_evaluation` measure validation losses on."""
+    chosen = validation_subset([record.sample_id for record in records], limit)
+    return [record for record, keep in zip(records, chosen, strict=True) if keep]
+
+
+def ids_sha256(sample_ids: Iterable[str]) -> str:
+    """One hash of a set of sample ids (order does not matter): what a validation pass covered, so a loss recorded
+    on one set is reused only where it is the same set (`adapter_evaluation`)."""
+    return digest_of_lines(sorted(sample_ids))

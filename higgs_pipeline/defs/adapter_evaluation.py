@@ -18,6 +18,7 @@ from pydantic import Field
 from higgs_pipeline.data.dialogue import DIALOGUE_KIND, recorded_dialogue
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records
+from higgs_pipeline.data.split import validation_subset_records
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.choice import SILENCE_TOLERANCE, UNFINISHED_TOLERANCE, Tolerances
@@ -42,6 +43,7 @@ from higgs_pipeline.evaluation.prompt_sets import (
 from higgs_pipeline.evaluation.sizes import Sizes, resolve_sizes
 from higgs_pipeline.models.demo import DEMO_NOTE
 from higgs_pipeline.models.loading import describe, is_demo_model, resolve_audio_tokenizer, resolve_model
+from higgs_pipeline.training.config import RunSettings
 
 if TYPE_CHECKING:
     from higgs_pipeline.evaluation.hearing import Heard
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 # The modules that measure and listen (PEFT, transformers, boson's serve engine, matplotlib) are imported in the
 # functions that run them: loading the code location (the UI, `dg check defs`, every run's process) skips them.
 
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 ASSET_KEY = dg.AssetKey("adapter_evaluation")
 # A new evaluation whose validation audio loss is more than this fraction above the previous one gets a warning.
 REGRESSION_TOLERANCE = 0.05
@@ -164,7 +166,8 @@ def adapter_evaluation(
         dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
         dialogue_numbers = dialogue_speech.dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
         if dialogues:
-            merged = heard.merged_dir or str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
+            # The dialogue engine loads a checkpoint folder: the one merge of the evaluation, for the chosen adapter.
+            merged = str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
             model_dirs = {"base": resolve_model(base), "adapter": merged}
             dialogue_numbers = _listen_to_dialogues(
                 context, dialogues, model_dirs, checkpoints, scorers, config, sizes, scratch
@@ -192,9 +195,15 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
     from higgs_pipeline.evaluation.hearing import Generation, candidate_adapters, candidate_losses, hear_candidates
 
     device = checkpoints.torch_device()
-    candidates = candidate_adapters(adapter_meta, scratch, sizes.max_candidates)
+    candidates = candidate_adapters(adapter_meta, scratch, sizes.max_candidates, context.log.warning)
     context.log.info(f"{len(candidates)} candidate adapter(s): steps {[c.step for c in candidates]}")
-    losses = candidate_losses(base, candidates, records, split_meta, config.batch_size, device)
+    # Losses on the validation subset training measured (listening prompts still come from the whole split).
+    measured = validation_subset_records(records, training_validation_limit(adapter_meta))
+    losses = candidate_losses(base, candidates, measured, split_meta, config.batch_size, device)
+    context.log.info(
+        f"validation losses on {len(measured)} of {len(records)} validation samples; "
+        f"{losses.reused} of {len(candidates)} candidate(s) reused the loss training recorded on them"
+    )
     all_records = list(read_records(split_meta["samples_path"]))
     try:
         prompt_sets = {
@@ -217,11 +226,21 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
         context.log.info,
     )
     heard = hear_candidates(
-        base, candidates, losses, prompt_sets, scorers.scorer(), generation, config.tolerances(), len(records)
+        base, candidates, losses, prompt_sets, scorers.scorer(), generation, config.tolerances(), len(measured)
     )
     for step, reason in heard.choice.collapsed.items():
         context.log.warning(f"candidate at step {step} collapsed: {reason}")
     return heard
+
+
+def training_validation_limit(adapter_meta: dict) -> int:
+    """The `run.max_validation_samples` the adapter's training ran with (0 = the whole split): its recorded
+    training config; one recorded before the setting existed validated on the whole split; none recorded, the
+    default."""
+    config = adapter_meta.get("training_config")
+    if not isinstance(config, dict):
+        return RunSettings().max_validation_samples
+    return int(config.get("run", {}).get("max_validation_samples", 0))
 
 
 def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scorers, config, sizes, scratch) -> dict:
@@ -245,8 +264,9 @@ def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scor
 
 
 def _evaluation_version(adapter_meta: dict, split_meta: dict, heard: "Heard") -> str:
-    """Same chosen adapter, same validation split, same evaluation code -> same version."""
-    parts = [heard.chosen.path, adapter_meta.get("corpus_version"), split_meta["split_path"], CODE_VERSION]
+    """Same chosen adapter (its files too), same validation split, same evaluation code -> same version."""
+    parts = [heard.chosen.path, heard.chosen.adapter_sha256, adapter_meta.get("corpus_version")]
+    parts += [split_meta["split_path"], CODE_VERSION]
     return digest(*(str(part) for part in parts))[:16]
 
 

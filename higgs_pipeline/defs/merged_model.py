@@ -55,6 +55,7 @@ def merged_model(
                 model=checkpoints.model,
                 dtype=config.dtype,
                 overwrite=True,
+                adapter_sha256=pointer.get("adapter_sha256") or "",
             )
         except SynthesisError as error:
             raise dg.Failure(f"merged_model: {error}") from error

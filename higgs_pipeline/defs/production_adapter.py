@@ -3,7 +3,9 @@
 It runs after `adapter_evaluation` in the same run, so the blocking checks there (finite losses, audio no worse
 than the base's, on a released model speech no worse than the base's) fail the run before this asset starts.
 Materialized on its own later, it asks the same gate (`promotion_blockers`) again, so the pointer can never move
-to an adapter those checks would reject.
+to an adapter those checks would reject. It also hashes the adapter's files and refuses them unless they are the
+ones the evaluation heard (`adapter_sha256`); the pointer records that hash, which `higgs-pipeline export` and
+`merged_model` check again.
 """
 
 import math
@@ -16,9 +18,9 @@ from higgs_pipeline.defs.resources import ArtifactStore
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.gates import QUALITY_DEMO_NOTE, promotion_blockers, quality_problems
 from higgs_pipeline.files import write_json
-from higgs_pipeline.serving.adapters import read_pointer
+from higgs_pipeline.serving.adapters import SynthesisError, check_adapter_sha256, read_pointer
 
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 # The numbers copied from the evaluation into the pointer (what the served adapter scored, and its base).
 POINTER_NUMBERS = ("val_total_loss", "val_text_loss", "val_audio_loss", "base_val_total_loss", "improvement")
 # Copied too when the evaluation recorded them (it listened): the audio numbers promotion compares.
@@ -109,8 +111,13 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         )
     if evaluation.get("demo_model") and quality_problems(evaluation):
         context.log.warning(f"not enforced ({QUALITY_DEMO_NOTE}): " + "; ".join(quality_problems(evaluation)))
+    try:  # the pointer may only name the very files that were heard
+        check_adapter_sha256(evaluation["adapter_path"], evaluation.get("adapter_sha256"), "adapter_evaluation")
+    except SynthesisError as error:
+        raise dg.Failure(f"production_adapter: {error}") from error
     candidate = {
         "adapter_path": evaluation["adapter_path"],
+        "adapter_sha256": evaluation["adapter_sha256"],
         "corpus_version": evaluation.get("corpus_version"),
         "base_model": evaluation.get("base_model"),
         "demo_model": bool(evaluation.get("demo_model", False)),
@@ -136,6 +143,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
             "reason": reason,
             "pointer_path": dg.MetadataValue.path(pointer_path),
             "adapter_path": dg.MetadataValue.path(pointer["adapter_path"]),
+            "adapter_sha256": str(pointer.get("adapter_sha256")),
             "corpus_version": str(pointer.get("corpus_version")),
             "base_model": str(pointer.get("base_model")),
             "demo_model": bool(pointer.get("demo_model", False)),

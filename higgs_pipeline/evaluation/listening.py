@@ -168,21 +168,19 @@ def load_clip(path: str, scratch: str) -> tuple[np.ndarray, int]:
 
 
 def generate_takes(
-    model_dir: str,
-    audio_tokenizer_dir: str,
+    engine,
     prompts: Sequence[ListeningPrompt],
     *,
     max_new_tokens: int,
     temperature: float,
-    device: str,
     scratch: str,
     label: str,
     log: Callable[[str], None],
 ) -> list:
-    """One `GeneratedClip` per prompt from the checkpoint in `model_dir`, each with its prompt's seed."""
-    from higgs_pipeline.serving.generate import VoiceReference, generate_speech, open_engine
+    """One `GeneratedClip` per prompt from the serve engine's model (`serving.generate.open_engine`), each with its
+    prompt's seed."""
+    from higgs_pipeline.serving.generate import VoiceReference, generate_speech
 
-    engine = open_engine(model_dir, audio_tokenizer_dir, device)
     clips = []
     for position, prompt in enumerate(prompts, start=1):
         reference = None
@@ -201,7 +199,6 @@ def generate_takes(
             )
         )
         log(f"{label}: generated {position}/{len(prompts)} prompts")
-    del engine
     return clips
 
 

@@ -36,6 +36,7 @@ def evaluation_numbers(heard: Heard, tolerances: Tolerances, retention_tolerance
         "quality_dnsmos_tolerance": tolerances.dnsmos,
         **retention_tolerances,
         "checkpoints_evaluated": len(heard.candidates),
+        "val_losses_reused": heard.losses_reused,
         "chosen_step": heard.chosen.step,
         "checkpoints_collapsed": len(collapsed),
         "all_candidates_collapsed": heard.choice.chosen is None,
@@ -59,6 +60,7 @@ def write_outputs(
     written = write_report(out_dir, heard.results, numbers, f"Listening report: {title}", note, checkpoints=rows)
     summary = {
         "adapter_path": heard.chosen.path,
+        "adapter_sha256": heard.chosen.adapter_sha256,
         "trained_adapter_path": adapter_meta["adapter_path"],
         "base_model": base,
         "demo_model": demo,
@@ -90,6 +92,7 @@ def evaluation_metadata(
         "all_candidates_collapsed": bool(numbers["all_candidates_collapsed"]),
         "chosen_step": int(numbers["chosen_step"]),
         "checkpoints_evaluated": int(numbers["checkpoints_evaluated"]),
+        "val_losses_reused": int(numbers["val_losses_reused"]),
         **texts,
         "checkpoint_scores": _table(checkpoint_rows(heard), {"step": "int", "collapsed": "bool", "chosen": "bool"}),
         "checkpoint_plot": dg.MetadataValue.md(markdown_image(files["checkpoints"], "checkpoint scores")),
@@ -105,6 +108,7 @@ def evaluation_metadata(
         "evaluation_path": dg.MetadataValue.path(f"{out_dir}/evaluation.json"),
         "validation_samples": heard.comparison.samples,
         "adapter_path": dg.MetadataValue.path(heard.chosen.path),
+        "adapter_sha256": heard.chosen.adapter_sha256,
         "trained_adapter_path": dg.MetadataValue.path(adapter_meta["adapter_path"]),
         "base_model": base,
         "demo_model": demo,

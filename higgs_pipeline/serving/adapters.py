@@ -35,6 +35,7 @@ class ResolvedAdapter:
     adapter_path: str | None  # as named (local folder or s3://); None = the base model alone
     base_model: str  # "demo", a hub id or a local folder: what `loading.load_model` accepts
     source: str  # "production pointer <path>", "folder" or "none"
+    adapter_sha256: str | None = None  # what the production pointer recorded of its files (None: not recorded)
 
     @property
     def demo(self) -> bool:
@@ -68,10 +69,11 @@ def resolve_adapter(adapter: str, artifacts_root: str, model: str | None = None)
                 "production_adapter (make demo, or retrain_job), pass --adapter PATH, or --artifacts ROOT"
             )
         adapter, source = pointer["adapter_path"], f"production pointer {pointer_file}"
+        recorded = pointer.get("adapter_sha256")
     else:
-        source = "folder"
+        source, recorded = "folder", None
     config = adapter_config(adapter)
-    return ResolvedAdapter(adapter, base_model_for(adapter, config, model), source)
+    return ResolvedAdapter(adapter, base_model_for(adapter, config, model), source, recorded)
 
 
 def _base_without_adapter(artifacts_root: str, model: str | None) -> str:
@@ -155,6 +157,47 @@ def _same_model(a: str, b: str) -> bool:
     if os.path.isdir(a) and os.path.isdir(b):
         return os.path.realpath(a) == os.path.realpath(b)
     return a == b
+
+
+# The files that decide what an adapter does (PEFT reads these two); notes beside them (validation.json, PEFT's
+# README.md) may differ between copies of the same weights.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def adapter_sha256(adapter: str) -> str:
+    """One sha256 over an adapter folder's ADAPTER_FILES, each file's name and length before its bytes (local
+    path or fsspec URL): recorded when a candidate is heard, checked when it is promoted and exported, so what is
+    served is the very files that were heard. A missing file is an error naming it."""
+    import hashlib
+
+    fs, root = fsspec.core.url_to_fs(adapter.rstrip("/"))
+    hasher = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        path = f"{root}/{name}"
+        if not fs.isfile(path):
+            raise SynthesisError(f"adapter {adapter}: no {name} there; the folder is incomplete")
+        hasher.update(f"{name}\0{fs.size(path)}\0".encode())
+        with fs.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
+
+
+def check_adapter_sha256(adapter: str, expected: str | None, where: str, files_at: str | None = None) -> None:
+    """The adapter's files (read at `files_at`, a local copy, when given) are still the ones `where` recorded
+    (`expected`, from `adapter_sha256`); an error naming the adapter and both hashes otherwise, or when nothing
+    was recorded."""
+    if not expected:
+        raise SynthesisError(
+            f"adapter {adapter}: {where} recorded no adapter_sha256, so nothing proves these are the files that were "
+            "heard; re-materialize adapter_evaluation and production_adapter"
+        )
+    found = adapter_sha256(files_at or adapter)
+    if found != expected:
+        raise SynthesisError(
+            f"adapter {adapter}: its files changed since they were heard: sha256 {found}, but {where} recorded "
+            f"{expected}; re-run adapter_evaluation on it (or restore the adapter) before promoting or exporting it"
+        )
 
 
 def check_base_is_higgs(base_model: str) -> None:

@@ -13,18 +13,22 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from higgs_pipeline.files import replace_dir, temporary_dir
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_MARKER, is_demo
 from higgs_pipeline.serving.adapters import (
     NO_ADAPTER,
+    PRODUCTION,
     ResolvedAdapter,
     SynthesisError,
+    check_adapter_sha256,
     check_adapter_weights,
     check_base_is_higgs,
     default_audio_tokenizer,
@@ -75,6 +79,50 @@ def merge_adapter(
     return final
 
 
+@contextmanager
+def adapter_merged_in_place(model: torch.nn.Module, adapter_dir: str, base: str) -> Iterator[torch.nn.Module]:
+    """`model`, a loaded base (the serve engine's), with the adapter's LoRA folded into its weights in place while
+    the block runs; afterwards the LoRA layers are removed and every weight the merge changed is read back from the
+    base checkpoint, so the model is its base again to the bit.
+
+    What the evaluation hears every candidate through: no second copy of the model and no merged checkpoint written
+    and read back per candidate (23 GB each at real size). The merged weights are those `merge_adapter` computes
+    (PEFT's own merge, in the model's dtype), written into the same tensors: boson's engine captures CUDA graphs
+    on a GPU at start, and a graph reads its weights' memory, so only an in-place change can reach it (this path
+    is tested on CPU; on a GPU it is not yet run). An adapter with `modules_to_save` swaps whole modules at forward
+    time, which a captured graph would not see: it is refused here (`merge_adapter` serves it).
+    """
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config.get("modules_to_save"):
+        raise ValueError(f"adapter {adapter_dir}: modules_to_save cannot be merged in place; use merge_adapter")
+    peft_model = load_adapter(model, adapter_dir)
+    changed = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    try:
+        peft_model.merge_adapter()
+        yield model
+    finally:
+        peft_model.unload()  # the LoRA layers out; the merged weights are still in place
+        _restore_weights(model, base, changed)
+
+
+def _restore_weights(model: torch.nn.Module, base: str, names: list[str]) -> None:
+    """Copy `names` from the base checkpoint's safetensors (one file or shards) into the model's own tensors."""
+    from safetensors import safe_open
+
+    folder = Path(loading.resolve_model(base))
+    index = folder / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.exists() else dict.fromkeys(names, "model.safetensors")
+    parameters = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    with torch.no_grad():
+        for file, file_names in by_file.items():
+            with safe_open(str(folder / file), framework="pt") as handle:
+                for name in file_names:
+                    parameters[name].copy_(handle.get_tensor(name))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=loading.DEMO, help="base model: 'demo', a hub id or a folder")
@@ -90,9 +138,18 @@ if __name__ == "__main__":
 
 
 def merged_checkpoint(
-    resolved: ResolvedAdapter, out_dir: str, scratch: str, dtype, extra_files=None, check_target=None
+    resolved: ResolvedAdapter,
+    out_dir: str,
+    scratch: str,
+    dtype,
+    extra_files=None,
+    check_target=None,
+    heard: tuple[str | None, str] | None = None,
 ) -> str:
-    """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`."""
+    """The folder the serve engine loads: the base itself for "none", else base + adapter merged into `out_dir`.
+
+    `heard` (the recorded `adapter_sha256`, and who recorded it): the copy that is merged must be those very files.
+    """
     from higgs_pipeline.evaluation.evaluate import local_folder
     from higgs_pipeline.models.loading import resolve_model
 
@@ -103,6 +160,8 @@ def merged_checkpoint(
         adapter_dir = local_folder(resolved.adapter_path, scratch)
     except FileNotFoundError as error:
         raise SynthesisError(f"adapter {resolved.adapter_path} cannot be read ({error})") from None
+    if heard is not None:
+        check_adapter_sha256(resolved.adapter_path, heard[0], heard[1], files_at=adapter_dir)
     check_adapter_weights(adapter_dir, resolved.adapter_path)
     log.info("merging %s into %s", resolved.adapter_path, resolved.base_model)
     try:
@@ -122,8 +181,14 @@ def export_merged_model(
     model: str | None = None,
     dtype: str = "bfloat16",
     overwrite: bool = False,
+    adapter_sha256: str | None = None,
 ) -> dict:
-    """The adapter merged into its base, as a standalone checkpoint folder `out`; returns its provenance record."""
+    """The adapter merged into its base, as a standalone checkpoint folder `out`; returns its provenance record.
+
+    The production adapter (named "production", or its path with the `adapter_sha256` production_adapter
+    recorded) is merged only when its files are the ones the evaluation heard; a folder named by a user is
+    merged as it is (nothing recorded its files).
+    """
     import torch
 
     if dtype not in ("bfloat16", "float32"):
@@ -133,7 +198,12 @@ def export_merged_model(
     resolved = resolve_adapter(adapter, artifacts_root, model)
     protected = protected_folders(resolved, artifacts_root, exempt="merged_model")
     check_output_folder(out, overwrite, earlier_export, protected=protected)
-    record = export_record(resolved, dtype)
+    heard = None
+    if adapter_sha256 is not None:
+        heard = (adapter_sha256, "production_adapter")
+    elif adapter == PRODUCTION:
+        heard = (resolved.adapter_sha256, resolved.source)
+    record = export_record(resolved, dtype) | {"adapter_sha256": heard[0] if heard else None}
     with tempfile.TemporaryDirectory(prefix="higgs_export_") as scratch:
         extra = {EXPORT_RECORD: json.dumps(record, indent=2) + "\n"}
         merged_checkpoint(
@@ -143,6 +213,7 @@ def export_merged_model(
             getattr(torch, dtype),
             extra_files=extra,
             check_target=lambda: check_output_folder(out, overwrite, earlier_export, protected=protected),
+            heard=heard,
         )
     return {"out": str(Path(out)), **record}
 

@@ -34,7 +34,7 @@ class Candidate:
 
     step: int
     path: str
-    validation: dict[str, float]
+    validation: dict[str, Any]  # the step's validation line, with what it covered (val_samples, val_ids_sha256)
     best: bool  # the best by validation loss over the whole run
 
 
@@ -71,7 +71,8 @@ def steps_to_drop(steps: list[int], best_step: int | None, keep: int) -> list[in
 def save_candidate(peft_model, run_dir: Path, validation: dict[str, Any], best_step: int | None) -> Path:
     """Rank 0, at an evaluation point: the adapter of this step as a candidate, and the index rewritten.
 
-    `validation` is the step's validation line (`step`, `val_loss`, `val_audio_loss`, ...). Saving a step again
+    `validation` is the step's validation line (`step`, `val_loss`, `val_audio_loss`, ..., and `val_samples`,
+    `val_ids_sha256`, `val_sums`: what it measured, which `adapter_evaluation` reuses). Saving a step again
     (a resumed run re-doing a step) replaces that candidate. Thinning waits for the next checkpoint
     (`thin_candidates`), which knows the run's settings.
     """

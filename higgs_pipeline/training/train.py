@@ -11,7 +11,8 @@ What makes it correct:
   non-boundary micro-steps of an accumulation window;
 - the loss of every micro-batch is its share of one token-weighted mean over the whole effective batch (label
   counts of the window are all_reduced first), so N ranks x batch b train exactly like 1 rank x batch N*b;
-- validation runs on all ranks over the whole split and all_reduces loss sums, not means;
+- validation runs on all ranks over a fixed hash-chosen subset of the split (`run.max_validation_samples`) and
+  all_reduces loss sums, not means;
 - checkpoints hold everything a killed run needs to continue as if it had not stopped, and are read without
   pickle; rank 0 holds the run folder's lock for the whole run.
 Launched by Dagster Pipes (its env vars are set), rank 0 streams logs and reports the materialization.
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 from torch.nn.parallel import DistributedDataParallel
 
+from higgs_pipeline.data.split import ids_sha256, validation_subset_records
 from higgs_pipeline.launch.pipes_messages import pipes_message_writer
 from higgs_pipeline.launch.torchrun import die_with_agent
 from higgs_pipeline.models import loading
@@ -205,6 +207,7 @@ def _data(args: argparse.Namespace, config: TrainConfig, env: Distributed, model
     text_tokenizer = loading.load_text_tokenizer(args.model)
     collator = make_collator(model_config)
     train_records, validation_records = load_split(args.samples, args.split)
+    validation_records = validation_subset_records(validation_records, config.run.max_validation_samples)
     train_set = RecordDataset(train_records, args.token_store, args.tokenizer_id, text_tokenizer)
     validation_set = RecordDataset(validation_records, args.token_store, args.tokenizer_id, text_tokenizer)
     sampler = DistributedLengthBucketSampler(
@@ -348,11 +351,23 @@ def evaluate(module: HiggsTrainingModule, loader, device: torch.device, codebook
 
 def _validate(
     parts: Parts, data: Data, optim: OptimSettings, env: Distributed, run_dir: Path, progress: Progress, reporter
-) -> dict[str, float]:
-    """Validation loss over the whole split; a new best is saved as best_adapter. Returns the metrics line."""
+) -> dict[str, Any]:
+    """Validation loss over the validation subset; a new best is saved as best_adapter. Returns the metrics line.
+
+    The line records what was measured, so `adapter_evaluation` can reuse it instead of measuring again: how many
+    samples (`val_samples`), which (`val_ids_sha256`, `data.split.ids_sha256`) and the exact loss sums
+    (`val_sums`, `LossSums.as_vector`), from which any weighting's means follow.
+    """
     sums = evaluate(parts.module, data.validation_loader, env.device, parts.codebooks)
     means = sums.means(optim.text_weight, optim.audio_weight)
-    result = {"step": progress.step, **prefixed(means, "val")}
+    ids = [record.sample_id for record in data.validation_set.records]
+    result = {
+        "step": progress.step,
+        **prefixed(means, "val"),
+        "val_samples": len(ids),
+        "val_ids_sha256": ids_sha256(ids),
+        "val_sums": sums.as_vector().tolist(),
+    }
     reporter.metrics(result, "val")
     reporter.info(
         f"step {progress.step}: val_loss {means['total_loss']:.4f} (text {means['text_loss']:.4f}, "
