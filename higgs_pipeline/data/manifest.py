@@ -28,7 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
-OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text", "dialogue_id", "turn")
+# `asr_model` and `asr_confidence` say which ASR wrote `text` and how sure it was (ingest's clip manifest): a
+# transcript_check with the same model reuses that transcript instead of transcribing the clip again.
+OPTIONAL_COLUMNS = (
+    "id",
+    "language",
+    "scene",
+    "ref_audio_path",
+    "ref_text",
+    "dialogue_id",
+    "turn",
+    "asr_model",
+    "asr_confidence",
+)
 MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")

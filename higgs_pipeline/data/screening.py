@@ -110,6 +110,8 @@ ACCEPTED_COLUMNS = (
     "sample_rate",
     "channels",
     "peak_dbfs",
+    "asr_model",
+    "asr_confidence",
 )
 _PROBE_COLUMNS = ("reason", "detail", "clip_hash", "frames", "sample_rate", "channels", "duration_s", "peak_dbfs")
 
@@ -435,9 +437,18 @@ def _accepted_table(
             "sample_rate": target["sample_rate"][mask],
             "channels": target["channels"][mask],
             "peak_dbfs": target["peak_dbfs"][mask],
+            "asr_model": kept["asr_model"].str.strip(),
+            "asr_confidence": asr_confidence(kept["asr_confidence"]),
         }
     )
     return table[list(ACCEPTED_COLUMNS)]
+
+
+def asr_confidence(values: pd.Series) -> np.ndarray:
+    """The ASR's confidence as a number; NaN where the manifest gives none (or no number), which only means the
+    transcript is not reused: transcript_check hears that clip itself."""
+    numbers = pd.to_numeric(values.str.strip(), errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    return np.where(np.isfinite(numbers), numbers, np.nan)
 
 
 def _rejected_table(rows: pd.DataFrame, mask: np.ndarray, verdict: _Verdicts, audio_uri: pd.Series) -> pd.DataFrame:
