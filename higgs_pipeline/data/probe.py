@@ -9,6 +9,7 @@ size and change stamp lets a re-screening read only the files that are new or ch
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -322,17 +323,23 @@ def probe_with_cache(
     same size is read again. The cache holds exactly this call's files: it never grows past one manifest, and its
     results must have been made with the same `max_seconds` and `max_bytes` (the caller puts them in the name).
     """
-    distinct = pd.unique(np.asarray([u for u in uris if u], dtype=object))
+    uris = np.asarray(uris, dtype=object)
+    distinct = pd.unique(uris[uris != ""])
     current = pd.DataFrame({"uri": pd.Series(distinct, dtype="str")})
     current["size"], current["stamp"] = _stamps(distinct, workers)
     hits = _cached_probes(cache_path, current, log)
-    missing = np.setdiff1d(distinct, hits["uri"].to_numpy(object), assume_unique=True) if len(hits) else distinct
+    missing = distinct[~pd.Index(distinct, dtype=object).isin(hits["uri"].to_numpy(object))]
     probed = _probe_columns(missing, max_seconds, workers, max_bytes, log)
-    fresh = current.set_index("uri").loc[probed["uri"], ["size", "stamp"]].reset_index()
-    table = pd.concat([hits, pd.concat([fresh, probed.drop(columns="uri")], axis=1)], ignore_index=True)
+    if len(probed):
+        fresh = current.set_index("uri").loc[probed["uri"], ["size", "stamp"]].reset_index()
+        probed = pd.concat([fresh, probed.drop(columns="uri")], axis=1)
+    del current  # a million rows of it: not held while the table is assembled
+    table = (
+        pd.concat([hits, probed], ignore_index=True) if len(hits) and len(probed) else probed if len(probed) else hits
+    )
     if cache_path is not None:
-        write_parquet(table[table["stamp"] != ""], cache_path)
-    return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(probed), len(hits))
+        write_parquet(table[table["stamp"] != 0], cache_path)
+    return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(missing), len(hits))
 
 
 def file_stamp(uri: str) -> tuple[int, str]:
@@ -355,15 +362,22 @@ def file_stamp(uri: str) -> tuple[int, str]:
 
 
 def _stamps(uris: np.ndarray, workers: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """`file_stamp` of every URI, in chunks (a future per file would cost more than a local stat)."""
+    """Size and stamp of every URI, each stamp kept as a 64-bit hash (0: unknown) so that millions of them stay
+    small; computed in chunks (a future per file would cost more than a local stat)."""
     chunks = [uris[start : start + chunk] for start in range(0, len(uris), chunk)]
-    sizes, stamps = np.zeros(len(uris), dtype=np.int64), np.full(len(uris), "", dtype=object)
+    sizes, stamps = np.zeros(len(uris), dtype=np.int64), np.zeros(len(uris), dtype=np.int64)
     position = 0
     for found in bounded_map(lambda part: [file_stamp(u) for u in part], chunks, workers):
         for size, stamp in found:
-            sizes[position], stamps[position] = size, stamp
+            sizes[position], stamps[position] = size, _stamp_id(stamp)
             position += 1
     return sizes, stamps
+
+
+def _stamp_id(stamp: str) -> int:
+    if not stamp:
+        return 0
+    return int.from_bytes(hashlib.blake2b(stamp.encode(), digest_size=8).digest(), "little", signed=True) or 1
 
 
 def _cached_probes(cache_path: str | None, current: pd.DataFrame, log: Callable[[str], None] | None) -> pd.DataFrame:
@@ -381,8 +395,8 @@ def _cached_probes(cache_path: str | None, current: pd.DataFrame, log: Callable[
         return empty
     if not set(empty.columns) <= set(cache.columns):
         return empty
-    known = current[current["stamp"] != ""]
-    cache = cache[list(empty.columns)].drop_duplicates("uri").astype({"uri": "str", "stamp": "str"})
+    known = current[current["stamp"] != 0]
+    cache = cache[list(empty.columns)].drop_duplicates("uri").astype({"uri": "str", "stamp": "int64"})
     return known.merge(cache, on=["uri", "size", "stamp"], how="inner").astype(empty.dtypes.to_dict())
 
 
