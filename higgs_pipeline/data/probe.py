@@ -334,9 +334,8 @@ def probe_with_cache(
         fresh = current.set_index("uri").loc[probed["uri"], ["size", "stamp"]].reset_index()
         probed = pd.concat([fresh, probed.drop(columns="uri")], axis=1)
     del current  # a million rows of it: not held while the table is assembled
-    table = (
-        pd.concat([hits, probed], ignore_index=True) if len(hits) and len(probed) else probed if len(probed) else hits
-    )
+    parts = [frame for frame in (hits, probed) if len(frame)] or [hits]
+    table = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)  # one part: no copy
     if cache_path is not None:
         write_parquet(table[table["stamp"] != 0], cache_path)
     return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(missing), len(hits))

@@ -138,27 +138,43 @@ def _hear_all(
     """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language whose
     transcript is not reused, each distinct clip transcribed once, from the cache when it is there; and how many
     came from the cache."""
-    wanted: dict[tuple[str, str], str] = {}
-    for clip_hash, uri, (code, _why), reuse in zip(
-        rows["clip_hash"], rows["audio_uri"], languages, reused, strict=True
+    wanted: dict[tuple[str, str], tuple[str, float]] = {}
+    for clip_hash, uri, duration, (code, _why), reuse in zip(
+        rows["clip_hash"], rows["audio_uri"], rows["duration_s"], languages, reused, strict=True
     ):
         if code is not None and not reuse:
-            wanted.setdefault((clip_hash, code), uri)
+            wanted.setdefault((clip_hash, code), (uri, float(duration)))
     heard: dict[tuple[str, str], dict] = {}
-    cached = 0
-    for done, ((clip_hash, code), uri) in enumerate(wanted.items(), start=1):
-        path = f"{cache_root}/{clip_hash}-{code or 'auto'}.json"
-        key = [clip_hash, code, cache_root.rsplit("/", 1)[-1]]  # the clip, its language and the ASR model
-        entry = _cached(context, path, key)
+    pending: list[tuple[tuple[str, str], str, float]] = []
+    for (clip_hash, code), (uri, duration) in wanted.items():
+        entry = _cached(context, *_cache_entry(cache_root, clip_hash, code))
         if entry is not None:
             heard[clip_hash, code] = entry
-            cached += 1
         else:
-            heard[clip_hash, code] = _hear(uri, code, scorer)
-            write_json(path, seal(key, heard[clip_hash, code]), indent=None)
-        if done % max(1, config.progress_every) == 0 or done == len(wanted):
+            pending.append(((clip_hash, code), uri, duration))
+    cached = len(heard)
+    # Clips of one language and nearly one length share Whisper's token budget: sorted, they fill whole batches.
+    pending.sort(key=lambda item: (item[0][1], item[2]))
+    chunk = 4 * scoring.ASR_BATCH_SIZE  # clips read at a time: a few batches' worth, whatever the corpus size
+    every = max(1, config.progress_every)
+    if wanted and not pending:
+        context.log.info(f"transcribed {len(wanted)}/{len(wanted)} clips ({cached} from the cache)")
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
+        results = _hear_batch([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
+        for (key, _uri, _duration), result in zip(part, results, strict=True):
+            heard[key] = result
+            path, seal_key = _cache_entry(cache_root, *key)
+            write_json(path, seal(seal_key, result), indent=None)
+        done = cached + start + len(part)
+        if (done - len(part)) // every != done // every or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
     return heard, cached
+
+
+def _cache_entry(cache_root: str, clip_hash: str, code: str) -> tuple[str, list[str]]:
+    """A clip's transcript cache file and the key it is sealed with: the clip, its language and the ASR model."""
+    return f"{cache_root}/{clip_hash}-{code or 'auto'}.json", [clip_hash, code, cache_root.rsplit("/", 1)[-1]]
 
 
 def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dict | None:
@@ -180,10 +196,10 @@ def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dic
     return entry
 
 
-def _hear(uri: str, code: str, scorer: scoring.Scorer) -> dict:
-    wave, rate = decode(read_clip_bytes(uri))  # as the probe read it: regular files only, under the byte cap
-    hypothesis, speech = scorer.listen(wave, rate, code or None)
-    return {"hypothesis": hypothesis, "speech_detected": speech}
+def _hear_batch(uris: list[str], codes: list[str], scorer: scoring.Scorer) -> list[dict]:
+    """The clips read as the probe read them (regular files only, under the byte cap) and heard in batches."""
+    clips = [(*decode(read_clip_bytes(uri)), code or None) for uri, code in zip(uris, codes, strict=True)]
+    return [{"hypothesis": hypothesis, "speech_detected": speech} for hypothesis, speech in scorer.listen_batch(clips)]
 
 
 def _verdicts(
