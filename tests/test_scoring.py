@@ -16,7 +16,7 @@ from audio_factory import SENTENCES, empty, speech, tone
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
-from higgs_pipeline.speech import scoring
+from higgs_pipeline.speech import scoring, whisper_batch
 
 JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s", "dnsmos_ovrl"}
 
@@ -259,3 +259,24 @@ def test_speech_models_run_on_torchs_thread_count(monkeypatch):
     for session in (model.onnx_sess, model.p808_onnx_sess):
         options = session.get_session_options()
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_batched_transcripts_equal_one_at_a_time(scorer, voices):
+    """`listen_batch` gives exactly `listen`'s transcripts on espeak speech, batches holding several clips: clips
+    padded with silence to two lengths (clips of one length share Whisper's token budget, so a batch) and a silent
+    clip (Whisper's no-speech path). A clip longer than one window is decoded alone. (Noise is left out: there
+    Whisper's temperature fallback samples, and two one-at-a-time runs differ from each other.)"""
+    clips = []
+    for index, path in enumerate(sorted(voices.values())):
+        wave, rate = decode(str(path))
+        seconds = 4 if index % 2 else 5
+        clips.append((np.pad(wave, ((0, 0), (0, seconds * rate - wave.shape[1]))), rate, None))
+    clips.append((np.zeros((1, 5 * 16_000), np.float32), 16_000, "en"))
+    model = scorer._asr_model()
+    audios = [scoring.to_model_audio(wave, rate) for wave, rate, _ in clips] + [np.zeros(31 * 16_000, np.float32)]
+    plan = whisper_batch.batches(model, audios, [None] * len(audios), scoring.whisper_decoding, 4)
+    assert sorted(len(part) for _code, _settings, part in plan) == [1, 4, 4]  # the silent clip shares no budget
+    assert len(audios) - 1 not in {i for _code, _settings, part in plan for i in part}  # 31 s: decoded alone
+    one_at_a_time = [scorer.listen(wave, rate, language) for wave, rate, language in clips]
+    assert scorer.listen_batch(clips, batch_size=4) == one_at_a_time
+    assert [speech for _text, speech in one_at_a_time] == [True] * 8 + [False]
