@@ -385,18 +385,15 @@ def _cached_probes(cache_path: str | None, current: pd.DataFrame, log: Callable[
     if cache_path is None:
         return empty
     try:
-        cache = read_parquet(cache_path)
+        cache = read_parquet(cache_path, columns=list(empty.columns)).astype(empty.dtypes.to_dict())
     except FileNotFoundError:
         return empty
-    except Exception as error:  # a torn or foreign file: probing again is always correct
+    except Exception as error:  # a torn, foreign or older file: probing again is always correct
         if log is not None:
             log(f"probe cache {cache_path} dropped ({type(error).__name__}: {error}): probing every clip")
         return empty
-    if not set(empty.columns) <= set(cache.columns):
-        return empty
     known = current[current["stamp"] != 0]
-    cache = cache[list(empty.columns)].drop_duplicates("uri").astype({"uri": "str", "stamp": "int64"})
-    return known.merge(cache, on=["uri", "size", "stamp"], how="inner").astype(empty.dtypes.to_dict())
+    return known.merge(cache.drop_duplicates("uri"), on=["uri", "size", "stamp"], how="inner")
 
 
 def _probe_columns(
