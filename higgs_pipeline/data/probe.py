@@ -327,7 +327,7 @@ def probe_with_cache(
     distinct = pd.unique(uris[uris != ""])
     current = pd.DataFrame({"uri": pd.Series(distinct, dtype="str")})
     current["size"], current["stamp"] = _stamps(distinct, workers)
-    hits = _cached_probes(cache_path, current, log)
+    hits, cached_rows = _cached_probes(cache_path, current, log)
     missing = distinct[~pd.Index(distinct, dtype=object).isin(hits["uri"].to_numpy(object))]
     probed = _probe_columns(missing, max_seconds, workers, max_bytes, log)
     if len(probed):
@@ -336,7 +336,8 @@ def probe_with_cache(
     del current  # a million rows of it: not held while the table is assembled
     parts = [frame for frame in (hits, probed) if len(frame)] or [hits]
     table = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)  # one part: no copy
-    if cache_path is not None:
+    # Unchanged (every file reused, none gone): the cache on disk already says all this.
+    if cache_path is not None and (len(missing) or len(hits) != cached_rows):
         write_parquet(table[table["stamp"] != 0], cache_path)
     return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(missing), len(hits))
 
@@ -379,21 +380,24 @@ def _stamp_id(stamp: str) -> int:
     return int.from_bytes(hashlib.blake2b(stamp.encode(), digest_size=8).digest(), "little", signed=True) or 1
 
 
-def _cached_probes(cache_path: str | None, current: pd.DataFrame, log: Callable[[str], None] | None) -> pd.DataFrame:
-    """The cache's rows whose (uri, size, stamp) match a file now; an unreadable cache is dropped, never fatal."""
+def _cached_probes(
+    cache_path: str | None, current: pd.DataFrame, log: Callable[[str], None] | None
+) -> tuple[pd.DataFrame, int]:
+    """The cache's rows whose (uri, size, stamp) match a file now, and how many rows the cache holds; an
+    unreadable cache is dropped, never fatal."""
     empty = current.iloc[:0].assign(**{name: pd.Series(dtype=kind) for name, kind in PROBE_FIELDS.items()})
     if cache_path is None:
-        return empty
+        return empty, 0
     try:
         cache = read_parquet(cache_path, columns=list(empty.columns)).astype(empty.dtypes.to_dict())
     except FileNotFoundError:
-        return empty
+        return empty, 0
     except Exception as error:  # a torn, foreign or older file: probing again is always correct
         if log is not None:
             log(f"probe cache {cache_path} dropped ({type(error).__name__}: {error}): probing every clip")
-        return empty
+        return empty, 0
     known = current[current["stamp"] != 0]
-    return known.merge(cache.drop_duplicates("uri"), on=["uri", "size", "stamp"], how="inner")
+    return known.merge(cache.drop_duplicates("uri"), on=["uri", "size", "stamp"], how="inner"), len(cache)
 
 
 def _probe_columns(
