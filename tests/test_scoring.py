@@ -280,3 +280,16 @@ def test_batched_transcripts_equal_one_at_a_time(scorer, voices):
     one_at_a_time = [scorer.listen(wave, rate, language) for wave, rate, language in clips]
     assert scorer.listen_batch(clips, batch_size=4) == one_at_a_time
     assert [speech for _text, speech in one_at_a_time] == [True] * 8 + [False]
+
+
+def test_score_batch_equals_score_clip_by_clip(scorer, voices):
+    reference = decode(str(voices[0, 0]))
+    clips = []
+    for sentence in (1, 2):
+        wave, rate = decode(str(voices[1, sentence]))
+        clips.append((np.pad(wave, ((0, 0), (0, 4 * rate - wave.shape[1]))), rate, SENTENCES[sentence]))
+    single = [scorer.score(wave, rate, text, reference, naturalness=False) for wave, rate, text in clips]
+    assert scorer.score_batch(clips, reference, naturalness=False) == single
+    assert all(score.speech_detected and score.speaker_similarity is not None for score in single)
+    with pytest.raises(ValueError, match="no words"):
+        scorer.score_batch([(clips[0][0], clips[0][1], "...")])

@@ -285,7 +285,39 @@ class Scorer:
         `naturalness` is False) DNSMOS: one rating per clip, ~1 s on a CPU once its ONNX models are loaded."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
-        hypothesis, speech = self._listen(audio, language)
+        heard = self._listen(audio, language)
+        return self._clip_score(audio, waveform, sample_rate, text, heard, reference, language, naturalness)
+
+    def score_batch(
+        self,
+        clips: Sequence[tuple[np.ndarray, int, str]],
+        reference: tuple[np.ndarray, int] | None = None,
+        language: str | None = None,
+        naturalness: bool = True,
+        batch_size: int = ASR_BATCH_SIZE,
+    ) -> list[ClipScore]:
+        """`score` of each (waveform, sample rate, text) against one reference and language, the same scores, the
+        transcripts decoded in batches (`listen_batch`)."""
+        for _wave, _rate, text in clips:
+            require_words(text, language)
+        heard = self.listen_batch([(wave, rate, language) for wave, rate, _text in clips], batch_size)
+        return [
+            self._clip_score(to_model_audio(wave, rate), wave, rate, text, result, reference, language, naturalness)
+            for (wave, rate, text), result in zip(clips, heard, strict=True)
+        ]
+
+    def _clip_score(
+        self,
+        audio: np.ndarray,
+        waveform: np.ndarray,
+        sample_rate: int,
+        text: str,
+        heard: tuple[str, bool],
+        reference: tuple[np.ndarray, int] | None,
+        language: str | None,
+        naturalness: bool,
+    ) -> ClipScore:
+        hypothesis, speech = heard
         scored = hypothesis if speech else ""
         similarity = None
         if reference is not None:
