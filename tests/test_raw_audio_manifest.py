@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 import pyarrow
 import pyarrow.parquet
@@ -20,6 +22,7 @@ from audio_factory import (
     corrupt,
     empty,
     failure_message,
+    float_wav,
     materialize,
     metadata_of,
     speech,
@@ -30,6 +33,7 @@ from audio_factory import (
 )
 
 from higgs_pipeline.data.manifest import ManifestError, read_manifest
+from higgs_pipeline.data.probe import bounded_map
 from higgs_pipeline.data.screening import REJECT_REASONS, ScreeningRules, screen_manifest
 from higgs_pipeline.defs.raw_audio_manifest import raw_audio_manifest, raw_audio_manifest_accounts_for_every_row
 
@@ -381,3 +385,81 @@ def test_unreadable_manifest_fails_naming_file_and_problem(tmp_path, case, conte
     assert not result.success
     message = failure_message(result)
     assert str(path) in message and problem in message
+
+
+def test_a_second_run_reuses_the_probes_of_unchanged_clips(corpus):
+    """Same manifest, same files: nothing is read again but the two files that cannot be stat'ed (the missing clip and
+    the missing reference), and the result is the first run's."""
+    first = corpus["meta"]
+    artifacts = Path(first["accepted_path"]).parents[1].parent
+    again = materialize(
+        ASSETS,
+        artifacts,
+        dg.DagsterInstance.ephemeral(),
+        {"raw_audio_manifest": {"manifest_path": str(corpus["manifest"])}},
+    )
+    meta = metadata_of(again, "raw_audio_manifest")
+    assert (first["clips_probed"], first["clips_reused"]) == (19, 0)
+    assert (meta["clips_probed"], meta["clips_reused"]) == (2, 17)
+    assert (meta["accepted_path"], meta["corpus_version"]) == (first["accepted_path"], first["corpus_version"])
+    pd.testing.assert_frame_equal(pd.read_parquet(meta["accepted_path"]), corpus["accepted"])
+    assert all(check.passed for check in again.get_asset_check_evaluations())
+
+
+def _sine(seconds: float, hz: float) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hz * np.arange(int(seconds * 16_000)) / 16_000)).astype(np.float32)
+
+
+def test_the_probe_cache_reads_again_a_clip_rewritten_or_touched_and_a_new_one(tmp_path):
+    folder = tmp_path / "corpus"
+    for name, hz in (("a", 220), ("b", 330), ("c", 440)):
+        float_wav(folder / f"{name}.wav", _sine(1.0, hz), 16_000)
+    rows = pd.DataFrame({"audio_path": ["a.wav", "b.wav", "c.wav"], "text": ["One.", "Two.", "Three."], "speaker": "A"})
+    rows.to_csv(folder / "manifest.csv", index=False)
+    cache = str(tmp_path / "cache")
+
+    def screen() -> object:
+        return screen_manifest(read_manifest(str(folder / "manifest.csv")), probe_cache=cache)
+
+    first, second = screen(), screen()
+    assert (first.clips_probed, first.clips_reused, second.clips_probed, second.clips_reused) == (3, 0, 0, 3)
+    pd.testing.assert_frame_equal(first.accepted, second.accepted)
+    # a.wav: new bytes of the same size, its modification time set back; b.wav: only touched; c.wav untouched.
+    a, b = folder / "a.wav", folder / "b.wav"
+    before = a.stat()
+    float_wav(a, _sine(1.0, 550), 16_000)
+    os.utime(a, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert a.stat().st_size == before.st_size
+    os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))
+    third = screen()
+    assert (third.clips_probed, third.clips_reused) == (2, 1)
+    hashes = third.accepted.set_index("audio_path")["clip_hash"]
+    assert hashes["a.wav"] == hashlib.sha256(a.read_bytes()).hexdigest() != first.accepted["clip_hash"].iloc[0]
+    float_wav(folder / "d.wav", _sine(1.0, 660), 16_000)
+    pd.concat([rows, pd.DataFrame({"audio_path": ["d.wav"], "text": ["Four."], "speaker": ["A"]})]).to_csv(
+        folder / "manifest.csv", index=False
+    )
+    fourth = screen()
+    assert (fourth.clips_probed, fourth.clips_reused, len(fourth.accepted)) == (1, 3, 4)  # the manifest grew
+    assert (screen().clips_probed, screen().clips_reused) == (0, 4)
+    (cache_file,) = Path(cache).iterdir()  # one per manifest and limits
+    assert len(pd.read_parquet(cache_file)) == 4
+    cache_file.write_bytes(b"not parquet")
+    lines: list[str] = []
+    torn = screen_manifest(read_manifest(str(folder / "manifest.csv")), log=lines.append, probe_cache=cache)
+    assert (torn.clips_probed, torn.clips_reused) == (4, 0) and any("probe cache" in line for line in lines)
+    pd.testing.assert_frame_equal(torn.accepted, fourth.accepted)
+
+
+def test_probing_keeps_a_bounded_window_of_work_in_flight():
+    pulled = []
+
+    def items():
+        for item in range(100):
+            pulled.append(item)
+            yield item
+
+    for done, result in enumerate(bounded_map(lambda x: x * 2, items(), workers=3), start=1):
+        assert len(pulled) - done <= 2 * 3  # at most 2 x workers submitted and not yet handed back
+        assert result == 2 * (done - 1)  # in order
+    assert done == 100

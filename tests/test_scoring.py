@@ -16,7 +16,7 @@ from audio_factory import SENTENCES, empty, speech, tone
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
-from higgs_pipeline.speech import scoring
+from higgs_pipeline.speech import scoring, whisper_batch
 
 JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s", "dnsmos_ovrl"}
 
@@ -262,3 +262,26 @@ def test_speech_models_run_on_torchs_thread_count(monkeypatch):
     for session in (model.onnx_sess, model.p808_onnx_sess):
         options = session.get_session_options()
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
+def test_batched_transcripts_and_scores_equal_one_at_a_time(scorer, voices):
+    """`score_batch` (through `listen_batch`) gives exactly `score`'s results clip by clip on espeak speech, batches
+    holding several clips: clips padded with silence to two lengths (clips of one length share Whisper's token
+    budget, so a batch) and a silent clip (Whisper's no-speech path). A clip longer than one window is decoded alone.
+    (Noise is left out: there Whisper's temperature fallback samples, and two one-at-a-time runs differ.)"""
+    clips = []
+    for index, (voice, sentence) in enumerate([(0, 0), (1, 1), (0, 2), (1, 3)]):
+        wave, rate = decode(str(voices[voice, sentence]))
+        seconds = 4 if index % 2 else 5
+        clips.append((np.pad(wave, ((0, 0), (0, seconds * rate - wave.shape[1]))), rate, SENTENCES[sentence]))
+    clips.append((np.zeros((1, 5 * 16_000), np.float32), 16_000, "Nothing was said here."))
+    audios = [scoring.to_model_audio(wave, rate) for wave, rate, _ in clips] + [np.zeros(31 * 16_000, np.float32)]
+    plan = whisper_batch.batches(scorer._asr_model(), audios, [None] * len(audios), scoring.whisper_decoding, 4)
+    assert sorted(len(part) for _code, _settings, part in plan) == [2, 3]  # 4 s: 2 clips; 5 s: 2 and the silence
+    assert len(audios) - 1 not in {i for _code, _settings, part in plan for i in part}  # 31 s: decoded alone
+    single = [scorer.score(wave, rate, text, naturalness=False) for wave, rate, text in clips]
+    assert scorer.score_batch(clips, naturalness=False, batch_size=4) == single
+    assert [score.speech_detected for score in single] == [True] * 4 + [False]
+    assert max(score.wer for score in single[:4]) <= 0.5
+    with pytest.raises(ValueError, match="no words"):
+        scorer.score_batch([(clips[0][0], clips[0][1], "...")])

@@ -148,3 +148,38 @@ def test_accounting_catches_a_lost_a_doubled_and_a_foreign_row(corpus):
     first = int(accepted.iloc[0])
     foreign = accounting_problems(meta, accepted.replace({first: 99}), rejected, upstream)
     assert foreign == [f"rows differ from raw_audio_manifest's accepted rows: {[first, 99]}"]
+
+
+def test_transcripts_written_by_the_same_asr_model_are_reused_not_heard_again(tmp_path):
+    """Rows that ingest transcribed with tiny.en (model and confidence recorded) keep their text as the hypothesis;
+    rows of another model, without a confidence or without either column are transcribed as before. Row 1's text is
+    deliberately wrong: heard, it would be flagged; reused, it is verified, which shows it was never heard."""
+    root = tmp_path / "corpus"
+    rows = speech_corpus(root, 5)
+    rows[0] = Row(rows[0].audio_path, WRONG_TEXT, rows[0].speaker)
+    asr = [("tiny.en", "0.91"), ("tiny.en", ""), ("large-v3", "0.95"), ("", ""), ("tiny.en", "0.8")]
+    for row, (model, confidence) in zip(rows, asr, strict=True):
+        row.extra.update(asr_model=model, asr_confidence=confidence)
+    manifest = write_csv_manifest(root / "manifest.csv", rows, ("asr_model", "asr_confidence"))
+    artifacts = tmp_path / "artifacts"
+    result = materialize(
+        ASSETS, artifacts, dg.DagsterInstance.ephemeral(), {"raw_audio_manifest": {"manifest_path": str(manifest)}}
+    )
+    meta = metadata_of(result, "transcript_check")
+    assert (meta["transcripts_reused"], meta["clips_transcribed"], meta["clips_from_cache"]) == (2, 3, 0)
+    accepted = read_parquet(meta["accepted_path"]).set_index("row")
+    assert accepted.loc[1, "asr_model"] == "tiny.en" and accepted.loc[1, "asr_confidence"] == pytest.approx(0.91)
+    assert np.isnan(accepted.loc[2, "asr_confidence"]) and accepted.loc[4, "asr_model"] == ""
+    for row in (1, 5):
+        reused = accepted.loc[row]
+        assert (reused["hypothesis"], reused["transcript_cer"], reused["transcript_status"]) == (
+            reused["text"],
+            0.0,
+            "verified",
+        )
+        assert "reused" in reused["transcript_note"]
+    heard = {path.name.split("-")[0] for path in (artifacts / "transcript_check" / "cache").glob("*/*.json")}
+    assert heard == set(accepted.loc[[2, 3, 4], "clip_hash"])  # the cache holds what was transcribed, only that
+    assert all(accepted.loc[[2, 3, 4], "transcript_note"] == "")
+    (check,) = result.get_asset_check_evaluations()
+    assert check.passed and check.check_name == "transcript_check_accounts_for_every_row"

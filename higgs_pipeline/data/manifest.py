@@ -28,7 +28,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
-OPTIONAL_COLUMNS = ("id", "language", "scene", "ref_audio_path", "ref_text", "dialogue_id", "turn")
+# `asr_model` and `asr_confidence` say which ASR wrote `text` and how sure it was (ingest's clip manifest): a
+# transcript_check with the same model reuses that transcript instead of transcribing the clip again.
+OPTIONAL_COLUMNS = (
+    "id",
+    "language",
+    "scene",
+    "ref_audio_path",
+    "ref_text",
+    "dialogue_id",
+    "turn",
+    "asr_model",
+    "asr_confidence",
+)
 MANIFEST_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -318,13 +330,14 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     protocol, folder = manifest_folder(manifest_uri)
     real_folder = _real_path(folder) if protocol == LOCAL else folder
     codes, distinct = pd.factorize(paths)
-    resolved = [_resolve(protocol, folder, real_folder, path) for path in distinct]
+    real_folders: dict[str, str] = {}  # a million clips sit in a few thousand folders: resolve each folder once
+    resolved = [_resolve(protocol, folder, real_folder, path, real_folders) for path in distinct]
     uris = np.asarray([uri for uri, _ in resolved] + [""], dtype=object)  # code -1 (none here) maps to ""
     outside = np.asarray([flag for _, flag in resolved] + [False], dtype=bool)
     return pd.Series(uris[codes], index=paths.index, dtype="str"), pd.Series(outside[codes], index=paths.index)
 
 
-def _resolve(protocol: str, folder: str, real_folder: str, path: str) -> tuple[str, bool]:
+def _resolve(protocol: str, folder: str, real_folder: str, path: str, real_folders: dict[str, str]) -> tuple[str, bool]:
     if not path:
         return "", False
     if "://" in path:
@@ -337,11 +350,27 @@ def _resolve(protocol: str, folder: str, real_folder: str, path: str) -> tuple[s
     if path_protocol != protocol:
         return join_uri(path_protocol, target), True
     if protocol == LOCAL:
-        real = _real_path(target)
+        real = _real_file_path(target, real_folders)
         if _is_under(real, real_folder):
             return real, False
         return target, True
     return join_uri(path_protocol, target), not _is_under(target, folder)
+
+
+def _real_file_path(path: str, real_folders: dict[str, str]) -> str:
+    """`os.path.realpath` of a normalized path, its folder's real path memoized in `real_folders`: the same answer
+    (a path whose last part is not a link is its real folder plus that part) for one lstat instead of one per
+    folder level."""
+    parent, leaf = posixpath.split(path)
+    if leaf in ("", ".", ".."):
+        return _real_path(path)
+    if parent not in real_folders:
+        real_folders[parent] = _real_path(parent)
+    joined = posixpath.join(real_folders[parent], leaf)
+    try:
+        return _real_path(joined) if os.path.islink(joined) else joined
+    except ValueError:  # a NUL character: no such file can exist, and opening it names the problem
+        return path
 
 
 def _real_path(path: str) -> str:

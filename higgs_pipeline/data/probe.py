@@ -3,11 +3,13 @@
 Each distinct file is read once (a local regular file directly, anything else through fsspec, so s3:// too; never
 more than `max_bytes`, measured before reading), hashed (sha256 of the bytes: the `clip_hash` that keys the token
 store) and decoded with `audio_io.decode`. Files are probed in a thread
-pool: reading is I/O-bound and libsndfile and hashlib release the GIL.
+pool: reading is I/O-bound and libsndfile and hashlib release the GIL. A probe cache keyed by each file's path,
+size and change stamp lets a re-screening read only the files that are new or changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -15,17 +17,23 @@ import re
 import stat
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
+import pandas as pd
 import soundfile
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.data.tables import read_parquet, write_parquet
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # libsndfile reports a WAV/AIFF data chunk longer than the file as "data : 128000 (should be 63960)".
 _SHORT_DATA_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -37,6 +45,17 @@ _EXACT_LENGTH_FORMATS = {"WAV", "WAVEX", "AIFF", "FLAC", "W64", "RF64", "CAF", "
 DEFAULT_MAX_CLIP_BYTES = 512 * 2**20
 # How often probing reports progress, like tokenization does.
 PROGRESS_EVERY_SECONDS = 30.0
+# What a probe finds about a file, with the column types of its table (and of the probe cache).
+PROBE_FIELDS = {
+    "reason": "str",
+    "detail": "str",
+    "clip_hash": "str",
+    "frames": "int64",
+    "sample_rate": "int64",
+    "channels": "int64",
+    "duration_s": "float64",
+    "peak_dbfs": "float64",
+}
 
 
 @dataclass(frozen=True)
@@ -256,17 +275,149 @@ def probe_clips(
     `progress_every_s` seconds (and when done) so that a long screening shows it is moving."""
     distinct = list(dict.fromkeys(u for u in uris if u))
     progress = _Progress(len(distinct), log, progress_every_s)
-    if workers <= 1 or len(distinct) <= 1:
-        probes = {}
-        for uri in distinct:
-            probes[uri] = probe_clip(uri, max_seconds, max_bytes)
-            progress.step()
-        return probes
+    probes = {}
+    for probe in bounded_map(lambda uri: probe_clip(uri, max_seconds, max_bytes), distinct, workers):
+        probes[probe.uri] = probe
+        progress.step()
+    return probes
+
+
+def bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """`function` over `items` in order, `workers` threads at a time, never more than 2 x `workers` submitted:
+    a million clips are a million futures (and results held at once) if all are submitted up front."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe") as pool:
-        futures = {pool.submit(probe_clip, uri, max_seconds, max_bytes): uri for uri in distinct}
-        for _ in as_completed(futures):
-            progress.step()
-        return {uri: future.result() for future, uri in futures.items()}
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    """One row per distinct URI (the index) with the PROBE_FIELDS columns; how many files were read this time and
+    how many results came from the probe cache unchanged."""
+
+    table: pd.DataFrame
+    probed: int
+    reused: int
+
+
+def probe_with_cache(
+    uris: np.ndarray,
+    cache_path: str | None,
+    max_seconds: float | None = None,
+    workers: int = 8,
+    max_bytes: int = DEFAULT_MAX_CLIP_BYTES,
+    log: Callable[[str], None] | None = None,
+) -> ProbeResults:
+    """Probe each distinct URI, reusing the cached result of a file whose (URI, size, stamp) is unchanged since the
+    cache at `cache_path` (a Parquet table; None: no cache) was written, then rewrite the cache atomically.
+
+    The stamp is what the file system says changes with the content (`file_stamp`), so a file rewritten with the
+    same size is read again. The cache holds exactly this call's files: it never grows past one manifest, and its
+    results must have been made with the same `max_seconds` and `max_bytes` (the caller puts them in the name).
+    """
+    uris = np.asarray(uris, dtype=object)
+    distinct = pd.unique(uris[uris != ""])
+    current = pd.DataFrame({"uri": pd.Series(distinct, dtype="str")})
+    current["size"], current["stamp"] = _stamps(distinct, workers)
+    hits, cached_rows = _cached_probes(cache_path, current, log)
+    missing = distinct[~pd.Index(distinct, dtype=object).isin(hits["uri"].to_numpy(object))]
+    probed = _probe_columns(missing, max_seconds, workers, max_bytes, log)
+    if len(probed):
+        fresh = current.set_index("uri").loc[probed["uri"], ["size", "stamp"]].reset_index()
+        probed = pd.concat([fresh, probed.drop(columns="uri")], axis=1)
+    del current  # a million rows of it: not held while the table is assembled
+    parts = [frame for frame in (hits, probed) if len(frame)] or [hits]
+    table = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)  # one part: no copy
+    # Unchanged (every file reused, none gone): the cache on disk already says all this.
+    if cache_path is not None and (len(missing) or len(hits) != cached_rows):
+        write_parquet(table[table["stamp"] != 0], cache_path)
+    return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(missing), len(hits))
+
+
+def file_stamp(uri: str) -> tuple[int, str]:
+    """(size, stamp) of a regular file, the stamp changing whenever its content can have: modification and
+    status-change times in nanoseconds and the inode locally (ctime cannot be set back, as `touch -d` or `cp -p` set
+    mtime), ETag and last-modified time on an object store. (0, "") when unknown: such a file is always probed."""
+    protocol, _, rest = uri.partition("://")
+    try:
+        if not rest or protocol == "file":
+            status = os.stat(rest or uri)
+            if not stat.S_ISREG(status.st_mode):
+                return 0, ""
+            return status.st_size, f"{status.st_mtime_ns}-{status.st_ctime_ns}-{status.st_ino}"
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+        tag = "|".join(str(info.get(k) or "") for k in ("ETag", "LastModified", "mtime"))
+        return (int(info.get("size") or 0), tag) if info.get("type") == "file" and tag.strip("|") else (0, "")
+    except Exception:  # any store's error (no credentials, no such bucket): the probe names it, not this
+        return 0, ""
+
+
+def _stamps(uris: np.ndarray, workers: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Size and stamp of every URI, each stamp kept as a 64-bit hash (0: unknown) so that millions of them stay
+    small; computed in chunks (a future per file would cost more than a local stat)."""
+    chunks = [uris[start : start + chunk] for start in range(0, len(uris), chunk)]
+    sizes, stamps = np.zeros(len(uris), dtype=np.int64), np.zeros(len(uris), dtype=np.int64)
+    position = 0
+    for found in bounded_map(lambda part: [file_stamp(u) for u in part], chunks, workers):
+        for size, stamp in found:
+            sizes[position], stamps[position] = size, _stamp_id(stamp)
+            position += 1
+    return sizes, stamps
+
+
+def _stamp_id(stamp: str) -> int:
+    if not stamp:
+        return 0
+    return int.from_bytes(hashlib.blake2b(stamp.encode(), digest_size=8).digest(), "little", signed=True) or 1
+
+
+def _cached_probes(
+    cache_path: str | None, current: pd.DataFrame, log: Callable[[str], None] | None
+) -> tuple[pd.DataFrame, int]:
+    """The cache's rows whose (uri, size, stamp) match a file now, and how many rows the cache holds; an
+    unreadable cache is dropped, never fatal."""
+    empty = current.iloc[:0].assign(**{name: pd.Series(dtype=kind) for name, kind in PROBE_FIELDS.items()})
+    if cache_path is None:
+        return empty, 0
+    try:
+        cache = read_parquet(cache_path, columns=list(empty.columns)).astype(empty.dtypes.to_dict())
+    except FileNotFoundError:
+        return empty, 0
+    except Exception as error:  # a torn, foreign or older file: probing again is always correct
+        if log is not None:
+            log(f"probe cache {cache_path} dropped ({type(error).__name__}: {error}): probing every clip")
+        return empty, 0
+    known = current[current["stamp"] != 0]
+    return known.merge(cache.drop_duplicates("uri"), on=["uri", "size", "stamp"], how="inner"), len(cache)
+
+
+def _probe_columns(
+    uris: np.ndarray,
+    max_seconds: float | None,
+    workers: int,
+    max_bytes: int,
+    log: Callable[[str], None] | None,
+) -> pd.DataFrame:
+    """`probe_clip` of each URI as a table with `uri` and the PROBE_FIELDS columns (columns, not a probe object
+    per clip, so a million results stay compact)."""
+    columns: dict[str, list] = {name: [] for name in ("uri", *PROBE_FIELDS)}
+    progress = _Progress(len(uris), log, PROGRESS_EVERY_SECONDS)
+    for probe in bounded_map(lambda uri: probe_clip(uri, max_seconds, max_bytes), uris, workers):
+        for name, values in columns.items():
+            values.append(getattr(probe, name))
+        progress.step()
+    return pd.DataFrame(
+        {name: pd.Series(values, dtype=PROBE_FIELDS.get(name, "str")) for name, values in columns.items()}
+    )
 
 
 class _Progress:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from higgs_pipeline.data.dialogue_turns import DIALOGUE_REJECT_REASONS, incomplete_dialogues, turn_problems
-from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex
+from higgs_pipeline.data.hashing import digest, digest_of_lines, sha256_hex
 from higgs_pipeline.data.manifest import (
     MANIFEST_COLUMNS,
     Manifest,
@@ -31,7 +31,7 @@ from higgs_pipeline.data.manifest import (
     resolve_audio_paths,
 )
 from higgs_pipeline.data.normalize import INVISIBLE, normalize_label
-from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, ClipProbe, probe_clips
+from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, PROBE_FIELDS, probe_with_cache
 
 # Llama-3 / Higgs control tokens are spelled <|name|>. In a transcript the text tokenizer reads one as the token
 # itself: a stray <|AUDIO_OUT|> adds an audio slot with no clip, and training fails in the collator.
@@ -110,8 +110,14 @@ ACCEPTED_COLUMNS = (
     "sample_rate",
     "channels",
     "peak_dbfs",
+    "asr_model",
+    "asr_confidence",
 )
-_PROBE_COLUMNS = ("reason", "detail", "clip_hash", "frames", "sample_rate", "channels", "duration_s", "peak_dbfs")
+# Bump when what a probe records, or how, changes: older probe caches are then not read.
+PROBE_CACHE_VERSION = "1"
+# What a row that was not probed gets (no reference, or rejected before probing).
+_UNPROBED = {"reason": "", "detail": "", "clip_hash": "", "frames": 0, "sample_rate": 0, "channels": 0,
+             "duration_s": 0.0, "peak_dbfs": -np.inf}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,6 +156,8 @@ class Screening:
     accepted: pd.DataFrame
     rejected: pd.DataFrame
     corpus_version: str
+    clips_probed: int = 0  # files read and decoded this time
+    clips_reused: int = 0  # files unchanged since the probe cache was written: their results reused
 
     def reason_counts(self) -> dict[str, int]:
         counts = self.rejected["reason"].value_counts()
@@ -198,9 +206,13 @@ def _column(values: pd.Series) -> np.ndarray:
 
 
 def screen_manifest(
-    manifest: Manifest, rules: ScreeningRules | None = None, log: Callable[[str], None] | None = None
+    manifest: Manifest,
+    rules: ScreeningRules | None = None,
+    log: Callable[[str], None] | None = None,
+    probe_cache: str | None = None,
 ) -> Screening:
-    """Accept or reject every row; `log` receives probing's progress ("probed N/M clips")."""
+    """Accept or reject every row; `log` receives probing's progress ("probed N/M clips"). With `probe_cache` (a
+    folder) only files new or changed since the last screening of this manifest with these limits are read."""
     rules = rules or ScreeningRules()
     rows = manifest.rows
     size = len(rows)
@@ -246,15 +258,18 @@ def screen_manifest(
 
     # Probe each distinct file of the rows still open, once (targets and references together).
     probing = verdict.open()
-    probes = probe_clips(
+    probes = probe_with_cache(
         np.concatenate([audio_uris[probing], ref_uris[probing & has_ref]]),
+        _probe_cache_path(probe_cache, manifest.uri, rules),
         rules.max_seconds,
         rules.probe_workers,
         rules.max_clip_bytes,
         log,
     )
-    target = _probe_table(probes, np.where(probing, audio_uris, ""))
-    reference = _probe_table(probes, np.where(probing & has_ref, ref_uris, ""))
+    if log is not None and probes.reused:
+        log(f"{probes.reused} clips unchanged since the last screening: their probes reused")
+    target = _probe_table(probes.table, np.where(probing, audio_uris, ""))
+    reference = _probe_table(probes.table, np.where(probing & has_ref, ref_uris, ""))
     _reject_audio(verdict, target, rules)
     _reject_reference(verdict, reference, target, has_ref, rules)
     _reject_duplicates(verdict, rows, target["clip_hash"])
@@ -270,22 +285,29 @@ def screen_manifest(
     accepted_mask = verdict.open()
     accepted = _accepted_table(rows, accepted_mask, audio_uri, ref_uri, target, reference)
     rejected = _rejected_table(rows, ~accepted_mask, verdict, audio_uri)
-    return Screening(manifest.uri, size, accepted, rejected, corpus_version)
+    return Screening(manifest.uri, size, accepted, rejected, corpus_version, probes.probed, probes.reused)
 
 
-def _probe_table(probes: dict[str, ClipProbe], uris: np.ndarray) -> dict[str, np.ndarray]:
-    """Probe results per row, as arrays; rows that were not probed (uri "") get reason "" and an empty hash.
+def _probe_cache_path(folder: str | None, manifest_uri: str, rules: ScreeningRules) -> str | None:
+    """One probe cache per manifest and per the limits that change what a probe records."""
+    if folder is None:
+        return None
+    key = digest(manifest_uri, str(rules.max_seconds), str(rules.max_clip_bytes), PROBE_CACHE_VERSION)
+    return f"{folder.rstrip('/')}/{key[:16]}.parquet"
+
+
+def _probe_table(probes: pd.DataFrame, uris: np.ndarray) -> dict[str, np.ndarray]:
+    """Probe results per row, as arrays; rows that were not probed (uri "") get `_UNPROBED`'s values.
 
     Looked up once per distinct uri and spread to rows by factorized codes, not per row.
     """
     codes, distinct = pd.factorize(uris)
-    unprobed = ClipProbe("", clip_hash="", frames=0, sample_rate=0, channels=0, duration_s=0.0)
-    found = [probes.get(uri, unprobed) if uri else unprobed for uri in distinct]
-    table = {name: np.asarray([getattr(p, name) for p in found], dtype=object)[codes] for name in _PROBE_COLUMNS}
-    for name, kind in (("frames", np.int64), ("sample_rate", np.int64), ("channels", np.int64)):
-        table[name] = table[name].astype(kind)
-    for name in ("duration_s", "peak_dbfs"):
-        table[name] = table[name].astype(np.float64)
+    found = probes.reindex(pd.Index(distinct, dtype="str"))
+    table = {}
+    for name, kind in PROBE_FIELDS.items():
+        column = found[name].fillna(_UNPROBED[name]).to_numpy()
+        values = np.append(column, _UNPROBED[name])  # code -1 (none here: "" is a value) maps to the default
+        table[name] = values[codes].astype(object if kind == "str" else kind)
     table["probed"] = uris != ""
     return table
 
@@ -435,9 +457,18 @@ def _accepted_table(
             "sample_rate": target["sample_rate"][mask],
             "channels": target["channels"][mask],
             "peak_dbfs": target["peak_dbfs"][mask],
+            "asr_model": kept["asr_model"].str.strip(),
+            "asr_confidence": asr_confidence(kept["asr_confidence"]),
         }
     )
     return table[list(ACCEPTED_COLUMNS)]
+
+
+def asr_confidence(values: pd.Series) -> np.ndarray:
+    """The ASR's confidence as a number; NaN where the manifest gives none (or no number), which only means the
+    transcript is not reused: transcript_check hears that clip itself."""
+    numbers = pd.to_numeric(values.str.strip(), errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    return np.where(np.isfinite(numbers), numbers, np.nan)
 
 
 def _rejected_table(rows: pd.DataFrame, mask: np.ndarray, verdict: _Verdicts, audio_uri: pd.Series) -> pd.DataFrame:

@@ -66,7 +66,8 @@ def raw_audio_manifest(
     except (ManifestError, ValueError) as error:
         raise dg.Failure(str(error)) from error
     context.log.info(f"screening {len(manifest.rows)} rows of {manifest.uri}")
-    screening = screen_manifest(manifest, rules, context.log.info)
+    # Re-screening reads only the clips new or changed since the last run of this manifest with these limits.
+    screening = screen_manifest(manifest, rules, context.log.info, artifacts.path("raw_audio_manifest", "probe_cache"))
 
     folder = artifacts.path("raw_audio_manifest", digest(screening.corpus_version, config.model_dump_json())[:16])
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
@@ -94,6 +95,8 @@ def raw_audio_manifest(
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
             "corpus_version": screening.corpus_version,
+            "clips_probed": screening.clips_probed,
+            "clips_reused": screening.clips_reused,
         },
         data_version=dg.DataVersion(screening.corpus_version),
     )

@@ -5,7 +5,8 @@ cannot see it. So each accepted row gets the character error rate (CER) of the A
 transcript; rows above `review_cer` are listed for a person, and only rows above `reject_cer` (set far above
 what the ASR gets wrong on good speech) are rejected as `transcript_mismatch`. Rows in a language the ASR does
 not cover stay in, marked `unverified`. Transcripts are cached in the artifact store by clip hash and ASR model,
-so a re-run transcribes only new clips.
+so a re-run transcribes only new clips. A row whose transcript was written by this very ASR model (its `asr_model`
+and `asr_confidence` columns, set by ingest) is not heard again: its text is the model's hypothesis already.
 """
 
 # No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
@@ -62,8 +63,9 @@ def transcript_check(
     scorer = scorers.scorer()
     languages = [_language_of(language, scorer) for language in rows["language"]]
     cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
-    heard, cached = _hear_all(context, rows, languages, scorer, cache_root, config)
-    checked = _verdicts(rows, languages, heard, config)
+    reused = _reusable(rows, languages, scorers.asr_model)
+    heard, cached = _hear_all(context, rows, languages, reused, scorer, cache_root, config)
+    checked = _verdicts(rows, languages, reused, heard, config)
     checked, incomplete = _drop_incomplete_dialogues(checked)
     keep = checked["transcript_status"] != "rejected"
     accepted, rejected = checked[keep].reset_index(drop=True), _rejected_rows(checked[~keep], config)
@@ -83,6 +85,7 @@ def transcript_check(
             **_summary(checked, config, scorers),
             "clips_transcribed": len(heard) - cached,
             "clips_from_cache": cached,
+            "transcripts_reused": int(reused.sum()),
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
             "corpus_version": manifest["corpus_version"],
@@ -112,35 +115,66 @@ def _language_of(row_language: str, scorer: scoring.Scorer) -> tuple[str | None,
     return code or "", ""
 
 
+def _reusable(rows: pd.DataFrame, languages: list[tuple[str | None, str]], asr_model: str) -> np.ndarray:
+    """Rows whose `text` this ASR model wrote (same `asr_model`, a confidence recorded) in a language it covers:
+    hearing them again would only give back the same words."""
+    if "asr_model" not in rows or "asr_confidence" not in rows:  # a manifest screened before the columns existed
+        return np.zeros(len(rows), dtype=bool)
+    same_model = (rows["asr_model"].astype("str") == asr_model).to_numpy(bool)
+    confident = np.isfinite(rows["asr_confidence"].to_numpy(np.float64, na_value=np.nan))
+    covered = np.array([code is not None for code, _why in languages], dtype=bool)
+    return same_model & confident & covered
+
+
 def _hear_all(
     context: dg.AssetExecutionContext,
     rows: pd.DataFrame,
     languages: list[tuple[str | None, str]],
+    reused: np.ndarray,
     scorer: scoring.Scorer,
     cache_root: str,
     config: TranscriptCheckConfig,
 ) -> tuple[dict[tuple[str, str], dict], int]:
-    """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language,
-    each distinct clip transcribed once, from the cache when it is there; and how many came from the cache."""
-    wanted: dict[tuple[str, str], str] = {}
-    for clip_hash, uri, (code, _why) in zip(rows["clip_hash"], rows["audio_uri"], languages, strict=True):
-        if code is not None:
-            wanted.setdefault((clip_hash, code), uri)
+    """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language whose
+    transcript is not reused, each distinct clip transcribed once, from the cache when it is there; and how many
+    came from the cache."""
+    wanted: dict[tuple[str, str], tuple[str, float]] = {}
+    for clip_hash, uri, duration, (code, _why), reuse in zip(
+        rows["clip_hash"], rows["audio_uri"], rows["duration_s"], languages, reused, strict=True
+    ):
+        if code is not None and not reuse:
+            wanted.setdefault((clip_hash, code), (uri, float(duration)))
     heard: dict[tuple[str, str], dict] = {}
-    cached = 0
-    for done, ((clip_hash, code), uri) in enumerate(wanted.items(), start=1):
-        path = f"{cache_root}/{clip_hash}-{code or 'auto'}.json"
-        key = [clip_hash, code, cache_root.rsplit("/", 1)[-1]]  # the clip, its language and the ASR model
-        entry = _cached(context, path, key)
+    pending: list[tuple[tuple[str, str], str, float]] = []
+    for (clip_hash, code), (uri, duration) in wanted.items():
+        entry = _cached(context, *_cache_entry(cache_root, clip_hash, code))
         if entry is not None:
             heard[clip_hash, code] = entry
-            cached += 1
         else:
-            heard[clip_hash, code] = _hear(uri, code, scorer)
-            write_json(path, seal(key, heard[clip_hash, code]), indent=None)
-        if done % max(1, config.progress_every) == 0 or done == len(wanted):
+            pending.append(((clip_hash, code), uri, duration))
+    cached = len(heard)
+    # Clips of one language and nearly one length share Whisper's token budget: sorted, they fill whole batches.
+    pending.sort(key=lambda item: (item[0][1], item[2]))
+    chunk = 4 * scoring.ASR_BATCH_SIZE  # clips read at a time: a few batches' worth, whatever the corpus size
+    every = max(1, config.progress_every)
+    if wanted and not pending:
+        context.log.info(f"transcribed {len(wanted)}/{len(wanted)} clips ({cached} from the cache)")
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
+        results = _hear_batch([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
+        for (key, _uri, _duration), result in zip(part, results, strict=True):
+            heard[key] = result
+            path, seal_key = _cache_entry(cache_root, *key)
+            write_json(path, seal(seal_key, result), indent=None)
+        done = cached + start + len(part)
+        if (done - len(part)) // every != done // every or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
     return heard, cached
+
+
+def _cache_entry(cache_root: str, clip_hash: str, code: str) -> tuple[str, list[str]]:
+    """A clip's transcript cache file and the key it is sealed with: the clip, its language and the ASR model."""
+    return f"{cache_root}/{clip_hash}-{code or 'auto'}.json", [clip_hash, code, cache_root.rsplit("/", 1)[-1]]
 
 
 def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dict | None:
@@ -162,20 +196,28 @@ def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dic
     return entry
 
 
-def _hear(uri: str, code: str, scorer: scoring.Scorer) -> dict:
-    wave, rate = decode(read_clip_bytes(uri))  # as the probe read it: regular files only, under the byte cap
-    hypothesis, speech = scorer.listen(wave, rate, code or None)
-    return {"hypothesis": hypothesis, "speech_detected": speech}
+def _hear_batch(uris: list[str], codes: list[str], scorer: scoring.Scorer) -> list[dict]:
+    """The clips read as the probe read them (regular files only, under the byte cap) and heard in batches."""
+    clips = [(*decode(read_clip_bytes(uri)), code or None) for uri, code in zip(uris, codes, strict=True)]
+    return [{"hypothesis": hypothesis, "speech_detected": speech} for hypothesis, speech in scorer.listen_batch(clips)]
 
 
 def _verdicts(
-    rows: pd.DataFrame, languages: list[tuple[str | None, str]], heard: dict, config: TranscriptCheckConfig
+    rows: pd.DataFrame,
+    languages: list[tuple[str | None, str]],
+    reused: np.ndarray,
+    heard: dict,
+    config: TranscriptCheckConfig,
 ) -> pd.DataFrame:
-    """The rows with `hypothesis`, `transcript_cer` (NaN when unverified), `transcript_status` and `transcript_note`."""
+    """The rows with `hypothesis`, `transcript_cer` (NaN when unverified), `transcript_status` and `transcript_note`.
+    A reused transcript is its own hypothesis (CER 0), noted as such."""
     columns: dict[str, list] = {"hypothesis": [], "transcript_cer": [], "transcript_status": [], "transcript_note": []}
-    for clip_hash, text, (code, why) in zip(rows["clip_hash"], rows["text"], languages, strict=True):
+    for clip_hash, text, (code, why), reuse in zip(rows["clip_hash"], rows["text"], languages, reused, strict=True):
         verdict = ("", float("nan"), "unverified", why)
-        if code is not None:
+        if reuse:
+            hypothesis, cer, status, note = _verdict(text, code, {"hypothesis": text, "speech_detected": True}, config)
+            verdict = (hypothesis, cer, status, note or "transcript reused: written by this ASR model at ingest")
+        elif code is not None:
             verdict = _verdict(text, code, heard[clip_hash, code], config)
         for name, value in zip(columns, verdict, strict=True):
             columns[name].append(value)

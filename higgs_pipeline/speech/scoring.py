@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.devices import math_threads, resolve_device
-from higgs_pipeline.speech import dnsmos
+from higgs_pipeline.speech import dnsmos, whisper_batch
 
 EMBEDDED_ASR = "tiny.en"
 EMBEDDED_SPEAKER = "resemblyzer"
@@ -40,6 +41,8 @@ MIN_VOICED_S = 0.2
 WHISPER_TOKENS_PER_SECOND = 12
 WHISPER_TOKEN_HEADROOM = 16
 WHISPER_WINDOW_S = 30.0
+# Clips decoded per Whisper call by `Scorer.listen_batch` (one encoder pass, one beam search over the batch).
+ASR_BATCH_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -209,19 +212,37 @@ class Scorer:
     def _transcribe(self, audio16k: np.ndarray, language: str | None) -> str:
         if not self.covers_language(language):
             raise ValueError(f"ASR model {self.asr_model!r} does not cover language {language!r}")
-        model = self._asr_model()
         code = language_code(language) if self.multilingual else None
-        segments, _info = model.transcribe(audio16k, language=code, **whisper_decoding(audio16k))
-        return " ".join(segment.text.strip() for segment in segments).strip()
+        return whisper_batch.transcribe_one(self._asr_model(), audio16k, code, whisper_decoding)
 
     def listen(self, waveform: np.ndarray, sample_rate: int, language: str | None = None) -> tuple[str, bool]:
         """The transcript and whether the clip holds speech at all: voiced by webrtcvad and heard as words."""
         return self._listen(to_model_audio(waveform, sample_rate), language)
 
     def _listen(self, audio16k: np.ndarray, language: str | None) -> tuple[str, bool]:
+        return self._heard(audio16k, self._transcribe(audio16k, language), language)
+
+    @staticmethod
+    def _heard(audio16k: np.ndarray, hypothesis: str, language: str | None) -> tuple[str, bool]:
         voiced = voiced_seconds(audio16k) >= MIN_VOICED_S
-        hypothesis = self._transcribe(audio16k, language)
         return hypothesis, voiced and any(character.isalnum() for character in normalize_text(hypothesis, language))
+
+    def listen_batch(
+        self, clips: Sequence[tuple[np.ndarray, int, str | None]], batch_size: int = ASR_BATCH_SIZE
+    ) -> list[tuple[str, bool]]:
+        """`listen` of each (waveform, sample rate, language), the same results, with clips decoded `batch_size` at
+        a time (`whisper_batch.transcribe_batch`): clips of one language and token budget share a Whisper call."""
+        audios = [to_model_audio(wave, rate) for wave, rate, _language in clips]
+        languages = [language for _wave, _rate, language in clips]
+        for language in dict.fromkeys(languages):
+            if not self.covers_language(language):
+                raise ValueError(f"ASR model {self.asr_model!r} does not cover language {language!r}")
+        codes = [language_code(language) if self.multilingual else None for language in languages]
+        hypotheses = whisper_batch.transcribe_batch(self._asr_model(), audios, codes, whisper_decoding, batch_size)
+        return [
+            self._heard(audio, hypothesis, language)
+            for audio, hypothesis, language in zip(audios, hypotheses, languages, strict=True)
+        ]
 
     # ------------------------------------------------------------------ speaker
 
@@ -264,7 +285,39 @@ class Scorer:
         `naturalness` is False) DNSMOS: one rating per clip, ~1 s on a CPU once its ONNX models are loaded."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
-        hypothesis, speech = self._listen(audio, language)
+        heard = self._listen(audio, language)
+        return self._clip_score(audio, waveform, sample_rate, text, heard, reference, language, naturalness)
+
+    def score_batch(
+        self,
+        clips: Sequence[tuple[np.ndarray, int, str]],
+        reference: tuple[np.ndarray, int] | None = None,
+        language: str | None = None,
+        naturalness: bool = True,
+        batch_size: int = ASR_BATCH_SIZE,
+    ) -> list[ClipScore]:
+        """`score` of each (waveform, sample rate, text) against one reference and language, the same scores, the
+        transcripts decoded in batches (`listen_batch`)."""
+        for _wave, _rate, text in clips:
+            require_words(text, language)
+        heard = self.listen_batch([(wave, rate, language) for wave, rate, _text in clips], batch_size)
+        return [
+            self._clip_score(to_model_audio(wave, rate), wave, rate, text, result, reference, language, naturalness)
+            for (wave, rate, text), result in zip(clips, heard, strict=True)
+        ]
+
+    def _clip_score(
+        self,
+        audio: np.ndarray,
+        waveform: np.ndarray,
+        sample_rate: int,
+        text: str,
+        heard: tuple[str, bool],
+        reference: tuple[np.ndarray, int] | None,
+        language: str | None,
+        naturalness: bool,
+    ) -> ClipScore:
+        hypothesis, speech = heard
         scored = hypothesis if speech else ""
         similarity = None
         if reference is not None:
