@@ -1,10 +1,10 @@
 """Whisper decoding many clips per call, giving the transcripts that decoding them one at a time gives.
 
 faster-whisper's `WhisperModel.transcribe` encodes and decodes one clip's 30 s windows one by one. Its own
-`BatchedInferencePipeline` batches windows but decodes differently (no temperature fallback, no no-speech skip,
-and by default a prompt without timestamps), so its transcripts are not the ones scoring has always produced.
-Here the first, temperature-0 pass of `transcribe` runs for a batch of clips at once: one encoder call and one
-beam search over them all. Nothing is padded differently: every clip's features are padded to the 30 s window either way, and
+`BatchedInferencePipeline` batches windows but decodes differently (no temperature fallback, no no-speech skip, and
+by default a prompt without timestamps), so its transcripts are not the ones scoring has always produced. Here the
+first, temperature-0 pass of `transcribe` runs for a batch of clips at once: one encoder call and one beam search
+over them all. Nothing is padded differently: every clip's features are padded to the 30 s window either way, and
 every clip in a batch has the same prompt, language and token budget. A clip's batched result is kept only where
 `transcribe` would have stopped there too (one window, no temperature fallback, its last segment closing the
 window); any other clip is handed to `transcribe` itself. The settings are the caller's over `transcribe`'s own
