@@ -84,17 +84,25 @@ class _Lookup:
 
     @classmethod
     def of(cls, table: pa.Table) -> _Lookup:
-        table = table.sort_by("clip_hash")
-        shard = table["shard"].combine_chunks().dictionary_encode()
-        return cls(
-            hashes=_fixed_width(table["clip_hash"]),
-            shard_codes=shard.indices.to_numpy(),
+        hashes = _fixed_width(table["clip_hash"])
+        shard = table["shard"].combine_chunks()
+        if not pa.types.is_dictionary(shard.type):
+            shard = shard.dictionary_encode()
+        lookup = cls(
+            hashes=hashes,
+            shard_codes=shard.indices.to_numpy(zero_copy_only=False),
             shards=np.asarray(shard.dictionary.to_pylist(), dtype=object),
             offsets=table["offset"].to_numpy(),
             codebooks=table["codebooks"].to_numpy(),
             frames=table["frames"].to_numpy(),
             checksums=_fixed_width(table["checksum"]),
         )
+        if len(hashes) > 1 and not (hashes[1:] > hashes[:-1]).all():  # written sorted; sorted here if not
+            order = np.argsort(hashes, kind="stable")
+            lookup = cls(**{name: getattr(lookup, name)[order] for name in ("hashes", "shard_codes", "offsets",
+                                                                          "codebooks", "frames", "checksums")},
+                         shards=lookup.shards)  # fmt: skip
+        return lookup
 
     def position(self, clip_hash: str) -> int:
         """The clip's row, or -1."""
@@ -105,10 +113,11 @@ class _Lookup:
 
 def _fixed_width(column: pa.ChunkedArray, width: int = 64) -> np.ndarray:
     """A column of `width`-character ASCII strings as one numpy `S<width>` array over Arrow's own buffer."""
-    array = column.combine_chunks().cast(pa.large_string())
+    array = column.combine_chunks()
     if len(array) == 0:
         return np.zeros(0, dtype=f"S{width}")
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(array.buffers()[1], dtype=offset_type)[array.offset : array.offset + len(array) + 1]
     if array.null_count or not (np.diff(offsets) == width).all():
         raise ValueError(f"token index: a {column.type} value is not {width} characters")
     return np.frombuffer(array.buffers()[2], dtype=f"S{width}", count=len(array), offset=int(offsets[0]))
@@ -146,14 +155,15 @@ class TokenStore:
 
     def index_table(self) -> pd.DataFrame:
         """The current index (INDEX_COLUMNS), empty for a new store."""
-        return self._read_index().to_pandas()
+        table = self._read_index().to_pandas()
+        return table.astype({"shard": "str"})  # plain strings: a categorical would group by unused shards too
 
     def _read_index(self) -> pa.Table:
         version = self.index_version()
         if version is None:
             return _empty_index()
         with self.fs.open(f"{self.root}/{version}", "rb") as handle:
-            return pq.read_table(handle, columns=list(INDEX_COLUMNS))
+            return pq.read_table(handle, columns=list(INDEX_COLUMNS), read_dictionary=["shard"])
 
     def lookup(self) -> _Lookup:
         """The index as loaded once by this object (a reader sees the version current when it first looked)."""

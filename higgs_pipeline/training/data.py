@@ -212,33 +212,36 @@ class DistributedLengthBucketSampler(Sampler[list[int]]):
         """Samples longer than the token budget: each trains alone, over the budget (0 without a budget)."""
         return int((self.lengths > self.max_tokens).sum()) if self.max_tokens else 0
 
-    def plan(self) -> list[list[list[int]]]:
+    def plan(self) -> np.ndarray | list[list[list[int]]]:
         """The epoch's global micro-batches, each a list of one index list per rank (cached per epoch)."""
         if self._plan is None or self._plan[0] != self.epoch:
             self._plan = (self.epoch, self._make_plan())
         return self._plan[1]
 
-    def _make_plan(self) -> list[list[list[int]]]:
+    def _make_plan(self) -> np.ndarray | list[list[list[int]]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator)
         bucket = self.batch_size * self.num_replicas * self.bucket_batches
-        batches = self._budget_plan(order, bucket) if self.max_tokens else self._fixed_plan(order, bucket)
-        shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
+        if self.max_tokens:
+            batches = self._budget_plan(order, bucket)
+            shuffle = torch.randperm(len(batches), generator=generator).tolist()
+            return [batches[i] for i in shuffle]
+        batches = self._fixed_plan(order, bucket)
+        return batches[torch.randperm(len(batches), generator=generator)].numpy()
 
-    def _fixed_plan(self, order: torch.Tensor, bucket: int) -> list[list[list[int]]]:
-        """Global batches of batch_size x num_replicas from length-sorted buckets; rank r takes every r-th."""
+    def _fixed_plan(self, order: torch.Tensor, bucket: int) -> torch.Tensor:
+        """Global batches of batch_size x num_replicas from length-sorted buckets; rank r takes every r-th.
+        One tensor `[batches, ranks, batch_size]`, sorted in two stable passes (by length, then by bucket):
+        a million samples plan in a second, with no Python object per sample."""
         global_size = self.batch_size * self.num_replicas
         # Wrap around, as DistributedSampler does, so every rank gets the same number of full batches.
         padded = -(-len(order) // global_size) * global_size
         order = order.repeat(-(-padded // len(order)))[:padded]
-        batches = []
-        for begin in range(0, padded, bucket):
-            chunk = self._longest_first(order[begin : begin + bucket])
-            for i in range(0, len(chunk), global_size):
-                whole = chunk[i : i + global_size]
-                batches.append([whole[r :: self.num_replicas] for r in range(self.num_replicas)])
-        return batches
+        by_length = torch.argsort(-self.lengths[order], stable=True)
+        buckets = torch.arange(padded) // bucket
+        longest_first = by_length[torch.argsort(buckets[by_length], stable=True)]  # within each bucket
+        # A global batch's k-th sample goes to rank k % num_replicas.
+        return order[longest_first].reshape(-1, self.batch_size, self.num_replicas).transpose(1, 2)
 
     def _budget_plan(self, order: torch.Tensor, bucket: int) -> list[list[list[int]]]:
         """Global batches of num_replicas token-budget device batches, each from one bucket's pool."""
@@ -283,11 +286,11 @@ class DistributedLengthBucketSampler(Sampler[list[int]]):
 
     def global_batches(self) -> list[list[int]]:
         """Each global micro-batch as one flat index list (rank 0's share first)."""
-        return [[i for share in batch for i in share] for batch in self.plan()]
+        return [[int(i) for share in batch for i in share] for batch in self.plan()]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.plan()[self.start :]:
-            yield batch[self.rank]
+            yield np.asarray(batch[self.rank]).tolist()
 
     def __len__(self) -> int:
         return len(self.plan()) - self.start
