@@ -176,10 +176,7 @@ def test_the_lengths_table_and_lazy_samples_give_what_the_records_give(tmp_path_
     assert merged_lengths(table, demo_model.config)[train_rows].tolist() == sequence_lengths(
         train_set, demo_model.config
     )
-    lazy = LazySampleDataset(
-        data.samples_path, table["offset"].to_numpy()[train_rows], data.token_store_root, data.tokenizer,
-        train_set.text_tokenizer,
-    )  # fmt: skip
+    lazy = LazySampleDataset(data.samples_path, table["offset"].to_numpy()[train_rows], store, train_set.text_tokenizer)
     assert len(lazy) == len(train_set)
     for index in reversed(range(len(train_set))):  # random access: any order
         assert lazy.record(index) == train_set.records[index]

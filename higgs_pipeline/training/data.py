@@ -82,12 +82,10 @@ class LazySampleDataset(Dataset):
     an integer per sample, not the corpus as Python objects. A new ChatMLDatasetSample per access, as in
     RecordDataset."""
 
-    def __init__(
-        self, samples_path: str, offsets: np.ndarray, token_store_root: str, tokenizer_id: str, text_tokenizer
-    ):
+    def __init__(self, samples_path: str, offsets: np.ndarray, store: TokenStore, text_tokenizer):
         self.samples_path = samples_path
         self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.store = TokenStore(token_store_root, tokenizer_id)
+        self.store = store
         self.text_tokenizer = text_tokenizer
         self._handle, self._pid = None, -1
 

@@ -215,16 +215,19 @@ def _data(args: argparse.Namespace, config: TrainConfig, env: Distributed, model
     batch = config.batch
     text_tokenizer = loading.load_text_tokenizer(args.model)
     collator = make_collator(model_config)
+    # One index per rank, loaded before the loaders fork their workers: they share its pages.
+    store = TokenStore(args.token_store, args.tokenizer_id)
+    store.lookup()
     if args.lengths:
         table = read_parquet(args.lengths, columns=LENGTH_COLUMNS)
     else:
-        table = sample_lengths(args.samples, TokenStore(args.token_store, args.tokenizer_id).frames, text_tokenizer)
+        table = sample_lengths(args.samples, store.frames, text_tokenizer)
     train_rows, validation_rows = split_rows(table, args.split)
     lengths, offsets = merged_lengths(table, model_config), table["offset"].to_numpy()
     del table  # the sample ids: only the rows' offsets and lengths are kept
 
     def dataset(rows) -> LazySampleDataset:
-        return LazySampleDataset(args.samples, offsets[rows], args.token_store, args.tokenizer_id, text_tokenizer)
+        return LazySampleDataset(args.samples, offsets[rows], store, text_tokenizer)
 
     train_set, validation_set = dataset(train_rows), dataset(validation_rows)
     sampler = DistributedLengthBucketSampler(
