@@ -297,6 +297,7 @@ class TokenStore:
         if rows.empty and not drop_shards:
             return self.index_version()
         with self._index_lock():
+            previous = self.index_version()
             old = self.index_table()
             keep = ~old["shard"].isin(drop_shards) & ~old["clip_hash"].isin(rows["clip_hash"])
             table = pd.concat([old[keep], rows], ignore_index=True).sort_values("clip_hash", ignore_index=True)
@@ -306,11 +307,21 @@ class TokenStore:
             version = f"index/{sha256_hex(data)}.parquet"
             write_atomic(f"{self.root}/{version}", data)
             write_json(f"{self.root}/{INDEX_POINTER}", {"index": version, "clips": len(table)})
+            self._prune_index_versions(keep={version, previous})
         self._lookup = None
         for shard in drop_shards:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.corrupt_marker(shard))
         return version
+
+    def _prune_index_versions(self, keep: set[str | None]) -> None:
+        """Index versions but the current and the one before it are removed: each holds every row (hundreds of
+        MB at millions of clips), and a reader loads its version once, when it starts."""
+        for path in self.fs.ls(f"{self.root}/index", detail=False):
+            name = "index/" + path.rsplit("/", 1)[-1]
+            if name.endswith(".parquet") and name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(path)
 
     @contextlib.contextmanager
     def _index_lock(self) -> Iterator[None]:
