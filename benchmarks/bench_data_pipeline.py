@@ -157,7 +157,8 @@ def _tokenize_run(store, clips, name: str, device: str) -> dict:
     listed = time.perf_counter()
     tokenizer = loading.load_audio_tokenizer(name, device)  # not the per-process cache: each run is a new process
     loaded = time.perf_counter()
-    stats = encode_clips(tokenizer, store, todo, batch_size=8, loader_threads=2)
+    with store.writer() as writer:
+        stats = encode_clips(tokenizer, writer, todo, batch_size=8, loader_threads=2)
     end = time.perf_counter()
     del tokenizer
     return {
@@ -212,7 +213,8 @@ def run_gpu_part(workdir: Path, clips: int, device: str) -> dict:
     tokenizer = tokenizer.to(device).eval()
     table = make_clips(workdir, clips, seed=3, prefix="gpu")
     store = TokenStore(str(workdir / "gpu_store"), "real-size-random")
-    stats = encode_clips(tokenizer, store, table, batch_size=8, loader_threads=4)
+    with store.writer() as writer:
+        stats = encode_clips(tokenizer, writer, table, batch_size=8, loader_threads=4)
     return {
         "device": device,
         "clips": len(table),

@@ -446,12 +446,13 @@ def compare_naive(args, layout: str, config, settings: TrainConfig, device: torc
         store = TokenStore(store_root, store_id)
         started = time.perf_counter()
         hashes, frames = [], []
-        for wave in waves:
-            clip_hash = sha256_hex(wave.numpy().tobytes())
-            codes = tokenizer.encode(wave.numpy(), sr=rate)
-            store.put(clip_hash, codes)
-            hashes.append(clip_hash)
-            frames.append(int(codes.shape[1]))
+        with store.writer() as writer:
+            for wave in waves:
+                clip_hash = sha256_hex(wave.numpy().tobytes())
+                codes = tokenizer.encode(wave.numpy(), sr=rate)
+                writer.add(clip_hash, codes)
+                hashes.append(clip_hash)
+                frames.append(int(codes.shape[1]))
         synchronize(device)
         tokenize_seconds = time.perf_counter() - started
 

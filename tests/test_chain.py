@@ -31,6 +31,7 @@ def test_whole_chain_materializes_with_torchrun_training(retrain):
     assert adapter["corpus_version"] == split["corpus_version"]
     assert adapter["train_count"] == split["train_count"] and adapter["world_size"] == 2
     assert adapter["steps"] == CHAIN_STEPS
+    assert adapter["startup_seconds"] > 0 and split["sample_lengths_path"].endswith("sample_lengths.parquet")
     assert "random weights" in adapter["base_model"]
     assert Path(adapter["adapter_path"]).is_relative_to(retrain.artifacts / "lora_adapter")
     # The adapter evaluated is the candidate chosen by ear: the one handed on, or another evaluation point's.

@@ -84,11 +84,12 @@ def test_s3_manifest_audio_and_artifacts(bucket_corpus):
     assert all(store.get(h).shape[0] == 8 for h in bucket_corpus["hashes"].values())
     # What s3fs wrote is really on the server that AWS_ENDPOINT_URL names (seen through a separate client).
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=ARTIFACTS, Prefix="run/")["Contents"]]
-    assert sum(key.endswith(".npy") for key in keys) == 4
+    assert sum(key.endswith(".npy") and "/shards/" in key for key in keys) == tokens["shards"] == 1
+    assert tokens["token_index"].startswith(f"s3://{ARTIFACTS}/") and tokens["token_index"].endswith(".parquet")
     assert any(key.endswith("accepted.parquet") for key in keys) and any(key.endswith("samples.jsonl") for key in keys)
 
     again = metadata_of(materialize(ASSETS[5:], artifacts, instance), "tokenized_audio")
-    assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found by listing the bucket
+    assert (again["clips_tokenized_this_run"], again["clips_reused"]) == (0, 4)  # found in the bucket's index
 
 
 def test_missing_s3_manifest_fails_naming_it(s3_env, tmp_path):

@@ -85,6 +85,7 @@ def test_run_outputs_and_logs(uninterrupted):
     assert summary["steps"] == 6 and summary["world_size"] == 2 and summary["effective_batch_size"] == 4
     assert "random weights" in summary["base_model"]
     assert 0 < summary["padding_efficiency"] <= 1 and summary["tokens_per_second"] > 0
+    assert 0 < summary["startup_seconds"] < 600  # launch to the first optimizer step, measured by rank 0
     lines = metrics(uninterrupted)
     train = [line for line in lines if "train_loss" in line]
     validation = [line for line in lines if "val_loss" in line]

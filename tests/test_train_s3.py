@@ -23,7 +23,7 @@ BUCKET = "training"
 
 
 def upload_fixture(data) -> dict[str, str]:
-    """The fixture's records, split and token shards, copied into the bucket; their s3:// locations."""
+    """The fixture's records, split, token index and shards, copied into the bucket; their s3:// locations."""
     fs = fsspec.filesystem("s3")
     remote = {
         "samples_path": f"s3://{BUCKET}/data/samples.jsonl",
@@ -36,8 +36,14 @@ def upload_fixture(data) -> dict[str, str]:
         TokenStore(data.token_store_root, data.tokenizer),
         TokenStore(remote["token_store_root"], data.tokenizer),
     )
-    for clip_hash in {clip["clip_hash"] for record in read_records(data.samples_path) for clip in record.audio}:
-        fs.put_file(local.path_for(clip_hash), bucket.path_for(clip_hash))
+    # The index and the shards the samples use (the local cache may hold other clips too).
+    version = local.index_version()
+    fs.put_file(f"{local.root}/{version}", f"{bucket.root}/{version}")
+    fs.put_file(f"{local.root}/index.json", f"{bucket.root}/index.json")
+    index = local.index_table().set_index("clip_hash")
+    used = {clip["clip_hash"] for record in read_records(data.samples_path) for clip in record.audio}
+    for shard in set(index.loc[sorted(used), "shard"]):
+        fs.put_file(local.shard_path(shard), bucket.shard_path(shard))
     return remote
 
 

@@ -105,6 +105,14 @@ def test_split_asset_is_stable_as_the_corpus_grows(tmp_path):
     assert second["train_count"] + second["validation_count"] == 24
     assert first["validation_count"] >= 1 and first["train_speakers"] >= 1 and first["validation_speakers"] >= 1
     assert first["token_store_root"] == str(artifacts / "tokenized_audio") and first["tokenizer"]
+    # The lengths table: one row per sample, at the byte offset of its line in samples.jsonl.
+    lengths = pd.read_parquet(second["sample_lengths_path"])
+    assert len(lengths) == 24 and first["text_tokenizer"] == "demo"
+    with open(second["samples_path"], "rb") as samples:
+        for sample_id, offset in zip(lengths["sample_id"], lengths["offset"], strict=True):
+            samples.seek(offset)
+            assert f'"sample_id": "{sample_id}"' in samples.readline().decode()
+    assert (lengths["text_tokens"] > 0).all() and (lengths["audio_out_frames"] > 0).all()
     before, after = read_split(first["split_path"]), read_split(second["split_path"])
     side_after = {s: name for name in ("train", "validation") for s in after[name]}
     kept = [(s, name) for name in ("train", "validation") for s in before[name] if s in side_after]

@@ -9,13 +9,18 @@ import pytest
 import torch
 from training_fixtures import shared_training_fixture
 
+from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.training.config import PROFILES, parse_overrides, profile
 from higgs_pipeline.training.data import (
     DistributedLengthBucketSampler,
+    LazySampleDataset,
     RecordDataset,
     load_split,
     make_loader,
+    merged_lengths,
+    sample_lengths,
     sequence_lengths,
+    split_rows,
     validation_batches,
 )
 from higgs_pipeline.training.objective import IGNORE_INDEX
@@ -159,6 +164,24 @@ def test_sequence_lengths_are_the_merged_lengths(train_set, demo_model):
         with torch.no_grad():
             outputs = demo_model(**forward_kwargs(batch, "cpu"))
         assert outputs.attention_mask.sum().item() == estimates[index]  # non-pad positions of the merged sequence
+
+
+def test_the_lengths_table_and_lazy_samples_give_what_the_records_give(tmp_path_factory, train_set, demo_model):
+    """What a rank builds from the lengths table (offsets, lengths) equals what it built from every record."""
+    data = shared_training_fixture(tmp_path_factory)
+    store = TokenStore(data.token_store_root, data.tokenizer)
+    table = sample_lengths(data.samples_path, store.frames, train_set.text_tokenizer)
+    train_rows, validation_rows = split_rows(table, data.split_path)
+    assert list(table["sample_id"].iloc[validation_rows]) == list(data.validation_ids)
+    assert merged_lengths(table, demo_model.config)[train_rows].tolist() == sequence_lengths(
+        train_set, demo_model.config
+    )
+    lazy = LazySampleDataset(data.samples_path, table["offset"].to_numpy()[train_rows], store, train_set.text_tokenizer)
+    assert len(lazy) == len(train_set)
+    for index in reversed(range(len(train_set))):  # random access: any order
+        assert lazy.record(index) == train_set.records[index]
+        assert torch.equal(lazy[index].input_ids, train_set[index].input_ids)
+        assert torch.equal(lazy[index].audio_ids_concat, train_set[index].audio_ids_concat)
 
 
 def test_profiles_and_overrides():

@@ -75,14 +75,15 @@ def token_store_cache_root() -> str:
 def encode_clips(rows: pd.DataFrame, store: TokenStore) -> dict[str, str]:
     """{audio_path: clip_hash}, encoding (with the demo audio tokenizer) only clips the store lacks."""
     hashes, audio_tokenizer = {}, None
-    for audio_path in rows.audio_path:
-        path = DEMO_MANIFEST.parent / audio_path
-        digest = clip_hash(path)
-        if not store.has(digest):
-            audio_tokenizer = audio_tokenizer or load_audio_tokenizer("demo")
-            wave, rate = decode(str(path))
-            store.put(digest, audio_tokenizer.encode(wave.mean(axis=0), sr=rate))
-        hashes[audio_path] = digest
+    with store.writer() as writer:
+        for audio_path in rows.audio_path:
+            path = DEMO_MANIFEST.parent / audio_path
+            digest = clip_hash(path)
+            if not store.has(digest) and digest not in hashes.values():
+                audio_tokenizer = audio_tokenizer or load_audio_tokenizer("demo")
+                wave, rate = decode(str(path))
+                writer.add(digest, audio_tokenizer.encode(wave.mean(axis=0), sr=rate))
+            hashes[audio_path] = digest
     return hashes
 
 

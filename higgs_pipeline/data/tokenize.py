@@ -1,4 +1,4 @@
-"""Encoding clips into Higgs audio codes once, into the content-addressed TokenStore.
+"""Encoding clips into Higgs audio codes once, into the sharded, content-addressed TokenStore.
 
 Why batches hold only clips of identical length: the tokenizer's semantic model (HuBERT) normalises and attends
 over the whole input with no padding mask, so zero-padding a clip to share a batch with a longer one changes its
@@ -6,7 +6,7 @@ codes (measured on the tiny tokenizer: 12-47% of the frames of each padded clip 
 exactly (tests/test_tokenized_audio.py checks batched == one-by-one), which pays off on pre-segmented corpora;
 every other clip is encoded on its own (see ClipEncoder for the lengths boson_multimodal can only do singly).
 What is overlapped instead is the I/O: reading, hashing, decoding and resampling run in a thread pool ahead of
-the encoder, and shards are written behind it.
+the encoder; codes gather into shards (`TokenStore.writer`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
-from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import write_text
+from higgs_pipeline.data.token_store import ShardWriter, TokenStore
 from higgs_pipeline.models import loading
 
 TOKENIZER_INFO = "tokenizer.json"
@@ -104,12 +104,8 @@ def _info_key(store: TokenStore) -> str:
 
 
 def stored_hashes(store: TokenStore) -> set[str]:
-    """Clip hashes that already have a shard: one recursive listing, not one existence check per clip (which on
-    S3 would be a request per clip). Half-written `.tmp` files do not count."""
-    store.fs.invalidate_cache()
-    if not store.fs.exists(store.root):
-        return set()
-    return {path.rsplit("/", 1)[-1][: -len(".npy")] for path in store.fs.find(store.root) if path.endswith(".npy")}
+    """Clip hashes the store's index holds (no shard is opened)."""
+    return set(store.index_table()["clip_hash"])
 
 
 def plan_batches(clips: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
@@ -192,13 +188,14 @@ def _heap_trimmer() -> Callable[[], object]:
 
 def encode_clips(
     tokenizer,
-    store: TokenStore,
+    writer: ShardWriter,
     clips: pd.DataFrame,
     batch_size: int = 8,
     loader_threads: int = 2,
     log: Callable[[str], None] | None = None,
 ) -> EncodeStats:
-    """Encode `clips` (CLIP_COLUMNS rows) into `store`; loading runs ahead of the encoder in `loader_threads`."""
+    """Encode `clips` (CLIP_COLUMNS rows) into `writer`'s shards (`TokenStore.writer`); loading runs ahead of the
+    encoder in `loader_threads`."""
     started = time.perf_counter()
     batches = plan_batches(clips, batch_size)
     uris, hashes = clips["audio_uri"].to_numpy(), clips["clip_hash"].to_numpy()
@@ -207,7 +204,6 @@ def encode_clips(
     encoder = ClipEncoder(tokenizer)
     trim_heap = _heap_trimmer()
     since_trim = 0
-    writes: list[Future] = []
     done = 0
     last_log = started
     with ThreadPoolExecutor(max_workers=max(1, loader_threads), thread_name_prefix="clip-io") as pool:
@@ -223,7 +219,8 @@ def encode_clips(
             batch, loads = queue.popleft()
             refill()
             codes = encoder.encode([load.result() for load in loads])
-            writes += [pool.submit(store.put, hashes[i], c.cpu()) for i, c in zip(batch, codes, strict=True)]
+            for i, clip_codes in zip(batch, codes, strict=True):
+                writer.add(hashes[i], clip_codes)
             done += len(batch)
             since_trim += len(batch)
             if since_trim >= TRIM_HEAP_EVERY_CLIPS:
@@ -232,8 +229,6 @@ def encode_clips(
             if log is not None and time.perf_counter() - last_log > 30:
                 log(f"tokenized {done}/{len(clips)} clips")
                 last_log = time.perf_counter()
-        for write in writes:
-            write.result()
     return EncodeStats(
         clips=len(clips),
         audio_seconds=float(clips["duration_s"].sum()),
@@ -243,33 +238,84 @@ def encode_clips(
     )
 
 
-def shard_problem(store: TokenStore, clip_hash: str, duration_s: float, info: TokenizerInfo) -> str:
-    """ "" if the clip's shard reads back as int16 [codebooks, frames] codes (none negative) with about
-    duration * codes_per_second frames; else what is wrong with it."""
-    try:
-        codes = store.read_array(clip_hash)
-    except FileNotFoundError:
-        return "no shard"
-    except (OSError, ValueError, EOFError) as error:  # a truncated or overwritten .npy
-        return f"unreadable shard: {type(error).__name__}: {error}"
+def codes_problem(codes: np.ndarray, duration_s: float, info: TokenizerInfo) -> str:
+    """ "" if `codes` are int16 [codebooks, frames] (none negative) with about duration * codes_per_second frames;
+    else what is wrong with them."""
     if codes.dtype != np.int16:
         return f"dtype {codes.dtype}, expected int16"
     if codes.ndim != 2 or codes.shape[0] != info.num_codebooks:
         return f"shape {tuple(codes.shape)}, expected [{info.num_codebooks}, frames]"
-    expected = duration_s * info.codes_per_second
-    if abs(codes.shape[1] - expected) > 3:  # the codec rounds each end by up to a frame or so
-        return f"{codes.shape[1]} frames for {duration_s:.2f} s, expected about {expected:.0f}"
+    if frames_problem := _frames_problem(codes.shape[1], duration_s, info):
+        return frames_problem
     if codes.size and int(codes.min()) < 0:
         return f"negative code {int(codes.min())}"
     return ""
 
 
-def shard_problems(store: TokenStore, clips: pd.DataFrame, info: TokenizerInfo, workers: int = 8) -> dict[str, str]:
-    """{clip_hash: problem} for the clips (`clip_hash`, `duration_s`) whose shard fails `shard_problem`; shards
-    are read `workers` at a time (each read is an S3 request on a bucket)."""
+def _frames_problem(frames: int, duration_s: float, info: TokenizerInfo) -> str:
+    expected = duration_s * info.codes_per_second
+    if abs(frames - expected) > 3:  # the codec rounds each end by up to a frame or so
+        return f"{frames} frames for {duration_s:.2f} s, expected about {expected:.0f}"
+    return ""
+
+
+def legacy_problem(store: TokenStore, clip_hash: str, duration_s: float, info: TokenizerInfo) -> str:
+    """`codes_problem` of a clip's one-file-per-clip `.npy` (the layout before shards), or why it cannot be read."""
+    try:
+        codes = store.read_legacy(clip_hash)
+    except FileNotFoundError:
+        return "no file"
+    except (OSError, ValueError, EOFError) as error:  # a truncated or overwritten .npy
+        return f"unreadable file: {type(error).__name__}: {error}"
+    return codes_problem(codes, duration_s, info)
+
+
+@dataclass(frozen=True)
+class StoreCheck:
+    """What a store cannot serve of some clips: {clip_hash: problem}, and {shard: problem} of the damaged shards
+    among those the clips use (every clip of such a shard is written again)."""
+
+    problems: dict[str, str]
+    damaged_shards: dict[str, str]
+
+
+def check_store(store: TokenStore, clips: pd.DataFrame, info: TokenizerInfo, verify_shards: bool = False) -> StoreCheck:
+    """The clips (`clip_hash`, `duration_s`) the store cannot serve, found from the index and one listing of the
+    shards: no index row, a row of the wrong shape or length, a shard that is missing, of the wrong size or marked
+    corrupt by a reader. No shard is read, unless `verify_shards` (each shard the clips use is then re-read and
+    hashed against its name)."""
     if clips.empty:
-        return {}
-    hashes, durations = clips["clip_hash"].tolist(), clips["duration_s"].tolist()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-check") as pool:
-        verdicts = list(pool.map(lambda h, d: shard_problem(store, h, d, info), hashes, durations))
-    return {h: problem for h, problem in zip(hashes, verdicts, strict=True) if problem}
+        return StoreCheck({}, {})
+    index = store.index_table().set_index("clip_hash")
+    rows = index.reindex(clips["clip_hash"])
+    damaged = _damaged_shards(store, index, set(rows["shard"].dropna()), verify_shards)
+    problems = {}
+    for clip_hash, duration, row in zip(clips["clip_hash"], clips["duration_s"], rows.itertuples(), strict=True):
+        if pd.isna(row.shard):
+            problem = "not in the index"
+        elif row.codebooks != info.num_codebooks:
+            problem = f"{int(row.codebooks)} codebooks, expected {info.num_codebooks}"
+        else:
+            problem = damaged.get(row.shard) or _frames_problem(int(row.frames), float(duration), info)
+        if problem:
+            problems[clip_hash] = problem
+    return StoreCheck(problems, damaged)
+
+
+def _damaged_shards(store: TokenStore, index: pd.DataFrame, shards: set[str], verify: bool) -> dict[str, str]:
+    """{shard: problem} of `shards`: absent, of another size than its index rows end at, marked corrupt, or (with
+    `verify`) failing its checksum."""
+    sizes, corrupt = store.shard_sizes(), store.corrupt_shards()
+    used = index[index["shard"].isin(shards)]
+    ends = (used["offset"] + used["codebooks"].astype("int64") * used["frames"] * 2).groupby(used["shard"]).max()
+    damaged = {}
+    for shard, size in ends.items():
+        if shard not in sizes:
+            damaged[shard] = f"shard {shard[:12]} missing"
+        elif sizes[shard] != size:
+            damaged[shard] = f"shard {shard[:12]} has {sizes[shard]} bytes, expected {size}"
+        elif shard in corrupt:
+            damaged[shard] = f"shard {shard[:12]} failed its checksum when read"
+        elif verify and not store.shard_checksum_ok(shard):
+            damaged[shard] = f"shard {shard[:12]} fails its checksum"
+    return damaged

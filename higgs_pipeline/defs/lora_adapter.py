@@ -195,7 +195,9 @@ def lora_adapter(
     artifacts: ArtifactStore,
     checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
-    """A PEFT LoRA adapter trained with torchrun DDP (demo: 2 gloo CPU processes; 8xgpu: 8 nccl GPUs)."""
+    """A PEFT LoRA adapter trained with torchrun DDP (demo: 2 gloo CPU processes; 8xgpu: 8 nccl GPUs). The
+    trainer's numbers are published as it reports them, `startup_seconds` (launch to the first optimizer step)
+    among them; its ranks read train_val_split's lengths table rather than every sample."""
     split = upstream_metadata(context, "train_val_split")
     model = checkpoints.model
     try:

@@ -5,16 +5,16 @@ import pandas as pd
 from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest_of_lines
-from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.tables import read_parquet
+from higgs_pipeline.data.token_store import ShardWriter, TokenStore, codes_fingerprint
 from higgs_pipeline.data.tokenize import (
     ClipChangedError,
     TokenizerInfo,
     audio_tokenizer,
+    check_store,
     encode_clips,
+    legacy_problem,
     read_tokenizer_info,
-    shard_problems,
-    stored_hashes,
     tokenizer_info,
     write_tokenizer_info,
 )
@@ -29,6 +29,11 @@ class TokenizedAudioConfig(dg.Config):
 
     batch_size: int = Field(default=8, description="Clips of equal length encoded together per tokenizer call.")
     loader_threads: int = Field(default=2, description="Threads reading and resampling audio ahead of the encoder.")
+    verify_shards: bool = Field(
+        default=False,
+        description="Re-read every shard the clips use and check it against its checksum (otherwise a shard is "
+        "verified when it is read, and a run checks only the index and the shards' sizes).",
+    )
 
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples"], kinds={"pytorch"})
@@ -38,15 +43,16 @@ def tokenized_audio(
     artifacts: ArtifactStore,
     checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
-    """Codes `[8, frames]` per clip, keyed by the clip's content hash: a re-run encodes only clips whose hash has
-    no shard yet (new or changed audio) or whose shard fails verification (truncated, wrong shape or length: it is
-    re-encoded), and the tokenizer is not even loaded when there are none."""
+    """Codes `[8, frames]` per clip in shards, found by the clip's content hash through the store's index
+    (data/token_store.py). A re-run encodes only clips the index lacks (new or changed audio) or whose shard is
+    damaged (missing, of the wrong size, or found corrupt when read: its clips are written into a new shard);
+    clips of a one-file-per-clip store are packed into shards as they are, without the tokenizer; and the
+    tokenizer is not even loaded when nothing needs encoding."""
     samples = upstream_metadata(context, "chatml_samples")
     clips = read_parquet(samples["clips_path"])
     name = checkpoints.audio_tokenizer
     store_root = artifacts.path("tokenized_audio")
     store = TokenStore(store_root, loading.tokenizer_id(name))
-    stored = clips["clip_hash"].isin(stored_hashes(store))
     info = read_tokenizer_info(store, context.log.warning)
     device = checkpoints.torch_device()
     tokenizer, stats = None, None
@@ -54,22 +60,34 @@ def tokenized_audio(
         tokenizer = audio_tokenizer(name, device)
         info = tokenizer_info(tokenizer, name)
         write_tokenizer_info(store, info)
-    bad = _bad_shards(context, store, clips[stored], info)
-    todo = clips[~stored | clips["clip_hash"].isin(bad)]
-    if len(todo):
-        if tokenizer is None:
-            tokenizer = audio_tokenizer(name, device)
-        context.log.info(f"tokenizing {len(todo)} of {len(clips)} clips on {device} with {info.description}")
-        try:
-            stats = encode_clips(tokenizer, store, todo, config.batch_size, config.loader_threads, context.log.info)
-        except (ClipChangedError, FileNotFoundError) as error:
-            raise dg.Failure(str(error)) from error
+    check = check_store(store, clips, info, config.verify_shards)
+    _log_problems(context, check.problems)
+    todo = clips[clips["clip_hash"].isin(check.problems)]
+    # A damaged shard leaves the index whole; its clips that the samples still use are written into new shards.
+    with store.writer(drop_shards=check.damaged_shards) as writer:
+        migrated = _migrate_legacy(store, todo, info, writer)
+        todo = todo[~todo["clip_hash"].isin(migrated)]
+        if len(todo):
+            if tokenizer is None:
+                tokenizer = audio_tokenizer(name, device)
+            context.log.info(f"tokenizing {len(todo)} of {len(clips)} clips on {device} with {info.description}")
+            try:
+                stats = encode_clips(
+                    tokenizer, writer, todo, config.batch_size, config.loader_threads, context.log.info
+                )
+            except (ClipChangedError, FileNotFoundError) as error:
+                raise dg.Failure(str(error)) from error
+    index = store.index_table()
     is_demo = loading.is_demo_model(name)
     metadata = {
         "clips": len(clips),
         "clips_tokenized_this_run": len(todo),
-        "clips_reused": len(clips) - len(todo),
-        "shards_replaced": len(bad),
+        "clips_reused": len(clips) - len(todo) - len(migrated),
+        "clips_migrated": len(migrated),
+        "shards_replaced": len(check.damaged_shards),
+        "shards": int(index["shard"].nunique()),
+        "codes_fingerprint": codes_fingerprint(index, clips["clip_hash"], info.tokenizer_id),
+        "token_index": f"{store.root}/{store.index_version()}",
         "audio_seconds": float(clips["duration_s"].sum()),
         "audio_seconds_tokenized_this_run": float(todo["duration_s"].sum()),
         "codes_per_second": info.codes_per_second,
@@ -89,27 +107,40 @@ def tokenized_audio(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 
-def _bad_shards(
-    context: dg.AssetExecutionContext, store: TokenStore, reused: pd.DataFrame, info: TokenizerInfo
-) -> dict[str, str]:
-    """The stored shards this run would reuse that fail `shard_problem`, each logged with why."""
-    bad = shard_problems(store, reused, info)
-    if bad:
-        examples = "; ".join(f"{h[:12]}: {problem}" for h, problem in list(bad.items())[:10])
-        context.log.warning(f"re-encoding {len(bad)} of {len(reused)} stored shards that fail verification: {examples}")
-    return bad
+def _log_problems(context: dg.AssetExecutionContext, problems: dict[str, str]) -> None:
+    """Why stored clips are written again (clips the index never had are simply new)."""
+    stored = {h: p for h, p in problems.items() if p != "not in the index"}
+    if stored:
+        examples = "; ".join(f"{h[:12]}: {problem}" for h, problem in list(stored.items())[:10])
+        context.log.warning(f"re-encoding {len(stored)} stored clips that fail verification: {examples}")
+
+
+def _migrate_legacy(store: TokenStore, todo: pd.DataFrame, info: TokenizerInfo, writer: ShardWriter) -> set[str]:
+    """Clips of `todo` whose one-file-per-clip `.npy` (the layout before shards) is sound, packed into shards as
+    they are: no re-encoding. Listed only when there are clips to find."""
+    if todo.empty:
+        return set()
+    legacy = store.legacy_hashes()
+    moved = set()
+    for clip_hash, duration in zip(todo["clip_hash"], todo["duration_s"], strict=True):
+        if clip_hash in legacy and not legacy_problem(store, clip_hash, float(duration), info):
+            writer.add(clip_hash, store.read_legacy(clip_hash))
+            moved.add(clip_hash)
+    return moved
 
 
 @dg.asset_check(asset=tokenized_audio, blocking=True)
 def tokenized_audio_shards_readable(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """Every clip's shard exists, reads back as [codebooks, frames], and has about duration x codes/s frames."""
+    """Every clip has an index row of the right shape and about duration x codes/s frames, in a shard that exists
+    with the size the index expects and that no reader found corrupt (checksums live in the index: no shard is
+    re-read here; each is verified when it is read)."""
     meta = upstream_metadata(context, "tokenized_audio")
     clips = read_parquet(meta["clips_path"], columns=["clip_hash", "duration_s"])
     store = TokenStore(meta["token_store_root"], meta["tokenizer"])
     info = read_tokenizer_info(store)
     if info is None:
         return dg.AssetCheckResult(passed=False, metadata={"problems": f"no tokenizer info under {store.root}"})
-    problems = [f"{h[:12]}: {p}" for h, p in shard_problems(store, clips, info).items()]
+    problems = [f"{h[:12]}: {p}" for h, p in check_store(store, clips, info).problems.items()]
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={

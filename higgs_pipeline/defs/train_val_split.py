@@ -10,9 +10,12 @@ from pydantic import Field
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records, read_split
 from higgs_pipeline.data.split import GROUP_COLUMNS, split_samples, target_text, text_keys, validation_texts_in_train
-from higgs_pipeline.data.tables import read_parquet, write_text
-from higgs_pipeline.defs.resources import ArtifactStore
+from higgs_pipeline.data.tables import read_parquet, write_parquet, write_text
+from higgs_pipeline.data.token_store import TokenStore
+from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
+from higgs_pipeline.models.loading import load_text_tokenizer
+from higgs_pipeline.training.data import sample_lengths
 
 GROUP_BY = {"target_clip": "target_clip", "speaker": "speaker_held_out", "text": "text"}
 
@@ -42,12 +45,17 @@ class TrainValSplitConfig(dg.Config):
 
 @dg.asset(group_name="data_prep", code_version="1", deps=["chatml_samples", "tokenized_audio"], kinds={"pandas"})
 def train_val_split(
-    context: dg.AssetExecutionContext, config: TrainValSplitConfig, artifacts: ArtifactStore
+    context: dg.AssetExecutionContext,
+    config: TrainValSplitConfig,
+    artifacts: ArtifactStore,
+    checkpoints: HiggsCheckpoints,
 ) -> dg.MaterializeResult:
     """`split.json` of sample ids. A sample's side depends only on the hash of its group (target clip, speaker
     or normalized text), so adding data never moves an existing sample and a recording's TTS and voice-clone
     samples are never split apart. `validation_texts_in_train` counts validation samples whose text is trained
-    on too (always 0 grouped by text)."""
+    on too (always 0 grouped by text). Beside it, `sample_lengths.parquet` (training/data.py LENGTH_COLUMNS):
+    each sample's byte offset in samples.jsonl and the parts of its length (text tokens of the base model's
+    tokenizer, audio frames from the token index), so training ranks neither parse nor tokenize the corpus."""
     samples = upstream_metadata(context, "chatml_samples")
     tokens = upstream_metadata(context, "tokenized_audio")
     if tokens.get("clips_path") != samples["clips_path"]:
@@ -74,6 +82,13 @@ def train_val_split(
     fs.makedirs(folder, exist_ok=True)
     split_path = f"{folder}/split.json"
     write_text(json.dumps(split), split_path)
+    lengths_path = f"{folder}/sample_lengths.parquet"
+    store = TokenStore(tokens["token_store_root"], tokens["tokenizer"])
+    try:
+        lengths = sample_lengths(samples["samples_path"], store.frames, load_text_tokenizer(checkpoints.model))
+    except (FileNotFoundError, ValueError) as error:
+        raise dg.Failure(f"sample lengths: {error}") from error
+    write_parquet(lengths, lengths_path)
     context.log.info(f"{len(train)} train / {len(validation)} validation samples ({mode})")
     return dg.MaterializeResult(
         metadata={
@@ -90,6 +105,8 @@ def train_val_split(
             "validation_texts_in_train": validation_texts_in_train(index["text_key"], result.is_validation),
             "validation_fraction": config.validation_fraction,
             "split_path": split_path,
+            "sample_lengths_path": lengths_path,
+            "text_tokenizer": checkpoints.model,
             "samples_path": samples["samples_path"],
             "samples_index_path": samples["samples_index_path"],
             "token_store_root": tokens["token_store_root"],

@@ -166,6 +166,8 @@ def trainer_arguments(
     args = ["--resume", "--profile", profile_name, "--model", model]
     args += ["--samples", split["samples_path"], "--split", split["split_path"]]
     args += ["--token-store", split["token_store_root"], "--tokenizer-id", split["tokenizer"]]
+    if split.get("sample_lengths_path") and split.get("text_tokenizer") == model:
+        args += ["--lengths", split["sample_lengths_path"]]  # counted with this model's text tokenizer
     args += ["--output-dir", str(run_dir)]
     args += [arg for key, value in request.settings.items() for arg in ("--set", f"{key}={value}")]
     if remote is not None:

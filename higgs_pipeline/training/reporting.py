@@ -243,8 +243,10 @@ def write_summary(
     last_train: dict[str, float],
     last_validation: dict[str, float],
     last_adapter: Path,
+    startup_seconds: float = math.nan,
 ) -> dict[str, Any]:
-    """Rank 0: summary.json (written atomically), the numbers the asset reports."""
+    """Rank 0: summary.json (written atomically), the numbers the asset reports. `startup_seconds`: launch to
+    the first optimizer step of this process (NaN when it took none)."""
     best_adapter = run_dir / "best_adapter"
     step, trained_steps = progress.step, progress.step - progress.start_step
     # val_* describe the adapter that is handed on: the best by validation loss.
@@ -273,6 +275,7 @@ def write_summary(
         "last_adapter_path": str(last_adapter),
         "run_dir": str(run_dir),
         "metrics_path": str(run_dir / METRICS_FILE),
+        "startup_seconds": startup_seconds,
     }
     write_json(str(run_dir / SUMMARY_FILE), summary)
     return summary

@@ -31,24 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import safetensors.torch
 import torch
 import torch.distributed as dist
 from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 from torch.nn.parallel import DistributedDataParallel
 
-from higgs_pipeline.data.split import ids_sha256, validation_subset_records
+from higgs_pipeline.data.records import TokenStore
+from higgs_pipeline.data.split import ids_sha256, validation_subset
+from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.launch.pipes_messages import pipes_message_writer
 from higgs_pipeline.launch.torchrun import die_with_agent
 from higgs_pipeline.models import loading
 from higgs_pipeline.training import candidates, checkpoint
 from higgs_pipeline.training.config import OptimSettings, TrainConfig, parse_overrides, profile
 from higgs_pipeline.training.data import (
+    LENGTH_COLUMNS,
     DistributedLengthBucketSampler,
-    RecordDataset,
-    load_split,
+    LazySampleDataset,
     make_loader,
-    sequence_lengths,
+    merged_lengths,
+    sample_lengths,
+    split_rows,
     validation_batches,
 )
 from higgs_pipeline.training.distributed import Distributed, all_gather_bytes, setup_distributed
@@ -82,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, help="split.json written by train_val_split")
     parser.add_argument("--token-store", required=True, help="TokenStore root written by tokenized_audio")
     parser.add_argument("--tokenizer-id", required=True, help="audio tokenizer id the codes are stored under")
+    parser.add_argument(
+        "--lengths",
+        default=None,
+        help="sample lengths table written by train_val_split (without it, each rank computes it from the samples)",
+    )
     parser.add_argument("--model", default=loading.DEMO, help="'demo', a hub id or a local checkpoint folder")
     parser.add_argument("--output-dir", required=True, help="run directory (local): checkpoints, adapters, logs")
     parser.add_argument("--profile", default="demo", help="demo | 8xgpu")
@@ -194,24 +204,40 @@ def _build(args: argparse.Namespace, config: TrainConfig, env: Distributed) -> P
 
 @dataclass
 class Data:
-    train_set: RecordDataset
-    validation_set: RecordDataset
+    train_set: LazySampleDataset
+    validation_set: LazySampleDataset
+    validation_ids: list[str]  # the validation subset's sample ids, in the loader's order
     sampler: DistributedLengthBucketSampler
     loader: Any
     validation_loader: Any
 
 
 def _data(args: argparse.Namespace, config: TrainConfig, env: Distributed, model_config) -> Data:
-    """This rank's length-bucketed share of the train split and of the validation split."""
+    """This rank's length-bucketed share of the train split and of the validation split. Lengths come from the
+    lengths table and samples are read lazily by byte offset, so start-up and memory stay flat in corpus size."""
     batch = config.batch
     text_tokenizer = loading.load_text_tokenizer(args.model)
     collator = make_collator(model_config)
-    train_records, validation_records = load_split(args.samples, args.split)
-    validation_records = validation_subset_records(validation_records, config.run.max_validation_samples)
-    train_set = RecordDataset(train_records, args.token_store, args.tokenizer_id, text_tokenizer)
-    validation_set = RecordDataset(validation_records, args.token_store, args.tokenizer_id, text_tokenizer)
+    # One index per rank, loaded before the loaders fork their workers: they share its pages.
+    store = TokenStore(args.token_store, args.tokenizer_id)
+    store.lookup()
+    if args.lengths:
+        table = read_parquet(args.lengths, columns=LENGTH_COLUMNS)
+    else:
+        table = sample_lengths(args.samples, store.frames, text_tokenizer)
+    train_rows, validation_rows = split_rows(table, args.split)
+    validation_ids = table["sample_id"].to_numpy()[validation_rows]
+    chosen = validation_subset(validation_ids.tolist(), config.run.max_validation_samples)
+    validation_rows, validation_ids = validation_rows[chosen], validation_ids[chosen].tolist()
+    lengths, offsets = merged_lengths(table, model_config), table["offset"].to_numpy()
+    del table  # the sample ids: only the rows' offsets and lengths (and the validated ids) are kept
+
+    def dataset(rows) -> LazySampleDataset:
+        return LazySampleDataset(args.samples, offsets[rows], store, text_tokenizer)
+
+    train_set, validation_set = dataset(train_rows), dataset(validation_rows)
     sampler = DistributedLengthBucketSampler(
-        sequence_lengths(train_set, model_config),
+        lengths[train_rows],
         batch.per_device_batch_size,
         env.world_size,
         env.rank,
@@ -225,14 +251,12 @@ def _data(args: argparse.Namespace, config: TrainConfig, env: Distributed, model
         "persistent_workers": batch.persistent_workers,
     }
     validation_plan = validation_batches(
-        sequence_lengths(validation_set, model_config) if len(validation_set) else [],
-        batch.validation_batch_size,
-        env.world_size,
-        env.rank,
+        lengths[validation_rows].tolist(), batch.validation_batch_size, env.world_size, env.rank
     )
     return Data(
         train_set,
         validation_set,
+        validation_ids,
         sampler,
         make_loader(train_set, sampler, collator, **loader_options),
         make_loader(validation_set, validation_plan, collator, **loader_options),
@@ -254,8 +278,12 @@ def _run(
     tally, totals = Tally(parts.codebooks, env.device), Throughput()
     last_train: dict[str, float] = {}
     last_validation: dict[str, float] = {}
+    startup_seconds = math.nan
     while progress.step < optim.max_steps:
         grad_norm, learning_rate = _train_step(stream, parts, config, env, tally, progress)
+        if math.isnan(startup_seconds):
+            startup_seconds = seconds_since_launch()
+            reporter.info(f"first optimizer step done {startup_seconds:.1f} s after launch")
         reporter.advance()
         final = progress.step == optim.max_steps
         if progress.step % run.log_every == 0 or final:
@@ -273,7 +301,17 @@ def _run(
     if env.is_main:
         last_adapter = checkpoint.save_adapter(parts.peft_model, run_dir / "last_adapter")
         summary = write_summary(
-            args, config, env, run_dir, parts.peft_model, progress, totals, last_train, last_validation, last_adapter
+            args,
+            config,
+            env,
+            run_dir,
+            parts.peft_model,
+            progress,
+            totals,
+            last_train,
+            last_validation,
+            last_adapter,
+            startup_seconds,
         )
         reporter.info(
             f"done at step {progress.step}: adapter {summary['adapter_path']} (val_loss {summary['val_loss']:.4f})"
@@ -281,6 +319,11 @@ def _run(
     reporter.close()
     dist.barrier()
     return summary
+
+
+def seconds_since_launch() -> float:
+    """Wall seconds since this process started (the interpreter's launch, imports included)."""
+    return time.time() - psutil.Process().create_time()
 
 
 def _train_step(stream, parts: Parts, config: TrainConfig, env: Distributed, tally: Tally, progress: Progress):
@@ -360,7 +403,7 @@ def _validate(
     """
     sums = evaluate(parts.module, data.validation_loader, env.device, parts.codebooks)
     means = sums.means(optim.text_weight, optim.audio_weight)
-    ids = [record.sample_id for record in data.validation_set.records]
+    ids = data.validation_ids
     result = {
         "step": progress.step,
         **prefixed(means, "val"),
