@@ -75,3 +75,22 @@ def claim_device(
             on_wait(f"all {count} GPUs are held (locks in {lock_dir}): waiting for one to free")
         waiting = True
         time.sleep(poll_s)
+
+
+def pin_rank_gpu() -> None:
+    """Make this torchrun rank see only its own GPU (GPU <LOCAL_RANK> of those the job was given) as "cuda", for
+    libraries that take no index in a device string (CTranslate2, hence faster-whisper, refuses "cuda:1"). Must run
+    before anything in the process touches CUDA; ranks beyond the GPU count share GPUs round-robin."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [entry.strip() for entry in visible.split(",") if entry.strip()] if visible is not None else None
+    if ids == []:
+        return  # the job was given no GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)] if ids else str(local_rank)
+
+
+def rank_cpu_threads() -> int:
+    """Math threads for one of the ranks that share this machine's cores (torchrun would give each one thread)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
