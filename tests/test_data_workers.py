@@ -101,3 +101,14 @@ def test_codec_worker_gives_every_clip_its_one_at_a_time_codes_with_one_and_two_
         expected = tokenizer.encode(to_mono(wave, native_rate, rate).numpy(), sr=rate)
         np.testing.assert_array_equal(codes_of(row), expected.cpu().numpy())
         assert abs(row["frames"] - row["duration_s"] * tokenizer.tps) <= 2
+
+
+def test_workers_import_only_dagster_pipes_from_dagster():
+    """A worker process loads neither Dagster nor its K8s client: only `dagster_pipes`, like the trainer."""
+    modules = "higgs_pipeline.workers.asr, higgs_pipeline.workers.codec, higgs_pipeline.data.tokenize"
+    code = (
+        f"import sys, {modules}, higgs_pipeline.speech.scoring; print(sorted(m for m in sys.modules if 'dagster' in m))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['dagster_pipes']"
