@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from higgs_pipeline.devices import default_nproc
 from higgs_pipeline.launch.k8s import TRAIN_MODULE, GpuNodeSpec, single_node_pod_spec
 from higgs_pipeline.launch.launcher import (
     DistributedJob,
     _pytorch_job,
+    data_stage_job,
     k8s_pod_spec,
     k8s_pytorch_job,
     local_torchrun_command,
@@ -102,3 +104,12 @@ def test_a_data_stage_on_kubernetes_is_a_gpu_pod_from_dagster_k8s_own_builder():
     assert pod.spec.tolerations[0].key == "nvidia.com/gpu" and pod.spec.restart_policy == "Never"
     assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= {e.name for e in container.env}
     assert container.env_from[0].secret_ref.name == "higgs-pipeline-s3"  # the s3:// artifact store's credentials
+
+
+def test_a_data_stage_takes_one_process_per_gpu_unless_its_config_says_otherwise():
+    assert data_stage_job(CODEC_MODULE, list(CODEC_ARGS)).nproc_per_node == default_nproc()
+    assert data_stage_job(CODEC_MODULE, list(CODEC_ARGS), nproc_per_node=3).nproc_per_node == 3
+    on_k8s = data_stage_job(CODEC_MODULE, list(CODEC_ARGS), nproc_per_node=3, launcher="k8s", k8s_node=NODE)
+    assert (on_k8s.nproc_per_node, on_k8s.launcher, on_k8s.args) == (4, "k8s", CODEC_ARGS)
+    with pytest.raises(ValueError, match="needs k8s_node"):
+        data_stage_job(CODEC_MODULE, list(CODEC_ARGS), launcher="k8s")

@@ -13,6 +13,7 @@ from typing import Any
 
 import dagster as dg
 
+from higgs_pipeline.devices import default_nproc
 from higgs_pipeline.launch import torchrun
 from higgs_pipeline.launch.k8s import (
     TRAIN_MODULE,
@@ -111,6 +112,22 @@ def training_job(plan: TrainingPlan) -> DistributedJob:
         message_root=plan.remote if plan.multi_node else None,
         job_name=pytorch_job_name(plan.run_key) if plan.multi_node else None,
     )
+
+
+def data_stage_job(
+    module: str,
+    args: list[str],
+    nproc_per_node: int = 0,
+    launcher: str = "local",
+    k8s_node: GpuNodeSpec | None = None,
+) -> DistributedJob:
+    """A data stage's job from its run config: `nproc_per_node` 0 is one process per GPU of this node (1 without a
+    GPU); on Kubernetes always one per GPU of `k8s_node`, the pod's own node."""
+    if launcher == "k8s" and k8s_node is not None:
+        nproc = k8s_node.gpus_per_node
+    else:
+        nproc = nproc_per_node or default_nproc()
+    return DistributedJob(module=module, args=tuple(args), nproc_per_node=nproc, launcher=launcher, k8s_node=k8s_node)
 
 
 def launch_training(context: dg.AssetExecutionContext, plan: TrainingPlan) -> dg.MaterializeResult:
