@@ -31,9 +31,10 @@ def codes_of(row: pd.Series) -> np.ndarray:
 
 def encoder(tokenizer_name: str, device: str) -> BatchFunction:
     """The batch function: each clip's codes, equal-length clips encoded together."""
-    from higgs_pipeline.data.tokenize import ClipEncoder, audio_tokenizer, load_wave
+    from higgs_pipeline.data.tokenize import ClipEncoder, _heap_trimmer, audio_tokenizer, load_wave
 
     tokenizer = audio_tokenizer(tokenizer_name, device)
+    trim_heap = _heap_trimmer()  # clips of ever-different lengths fragment the heap (measured in tokenize.py)
     clip_encoder = ClipEncoder(tokenizer)
     rate = int(tokenizer.sampling_rate)
 
@@ -46,6 +47,7 @@ def encoder(tokenizer_name: str, device: str) -> BatchFunction:
         for positions in by_length.values():
             for position, clip in zip(positions, clip_encoder.encode([waves[p] for p in positions]), strict=True):
                 codes[position] = clip.cpu().numpy().astype(CODES_DTYPE)
+        trim_heap()
         return pd.DataFrame(
             {
                 "clip_hash": batch["clip_hash"].to_numpy(),
