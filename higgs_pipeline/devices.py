@@ -1,6 +1,15 @@
-"""The one reading of a device setting: "auto" is the GPU when one is visible, else the CPU."""
+"""The one reading of a device setting ("auto" is the GPU when one is visible, else the CPU), and which device
+a process of a node takes: a torchrun rank its local GPU, a concurrent run the first GPU no other run holds."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from higgs_pipeline.locks import FileLock, LockBusy
 
 
 def resolve_device(device: str) -> str:
@@ -19,3 +28,69 @@ def math_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def gpu_count() -> int:
+    """GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_nproc() -> int:
+    """Processes per node for a distributed data job: one per GPU, or one on a machine without a GPU (the CPU's
+    cores are shared by the ranks' math threads either way)."""
+    return max(1, gpu_count())
+
+
+def rank_device() -> str:
+    """This torchrun rank's device: `cuda:<LOCAL_RANK>` when GPUs are visible, else the CPU."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu_count() else "cpu"
+
+
+@contextlib.contextmanager
+def claim_device(
+    lock_dir: Path, gpus: int | None = None, on_wait: Callable[[str], None] | None = None, poll_s: float = 0.5
+) -> Iterator[str]:
+    """Hold one GPU of this node for the block: "cuda:N" for the first N whose `<lock_dir>/gpu-N.lock` no other
+    process holds, waiting until one frees when all are held; "cpu" on a machine without a GPU (`gpus` overrides
+    the count the node sees). Concurrent runs on a node (recording partitions) so spread over its GPUs instead
+    of all landing on GPU 0; the kernel drops a dead holder's flock, so a crashed run frees its GPU."""
+    count = gpu_count() if gpus is None else gpus
+    if count == 0:
+        yield "cpu"
+        return
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    waiting = False
+    while True:
+        for index in range(count):
+            try:
+                lock = FileLock(lock_dir / f"gpu-{index}.lock", f"device cuda:{index}")
+            except LockBusy:
+                continue
+            with lock:
+                yield f"cuda:{index}"
+            return
+        if not waiting and on_wait is not None:
+            on_wait(f"all {count} GPUs are held (locks in {lock_dir}): waiting for one to free")
+        waiting = True
+        time.sleep(poll_s)
+
+
+def pin_rank_gpu() -> None:
+    """Make this torchrun rank see only its own GPU (GPU <LOCAL_RANK> of those the job was given) as "cuda", for
+    libraries that take no index in a device string (CTranslate2, hence faster-whisper, refuses "cuda:1"). Must run
+    before anything in the process touches CUDA; ranks beyond the GPU count share GPUs round-robin."""
+    if "LOCAL_RANK" not in os.environ:
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [entry.strip() for entry in visible.split(",") if entry.strip()] if visible is not None else None
+    if ids == []:
+        return  # the job was given no GPU
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)] if ids else str(local_rank)
+
+
+def rank_cpu_threads() -> int:
+    """Math threads for one of the ranks that share this machine's cores (torchrun would give each one thread)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -1,11 +1,13 @@
-"""Launching the training entry point on Kubernetes: one 8-GPU pod, or a multi-node PyTorchJob.
+"""Launching a distributed entry point (the trainer, a data-stage worker) on Kubernetes: one GPU pod, or a
+multi-node PyTorchJob.
 
 The engines are existing ones: a single pod goes through dagster-k8s' `PipesK8sClient` (logs and metadata
 stream back exactly as with the local `PipesSubprocessClient`), and more than one node is a Kubeflow
 `PyTorchJob` whose pods run `torchrun` with c10d rendezvous on the master service. This module only builds
 the specs (plain dicts in the Kubernetes API's own shape), so they are unit-testable without a cluster.
 
-The training entry point is the same everywhere: `torchrun ... -m higgs_pipeline.training.train ...`.
+The entry point is the same everywhere: `torchrun ... -m <module> ...` (`higgs_pipeline.training.train` unless a
+caller names another).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ JOB_NAME_MAX = 45
 
 @dataclass(frozen=True)
 class GpuNodeSpec:
-    """What one training node asks of the cluster (defaults: the reference 8-GPU node)."""
+    """What one node of a distributed job asks of the cluster (defaults: the reference 8-GPU training node)."""
 
     image: str
     gpus_per_node: int = 8
@@ -56,6 +58,7 @@ def torchrun_command(
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "higgs-lora",
+    module: str = TRAIN_MODULE,
 ) -> list[str]:
     """`torchrun` for one node (standalone) or for `nnodes` nodes meeting at a c10d rendezvous endpoint."""
     command = ["torchrun", f"--nproc_per_node={nproc_per_node}"]
@@ -70,7 +73,7 @@ def torchrun_command(
             f"--rdzv_endpoint={rdzv_endpoint}",
             f"--rdzv_id={rdzv_id}",
         ]
-    return [*command, "-m", TRAIN_MODULE, *train_args]
+    return [*command, "-m", module, *train_args]
 
 
 def _container(node: GpuNodeSpec, name: str, command: Sequence[str]) -> dict[str, Any]:
@@ -109,10 +112,12 @@ def _pod_spec(node: GpuNodeSpec, container: dict[str, Any], restart_policy: str 
     return spec
 
 
-def single_node_pod_spec(node: GpuNodeSpec, train_args: Sequence[str]) -> dict[str, Any]:
-    """`base_pod_spec` for `PipesK8sClient.run`: one pod, all its GPUs, torchrun standalone."""
-    command = torchrun_command(train_args, nproc_per_node=node.gpus_per_node)
-    return _pod_spec(node, _container(node, "train", command))
+def single_node_pod_spec(
+    node: GpuNodeSpec, train_args: Sequence[str], module: str = TRAIN_MODULE, container: str = "train"
+) -> dict[str, Any]:
+    """`base_pod_spec` for `PipesK8sClient.run`: one pod, all its GPUs, torchrun standalone over `module`."""
+    command = torchrun_command(train_args, nproc_per_node=node.gpus_per_node, module=module)
+    return _pod_spec(node, _container(node, container, command))
 
 
 def pytorch_job_name(run_key: str, prefix: str = "higgs-lora") -> str:
@@ -135,6 +140,7 @@ def pytorch_job_manifest(
     job_name: str,
     restart_policy: str = "OnFailure",
     backoff_limit: int = 2,
+    module: str = TRAIN_MODULE,
 ) -> dict[str, Any]:
     """A Kubeflow PyTorchJob (kubeflow.org/v1): 1 Master + (nodes-1) Workers, torchrun c10d rendezvous.
 
@@ -149,7 +155,12 @@ def pytorch_job_manifest(
         raise ValueError(f"a PyTorchJob is for 2 or more nodes, got {nodes}: use single_node_pod_spec")
     endpoint = f"{job_name}-master-0:{RDZV_PORT}"
     command = torchrun_command(
-        train_args, nproc_per_node=node.gpus_per_node, nnodes=nodes, rdzv_endpoint=endpoint, rdzv_id=job_name
+        train_args,
+        nproc_per_node=node.gpus_per_node,
+        nnodes=nodes,
+        rdzv_endpoint=endpoint,
+        rdzv_id=job_name,
+        module=module,
     )
     container = _container(node, "pytorch", command)  # the operator requires the container name "pytorch"
     container["ports"] = [{"containerPort": RDZV_PORT, "name": "c10d"}]

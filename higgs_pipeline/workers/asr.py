@@ -1,0 +1,105 @@
+"""`python -m higgs_pipeline.workers.asr --clips CLIPS --asr-model NAME --cache DIR --out DIR`: transcribes each
+rank's share of a clips table (clip_hash, audio_uri, language: a Whisper code, empty or null to detect) with the
+shared scorer's Whisper, and writes its part (clip_hash, language, hypothesis, speech_detected, from_cache).
+
+A clip is transcribed at most once per (clip, language, model): results are kept in the cache folder (one sealed
+JSON per clip and language, `<cache>/<clip_hash>-<language or auto>.json`, keyed by the folder's name, which names
+the model), and a trustworthy entry is used instead of transcribing; a broken one is transcribed again.
+Audio is read as the probe reads it (regular files only, under the byte cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import pandas as pd
+
+from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.data.probe import read_clip_bytes
+from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
+from higgs_pipeline.devices import pin_rank_gpu, resolve_device
+from higgs_pipeline.files import write_json
+from higgs_pipeline.workers.shards import BatchFunction, run_sharded
+
+ASR_MODULE = "higgs_pipeline.workers.asr"
+ASR_KEY = ("clip_hash", "language")
+logger = logging.getLogger(__name__)
+
+
+def cache_path(cache: str, clip_hash: str, language: str | None) -> str:
+    return f"{cache.rstrip('/')}/{clip_hash}-{language or 'auto'}.json"
+
+
+def cached_transcript(cache: str, clip_hash: str, language: str | None) -> dict | None:
+    """The cached result, or None when absent or untrustworthy (corrupt, edited, of another clip or model)."""
+    key = [clip_hash, language or None, cache.rstrip("/").rsplit("/", 1)[-1]]
+    path = cache_path(cache, clip_hash, language)
+    try:
+        entry = read_sealed(path, key)
+    except BrokenEntry as error:
+        logger.warning(f"transcript cache entry {path} dropped ({error}): transcribing the clip again")
+        return None
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("hypothesis"), str)
+        and isinstance(entry.get("speech_detected"), bool)
+    ):
+        return None
+    return entry
+
+
+def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
+    """The batch function: each clip's transcript, from the cache or heard and then cached."""
+    from higgs_pipeline.speech.scoring import get_scorer  # after the rank's GPU is pinned
+
+    scorer = get_scorer(asr_model, device=device)
+
+    def transcribe(batch: pd.DataFrame) -> pd.DataFrame:
+        rows = []
+        for clip_hash, uri, language in zip(batch["clip_hash"], batch["audio_uri"], batch["language"], strict=True):
+            code = language or None
+            entry = cached_transcript(cache, clip_hash, code)
+            from_cache = entry is not None
+            if entry is None:
+                wave, rate = decode(read_clip_bytes(uri))
+                hypothesis, speech = scorer.listen(wave, rate, code)
+                entry = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
+                key = [clip_hash, code, cache.rstrip("/").rsplit("/", 1)[-1]]
+                write_json(cache_path(cache, clip_hash, code), seal(key, entry), indent=None)
+            rows.append({"clip_hash": clip_hash, "language": language, **entry, "from_cache": from_cache})
+        return pd.DataFrame(rows, columns=[*ASR_KEY, "hypothesis", "speech_detected", "from_cache"])
+
+    return transcribe
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m {ASR_MODULE}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", required=True, help="Parquet table: clip_hash, audio_uri, language")
+    parser.add_argument("--asr-model", required=True, help='ASR model as the scorers name it (e.g. "tiny.en")')
+    parser.add_argument("--cache", required=True, help="transcript cache folder of this ASR model")
+    parser.add_argument("--out", required=True, help="folder for part-<rank>-of-<world>.parquet")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--balance-by", default=None, help="a cost column (duration_s) the ranks' shares balance")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    pin_rank_gpu()  # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
+    process = transcriber(args.asr_model, args.cache, resolve_device("auto"))
+    run_sharded(
+        args.clips,
+        args.out,
+        process,
+        key=ASR_KEY,
+        cost=args.balance_by,
+        batch_size=args.batch_size,
+        metadata={"asr_model": args.asr_model},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Which device a process of a node takes: concurrent runs spread over the GPUs by flock (`claim_device`), a run
+waits while every GPU is held, a dead holder frees its GPU; no GPU means the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from higgs_pipeline.devices import claim_device, default_nproc, gpu_count
+
+pytestmark = pytest.mark.unit
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_without_a_gpu_the_run_takes_the_cpu_and_no_lock(tmp_path: Path):
+    with claim_device(tmp_path / "locks", gpus=0) as device:
+        assert device == "cpu"
+    assert not (tmp_path / "locks").exists()
+    assert default_nproc() == max(1, gpu_count())
+
+
+def test_concurrent_runs_take_different_gpus_and_a_third_waits_for_one_to_free(tmp_path: Path):
+    taken: list[str] = []
+    waits: list[str] = []
+    with claim_device(tmp_path, gpus=2) as first, claim_device(tmp_path, gpus=2) as second:
+        assert (first, second) == ("cuda:0", "cuda:1")
+
+        def third() -> None:
+            with claim_device(tmp_path, gpus=2, on_wait=waits.append, poll_s=0.05) as device:
+                taken.append(device)
+
+        thread = threading.Thread(target=third)
+        thread.start()
+        time.sleep(0.5)
+        assert taken == [] and len(waits) == 1 and "all 2 GPUs are held" in waits[0]
+    thread.join(timeout=10)
+    assert taken == ["cuda:0"]  # the first free GPU once both were released
+
+
+def test_a_gpu_held_by_another_process_is_skipped_and_freed_when_that_process_dies(tmp_path: Path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "gpu-0.lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with claim_device(tmp_path, gpus=2) as device:
+            assert device == "cuda:1"
+    finally:
+        holder.kill()
+        holder.wait()
+    with claim_device(tmp_path, gpus=2) as device:
+        assert device == "cuda:0"  # the kernel dropped the killed holder's lock

@@ -1,0 +1,115 @@
+"""One launcher for every distributed job: `DistributedJob` refuses what no launcher can run, the trainer's job is
+the same launch as before (local torchrun in its run folder, one GPU pod, a PyTorchJob), and a data-stage job on
+Kubernetes is a GPU pod built by dagster-k8s' own pod builder (never the CPU run pod), running its worker module
+under torchrun with one process per GPU."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from higgs_pipeline.devices import default_nproc
+from higgs_pipeline.launch.k8s import TRAIN_MODULE, GpuNodeSpec, single_node_pod_spec
+from higgs_pipeline.launch.launcher import (
+    DistributedJob,
+    _pytorch_job,
+    data_stage_job,
+    k8s_pod_spec,
+    k8s_pytorch_job,
+    local_torchrun_command,
+    training_job,
+)
+from higgs_pipeline.launch.plan import plan_training
+from higgs_pipeline.workers.codec import CODEC_MODULE
+
+pytestmark = pytest.mark.unit
+
+SPLIT = {
+    "corpus_version": "c0ffee",
+    "split_path": "s3://bucket/split.json",
+    "samples_path": "s3://bucket/samples.jsonl",
+    "token_store_root": "s3://bucket/tokens",
+    "tokenizer": "demo-tokenizer",
+}
+NODE = GpuNodeSpec(image="registry.example/higgs-pipeline:1.0", gpus_per_node=4, cpu="32", memory="256Gi")
+CODEC_ARGS = ("--clips", "s3://bucket/clips.parquet", "--tokenizer", "demo", "--out", "s3://bucket/parts")
+
+
+def _plan(**fields):
+    from higgs_pipeline.defs.lora_adapter import LoraAdapterConfig
+
+    request = LoraAdapterConfig(**fields).request()
+    root = "s3://bucket/art" if fields.get("launcher") == "k8s" else "/store"
+    return plan_training(request, SPLIT, "demo", root, Path("/staging"), gpu_count=0, code_version="code1")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"launcher": "slurm"}, "launcher 'slurm'"),
+        ({"nproc_per_node": 0}, "must be >= 1"),
+        ({"launcher": "k8s"}, "needs k8s_node"),
+        ({"launcher": "k8s", "k8s_node": NODE, "nproc_per_node": 2}, "one process per GPU"),
+        ({"nodes": 2}, "more than one node"),
+        ({"launcher": "k8s", "k8s_node": NODE, "nproc_per_node": 4, "nodes": 2}, "message_root and job_name"),
+    ],
+)
+def test_a_job_no_launcher_can_run_is_refused_naming_why(fields: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        DistributedJob(module=CODEC_MODULE, **fields)
+
+
+def test_the_trainers_local_job_is_torchrun_in_its_run_folder():
+    plan = _plan(profile="demo")
+    job = training_job(plan)
+    assert (job.module, job.nproc_per_node, job.launcher, job.workdir) == (TRAIN_MODULE, 2, "local", plan.run_dir)
+    command = local_torchrun_command(job.nproc_per_node, list(job.args), job.module)
+    assert command[1:6] == ["-m", "higgs_pipeline.launch.torchrun", "--nproc_per_node=2", "--standalone", "-m"]
+    assert command[6] == TRAIN_MODULE and command[7:] == plan.train_args
+
+
+def test_the_trainers_k8s_jobs_are_the_pod_and_pytorchjob_it_always_had():
+    plan = _plan(launcher="k8s", k8s_image="img:1", k8s_gpus_per_node=4)
+    assert k8s_pod_spec(training_job(plan)) == single_node_pod_spec(plan.k8s_node, plan.train_args)
+    multi = _plan(launcher="k8s", k8s_image="img:1", k8s_gpus_per_node=4, k8s_nodes=3)
+    job = training_job(multi)
+    assert (job.nodes, job.message_root) == (3, multi.remote)
+    manifest = _pytorch_job(job.k8s_node, list(job.args), job.nodes, job.job_name, job.module)
+    assert manifest == k8s_pytorch_job(multi.k8s_node, multi.train_args, 3, multi.run_key)
+
+
+def test_a_data_stage_on_kubernetes_is_a_gpu_pod_from_dagster_k8s_own_builder():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dagster-k8s 0.29.27 beside dagster 1.13.28 warns about the version skew
+        from dagster_k8s.pipes import build_pod_body
+
+    job = DistributedJob(module=CODEC_MODULE, args=CODEC_ARGS, nproc_per_node=4, launcher="k8s", k8s_node=NODE)
+    pod = build_pod_body(
+        pod_name="tokenized-audio",
+        image=None,
+        command=None,
+        env_vars={"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"},
+        base_pod_meta=None,
+        base_pod_spec=k8s_pod_spec(job),
+    )
+    container = pod.spec.containers[0]
+    assert container.name == "worker" and container.image == NODE.image
+    assert container.resources.limits == {"nvidia.com/gpu": "4", "cpu": "32", "memory": "256Gi"}
+    assert container.command == [
+        "torchrun", "--nproc_per_node=4", "--standalone", "-m", CODEC_MODULE, *CODEC_ARGS
+    ]  # fmt: skip
+    assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert pod.spec.tolerations[0].key == "nvidia.com/gpu" and pod.spec.restart_policy == "Never"
+    assert {"DAGSTER_PIPES_CONTEXT", "DAGSTER_PIPES_MESSAGES"} <= {e.name for e in container.env}
+    assert container.env_from[0].secret_ref.name == "higgs-pipeline-s3"  # the s3:// artifact store's credentials
+
+
+def test_a_data_stage_takes_one_process_per_gpu_unless_its_config_says_otherwise():
+    assert data_stage_job(CODEC_MODULE, list(CODEC_ARGS)).nproc_per_node == default_nproc()
+    assert data_stage_job(CODEC_MODULE, list(CODEC_ARGS), nproc_per_node=3).nproc_per_node == 3
+    on_k8s = data_stage_job(CODEC_MODULE, list(CODEC_ARGS), nproc_per_node=3, launcher="k8s", k8s_node=NODE)
+    assert (on_k8s.nproc_per_node, on_k8s.launcher, on_k8s.args) == (4, "k8s", CODEC_ARGS)
+    with pytest.raises(ValueError, match="needs k8s_node"):
+        data_stage_job(CODEC_MODULE, list(CODEC_ARGS), launcher="k8s")
