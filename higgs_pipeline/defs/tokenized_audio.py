@@ -18,14 +18,15 @@ from higgs_pipeline.data.tokenize import (
     tokenizer_info,
     write_tokenizer_info,
 )
+from higgs_pipeline.defs.data_stage import DataStageConfig, spread
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE
 
 
-class TokenizedAudioConfig(dg.Config):
-    """How clips are fed to the audio tokenizer."""
+class TokenizedAudioConfig(DataStageConfig):
+    """How clips are fed to the audio tokenizer, and over how many devices."""
 
     batch_size: int = Field(default=8, description="Clips of equal length encoded together per tokenizer call.")
     loader_threads: int = Field(default=2, description="Threads reading and resampling audio ahead of the encoder.")
@@ -55,7 +56,7 @@ def tokenized_audio(
     store = TokenStore(store_root, loading.tokenizer_id(name))
     info = read_tokenizer_info(store, context.log.warning)
     device = checkpoints.torch_device()
-    tokenizer, stats = None, None
+    tokenizer, stats, ranks = None, None, 1
     if info is None:
         tokenizer = audio_tokenizer(name, device)
         info = tokenizer_info(tokenizer, name)
@@ -67,7 +68,9 @@ def tokenized_audio(
     with store.writer(drop_shards=check.damaged_shards) as writer:
         migrated = _migrate_legacy(store, todo, info, writer)
         todo = todo[~todo["clip_hash"].isin(migrated)]
-        if len(todo):
+        if len(todo) and not config.in_step():
+            ranks = _encode_spread(context, config, todo, name, store_root, writer)
+        elif len(todo):
             if tokenizer is None:
                 tokenizer = audio_tokenizer(name, device)
             context.log.info(f"tokenizing {len(todo)} of {len(clips)} clips on {device} with {info.description}")
@@ -95,6 +98,7 @@ def tokenized_audio(
         "tokenizer_description": info.description,
         **({"tokenizer_note": DEMO_NOTE} if is_demo else {}),
         "device": device,
+        "ranks": ranks,
         "encode_seconds": stats.wall_seconds if stats else 0.0,
         "encode_audio_seconds_per_second": stats.audio_seconds / stats.wall_seconds if stats else 0.0,
         "clips_in_multi_clip_batches": stats.clips_in_multi_clip_batches if stats else 0,
@@ -105,6 +109,25 @@ def tokenized_audio(
     }
     version = digest_of_lines(sorted(clips["clip_hash"]), seed=info.tokenizer_id.encode())
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+
+
+def _encode_spread(
+    context: dg.AssetExecutionContext,
+    config: TokenizedAudioConfig,
+    todo: pd.DataFrame,
+    name: str,
+    store_root: str,
+    writer: ShardWriter,
+) -> int:
+    """`todo` encoded by the codec worker over `config.ranks()` processes, its codes added to `writer` in clip-hash
+    order (each clip's codes are its one-at-a-time codes, whichever rank made them); returns the ranks."""
+    from higgs_pipeline.workers.codec import CODEC_MODULE, codes_of
+
+    items = todo[["clip_hash", "audio_uri", "duration_s"]].drop_duplicates("clip_hash")
+    ranks, parts = spread(context, config, CODEC_MODULE, items, f"{store_root}/jobs", ["--tokenizer", name])
+    for _, row in parts.iterrows():
+        writer.add(row["clip_hash"], codes_of(row))
+    return ranks
 
 
 def _log_problems(context: dg.AssetExecutionContext, problems: dict[str, str]) -> None:

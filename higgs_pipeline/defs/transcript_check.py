@@ -25,6 +25,7 @@ from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.probe import read_clip_bytes
 from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
+from higgs_pipeline.defs.data_stage import DataStageConfig, spread
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.files import write_json
@@ -34,7 +35,7 @@ REJECT_REASON = "transcript_mismatch"
 CACHE_VERSION = "2"  # bump when what is cached per clip (decoding settings, speech rule) changes
 
 
-class TranscriptCheckConfig(dg.Config):
+class TranscriptCheckConfig(DataStageConfig):
     """CER thresholds. Measured with the embedded tiny.en on espeak-ng speech (2 cores): CER about 0.1 on clean
     voices and up to 0.5 on fast accented ones, while a clip of a different sentence scores above 0.6."""
 
@@ -64,7 +65,7 @@ def transcript_check(
     languages = [_language_of(language, scorer) for language in rows["language"]]
     cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
     reused = _reusable(rows, languages, scorers.asr_model)
-    heard, cached = _hear_all(context, rows, languages, reused, scorer, cache_root, config)
+    heard, cached, ranks = _hear_all(context, rows, languages, reused, scorer, cache_root, config)
     checked = _verdicts(rows, languages, reused, heard, config)
     checked, incomplete = _drop_incomplete_dialogues(checked)
     keep = checked["transcript_status"] != "rejected"
@@ -86,6 +87,7 @@ def transcript_check(
             "clips_transcribed": len(heard) - cached,
             "clips_from_cache": cached,
             "transcripts_reused": int(reused.sum()),
+            "ranks": ranks,
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
             "corpus_version": manifest["corpus_version"],
@@ -134,10 +136,10 @@ def _hear_all(
     scorer: scoring.Scorer,
     cache_root: str,
     config: TranscriptCheckConfig,
-) -> tuple[dict[tuple[str, str], dict], int]:
+) -> tuple[dict[tuple[str, str], dict], int, int]:
     """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language whose
     transcript is not reused, each distinct clip transcribed once, from the cache when it is there; and how many
-    came from the cache."""
+    came from the cache; and over how many processes they were heard."""
     wanted: dict[tuple[str, str], tuple[str, float]] = {}
     for clip_hash, uri, duration, (code, _why), reuse in zip(
         rows["clip_hash"], rows["audio_uri"], rows["duration_s"], languages, reused, strict=True
@@ -159,6 +161,11 @@ def _hear_all(
     every = max(1, config.progress_every)
     if wanted and not pending:
         context.log.info(f"transcribed {len(wanted)}/{len(wanted)} clips ({cached} from the cache)")
+    ranks = 1
+    if pending and not config.in_step():
+        ranks, spread_heard = _hear_spread(context, config, pending, scorer.asr_model, cache_root)
+        heard.update(spread_heard)
+        pending = []
     for start in range(0, len(pending), chunk):
         part = pending[start : start + chunk]
         results = _hear_batch([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
@@ -169,7 +176,33 @@ def _hear_all(
         done = cached + start + len(part)
         if (done - len(part)) // every != done // every or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
-    return heard, cached
+    return heard, cached, ranks
+
+
+def _hear_spread(
+    context: dg.AssetExecutionContext,
+    config: "TranscriptCheckConfig",
+    pending: list[tuple[tuple[str, str], str, float]],
+    asr_model: str,
+    cache_root: str,
+) -> tuple[int, dict[tuple[str, str], dict]]:
+    """(ranks, results): the pending clips heard by the ASR worker over `config.ranks()` processes (each filling
+    the same sealed cache this asset reads), keyed like `_hear_all`'s results."""
+    from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE
+
+    items = pd.DataFrame(
+        [(clip_hash, uri, code, duration) for (clip_hash, code), uri, duration in pending],
+        columns=["clip_hash", "audio_uri", "language", "duration_s"],
+    )
+    args = ["--asr-model", asr_model, "--cache", cache_root, "--balance-by", "duration_s"]
+    ranks, parts = spread(context, config, ASR_MODULE, items, f"{cache_root}-jobs", args, key=ASR_KEY)
+    context.log.info(f"transcribed {len(parts)} clips over {ranks} processes")
+    return ranks, {
+        (clip_hash, code or ""): {"hypothesis": hypothesis, "speech_detected": bool(speech)}
+        for clip_hash, code, hypothesis, speech in zip(
+            parts["clip_hash"], parts["language"], parts["hypothesis"], parts["speech_detected"], strict=True
+        )
+    }
 
 
 def _cache_entry(cache_root: str, clip_hash: str, code: str) -> tuple[str, list[str]]:

@@ -34,7 +34,7 @@ def cache_path(cache: str, clip_hash: str, language: str | None) -> str:
 
 def cached_transcript(cache: str, clip_hash: str, language: str | None) -> dict | None:
     """The cached result, or None when absent or untrustworthy (corrupt, edited, of another clip or model)."""
-    key = [clip_hash, language or None, cache.rstrip("/").rsplit("/", 1)[-1]]
+    key = [clip_hash, language or "", cache.rstrip("/").rsplit("/", 1)[-1]]  # as transcript_check seals it
     path = cache_path(cache, clip_hash, language)
     try:
         entry = read_sealed(path, key)
@@ -66,7 +66,7 @@ def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
                 wave, rate = decode(read_clip_bytes(uri))
                 hypothesis, speech = scorer.listen(wave, rate, code)
                 entry = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
-                key = [clip_hash, code, cache.rstrip("/").rsplit("/", 1)[-1]]
+                key = [clip_hash, language or "", cache.rstrip("/").rsplit("/", 1)[-1]]
                 write_json(cache_path(cache, clip_hash, code), seal(key, entry), indent=None)
             rows.append({"clip_hash": clip_hash, "language": language, **entry, "from_cache": from_cache})
         return pd.DataFrame(rows, columns=[*ASR_KEY, "hypothesis", "speech_detected", "from_cache"])

@@ -1,0 +1,98 @@
+"""What the GPU data stages (`transcript_check`, `tokenized_audio`) share: how their heavy work is spread over the
+node's devices, through the one launcher training uses too (`launch/launcher.py::launch_job`).
+
+With one process on this machine the work runs inside the step (no second start-up of the models); with more, or
+on Kubernetes, the stage writes its items as a Parquet table, launches `torchrun -m <worker>` through Dagster Pipes
+(one GPU pod on Kubernetes, never the CPU run pod), and merges the ranks' parts (`workers/shards.py`). A worker's
+result for an item never depends on which rank, or which other items, it was computed with, so the stage's output
+is the same for any process count (tests/test_data_stage_ranks.py).
+"""
+
+# No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
+
+import uuid
+from collections.abc import Sequence
+
+import dagster as dg
+import fsspec
+import pandas as pd
+from pydantic import Field, field_validator
+
+from higgs_pipeline.data.tables import write_parquet
+from higgs_pipeline.devices import default_nproc
+from higgs_pipeline.launch.k8s import GpuNodeSpec
+from higgs_pipeline.launch.launcher import data_stage_job, launch_job
+from higgs_pipeline.workers.shards import merge_parts
+
+
+class DataStageConfig(dg.Config):
+    """Where a data stage's model work runs: its processes on this node, or a GPU pod on Kubernetes."""
+
+    nproc_per_node: int = Field(
+        default=0,
+        description="Processes the work is spread over on this node (one GPU each); 0: one per GPU of the node, "
+        "1 without a GPU. 1 runs the work inside this step.",
+    )
+    launcher: str = Field(default="local", description="'local': this machine. 'k8s': one GPU pod on Kubernetes.")
+    k8s_image: str = Field(default="", description="Launcher 'k8s': the image (this project installed).")
+    k8s_namespace: str = Field(default="default", description="Launcher 'k8s': namespace of the pod.")
+    k8s_gpus_per_node: int = Field(default=8, description="Launcher 'k8s': GPUs (and processes) of the pod.")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"nproc_per_node {value}: give 0 (one per GPU) or a number of processes")
+        return value
+
+    @field_validator("launcher")
+    @classmethod
+    def _known_launcher(cls, value: str) -> str:
+        if value not in ("local", "k8s"):
+            raise ValueError(f"launcher {value!r} is not 'local' or 'k8s'")
+        return value
+
+    def ranks(self) -> int:
+        """How many processes the work gets."""
+        if self.launcher == "k8s":
+            return self.k8s_gpus_per_node
+        return self.nproc_per_node or default_nproc()
+
+    def in_step(self) -> bool:
+        """True when the work runs inside this step (one local process): no job to launch."""
+        return self.launcher == "local" and self.ranks() == 1
+
+    def k8s_node(self) -> GpuNodeSpec | None:
+        if self.launcher != "k8s":
+            return None
+        return GpuNodeSpec(image=self.k8s_image, gpus_per_node=self.k8s_gpus_per_node, namespace=self.k8s_namespace)
+
+
+def spread(
+    context: dg.AssetExecutionContext,
+    config: DataStageConfig,
+    module: str,
+    items: pd.DataFrame,
+    work_root: str,
+    args: Sequence[str],
+    key: Sequence[str] = ("clip_hash",),
+) -> tuple[int, pd.DataFrame]:
+    """(ranks, merged results): `items` written under `work_root` (a folder every rank reads: the artifact store),
+    `python -m <module> --clips <items> --out <parts> <args>` launched over `config.ranks()` processes, the
+    parts merged in key order."""
+    folder = f"{work_root.rstrip('/')}/{context.run.run_id}-{uuid.uuid4().hex[:8]}"
+    items_path = f"{folder}/items.parquet"
+    write_parquet(items, items_path)
+    job = data_stage_job(
+        module,
+        ["--clips", items_path, "--out", f"{folder}/parts", *args],
+        config.nproc_per_node,
+        config.launcher,
+        config.k8s_node(),
+    )
+    context.log.info(f"{len(items)} items over {job.nproc_per_node} processes: python -m {module}")
+    metadata = launch_job(context, job).get_materialize_result().metadata
+    merged = merge_parts(metadata["part_paths"].value, key)
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.rm(path, recursive=True)  # the items and parts are this run's scratch: the results are merged
+    return int(metadata["ranks"].value), merged
