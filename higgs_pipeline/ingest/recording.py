@@ -116,7 +116,15 @@ def _ingest(
         windows, centers = stages.diarize_windows(decoded.analysis, regions, settings, options)
     except TooManySpeakersError as error:
         raise RecordingRejected("too_many_speakers", str(error)) from None
-    heard = stages.transcribe(decoded.analysis, regions, settings, options, progress)
+    transcript = stages.transcribe(decoded.analysis, regions, settings, options, progress)
+    heard = transcript.words
+    if transcript.logprob < settings.min_asr_logprob:  # another language forced into this one: confident nonsense
+        raise RecordingRejected(
+            "unsupported_language",
+            f"ASR model {settings.asr_model!r} decodes this speech with mean log-probability {transcript.logprob:.2f}"
+            f" (below {settings.min_asr_logprob:g}): speech in a language it does not cover (give --language with a"
+            " multilingual --asr-model), or too degraded to transcribe",
+        )
     if not heard:
         seconds = float((regions["end_s"] - regions["start_s"]).sum())
         raise RecordingRejected("no_speech", f"{seconds:.1f} s sounded like speech, but the ASR heard no words")

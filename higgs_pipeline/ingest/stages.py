@@ -3,6 +3,8 @@ timestamps, speaker windows and their clusters. Each returns a plain table (a Da
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -13,6 +15,8 @@ from higgs_pipeline.speech import diarize, vad, words
 # Regions from neighbouring windows closer than this are one region cut by the window edge.
 _JOIN_S = 0.05
 _OVERLAP_S = 2.0
+# Silence put between the speech regions that one ASR call hears together: a turn boundary Whisper can hear.
+_SPAN_GAP_S = 0.3
 
 
 def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
@@ -27,7 +31,8 @@ def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
             begin, end = begin + start, end + start
             if begin >= stop:  # starts in the overlap: the next window has it whole
                 continue
-            if regions and begin <= regions[-1][1] + _JOIN_S:
+            joined = end - regions[-1][0] if regions else np.inf
+            if regions and begin <= regions[-1][1] + _JOIN_S and joined <= settings.vad.max_region_s:
                 regions[-1][1] = max(regions[-1][1], end)
             else:
                 regions.append([begin, end])
@@ -35,22 +40,61 @@ def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
     return pd.DataFrame(regions, columns=["start_s", "end_s"], dtype=float)
 
 
+@dataclass(frozen=True)
+class Transcript:
+    words: list[words.Word]  # in time order, times in the recording
+    logprob: float  # Whisper's mean token log-probability over the decoded speech (time-weighted); NaN if none
+
+
+def asr_spans(regions: pd.DataFrame, cap_s: float) -> list[list[tuple[float, float]]]:
+    """Consecutive speech regions grouped so that each group, joined with `_SPAN_GAP_S` between its regions, fits
+    one Whisper window of `cap_s`: each region is heard with the speech around it, not alone."""
+    spans: list[list[tuple[float, float]]] = []
+    length = np.inf
+    for start, end in regions[["start_s", "end_s"]].itertuples(index=False, name=None):
+        if length + _SPAN_GAP_S + (end - start) > cap_s:
+            spans.append([])
+            length = -_SPAN_GAP_S
+        spans[-1].append((start, end))
+        length += _SPAN_GAP_S + (end - start)
+    return spans
+
+
 def transcribe(
     audio: PcmFile, regions: pd.DataFrame, settings: IngestSettings, options: RecordingOptions, progress=None
-) -> list[words.Word]:
-    """Every word heard in every speech region, in time order (one Whisper call per region, at most ~28 s each)."""
+) -> Transcript:
+    """Every word heard in the speech regions, decoded a span of neighbouring regions at a time (at most the VAD's
+    28 s region cap: one Whisper window, so its context is the conversation around each turn, and noise or tone
+    between regions is never heard), each word's time mapped back to the recording."""
     heard: list[words.Word] = []
-    for region in regions.itertuples():
-        heard += words.transcribe_words(
-            audio.read(region.start_s, region.end_s),
-            settings.asr_model,
-            settings.device,
-            options.language,
-            region.start_s,
-        )
+    fit: list[tuple[float, float]] = []
+    gap = np.zeros(int(_SPAN_GAP_S * vad.MODEL_RATE), dtype=np.float32)
+    for span in asr_spans(regions, settings.vad.max_region_s):
+        pieces = [audio.read(start, end) for start, end in span]
+        joined = np.concatenate([part for piece in pieces for part in (piece, gap)][:-1])
+        found, span_fit = words.decode_words(joined, settings.asr_model, settings.device, options.language)
+        heard += _to_recording_time(found, span, [len(piece) / vad.MODEL_RATE for piece in pieces])
+        fit += span_fit
         if progress is not None:
-            progress(region.end_s - region.start_s)
-    return heard
+            progress(sum(end - start for start, end in span))
+    seconds = sum(length for length, _ in fit)
+    logprob = sum(length * value for length, value in fit) / seconds if seconds > 0 else float("nan")
+    return Transcript(heard, logprob)
+
+
+def _to_recording_time(
+    found: list[words.Word], span: list[tuple[float, float]], lengths: list[float]
+) -> list[words.Word]:
+    """Times in the joined span audio back to the recording: a time in a gap between regions snaps to its edge."""
+    joined_starts = np.cumsum([0.0] + [length + _SPAN_GAP_S for length in lengths[:-1]])
+    region_starts = np.asarray([start for start, _ in span])
+    lengths_array = np.asarray(lengths)
+
+    def moved(t: float) -> float:
+        k = max(int(np.searchsorted(joined_starts, t, side="right")) - 1, 0)
+        return float(region_starts[k] + min(max(t - joined_starts[k], 0.0), lengths_array[k]))
+
+    return [words.Word(moved(w.start), max(moved(w.end), moved(w.start)), w.text, w.probability) for w in found]
 
 
 def word_table(heard: list[words.Word], speakers: np.ndarray) -> pd.DataFrame:
