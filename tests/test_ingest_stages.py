@@ -158,3 +158,29 @@ def test_limits_that_would_refuse_every_recording_are_refused_themselves():
             IngestSettings(max_recording_bytes=bad)
     with pytest.raises(ValueError, match="max_recording_seconds must be positive"):
         IngestSettings(max_recording_seconds=0)
+
+
+def test_words_and_clips_find_their_windows_by_sorted_search_as_all_pairs_would():
+    """The sorted searches agree with comparing every word and clip with every window."""
+    from higgs_pipeline.ingest.cut import Candidate
+    from higgs_pipeline.ingest.quality import speaker_purity
+    from higgs_pipeline.ingest.stages import speakers_of_words
+
+    rng = np.random.default_rng(0)
+    regions = [(0.0, 6.2), (7.0, 7.4), (8.0, 8.9), (12.0, 20.5)]
+    windows = pd.DataFrame(speech_windows(regions, DiarizeSettings()), columns=["start_s", "end_s"])
+    windows["local_speaker"] = rng.integers(0, 3, len(windows))
+    starts, ends, labels = (windows[c].to_numpy() for c in ("start_s", "end_s", "local_speaker"))
+    centers = (starts + ends) / 2
+    for _ in range(200):
+        a = float(rng.uniform(0, 22))
+        word = Word(a, a + float(rng.choice([0.0, rng.uniform(0, 1)])), " x", 0.9)
+        overlap = np.minimum(ends, word.end) - np.maximum(starts, word.start)
+        middle = (word.start + word.end) / 2
+        ties = np.flatnonzero(overlap >= overlap.max() - 1e-6) if overlap.max() > 0 else np.arange(len(starts))
+        expected = labels[ties[np.argmin(np.abs(centers[ties] - middle))]]
+        assert speakers_of_words([word], windows)[0] == expected
+        clip = Candidate(0, 0, a, a + float(rng.uniform(0, 6)), int(rng.integers(0, 3)))
+        inside = np.minimum(ends, clip.end_s) - np.maximum(starts, clip.start_s) >= 0.5 * (ends - starts)
+        purity = float(np.mean(labels[inside] == clip.speaker)) if inside.any() else 1.0
+        assert speaker_purity(clip, starts, ends, labels) == purity

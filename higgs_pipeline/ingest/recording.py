@@ -158,7 +158,7 @@ def _write_clips(
     staging: Path,
 ) -> pd.DataFrame:
     """One row per candidate; the accepted ones written as loudness-normalised FLAC clips."""
-    window_spans = list(zip(windows["start_s"], windows["end_s"], strict=True))
+    starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
     rows = []
     for candidate in candidates:
@@ -175,7 +175,7 @@ def _write_clips(
         }
         if not candidate.reason:
             raw = decoded.clip_audio.read(candidate.start_s, candidate.end_s)
-            purity = quality.speaker_purity(candidate, window_spans, labels)
+            purity = quality.speaker_purity(candidate, starts, ends, labels)
             measured = quality.measure(
                 candidate, heard, decoded.analysis.read(candidate.start_s, candidate.end_s), raw, purity
             )

@@ -128,19 +128,35 @@ def diarize_windows(
 
 
 def speakers_of_words(heard: list[words.Word], windows: pd.DataFrame) -> np.ndarray:
-    """Each word's local speaker: the window overlapping it most (the nearest one where none overlaps)."""
+    """Each word's local speaker: the window overlapping it most (the nearest one where none overlaps).
+
+    Windows come in time order (starts and ends both ascending), so each word looks only at the few windows a
+    sorted search finds around it: the cost grows with the recording, not with words times windows.
+    """
     if windows.empty:
         return np.zeros(len(heard), dtype=np.int64)
     starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
     centers = (starts + ends) / 2
+    word_starts = np.asarray([w.start for w in heard], dtype=float)
+    word_ends = np.asarray([w.end for w in heard], dtype=float)
+    first = np.searchsorted(ends, word_starts, side="right")  # windows ending after the word starts
+    last = np.searchsorted(starts, word_ends, side="left")  # windows starting before the word ends
     out = np.zeros(len(heard), dtype=np.int64)
-    for k, word in enumerate(heard):
-        overlap = np.minimum(ends, word.end) - np.maximum(starts, word.start)
-        middle = (word.start + word.end) / 2
-        best = int(np.argmax(overlap)) if overlap.max() > 0 else int(np.argmin(np.abs(centers - middle)))
-        if overlap.max() > 0:  # among windows overlapping equally, the one centred nearest the word
-            ties = np.flatnonzero(overlap >= overlap.max() - 1e-6)
-            best = int(ties[np.argmin(np.abs(centers[ties] - middle))])
-        out[k] = labels[best]
+    for k in range(len(heard)):
+        middle = (word_starts[k] + word_ends[k]) / 2
+        near = np.arange(first[k], max(last[k], first[k]))
+        overlap = np.minimum(ends[near], word_ends[k]) - np.maximum(starts[near], word_starts[k])
+        if near.size and overlap.max() > 0:  # among windows overlapping equally, the one centred nearest the word
+            ties = near[overlap >= overlap.max() - 1e-6]
+            out[k] = labels[ties[np.argmin(np.abs(centers[ties] - middle))]]
+        else:
+            out[k] = labels[_nearest(centers, middle)]
     return out
+
+
+def _nearest(sorted_values: np.ndarray, value: float) -> int:
+    """Index of the value nearest `value` in an ascending array (the first of two equally near)."""
+    right = int(np.searchsorted(sorted_values, value))
+    candidates = [index for index in (right - 1, right) if 0 <= index < len(sorted_values)]
+    return min(candidates, key=lambda index: (abs(sorted_values[index] - value), index))
