@@ -116,9 +116,17 @@ def test_words_of_a_joined_span_land_at_their_time_in_the_recording():
     from higgs_pipeline.ingest import stages
 
     span, lengths = [(10.0, 12.0), (20.0, 21.0)], [2.0, 1.0]  # joined: 0-2 s, gap 2-2.3 s, 2.3-3.3 s
-    found = [Word(0.5, 1.0, " a", 0.9), Word(1.9, 2.35, " b", 0.9), Word(2.5, 3.2, " c", 0.9)]
+    found = [
+        Word(0.5, 1.0, " a", 0.9),
+        Word(1.9, 2.35, " b", 0.9),
+        Word(2.05, 2.05, " c", 0.9),
+        Word(2.2, 2.5, " d", 0.9),
+        Word(2.5, 3.2, " e", 0.9),
+    ]
     moved = stages._to_recording_time(found, span, lengths)
-    assert [(w.start, w.end) for w in moved] == pytest.approx([(10.5, 11.0), (11.9, 20.05), (20.2, 20.9)])
+    # "b" is mostly in the first region, "d" in the second, "c" (in the gap) nearest the first: none spans the 8 s
+    expected = [(10.5, 11.0), (11.9, 12.0), (12.0, 12.0), (20.0, 20.2), (20.2, 20.9)]
+    assert [(w.start, w.end) for w in moved] == pytest.approx(expected)
 
 
 def test_speakers_keep_one_label_across_recordings():

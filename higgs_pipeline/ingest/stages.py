@@ -85,16 +85,20 @@ def transcribe(
 def _to_recording_time(
     found: list[words.Word], span: list[tuple[float, float]], lengths: list[float]
 ) -> list[words.Word]:
-    """Times in the joined span audio back to the recording: a time in a gap between regions snaps to its edge."""
+    """Times in the joined span audio back to the recording. A word stays inside one region (the one holding most of
+    it), so a word Whisper stretches over the silence put between two regions never spans the real gap."""
     joined_starts = np.cumsum([0.0] + [length + _SPAN_GAP_S for length in lengths[:-1]])
-    region_starts = np.asarray([start for start, _ in span])
-    lengths_array = np.asarray(lengths)
-
-    def moved(t: float) -> float:
-        k = max(int(np.searchsorted(joined_starts, t, side="right")) - 1, 0)
-        return float(region_starts[k] + min(max(t - joined_starts[k], 0.0), lengths_array[k]))
-
-    return [words.Word(moved(w.start), max(moved(w.end), moved(w.start)), w.text, w.probability) for w in found]
+    joined_ends = joined_starts + np.asarray(lengths)
+    moved = []
+    for word in found:
+        # Overlap with each region, minus the distance to it for a word outside them all (Whisper puts some words,
+        # at zero length, in the silence between regions): the largest is the region the word belongs to.
+        held = np.minimum(joined_ends, word.end) - np.maximum(joined_starts, word.start)
+        k = int(np.argmax(held))
+        start = min(max(word.start, joined_starts[k]), joined_ends[k]) - joined_starts[k] + span[k][0]
+        end = min(max(word.end, joined_starts[k]), joined_ends[k]) - joined_starts[k] + span[k][0]
+        moved.append(words.Word(float(start), float(max(end, start)), word.text, word.probability))
+    return moved
 
 
 def word_table(heard: list[words.Word], speakers: np.ndarray) -> pd.DataFrame:
