@@ -4,6 +4,7 @@ matching on hand-made embeddings, and the VAD on generated speech, tone and sile
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from higgs_pipeline.ingest.cut import cut
@@ -77,6 +78,57 @@ def test_clustering_finds_two_voices_and_honours_a_given_count():
         cluster(embeddings, durations, DiarizeSettings(), num_speakers=8)  # splits voices into slivers
 
 
+def _voices(count: int, windows: int, seed: int = 0) -> np.ndarray:
+    """`windows` unit embeddings around each of `count` random directions, voice by voice, cosine ~0.7 to the centre."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((count, 64))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.standard_normal((count * windows, 64)) * 0.13
+    points = np.repeat(centres, windows, axis=0) + noise
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("voices", [1, 3, 4, 6])
+def test_spectral_clustering_counts_voices_by_the_eigengap(voices):
+    embeddings = _voices(voices, 12)
+    labels = cluster(embeddings, np.full(len(embeddings), 1.5), DiarizeSettings())
+    assert len(set(labels.tolist())) == voices
+    assert all(len(set(labels[k * 12 : (k + 1) * 12].tolist())) == 1 for k in range(voices))  # each voice whole
+
+
+def test_a_given_count_splits_by_the_same_spectral_embedding():
+    embeddings = _voices(3, 12, seed=1)
+    labels = cluster(embeddings, np.full(len(embeddings), 1.5), DiarizeSettings(), num_speakers=3)
+    assert labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    again = cluster(embeddings, np.full(len(embeddings), 1.5), DiarizeSettings(), num_speakers=3)
+    assert again.tolist() == labels.tolist()  # a fixed seed: the same labels every run
+
+
+def test_asr_spans_hold_neighbouring_regions_up_to_one_whisper_window():
+    from higgs_pipeline.ingest.stages import asr_spans
+
+    regions = pd.DataFrame({"start_s": [0.0, 5.0, 12.0, 30.0, 61.0], "end_s": [4.0, 11.0, 25.0, 58.0, 63.0]})
+    spans = asr_spans(regions, 28.0)
+    assert spans == [[(0.0, 4.0), (5.0, 11.0), (12.0, 25.0)], [(30.0, 58.0)], [(61.0, 63.0)]]
+
+
+def test_words_of_a_joined_span_land_at_their_time_in_the_recording():
+    from higgs_pipeline.ingest import stages
+
+    span, lengths = [(10.0, 12.0), (20.0, 21.0)], [2.0, 1.0]  # joined: 0-2 s, gap 2-2.3 s, 2.3-3.3 s
+    found = [
+        Word(0.5, 1.0, " a", 0.9),
+        Word(1.9, 2.35, " b", 0.9),
+        Word(2.05, 2.05, " c", 0.9),
+        Word(2.2, 2.5, " d", 0.9),
+        Word(2.5, 3.2, " e", 0.9),
+    ]
+    moved = stages._to_recording_time(found, span, lengths)
+    # "b" is mostly in the first region, "d" in the second, "c" (in the gap) nearest the first: none spans the 8 s
+    expected = [(10.5, 11.0), (11.9, 12.0), (12.0, 12.0), (20.0, 20.2), (20.2, 20.9)]
+    assert [(w.start, w.end) for w in moved] == pytest.approx(expected)
+
+
 def test_speakers_keep_one_label_across_recordings():
     a, b = np.eye(3, 8)[0], np.eye(3, 8)[1]
     c = np.eye(3, 8)[2]
@@ -114,3 +166,29 @@ def test_limits_that_would_refuse_every_recording_are_refused_themselves():
             IngestSettings(max_recording_bytes=bad)
     with pytest.raises(ValueError, match="max_recording_seconds must be positive"):
         IngestSettings(max_recording_seconds=0)
+
+
+def test_words_and_clips_find_their_windows_by_sorted_search_as_all_pairs_would():
+    """The sorted searches agree with comparing every word and clip with every window."""
+    from higgs_pipeline.ingest.cut import Candidate
+    from higgs_pipeline.ingest.quality import speaker_purity
+    from higgs_pipeline.ingest.stages import speakers_of_words
+
+    rng = np.random.default_rng(0)
+    regions = [(0.0, 6.2), (7.0, 7.4), (8.0, 8.9), (12.0, 20.5)]
+    windows = pd.DataFrame(speech_windows(regions, DiarizeSettings()), columns=["start_s", "end_s"])
+    windows["local_speaker"] = rng.integers(0, 3, len(windows))
+    starts, ends, labels = (windows[c].to_numpy() for c in ("start_s", "end_s", "local_speaker"))
+    centers = (starts + ends) / 2
+    for _ in range(200):
+        a = float(rng.uniform(0, 22))
+        word = Word(a, a + float(rng.choice([0.0, rng.uniform(0, 1)])), " x", 0.9)
+        overlap = np.minimum(ends, word.end) - np.maximum(starts, word.start)
+        middle = (word.start + word.end) / 2
+        ties = np.flatnonzero(overlap >= overlap.max() - 1e-6) if overlap.max() > 0 else np.arange(len(starts))
+        expected = labels[ties[np.argmin(np.abs(centers[ties] - middle))]]
+        assert speakers_of_words([word], windows)[0] == expected
+        clip = Candidate(0, 0, a, a + float(rng.uniform(0, 6)), int(rng.integers(0, 3)))
+        inside = np.minimum(ends, clip.end_s) - np.maximum(starts, clip.start_s) >= 0.5 * (ends - starts)
+        purity = float(np.mean(labels[inside] == clip.speaker)) if inside.any() else 1.0
+        assert speaker_purity(clip, starts, ends, labels) == purity

@@ -42,14 +42,17 @@ class ClipQuality:
     speaker_purity: float
 
 
-def speaker_purity(candidate: Candidate, windows: Sequence[tuple[float, float]], labels: np.ndarray) -> float:
-    """Share of the speech windows lying mostly inside the clip that carry the clip's speaker (1.0 with none)."""
-    inside = [
-        label
-        for (start, end), label in zip(windows, labels.tolist(), strict=True)
-        if min(end, candidate.end_s) - max(start, candidate.start_s) >= 0.5 * (end - start)
-    ]
-    return float(np.mean([label == candidate.speaker for label in inside])) if inside else 1.0
+def speaker_purity(candidate: Candidate, starts: np.ndarray, ends: np.ndarray, labels: np.ndarray) -> float:
+    """Share of the speech windows lying mostly inside the clip that carry the clip's speaker (1.0 with none).
+
+    `starts` and `ends` ascend (windows in time order): a sorted search finds the windows near the clip.
+    """
+    first = int(np.searchsorted(ends, candidate.start_s, side="right"))
+    last = max(int(np.searchsorted(starts, candidate.end_s, side="left")), first)
+    near_starts, near_ends = starts[first:last], ends[first:last]
+    overlap = np.minimum(near_ends, candidate.end_s) - np.maximum(near_starts, candidate.start_s)
+    inside = labels[first:last][overlap >= 0.5 * (near_ends - near_starts)]
+    return float(np.mean(inside == candidate.speaker)) if inside.size else 1.0
 
 
 def measure(

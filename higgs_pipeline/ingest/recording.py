@@ -116,7 +116,15 @@ def _ingest(
         windows, centers = stages.diarize_windows(decoded.analysis, regions, settings, options)
     except TooManySpeakersError as error:
         raise RecordingRejected("too_many_speakers", str(error)) from None
-    heard = stages.transcribe(decoded.analysis, regions, settings, options, progress)
+    transcript = stages.transcribe(decoded.analysis, regions, settings, options, progress)
+    heard = transcript.words
+    if transcript.logprob < settings.min_asr_logprob:  # another language forced into this one: confident nonsense
+        raise RecordingRejected(
+            "unsupported_language",
+            f"ASR model {settings.asr_model!r} decodes this speech with mean log-probability {transcript.logprob:.2f}"
+            f" (below {settings.min_asr_logprob:g}): speech in a language it does not cover (give --language with a"
+            " multilingual --asr-model), or too degraded to transcribe",
+        )
     if not heard:
         seconds = float((regions["end_s"] - regions["start_s"]).sum())
         raise RecordingRejected("no_speech", f"{seconds:.1f} s sounded like speech, but the ASR heard no words")
@@ -150,7 +158,7 @@ def _write_clips(
     staging: Path,
 ) -> pd.DataFrame:
     """One row per candidate; the accepted ones written as loudness-normalised FLAC clips."""
-    window_spans = list(zip(windows["start_s"], windows["end_s"], strict=True))
+    starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
     rows = []
     for candidate in candidates:
@@ -167,7 +175,7 @@ def _write_clips(
         }
         if not candidate.reason:
             raw = decoded.clip_audio.read(candidate.start_s, candidate.end_s)
-            purity = quality.speaker_purity(candidate, window_spans, labels)
+            purity = quality.speaker_purity(candidate, starts, ends, labels)
             measured = quality.measure(
                 candidate, heard, decoded.analysis.read(candidate.start_s, candidate.end_s), raw, purity
             )

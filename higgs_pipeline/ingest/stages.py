@@ -3,6 +3,8 @@ timestamps, speaker windows and their clusters. Each returns a plain table (a Da
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -13,6 +15,8 @@ from higgs_pipeline.speech import diarize, vad, words
 # Regions from neighbouring windows closer than this are one region cut by the window edge.
 _JOIN_S = 0.05
 _OVERLAP_S = 2.0
+# Silence put between the speech regions that one ASR call hears together: a turn boundary Whisper can hear.
+_SPAN_GAP_S = 0.3
 
 
 def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
@@ -27,7 +31,8 @@ def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
             begin, end = begin + start, end + start
             if begin >= stop:  # starts in the overlap: the next window has it whole
                 continue
-            if regions and begin <= regions[-1][1] + _JOIN_S:
+            joined = end - regions[-1][0] if regions else np.inf
+            if regions and begin <= regions[-1][1] + _JOIN_S and joined <= settings.vad.max_region_s:
                 regions[-1][1] = max(regions[-1][1], end)
             else:
                 regions.append([begin, end])
@@ -35,22 +40,65 @@ def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
     return pd.DataFrame(regions, columns=["start_s", "end_s"], dtype=float)
 
 
+@dataclass(frozen=True)
+class Transcript:
+    words: list[words.Word]  # in time order, times in the recording
+    logprob: float  # Whisper's mean token log-probability over the decoded speech (time-weighted); NaN if none
+
+
+def asr_spans(regions: pd.DataFrame, cap_s: float) -> list[list[tuple[float, float]]]:
+    """Consecutive speech regions grouped so that each group, joined with `_SPAN_GAP_S` between its regions, fits
+    one Whisper window of `cap_s`: each region is heard with the speech around it, not alone."""
+    spans: list[list[tuple[float, float]]] = []
+    length = np.inf
+    for start, end in regions[["start_s", "end_s"]].itertuples(index=False, name=None):
+        if length + _SPAN_GAP_S + (end - start) > cap_s:
+            spans.append([])
+            length = -_SPAN_GAP_S
+        spans[-1].append((start, end))
+        length += _SPAN_GAP_S + (end - start)
+    return spans
+
+
 def transcribe(
     audio: PcmFile, regions: pd.DataFrame, settings: IngestSettings, options: RecordingOptions, progress=None
-) -> list[words.Word]:
-    """Every word heard in every speech region, in time order (one Whisper call per region, at most ~28 s each)."""
+) -> Transcript:
+    """Every word heard in the speech regions, decoded a span of neighbouring regions at a time (at most the VAD's
+    28 s region cap: one Whisper window, so its context is the conversation around each turn, and noise or tone
+    between regions is never heard), each word's time mapped back to the recording."""
     heard: list[words.Word] = []
-    for region in regions.itertuples():
-        heard += words.transcribe_words(
-            audio.read(region.start_s, region.end_s),
-            settings.asr_model,
-            settings.device,
-            options.language,
-            region.start_s,
-        )
+    fit: list[tuple[float, float]] = []
+    gap = np.zeros(int(_SPAN_GAP_S * vad.MODEL_RATE), dtype=np.float32)
+    for span in asr_spans(regions, settings.vad.max_region_s):
+        pieces = [audio.read(start, end) for start, end in span]
+        joined = np.concatenate([part for piece in pieces for part in (piece, gap)][:-1])
+        found, span_fit = words.decode_words(joined, settings.asr_model, settings.device, options.language)
+        heard += _to_recording_time(found, span, [len(piece) / vad.MODEL_RATE for piece in pieces])
+        fit += span_fit
         if progress is not None:
-            progress(region.end_s - region.start_s)
-    return heard
+            progress(sum(end - start for start, end in span))
+    seconds = sum(length for length, _ in fit)
+    logprob = sum(length * value for length, value in fit) / seconds if seconds > 0 else float("nan")
+    return Transcript(heard, logprob)
+
+
+def _to_recording_time(
+    found: list[words.Word], span: list[tuple[float, float]], lengths: list[float]
+) -> list[words.Word]:
+    """Times in the joined span audio back to the recording. A word stays inside one region (the one holding most of
+    it), so a word Whisper stretches over the silence put between two regions never spans the real gap."""
+    joined_starts = np.cumsum([0.0] + [length + _SPAN_GAP_S for length in lengths[:-1]])
+    joined_ends = joined_starts + np.asarray(lengths)
+    moved = []
+    for word in found:
+        # Overlap with each region, minus the distance to it for a word outside them all (Whisper puts some words,
+        # at zero length, in the silence between regions): the largest is the region the word belongs to.
+        held = np.minimum(joined_ends, word.end) - np.maximum(joined_starts, word.start)
+        k = int(np.argmax(held))
+        start = min(max(word.start, joined_starts[k]), joined_ends[k]) - joined_starts[k] + span[k][0]
+        end = min(max(word.end, joined_starts[k]), joined_ends[k]) - joined_starts[k] + span[k][0]
+        moved.append(words.Word(float(start), float(max(end, start)), word.text, word.probability))
+    return moved
 
 
 def word_table(heard: list[words.Word], speakers: np.ndarray) -> pd.DataFrame:
@@ -84,19 +132,35 @@ def diarize_windows(
 
 
 def speakers_of_words(heard: list[words.Word], windows: pd.DataFrame) -> np.ndarray:
-    """Each word's local speaker: the window overlapping it most (the nearest one where none overlaps)."""
+    """Each word's local speaker: the window overlapping it most (the nearest one where none overlaps).
+
+    Windows come in time order (starts and ends both ascending), so each word looks only at the few windows a
+    sorted search finds around it: the cost grows with the recording, not with words times windows.
+    """
     if windows.empty:
         return np.zeros(len(heard), dtype=np.int64)
     starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
     centers = (starts + ends) / 2
+    word_starts = np.asarray([w.start for w in heard], dtype=float)
+    word_ends = np.asarray([w.end for w in heard], dtype=float)
+    first = np.searchsorted(ends, word_starts, side="right")  # windows ending after the word starts
+    last = np.searchsorted(starts, word_ends, side="left")  # windows starting before the word ends
     out = np.zeros(len(heard), dtype=np.int64)
-    for k, word in enumerate(heard):
-        overlap = np.minimum(ends, word.end) - np.maximum(starts, word.start)
-        middle = (word.start + word.end) / 2
-        best = int(np.argmax(overlap)) if overlap.max() > 0 else int(np.argmin(np.abs(centers - middle)))
-        if overlap.max() > 0:  # among windows overlapping equally, the one centred nearest the word
-            ties = np.flatnonzero(overlap >= overlap.max() - 1e-6)
-            best = int(ties[np.argmin(np.abs(centers[ties] - middle))])
-        out[k] = labels[best]
+    for k in range(len(heard)):
+        middle = (word_starts[k] + word_ends[k]) / 2
+        near = np.arange(first[k], max(last[k], first[k]))
+        overlap = np.minimum(ends[near], word_ends[k]) - np.maximum(starts[near], word_starts[k])
+        if near.size and overlap.max() > 0:  # among windows overlapping equally, the one centred nearest the word
+            ties = near[overlap >= overlap.max() - 1e-6]
+            out[k] = labels[ties[np.argmin(np.abs(centers[ties] - middle))]]
+        else:
+            out[k] = labels[_nearest(centers, middle)]
     return out
+
+
+def _nearest(sorted_values: np.ndarray, value: float) -> int:
+    """Index of the value nearest `value` in an ascending array (the first of two equally near)."""
+    right = int(np.searchsorted(sorted_values, value))
+    candidates = [index for index in (right - 1, right) if 0 <= index < len(sorted_values)]
+    return min(candidates, key=lambda index: (abs(sorted_values[index] - value), index))

@@ -43,6 +43,16 @@ def transcribe_words(
     offset_s: float = 0.0,
 ) -> list[Word]:
     """Every word Whisper hears in mono 16 kHz audio, with start/end times shifted by `offset_s`."""
+    heard, _fit = decode_words(audio16k, asr_model, device, language)
+    return [Word(w.start + offset_s, w.end + offset_s, w.text, w.probability) for w in heard]
+
+
+def decode_words(
+    audio16k: np.ndarray, asr_model: str = EMBEDDED_ASR, device: str = "cpu", language: str | None = None
+) -> tuple[list[Word], list[tuple[float, float]]]:
+    """Every word Whisper hears (times from the start of the audio) and, per decoded segment, (seconds, Whisper's
+    mean token log-probability): how well the model's language fits the speech, which word probabilities alone do
+    not show (an English-only model turns German into English words at ~0.48 probability, English at ~0.9)."""
     code = check_language(asr_model, device, language)
     model = load_whisper(asr_model, device)
     segments, _info = model.transcribe(
@@ -51,11 +61,11 @@ def transcribe_words(
         word_timestamps=True,
         **whisper_decoding(audio16k),
     )
-    return [
-        Word(offset_s + float(w.start), offset_s + float(w.end), w.word, float(w.probability))
-        for segment in segments
-        for w in segment.words or ()
-    ]
+    heard, fit = [], []
+    for segment in segments:
+        fit.append((max(float(segment.end) - float(segment.start), 0.0), float(segment.avg_logprob)))
+        heard += [Word(float(w.start), float(w.end), w.word, float(w.probability)) for w in segment.words or ()]
+    return heard, fit
 
 
 def joined_text(words: list[Word]) -> str:
