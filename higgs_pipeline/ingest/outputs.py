@@ -219,7 +219,7 @@ def _manifest(accepted: pd.DataFrame, results: Sequence[RecordingResult], settin
     )
     for column in QUALITY_COLUMNS:
         table[column] = pd.to_numeric(accepted[column])
-    table["asr_model"] = settings.asr_model
+    table["asr_model"] = accepted["recording"].map({r.recording: r.asr_model for r in results})  # "": unknown
     if settings.dialogue_turns > 1:
         table = _dialogues(table, settings.dialogue_turns)
     return table.reset_index(drop=True)[list(MANIFEST_COLUMNS)]

@@ -54,6 +54,8 @@ class RecordingResult:
     reused: bool = False
     centroids: list[list[float]] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    asr_model: str = ""  # the models that wrote its clips' text and its centroids ("": not recorded)
+    speaker_model: str = ""
 
     @classmethod
     def load(cls, folder: Path) -> RecordingResult:
@@ -108,7 +110,13 @@ def _ingest(
     name: str,
     progress: Callable[[float], None] | None,
 ) -> RecordingResult:
-    base = {"content_hash": decoded.content_hash, "duration_s": decoded.duration_s, "options": asdict(options)}
+    base = {
+        "content_hash": decoded.content_hash,
+        "duration_s": decoded.duration_s,
+        "options": asdict(options),
+        "asr_model": settings.asr_model,
+        "speaker_model": settings.speaker_model,
+    }
     regions = stages.find_speech(decoded.analysis, settings)
     if regions.empty:
         raise RecordingRejected("no_speech", "the voice activity detector found no speech (silence, tone or noise)")
