@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from higgs_pipeline.locks import FileLock, LockBusy
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
 
 def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else ("cpu", "cuda:1", ...) as given."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" and "cuda:N" as given; anything else
+    ("tpu", "gpu", a typo) is a ValueError naming it, before any model loads."""
+    if not _DEVICE.fullmatch(device):
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N")
     if device != "auto":
         return device
     import torch  # not at import time: the command line's --help stays fast

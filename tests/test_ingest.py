@@ -195,6 +195,47 @@ def test_usage_errors_are_one_line(prepared, tmp_path, capsys):
     assert "other files" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "tpu"], "device 'tpu': use auto, cpu, cuda or cuda:N"),
+        (["--target-lufs", "nan"], "target_lufs nan: give a finite number"),
+        (["--min-dnsmos", "nan"], "min_dnsmos nan: give a finite number"),
+        (["--max-recording-seconds", "nan"], "max_recording_seconds nan: give a finite number"),
+        (["--max-recording-seconds", "inf"], "max_recording_seconds inf: give a finite number"),
+        (["--dialogue-turns", "-1"], "dialogue_turns -1: give 0 (no dialogues) or more"),
+        (["--max-recording-bytes", "0"], "max_recording_bytes must be positive"),
+        (["--asr-model", "tiny.enn"], "Invalid model size 'tiny.enn'"),
+        (["--speaker-model", "/no/such/wavlm"], "a model cannot be loaded"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    """Every flag is checked (NaN, infinity, negatives, unknown device, a model that cannot be loaded) before a
+    recording is read: one line, exit 2, no output folder."""
+    out = tmp_path / "out"
+    assert main(["prepare", str(tmp_path / "never_read.wav"), "--out", str(out), *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1, error
+    assert not out.exists()
+
+
+def test_prepare_flags_and_recording_clips_config_share_one_definition():
+    """Each tuned setting has one default and help (ingest/settings.py's KNOBS): the flag and the config field."""
+    import argparse
+
+    from higgs_pipeline.commands import prepare as prepare_command
+    from higgs_pipeline.defs.recording_clips import RecordingClipsConfig
+    from higgs_pipeline.ingest.settings import KNOBS, knob_help
+
+    parser = argparse.ArgumentParser()
+    prepare_command.register(parser.add_subparsers())
+    flags = {action.dest: action for action in parser._subparsers._group_actions[0].choices["prepare"]._actions}
+    for knob in KNOBS:
+        field = RecordingClipsConfig.model_fields[knob.name]
+        assert flags[knob.name].default == field.default == getattr(IngestSettings(), knob.name), knob.name
+        assert flags[knob.name].help == field.description == knob_help(knob), knob.name
+
+
 def test_speaker_count_is_honoured_or_refused(prepared, tmp_path):
     settings = IngestSettings()
     talk = str(prepared["folder"] / "talk_b.ogg")

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from higgs_pipeline.commands import CommandError
+from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, knob_help
 
 EXAMPLE = """example:
   higgs-pipeline prepare data/demo/recordings/monologue.mp3 data/demo/recordings/conversation.ogg --out prepared/
@@ -47,14 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-speakers", type=int, default=None, help="exactly this many speakers per recording")
     parser.add_argument("--speaker", default=None, help="the name of the (single) speaker of these recordings")
     parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="shortest clip (default 1.0)")
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="longest clip (default 20, at most 30)")
-    parser.add_argument(
-        "--max-recording-seconds", type=float, default=6 * 3600.0, help="refuse longer recordings (default 6 h)"
-    )
-    parser.add_argument("--target-lufs", type=float, default=-20.0, help="clip loudness (default -20 LUFS)")
-    parser.add_argument("--min-dnsmos", type=float, default=1.5, help="reject clips below this DNSMOS OVRL")
-    parser.add_argument("--dialogue-turns", type=int, default=0, help="N > 1: multi-speaker runs become dialogues")
+    for knob in (*KNOBS, DIALOGUE_TURNS):  # one definition with recording_clips' config (ingest/settings.py)
+        parser.add_argument(knob.flag, type=type(knob.default), default=knob.default, help=knob_help(knob))
     parser.add_argument("--asr-model", default="tiny.en", help="tiny.en (embedded), large-v3, or a local folder")
     parser.add_argument("--speaker-model", default="resemblyzer", help="resemblyzer (embedded) or a WavLM x-vector")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -68,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from higgs_pipeline.ingest.prepare import check_output_folder, prepare
     from higgs_pipeline.ingest.registry import label_problem
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+    from higgs_pipeline.speech.scoring import load_speaker, load_whisper
     from higgs_pipeline.speech.words import check_language
 
     if not args.recordings and not args.remove:
@@ -86,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         check_language(settings.asr_model, settings.device, args.language)  # loads the ASR model: fails early
     except (ValueError, FileNotFoundError) as error:
         raise CommandError(str(error)) from error
+    try:  # both models load here, before minutes of decoding (check_language loads the ASR only for a language)
+        load_whisper(settings.asr_model, settings.device)
+        load_speaker(settings.speaker_model, settings.device)
+    except Exception as error:  # transformers' and Resemblyzer's load errors share no useful base class
+        reason = " ".join(str(error).split())  # one line: transformers' messages run over several
+        raise CommandError(f"a model cannot be loaded ({reason})") from None
     options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
     try:
         summary, _results = prepare(

@@ -14,6 +14,7 @@ import posixpath
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import fsspec
@@ -24,7 +25,7 @@ from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
-from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
+from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, IngestSettings, RecordingOptions, knob_help
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 from higgs_pipeline.launch.ingest_k8s import (
     INGEST_K8S_JOB,
@@ -37,7 +38,6 @@ from higgs_pipeline.paths import DEMO_DATA
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
 PARTITIONS_DIR = "partitions"  # under the ingest root: one result record per partition
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
-_DEFAULTS = IngestSettings()
 # Partition keys may not hold these (Dagster's rule); a file whose relative path does is reported, not ingested.
 _INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
 
@@ -60,6 +60,12 @@ def ingest_root(artifacts: ArtifactStore) -> Path:
     return Path(root.removeprefix("file://"))
 
 
+def knob_field(name: str) -> Any:
+    """A run-config field for one of ingest's KNOBS: its default and help, as `prepare`'s flag has them."""
+    (knob,) = [knob for knob in (*KNOBS, DIALOGUE_TURNS) if knob.name == name]
+    return Field(default=knob.default, description=knob_help(knob))
+
+
 def result_path(root: Path, key: str) -> Path:
     """The partition's result record (what `recordings_manifest` merges)."""
     return root / PARTITIONS_DIR / f"{digest(key)[:24]}.json"
@@ -73,20 +79,13 @@ class RecordingClipsConfig(dg.Config):
     language: str = Field(default="", description="Language code for the ASR (e.g. 'en'); empty: the ASR's default")
     num_speakers: int = Field(default=0, description="Speakers per recording; 0: estimated for each recording")
     speaker: str = Field(default="", description="Name of every recording's single speaker (implies one speaker)")
-    min_seconds: float = Field(default=_DEFAULTS.min_seconds, description="Shortest clip cut (too_short below)")
-    max_seconds: float = Field(default=_DEFAULTS.max_seconds, description="Longest clip cut, split at pauses")
-    target_lufs: float = Field(default=_DEFAULTS.target_lufs, description="Integrated loudness every clip is set to")
-    min_dnsmos: float = Field(
-        default=_DEFAULTS.min_dnsmos,
-        description="DNSMOS OVRL below this: low_quality (1.5 rejects noise; ~3 for curated corpora)",
-    )
-    max_recording_seconds: float = Field(
-        default=_DEFAULTS.max_recording_seconds, description="Longer recordings are refused from their header, unread"
-    )
-    max_recording_bytes: int = Field(
-        default=_DEFAULTS.max_recording_bytes,
-        description="Larger files are refused (file_too_large) before a byte is read or an object downloaded",
-    )
+    # One definition with `prepare`'s flags: ingest/settings.py's KNOBS (default and help).
+    min_seconds: float = knob_field("min_seconds")
+    max_seconds: float = knob_field("max_seconds")
+    target_lufs: float = knob_field("target_lufs")
+    min_dnsmos: float = knob_field("min_dnsmos")
+    max_recording_seconds: float = knob_field("max_recording_seconds")
+    max_recording_bytes: int = knob_field("max_recording_bytes")
 
     def settings(self, scorers: QualityScorers) -> IngestSettings:
         return IngestSettings.from_knobs(
@@ -94,7 +93,6 @@ class RecordingClipsConfig(dg.Config):
             scorers.asr_model,
             scorers.speaker_model,
             scorers.device,
-            max_recording_bytes=self.max_recording_bytes,
         )
 
     def options(self) -> RecordingOptions:

@@ -19,6 +19,7 @@ from higgs_pipeline.data.tables import read_csv, write_csv
 from higgs_pipeline.defs.recording_clips import (
     PARTITIONS_DIR,
     ingest_root,
+    knob_field,
     list_recordings,
     recording_clips,
     recordings_partitions,
@@ -42,10 +43,7 @@ class RecordingsManifestConfig(dg.Config):
         description="Cosine of speaker centroids above which two recordings' speakers are one person, for a speaker "
         "model without a calibrated threshold (ingest/registry.py's MATCH_THRESHOLDS: Resemblyzer, WavLM)",
     )
-    dialogue_turns: int = Field(
-        default=_DEFAULTS.dialogue_turns,
-        description="> 1: consecutive turns of multi-speaker recordings become dialogues of up to N turns",
-    )
+    dialogue_turns: int = knob_field("dialogue_turns")  # one definition with prepare's --dialogue-turns
 
 
 @dg.asset(group_name="ingest", code_version="2", kinds={"pandas"}, deps=[recording_clips])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any
 
 from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.speech.diarize import DiarizeSettings
@@ -25,16 +26,6 @@ class RecordingOptions:
     language: str | None = None  # None: the ASR model's default (English)
     num_speakers: int | None = None  # exactly this many speakers, or the recording is rejected
     speaker: str | None = None  # the name its (single) speaker gets, across every recording
-
-
-class IngestKnobs(Protocol):
-    """The settings a user tunes per run, named alike in `prepare`'s flags and recording_clips' config."""
-
-    min_seconds: float
-    max_seconds: float
-    target_lufs: float
-    min_dnsmos: float
-    max_recording_seconds: float
 
 
 @dataclass(frozen=True)
@@ -68,6 +59,15 @@ class IngestSettings:
     min_asr_logprob: float = -0.7
 
     def __post_init__(self) -> None:
+        for name, value in asdict(self).items():  # NaN passes every comparison below, and inf disables a limit
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} {value}: give a finite number")
+        if not 1.0 <= self.min_dnsmos <= 5.0:
+            raise ValueError(f"min_dnsmos {self.min_dnsmos:g}: DNSMOS OVRL runs from 1 to 5")
+        if not -70.0 <= self.target_lufs <= 0.0:
+            raise ValueError(f"target_lufs {self.target_lufs:g}: give a loudness from -70 to 0 LUFS")
+        if self.dialogue_turns < 0:
+            raise ValueError(f"dialogue_turns {self.dialogue_turns}: give 0 (no dialogues) or more")
         if not 0 < self.min_seconds < self.max_seconds <= HARD_MAX_SECONDS:
             raise ValueError(
                 f"min_seconds {self.min_seconds:g} and max_seconds {self.max_seconds:g} must satisfy "
@@ -80,16 +80,12 @@ class IngestSettings:
 
     @classmethod
     def from_knobs(
-        cls, knobs: IngestKnobs, asr_model: str, speaker_model: str, device: str, **others: object
+        cls, knobs: Any, asr_model: str, speaker_model: str, device: str, **others: object
     ) -> IngestSettings:
-        """The settings for a run of `prepare` or `recording_clips`: the user's knobs, the models, the device ("auto"
-        resolved here) and any other field by name, so both read a flag or config value the same way."""
+        """The settings for a run of `prepare` or `recording_clips`: every `KNOBS` value read by name from `knobs`
+        (the flags or the run config), the models, the device ("auto" resolved here) and any other field by name."""
         return cls(
-            min_seconds=knobs.min_seconds,
-            max_seconds=knobs.max_seconds,
-            target_lufs=knobs.target_lufs,
-            min_dnsmos=knobs.min_dnsmos,
-            max_recording_seconds=knobs.max_recording_seconds,
+            **{knob.name: getattr(knobs, knob.name) for knob in KNOBS},
             asr_model=asr_model,
             speaker_model=speaker_model,
             device=resolve_device(device),
@@ -104,3 +100,41 @@ class IngestSettings:
             values.pop(no_effect)  # applied at merge, or limits that refuse a recording rather than change it
         values.update(language=options.language, num_speakers=options.num_speakers, code=INGEST_CODE_VERSION)
         return json.dumps(values, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting a user tunes per run: one definition for `prepare`'s flag (`--min-seconds`) and recording_clips'
+    config field (`min_seconds`), with the default `IngestSettings` holds and one help text."""
+
+    name: str
+    help: str
+
+    @property
+    def default(self) -> Any:
+        return getattr(_DEFAULTS, self.name)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_DEFAULTS = IngestSettings()
+KNOBS = (
+    Knob("min_seconds", "shortest clip cut (too_short below)"),
+    Knob("max_seconds", f"longest clip cut, split at pauses (at most {HARD_MAX_SECONDS:g})"),
+    Knob("target_lufs", "integrated loudness every clip is set to, LUFS"),
+    Knob("min_dnsmos", "DNSMOS OVRL below this is low_quality (1.5 rejects noise; ~3 for curated corpora)"),
+    Knob("max_recording_seconds", "longer recordings are refused from their header, unread"),
+    Knob("max_recording_bytes", "larger files are refused (file_too_large) before a byte is read or downloaded"),
+)
+# Applied when the recordings are merged into one manifest (recordings_manifest's config, not recording_clips').
+DIALOGUE_TURNS = Knob(
+    "dialogue_turns", "N > 1: runs of consecutive turns by two or more speakers become dialogues of up to N turns"
+)
+
+
+def knob_help(knob: Knob) -> str:
+    """The help a flag or config field shows: the text and the default."""
+    default = f"{knob.default:g}" if isinstance(knob.default, float) else str(knob.default)
+    return f"{knob.help} (default {default})"
