@@ -16,7 +16,10 @@ from audio_factory import SENTENCES, empty, speech, tone
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
+from higgs_pipeline.data.screening import ScreeningRules
+from higgs_pipeline.ingest.settings import IngestSettings
 from higgs_pipeline.speech import scoring, whisper_batch
+from higgs_pipeline.speech.dnsmos import SILENCE_DBFS
 
 JSON_KEYS = {"wer", "cer", "speaker_similarity", "duration_s", "dnsmos_ovrl"}
 
@@ -89,7 +92,12 @@ def test_silence_and_noise_score_as_nothing_said(scorer):
     for name, wave in cases.items():
         score = scorer.score(wave, 16_000, SENTENCES[0])
         assert score.wer >= 0.9 and score.cer >= 0.9, (name, score)
-    assert not scorer.score(cases["silence"], 16_000, SENTENCES[0]).speech_detected
+    silence = scorer.score(cases["silence"], 16_000, SENTENCES[0])
+    assert not silence.speech_detected
+    # Silence rates the scale's floor (the models alone said ~1.8, above ingest's 1.5 noise floor), below noise.
+    assert silence.dnsmos_ovrl == 1.0 < IngestSettings().min_dnsmos
+    assert scorer.score(cases["quiet noise"], 16_000, SENTENCES[0]).dnsmos_ovrl > 1.0
+    assert SILENCE_DBFS == ScreeningRules().silence_dbfs  # one meaning of silence: the manifest's
     with pytest.raises(ValueError, match="holds no samples"):
         scorer.score(np.zeros(0, dtype=np.float32), 16_000, SENTENCES[0])
 

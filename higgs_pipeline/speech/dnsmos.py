@@ -21,6 +21,10 @@ from higgs_pipeline.devices import math_threads
 DNSMOS_RATE = 16_000  # the models' only input rate
 # Below this many samples (10 ms) there is nothing to rate: speechmos would repeat the clip almost forever.
 MIN_SAMPLES = 160
+# Peak below this is silence (the manifest's `silent` rule, ScreeningRules.silence_dbfs): rated the scale's floor,
+# 1, on every axis. The models rate digital silence about 1.8 OVRL, above ingest's 1.5 noise floor, and a
+# collapsed model's silent take must not score better than its noise.
+SILENCE_DBFS = -60.0
 _LOCK = threading.Lock()
 
 
@@ -56,11 +60,13 @@ def _model() -> Any:
 
 
 def rate(audio16k: np.ndarray) -> Dnsmos:
-    """DNSMOS of mono 16 kHz float audio; NaN scores for a clip too short or not finite to rate."""
+    """DNSMOS of mono 16 kHz float audio; NaN scores for a clip too short or not finite to rate; 1 for silence."""
     audio = np.asarray(audio16k, dtype=np.float32).ravel()
     if audio.size < MIN_SAMPLES or not np.isfinite(audio).all():
         return Dnsmos.missing()
     audio = np.clip(audio, -1.0, 1.0)
+    if np.abs(audio).max() < 10 ** (SILENCE_DBFS / 20):
+        return Dnsmos(1.0, 1.0, 1.0, 1.0)
     with _LOCK:  # one ONNX session per process, shared by the threads that score
         scores = _model()(audio, DNSMOS_RATE, False)
     return Dnsmos(
