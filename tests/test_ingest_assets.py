@@ -346,3 +346,19 @@ def test_a_link_to_a_recording_is_that_recording_and_a_link_to_a_folder_is_repor
     assert [(entry["path"], entry["reason"]) for entry in listing.unlisted] == [("again", "not_a_file")]
     (folder / "takes" / "a.wav").write_bytes(b"a longer, changed take")
     assert list_recordings(str(folder)).stamps["linked.wav"] != listing.stamps["linked.wav"]  # runs again
+
+
+def test_concurrent_partition_runs_each_hold_a_gpu_of_their_own(tmp_path, monkeypatch):
+    """On a node (two GPUs here by count) two partition runs at once get cuda:0 and cuda:1, not both GPU 0 (waiting
+    while all are held: tests/test_devices.py); a CPU setting is kept as it is."""
+    import contextlib
+
+    from higgs_pipeline.defs.recording_clips import partition_device
+
+    monkeypatch.setenv("HIGGS_PIPELINE_CACHE", str(tmp_path))  # the node's lock folder, this test's own
+    waits: list[str] = []
+    with contextlib.ExitStack() as held:
+        claimed = [held.enter_context(partition_device("cuda", waits.append, gpus=2)) for _ in range(2)]
+        assert claimed == ["cuda:0", "cuda:1"] and not waits
+    with partition_device("cpu", waits.append, gpus=2) as device:
+        assert device == "cpu"

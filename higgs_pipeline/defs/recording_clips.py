@@ -8,10 +8,12 @@ when the file changes; the content hash decides whether its clips are computed a
 
 # No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
 
+import contextlib
 import json
 import os
 import posixpath
 import stat
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
+from higgs_pipeline.devices import claim_device, gpu_count, resolve_device
 from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.recording import process_recording
@@ -33,6 +36,7 @@ from higgs_pipeline.launch.ingest_k8s import (
     ingest_step_k8s_config,
     runs_on_kubernetes,
 )
+from higgs_pipeline.models.demo import cache_root
 from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
@@ -58,6 +62,19 @@ def ingest_root(artifacts: ArtifactStore) -> Path:
             "(on Kubernetes mount one ReadWriteMany volume there; see docs/deploy.md)"
         )
     return Path(root.removeprefix("file://"))
+
+
+@contextlib.contextmanager
+def partition_device(device: str, log: Callable[[str], None], gpus: int | None = None) -> Iterator[str]:
+    """The device a partition run works on: with a GPU setting ("auto" or "cuda") on a node, a GPU of its own,
+    the first that no other run holds (`devices.claim_device`; `gpus` overrides the node's count), so concurrent
+    partitions spread over the node's GPUs instead of all landing on GPU 0; any other setting as given."""
+    resolved = resolve_device(device)
+    if resolved != "cuda" or (gpu_count() if gpus is None else gpus) == 0:
+        yield resolved
+        return
+    with claim_device(cache_root() / "gpu-locks", gpus, on_wait=log) as claimed:
+        yield claimed
 
 
 def knob_field(name: str) -> Any:
@@ -87,13 +104,9 @@ class RecordingClipsConfig(dg.Config):
     max_recording_seconds: float = knob_field("max_recording_seconds")
     max_recording_bytes: int = knob_field("max_recording_bytes")
 
-    def settings(self, scorers: QualityScorers) -> IngestSettings:
-        return IngestSettings.from_knobs(
-            self,
-            scorers.asr_model,
-            scorers.speaker_model,
-            scorers.device,
-        )
+    def settings(self, scorers: QualityScorers, device: str | None = None) -> IngestSettings:
+        """This run's settings, on `device` when given (the GPU this run holds), else the scorers' device."""
+        return IngestSettings.from_knobs(self, scorers.asr_model, scorers.speaker_model, device or scorers.device)
 
     def options(self) -> RecordingOptions:
         return RecordingOptions(self.language or None, self.num_speakers or None, self.speaker or None)
@@ -120,7 +133,9 @@ def recording_clips(
     root = ingest_root(artifacts)
     context.log.info(f"ingesting {source}")
     folder = source_root if "://" not in source_root else None
-    result = process_recording(source, root / CLIPS_DIR, config.settings(scorers), config.options(), key, folder)
+    with partition_device(scorers.device, context.log.info) as device:
+        settings = config.settings(scorers, device)
+        result = process_recording(source, root / CLIPS_DIR, settings, config.options(), key, folder)
     write_json(str(result_path(root, key)), asdict(result))
     metadata = {
         "recording": key,

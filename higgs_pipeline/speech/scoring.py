@@ -370,7 +370,15 @@ def load_whisper(asr_model: str, device: str) -> Any:
     compute_type = "int8" if device == "cpu" else "float16"
     threads = min(4, math_threads())  # CTranslate2's own default, 4, at most
     source = str(Path(source).expanduser()) if local else source
-    return WhisperModel(source, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=local)
+    kind, _, index = device.partition(":")  # CTranslate2 takes "cuda" and an index, never "cuda:1"
+    return WhisperModel(
+        source,
+        device=kind,
+        device_index=int(index or 0),
+        compute_type=compute_type,
+        cpu_threads=threads,
+        local_files_only=local,
+    )
 
 
 @cache
