@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.devices import default_nproc
 from higgs_pipeline.launch.k8s import GpuNodeSpec
-from higgs_pipeline.launch.launcher import data_stage_job, launch_job
+from higgs_pipeline.launch.launcher import check_launcher, data_stage_job, launch_job
 from higgs_pipeline.workers.shards import merge_parts
 
 
@@ -48,9 +48,7 @@ class DataStageConfig(dg.Config):
     @field_validator("launcher")
     @classmethod
     def _known_launcher(cls, value: str) -> str:
-        if value not in ("local", "k8s"):
-            raise ValueError(f"launcher {value!r} is not 'local' or 'k8s'")
-        return value
+        return check_launcher(value)
 
     def ranks(self) -> int:
         """How many processes the work gets."""

@@ -20,7 +20,7 @@ from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.plots import loss_curves_png, markdown_image, read_metrics
 from higgs_pipeline.launch.k8s import GpuNodeSpec
-from higgs_pipeline.launch.launcher import launch_training
+from higgs_pipeline.launch.launcher import check_launcher, launch_training
 from higgs_pipeline.launch.plan import PlanRefused, TrainingPlan, TrainingRequest, plan_training
 from higgs_pipeline.models import loading
 from higgs_pipeline.models.demo import DEMO_NOTE, cache_root
@@ -120,9 +120,7 @@ class LoraAdapterConfig(dg.Config):
     @field_validator("launcher")
     @classmethod
     def _known_launcher(cls, value: str) -> str:
-        if value not in ("local", "k8s"):
-            raise ValueError(f"launcher {value!r} is not 'local' or 'k8s'")
-        return value
+        return check_launcher(value)
 
     @field_validator("overrides")
     @classmethod

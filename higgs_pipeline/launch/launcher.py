@@ -29,6 +29,13 @@ JOB_ENV = {"PYTHONUNBUFFERED": "1"}
 LAUNCHERS = ("local", "k8s")
 
 
+def check_launcher(launcher: str) -> str:
+    """`launcher` if it is one of LAUNCHERS (run configs and jobs check it the same way), else a ValueError."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is not " + " or ".join(repr(name) for name in LAUNCHERS))
+    return launcher
+
+
 @dataclass(frozen=True)
 class DistributedJob:
     """What one distributed run is: `python -m <module> <args>` in `nproc_per_node` processes on each of `nodes`
@@ -52,8 +59,7 @@ class DistributedJob:
     job_name: str | None = None
 
     def __post_init__(self) -> None:
-        if self.launcher not in LAUNCHERS:
-            raise ValueError(f"launcher {self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        check_launcher(self.launcher)
         if self.nproc_per_node < 1 or self.nodes < 1:
             raise ValueError(f"nproc_per_node and nodes must be >= 1, got {self.nproc_per_node} and {self.nodes}")
         if self.launcher == "k8s":
