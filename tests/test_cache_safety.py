@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from types import SimpleNamespace
+from pathlib import Path
 
 import pandas as pd
 
@@ -15,7 +15,6 @@ from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.tokenize import TOKENIZER_INFO, TokenizerInfo, read_tokenizer_info, write_tokenizer_info
 from higgs_pipeline.defs.production_adapter import write_pointer
 from higgs_pipeline.defs.raw_audio_manifest import _rejected_preview
-from higgs_pipeline.defs.transcript_check import _cached
 from higgs_pipeline.serving.adapters import read_pointer
 
 INFO = TokenizerInfo("demo-abc", "demo (demo model, random weights)", 16000, 25.0, 8)
@@ -44,24 +43,31 @@ def test_a_corrupt_forged_or_foreign_tokenizer_json_is_dropped_not_fatal(tmp_pat
 
 def test_a_corrupt_or_forged_transcript_cache_entry_is_dropped_and_logged(tmp_path):
     from higgs_pipeline.data.sealed import seal
+    from higgs_pipeline.speech.transcript_cache import cache_entry, cached_transcript
 
     warnings: list[str] = []
-    context = SimpleNamespace(log=SimpleNamespace(warning=warnings.append))
-    key = ["abc", "en", "tiny.en-123"]
-    entry = tmp_path / "abc-en.json"
+    cache = str(tmp_path / "tiny.en-123")
+    path, key = cache_entry(cache, "abc", "en")
+    assert key == ["abc", "en", "tiny.en-123"]
+    entry = Path(path)
+    entry.parent.mkdir()
+
+    def cached() -> dict | None:
+        return cached_transcript(cache, "abc", "en", warnings.append)
+
     entry.write_text(json.dumps(seal(key, {"hypothesis": "hello", "speech_detected": True})))
-    assert _cached(context, str(entry), key) == {"hypothesis": "hello", "speech_detected": True}
+    assert cached() == {"hypothesis": "hello", "speech_detected": True}
     forged = json.loads(entry.read_text())
     forged["payload"]["hypothesis"] = "something else"
     entry.write_text(json.dumps(forged))
-    assert _cached(context, str(entry), key) is None and "checksum" in warnings[-1]
+    assert cached() is None and "checksum" in warnings[-1]
     entry.write_text(json.dumps({"hypothesis": "unsealed", "speech_detected": True}))
-    assert _cached(context, str(entry), key) is None
+    assert cached() is None
     entry.write_text(json.dumps(seal(["other", "en", "tiny.en-123"], {"hypothesis": "x", "speech_detected": True})))
-    assert _cached(context, str(entry), key) is None and "written for" in warnings[-1]
+    assert cached() is None and "written for" in warnings[-1]
     entry.write_bytes(b"\x00\xff")
-    assert _cached(context, str(entry), key) is None
-    assert _cached(context, str(tmp_path / "absent.json"), key) is None and len(warnings) == 4
+    assert cached() is None
+    assert cached_transcript(cache, "absent", "en", warnings.append) is None and len(warnings) == 4
 
 
 def test_the_production_pointer_uses_a_unique_temporary_name(tmp_path):

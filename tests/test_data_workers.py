@@ -22,7 +22,8 @@ from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.data.tokenize import audio_tokenizer
 from higgs_pipeline.speech.scoring import char_error_rate
-from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE, cache_path, transcriber
+from higgs_pipeline.speech.transcript_cache import cache_entry
+from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE, transcriber
 from higgs_pipeline.workers.codec import CODEC_MODULE, codes_of, encoder
 from higgs_pipeline.workers.shards import merge_parts, run_sharded
 
@@ -72,7 +73,7 @@ def test_asr_worker_transcribes_the_same_with_one_and_two_processes_and_reuses_i
 
     # The cache answers a second pass; an edited entry is not trusted and the clip is heard again.
     cache = str(tmp_path / "cache-1")
-    edited = cache_path(cache, clips["clip_hash"][0], "en")
+    edited, _key = cache_entry(cache, clips["clip_hash"][0], "en")
     entry = json.loads(Path(edited).read_text())
     Path(edited).write_text(json.dumps({**entry, "payload": {**entry["payload"], "hypothesis": "forged"}}))
     again = transcriber("tiny.en", cache, "cpu")(clips[["clip_hash", "audio_uri", "language"]])

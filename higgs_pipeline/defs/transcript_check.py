@@ -23,13 +23,12 @@ from higgs_pipeline.data.dialogue_turns import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.probe import read_clip_bytes
-from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.data_stage import DataStageConfig, spread
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
-from higgs_pipeline.files import write_json
 from higgs_pipeline.speech import scoring
+from higgs_pipeline.speech.transcript_cache import cached_transcript, store_transcript
 
 REJECT_REASON = "transcript_mismatch"
 CACHE_VERSION = "2"  # bump when what is cached per clip (decoding settings, speech rule) changes
@@ -149,7 +148,7 @@ def _hear_all(
     heard: dict[tuple[str, str], dict] = {}
     pending: list[tuple[tuple[str, str], str, float]] = []
     for (clip_hash, code), (uri, duration) in wanted.items():
-        entry = _cached(context, *_cache_entry(cache_root, clip_hash, code))
+        entry = cached_transcript(cache_root, clip_hash, code, context.log.warning)
         if entry is not None:
             heard[clip_hash, code] = entry
         else:
@@ -171,8 +170,7 @@ def _hear_all(
         results = _hear_batch([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
         for (key, _uri, _duration), result in zip(part, results, strict=True):
             heard[key] = result
-            path, seal_key = _cache_entry(cache_root, *key)
-            write_json(path, seal(seal_key, result), indent=None)
+            store_transcript(cache_root, *key, result)
         done = cached + start + len(part)
         if (done - len(part)) // every != done // every or done == len(wanted):
             context.log.info(f"transcribed {done}/{len(wanted)} clips ({cached} from the cache)")
@@ -203,30 +201,6 @@ def _hear_spread(
             parts["clip_hash"], parts["language"], parts["hypothesis"], parts["speech_detected"], strict=True
         )
     }
-
-
-def _cache_entry(cache_root: str, clip_hash: str, code: str) -> tuple[str, list[str]]:
-    """A clip's transcript cache file and the key it is sealed with: the clip, its language and the ASR model."""
-    return f"{cache_root}/{clip_hash}-{code or 'auto'}.json", [clip_hash, code, cache_root.rsplit("/", 1)[-1]]
-
-
-def _cached(context: dg.AssetExecutionContext, path: str, key: list[str]) -> dict | None:
-    """A cached transcript, or None when there is none or it cannot be trusted (corrupt, edited, copied from
-    another clip, language or model: each entry is sealed with its key and checksum); a bad one is logged, then
-    transcribed again and overwritten, never fatal."""
-    try:
-        entry = read_sealed(path, key)
-    except BrokenEntry as error:
-        context.log.warning(f"transcript cache entry {path} dropped ({error}): transcribing the clip again")
-        return None
-    if entry is not None and not (
-        isinstance(entry, dict)
-        and isinstance(entry.get("hypothesis"), str)
-        and isinstance(entry.get("speech_detected"), bool)
-    ):
-        context.log.warning(f"transcript cache entry {path} dropped (unexpected fields): transcribing the clip again")
-        return None
-    return entry
 
 
 def _hear_batch(uris: list[str], codes: list[str], scorer: scoring.Scorer) -> list[dict]:

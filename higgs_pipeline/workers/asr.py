@@ -18,36 +18,13 @@ import pandas as pd
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.probe import read_clip_bytes
-from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.devices import pin_rank_gpu, resolve_device
-from higgs_pipeline.files import write_json
+from higgs_pipeline.speech.transcript_cache import cached_transcript, store_transcript
 from higgs_pipeline.workers.shards import BatchFunction, run_sharded
 
 ASR_MODULE = "higgs_pipeline.workers.asr"
 ASR_KEY = ("clip_hash", "language")
 logger = logging.getLogger(__name__)
-
-
-def cache_path(cache: str, clip_hash: str, language: str | None) -> str:
-    return f"{cache.rstrip('/')}/{clip_hash}-{language or 'auto'}.json"
-
-
-def cached_transcript(cache: str, clip_hash: str, language: str | None) -> dict | None:
-    """The cached result, or None when absent or untrustworthy (corrupt, edited, of another clip or model)."""
-    key = [clip_hash, language or "", cache.rstrip("/").rsplit("/", 1)[-1]]  # as transcript_check seals it
-    path = cache_path(cache, clip_hash, language)
-    try:
-        entry = read_sealed(path, key)
-    except BrokenEntry as error:
-        logger.warning(f"transcript cache entry {path} dropped ({error}): transcribing the clip again")
-        return None
-    if not (
-        isinstance(entry, dict)
-        and isinstance(entry.get("hypothesis"), str)
-        and isinstance(entry.get("speech_detected"), bool)
-    ):
-        return None
-    return entry
 
 
 def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
@@ -59,15 +36,13 @@ def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
     def transcribe(batch: pd.DataFrame) -> pd.DataFrame:
         rows = []
         for clip_hash, uri, language in zip(batch["clip_hash"], batch["audio_uri"], batch["language"], strict=True):
-            code = language or None
-            entry = cached_transcript(cache, clip_hash, code)
+            entry = cached_transcript(cache, clip_hash, language, logger.warning)
             from_cache = entry is not None
             if entry is None:
                 wave, rate = decode(read_clip_bytes(uri))
-                hypothesis, speech = scorer.listen(wave, rate, code)
+                hypothesis, speech = scorer.listen(wave, rate, language or None)
                 entry = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
-                key = [clip_hash, language or "", cache.rstrip("/").rsplit("/", 1)[-1]]
-                write_json(cache_path(cache, clip_hash, code), seal(key, entry), indent=None)
+                store_transcript(cache, clip_hash, language, entry)
             rows.append({"clip_hash": clip_hash, "language": language, **entry, "from_cache": from_cache})
         return pd.DataFrame(rows, columns=[*ASR_KEY, "hypothesis", "speech_detected", "from_cache"])
 
