@@ -211,7 +211,7 @@ def test_a_reference_over_the_byte_cap_is_not_read(capsys, tmp_path, monkeypatch
     from higgs_pipeline.serving import inputs
 
     monkeypatch.setattr(inputs, "MAX_INPUT_AUDIO_BYTES", 1000)
-    monkeypatch.setattr(inputs.read_audio, "__defaults__", (1000,))
+    monkeypatch.setattr(inputs.read_audio, "__defaults__", (1000, *inputs.read_audio.__defaults__[1:]))
     argv = _synth(tmp_path, "--text", "Hi.", "--out", str(tmp_path / "x.wav"))
     error = _fail(capsys, *argv, "--reference", str(CLIP), "--reference-text", "Words.")
     assert "file_too_large" in error and "> the limit 1000" in error

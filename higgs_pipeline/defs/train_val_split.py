@@ -15,7 +15,6 @@ from higgs_pipeline.data.token_store import TokenStore
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models.loading import load_text_tokenizer
-from higgs_pipeline.training.data import sample_lengths
 
 GROUP_BY = {"target_clip": "target_clip", "speaker": "speaker_held_out", "text": "text"}
 
@@ -83,6 +82,8 @@ def train_val_split(
     split_path = f"{folder}/split.json"
     write_text(json.dumps(split), split_path)
     lengths_path = f"{folder}/sample_lengths.parquet"
+    from higgs_pipeline.training.data import sample_lengths  # here: it imports boson's collator and transformers
+
     store = TokenStore(tokens["token_store_root"], tokens["tokenizer"])
     try:
         lengths = sample_lengths(samples["samples_path"], store.frames, load_text_tokenizer(checkpoints.model))
