@@ -48,7 +48,9 @@ def base(tmp_path_factory):
     out = root / "base"
     code, first = _run(["prepare", str(folder / "alice.wav"), str(folder / "bob.wav"), "--out", str(out), "--json"])
     assert code == 0, first
-    code, second = _run(["prepare", str(folder / "both.wav"), "--out", str(out), "--json"])  # added to the corpus
+    # Added to the corpus. Its two voices speak 2-3 s each: too little for the count to be estimated reliably
+    # (docs/benchmarks.md), so it is given; these tests are about the labels, not the count.
+    code, second = _run(["prepare", str(folder / "both.wav"), "--num-speakers", "2", "--out", str(out), "--json"])
     assert code == 0, second
     return folder, out, (first, second)
 
