@@ -59,7 +59,7 @@ def measure(path: Path, asr_model: str, device: str) -> dict:
     diarize.embedder(settings.speaker_model, device)(np.zeros(16000, np.float32))
     dnsmos.rate(np.zeros(16000, np.float32))
     totals: dict[str, float] = {}
-    for module, name in ((recording, "decode_recording"), (stages, "find_speech"), (stages, "transcribe"),
+    for module, name in ((recording, "decode_open"), (stages, "find_speech"), (stages, "transcribe"),
                          (stages, "diarize_windows"), (quality.dnsmos, "rate")):  # fmt: skip
         _timed(module, name, totals)
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def measure(path: Path, asr_model: str, device: str) -> dict:
         result = recording.process_recording(str(path), Path(out), settings)
     total = time.perf_counter() - started
     hours = result.duration_s / 3600
-    names = {"decode_recording": "decode", "find_speech": "vad", "transcribe": "asr", "diarize_windows": "embeddings",
+    names = {"decode_open": "decode", "find_speech": "vad", "transcribe": "asr", "diarize_windows": "embeddings",
              "rate": "dnsmos"}  # fmt: skip
     per_hour = {names[k]: round(v / hours, 1) for k, v in totals.items()}
     per_hour["other"] = round((total - sum(totals.values())) / hours, 1)

@@ -162,7 +162,14 @@ def test_raw_audio_manifest_screening_accepts_the_output(prepared):
     assert len(screening.accepted) == len(_manifest(prepared))
 
 
-def test_a_rerun_reuses_unchanged_recordings(prepared):
+def test_a_rerun_reuses_unchanged_recordings(prepared, monkeypatch):
+    """An unchanged recording's result is found from its bytes' hash: nothing is decoded, computed or rewritten."""
+    from higgs_pipeline.ingest import recording
+
+    def decode_open(*_args, **_kwargs):
+        raise AssertionError("a recording whose result is cached was decoded")
+
+    monkeypatch.setattr(recording, "decode_open", decode_open)
     folders = sorted((prepared["out"] / "clips").iterdir())
     clips = sorted((prepared["out"] / "clips").rglob("*.flac"))
     stamps = [path.stat().st_mtime_ns for path in clips]

@@ -29,8 +29,9 @@ from higgs_pipeline.ingest.source import (
     DecodedRecording,
     RecordingRejected,
     check_inside,
-    decode_recording,
+    decode_open,
     localize,
+    open_recording,
     scratch_dir,
 )
 from higgs_pipeline.speech.diarize import TooManySpeakersError
@@ -86,13 +87,15 @@ def process_recording(
     try:
         if folder is not None:
             check_inside(source, folder)
-        decoded = decode_recording(localize(source, scratch, settings.max_recording_bytes), settings, scratch)
-        key = digest(decoded.content_hash, settings.cache_key(options))[:24]
-        target = clips_root / key
-        if (target / RESULT_FILE).is_file():
-            previous = RecordingResult.load(target)
-            previous.recording, previous.reused, previous.options = name, True, asdict(options)
-            return previous
+        local = localize(source, scratch, settings.max_recording_bytes)
+        with open_recording(local, settings) as (handle, content_hash):
+            key = digest(content_hash, settings.cache_key(options))[:24]
+            target = clips_root / key
+            if (target / RESULT_FILE).is_file():  # known from the bytes' hash alone: nothing is decoded
+                previous = RecordingResult.load(target)
+                previous.recording, previous.reused, previous.options = name, True, asdict(options)
+                return previous
+            decoded = decode_open(handle, content_hash, settings, scratch)
         result = _ingest(decoded, key, target, settings, options, name, progress)
     except RecordingRejected as rejected:
         return RecordingResult(name, "rejected", rejected.reason, rejected.detail, options=asdict(options))

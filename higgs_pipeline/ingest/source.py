@@ -9,11 +9,14 @@ Every refusal is a `RecordingRejected` with one of the probe's reasons (`missing
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -98,8 +101,11 @@ def localize(uri: str, scratch: Path, max_bytes: int) -> str:
     return str(local)
 
 
-def decode_recording(path: str, settings: IngestSettings, scratch: Path) -> DecodedRecording:
-    """Stream a local recording into scratch PCM files; raises RecordingRejected for anything unusable."""
+@contextlib.contextmanager
+def open_recording(path: str, settings: IngestSettings) -> Iterator[tuple[BinaryIO, str]]:
+    """(open file, sha256 of its bytes) of a local recording, after the probe's open rules and the header's length
+    check: the hash its cached result is keyed by is known before a sample is decoded, and decoding then reads the
+    very bytes that were hashed (the same handle). Raises RecordingRejected for anything unusable."""
     try:
         handle = open_local_file(path, settings.max_recording_bytes, "recording", "max_recording_bytes")
     except ClipRefusedError as refused:
@@ -116,8 +122,19 @@ def decode_recording(path: str, settings: IngestSettings, scratch: Path) -> Deco
         handle.seek(0)
         content_hash = sha256_of_stream(handle)
         handle.seek(0)
-        with _open_sound(handle) as sound:
-            return _stream(sound, content_hash, settings, scratch)
+        yield handle, content_hash
+
+
+def decode_open(handle: BinaryIO, content_hash: str, settings: IngestSettings, scratch: Path) -> DecodedRecording:
+    """Stream an opened recording (`open_recording`) into scratch PCM files."""
+    with _open_sound(handle) as sound:
+        return _stream(sound, content_hash, settings, scratch)
+
+
+def decode_recording(path: str, settings: IngestSettings, scratch: Path) -> DecodedRecording:
+    """Stream a local recording into scratch PCM files; raises RecordingRejected for anything unusable."""
+    with open_recording(path, settings) as (handle, content_hash):
+        return decode_open(handle, content_hash, settings, scratch)
 
 
 def _open_sound(handle) -> soundfile.SoundFile:
