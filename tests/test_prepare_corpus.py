@@ -86,6 +86,11 @@ def test_runs_add_to_the_corpus_and_remove_takes_a_recording_out_with_its_clips(
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert set(manifest["asr_model"]) == {"tiny.en"}
     assert list(manifest.columns).index("asr_model") == list(manifest.columns).index("asr_confidence") + 1
+    # Withdrawing every recording leaves an empty manifest, never the withdrawn clips (consent reaches the data).
+    both = str(folder / "both.wav")
+    code, summary = _run(["prepare", "--remove", bob, "--remove", both, "--out", str(out), "--json"])
+    assert code == 0 and summary["clips"] == 0 and sorted(summary["removed"]) == sorted([bob, both])
+    assert pd.read_csv(out / "manifest.csv").empty and _clip_folders(out) == set() and _recordings(out) == set()
 
 
 def test_a_recording_given_twice_or_with_the_same_bytes_is_one_recording(corpus):
@@ -106,12 +111,12 @@ def test_a_failed_run_changes_nothing(corpus):
     folder, out = corpus
     files = {name: (out / name).read_bytes() for name in ("manifest.csv", "speakers.csv", "segments.csv", MARKER)}
     clips = _clip_folders(out)
-    every = [arg for name in ("alice.wav", "bob.wav", "both.wav") for arg in ("--remove", str(folder / name))]
-    code, _ = _run(["prepare", *every, "--out", str(out)])
-    assert code == 2  # nothing would be left: refused, not emptied
-    assert {name: (out / name).read_bytes() for name in files} == files and _clip_folders(out) == clips
     code, _ = _run(["prepare", "--remove", str(folder / "nobody.wav"), "--out", str(out)])
-    assert code == 2 and {name: (out / name).read_bytes() for name in files} == files
+    assert code == 2 and {name: (out / name).read_bytes() for name in files} == files and _clip_folders(out) == clips
+    empty = folder.parent / "empty.wav"  # a recording that is all that was given, and unusable
+    empty.write_bytes(b"")
+    code, _ = _run(["prepare", str(empty), "--out", str(out.parent / "fresh")])
+    assert code == 2 and not (out.parent / "fresh").exists()
 
 
 def test_one_run_per_folder_at_a_time(corpus, capsys):

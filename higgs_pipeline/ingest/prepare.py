@@ -216,12 +216,13 @@ def _merged(
 def _write(
     work: Path, merged: list[RecordingResult], settings: IngestSettings, duplicates: list[dict], removed: list[str]
 ) -> Summary:
-    """The tables and the marker, written only once there is something to write; then unreferenced clips go."""
-    if not any(r.status == "accepted" for r in merged):
+    """The tables and the marker, written only once there is something to write (or something was removed: a
+    withdrawn recording leaves the manifest even when nothing is left); then unreferenced clips go."""
+    if not removed and not any(r.status == "accepted" for r in merged):
         reasons = "; ".join(f"{r.recording}: {r.reason} ({r.detail})" for r in merged) or "no recording is left"
         raise NothingUsableError(f"no recording could be used: {reasons}")
     outputs = merge_outputs(work, merged, settings)
-    if outputs.summary.clips == 0:
+    if not removed and outputs.summary.clips == 0:
         raise NothingUsableError(
             "no clip passed the checks: "
             + "; ".join(f"{r['recording']}: {r['detail']}" for r in outputs.summary.rejected)
