@@ -194,20 +194,29 @@ def model_config(layout: str):
     return HiggsAudioConfig(**spec)
 
 
-def base_model(layout: str, config, device: torch.device) -> nn.Module:
-    """Random bf16 weights made on the GPU (3b; no 11 GB detour through host memory), or the demo checkpoint."""
+def base_model(layout: str, config, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Random bf16 weights made on the GPU (3b; no 11 GB detour through host memory), or the demo checkpoint;
+    `dtype` overrides the device's default (bf16 on a GPU, fp32 on a CPU)."""
     from boson_multimodal.model.higgs_audio import HiggsAudioModel
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if layout == "demo":
         return loading.load_model(loading.DEMO, dtype=dtype, device=device)
     with torch.device(device):
         return HiggsAudioModel._from_config(config, torch_dtype=dtype)
 
 
-def build(layout: str, config, settings: TrainConfig, device: torch.device, checkpointing: bool, compile_: bool):
+def build(
+    layout: str,
+    config,
+    settings: TrainConfig,
+    device: torch.device,
+    checkpointing: bool,
+    compile_: bool,
+    dtype: torch.dtype | None = None,
+):
     torch.manual_seed(settings.run.seed)
-    peft_model = apply_lora(base_model(layout, config, device), settings.lora).to(device)
+    peft_model = apply_lora(base_model(layout, config, device, dtype), settings.lora).to(device)
     if checkpointing:
         checkpoint_decoder_layers(peft_model)
     # dynamic=True: every batch has another sequence length; one graph per length would never warm up.
