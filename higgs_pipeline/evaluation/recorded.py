@@ -93,7 +93,6 @@ def evaluation_metadata(
         "chosen_step": int(numbers["chosen_step"]),
         "checkpoints_evaluated": int(numbers["checkpoints_evaluated"]),
         "val_losses_reused": int(numbers["val_losses_reused"]),
-        "ranks": 1,  # processes that did the work: the evaluation is not yet spread over a node's devices
         **texts,
         "checkpoint_scores": _table(checkpoint_rows(heard), {"step": "int", "collapsed": "bool", "chosen": "bool"}),
         "checkpoint_plot": dg.MetadataValue.md(markdown_image(files["checkpoints"], "checkpoint scores")),
