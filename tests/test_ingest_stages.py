@@ -9,7 +9,7 @@ import pytest
 
 from higgs_pipeline.ingest.cut import cut
 from higgs_pipeline.ingest.settings import IngestSettings
-from higgs_pipeline.speech.diarize import DiarizeSettings, TooManySpeakersError, cluster, match_speakers, speech_windows
+from higgs_pipeline.speech.diarize import DiarizeSettings, TooManySpeakersError, cluster, speech_windows
 from higgs_pipeline.speech.words import Word
 
 SETTINGS = IngestSettings(min_seconds=1.0, max_seconds=4.0)
@@ -127,16 +127,6 @@ def test_words_of_a_joined_span_land_at_their_time_in_the_recording():
     # "b" is mostly in the first region, "d" in the second, "c" (in the gap) nearest the first: none spans the 8 s
     expected = [(10.5, 11.0), (11.9, 12.0), (12.0, 12.0), (20.0, 20.2), (20.2, 20.9)]
     assert [(w.start, w.end) for w in moved] == pytest.approx(expected)
-
-
-def test_speakers_keep_one_label_across_recordings():
-    a, b = np.eye(3, 8)[0], np.eye(3, 8)[1]
-    c = np.eye(3, 8)[2]
-    numbers = match_speakers(
-        [np.stack([a, b]), np.stack([b, a]), np.stack([c]), np.stack([a, a * 0.99 + c * 0.01])], 0.8
-    )
-    assert numbers[0] == [0, 1] and numbers[1] == [1, 0] and numbers[2] == [2]
-    assert sorted(numbers[3]) == [0, 3]  # two clusters of one recording are never merged into one speaker
 
 
 def test_speech_windows_cover_each_region():

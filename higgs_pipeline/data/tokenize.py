@@ -177,7 +177,7 @@ class ClipEncoder:
         return [codes for wave in waves for codes in self.encode([wave])]
 
 
-def _heap_trimmer() -> Callable[[], object]:
+def heap_trimmer() -> Callable[[], object]:
     """glibc's malloc_trim(0) where it exists (Linux), else a no-op."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -202,7 +202,7 @@ def encode_clips(
     rate = int(tokenizer.sampling_rate)
     lookahead = max(2, 2 * loader_threads)
     encoder = ClipEncoder(tokenizer)
-    trim_heap = _heap_trimmer()
+    trim_heap = heap_trimmer()
     since_trim = 0
     done = 0
     last_log = started

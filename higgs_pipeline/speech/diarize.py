@@ -1,6 +1,6 @@
 """Who speaks when: speaker embeddings of short windows (the scorer's speaker model: Resemblyzer embedded, a
-WavLM x-vector checkpoint by name or folder) clustered per recording, and clusters matched across recordings so
-that one person keeps one label.
+WavLM x-vector checkpoint by name or folder) clustered per recording; `ingest/registry.py` matches the clusters
+across recordings so that one person keeps one label.
 
 Clustering is spectral, as in pyannote and NeMo (NME-SC, Park et al. 2019): the windows' cosine affinity, each row
 pruned to its p nearest windows and symmetrised, the normalised Laplacian's first eigenvectors as the windows'
@@ -174,38 +174,3 @@ def _assign_to_centroids(embeddings: np.ndarray, centers: np.ndarray) -> np.ndar
 def _first_appearance_order(labels: np.ndarray) -> np.ndarray:
     order = {label: index for index, label in enumerate(dict.fromkeys(labels.tolist()))}
     return np.asarray([order[label] for label in labels.tolist()], dtype=np.int64)
-
-
-def match_speakers(recordings: Sequence[np.ndarray], threshold: float) -> list[list[int]]:
-    """Global speaker numbers for each recording's local clusters, recordings taken in order.
-
-    A cluster whose centroid has cosine >= `threshold` with a speaker already seen takes that speaker's number
-    (best pairs first, one cluster per speaker per recording: two people in one call are never merged); any other
-    cluster is a new speaker. A matched speaker's centroid becomes the running mean of its clusters.
-    """
-    known: list[np.ndarray] = []
-    weights: list[int] = []
-    result = []
-    for centers in recordings:
-        assigned = [-1] * len(centers)
-        if known and len(centers):
-            similarity = np.asarray(centers) @ np.asarray(known).T
-            taken: set[int] = set()
-            for flat in np.argsort(-similarity, axis=None):
-                local, speaker = np.unravel_index(int(flat), similarity.shape)
-                if similarity[local, speaker] < threshold:
-                    break
-                if assigned[local] == -1 and speaker not in taken:
-                    assigned[local] = int(speaker)
-                    taken.add(int(speaker))
-        for local, center in enumerate(centers):
-            if assigned[local] == -1:
-                known.append(np.asarray(center, dtype=np.float32))
-                weights.append(0)
-                assigned[local] = len(known) - 1
-            speaker = assigned[local]
-            mean = known[speaker] * weights[speaker] + center
-            known[speaker] = mean / max(float(np.linalg.norm(mean)), 1e-12)
-            weights[speaker] += 1
-        result.append(assigned)
-    return result

@@ -31,10 +31,10 @@ def codes_of(row: pd.Series) -> np.ndarray:
 
 def encoder(tokenizer_name: str, device: str) -> BatchFunction:
     """The batch function: each clip's codes, equal-length clips encoded together."""
-    from higgs_pipeline.data.tokenize import ClipEncoder, _heap_trimmer, audio_tokenizer, load_wave
+    from higgs_pipeline.data.tokenize import ClipEncoder, audio_tokenizer, heap_trimmer, load_wave
 
     tokenizer = audio_tokenizer(tokenizer_name, device)
-    trim_heap = _heap_trimmer()  # clips of ever-different lengths fragment the heap (measured in tokenize.py)
+    trim_heap = heap_trimmer()  # clips of ever-different lengths fragment the heap (measured in tokenize.py)
     clip_encoder = ClipEncoder(tokenizer)
     rate = int(tokenizer.sampling_rate)
 
