@@ -10,6 +10,7 @@ import sys
 import pytest
 from audio_factory import require_tools
 from conftest import REPO_ROOT
+from recording_factory import write_recording
 
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import IngestSettings
@@ -32,6 +33,34 @@ def test_the_speaker_count_is_found_without_being_given(tmp_path, voices):
     found = bench.score(truth, bench.diarized(audio, IngestSettings(), None))
     assert found["speakers"] == voices, found
     assert found["purity"] >= 0.9, found
+
+
+SHORT_TALKS = {
+    "two turns": ((1, "Our neighbours have a very friendly dog."), (0, "My sister moved to a small town.")),
+    "three turns": ((0, "Please pass the salt."), (1, "Here you are, it is right here."), (0, "Thank you very much.")),
+}
+SHORT_MONOLOGUES = {
+    "one sentence": ((0, "The library closes early on Sundays."),),
+    "two sentences": (
+        (1, "The kettle is boiling, so I will make some tea."),
+        (1, "The library closes early on Sundays."),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", [*SHORT_TALKS, *SHORT_MONOLOGUES])
+def test_short_recordings_are_counted_right(tmp_path, name):
+    """Two voices of 2-3 s each (4-7 windows) were counted as one: a graph of 6 windows keeping 6 neighbours each is
+    complete. One voice stays one."""
+    require_tools()
+    parts = SHORT_TALKS.get(name) or SHORT_MONOLOGUES[name]
+    write_recording(tmp_path / "short.wav", parts)
+    windows = _load("bench_speaker_count").diarized(tmp_path / "short.wav", IngestSettings(), None)
+    voices = {voice for voice, _text in parts}
+    assert windows.local_speaker.nunique() == len(voices), windows
+    labels = windows.local_speaker.to_numpy()
+    if parts[0][0] != parts[-1][0]:  # the first and the last turn are different voices: so are their windows
+        assert labels[0] != labels[-1], labels
 
 
 def test_speech_in_a_language_the_model_does_not_cover_is_refused_not_transcribed(tmp_path):

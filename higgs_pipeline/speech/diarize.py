@@ -115,7 +115,7 @@ def spectral_labels(embeddings: np.ndarray, settings: DiarizeSettings, num_speak
     count = len(embeddings)
     similarity = np.clip(embeddings.astype(np.float64) @ embeddings.T.astype(np.float64), 0.0, 1.0)
     top = min(settings.max_speakers, count - 1)
-    lowest = min(count, max(settings.min_neighbours, int(np.ceil(0.1 * count))))
+    lowest = min(count, max(_neighbour_floor(count, settings), int(np.ceil(0.1 * count))))
     highest = max(lowest, int(np.ceil(0.5 * count)))
     best = None
     for neighbours in np.unique(np.linspace(lowest, highest, 10).round().astype(int)):
@@ -131,6 +131,14 @@ def spectral_labels(embeddings: np.ndarray, settings: DiarizeSettings, num_speak
     points = vectors[:, :speakers]
     points = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
     return KMeans(speakers, n_init=10, random_state=0).fit_predict(points).astype(np.int64)
+
+
+def _neighbour_floor(count: int, settings: DiarizeSettings) -> int:
+    """The fewest neighbours a row keeps: `min_neighbours`, but at most half the windows (and at least 3, itself and
+    its two time neighbours) so that a short recording's graph is not complete: 6 neighbours of a 2-voice recording's
+    6 windows join both voices into one (measured on 2-3 s turns, docs/benchmarks.md). From 12 windows on it is
+    `min_neighbours` itself."""
+    return min(settings.min_neighbours, max(3, count // 2))
 
 
 def _pruned(similarity: np.ndarray, neighbours: int) -> np.ndarray:
