@@ -48,8 +48,8 @@ def base(tmp_path_factory):
     out = root / "base"
     code, first = _run(["prepare", str(folder / "alice.wav"), str(folder / "bob.wav"), "--out", str(out), "--json"])
     assert code == 0, first
-    # Added to the corpus. Its two voices speak 2-3 s each: too little for the count to be estimated reliably
-    # (docs/benchmarks.md), so it is given; these tests are about the labels, not the count.
+    # Added to the corpus, its count given: these tests are about the labels, not the count (short recordings'
+    # counts: tests/test_speaker_count.py::test_short_recordings_are_counted_right).
     code, second = _run(["prepare", str(folder / "both.wav"), "--num-speakers", "2", "--out", str(out), "--json"])
     assert code == 0, second
     return folder, out, (first, second)
