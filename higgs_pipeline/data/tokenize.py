@@ -162,7 +162,8 @@ class ClipEncoder:
     For about half of all lengths off the codec frame grid boson_multimodal's encoder takes a fix-up path (acoustic
     and semantic frame counts differ) that only handles a batch of one; such a batch fails fast with a
     RuntimeError, is encoded one by one, and its length is remembered so later batches of that length skip the
-    attempt. A whole number of frames (960 samples each) gives equal counts, so ingest's clips always batch.
+    attempt. A whole number of frames (960 samples each) gives equal counts (1-29 frames and 30-394 in steps of 13
+    tried: docs/benchmarks.md, "Codec batching on the 40 ms frame grid"), so ingest's clips batch.
     """
 
     def __init__(self, tokenizer) -> None:
