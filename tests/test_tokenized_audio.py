@@ -79,7 +79,7 @@ def test_equal_length_batch_is_exact_and_padding_is_not(tokenizer, tmp_path):
 
 def test_batches_hold_only_clips_of_one_length():
     clips = pd.DataFrame({"frames": [100, 200, 100, 100, 200, 300], "sample_rate": [16000] * 5 + [8000]})
-    batches = plan_batches(clips, batch_size=2)
+    batches = plan_batches(clips, batch_size=2, target_rate=24000)
     assert sorted(len(b) for b in batches) == [1, 1, 2, 2]
     for batch in batches:
         assert len(set(zip(clips["frames"][batch], clips["sample_rate"][batch], strict=True))) == 1

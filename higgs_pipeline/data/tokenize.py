@@ -3,9 +3,10 @@
 Why batches hold only clips of identical length: the tokenizer's semantic model (HuBERT) normalises and attends
 over the whole input with no padding mask, so zero-padding a clip to share a batch with a longer one changes its
 codes (measured on the tiny tokenizer: 12-47% of the frames of each padded clip changed). Equal-length clips batch
-exactly (tests/test_tokenized_audio.py checks batched == one-by-one), which pays off on pre-segmented corpora;
-every other clip is encoded on its own (see ClipEncoder for the lengths boson_multimodal can only do singly).
-What is overlapped instead is the I/O: reading, hashing, decoding and resampling run in a thread pool ahead of
+exactly (tests/test_tokenized_audio.py checks batched == one-by-one). Ingest cuts every clip to a whole number of
+40 ms codec frames (`ingest/cut.py::on_frame_grid`), so clips of one frame count reach the encoder with one length
+(a multiple of 960 samples at 24 kHz) and a corpus fills its batches; such lengths also never take the encoder's
+single-clip fix-up path (see ClipEncoder). Reading, hashing, decoding and resampling run in a thread pool ahead of
 the encoder; codes gather into shards (`TokenStore.writer`).
 """
 
@@ -108,16 +109,26 @@ def stored_hashes(store: TokenStore) -> set[str]:
     return set(store.index_table()["clip_hash"])
 
 
-def plan_batches(clips: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
-    """Positions of `clips` grouped into batches of identical native length and rate (hence identical length
-    after resampling), at most `batch_size` each, longest first so memory peaks early."""
+def resampled_length(frames: int, rate: int, target_rate: int) -> int:
+    """The samples `frames` at `rate` become at `target_rate` through `load_wave` (torchaudio's resample gives
+    ceil(frames * target / rate)): exactly frames * target / rate when that is whole, as on the codec frame grid."""
+    return -(-frames * target_rate // rate)
+
+
+def plan_batches(clips: pd.DataFrame, batch_size: int, target_rate: int) -> list[np.ndarray]:
+    """Positions of `clips` (`frames`, `sample_rate`) grouped over the whole table into batches of one length at
+    `target_rate` (clips of one duration at different native rates share a batch), at most `batch_size` each,
+    longest first so memory peaks early."""
     if clips.empty:
         return []
-    groups = clips.groupby(["frames", "sample_rate"], sort=False).indices
-    ordered = sorted(groups.items(), key=lambda item: (-item[0][0] / max(item[0][1], 1), item[0]))
+    lengths = [
+        resampled_length(int(frames), int(rate), target_rate)
+        for frames, rate in zip(clips["frames"], clips["sample_rate"], strict=True)
+    ]
+    groups = pd.Series(lengths).groupby(lengths, sort=False).indices
     return [
         positions[start : start + batch_size]
-        for _, positions in ordered
+        for _, positions in sorted(groups.items(), key=lambda item: -item[0])
         for start in range(0, len(positions), max(batch_size, 1))
     ]
 
@@ -148,9 +159,11 @@ class ClipEncoder:
     """Codes `[codebooks, frames]` per wave. One wave goes through the tokenizer's public `encode`; a batch of
     equal-length waves through the same `_xcodec_encode` that `encode` calls, with a batch dimension.
 
-    For about half of all lengths boson_multimodal's encoder takes a fix-up path (acoustic and semantic frame
-    counts differ) that only handles a batch of one; such a batch fails fast with a RuntimeError, is encoded
-    one by one, and its length is remembered so later batches of that length skip the attempt.
+    For about half of all lengths off the codec frame grid boson_multimodal's encoder takes a fix-up path (acoustic
+    and semantic frame counts differ) that only handles a batch of one; such a batch fails fast with a
+    RuntimeError, is encoded one by one, and its length is remembered so later batches of that length skip the
+    attempt. A whole number of frames (960 samples each) gives equal counts (1-29 frames and 30-394 in steps of 13
+    tried: docs/benchmarks.md, "Codec batching on the 40 ms frame grid"), so ingest's clips batch.
     """
 
     def __init__(self, tokenizer) -> None:
@@ -176,6 +189,17 @@ class ClipEncoder:
                 self.unbatchable_lengths.add(length)
         return [codes for wave in waves for codes in self.encode([wave])]
 
+    def encode_by_length(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Codes of waves of any lengths, in order: each length's waves encoded as one batch."""
+        by_length: dict[int, list[int]] = {}
+        for position, wave in enumerate(waves):
+            by_length.setdefault(int(wave.shape[-1]), []).append(position)
+        codes: list[torch.Tensor] = [torch.empty(0)] * len(waves)
+        for positions in by_length.values():
+            for position, clip in zip(positions, self.encode([waves[p] for p in positions]), strict=True):
+                codes[position] = clip
+        return codes
+
 
 def heap_trimmer() -> Callable[[], object]:
     """glibc's malloc_trim(0) where it exists (Linux), else a no-op."""
@@ -197,9 +221,9 @@ def encode_clips(
     """Encode `clips` (CLIP_COLUMNS rows) into `writer`'s shards (`TokenStore.writer`); loading runs ahead of the
     encoder in `loader_threads`."""
     started = time.perf_counter()
-    batches = plan_batches(clips, batch_size)
-    uris, hashes = clips["audio_uri"].to_numpy(), clips["clip_hash"].to_numpy()
     rate = int(tokenizer.sampling_rate)
+    batches = plan_batches(clips, batch_size, rate)
+    uris, hashes = clips["audio_uri"].to_numpy(), clips["clip_hash"].to_numpy()
     lookahead = max(2, 2 * loader_threads)
     encoder = ClipEncoder(tokenizer)
     trim_heap = heap_trimmer()
@@ -218,7 +242,7 @@ def encode_clips(
         while queue:
             batch, loads = queue.popleft()
             refill()
-            codes = encoder.encode([load.result() for load in loads])
+            codes = encoder.encode_by_length([load.result() for load in loads])
             for i, clip_codes in zip(batch, codes, strict=True):
                 writer.add(hashes[i], clip_codes)
             done += len(batch)

@@ -1,11 +1,13 @@
 """Cut stage: words (with their speaker) become clip candidates, cut only between words, at sentence ends or
-pauses, never across a speaker change or a long silence, each between `min_seconds` and `max_seconds`.
+pauses, never across a speaker change or a long silence, each between `min_seconds` and `max_seconds`; a clip's
+samples then span a whole number of codec frames (`on_frame_grid`).
 
-Pure functions of word timings, so the rules are tested on hand-made words without any model.
+Pure functions of word timings and sample counts, so the rules are tested on hand-made words without any model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ from higgs_pipeline.ingest.settings import IngestSettings
 from higgs_pipeline.speech.words import Word
 
 SENTENCE_END = (".", "?", "!", "。", "？", "！")
+# The Higgs audio tokenizer codes 24 kHz audio in frames of 960 samples: 25 frames a second, 40 ms each.
+CODEC_FRAMES_PER_SECOND = 25
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,32 @@ def _candidate(
     elif end - start > settings.max_seconds + 2 * settings.edge_pad_s:
         reason = "too_long"  # one word longer than a clip: Whisper's timing failed there
     return Candidate(first, last, round(start, 3), round(end, 3), int(speakers[first]), reason)
+
+
+def frame_grid(rate: int) -> int:
+    """The fewest samples at `rate` that hold a whole number of codec frames: rate / gcd(rate, 25).
+
+    One 40 ms frame wherever 25 divides the rate (640 at 16 kHz, 441 at 11.025 kHz, 882 at 22.05 kHz, 960 at
+    24 kHz), 5 frames (200 ms) where only 5 does, 25 frames (1 s) at a rate with neither (8001 Hz). Such a length
+    resamples to a whole multiple of 960 samples at 24 kHz, so clips of one frame count reach the codec with one
+    length and can share an encoder batch (padding would change their codes: data/tokenize.py).
+    """
+    if rate <= 0:
+        raise ValueError(f"sample rate must be positive, got {rate}")
+    return rate // math.gcd(rate, CODEC_FRAMES_PER_SECOND)
+
+
+def on_frame_grid(first: int, last: int, rate: int, total: int) -> tuple[int, int]:
+    """The sample span [first, last) of a clip grown to a multiple of `frame_grid(rate)`, inside [0, total).
+
+    Growing, never shrinking, keeps every word the span holds; the growth (under one grid step, so under 40 ms at
+    the usual rates) is split between both ends, so neither reaches further than half a step towards a neighbour,
+    and it moves to the other end at the recording's edges. Only a recording shorter than the grown span gives a
+    shorter one: the whole multiples of the grid it holds (none, an empty span, when it holds less than one step).
+    """
+    step = frame_grid(rate)
+    first, last = max(0, first), min(total, last)
+    length = min(-(-max(last - first, 1) // step) * step, total // step * step)
+    first -= (length - (last - first)) // 2
+    first = min(max(0, first), total - length)
+    return first, first + length

@@ -27,6 +27,7 @@ from higgs_pipeline.ingest import cut, quality, stages
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.ingest.source import (
     DecodedRecording,
+    PcmFile,
     RecordingRejected,
     check_inside,
     decode_open,
@@ -173,9 +174,11 @@ def _write_clips(
     labels = windows["local_speaker"].to_numpy()
     rows = []
     for candidate in candidates:
+        if not candidate.reason:
+            candidate = _on_frame_grid(candidate, decoded.clip_audio)
         row = {
-            "start_s": candidate.start_s,
-            "end_s": candidate.end_s,
+            "start_s": round(candidate.start_s, 3),
+            "end_s": round(candidate.end_s, 3),
             "duration_s": round(candidate.end_s - candidate.start_s, 3),
             "local_speaker": candidate.speaker,
             "text": joined_text(heard[candidate.first : candidate.last + 1]),
@@ -202,3 +205,14 @@ def _write_clips(
         if column not in table:
             table[column] = np.nan
     return table
+
+
+def _on_frame_grid(candidate: cut.Candidate, audio: PcmFile) -> cut.Candidate:
+    """The candidate with the exact times of the samples its clip spans on the codec frame grid
+    (`cut.on_frame_grid`); `too_short` when the recording holds less than one grid step."""
+    rate = audio.rate
+    first, last = cut.on_frame_grid(round(candidate.start_s * rate), round(candidate.end_s * rate), rate, audio.frames)
+    if last == first:
+        return dataclasses.replace(candidate, reason="too_short")
+    # Unrounded: `PcmFile.read` turns first / rate back into `first` exactly, so the clip holds the grid's length.
+    return dataclasses.replace(candidate, start_s=first / rate, end_s=last / rate)

@@ -13,7 +13,7 @@ from higgs_pipeline.speech.scoring import EMBEDDED_ASR, EMBEDDED_SPEAKER
 from higgs_pipeline.speech.vad import VadSettings
 
 # Raised when what a recording's cached result means changes, so old results are not reused.
-INGEST_CODE_VERSION = "2"
+INGEST_CODE_VERSION = "3"
 # Clips are written at the recording's own rate up to this (the Higgs audio tokenizer's rate): no upsampling.
 MAX_CLIP_RATE = 24_000
 HARD_MAX_SECONDS = 30.0  # Higgs training samples longer clips poorly; raw_audio_manifest's default maximum too

@@ -1,7 +1,9 @@
 """`python -m higgs_pipeline.workers.codec --clips CLIPS --tokenizer NAME --out DIR`: encodes each rank's share of a
 clips table (clip_hash, audio_uri, duration_s) into Higgs audio codes with the project's tokenizer functions
 (`data/tokenize.py`), and writes its part (clip_hash, codebooks, frames, codes: the int16 [codebooks, frames]
-array's bytes, C order). Shares are balanced by duration, the encoder's cost.
+array's bytes, C order). Shares are balanced by duration, the encoder's cost, and each rank works through its
+share longest first, so clips of one length (ingest cuts them on the 40 ms codec frame grid) arrive in the same
+batches and share encoder calls.
 
 Each clip's codes are its one-at-a-time codes: only waves of one length share an encoder batch (`ClipEncoder`), so
 the result does not depend on which rank, or which other clips, a clip was encoded with.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd
@@ -40,13 +41,7 @@ def encoder(tokenizer_name: str, device: str) -> BatchFunction:
 
     def encode(batch: pd.DataFrame) -> pd.DataFrame:
         waves = [load_wave(uri, h, rate) for uri, h in zip(batch["audio_uri"], batch["clip_hash"], strict=True)]
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for position, wave in enumerate(waves):
-            by_length[int(wave.shape[-1])].append(position)
-        codes: list[np.ndarray] = [np.empty(0)] * len(waves)
-        for positions in by_length.values():
-            for position, clip in zip(positions, clip_encoder.encode([waves[p] for p in positions]), strict=True):
-                codes[position] = clip.cpu().numpy().astype(CODES_DTYPE)
+        codes = [clip.cpu().numpy().astype(CODES_DTYPE) for clip in clip_encoder.encode_by_length(waves)]
         trim_heap()
         return pd.DataFrame(
             {
@@ -82,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out,
         encoder(args.tokenizer, device),
         cost="duration_s",
+        longest_first="duration_s",
         batch_size=args.batch_size,
         metadata={"tokenizer": args.tokenizer},
     )

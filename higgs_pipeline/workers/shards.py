@@ -143,17 +143,25 @@ def run_sharded(
     *,
     key: Sequence[str] = ("clip_hash",),
     cost: str | None = None,
+    longest_first: str | None = None,
     batch_size: int = 16,
     metadata: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """This rank's share of the items at `items_path` through `process`, written to its part; returns every
-    rank's part path once all are written (rank 0 also reports them, with `metadata`, through Pipes)."""
+    rank's part path once all are written (rank 0 also reports them, with `metadata`, through Pipes).
+
+    `longest_first`: a column the share is worked through in descending order (the key breaking ties), so items
+    alike in it share batches (the codec batches only clips of one length) and memory peaks in the first batch;
+    the part is in key order all the same."""
     rank = Rank.from_env()
     with _process_group(rank) as barrier, _pipes(rank) as pipes:
         name = f"rank {rank.rank}/{rank.world_size}"
         log = pipes.log.info if pipes is not None else logger.info
         items = read_parquet(items_path)
         mine = share(items, rank.rank, rank.world_size, key, cost)
+        if longest_first is not None:
+            order = [longest_first, *key]
+            mine = mine.sort_values(order, ascending=[False] + [True] * len(key), kind="stable").reset_index(drop=True)
         log(f"{name}: {len(mine)} of {len(items)} items")
         table = run_batches(mine, process, key, batch_size, lambda line: log(f"{name}: {line}"))
         write_parquet(table, part_path(out_dir, rank.rank, rank.world_size))
