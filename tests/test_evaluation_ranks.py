@@ -9,7 +9,9 @@ import dataclasses
 import json
 
 import dagster as dg
+import pandas as pd
 import pytest
+import torch
 from audio_factory import metadata_of
 from peft import PeftModel
 from training_fixtures import TrainingFixture, shared_training_fixture
@@ -18,12 +20,13 @@ from voice_fixtures import make_adapter
 from higgs_pipeline.data.records import read_records, write_records
 from higgs_pipeline.defs.adapter_evaluation import adapter_evaluation
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
-from higgs_pipeline.evaluation.evaluate import RECORDED
+from higgs_pipeline.evaluation.evaluate import RECORDED, summed
 from higgs_pipeline.models.loading import load_model
 from higgs_pipeline.paths import DEMO_MANIFEST
 from higgs_pipeline.training.candidates import save_candidate
+from higgs_pipeline.training.objective import LossSums
+from higgs_pipeline.workers.evaluation import Adapter, SpeechWork, summed_losses, work_json, work_of
 
-pytestmark = pytest.mark.slow  # torchrun processes
 # Small (scoring a take costs seconds on a busy CPU), yet both ranks have work in the loss and listening phases:
 # 3 validation batches of one sample, 2 listening prompts, short takes; the chosen adapter's one golden prompt
 # leaves the second rank an empty share.
@@ -102,6 +105,7 @@ def _same(one, two) -> bool:
     return json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)
 
 
+@pytest.mark.slow  # torchrun processes
 def test_one_and_two_processes_give_identical_losses_scores_and_choice(data, training_run, tmp_path):
     one = _evaluate(data, training_run, tmp_path / "one", 1)
     two = _evaluate(data, training_run, tmp_path / "two", 2)
@@ -121,3 +125,21 @@ def test_one_and_two_processes_give_identical_losses_scores_and_choice(data, tra
     assert _same({key: one[key] for key in sets}, {key: two[key] for key in sets})
     assert all(isinstance(one[key], float) for key in sets)
     assert not list((tmp_path / "two").rglob("part-*.parquet"))  # the jobs' scratch is gone once merged
+
+
+@pytest.mark.unit
+def test_losses_merge_in_batch_order_whichever_part_comes_first():
+    """The merge sorts the batches before adding them: parts in any order give the same bits."""
+    vectors = [[0.1 * (batch + 1)] * LossSums.vector_size(8) for batch in range(3)]
+    parts = pd.DataFrame({"item": [2, 0, 1], "sums_base": [vectors[2], vectors[0], vectors[1]]})
+    expected = summed([LossSums.from_vector(torch.tensor(v, dtype=torch.float64)) for v in vectors]).means()
+    assert _same(summed_losses(parts)["base"], expected)
+    assert _same(summed_losses(parts.iloc[::-1])["base"], expected)
+
+
+@pytest.mark.unit
+def test_a_phases_work_travels_as_json_and_a_bad_phase_is_named():
+    work = SpeechWork("demo", (Adapter(4, "s3://runs/r/step-4", "/tmp/x"),), "demo", 16, 0.7, "tiny.en", "x", True)
+    assert work_of("takes", work_json(work)) == work
+    with pytest.raises(ValueError, match="phase 'speak'"):
+        work_of("speak", work_json(work))
