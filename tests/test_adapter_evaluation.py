@@ -320,7 +320,7 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         # What was heard is what is promoted: the hash of the heard files, recorded and checked.
         assert pointer["adapter_sha256"] == metadata["adapter_sha256"] == adapter_sha256(str(run / "best_adapter"))
         # These candidates' lines record no loss sums: both were measured here.
-        assert metadata["val_losses_reused"] == 0 and metadata["validation_samples"] == 3
+        assert metadata["val_losses_reused"] == 0 and metadata["validation_samples"] == 3 and metadata["ranks"] == 1
         assert pointer["val_audio_loss"] == pytest.approx(metadata["val_audio_loss"])
         assert pointer["val_wer"] == pytest.approx(metadata["val_wer"])
         assert pointer["corpus_version"] == "data-v1" and pointer["report_path"] == metadata["report_path"]

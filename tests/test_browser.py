@@ -8,6 +8,7 @@ to the manifest. Screenshots go to test-artifacts/browser/ (CI keeps them).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,11 @@ def walk_ui(browser, base_url: str, screenshots: Path) -> dict:
         seen["val_total_loss_row"] = row.inner_text()
         page.screenshot(path=str(screenshots / "03_adapter_evaluation_metadata.png"))
 
+        # The table lists its first 100 entries (Dagster's `displayedByDefault`) above a "Show N more" button; the
+        # evaluation records more, loss_curves among the later ones.
+        more = page.get_by_role("button", name=re.compile(r"^Show \d+ more$"))
+        if more.count():
+            more.first.click()
         curves = page.locator("tr", has=page.get_by_text("loss_curves", exact=True)).first
         curves.get_by_text("[Show Markdown]").click()
         picture = page.locator("img[src^='data:image/png;base64,']").first

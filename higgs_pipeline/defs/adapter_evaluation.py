@@ -19,6 +19,7 @@ from higgs_pipeline.data.dialogue import DIALOGUE_KIND, recorded_dialogue
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records
 from higgs_pipeline.data.split import validation_subset_records
+from higgs_pipeline.defs.data_stage import DataStageConfig, spread
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.choice import SILENCE_TOLERANCE, UNFINISHED_TOLERANCE, Tolerances
@@ -46,6 +47,8 @@ from higgs_pipeline.models.loading import describe, is_demo_model, resolve_audio
 from higgs_pipeline.training.config import RunSettings
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from higgs_pipeline.evaluation.hearing import Heard
 
 # The modules that measure and listen (PEFT, transformers, boson's serve engine, matplotlib) are imported in the
@@ -57,9 +60,10 @@ ASSET_KEY = dg.AssetKey("adapter_evaluation")
 REGRESSION_TOLERANCE = 0.05
 
 
-class AdapterEvaluationConfig(dg.Config):
-    """How much to evaluate and listen to. Counts left empty come from `profile`: small on the demo model (a CPU
-    in minutes), larger on a released model (evaluation/sizes.py)."""
+class AdapterEvaluationConfig(DataStageConfig):
+    """How much to evaluate and listen to, and over how many devices (`nproc_per_node`, `launcher`: as the data
+    stages). Counts left empty come from `profile`: small on the demo model (a CPU in minutes), larger on a
+    released model (evaluation/sizes.py)."""
 
     profile: str = Field("auto", description="'auto' (demo sizes on the demo model, else full), 'demo' or 'full'")
     batch_size: int = Field(4, description="Validation samples per forward pass when measuring the losses")
@@ -162,7 +166,9 @@ def adapter_evaluation(
             sizes = config.sizes(demo)
         except ValueError as error:
             raise dg.Failure(str(error)) from error
-        heard = _hear(context, config, sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, scratch)
+        jobs_root = artifacts.path("adapter_evaluation", "jobs")
+        jobs = _EvaluationJobs(context, config, jobs_root, checkpoints, scorers, scratch)
+        heard = _hear(context, config, sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, jobs)
         dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
         dialogue_numbers = dialogue_speech.dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
         if dialogues:
@@ -178,7 +184,9 @@ def adapter_evaluation(
     title = heard.chosen.path.rstrip("/").rsplit("/", 1)[-1] + (f" ({DEMO_NOTE})" if demo else "")
     files = recorded.write_outputs(out_dir, adapter_meta, describe(base), demo, numbers, heard, title)
     return dg.MaterializeResult(
-        metadata=recorded.evaluation_metadata(numbers, heard, files, adapter_meta, describe(base), demo, CODE_VERSION),
+        metadata=recorded.evaluation_metadata(
+            numbers, heard, files, adapter_meta, describe(base), demo, CODE_VERSION, jobs.ranks
+        ),
         data_version=dg.DataVersion(_evaluation_version(adapter_meta, split_meta, heard)),
     )
 
@@ -190,16 +198,37 @@ def _retention_tolerances(config: AdapterEvaluationConfig) -> dict[str, float]:
     }
 
 
-def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, scratch):
+class _EvaluationJobs:
+    """Runs the evaluation worker's phases (`workers/evaluation.py`): in this step with one local process, else
+    spread over the node's processes, or a GPU pod, as the data stages spread theirs (`defs/data_stage.py`)."""
+
+    def __init__(self, context, config: AdapterEvaluationConfig, work_root: str, checkpoints, scorers, scratch: str):
+        self.context, self.config, self.work_root = context, config, work_root
+        self.checkpoints, self.scorers, self.scratch = checkpoints, scorers, scratch
+        self.ranks = 1  # processes that did the work
+
+    def __call__(self, phase: str, items: "pd.DataFrame", work) -> "pd.DataFrame":
+        from higgs_pipeline.evaluation.hearing import in_step
+        from higgs_pipeline.workers.evaluation import EVALUATION_MODULE, ITEM_KEY, work_json
+
+        if self.config.in_step():
+            device, log = self.checkpoints.torch_device(), self.context.log.info
+            return in_step(device, self.scorers.scorer(), self.scratch, log)(phase, items, work)
+        args = ["--phase", phase, "--work", work_json(work)]
+        self.ranks, parts = spread(self.context, self.config, EVALUATION_MODULE, items, self.work_root, args, ITEM_KEY)
+        return parts
+
+
+def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, jobs):
     """Candidates found, their losses measured, every prompt set generated and scored, one chosen."""
     from higgs_pipeline.evaluation.hearing import Generation, candidate_adapters, candidate_losses, hear_candidates
 
-    device = checkpoints.torch_device()
+    scratch = jobs.scratch
     candidates = candidate_adapters(adapter_meta, scratch, sizes.max_candidates, context.log.warning)
     context.log.info(f"{len(candidates)} candidate adapter(s): steps {[c.step for c in candidates]}")
     # Losses on the validation subset training measured (listening prompts still come from the whole split).
     measured = validation_subset_records(records, training_validation_limit(adapter_meta))
-    losses = candidate_losses(base, candidates, measured, split_meta, config.batch_size, device)
+    losses = candidate_losses(base, candidates, measured, split_meta, config.batch_size, run=jobs)
     context.log.info(
         f"validation losses on {len(measured)} of {len(records)} validation samples; "
         f"{losses.reused} of {len(candidates)} candidate(s) reused the loss training recorded on them"
@@ -218,16 +247,15 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
     except (ValueError, FileNotFoundError) as error:
         raise dg.Failure(str(error)) from error
     generation = Generation(
-        resolve_audio_tokenizer(checkpoints.audio_tokenizer),
+        checkpoints.audio_tokenizer,  # a name: each process (a GPU pod's too) finds its own copy
         sizes.max_new_tokens,
         config.temperature,
-        device,
+        scorers.asr_model,
+        scorers.speaker_model,
         scratch,
         context.log.info,
     )
-    heard = hear_candidates(
-        base, candidates, losses, prompt_sets, scorers.scorer(), generation, config.tolerances(), len(measured)
-    )
+    heard = hear_candidates(base, candidates, losses, prompt_sets, generation, jobs, config.tolerances(), len(measured))
     for step, reason in heard.choice.collapsed.items():
         context.log.warning(f"candidate at step {step} collapsed: {reason}")
     return heard

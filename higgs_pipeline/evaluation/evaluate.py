@@ -81,19 +81,43 @@ def validation_losses(
     device: str | torch.device,
 ) -> dict[str, float]:
     """Next-token losses summed over all validation batches, then averaged once (exact mean over the split)."""
-    collator = make_collator(model.config)
-    total: LossSums | None = None
-    for start in range(0, len(records), batch_size):
-        # Fresh samples every pass: the collator mutates the samples it is given.
-        batch = collator(
-            [dataset_sample_for(record, store, tokenizer) for record in records[start : start + batch_size]]
-        )
-        outputs = model(**forward_kwargs(batch, device))
-        sums = loss_sums(outputs, batch.label_audio_ids)
-        total = sums if total is None else total + sums
-    if total is None:
+    if not records:
         raise ValueError("no validation records to evaluate")
-    return total.means()
+    collator = make_collator(model.config)
+    batches = validation_batches(records, batch_size)
+    return summed([batch_loss_sums(model, collator, batch, store, tokenizer, device) for batch in batches]).means()
+
+
+def validation_batches(records: Sequence[SampleRecord], batch_size: int) -> list[Sequence[SampleRecord]]:
+    """The records in slices of `batch_size`, in their order: the batches every pass (and every rank) measures."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
+
+
+@torch.no_grad()
+def batch_loss_sums(
+    model: torch.nn.Module,
+    collator,
+    records: Sequence[SampleRecord],
+    store: TokenStore,
+    tokenizer,
+    device: str | torch.device,
+) -> LossSums:
+    """The loss sums of one validation batch (`make_collator(model.config)` as `collator`)."""
+    # Fresh samples every pass: the collator mutates the samples it is given.
+    batch = collator([dataset_sample_for(record, store, tokenizer) for record in records])
+    return loss_sums(model(**forward_kwargs(batch, device)), batch.label_audio_ids)
+
+
+def summed(sums: Sequence[LossSums]) -> LossSums:
+    """Batches' sums added in their order, in float64: the same numbers however the batches were shared out."""
+    if not sums:
+        raise ValueError("no validation records to evaluate")
+    total = sums[0].as_vector()
+    for other in sums[1:]:
+        total = total + other.as_vector().to(total.device)
+    return LossSums.from_vector(total)
 
 
 def compare_with_base(

@@ -1,42 +1,50 @@
 """Every candidate adapter of a run heard, one chosen, and the chosen one heard on the golden and retention sets.
 
-The order keeps one model in memory at a time (two 3B models need not fit together): the validation losses of
-the base and of each candidate (one loaded model each; a candidate whose loss training recorded on the same samples
-keeps that record), then one serve engine on the base: the base's speech on every prompt set, then each
-candidate's speech on the held-out listening prompts (its LoRA merged into the engine's weights in place, then the
-base restored to the bit: `serving.merge.adapter_merged_in_place`, no merged checkpoint written per candidate),
-then the choice (`evaluation/choice.py`), then the chosen adapter's speech on the golden and retention sets. Every
-model speaks a prompt with the prompt's own seed, so base and candidates compare.
+The heavy parts run as the evaluation worker's phases (`workers/evaluation.py`), in the step or spread over a
+node's processes by the `Runner` the asset hands in; the results are the same for any process count. First the
+validation losses of the base and of each candidate (a candidate whose loss training recorded on the same samples
+keeps that record); then the held-out listening prompts spoken by the base and every candidate (one serve engine on
+the base per process, each candidate merged into its weights in place, then the base restored to the bit) and
+scored; then the choice (`evaluation/choice.py`); then the golden and retention sets spoken by the base and the
+chosen adapter. Every model speaks a prompt with the prompt's own seed, so base and candidates compare.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
+import logging
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import pandas as pd
 import torch
 
-from higgs_pipeline.data.records import TokenStore
 from higgs_pipeline.data.split import ids_sha256
 from higgs_pipeline.evaluation.choice import Choice, Scores, Tolerances, choose
-from higgs_pipeline.evaluation.evaluate import LossComparison, local_folder, validation_losses
-from higgs_pipeline.evaluation.listening import (
-    ListeningPrompt,
-    PromptResult,
-    generate_takes,
-    score_takes,
-    take_numbers,
-    with_takes,
-)
-from higgs_pipeline.models.loading import load_model, load_text_tokenizer, resolve_model
+from higgs_pipeline.evaluation.evaluate import LossComparison, local_folder
+from higgs_pipeline.evaluation.listening import ListeningPrompt, PromptResult, load_clip, take_numbers, with_takes
 from higgs_pipeline.serving.adapters import SynthesisError, adapter_sha256
-from higgs_pipeline.serving.merge import adapter_merged_in_place, merge_adapter
 from higgs_pipeline.training.candidates import Candidate, read_candidates, steps_to_drop
-from higgs_pipeline.training.lora import load_adapter
 from higgs_pipeline.training.objective import LossSums
+from higgs_pipeline.workers.evaluation import (
+    BASE,
+    GROUND_TRUTH,
+    Adapter,
+    LossWork,
+    SpeechWork,
+    Work,
+    loss_items,
+    prompt_items,
+    run_in_step,
+    summed_losses,
+    takes_of,
+    voice_name,
+)
+
+# A phase of the evaluation worker run over its items: (phase, items, work) -> the merged parts. `in_step` runs it
+# in this process; the asset spreads it over a node's processes (`defs/data_stage.py::spread`).
+Runner = Callable[[str, pd.DataFrame, Work], pd.DataFrame]
+logger = logging.getLogger(__name__)
 
 # The numbers of a prompt set recorded for the base and the chosen adapter (`<set>_<name>`, `base_<set>_<name>`).
 SET_NUMBERS = ("wer", "cer", "speaker_similarity", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak")
@@ -63,14 +71,27 @@ class CandidateLosses:
 
 @dataclass(frozen=True)
 class Generation:
-    """How the models speak: the same for every model and prompt set."""
+    """How the models speak and are heard: the same for every model and prompt set."""
 
     audio_tokenizer: str
     max_new_tokens: int
     temperature: float
-    device: str
-    scratch: str
+    asr_model: str
+    speaker_model: str
+    scratch: str  # where remote clips are copied, to be read
     log: Callable[[str], None]
+
+    def work(self, base: str, adapters: Sequence[CandidateAdapter], ground_truth: bool) -> SpeechWork:
+        return SpeechWork(
+            base,
+            _adapters(adapters),
+            self.audio_tokenizer,
+            self.max_new_tokens,
+            self.temperature,
+            self.asr_model,
+            self.speaker_model,
+            ground_truth,
+        )
 
 
 @dataclass(frozen=True)
@@ -127,33 +148,36 @@ def _reported_path(candidate: Candidate, heard_sha256: str, adapter_meta: dict, 
     return handed_on if same else candidate.path
 
 
+def in_step(device: str, scorer, scratch: str, log: Callable[[str], None]) -> Runner:
+    """Runs every phase in this process, on `device`, heard by `scorer`: the work of a rank of one."""
+    return lambda phase, items, work: run_in_step(phase, items, work, device, scorer, scratch, log)
+
+
 def candidate_losses(
-    base: str, candidates: Sequence[CandidateAdapter], records, split_meta: dict, batch_size: int, device: str
+    base: str,
+    candidates: Sequence[CandidateAdapter],
+    records,
+    split_meta: dict,
+    batch_size: int,
+    device: str = "cpu",
+    run: Runner | None = None,
 ) -> CandidateLosses:
-    """Validation losses of the base (the model with the adapter off) and of every candidate, on the same samples;
-    one model in memory at a time. A candidate whose recorded validation line covered exactly these samples
-    (`val_ids_sha256`) keeps the loss training measured (`recorded_losses`): no pass over the split again."""
-    store = TokenStore(split_meta["token_store_root"], split_meta["tokenizer"])
-    tokenizer = load_text_tokenizer(base)
+    """Validation losses of the base (the model with the adapter off) and of every candidate, on the same batches
+    (the worker's `losses` phase, through `run`; in this process on `device` without one). A candidate whose
+    recorded validation line covered exactly these samples (`val_ids_sha256`) keeps the loss training measured
+    (`recorded_losses`): no pass over the split again."""
     ids = ids_sha256(record.sample_id for record in records)
-    base_losses, losses = None, {}
-    for candidate in candidates:
-        recorded = recorded_losses(candidate.validation, ids)
-        if recorded is not None:
-            losses[candidate.step] = recorded
-            continue
-        model = load_adapter(load_model(base, device=device), candidate.local_dir).eval()
-        if base_losses is None:
-            with model.disable_adapter():
-                base_losses = validation_losses(model, records, store, tokenizer, batch_size, device)
-        losses[candidate.step] = validation_losses(model, records, store, tokenizer, batch_size, device)
-        del model
-    if base_losses is None:  # every candidate's loss was recorded: the base alone is measured
-        base_losses = validation_losses(
-            load_model(base, device=device).eval(), records, store, tokenizer, batch_size, device
-        )
-    reused = sum(recorded_losses(c.validation, ids) is not None for c in candidates)
-    return CandidateLosses(base_losses, losses, reused)
+    recorded = {c.step: recorded_losses(c.validation, ids) for c in candidates}
+    measured = [c for c in candidates if recorded[c.step] is None]
+    work = LossWork(base, _adapters(measured), split_meta["token_store_root"], split_meta["tokenizer"])
+    run = run or in_step(device, None, tempfile.gettempdir(), logger.info)
+    means = summed_losses(run("losses", loss_items(records, batch_size), work))
+    losses = {c.step: recorded[c.step] or means[voice_name(c.step)] for c in candidates}
+    return CandidateLosses(means[BASE], losses, len(candidates) - len(measured))
+
+
+def _adapters(candidates: Sequence[CandidateAdapter]) -> tuple[Adapter, ...]:
+    return tuple(Adapter(c.step, c.path, c.local_dir) for c in candidates)
 
 
 def recorded_losses(validation: dict, ids_hash: str) -> dict[str, float] | None:
@@ -169,84 +193,48 @@ def hear_candidates(
     candidates: Sequence[CandidateAdapter],
     losses: CandidateLosses,
     prompt_sets: dict[str, list[ListeningPrompt]],
-    scorer,
     generation: Generation,
+    run: Runner,
     tolerances: Tolerances,
     samples: int,
 ) -> Heard:
     """Generate, score and choose (module docstring). `prompt_sets` holds "listening", "retention", "golden"."""
     listening, retention, golden = (prompt_sets[name] for name in ("listening", "retention", "golden"))
-    base_losses, candidate_loss = losses.base, losses.by_step
-    # One engine on the base for every voice: each candidate is merged into it in place, then taken out again.
-    engine = _open(resolve_model(base), generation) if listening or retention or golden else None
-    base_clips = _speak(engine, [*listening, *retention, *golden], generation, "base")
-    n, r = len(listening), len(retention)
-    base_heard = score_takes(scorer, listening, {"base": base_clips[:n]}, generation.scratch, generation.log)
+    heard_all = _heard(run, listening, generation.work(base, candidates, ground_truth=True), generation.scratch)
+    base_heard = [result.takes_named({GROUND_TRUTH: GROUND_TRUTH, BASE: BASE}) for result in heard_all]
     scores, heard = {}, {}
     for candidate in candidates:
-        clips = _speak_as(engine, base, candidate, listening, generation, f"step {candidate.step}")
-        heard[candidate.step] = score_takes(
-            scorer, listening, {"adapter": clips}, generation.scratch, generation.log, ground_truth=False
-        )
+        heard[candidate.step] = [result.takes_named({voice_name(candidate.step): "adapter"}) for result in heard_all]
         numbers = take_numbers(heard[candidate.step], "adapter") if listening else {}
-        scores[candidate.step] = _scores(candidate_loss[candidate.step]["audio_loss"], numbers)
-    base_scores = _scores(base_losses["audio_loss"], take_numbers(base_heard, "base") if listening else {})
+        scores[candidate.step] = _scores(losses.by_step[candidate.step]["audio_loss"], numbers)
+    base_scores = _scores(losses.base["audio_loss"], take_numbers(base_heard, BASE) if listening else {})
     choice = choose([(c.step, scores[c.step]) for c in candidates], base_scores, tolerances)
     by_step = {c.step: c for c in candidates}
     # Every candidate collapsed: the one training handed on (best by loss) is reported, marked, and gated.
     chosen = by_step[choice.chosen] if choice.chosen is not None else next(c for c in candidates if c.best)
     generation.log(f"chose step {chosen.step}: {choice.reason}")
-    extra = _speak_as(engine, base, chosen, [*retention, *golden], generation, "chosen adapter")
-    del engine
-    sets = {}
-    for name, prompts, base_part, adapter_part in (
-        ("retention", retention, base_clips[n : n + r], extra[:r]),
-        ("golden", golden, base_clips[n + r :], extra[r:]),
-    ):
-        generated = {"base": base_part, "adapter": adapter_part}
-        sets[name] = score_takes(scorer, prompts, generated, generation.scratch, generation.log, ground_truth=False)
-    results = with_takes(base_heard, heard[chosen.step], {"adapter": "adapter"}) if listening else []
-    comparison = LossComparison(adapter=candidate_loss[chosen.step], base=base_losses, samples=samples)
+    extra_work = generation.work(base, [chosen], ground_truth=False)
+    extra = _heard(run, [*retention, *golden], extra_work, generation.scratch)
+    takes = {BASE: BASE, voice_name(chosen.step): "adapter"}
+    sets = {"retention": extra[: len(retention)], "golden": extra[len(retention) :]}
+    sets = {name: [result.takes_named(takes) for result in results] for name, results in sets.items()}
+    results = with_takes(base_heard, heard[chosen.step], {"adapter": "adapter"})
+    comparison = LossComparison(adapter=losses.by_step[chosen.step], base=losses.base, samples=samples)
     return Heard(
         list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"], losses.reused
     )
 
 
-def _open(model_dir: str, generation: Generation):
-    from higgs_pipeline.serving.generate import open_engine
-
-    return open_engine(model_dir, generation.audio_tokenizer, generation.device)
-
-
-def _speak(engine, prompts: Sequence[ListeningPrompt], generation: Generation, label: str) -> list:
+def _heard(run: Runner, prompts: Sequence[ListeningPrompt], work: SpeechWork, scratch: str) -> list[PromptResult]:
+    """The prompts spoken and scored by the worker's `takes` phase, in prompt order, with every take it made
+    (named as the worker names them) and the similarity reference the report plays."""
     if not prompts:
         return []
-    return generate_takes(
-        engine,
-        prompts,
-        max_new_tokens=generation.max_new_tokens,
-        temperature=generation.temperature,
-        scratch=generation.scratch,
-        label=label,
-        log=generation.log,
-    )
-
-
-def _speak_as(engine, base: str, candidate: CandidateAdapter, prompts, generation: Generation, label: str) -> list:
-    """The candidate speaks through the base's engine, merged into it in place (`adapter_merged_in_place`: no
-    merged checkpoint per candidate); an adapter with modules_to_save, which that refuses, is merged into a
-    checkpoint of its own and spoken by an engine of its own."""
-    if not prompts:
-        return []
-    config = json.loads((Path(candidate.local_dir) / "adapter_config.json").read_text())
-    if not config.get("modules_to_save"):
-        with adapter_merged_in_place(engine.model, candidate.local_dir, base):
-            return _speak(engine, prompts, generation, label)
-    model_dir = merge_adapter(base, candidate.local_dir, f"{generation.scratch}/merged-step{candidate.step}")
-    try:
-        return _speak(_open(str(model_dir), generation), prompts, generation, label)
-    finally:
-        shutil.rmtree(model_dir, ignore_errors=True)
+    takes = takes_of(run("takes", prompt_items(prompts), work))
+    return [
+        PromptResult(prompt, by_name, load_clip(prompt.similarity_path, scratch) if prompt.similarity_path else None)
+        for prompt, by_name in zip(prompts, takes, strict=True)
+    ]
 
 
 def _scores(audio_loss: float, numbers: dict[str, float]) -> Scores:

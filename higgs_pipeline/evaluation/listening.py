@@ -73,6 +73,10 @@ class PromptResult:
     takes: dict[str, Take]  # keyed by TAKES
     reference: tuple[np.ndarray, int] | None = None  # the similarity reference clip (mono, rate), for the report
 
+    def takes_named(self, names: dict[str, str]) -> PromptResult:
+        """This prompt with only the takes `names` lists, each under its new name (old -> new)."""
+        return PromptResult(self.prompt, {new: self.takes[old] for old, new in names.items()}, self.reference)
+
 
 def listening_prompts(
     validation: Sequence[SampleRecord],

@@ -81,9 +81,10 @@ def write_outputs(
 
 
 def evaluation_metadata(
-    numbers: dict, heard: Heard, files: dict, adapter_meta: dict, base: str, demo: bool, code_version: str
+    numbers: dict, heard: Heard, files: dict, adapter_meta: dict, base: str, demo: bool, code_version: str, ranks: int
 ) -> dict[str, Any]:
-    """The materialization's metadata: every number as a float, then the tables, pictures and paths."""
+    """The materialization's metadata: every number as a float, then the tables, pictures and paths; `ranks`: the
+    processes the losses, generation and scoring were spread over."""
     out_dir = files["out_dir"]
     floats = {name: float(value) for name, value in numbers.items() if isinstance(value, int | float)}
     texts = {name: value for name, value in numbers.items() if isinstance(value, str)}
@@ -93,6 +94,7 @@ def evaluation_metadata(
         "chosen_step": int(numbers["chosen_step"]),
         "checkpoints_evaluated": int(numbers["checkpoints_evaluated"]),
         "val_losses_reused": int(numbers["val_losses_reused"]),
+        "ranks": ranks,
         **texts,
         "checkpoint_scores": _table(checkpoint_rows(heard), {"step": "int", "collapsed": "bool", "chosen": "bool"}),
         "checkpoint_plot": dg.MetadataValue.md(markdown_image(files["checkpoints"], "checkpoint scores")),
