@@ -106,7 +106,8 @@ def test_codec_worker_gives_every_clip_its_one_at_a_time_codes_with_one_and_two_
 
 def test_workers_import_only_dagster_pipes_from_dagster():
     """A worker process loads neither Dagster nor its K8s client: only `dagster_pipes`, like the trainer."""
-    modules = "higgs_pipeline.workers.asr, higgs_pipeline.workers.codec, higgs_pipeline.data.tokenize"
+    modules = "higgs_pipeline.workers.asr, higgs_pipeline.workers.codec, higgs_pipeline.workers.evaluation, "
+    modules += "higgs_pipeline.data.tokenize"
     code = (
         f"import sys, {modules}, higgs_pipeline.speech.scoring; print(sorted(m for m in sys.modules if 'dagster' in m))"
     )
