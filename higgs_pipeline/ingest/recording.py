@@ -171,8 +171,9 @@ def _write_clips(
     """One row per candidate; the accepted ones written as loudness-normalised FLAC clips."""
     starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
+    ratings = quality.rate_candidates(decoded.analysis, candidates)
     rows = []
-    for candidate in candidates:
+    for candidate, rating in zip(candidates, ratings, strict=True):
         row = {
             "start_s": candidate.start_s,
             "end_s": candidate.end_s,
@@ -187,9 +188,7 @@ def _write_clips(
         if not candidate.reason:
             raw = decoded.clip_audio.read(candidate.start_s, candidate.end_s)
             purity = quality.speaker_purity(candidate, starts, ends, labels)
-            measured = quality.measure(
-                candidate, heard, decoded.analysis.read(candidate.start_s, candidate.end_s), raw, purity
-            )
+            measured = quality.measure(candidate, heard, rating, raw, purity)
             row.update({k: round(v, 4) for k, v in asdict(measured).items()})
             row["reason"], row["detail"] = quality.reject_reason(measured, settings)
             if not row["reason"]:
