@@ -12,7 +12,8 @@ the same audio (5.4 times as many over 2-15 s clips). The numbers moved, with no
 speechmos's `run` by 0.035 on average and at most 0.14 on a real call cut into 30 overlapping 2-15 s clips, by 0.02
 on average and at most 0.08 on the demo's clips (`benchmarks/bench_batched_scorers.py`). Compare DNSMOS numbers only
 with numbers made by this module. Batching the windows gives the same numbers as one clip at a time; on a CPU it is
-not faster (the model's work grows with the windows), the fewer windows are the saving.
+not faster (the model's work grows with the windows) and costs memory (MAX_BATCH_WINDOWS): the fewer windows are
+the saving.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ DNSMOS_RATE = 16_000  # the models' only input rate
 WINDOW_SAMPLES = int(9.01 * DNSMOS_RATE)  # 144160: the primary model's fixed input, ['N', 144160]
 # P.808 hears the window less its last 10 ms (speechmos's `audio_seg[:-160]`): its mel input is ['N', 900, 120].
 _P808_TRIM = 160
-# Windows per ONNX call: a batch this size holds ~10 MB of input and the model's activations, so rating a long clip
-# or thousands of clips keeps memory flat.
-MAX_BATCH_WINDOWS = 32
+# Windows per ONNX call. The primary model's activations take ~140 MiB of peak memory per window in a call (measured:
+# 1 window +65 MiB over the loaded models, 8 windows +1.2 GiB, 32 windows +4.6 GiB) and, on one CPU thread, a batch
+# is no faster per window than one window alone (0.55 s either way): a few at a time bounds memory, however long the
+# clip or however many the clips.
+MAX_BATCH_WINDOWS = 4
 # Below this many samples (10 ms) there is nothing to rate.
 MIN_SAMPLES = 160
 # Peak below this is silence (the manifest's `silent` rule, ScreeningRules.silence_dbfs): rated the scale's floor,
@@ -97,8 +100,8 @@ def rate(audio16k: np.ndarray) -> Dnsmos:
     return rate_batch([audio16k])[0]
 
 
-def rate_batch(clips: Sequence[np.ndarray]) -> list[Dnsmos]:
-    """`rate` of each clip, the windows of many clips scored together (MAX_BATCH_WINDOWS per ONNX call)."""
+def rate_batch(clips: Sequence[np.ndarray], windows_per_call: int = MAX_BATCH_WINDOWS) -> list[Dnsmos]:
+    """`rate` of each clip, the windows of many clips scored together, `windows_per_call` per ONNX call."""
     ratings: list[Dnsmos | None] = [None] * len(clips)
     windows: list[np.ndarray] = []  # each rated clip's windows, in clip order
     owners: list[int] = []  # the clip each group of windows belongs to
@@ -115,19 +118,19 @@ def rate_batch(clips: Sequence[np.ndarray]) -> list[Dnsmos]:
         owners.append(index)
     if windows:
         counts = [len(group) for group in windows]
-        scores = _score_windows(np.concatenate(windows))
+        scores = _score_windows(np.concatenate(windows), windows_per_call)
         for index, per_window in zip(owners, np.split(scores, np.cumsum(counts)[:-1]), strict=True):
             sig, bak, ovrl, p808 = per_window.mean(axis=0)
             ratings[index] = Dnsmos(sig=float(sig), bak=float(bak), ovrl=float(ovrl), p808=float(p808))
     return ratings  # type: ignore[return-value]  # every entry is set above
 
 
-def _score_windows(windows: np.ndarray) -> np.ndarray:
+def _score_windows(windows: np.ndarray, windows_per_call: int) -> np.ndarray:
     """(count, 4): SIG, BAK, OVRL after speechmos's polynomial fit, and P.808, for each 9.01 s window."""
     model = _model()
     rows = []
-    for first in range(0, len(windows), MAX_BATCH_WINDOWS):
-        batch = windows[first : first + MAX_BATCH_WINDOWS]
+    for first in range(0, len(windows), windows_per_call):
+        batch = windows[first : first + windows_per_call]
         # speechmos's mel, one window at a time: its dB scale is relative to each window's own peak.
         mels = np.stack([model.audio_melspec(audio=window[:-_P808_TRIM]) for window in batch]).astype(np.float32)
         with _LOCK:  # one pair of ONNX sessions per process, shared by the threads that score
