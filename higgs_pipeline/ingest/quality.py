@@ -19,8 +19,8 @@ from higgs_pipeline.speech.words import Word
 
 PEAK_CEILING_DBFS = -1.0  # loudness normalisation never pushes a clip's peak above this
 CLIPPED_LEVEL = 0.999
-# Clips rated per `dnsmos.rate_batch` call: their windows share the ONNX calls, and a long recording's clips are
-# never all in memory (32 clips of at most 30 s: ~60 MB of 16 kHz audio).
+# Clips read and rated per `dnsmos.rate_batch` call: a long recording's clips are never all in memory (32 clips of
+# at most 30 s: ~60 MB of 16 kHz audio).
 RATE_BATCH = 32
 
 # Clip reject reasons, in the order they are checked, with their meaning.

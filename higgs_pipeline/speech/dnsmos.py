@@ -4,16 +4,16 @@ The ONNX models ship inside the `speechmos` wheel, so this runs offline. DNSMOS 
 audio; a clip's score is the mean over its windows of the P.835 polynomial fit (speechmos's fit, unchanged). Scores
 are on the 1..5 MOS scale: clean read speech lands around 3-3.5 OVRL, noise and silence well below.
 
-The windows are ours, not speechmos's: each clip is scored on the fewest windows that cover it (a clip of one window
-or less repeated to fill exactly one; a longer one ceil(L / 9.01 s) windows spread evenly from its start to its end),
-and the windows of many clips go through each ONNX model in one batched call. speechmos instead doubles a short clip
-until it passes 9.01 s and hops by 1 s, so it pays int(L - 9.01) + 1 windows (a 6 s clip: 3; a 20 s clip: 11) for
-the same audio (5.4 times as many over 2-15 s clips). The numbers moved, with no direction: OVRL differs from
-speechmos's `run` by 0.035 on average and at most 0.14 on a real call cut into 30 overlapping 2-15 s clips, by 0.02
-on average and at most 0.08 on the demo's clips (`benchmarks/bench_batched_scorers.py`). Compare DNSMOS numbers only
-with numbers made by this module. Batching the windows gives the same numbers as one clip at a time; on a CPU it is
-not faster (the model's work grows with the windows) and costs memory (MAX_BATCH_WINDOWS): the fewer windows are
-the saving.
+The windows are ours, not speechmos's: each clip is scored on the fewest windows that cover it (a clip of one window or
+less repeated to fill exactly one; a longer one ceil(L / 9.01 s) windows spread evenly from its start to its end);
+`rate_batch` rates many clips in one pass. speechmos instead doubles a short clip until it passes 9.01 s and hops by
+1 s, so it pays int(L - 9.01) + 1 windows (a 6 s clip: 3; a 20 s clip: 11) for the same audio (5.4 times as many over
+2-15 s clips). The numbers moved, with no direction: OVRL differs from speechmos's `run` by 0.035 on average and at most
+0.14 on a real call cut into 30 overlapping 2-15 s clips, by 0.02 on average and at most 0.08 on the demo's clips
+(`benchmarks/bench_batched_scorers.py`). Compare DNSMOS numbers only with numbers made by this module. `rate_batch` can
+put many windows in one ONNX call (`windows_per_call`) with the same numbers; on a CPU that is not faster (the model's
+work grows with the windows) and costs memory, so by default each call holds one window (MAX_BATCH_WINDOWS): the fewer
+windows are the saving.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ DNSMOS_RATE = 16_000  # the models' only input rate
 WINDOW_SAMPLES = int(9.01 * DNSMOS_RATE)  # 144160: the primary model's fixed input, ['N', 144160]
 # P.808 hears the window less its last 10 ms (speechmos's `audio_seg[:-160]`): its mel input is ['N', 900, 120].
 _P808_TRIM = 160
-# Windows per ONNX call. The primary model's activations take ~140 MiB of peak memory per window in a call (measured:
-# 1 window +65 MiB over the loaded models, 8 windows +1.2 GiB, 32 windows +4.6 GiB) and, on one CPU thread, a batch
-# is no faster per window than one window alone (0.55 s either way): a few at a time bounds memory, however long the
-# clip or however many the clips.
-MAX_BATCH_WINDOWS = 4
+# Windows per ONNX call by default. The primary model's activations take ~140 MiB of peak memory per window in a call
+# (measured: 1 window +65 MiB over the loaded models, 8 windows +1.2 GiB, 32 windows +4.6 GiB; ingest's peak 1.4 GiB
+# with 1, 2.0 GiB with 4) and on a CPU a batch is no faster per window than one window alone
+# (benchmarks/bench_batched_scorers.py): one at a time keeps memory low, however long the clip or many the clips.
+MAX_BATCH_WINDOWS = 1
 # Below this many samples (10 ms) there is nothing to rate.
 MIN_SAMPLES = 160
 # Peak below this is silence (the manifest's `silent` rule, ScreeningRules.silence_dbfs): rated the scale's floor,

@@ -288,7 +288,7 @@ class Scorer:
         naturalness: bool = True,
     ) -> ClipScore:
         """WER/CER of the transcript against `text`, with a reference clip the speaker similarity to it, and (unless
-        `naturalness` is False) DNSMOS: one rating per clip, ~0.4 s per 9 s of audio on a CPU once loaded."""
+        `naturalness` is False) DNSMOS: one rating per clip, ~0.4-0.6 s per 9 s of audio on a CPU thread once loaded."""
         require_words(text, language)  # bad text fails before any model loads
         audio = to_model_audio(waveform, sample_rate)
         heard = self._listen(audio, language)
