@@ -13,11 +13,15 @@ import numpy as np
 
 from higgs_pipeline.ingest.cut import Candidate
 from higgs_pipeline.ingest.settings import IngestSettings
+from higgs_pipeline.ingest.source import PcmFile
 from higgs_pipeline.speech import dnsmos
 from higgs_pipeline.speech.words import Word
 
 PEAK_CEILING_DBFS = -1.0  # loudness normalisation never pushes a clip's peak above this
 CLIPPED_LEVEL = 0.999
+# Clips read and rated per `dnsmos.rate_batch` call: a long recording's clips are never all in memory (32 clips of
+# at most 30 s: ~60 MB of 16 kHz audio).
+RATE_BATCH = 32
 
 # Clip reject reasons, in the order they are checked, with their meaning.
 CLIP_REASONS = {
@@ -55,11 +59,24 @@ def speaker_purity(candidate: Candidate, starts: np.ndarray, ends: np.ndarray, l
     return float(np.mean(inside == candidate.speaker)) if inside.size else 1.0
 
 
+def rate_candidates(analysis: PcmFile, candidates: Sequence[Candidate]) -> list[dnsmos.Dnsmos | None]:
+    """DNSMOS of each candidate not already rejected (None for a rejected one), from the 16 kHz analysis audio:
+    RATE_BATCH clips per batched rating, so only one batch's audio is in memory at a time."""
+    ratings: list[dnsmos.Dnsmos | None] = [None] * len(candidates)
+    rated = [index for index, candidate in enumerate(candidates) if not candidate.reason]
+    for first in range(0, len(rated), RATE_BATCH):
+        batch = rated[first : first + RATE_BATCH]
+        audios = [analysis.read(candidates[k].start_s, candidates[k].end_s) for k in batch]
+        for k, rating in zip(batch, dnsmos.rate_batch(audios), strict=True):
+            ratings[k] = rating
+    return ratings
+
+
 def measure(
-    candidate: Candidate, words: Sequence[Word], audio16k: np.ndarray, clip_audio: np.ndarray, purity: float
+    candidate: Candidate, words: Sequence[Word], rating: dnsmos.Dnsmos, clip_audio: np.ndarray, purity: float
 ) -> ClipQuality:
+    """The candidate's quality numbers; `rating` is its DNSMOS (`rate_candidates`)."""
     mine = words[candidate.first : candidate.last + 1]
-    rating = dnsmos.rate(audio16k)
     duration = max(candidate.end_s - candidate.start_s, 1e-6)
     return ClipQuality(
         dnsmos_ovrl=rating.ovrl,

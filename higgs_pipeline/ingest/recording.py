@@ -172,10 +172,11 @@ def _write_clips(
     """One row per candidate; the accepted ones written as loudness-normalised FLAC clips."""
     starts, ends = windows["start_s"].to_numpy(), windows["end_s"].to_numpy()
     labels = windows["local_speaker"].to_numpy()
+    # On the grid first: the clip written, and rated, is the grid's span.
+    candidates = [c if c.reason else _on_frame_grid(c, decoded.clip_audio) for c in candidates]
+    ratings = quality.rate_candidates(decoded.analysis, candidates)
     rows = []
-    for candidate in candidates:
-        if not candidate.reason:
-            candidate = _on_frame_grid(candidate, decoded.clip_audio)
+    for candidate, rating in zip(candidates, ratings, strict=True):
         row = {
             "start_s": round(candidate.start_s, 3),
             "end_s": round(candidate.end_s, 3),
@@ -190,9 +191,7 @@ def _write_clips(
         if not candidate.reason:
             raw = decoded.clip_audio.read(candidate.start_s, candidate.end_s)
             purity = quality.speaker_purity(candidate, starts, ends, labels)
-            measured = quality.measure(
-                candidate, heard, decoded.analysis.read(candidate.start_s, candidate.end_s), raw, purity
-            )
+            measured = quality.measure(candidate, heard, rating, raw, purity)
             row.update({k: round(v, 4) for k, v in asdict(measured).items()})
             row["reason"], row["detail"] = quality.reject_reason(measured, settings)
             if not row["reason"]:

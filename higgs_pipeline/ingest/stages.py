@@ -17,6 +17,8 @@ _JOIN_S = 0.05
 _OVERLAP_S = 2.0
 # Silence put between the speech regions that one ASR call hears together: a turn boundary Whisper can hear.
 _SPAN_GAP_S = 0.3
+# Speaker windows read and embedded together (1.5 s windows: ~25 MB of audio).
+_EMBED_WINDOWS = 256
 
 
 def find_speech(audio: PcmFile, settings: IngestSettings) -> pd.DataFrame:
@@ -122,8 +124,14 @@ def diarize_windows(
     if not windows:
         table["local_speaker"] = pd.Series(dtype=int)
         return table, np.zeros((0, 0), dtype=np.float32)
-    embed = diarize.embedder(settings.speaker_model, settings.device)
-    embeddings = np.stack([embed(audio.read(start, end)) for start, end in windows])
+    embed = diarize.batch_embedder(settings.speaker_model, settings.device)
+    # A few hundred windows at a time: batched forwards, and a long recording's audio is never all in memory.
+    embeddings = np.concatenate(
+        [
+            embed([audio.read(start, end) for start, end in windows[first : first + _EMBED_WINDOWS]])
+            for first in range(0, len(windows), _EMBED_WINDOWS)
+        ]
+    )
     num_speakers = options.num_speakers or (1 if options.speaker else None)
     durations = (table["end_s"] - table["start_s"]).to_numpy()
     labels = diarize.cluster(embeddings, durations, settings.diarize, num_speakers)

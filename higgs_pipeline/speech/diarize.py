@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER, load_speaker
+from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER, load_speaker_batch
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,24 @@ def speech_windows(regions: Sequence[tuple[float, float]], settings: DiarizeSett
 
 def embedder(speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
     """Unit-norm speaker embedding of 16 kHz audio, with the model the scorer loads."""
-    model = load_speaker(speaker_model, device)
+    embed_batch = batch_embedder(speaker_model, device)
+    return lambda audio16k: embed_batch([audio16k])[0]
 
-    def embed(audio16k: np.ndarray) -> np.ndarray:
-        vector = np.asarray(model(np.ascontiguousarray(audio16k, dtype=np.float32)), dtype=np.float32).ravel()
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm > 0 else vector
+
+def batch_embedder(
+    speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu"
+) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """(clips, dim) unit-norm speaker embeddings of many 16 kHz clips, each what `embedder` gives for it alone,
+    the clips run through the speaker model together."""
+    model = load_speaker_batch(speaker_model, device)
+
+    def embed(clips: Sequence[np.ndarray]) -> np.ndarray:
+        vectors = model([np.ascontiguousarray(clip, dtype=np.float32) for clip in clips])
+        if not vectors:
+            return np.zeros((0, 0), dtype=np.float32)
+        stacked = np.stack([np.asarray(vector, dtype=np.float32).ravel() for vector in vectors])
+        norms = np.linalg.norm(stacked, axis=1, keepdims=True)
+        return stacked / np.where(norms > 0, norms, 1.0)
 
     return embed
 
