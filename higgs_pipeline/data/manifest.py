@@ -19,7 +19,9 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import fsspec
 import numpy as np
@@ -47,6 +49,8 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Lone surrogates U+DC80..U+DCFF are what `surrogateescape` makes of bytes that are not UTF-8.
 INVALID_UTF8 = "[\udc80-\udcff]"
 LOCAL = "file"
+# Records turned into Python objects at a time while reading: a chunk's objects are freed before the next is read.
+CHUNK_ROWS = 100_000
 # csv's default cap of 131,072 characters per field would fail a manifest pandas reads fine (a long transcript).
 csv.field_size_limit(2**31 - 1)
 
@@ -68,6 +72,9 @@ class Manifest:
     uri: str
     rows: pd.DataFrame
     raw: bytes
+
+
+Conform = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 def manifest_format(uri: str) -> str:
@@ -106,11 +113,11 @@ def read_manifest(uri: str) -> Manifest:
             f"manifest {uri}: the file is UTF-16 encoded (as Excel's 'Unicode text' saves): save it as UTF-8"
         )
     readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
+    # A CSV or Parquet file states its columns even when every record is bad; JSONL only has its records' keys.
+    conform = partial(_conform, check_utf8=kind == "parquet" or not _is_utf8(raw), columns_known=kind != "jsonl")
     try:
-        table = readers[kind](raw)
-        # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
-        # A CSV or Parquet file states its columns even when every record is bad; JSONL only has its records' keys.
-        rows = _conform(table, check_utf8=kind == "parquet" or not _is_utf8(raw), columns_known=kind != "jsonl")
+        rows = readers[kind](raw, conform)
     except ManifestError as error:
         raise ManifestError(f"manifest {uri}: {error}") from None
     except Exception as error:  # any parser's own error means the file as a whole is unusable
@@ -126,24 +133,37 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def _read_csv(raw: bytes) -> pd.DataFrame:
-    text = raw.decode("utf-8-sig", "surrogateescape")
+def _read_csv(raw: bytes, conform: Conform) -> pd.DataFrame:
     # pandas' C parser stops at a record with too many fields but pads one with too few, which would then be
     # rejected for an "empty" field it never had: count every record's fields first (csv's C reader, one pass)
     # and read record by record, keeping the bad ones as rows of their own with their line number, if any is off.
-    records = (fields for fields in csv.reader(io.StringIO(text, newline="")) if not _is_blank(fields))
+    records = (fields for fields in csv.reader(_text(raw)) if not _is_blank(fields))
     header = _check_header(next(records, []))
     if any(len(fields) != len(header) for fields in records):
-        return _read_csv_records(text)
+        return conform(_read_csv_records(raw))
     options = dict(
         dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8-sig", encoding_errors="surrogateescape"
     )
     try:
-        table = pd.read_csv(io.BytesIO(raw), **options)
+        chunks = pd.read_csv(io.BytesIO(raw), chunksize=CHUNK_ROWS, **options)
+        return _concat_rows([conform(chunk.assign(read_error="")) for chunk in chunks])
     except pd.errors.ParserError:
-        return _read_csv_records(text)
-    table["read_error"] = ""
-    return table
+        return conform(_read_csv_records(raw))
+
+
+def _text(raw: bytes) -> io.TextIOWrapper:
+    """The file's text, decoded as it is read: a StringIO of the whole file would hold 4 bytes a character."""
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _concat_rows(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Chunks conformed one by one as one table, `row` numbered across them (Arrow strings concatenate as chunks,
+    without a copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = pd.concat(parts, ignore_index=True)
+    rows["row"] = np.arange(1, len(rows) + 1, dtype=np.int64)
+    return rows
 
 
 def _is_blank(fields: list[str]) -> bool:
@@ -160,8 +180,8 @@ def _check_header(header: list[str]) -> list[str]:
     return header
 
 
-def _read_csv_records(text: str) -> pd.DataFrame:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv_records(raw: bytes) -> pd.DataFrame:
+    reader = csv.reader(_text(raw))
     header = _check_header(next((fields for fields in reader if not _is_blank(fields)), []))
     records, errors = [], []
     for fields in reader:
@@ -179,7 +199,7 @@ def _read_csv_records(text: str) -> pd.DataFrame:
     return table
 
 
-def _read_jsonl(raw: bytes) -> pd.DataFrame:
+def _read_jsonl(raw: bytes, conform: Conform) -> pd.DataFrame:
     records, errors = [], []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -201,23 +221,39 @@ def _read_jsonl(raw: bytes) -> pd.DataFrame:
         index=pd.RangeIndex(len(records)),
     )
     table["read_error"] = errors
-    return table
+    return conform(table)
 
 
-def _read_parquet(raw: bytes) -> pd.DataFrame:
+def _read_parquet(raw: bytes, conform: Conform) -> pd.DataFrame:
     table = pq.read_table(io.BytesIO(raw))
-    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
-    # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
-    # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
-    values = {name: table.column(i).to_pylist() for i, name in enumerate(table.column_names)}
-    columns = {name: pd.Series([_as_text(v) for v in column], dtype=object) for name, column in values.items()}
     nested = [
         name
         for name in table.column_names
         if _column_name(name) in MANIFEST_COLUMNS and pa.types.is_nested(table.schema.field(name).type)
     ]
-    errors = [_nested_fields({name: values[name][i] for name in nested}, f"record {i + 1}") for i in range(len(table))]
-    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows)).assign(read_error=errors if nested else "")
+    # Conformed a batch of records at a time: their values as Python objects are what costs memory.
+    batches = table.to_batches(max_chunksize=CHUNK_ROWS) or [table]
+    return _concat_rows([conform(_parquet_records(batch, nested, first)) for batch, first in _numbered(batches)])
+
+
+def _numbered(batches: list) -> Iterator[tuple[object, int]]:
+    """Each batch with the record number of its first record."""
+    first = 1
+    for batch in batches:
+        yield batch, first
+        first += batch.num_rows
+
+
+def _parquet_records(batch: pa.RecordBatch | pa.Table, nested: list[str], first: int) -> pd.DataFrame:
+    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
+    # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
+    # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
+    values = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.column_names)}
+    columns = {name: pd.Series([_as_text(v) for v in column], dtype=object) for name, column in values.items()}
+    errors = [
+        _nested_fields({name: values[name][i] for name in nested}, f"record {first + i}") for i in range(batch.num_rows)
+    ]
+    return pd.DataFrame(columns, index=pd.RangeIndex(batch.num_rows)).assign(read_error=errors if nested else "")
 
 
 def _nested_fields(record: dict, where: str) -> str:
