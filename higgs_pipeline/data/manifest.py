@@ -14,6 +14,7 @@ and reported while its neighbours decode normally.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -21,13 +22,15 @@ import os
 import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from higgs_pipeline.data.memory import release_unused_memory
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
 # `asr_model` and `asr_confidence` say which ASR wrote `text` and how sure it was (ingest's clip manifest): a
@@ -106,7 +109,7 @@ def read_manifest(uri: str) -> Manifest:
         raise ManifestError(f"manifest {uri}: file not found") from None
     except (OSError, EOFError, ValueError) as error:
         raise ManifestError(f"manifest {uri}: cannot read it: {error}") from error
-    if not raw.strip():
+    if not raw or raw.isspace():  # `strip` would copy the file
         raise ManifestError(f"manifest {uri}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})")
     if kind != "parquet" and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise ManifestError(
@@ -122,12 +125,18 @@ def read_manifest(uri: str) -> Manifest:
         raise ManifestError(f"manifest {uri}: {error}") from None
     except Exception as error:  # any parser's own error means the file as a whole is unusable
         raise ManifestError(f"manifest {uri}: cannot parse it as {kind}: {type(error).__name__}: {error}") from error
+    release_unused_memory()  # the chunks' conversions
     return Manifest(uri, rows, raw)
 
 
-def _is_utf8(raw: bytes) -> bool:
+def _is_utf8(raw: bytes, block: int = 2**20) -> bool:
+    """Decoded a block at a time: the whole file as one string would be a second copy of it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(raw)
     try:
-        raw.decode("utf-8")
+        for start in range(0, len(raw), block):
+            decoder.decode(view[start : start + block])
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
     return True
@@ -311,7 +320,7 @@ def _conform(table: pd.DataFrame, check_utf8: bool, columns_known: bool = True) 
     invalid = np.full(size, "", dtype=object)
     for name in MANIFEST_COLUMNS:
         if name not in table.columns:
-            rows[name] = pd.Series([""] * size, dtype="str")
+            rows[name] = _blank_column(size)
             continue
         values = table[name].astype(object).reset_index(drop=True)
         if check_utf8:
@@ -320,9 +329,27 @@ def _conform(table: pd.DataFrame, check_utf8: bool, columns_known: bool = True) 
                 invalid[bad] = np.where(invalid[bad] == "", name, invalid[bad] + ", " + name)
                 values[bad] = [_displayable(v) for v in values[bad]]
         rows[name] = values.astype("str")
-    rows["read_error"] = table["read_error"].astype("str").to_numpy()
-    rows["invalid_utf8"] = pd.Series(invalid, dtype="str")
+    rows["read_error"] = _text_column(table["read_error"].to_numpy(object))
+    rows["invalid_utf8"] = _text_column(invalid)
     return rows
+
+
+def _text_column(values: np.ndarray) -> pd.Series:
+    """Python strings as a pandas string column; all "" (the usual case of a note column) costs nothing a row."""
+    return _blank_column(len(values)) if not (values != "").any() else pd.Series(values, dtype="str")
+
+
+@cache
+def _blank_chunk() -> pa.Array:
+    return pa.array([""] * CHUNK_ROWS, pa.large_string())
+
+
+def _blank_column(size: int) -> pd.Series:
+    """`size` empty strings, every chunk of them the same Arrow buffer: a column the manifest does not have would
+    otherwise cost 8 bytes a row (an Arrow string offset) for nothing."""
+    chunk = _blank_chunk()
+    parts = [chunk] * (size // CHUNK_ROWS) + [chunk.slice(0, size % CHUNK_ROWS)]
+    return pa.chunked_array(parts, pa.large_string()).to_pandas()
 
 
 def _column_name(name: str) -> str:
@@ -367,10 +394,19 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     real_folder = _real_path(folder) if protocol == LOCAL else folder
     codes, distinct = pd.factorize(paths)
     real_folders: dict[str, str] = {}  # a million clips sit in a few thousand folders: resolve each folder once
-    resolved = [_resolve(protocol, folder, real_folder, path, real_folders) for path in distinct]
-    uris = np.asarray([uri for uri, _ in resolved] + [""], dtype=object)  # code -1 (none here) maps to ""
-    outside = np.asarray([flag for _, flag in resolved] + [False], dtype=bool)
-    return pd.Series(uris[codes], index=paths.index, dtype="str"), pd.Series(outside[codes], index=paths.index)
+    uris, outside = [], []
+    for start in range(0, len(distinct), CHUNK_ROWS):  # only a chunk's paths as Python strings at a time
+        part = distinct[start : start + CHUNK_ROWS]
+        resolved = [_resolve(protocol, folder, real_folder, path, real_folders) for path in part]
+        uris.append(pa.array([uri for uri, _ in resolved], pa.large_string()))
+        outside.append(np.array([flag for _, flag in resolved], dtype=bool))
+    flags = np.concatenate(outside) if outside else np.zeros(0, dtype=bool)
+    resolved = pa.chunked_array(uris, pa.large_string())
+    if len(distinct) < len(paths):  # else every path is new: codes are 0, 1, 2, ..., the chunks already in row order
+        codes = np.where(codes < 0, len(distinct), codes)  # code -1 (none here) points at the "" appended
+        resolved = pa.chunked_array([*uris, pa.array([""], pa.large_string())]).take(codes)
+        flags = np.append(flags, False)[codes]
+    return pd.Series(resolved.to_pandas().array, index=paths.index, copy=False), pd.Series(flags, index=paths.index)
 
 
 def _resolve(protocol: str, folder: str, real_folder: str, path: str, real_folders: dict[str, str]) -> tuple[str, bool]:

@@ -32,6 +32,7 @@ import soundfile
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.data.memory import release_unused_memory
 from higgs_pipeline.files import atomic_open
 
 T = TypeVar("T")
@@ -338,12 +339,16 @@ def probe_with_cache(
     results must have been made with the same `max_seconds` and `max_bytes` (the caller puts them in the name).
     """
     distinct = pc.unique(uris)
-    distinct = distinct.filter(pc.not_equal(distinct, ""))
+    del uris  # often a copy made for this call
+    blank = pc.equal(distinct, "")
+    if pc.any(blank).as_py():
+        distinct = distinct.filter(pc.invert(blank))
     sizes, stamps = _stamps(distinct, workers)
     current = pa.table({"uri": distinct, "size": sizes, "stamp": stamps})
-    hits, cached_rows = _cached_probes(cache_path, current, log)
-    unknown = pc.invert(pc.is_in(distinct, value_set=hits["uri"]))
-    fresh = current.filter(unknown)
+    release_unused_memory()  # the hash table that found the distinct URIs
+    hits, hit, cached_rows = _cached_probes(cache_path, current, log)
+    release_unused_memory()
+    fresh = current.filter(~hit)
     del current, distinct, sizes, stamps  # a million rows of them: not held while the table is assembled
     probed = _probe_columns(fresh["uri"], max_seconds, workers, max_bytes, log)
     table = pa.concat_tables([hits, pa.Table.from_arrays([*fresh.columns, *probed.columns], schema=CACHE_SCHEMA)])
@@ -351,7 +356,10 @@ def probe_with_cache(
     if cache_path is not None and (fresh.num_rows or hits.num_rows != cached_rows):
         with atomic_open(cache_path, "wb") as handle:
             pq.write_table(table.filter(pc.not_equal(table["stamp"], 0)), handle, row_group_size=CHUNK)
-    return ProbeResults(table.drop_columns(["size", "stamp"]), fresh.num_rows, hits.num_rows)
+    results = ProbeResults(table.drop_columns(["size", "stamp"]), fresh.num_rows, hits.num_rows)
+    del table, hits, fresh
+    release_unused_memory()
+    return results
 
 
 def file_stamp(uri: str) -> tuple[int, str]:
@@ -399,25 +407,27 @@ def _stamp_id(stamp: str) -> int:
 
 def _cached_probes(
     cache_path: str | None, current: pa.Table, log: Callable[[str], None] | None
-) -> tuple[pa.Table, int]:
-    """The cache's rows whose (uri, size, stamp) match a file now, and how many rows the cache holds; an
-    unreadable cache is dropped, never fatal."""
+) -> tuple[pa.Table, np.ndarray, int]:
+    """The cache's rows whose (uri, size, stamp) match a file now, which of `current`'s files they are, and how many
+    rows the cache holds; an unreadable cache is dropped, never fatal."""
+    none = CACHE_SCHEMA.empty_table(), np.zeros(current.num_rows, dtype=bool), 0
     if cache_path is None:
-        return CACHE_SCHEMA.empty_table(), 0
+        return none
     try:
         with fsspec.open(cache_path, "rb") as handle:
             cache = pq.ParquetFile(handle)
-            return _matching_rows(cache, current), cache.metadata.num_rows
+            return *_matching_rows(cache, current), cache.metadata.num_rows
     except FileNotFoundError:
-        return CACHE_SCHEMA.empty_table(), 0
+        return none
     except Exception as error:  # a torn, foreign or older file: probing again is always correct
         if log is not None:
             log(f"probe cache {cache_path} dropped ({type(error).__name__}: {error}): probing every clip")
-        return CACHE_SCHEMA.empty_table(), 0
+        return none
 
 
-def _matching_rows(cache: pq.ParquetFile, current: pa.Table) -> pa.Table:
-    """`current`'s files whose (uri, size, stamp) the cache holds, with their cached probe, in the cache's order.
+def _matching_rows(cache: pq.ParquetFile, current: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """`current`'s files whose (uri, size, stamp) the cache holds, with their cached probe, in the cache's order,
+    and which of `current`'s rows they are.
 
     Read a few columns at a time and the probe results a batch at a time, keeping only the matching rows: the
     whole cache never sits in memory beside the files it is matched against.
@@ -436,7 +446,7 @@ def _matching_rows(cache: pq.ParquetFile, current: pa.Table) -> pa.Table:
         parts.append(batch.take(pa.array(positions[low:high] - start)).cast(PROBE_SCHEMA))
         start += batch.num_rows
     found = pa.Table.from_batches(parts, schema=PROBE_SCHEMA)
-    return pa.Table.from_arrays([*current.take(rows).columns, *found.columns], schema=CACHE_SCHEMA)
+    return pa.Table.from_arrays([*current.take(rows).columns, *found.columns], schema=CACHE_SCHEMA), hit
 
 
 def _read(cache: pq.ParquetFile, columns: list[str]) -> pa.Table:

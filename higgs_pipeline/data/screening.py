@@ -32,6 +32,7 @@ from higgs_pipeline.data.manifest import (
     manifest_folder,
     resolve_audio_paths,
 )
+from higgs_pipeline.data.memory import release_unused_memory
 from higgs_pipeline.data.normalize import INVISIBLE, normalize_label
 from higgs_pipeline.data.probe import CHUNK, DEFAULT_MAX_CLIP_BYTES, PROBE_FIELDS, probe_with_cache
 
@@ -268,6 +269,7 @@ def screen_manifest(
 
     audio_uri, audio_outside = resolve_audio_paths(manifest.uri, rows["audio_path"].str.strip())
     ref_uri, ref_outside = resolve_audio_paths(manifest.uri, rows["ref_audio_path"].str.strip())
+    release_unused_memory()
     folder = join_uri(*manifest_folder(manifest.uri))
     allow_outside = rules.allow_paths_outside_manifest_dir
     if not allow_outside:
@@ -291,7 +293,7 @@ def screen_manifest(
     audio_uris, ref_uris = pa.chunked_array(audio_uri), pa.chunked_array(ref_uri)
     probes = probe_with_cache(
         pa.chunked_array(
-            [*audio_uris.filter(probing).chunks, *ref_uris.filter(probing & has_ref).chunks], pa.large_string()
+            [*_where(audio_uris, probing).chunks, *_where(ref_uris, probing & has_ref).chunks], pa.large_string()
         ),
         _probe_cache_path(probe_cache, manifest.uri, rules),
         rules.max_seconds,
@@ -302,10 +304,14 @@ def screen_manifest(
     if log is not None and probes.reused:
         log(f"{probes.reused} clips unchanged since the last screening: their probes reused")
     hashes = _ClipHashes.of(probes.table)
-    target = _probe_table(probes.table, hashes, audio_uris, probing)
-    reference = _probe_table(probes.table, hashes, ref_uris, probing & has_ref)
-    probed, reused = probes.probed, probes.reused
-    del probes, audio_uris, ref_uris  # a row per file: not held through the cross-row checks
+    target_at = _file_of_row(probes.table, audio_uris, probing)
+    reference_at = _file_of_row(probes.table, ref_uris, probing & has_ref)
+    results, probed, reused = probes.table.drop_columns(["uri", "clip_hash"]), probes.probed, probes.reused
+    del probes, audio_uris, ref_uris  # a row per file: not held while the rows' arrays are made
+    release_unused_memory()
+    target = _probe_table(results, hashes, target_at)
+    reference = _probe_table(results, hashes, reference_at)
+    del results, target_at, reference_at
     _reject_audio(verdict, target, rules)
     _reject_reference(verdict, reference, target, has_ref, rules)
     _reject_duplicates(verdict, rows, target["clip_hash"])
@@ -323,6 +329,11 @@ def screen_manifest(
     return Screening(manifest.uri, size, accepted, rejected, corpus_version, probed, reused)
 
 
+def _where(values: pa.ChunkedArray, mask: np.ndarray) -> pa.ChunkedArray:
+    """The values where `mask` holds; all of them, without a copy, when it holds everywhere (the usual case)."""
+    return values if mask.all() else values.filter(mask)
+
+
 def _probe_cache_path(folder: str | None, manifest_uri: str, rules: ScreeningRules) -> str | None:
     """One probe cache per manifest and per the limits that change what a probe records."""
     if folder is None:
@@ -331,21 +342,25 @@ def _probe_cache_path(folder: str | None, manifest_uri: str, rules: ScreeningRul
     return f"{folder.rstrip('/')}/{key[:16]}.parquet"
 
 
-def _probe_table(probes: pa.Table, hashes: _ClipHashes, uris: pa.ChunkedArray, probing: np.ndarray) -> dict:
-    """Probe results per row, as arrays (`clip_hash` as `hashes` codes); rows not `probing` get `_UNPROBED`'s values.
-
-    Each row finds its file's position in the probe table once; every field is then one take from it.
-    """
+def _file_of_row(probes: pa.Table, uris: pa.ChunkedArray, probing: np.ndarray) -> np.ndarray:
+    """Each row's position in the probe table; -1 for a row not `probing`."""
     at = pc.fill_null(pc.index_in(uris, value_set=probes["uri"]), -1).to_numpy().astype(np.int64)
-    at[~probing] = -1  # position -1 is the default appended last
-    table = {}
+    at[~probing] = -1
+    return at
+
+
+def _probe_table(results: pa.Table, hashes: _ClipHashes, at: np.ndarray) -> dict[str, np.ndarray]:
+    """Probe results per row, as arrays (`clip_hash` as `hashes` codes), from each row's position in the probe
+    table (`_file_of_row`); rows at -1 (not probed) get `_UNPROBED`'s values, appended last."""
+    probed = at >= 0
+    table = {"probed": probed}
     for name, kind in PROBE_FIELDS.items():
         if name == "clip_hash":
-            column = np.append(hashes.of_file, hashes.empty)
+            values = np.append(hashes.of_file, hashes.empty)
         else:
-            column = np.append(probes[name].to_numpy(), _UNPROBED[name]).astype(object if kind == "str" else kind)
-        table[name] = column[at]
-    table["probed"] = probing.copy()
+            values = np.append(results[name].to_numpy(), _UNPROBED[name]).astype(object if kind == "str" else kind)
+        # No row probed (the references of a manifest without any): one read-only value seen from every row.
+        table[name] = values[at] if probed.any() else np.broadcast_to(values[-1:], at.shape)
     return table
 
 
@@ -413,6 +428,13 @@ def _codes(values: pd.Series) -> np.ndarray:
     return _distinct(values)[1]
 
 
+def _normalized_codes(values: pd.Series, at: np.ndarray) -> np.ndarray:
+    """`_codes` of the normalized labels (`normalize_label`) of `values` at positions `at`, normalized CHUNK rows at
+    a time: each of normalization's steps copies the text, a million rows' worth at once otherwise."""
+    parts = [normalize_label(values.iloc[at[start : start + CHUNK]]) for start in range(0, len(at), CHUNK)]
+    return _codes(pd.concat(parts, ignore_index=True))
+
+
 def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
     """Among rows still open, later rows with the same clip hash and normalized text as an earlier one.
 
@@ -424,7 +446,7 @@ def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.nda
     keys = pd.DataFrame(
         {
             "hash": clip_hash[candidates],
-            "text": _codes(normalize_label(rows["text"].iloc[candidates])),
+            "text": _normalized_codes(rows["text"], candidates),
             "row": rows["row"].to_numpy()[candidates],
         }
     )
@@ -448,7 +470,7 @@ def _reject_speaker_conflicts(verdict: _Verdicts, rows: pd.DataFrame, clip_hash:
     keys = pd.DataFrame(
         {
             "hash": clip_hash[candidates],
-            "speaker": _codes(normalize_label(rows["speaker"].iloc[candidates])),
+            "speaker": _normalized_codes(rows["speaker"], candidates),
             "label": label_codes,
             "row": rows["row"].to_numpy()[candidates],
         }
@@ -477,7 +499,7 @@ def _accepted_table(
     reference: dict[str, np.ndarray],
     hashes: _ClipHashes,
 ) -> pd.DataFrame:
-    kept = rows[mask].reset_index(drop=True)
+    kept = rows[["row", *MANIFEST_COLUMNS]][mask].reset_index(drop=True)  # not the read notes
 
     # No copy of the columns (each is already its own new array), in ACCEPTED_COLUMNS' order.
     table = pd.DataFrame(
