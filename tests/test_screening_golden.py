@@ -22,6 +22,9 @@ import numpy as np
 import pandas as pd
 import soundfile
 
+import higgs_pipeline.data.manifest as manifest_module
+import higgs_pipeline.data.probe as probe_module
+import higgs_pipeline.data.screening as screening_module
 from higgs_pipeline.data.manifest import read_manifest
 from higgs_pipeline.data.screening import ScreeningRules, screen_manifest
 from higgs_pipeline.data.tables import write_csv, write_parquet
@@ -108,12 +111,12 @@ def _corpus(root: Path) -> Path:
     return path
 
 
-def screened_tables(workdir: Path) -> tuple[pd.DataFrame, str]:
-    """The accepted table (read back from its Parquet) and the rejected CSV's text, the folders shown as ROOT
-    and WORK."""
+def screened_tables(workdir: Path, probe_cache: str | None = None) -> tuple[pd.DataFrame, str, int]:
+    """The accepted table (read back from its Parquet), the rejected CSV's text (the folders shown as ROOT and
+    WORK) and how many probes came from the cache; the corpus is made in `workdir` unless it is there already."""
     root = workdir / "corpus"
-    manifest = _corpus(root)
-    screening = screen_manifest(read_manifest(str(manifest)), ScreeningRules(probe_workers=2))
+    manifest = root / "manifest.csv" if (root / "manifest.csv").exists() else _corpus(root)
+    screening = screen_manifest(read_manifest(str(manifest)), ScreeningRules(probe_workers=2), probe_cache=probe_cache)
     write_parquet(screening.accepted, str(workdir / "accepted.parquet"))
     write_csv(screening.rejected, str(workdir / "rejected.csv"))
     accepted = pd.read_parquet(workdir / "accepted.parquet")
@@ -121,20 +124,34 @@ def screened_tables(workdir: Path) -> tuple[pd.DataFrame, str]:
     for name in ("audio_uri", "ref_audio_uri"):
         accepted[name] = accepted[name].str.replace(real_root, ROOT, regex=False)
     rejected = (workdir / "rejected.csv").read_bytes().decode().replace(real_root, ROOT).replace(real_work, WORK)
-    return accepted, rejected
+    return accepted, rejected, screening.clips_reused
 
 
 def test_screening_writes_the_golden_tables(tmp_path):
-    accepted, rejected = screened_tables(tmp_path)
+    accepted, rejected, _ = screened_tables(tmp_path)
     golden_accepted = pd.read_parquet(GOLDEN / "accepted.parquet")
     pd.testing.assert_frame_equal(accepted, golden_accepted, check_exact=True)
     assert rejected == (GOLDEN / "rejected.csv").read_bytes().decode()
     assert len(accepted) >= 8 and rejected.count("\r\n") > 30  # the golden copy is not trivially empty
 
 
+def test_chunk_boundaries_change_nothing(tmp_path, monkeypatch):
+    """The manifest read, paths resolved, probes gathered, the probe cache matched and labels normalized a few rows
+    at a time, so that every chunked step crosses chunk boundaries (rows numbered across them, duplicates found
+    across them), cold and warm."""
+    monkeypatch.setattr(manifest_module, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(probe_module, "CHUNK", 5)
+    monkeypatch.setattr(screening_module, "CHUNK", 5)
+    for reused_before in (0, 15):  # the second run reads its probes back from the cache, a batch at a time
+        accepted, rejected, reused = screened_tables(tmp_path, probe_cache=str(tmp_path / "cache"))
+        assert reused == reused_before  # every file but the 3 that cannot be stat'ed (2 missing, a folder)
+        pd.testing.assert_frame_equal(accepted, pd.read_parquet(GOLDEN / "accepted.parquet"), check_exact=True)
+        assert rejected == (GOLDEN / "rejected.csv").read_bytes().decode()
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     with tempfile.TemporaryDirectory() as temp:
-        accepted, rejected = screened_tables(Path(temp))
+        accepted, rejected, _ = screened_tables(Path(temp))
     GOLDEN.mkdir(parents=True, exist_ok=True)
     accepted.to_parquet(GOLDEN / "accepted.parquet", index=False)
     (GOLDEN / "rejected.csv").write_bytes(rejected.encode())

@@ -348,7 +348,7 @@ def _blank_column(size: int) -> pd.Series:
     """`size` empty strings, every chunk of them the same Arrow buffer: a column the manifest does not have would
     otherwise cost 8 bytes a row (an Arrow string offset) for nothing."""
     chunk = _blank_chunk()
-    parts = [chunk] * (size // CHUNK_ROWS) + [chunk.slice(0, size % CHUNK_ROWS)]
+    parts = [chunk] * (size // len(chunk)) + [chunk.slice(0, size % len(chunk))]
     return pa.chunked_array(parts, pa.large_string()).to_pandas()
 
 

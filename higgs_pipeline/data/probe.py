@@ -381,7 +381,7 @@ def file_stamp(uri: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _slices(values: pa.Array, size: int = CHUNK) -> Iterator[list[str]]:
+def _slices(values: pa.Array, size: int) -> Iterator[list[str]]:
     """`values` as Python lists of at most `size`: only one slice's strings exist at a time."""
     for start in range(0, len(values), size):
         yield values.slice(start, size).to_pylist()
@@ -463,7 +463,7 @@ def _probe_columns(
     """`probe_clip` of each URI as a table of the PROBE_FIELDS columns in `uris`' order, gathered into Arrow every
     CHUNK probes: a probe's Python objects (a hash string, numbers) would otherwise cost ~400 bytes a clip."""
     progress = _Progress(len(uris), log, PROGRESS_EVERY_SECONDS)
-    names = (uri for part in _slices(uris.combine_chunks()) for uri in part)
+    names = (uri for part in _slices(uris.combine_chunks(), CHUNK) for uri in part)
     probes = bounded_map(lambda uri: probe_clip(uri, max_seconds, max_bytes), names, workers)
     batches, results = [], []
     for probe in probes:
