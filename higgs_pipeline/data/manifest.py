@@ -14,18 +14,23 @@ and reported while its neighbours decode normally.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
 import os
 import posixpath
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache, partial
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from higgs_pipeline.data.memory import release_unused_memory
 
 REQUIRED_COLUMNS = ("audio_path", "text", "speaker")
 # `asr_model` and `asr_confidence` say which ASR wrote `text` and how sure it was (ingest's clip manifest): a
@@ -47,6 +52,8 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 # Lone surrogates U+DC80..U+DCFF are what `surrogateescape` makes of bytes that are not UTF-8.
 INVALID_UTF8 = "[\udc80-\udcff]"
 LOCAL = "file"
+# Records turned into Python objects at a time while reading: a chunk's objects are freed before the next is read.
+CHUNK_ROWS = 100_000
 # csv's default cap of 131,072 characters per field would fail a manifest pandas reads fine (a long transcript).
 csv.field_size_limit(2**31 - 1)
 
@@ -68,6 +75,9 @@ class Manifest:
     uri: str
     rows: pd.DataFrame
     raw: bytes
+
+
+Conform = Callable[[pd.DataFrame], pd.DataFrame]
 
 
 def manifest_format(uri: str) -> str:
@@ -99,51 +109,70 @@ def read_manifest(uri: str) -> Manifest:
         raise ManifestError(f"manifest {uri}: file not found") from None
     except (OSError, EOFError, ValueError) as error:
         raise ManifestError(f"manifest {uri}: cannot read it: {error}") from error
-    if not raw.strip():
+    if not raw or raw.isspace():  # `strip` would copy the file
         raise ManifestError(f"manifest {uri}: the file is empty (expected a header with {', '.join(REQUIRED_COLUMNS)})")
     if kind != "parquet" and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise ManifestError(
             f"manifest {uri}: the file is UTF-16 encoded (as Excel's 'Unicode text' saves): save it as UTF-8"
         )
     readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
+    # A CSV or Parquet file states its columns even when every record is bad; JSONL only has its records' keys.
+    conform = partial(_conform, check_utf8=kind == "parquet" or not _is_utf8(raw), columns_known=kind != "jsonl")
     try:
-        table = readers[kind](raw)
-        # Scanning values for undecodable bytes is only needed when the file is not valid UTF-8 as a whole.
-        # A CSV or Parquet file states its columns even when every record is bad; JSONL only has its records' keys.
-        rows = _conform(table, check_utf8=kind == "parquet" or not _is_utf8(raw), columns_known=kind != "jsonl")
+        rows = readers[kind](raw, conform)
     except ManifestError as error:
         raise ManifestError(f"manifest {uri}: {error}") from None
     except Exception as error:  # any parser's own error means the file as a whole is unusable
         raise ManifestError(f"manifest {uri}: cannot parse it as {kind}: {type(error).__name__}: {error}") from error
+    release_unused_memory()  # the chunks' conversions
     return Manifest(uri, rows, raw)
 
 
-def _is_utf8(raw: bytes) -> bool:
+def _is_utf8(raw: bytes, block: int = 2**20) -> bool:
+    """Decoded a block at a time: the whole file as one string would be a second copy of it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(raw)
     try:
-        raw.decode("utf-8")
+        for start in range(0, len(raw), block):
+            decoder.decode(view[start : start + block])
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
     return True
 
 
-def _read_csv(raw: bytes) -> pd.DataFrame:
-    text = raw.decode("utf-8-sig", "surrogateescape")
+def _read_csv(raw: bytes, conform: Conform) -> pd.DataFrame:
     # pandas' C parser stops at a record with too many fields but pads one with too few, which would then be
     # rejected for an "empty" field it never had: count every record's fields first (csv's C reader, one pass)
     # and read record by record, keeping the bad ones as rows of their own with their line number, if any is off.
-    records = (fields for fields in csv.reader(io.StringIO(text, newline="")) if not _is_blank(fields))
+    records = (fields for fields in csv.reader(_text(raw)) if not _is_blank(fields))
     header = _check_header(next(records, []))
     if any(len(fields) != len(header) for fields in records):
-        return _read_csv_records(text)
+        return conform(_read_csv_records(raw))
     options = dict(
         dtype=object, keep_default_na=False, na_filter=False, encoding="utf-8-sig", encoding_errors="surrogateescape"
     )
     try:
-        table = pd.read_csv(io.BytesIO(raw), **options)
+        chunks = pd.read_csv(io.BytesIO(raw), chunksize=CHUNK_ROWS, **options)
+        return _concat_rows([conform(chunk.assign(read_error="")) for chunk in chunks])
     except pd.errors.ParserError:
-        return _read_csv_records(text)
-    table["read_error"] = ""
-    return table
+        return conform(_read_csv_records(raw))
+
+
+def _text(raw: bytes) -> io.TextIOWrapper:
+    """The file's text, decoded as it is read: a StringIO of the whole file would hold 4 bytes a character."""
+    return io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _concat_rows(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Chunks conformed one by one as one table, `row` numbered across them (Arrow strings concatenate as chunks,
+    without a copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    rows = pd.concat(parts, ignore_index=True)
+    rows["row"] = np.arange(1, len(rows) + 1, dtype=np.int64)
+    return rows
 
 
 def _is_blank(fields: list[str]) -> bool:
@@ -160,8 +189,8 @@ def _check_header(header: list[str]) -> list[str]:
     return header
 
 
-def _read_csv_records(text: str) -> pd.DataFrame:
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _read_csv_records(raw: bytes) -> pd.DataFrame:
+    reader = csv.reader(_text(raw))
     header = _check_header(next((fields for fields in reader if not _is_blank(fields)), []))
     records, errors = [], []
     for fields in reader:
@@ -179,7 +208,7 @@ def _read_csv_records(text: str) -> pd.DataFrame:
     return table
 
 
-def _read_jsonl(raw: bytes) -> pd.DataFrame:
+def _read_jsonl(raw: bytes, conform: Conform) -> pd.DataFrame:
     records, errors = [], []
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
@@ -201,23 +230,39 @@ def _read_jsonl(raw: bytes) -> pd.DataFrame:
         index=pd.RangeIndex(len(records)),
     )
     table["read_error"] = errors
-    return table
+    return conform(table)
 
 
-def _read_parquet(raw: bytes) -> pd.DataFrame:
+def _read_parquet(raw: bytes, conform: Conform) -> pd.DataFrame:
     table = pq.read_table(io.BytesIO(raw))
-    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
-    # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
-    # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
-    values = {name: table.column(i).to_pylist() for i, name in enumerate(table.column_names)}
-    columns = {name: pd.Series([_as_text(v) for v in column], dtype=object) for name, column in values.items()}
     nested = [
         name
         for name in table.column_names
         if _column_name(name) in MANIFEST_COLUMNS and pa.types.is_nested(table.schema.field(name).type)
     ]
-    errors = [_nested_fields({name: values[name][i] for name in nested}, f"record {i + 1}") for i in range(len(table))]
-    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows)).assign(read_error=errors if nested else "")
+    # Conformed a batch of records at a time: their values as Python objects are what costs memory.
+    batches = table.to_batches(max_chunksize=CHUNK_ROWS) or [table]
+    return _concat_rows([conform(_parquet_records(batch, nested, first)) for batch, first in _numbered(batches)])
+
+
+def _numbered(batches: list) -> Iterator[tuple[object, int]]:
+    """Each batch with the record number of its first record."""
+    first = 1
+    for batch in batches:
+        yield batch, first
+        first += batch.num_rows
+
+
+def _parquet_records(batch: pa.RecordBatch | pa.Table, nested: list[str], first: int) -> pd.DataFrame:
+    # Parquet strings are UTF-8 by construction; binary columns may not be, and numbers become text. Values come
+    # from Arrow as Python objects, not through pandas: an integer column with a null would become float64
+    # there, and speaker 7 would turn into the label "7.0" (another speaker than the CSV manifest's "7").
+    values = {name: batch.column(i).to_pylist() for i, name in enumerate(batch.column_names)}
+    columns = {name: pd.Series([_as_text(v) for v in column], dtype=object) for name, column in values.items()}
+    errors = [
+        _nested_fields({name: values[name][i] for name in nested}, f"record {first + i}") for i in range(batch.num_rows)
+    ]
+    return pd.DataFrame(columns, index=pd.RangeIndex(batch.num_rows)).assign(read_error=errors if nested else "")
 
 
 def _nested_fields(record: dict, where: str) -> str:
@@ -275,7 +320,7 @@ def _conform(table: pd.DataFrame, check_utf8: bool, columns_known: bool = True) 
     invalid = np.full(size, "", dtype=object)
     for name in MANIFEST_COLUMNS:
         if name not in table.columns:
-            rows[name] = pd.Series([""] * size, dtype="str")
+            rows[name] = _blank_column(size)
             continue
         values = table[name].astype(object).reset_index(drop=True)
         if check_utf8:
@@ -284,9 +329,27 @@ def _conform(table: pd.DataFrame, check_utf8: bool, columns_known: bool = True) 
                 invalid[bad] = np.where(invalid[bad] == "", name, invalid[bad] + ", " + name)
                 values[bad] = [_displayable(v) for v in values[bad]]
         rows[name] = values.astype("str")
-    rows["read_error"] = table["read_error"].astype("str").to_numpy()
-    rows["invalid_utf8"] = pd.Series(invalid, dtype="str")
+    rows["read_error"] = _text_column(table["read_error"].to_numpy(object))
+    rows["invalid_utf8"] = _text_column(invalid)
     return rows
+
+
+def _text_column(values: np.ndarray) -> pd.Series:
+    """Python strings as a pandas string column; all "" (the usual case of a note column) costs nothing a row."""
+    return _blank_column(len(values)) if not (values != "").any() else pd.Series(values, dtype="str")
+
+
+@cache
+def _blank_chunk() -> pa.Array:
+    return pa.array([""] * CHUNK_ROWS, pa.large_string())
+
+
+def _blank_column(size: int) -> pd.Series:
+    """`size` empty strings, every chunk of them the same Arrow buffer: a column the manifest does not have would
+    otherwise cost 8 bytes a row (an Arrow string offset) for nothing."""
+    chunk = _blank_chunk()
+    parts = [chunk] * (size // len(chunk)) + [chunk.slice(0, size % len(chunk))]
+    return pa.chunked_array(parts, pa.large_string()).to_pandas()
 
 
 def _column_name(name: str) -> str:
@@ -331,10 +394,19 @@ def resolve_audio_paths(manifest_uri: str, paths: pd.Series) -> tuple[pd.Series,
     real_folder = _real_path(folder) if protocol == LOCAL else folder
     codes, distinct = pd.factorize(paths)
     real_folders: dict[str, str] = {}  # a million clips sit in a few thousand folders: resolve each folder once
-    resolved = [_resolve(protocol, folder, real_folder, path, real_folders) for path in distinct]
-    uris = np.asarray([uri for uri, _ in resolved] + [""], dtype=object)  # code -1 (none here) maps to ""
-    outside = np.asarray([flag for _, flag in resolved] + [False], dtype=bool)
-    return pd.Series(uris[codes], index=paths.index, dtype="str"), pd.Series(outside[codes], index=paths.index)
+    uris, outside = [], []
+    for start in range(0, len(distinct), CHUNK_ROWS):  # only a chunk's paths as Python strings at a time
+        part = distinct[start : start + CHUNK_ROWS]
+        resolved = [_resolve(protocol, folder, real_folder, path, real_folders) for path in part]
+        uris.append(pa.array([uri for uri, _ in resolved], pa.large_string()))
+        outside.append(np.array([flag for _, flag in resolved], dtype=bool))
+    flags = np.concatenate(outside) if outside else np.zeros(0, dtype=bool)
+    resolved = pa.chunked_array(uris, pa.large_string())
+    if len(distinct) < len(paths):  # else every path is new: codes are 0, 1, 2, ..., the chunks already in row order
+        codes = np.where(codes < 0, len(distinct), codes)  # code -1 (none here) points at the "" appended
+        resolved = pa.chunked_array([*uris, pa.array([""], pa.large_string())]).take(codes)
+        flags = np.append(flags, False)[codes]
+    return pd.Series(resolved.to_pandas().array, index=paths.index, copy=False), pd.Series(flags, index=paths.index)
 
 
 def _resolve(protocol: str, folder: str, real_folder: str, path: str, real_folders: dict[str, str]) -> tuple[str, bool]:

@@ -25,12 +25,15 @@ from typing import BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import soundfile
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.hashing import sha256_hex
-from higgs_pipeline.data.tables import read_parquet, write_parquet
+from higgs_pipeline.data.memory import release_unused_memory
+from higgs_pipeline.files import atomic_open
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,6 +59,16 @@ PROBE_FIELDS = {
     "duration_s": "float64",
     "peak_dbfs": "float64",
 }
+
+_ARROW_TYPES = {"str": pa.large_string(), "int64": pa.int64(), "float64": pa.float64()}
+# The probe cache's columns: a file's URI, size and change stamp, then what its probe found.
+CACHE_SCHEMA = pa.schema(
+    [("uri", pa.large_string()), ("size", pa.int64()), ("stamp", pa.int64())]
+    + [(name, _ARROW_TYPES[kind]) for name, kind in PROBE_FIELDS.items()]
+)
+PROBE_SCHEMA = pa.schema([CACHE_SCHEMA.field(name) for name in PROBE_FIELDS])
+# URIs turned into Python strings (to stat and probe them) at a time.
+CHUNK = 100_000
 
 
 @dataclass(frozen=True)
@@ -300,46 +313,53 @@ def bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int) ->
 
 @dataclass(frozen=True)
 class ProbeResults:
-    """One row per distinct URI (the index) with the PROBE_FIELDS columns; how many files were read this time and
-    how many results came from the probe cache unchanged."""
+    """One row per distinct URI (column `uri`, then the PROBE_FIELDS columns), as Arrow: a million results stay a
+    few compact buffers instead of millions of Python strings; how many files were read this time and how many
+    results came from the probe cache unchanged."""
 
-    table: pd.DataFrame
+    table: pa.Table
     probed: int
     reused: int
 
 
 def probe_with_cache(
-    uris: np.ndarray,
+    uris: pa.ChunkedArray,
     cache_path: str | None,
     max_seconds: float | None = None,
     workers: int = 8,
     max_bytes: int = DEFAULT_MAX_CLIP_BYTES,
     log: Callable[[str], None] | None = None,
 ) -> ProbeResults:
-    """Probe each distinct URI, reusing the cached result of a file whose (URI, size, stamp) is unchanged since the
-    cache at `cache_path` (a Parquet table; None: no cache) was written, then rewrite the cache atomically.
+    """Probe each distinct URI ("" is none), reusing the cached result of a file whose (URI, size, stamp) is
+    unchanged since the cache at `cache_path` (a Parquet table; None: no cache) was written, then rewrite the cache
+    atomically.
 
     The stamp is what the file system says changes with the content (`file_stamp`), so a file rewritten with the
     same size is read again. The cache holds exactly this call's files: it never grows past one manifest, and its
     results must have been made with the same `max_seconds` and `max_bytes` (the caller puts them in the name).
     """
-    uris = np.asarray(uris, dtype=object)
-    distinct = pd.unique(uris[uris != ""])
-    current = pd.DataFrame({"uri": pd.Series(distinct, dtype="str")})
-    current["size"], current["stamp"] = _stamps(distinct, workers)
-    hits, cached_rows = _cached_probes(cache_path, current, log)
-    missing = distinct[~pd.Index(distinct, dtype=object).isin(hits["uri"].to_numpy(object))]
-    probed = _probe_columns(missing, max_seconds, workers, max_bytes, log)
-    if len(probed):
-        fresh = current.set_index("uri").loc[probed["uri"], ["size", "stamp"]].reset_index()
-        probed = pd.concat([fresh, probed.drop(columns="uri")], axis=1)
-    del current  # a million rows of it: not held while the table is assembled
-    parts = [frame for frame in (hits, probed) if len(frame)] or [hits]
-    table = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)  # one part: no copy
+    distinct = pc.unique(uris)
+    del uris  # often a copy made for this call
+    blank = pc.equal(distinct, "")
+    if pc.any(blank).as_py():
+        distinct = distinct.filter(pc.invert(blank))
+    sizes, stamps = _stamps(distinct, workers)
+    current = pa.table({"uri": distinct, "size": sizes, "stamp": stamps})
+    release_unused_memory()  # the hash table that found the distinct URIs
+    hits, hit, cached_rows = _cached_probes(cache_path, current, log)
+    release_unused_memory()
+    fresh = current.filter(~hit)
+    del current, distinct, sizes, stamps  # a million rows of them: not held while the table is assembled
+    probed = _probe_columns(fresh["uri"], max_seconds, workers, max_bytes, log)
+    table = pa.concat_tables([hits, pa.Table.from_arrays([*fresh.columns, *probed.columns], schema=CACHE_SCHEMA)])
     # Unchanged (every file reused, none gone): the cache on disk already says all this.
-    if cache_path is not None and (len(missing) or len(hits) != cached_rows):
-        write_parquet(table[table["stamp"] != 0], cache_path)
-    return ProbeResults(table.drop(columns=["size", "stamp"]).set_index("uri"), len(missing), len(hits))
+    if cache_path is not None and (fresh.num_rows or hits.num_rows != cached_rows):
+        with atomic_open(cache_path, "wb") as handle:
+            pq.write_table(table.filter(pc.not_equal(table["stamp"], 0)), handle, row_group_size=CHUNK)
+    results = ProbeResults(table.drop_columns(["size", "stamp"]), fresh.num_rows, hits.num_rows)
+    del table, hits, fresh
+    release_unused_memory()
+    return results
 
 
 def file_stamp(uri: str) -> tuple[int, str]:
@@ -361,13 +381,18 @@ def file_stamp(uri: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _stamps(uris: np.ndarray, workers: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def _slices(values: pa.Array, size: int) -> Iterator[list[str]]:
+    """`values` as Python lists of at most `size`: only one slice's strings exist at a time."""
+    for start in range(0, len(values), size):
+        yield values.slice(start, size).to_pylist()
+
+
+def _stamps(uris: pa.Array, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Size and stamp of every URI, each stamp kept as a 64-bit hash (0: unknown) so that millions of them stay
     small; computed in chunks (a future per file would cost more than a local stat)."""
-    chunks = [uris[start : start + chunk] for start in range(0, len(uris), chunk)]
     sizes, stamps = np.zeros(len(uris), dtype=np.int64), np.zeros(len(uris), dtype=np.int64)
     position = 0
-    for found in bounded_map(lambda part: [file_stamp(u) for u in part], chunks, workers):
+    for found in bounded_map(lambda part: [file_stamp(u) for u in part], _slices(uris, 1024), workers):
         for size, stamp in found:
             sizes[position], stamps[position] = size, _stamp_id(stamp)
             position += 1
@@ -381,43 +406,80 @@ def _stamp_id(stamp: str) -> int:
 
 
 def _cached_probes(
-    cache_path: str | None, current: pd.DataFrame, log: Callable[[str], None] | None
-) -> tuple[pd.DataFrame, int]:
-    """The cache's rows whose (uri, size, stamp) match a file now, and how many rows the cache holds; an
-    unreadable cache is dropped, never fatal."""
-    empty = current.iloc[:0].assign(**{name: pd.Series(dtype=kind) for name, kind in PROBE_FIELDS.items()})
+    cache_path: str | None, current: pa.Table, log: Callable[[str], None] | None
+) -> tuple[pa.Table, np.ndarray, int]:
+    """The cache's rows whose (uri, size, stamp) match a file now, which of `current`'s files they are, and how many
+    rows the cache holds; an unreadable cache is dropped, never fatal."""
+    none = CACHE_SCHEMA.empty_table(), np.zeros(current.num_rows, dtype=bool), 0
     if cache_path is None:
-        return empty, 0
+        return none
     try:
-        cache = read_parquet(cache_path, columns=list(empty.columns)).astype(empty.dtypes.to_dict())
+        with fsspec.open(cache_path, "rb") as handle:
+            cache = pq.ParquetFile(handle)
+            return *_matching_rows(cache, current), cache.metadata.num_rows
     except FileNotFoundError:
-        return empty, 0
+        return none
     except Exception as error:  # a torn, foreign or older file: probing again is always correct
         if log is not None:
             log(f"probe cache {cache_path} dropped ({type(error).__name__}: {error}): probing every clip")
-        return empty, 0
-    known = current[current["stamp"] != 0]
-    return known.merge(cache.drop_duplicates("uri"), on=["uri", "size", "stamp"], how="inner"), len(cache)
+        return none
+
+
+def _matching_rows(cache: pq.ParquetFile, current: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """`current`'s files whose (uri, size, stamp) the cache holds, with their cached probe, in the cache's order,
+    and which of `current`'s rows they are.
+
+    Read a few columns at a time and the probe results a batch at a time, keeping only the matching rows: the
+    whole cache never sits in memory beside the files it is matched against.
+    """
+    at = pc.index_in(current["uri"], value_set=_read(cache, ["uri"])["uri"])  # a URI cached twice: its first row
+    keys = _read(cache, ["size", "stamp"])
+    same = pc.and_(pc.equal(keys["size"].take(at), current["size"]), pc.equal(keys["stamp"].take(at), current["stamp"]))
+    del keys
+    hit = pc.fill_null(pc.and_(same, pc.not_equal(current["stamp"], 0)), False).to_numpy()
+    positions = pc.filter(at, hit).to_numpy().astype(np.int64)
+    order = np.argsort(positions, kind="stable")
+    positions, rows = positions[order], np.flatnonzero(hit)[order]
+    parts, start = [], 0
+    for batch in cache.iter_batches(batch_size=CHUNK, columns=list(PROBE_FIELDS)):
+        low, high = np.searchsorted(positions, [start, start + batch.num_rows])
+        parts.append(batch.take(pa.array(positions[low:high] - start)).cast(PROBE_SCHEMA))
+        start += batch.num_rows
+    found = pa.Table.from_batches(parts, schema=PROBE_SCHEMA)
+    return pa.Table.from_arrays([*current.take(rows).columns, *found.columns], schema=CACHE_SCHEMA), hit
+
+
+def _read(cache: pq.ParquetFile, columns: list[str]) -> pa.Table:
+    return cache.read(columns=columns).cast(pa.schema([CACHE_SCHEMA.field(name) for name in columns]))
 
 
 def _probe_columns(
-    uris: np.ndarray,
+    uris: pa.ChunkedArray,
     max_seconds: float | None,
     workers: int,
     max_bytes: int,
     log: Callable[[str], None] | None,
-) -> pd.DataFrame:
-    """`probe_clip` of each URI as a table with `uri` and the PROBE_FIELDS columns (columns, not a probe object
-    per clip, so a million results stay compact)."""
-    columns: dict[str, list] = {name: [] for name in ("uri", *PROBE_FIELDS)}
+) -> pa.Table:
+    """`probe_clip` of each URI as a table of the PROBE_FIELDS columns in `uris`' order, gathered into Arrow every
+    CHUNK probes: a probe's Python objects (a hash string, numbers) would otherwise cost ~400 bytes a clip."""
     progress = _Progress(len(uris), log, PROGRESS_EVERY_SECONDS)
-    for probe in bounded_map(lambda uri: probe_clip(uri, max_seconds, max_bytes), uris, workers):
-        for name, values in columns.items():
-            values.append(getattr(probe, name))
+    names = (uri for part in _slices(uris.combine_chunks(), CHUNK) for uri in part)
+    probes = bounded_map(lambda uri: probe_clip(uri, max_seconds, max_bytes), names, workers)
+    batches, results = [], []
+    for probe in probes:
+        results.append(probe)
         progress.step()
-    return pd.DataFrame(
-        {name: pd.Series(values, dtype=PROBE_FIELDS.get(name, "str")) for name, values in columns.items()}
-    )
+        if len(results) == CHUNK:
+            batches.append(_record_batch(results))
+            results = []
+    batches.append(_record_batch(results))
+    return pa.Table.from_batches(batches)
+
+
+def _record_batch(probes: list[ClipProbe]) -> pa.RecordBatch:
+    """The PROBE_FIELDS of `probes` as Arrow columns."""
+    columns = [pa.array([getattr(p, name) for p in probes], CACHE_SCHEMA.field(name).type) for name in PROBE_FIELDS]
+    return pa.RecordBatch.from_arrays(columns, names=list(PROBE_FIELDS))
 
 
 class _Progress:

@@ -14,12 +14,14 @@ later row a "duplicate".
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from higgs_pipeline.data.dialogue_turns import DIALOGUE_REJECT_REASONS, incomplete_dialogues, turn_problems
 from higgs_pipeline.data.hashing import digest, digest_of_lines, sha256_hex
@@ -30,8 +32,9 @@ from higgs_pipeline.data.manifest import (
     manifest_folder,
     resolve_audio_paths,
 )
+from higgs_pipeline.data.memory import release_unused_memory
 from higgs_pipeline.data.normalize import INVISIBLE, normalize_label
-from higgs_pipeline.data.probe import DEFAULT_MAX_CLIP_BYTES, PROBE_FIELDS, probe_with_cache
+from higgs_pipeline.data.probe import CHUNK, DEFAULT_MAX_CLIP_BYTES, PROBE_FIELDS, probe_with_cache
 
 # Llama-3 / Higgs control tokens are spelled <|name|>. In a transcript the text tokenizer reads one as the token
 # itself: a stray <|AUDIO_OUT|> adds an audio slot with no clip, and training fails in the collator.
@@ -200,9 +203,38 @@ def _is_empty(values: pd.Series) -> np.ndarray:
     return (values.str.replace(INVISIBLE, "", regex=True).str.strip() == "").to_numpy(bool)
 
 
-def _column(values: pd.Series) -> np.ndarray:
-    """A column as a numpy object array (one C-level conversion instead of per-element Arrow access)."""
-    return values.to_numpy(dtype=object)
+@dataclass(frozen=True)
+class _ClipHashes:
+    """Each distinct content hash once ("" among them, for no hash), a clip's hash stood for by its position there.
+
+    Rows compare, group and find repeats by these int64 codes exactly as by the hash strings (one string, one
+    code); the 64-character strings are made only for the rows written out, never one Python string per row.
+    """
+
+    values: pa.Array
+    of_file: np.ndarray  # the code of each probed file's hash, aligned with the probe table
+    empty: int  # the code of ""
+
+    @classmethod
+    def of(cls, probes: pa.Table) -> _ClipHashes:
+        values = pc.unique(pa.chunked_array([*probes["clip_hash"].chunks, pa.array([""], pa.large_string())]))
+        of_file = pc.index_in(probes["clip_hash"], value_set=values).to_numpy().astype(np.int64)
+        return cls(values, of_file, pc.index_in(pa.array([""], pa.large_string()), value_set=values)[0].as_py())
+
+    def text(self, codes: np.ndarray) -> pd.Series:
+        """The hash strings of `codes`, as a column."""
+        return self.values.take(pa.array(codes)).to_pandas()
+
+    def lines(self, target: np.ndarray, reference: np.ndarray) -> Iterator[str]:
+        """ "target,reference" per row, made CHUNK rows at a time."""
+        for start in range(0, len(target), CHUNK):
+            stop = start + CHUNK
+            pairs = zip(
+                self.values.take(pa.array(target[start:stop])).to_pylist(),
+                self.values.take(pa.array(reference[start:stop])).to_pylist(),
+                strict=True,
+            )
+            yield from (t + "," + r for t, r in pairs)
 
 
 def screen_manifest(
@@ -237,7 +269,7 @@ def screen_manifest(
 
     audio_uri, audio_outside = resolve_audio_paths(manifest.uri, rows["audio_path"].str.strip())
     ref_uri, ref_outside = resolve_audio_paths(manifest.uri, rows["ref_audio_path"].str.strip())
-    audio_uris, ref_uris = _column(audio_uri), _column(ref_uri)
+    release_unused_memory()
     folder = join_uri(*manifest_folder(manifest.uri))
     allow_outside = rules.allow_paths_outside_manifest_dir
     if not allow_outside:
@@ -247,8 +279,8 @@ def screen_manifest(
             "path_outside_manifest_dir",
             lambda at: [f"audio_path {p} leads outside {folder}" for p in paths.iloc[at]],
         )
-    verdict.reject(audio_uris == "", "missing_file", "audio_path is empty")
-    has_ref = ref_uris != ""
+    verdict.reject((audio_uri == "").to_numpy(), "missing_file", "audio_path is empty")
+    has_ref = (ref_uri != "").to_numpy()
     has_ref_text = ~_is_empty(rows["ref_text"])
     verdict.reject(has_ref & ~has_ref_text, "bad_reference", "ref_audio_path without ref_text")
     # A transcript of a reference that is not there: training it as plain TTS would drop the user's intent unseen.
@@ -258,8 +290,11 @@ def screen_manifest(
 
     # Probe each distinct file of the rows still open, once (targets and references together).
     probing = verdict.open()
+    audio_uris, ref_uris = pa.chunked_array(audio_uri), pa.chunked_array(ref_uri)
     probes = probe_with_cache(
-        np.concatenate([audio_uris[probing], ref_uris[probing & has_ref]]),
+        pa.chunked_array(
+            [*_where(audio_uris, probing).chunks, *_where(ref_uris, probing & has_ref).chunks], pa.large_string()
+        ),
         _probe_cache_path(probe_cache, manifest.uri, rules),
         rules.max_seconds,
         rules.probe_workers,
@@ -268,8 +303,15 @@ def screen_manifest(
     )
     if log is not None and probes.reused:
         log(f"{probes.reused} clips unchanged since the last screening: their probes reused")
-    target = _probe_table(probes.table, np.where(probing, audio_uris, ""))
-    reference = _probe_table(probes.table, np.where(probing & has_ref, ref_uris, ""))
+    hashes = _ClipHashes.of(probes.table)
+    target_at = _file_of_row(probes.table, audio_uris, probing)
+    reference_at = _file_of_row(probes.table, ref_uris, probing & has_ref)
+    results, probed, reused = probes.table.drop_columns(["uri", "clip_hash"]), probes.probed, probes.reused
+    del probes, audio_uris, ref_uris  # a row per file: not held while the rows' arrays are made
+    release_unused_memory()
+    target = _probe_table(results, hashes, target_at)
+    reference = _probe_table(results, hashes, reference_at)
+    del results, target_at, reference_at
     _reject_audio(verdict, target, rules)
     _reject_reference(verdict, reference, target, has_ref, rules)
     _reject_duplicates(verdict, rows, target["clip_hash"])
@@ -279,13 +321,17 @@ def screen_manifest(
     verdict.reject(incomplete, "dialogue_incomplete", incomplete_details)
 
     corpus_version = digest_of_lines(
-        (t + "," + r for t, r in zip(target["clip_hash"], reference["clip_hash"], strict=True)),
-        seed=sha256_hex(manifest.raw).encode(),
+        hashes.lines(target["clip_hash"], reference["clip_hash"]), seed=sha256_hex(manifest.raw).encode()
     )
     accepted_mask = verdict.open()
-    accepted = _accepted_table(rows, accepted_mask, audio_uri, ref_uri, target, reference)
+    accepted = _accepted_table(rows, accepted_mask, audio_uri, ref_uri, target, reference, hashes)
     rejected = _rejected_table(rows, ~accepted_mask, verdict, audio_uri)
-    return Screening(manifest.uri, size, accepted, rejected, corpus_version, probes.probed, probes.reused)
+    return Screening(manifest.uri, size, accepted, rejected, corpus_version, probed, reused)
+
+
+def _where(values: pa.ChunkedArray, mask: np.ndarray) -> pa.ChunkedArray:
+    """The values where `mask` holds; all of them, without a copy, when it holds everywhere (the usual case)."""
+    return values if mask.all() else values.filter(mask)
 
 
 def _probe_cache_path(folder: str | None, manifest_uri: str, rules: ScreeningRules) -> str | None:
@@ -296,19 +342,25 @@ def _probe_cache_path(folder: str | None, manifest_uri: str, rules: ScreeningRul
     return f"{folder.rstrip('/')}/{key[:16]}.parquet"
 
 
-def _probe_table(probes: pd.DataFrame, uris: np.ndarray) -> dict[str, np.ndarray]:
-    """Probe results per row, as arrays; rows that were not probed (uri "") get `_UNPROBED`'s values.
+def _file_of_row(probes: pa.Table, uris: pa.ChunkedArray, probing: np.ndarray) -> np.ndarray:
+    """Each row's position in the probe table; -1 for a row not `probing`."""
+    at = pc.fill_null(pc.index_in(uris, value_set=probes["uri"]), -1).to_numpy().astype(np.int64)
+    at[~probing] = -1
+    return at
 
-    Looked up once per distinct uri and spread to rows by factorized codes, not per row.
-    """
-    codes, distinct = pd.factorize(uris)
-    found = probes.reindex(pd.Index(distinct, dtype="str"))
-    table = {}
+
+def _probe_table(results: pa.Table, hashes: _ClipHashes, at: np.ndarray) -> dict[str, np.ndarray]:
+    """Probe results per row, as arrays (`clip_hash` as `hashes` codes), from each row's position in the probe
+    table (`_file_of_row`); rows at -1 (not probed) get `_UNPROBED`'s values, appended last."""
+    probed = at >= 0
+    table = {"probed": probed}
     for name, kind in PROBE_FIELDS.items():
-        column = found[name].fillna(_UNPROBED[name]).to_numpy()
-        values = np.append(column, _UNPROBED[name])  # code -1 (none here: "" is a value) maps to the default
-        table[name] = values[codes].astype(object if kind == "str" else kind)
-    table["probed"] = uris != ""
+        if name == "clip_hash":
+            values = np.append(hashes.of_file, hashes.empty)
+        else:
+            values = np.append(results[name].to_numpy(), _UNPROBED[name]).astype(object if kind == "str" else kind)
+        # No row probed (the references of a manifest without any): one read-only value seen from every row.
+        table[name] = values[at] if probed.any() else np.broadcast_to(values[-1:], at.shape)
     return table
 
 
@@ -365,6 +417,24 @@ def _open_rows_sharing_a_clip(verdict: _Verdicts, clip_hash: np.ndarray) -> np.n
     return candidates[pd.Series(clip_hash[candidates]).duplicated(keep=False).to_numpy()]
 
 
+def _distinct(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(each distinct value once, each value's position there): equal values, equal codes, and a million rows
+    compare as integers instead of a Python string each."""
+    codes, distinct = pd.factorize(values)
+    return np.asarray(distinct, dtype=object), codes
+
+
+def _codes(values: pd.Series) -> np.ndarray:
+    return _distinct(values)[1]
+
+
+def _normalized_codes(values: pd.Series, at: np.ndarray) -> np.ndarray:
+    """`_codes` of the normalized labels (`normalize_label`) of `values` at positions `at`, normalized CHUNK rows at
+    a time: each of normalization's steps copies the text, a million rows' worth at once otherwise."""
+    parts = [normalize_label(values.iloc[at[start : start + CHUNK]]) for start in range(0, len(at), CHUNK)]
+    return _codes(pd.concat(parts, ignore_index=True))
+
+
 def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.ndarray) -> None:
     """Among rows still open, later rows with the same clip hash and normalized text as an earlier one.
 
@@ -376,7 +446,7 @@ def _reject_duplicates(verdict: _Verdicts, rows: pd.DataFrame, clip_hash: np.nda
     keys = pd.DataFrame(
         {
             "hash": clip_hash[candidates],
-            "text": normalize_label(rows["text"].iloc[candidates]).to_numpy(object),
+            "text": _normalized_codes(rows["text"], candidates),
             "row": rows["row"].to_numpy()[candidates],
         }
     )
@@ -396,11 +466,12 @@ def _reject_speaker_conflicts(verdict: _Verdicts, rows: pd.DataFrame, clip_hash:
     candidates = _open_rows_sharing_a_clip(verdict, clip_hash)
     if not len(candidates):
         return
+    labels, label_codes = _distinct(rows["speaker"].iloc[candidates].str.strip())
     keys = pd.DataFrame(
         {
             "hash": clip_hash[candidates],
-            "speaker": normalize_label(rows["speaker"].iloc[candidates]).to_numpy(object),
-            "label": rows["speaker"].iloc[candidates].str.strip().to_numpy(object),
+            "speaker": _normalized_codes(rows["speaker"], candidates),
+            "label": label_codes,
             "row": rows["row"].to_numpy()[candidates],
         }
     )
@@ -410,7 +481,7 @@ def _reject_speaker_conflicts(verdict: _Verdicts, rows: pd.DataFrame, clip_hash:
         return
     mask = np.zeros(len(rows), dtype=bool)
     mask[candidates[conflict]] = True
-    earlier_rows, earlier_labels = first["row"].to_numpy()[conflict], first["label"].to_numpy()[conflict]
+    earlier_rows, earlier_labels = first["row"].to_numpy()[conflict], labels[first["label"].to_numpy()[conflict]]
     earlier = dict(zip(candidates[conflict], zip(earlier_rows, earlier_labels, strict=True), strict=True))
     verdict.reject(
         mask,
@@ -426,12 +497,11 @@ def _accepted_table(
     ref_uri: pd.Series,
     target: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
+    hashes: _ClipHashes,
 ) -> pd.DataFrame:
-    kept = rows[mask].reset_index(drop=True)
+    kept = rows[["row", *MANIFEST_COLUMNS]][mask].reset_index(drop=True)  # not the read notes
 
-    def text(values: np.ndarray) -> pd.Series:
-        return pd.Series(values[mask], dtype="str")
-
+    # No copy of the columns (each is already its own new array), in ACCEPTED_COLUMNS' order.
     table = pd.DataFrame(
         {
             "row": kept["row"],
@@ -447,11 +517,11 @@ def _accepted_table(
             "ref_audio_path": kept["ref_audio_path"],
             "ref_audio_uri": ref_uri[mask].reset_index(drop=True),
             "ref_text": kept["ref_text"].str.strip(),
-            "ref_clip_hash": text(reference["clip_hash"]),
+            "ref_clip_hash": hashes.text(reference["clip_hash"][mask]),
             "ref_duration_s": reference["duration_s"][mask],
             "ref_frames": reference["frames"][mask],
             "ref_sample_rate": reference["sample_rate"][mask],
-            "clip_hash": text(target["clip_hash"]),
+            "clip_hash": hashes.text(target["clip_hash"][mask]),
             "duration_s": target["duration_s"][mask],
             "frames": target["frames"][mask],
             "sample_rate": target["sample_rate"][mask],
@@ -459,9 +529,11 @@ def _accepted_table(
             "peak_dbfs": target["peak_dbfs"][mask],
             "asr_model": kept["asr_model"].str.strip(),
             "asr_confidence": asr_confidence(kept["asr_confidence"]),
-        }
+        },
+        copy=False,
     )
-    return table[list(ACCEPTED_COLUMNS)]
+    assert tuple(table.columns) == ACCEPTED_COLUMNS
+    return table
 
 
 def asr_confidence(values: pd.Series) -> np.ndarray:

@@ -68,6 +68,7 @@ def raw_audio_manifest(
     context.log.info(f"screening {len(manifest.rows)} rows of {manifest.uri}")
     # Re-screening reads only the clips new or changed since the last run of this manifest with these limits.
     screening = screen_manifest(manifest, rules, context.log.info, artifacts.path("raw_audio_manifest", "probe_cache"))
+    del manifest  # a million rows of it: not held while the tables are written
 
     folder = artifacts.path("raw_audio_manifest", digest(screening.corpus_version, config.model_dump_json())[:16])
     accepted_path, rejected_path = f"{folder}/accepted.parquet", f"{folder}/rejected.csv"
@@ -91,7 +92,7 @@ def raw_audio_manifest(
             "rejected_preview": dg.MetadataValue.md(_rejected_preview(screening.rejected)),
             "sample_rates": dg.MetadataValue.json(_counts(accepted["sample_rate"])),
             "channels": dg.MetadataValue.json(_counts(accepted["channels"])),
-            "manifest_path": manifest.uri,
+            "manifest_path": screening.manifest_uri,
             "accepted_path": accepted_path,
             "rejected_path": rejected_path,
             "corpus_version": screening.corpus_version,
