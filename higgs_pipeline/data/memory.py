@@ -14,8 +14,9 @@ from collections.abc import Callable
 import pyarrow as pa
 
 
-def _malloc_trim() -> Callable[[], object]:
-    """glibc's malloc_trim(0) where it exists (Linux), else a no-op."""
+def heap_trimmer() -> Callable[[], object]:
+    """glibc's malloc_trim(0) where it exists (Linux), else a no-op: the C heap's freed pages handed back (the codec's
+    clips of ever-different lengths fragment it too: data/tokenize.py)."""
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
@@ -23,7 +24,7 @@ def _malloc_trim() -> Callable[[], object]:
     return lambda: trim(0)
 
 
-_trim_heap = _malloc_trim()
+_trim_heap = heap_trimmer()
 
 
 def release_unused_memory() -> None:

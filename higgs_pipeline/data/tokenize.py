@@ -12,7 +12,6 @@ the encoder; codes gather into shards (`TokenStore.writer`).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import time
@@ -28,6 +27,7 @@ import torch
 
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
+from higgs_pipeline.data.memory import heap_trimmer
 from higgs_pipeline.data.probe import ClipRefusedError, read_clip_bytes
 from higgs_pipeline.data.sealed import BrokenEntry, read_sealed, seal
 from higgs_pipeline.data.tables import write_text
@@ -199,15 +199,6 @@ class ClipEncoder:
             for position, clip in zip(positions, self.encode([waves[p] for p in positions]), strict=True):
                 codes[position] = clip
         return codes
-
-
-def heap_trimmer() -> Callable[[], object]:
-    """glibc's malloc_trim(0) where it exists (Linux), else a no-op."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
 
 
 def encode_clips(

@@ -32,7 +32,8 @@ def codes_of(row: pd.Series) -> np.ndarray:
 
 def encoder(tokenizer_name: str, device: str) -> BatchFunction:
     """The batch function: each clip's codes, equal-length clips encoded together."""
-    from higgs_pipeline.data.tokenize import ClipEncoder, audio_tokenizer, heap_trimmer, load_wave
+    from higgs_pipeline.data.memory import heap_trimmer
+    from higgs_pipeline.data.tokenize import ClipEncoder, audio_tokenizer, load_wave
 
     tokenizer = audio_tokenizer(tokenizer_name, device)
     trim_heap = heap_trimmer()  # clips of ever-different lengths fragment the heap (measured in tokenize.py)
