@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from voice_fixtures import write_tiny_wavlm
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.paths import DEMO_DATA
@@ -76,24 +77,7 @@ def test_batched_resemblyzer_equals_embed_utterance(speech16k):
 def test_batched_wavlm_equals_one_at_a_time(tmp_path, speech16k):
     """A tiny random-weight WavLMForXVector (the code path, not its quality): clips of one length share a forward,
     a clip of another length runs alone, and every embedding equals the clip's own."""
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
-
-    config = WavLMConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32, 32),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=16,
-        tdnn_dim=(32, 32),
-        tdnn_kernel=(3, 1),
-        tdnn_dilation=(1, 1),
-        xvector_output_dim=24,
-    )
-    WavLMForXVector(config).save_pretrained(tmp_path)
-    Wav2Vec2FeatureExtractor(sampling_rate=RATE, return_attention_mask=True).save_pretrained(tmp_path)
+    write_tiny_wavlm(tmp_path)
     clips = _lengths_cut(speech16k, [1.5, 1.5, 1.0, 1.5])
     batched = diarize.batch_embedder(str(tmp_path), "cpu")(clips)
     alone = np.stack([diarize.embedder(str(tmp_path), "cpu")(clip) for clip in clips])

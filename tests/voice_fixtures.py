@@ -36,3 +36,27 @@ def promote(artifacts_root: Path, adapter: Path) -> Path:
     pointer = {"adapter_path": str(adapter), "base_model": "demo (demo model, random weights)"}
     path.write_text(json.dumps(pointer | {"adapter_sha256": adapter_sha256(str(adapter))}))
     return path
+
+
+def write_tiny_wavlm(folder: Path) -> Path:
+    """A tiny random-weight WavLMForXVector checkpoint with its feature extractor (16 kHz) in `folder`: the WavLM
+    speaker-model code path offline, not its quality (24-dimensional x-vectors)."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+    config = WavLMConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        tdnn_dim=(32, 32),
+        tdnn_kernel=(3, 1),
+        tdnn_dilation=(1, 1),
+        xvector_output_dim=24,
+    )
+    WavLMForXVector(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16_000, return_attention_mask=True).save_pretrained(folder)
+    return folder
