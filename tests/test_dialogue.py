@@ -5,6 +5,8 @@ dialogues are cut at turn boundaries, the speaker confusion metric, and the synt
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -700,52 +702,52 @@ def test_a_reference_without_its_transcript_is_transcribed_or_refused(tmp_path, 
     assert "bruce.wav: no transcript beside it and none heard" in capsys.readouterr().err and not out.exists()
 
 
-class SpectralVoice:
-    """A small real speaker embedding for tests: the mean log spectrum in 24 bands (no model to load)."""
+@pytest.mark.slow  # generation and the speech models in this process and in two more
+def test_validation_dialogues_are_scored_the_same_in_the_step_and_over_two_processes(tmp_path):
+    """`adapter_evaluation`'s dialogues (the evaluation worker's `dialogues` phase): the recordings, the base and the
+    adapter scored for speaker similarity and confusion; the same numbers in this process and as a 2-process
+    torchrun job (a dialogue each: dialogue i speaks with seed + i wherever it runs). The adapter's LoRA is zero, so
+    merged in place it speaks exactly as its base."""
+    from voice_fixtures import make_adapter
 
-    def embed(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
-        frames = np.lib.stride_tricks.sliding_window_view(np.asarray(waveform, dtype=np.float64), 512)[::256]
-        spectrum = np.abs(np.fft.rfft(frames * np.hanning(512), axis=1)).mean(axis=0)
-        bands = np.array_split(np.log(spectrum + 1e-6), 24)
-        return np.array([band.mean() for band in bands]) - np.log(1e-6)
-
-
-@pytest.mark.slow  # generation and the speech models: minutes on 2 cores
-def test_validation_dialogues_are_scored_for_recordings_base_and_adapter(tmp_path):
-    from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
-    from higgs_pipeline.models.loading import resolve_audio_tokenizer, resolve_model
+    from higgs_pipeline.models.loading import resolve_model
+    from higgs_pipeline.speech.scoring import get_scorer
+    from higgs_pipeline.workers import evaluation
+    from higgs_pipeline.workers.shards import merge_parts
 
     demo = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False)
-    rows = pd.concat([demo[demo["dialogue_id"] == "station"], demo[demo["dialogue_id"] == ""].iloc[[24, 36]]])
-    accepted = rows.assign(
-        row=np.arange(1, len(rows) + 1),
-        audio_uri=[str(DEMO_MANIFEST.parent / p) for p in rows["audio_path"]],
-        clip_hash=[hashlib.sha256(p.encode()).hexdigest() for p in rows["audio_path"]],
+    accepted = demo.assign(
+        row=np.arange(1, len(demo) + 1),
+        audio_uri=[str(DEMO_MANIFEST.parent / p) for p in demo["audio_path"]],
+        clip_hash=[hashlib.sha256(p.encode()).hexdigest() for p in demo["audio_path"]],
         duration_s=2.0,
-    ).reset_index(drop=True)
-    ids, _ = normalize_speakers(accepted["speaker"])
-    (sample,) = plan_dialogues(accepted, ids).samples
-    dialogue = recorded_dialogue(sample.record())
-    assert dialogue.scored_turns() == [0, 1, 2]  # Carmen and Dmitri both have a clip outside the dialogue
-    demo_model = resolve_model("demo")
-    numbers = evaluate_dialogues(
-        [dialogue],
-        {"base": demo_model, "adapter": demo_model},
-        resolve_audio_tokenizer("demo"),
-        SpectralVoice(),
-        str(tmp_path),
-        seed=0,
-        temperature=0.7,
-        max_new_tokens=10,
-        device="cpu",
     )
+    ids, _ = normalize_speakers(accepted["speaker"])
+    records = [sample.record() for sample in plan_dialogues(accepted, ids).samples]
+    records = [record for record in records if recorded_dialogue(record).scored_turns()][:2]
+    assert len(records) == 2
+    adapter = str(make_adapter(tmp_path / "adapter", scale=0.0))
+    work = evaluation.DialogueWork(
+        resolve_model("demo"), evaluation.Adapter(-1, adapter, adapter), "demo", 10, 0.7, 0, "tiny.en", "resemblyzer"
+    )
+    items = evaluation.dialogue_items(records)
+    in_step = evaluation.run_in_step("dialogues", items, work, "cpu", get_scorer(), str(tmp_path), print)
+    items.to_parquet(tmp_path / "items.parquet")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    command += ["-m", evaluation.EVALUATION_MODULE, "--clips", str(tmp_path / "items.parquet"), "--out"]
+    command += [str(tmp_path / "parts"), "--phase", "dialogues", "--work", evaluation.work_json(work)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    parts = [str(tmp_path / "parts" / f"part-{rank}-of-2.parquet") for rank in range(2)]
+    assert all(len(pd.read_parquet(part)) == 1 for part in parts), "each process scored one dialogue"
+
+    numbers = evaluation.dialogue_numbers_of(in_step)
+    assert evaluation.dialogue_numbers_of(merge_parts(parts, evaluation.ITEM_KEY)) == numbers
     assert set(numbers) == {
         f"{prefix}dialogue_speaker_{name}"
         for prefix in ("ground_truth_", "base_val_", "val_")
         for name in ("similarity", "confusion")
     }
     assert all(-1.0 <= value <= 1.0 for value in numbers.values())
-    # Same checkpoint, same seeds: the base and the "adapter" take are the same numbers.
     assert numbers["val_dialogue_speaker_similarity"] == numbers["base_val_dialogue_speaker_similarity"]
     assert numbers["val_dialogue_speaker_confusion"] == numbers["base_val_dialogue_speaker_confusion"]
-    assert numbers["ground_truth_dialogue_speaker_confusion"] in (0.0, 1 / 3, 2 / 3, 1.0)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
-from higgs_pipeline.data.dialogue import DIALOGUE_KIND, recorded_dialogue
+from higgs_pipeline.data.dialogue import DIALOGUE_KIND
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records
 from higgs_pipeline.data.split import validation_subset_records
@@ -43,7 +43,7 @@ from higgs_pipeline.evaluation.prompt_sets import (
 )
 from higgs_pipeline.evaluation.sizes import Sizes, resolve_sizes
 from higgs_pipeline.models.demo import DEMO_NOTE
-from higgs_pipeline.models.loading import describe, is_demo_model, resolve_audio_tokenizer, resolve_model
+from higgs_pipeline.models.loading import describe, is_demo_model
 from higgs_pipeline.training.config import RunSettings
 
 if TYPE_CHECKING:
@@ -145,8 +145,8 @@ def adapter_evaluation(
     """Every candidate adapter of the training run (its evaluation points) heard on held-out prompts against the
     base model, one chosen by ear first, then by audio loss (evaluation/choice.py); the chosen one's losses,
     speech on the golden and retention sets and dialogues, with a listening report."""
-    from higgs_pipeline.evaluation import dialogue_speech, evaluate, recorded
-    from higgs_pipeline.serving.merge import merge_adapter
+    from higgs_pipeline.evaluation import evaluate, recorded
+    from higgs_pipeline.evaluation.hearing import hear_dialogues
 
     adapter_meta = upstream_metadata(context, "lora_adapter")
     split_meta = upstream_metadata(context, "train_val_split")
@@ -168,16 +168,12 @@ def adapter_evaluation(
             raise dg.Failure(str(error)) from error
         jobs_root = artifacts.path("adapter_evaluation", "jobs")
         jobs = _EvaluationJobs(context, config, jobs_root, checkpoints, scorers, scratch)
-        heard = _hear(context, config, sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, jobs)
-        dialogues = [recorded_dialogue(r) for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
-        dialogue_numbers = dialogue_speech.dialogue_quality_numbers({"ground_truth": [], "base": [], "adapter": []})
-        if dialogues:
-            # The dialogue engine loads a checkpoint folder: the one merge of the evaluation, for the chosen adapter.
-            merged = str(merge_adapter(base, heard.chosen.local_dir, f"{scratch}/merged"))
-            model_dirs = {"base": resolve_model(base), "adapter": merged}
-            dialogue_numbers = _listen_to_dialogues(
-                context, dialogues, model_dirs, checkpoints, scorers, config, sizes, scratch
-            )
+        heard, generation = _hear(
+            context, config, sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, jobs
+        )
+        dialogues = [r for r in records if r.kind == DIALOGUE_KIND][: sizes.dialogue_prompts]
+        dialogue_numbers = hear_dialogues(base, heard.chosen, dialogues, generation, jobs, config.seed)
+        context.log.info(", ".join(f"{name} {value:.3f}" for name, value in dialogue_numbers.items()))
     numbers = recorded.evaluation_numbers(heard, config.tolerances(), _retention_tolerances(config)) | dialogue_numbers
     if not heard.results:
         context.log.warning("no listening prompt (validation split or config): WER and similarity not measured")
@@ -220,7 +216,8 @@ class _EvaluationJobs:
 
 
 def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta, checkpoints, scorers, jobs):
-    """Candidates found, their losses measured, every prompt set generated and scored, one chosen."""
+    """Candidates found, their losses measured, every prompt set generated and scored, one chosen; and how the
+    models spoke (the dialogues speak the same way)."""
     from higgs_pipeline.evaluation.hearing import Generation, candidate_adapters, candidate_losses, hear_candidates
 
     scratch = jobs.scratch
@@ -258,7 +255,7 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
     heard = hear_candidates(base, candidates, losses, prompt_sets, generation, jobs, config.tolerances(), len(measured))
     for step, reason in heard.choice.collapsed.items():
         context.log.warning(f"candidate at step {step} collapsed: {reason}")
-    return heard
+    return heard, generation
 
 
 def training_validation_limit(adapter_meta: dict) -> int:
@@ -269,26 +266,6 @@ def training_validation_limit(adapter_meta: dict) -> int:
     if not isinstance(config, dict):
         return RunSettings().max_validation_samples
     return int(config.get("run", {}).get("max_validation_samples", 0))
-
-
-def _listen_to_dialogues(context, dialogues, model_dirs: dict, checkpoints, scorers, config, sizes, scratch) -> dict:
-    """Speaker similarity and confusion of the recorded dialogues and of both models' turn-by-turn regenerations."""
-    from higgs_pipeline.evaluation.dialogue_speech import evaluate_dialogues
-
-    context.log.info(f"regenerating {len(dialogues)} validation dialogue(s) with the base and the adapter")
-    numbers = evaluate_dialogues(
-        dialogues,
-        model_dirs,
-        resolve_audio_tokenizer(checkpoints.audio_tokenizer),
-        scorers.scorer(),
-        scratch,
-        seed=config.seed,
-        temperature=config.temperature,
-        max_new_tokens=sizes.max_new_tokens,
-        device=checkpoints.torch_device(),
-    )
-    context.log.info(", ".join(f"{name} {value:.3f}" for name, value in numbers.items()))
-    return numbers
 
 
 def _evaluation_version(adapter_meta: dict, split_meta: dict, heard: "Heard") -> str:

@@ -5,12 +5,12 @@ scene and the speakers, each speaker's reference as `[SPEAKERk] transcript` and 
 as `[SPEAKERk] text` answered by their generated audio, and the turn to speak as the last user message. This is
 boson's own multi-speaker generation loop (examples/generation.py, chunked by speaker), through its serve engine.
 Used by `higgs-pipeline synthesize --dialogue` and by the evaluation of validation dialogues
-(`evaluate_dialogues`: speaker similarity and confusion of the recordings, the base and the adapter).
+(`recorded_scores` and `spoken_scores`: speaker similarity and confusion of the recordings, the base and the
+adapter, which the evaluation worker's `dialogues` phase runs on each process's share of the dialogues).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,65 +21,59 @@ from higgs_pipeline.evaluation.listening import TAKE_PREFIX
 from higgs_pipeline.serving.dialogue import speak_dialogue
 from higgs_pipeline.serving.generate import VoiceReference
 
-log = logging.getLogger(__name__)
+
+def recorded_scores(
+    dialogues: Sequence[RecordedDialogue], scorer, scratch: str
+) -> tuple[list[dict[int, np.ndarray]], list[DialogueSpeakerScores]]:
+    """Each dialogue's speaker references embedded ({speaker index: embedding}) and its recorded turns' scores."""
+    from higgs_pipeline.evaluation.listening import load_clip
+
+    references, scores = [], []
+    for dialogue in dialogues:
+        embedded = {
+            k: scorer.embed(*load_clip(r[1]["audio_path"], scratch)) for k, r in enumerate(dialogue.references) if r
+        }
+        turns = dialogue.scored_turns()
+        truth = [scorer.embed(*load_clip(dialogue.turns[i][2]["audio_path"], scratch)) for i in turns]
+        references.append(embedded)
+        scores.append(dialogue_speaker_scores(np.stack(truth), [dialogue.turns[i][0] for i in turns], embedded))
+    return references, scores
 
 
-def evaluate_dialogues(
+def spoken_scores(
+    engine,
     dialogues: Sequence[RecordedDialogue],
-    model_dirs: Mapping[str, str],
-    audio_tokenizer_dir: str,
+    seeds: Sequence[int],
+    references: Sequence[Mapping[int, np.ndarray]],
     scorer,
     scratch: str,
     *,
-    seed: int,
     temperature: float,
     max_new_tokens: int,
-    device: str,
-) -> dict[str, float]:
-    """Speaker similarity and confusion of validation dialogues: the recordings, and each model's generation.
+) -> list[DialogueSpeakerScores]:
+    """Each dialogue regenerated turn by turn by `engine` from its own references, with its own seed, and its
+    scored turns' speaker scores against `references` (`recorded_scores`)."""
+    from higgs_pipeline.evaluation.listening import local_clip
 
-    `model_dirs` maps a take ("base", "adapter") to a checkpoint folder the serve engine loads; `scorer` is
-    anything with `embed(waveform, sample_rate)` (the evaluation's `Scorer`). Each dialogue is regenerated turn
-    by turn from its own references (dialogue i with seed + i, the same for every take); only turns whose speaker
-    has a reference are scored, against every speaker's reference. Returns `dialogue_quality_numbers`.
-    """
-    from higgs_pipeline.evaluation.listening import load_clip, local_clip
-    from higgs_pipeline.serving.generate import open_engine
-
-    scored = [d for d in dialogues if d.scored_turns()]
-    scores: dict[str, list[DialogueSpeakerScores]] = {"ground_truth": [], **{take: [] for take in model_dirs}}
-    references = []
-    for dialogue in scored:
-        references.append(
-            {k: scorer.embed(*load_clip(r[1]["audio_path"], scratch)) for k, r in enumerate(dialogue.references) if r}
+    scores = []
+    for dialogue, seed, embedded in zip(dialogues, seeds, references, strict=True):
+        voices = [
+            None if r is None else VoiceReference(local_clip(r[1]["audio_path"], scratch), r[0])
+            for r in dialogue.references
+        ]
+        clips = speak_dialogue(
+            engine,
+            dialogue.system_prompt,
+            voices,
+            [(k, text) for k, text, _ in dialogue.turns],
+            seed=seed,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
         )
         turns = dialogue.scored_turns()
-        truth = [scorer.embed(*load_clip(dialogue.turns[i][2]["audio_path"], scratch)) for i in turns]
-        speakers = [dialogue.turns[i][0] for i in turns]
-        scores["ground_truth"].append(dialogue_speaker_scores(np.stack(truth), speakers, references[-1]))
-    for take, model_dir in model_dirs.items():
-        engine = open_engine(model_dir, audio_tokenizer_dir, device)
-        for index, dialogue in enumerate(scored):
-            voices = [
-                None if r is None else VoiceReference(local_clip(r[1]["audio_path"], scratch), r[0])
-                for r in dialogue.references
-            ]
-            clips = speak_dialogue(
-                engine,
-                dialogue.system_prompt,
-                voices,
-                [(k, text) for k, text, _ in dialogue.turns],
-                seed=seed + index,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-            )
-            turns = dialogue.scored_turns()
-            generated = np.stack([scorer.embed(clips[i].waveform, clips[i].sample_rate) for i in turns])
-            speakers = [dialogue.turns[i][0] for i in turns]
-            scores[take].append(dialogue_speaker_scores(generated, speakers, references[index]))
-        log.info("%s: %d dialogue(s) generated and scored", take, len(scored))
-        del engine
-    return dialogue_quality_numbers(scores)
+        generated = np.stack([scorer.embed(clips[i].waveform, clips[i].sample_rate) for i in turns])
+        scores.append(dialogue_speaker_scores(generated, [dialogue.turns[i][0] for i in turns], embedded))
+    return scores
 
 
 @dataclass(frozen=True)

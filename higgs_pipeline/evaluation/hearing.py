@@ -30,9 +30,12 @@ from higgs_pipeline.workers.evaluation import (
     BASE,
     GROUND_TRUTH,
     Adapter,
+    DialogueWork,
     LossWork,
     SpeechWork,
     Work,
+    dialogue_items,
+    dialogue_numbers_of,
     loss_items,
     prompt_items,
     run_in_step,
@@ -91,6 +94,18 @@ class Generation:
             self.asr_model,
             self.speaker_model,
             ground_truth,
+        )
+
+    def dialogue_work(self, base: str, chosen: CandidateAdapter, seed: int) -> DialogueWork:
+        return DialogueWork(
+            base,
+            _adapters([chosen])[0],
+            self.audio_tokenizer,
+            self.max_new_tokens,
+            self.temperature,
+            seed,
+            self.asr_model,
+            self.speaker_model,
         )
 
 
@@ -223,6 +238,22 @@ def hear_candidates(
     return Heard(
         list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"], losses.reused
     )
+
+
+def hear_dialogues(
+    base: str, chosen: CandidateAdapter, records: Sequence, generation: Generation, run: Runner, seed: int
+) -> dict[str, float]:
+    """Speaker similarity and confusion of the validation dialogue `records` (those with a turn to score): the
+    recordings, and each regenerated turn by turn by the base and by the chosen adapter (the worker's `dialogues`
+    phase; dialogue i speaks with seed + i whichever process speaks it)."""
+    from higgs_pipeline.data.dialogue import recorded_dialogue
+    from higgs_pipeline.evaluation.dialogue_speech import dialogue_quality_numbers
+
+    scored = [record for record in records if recorded_dialogue(record).scored_turns()]
+    if not scored:
+        return dialogue_quality_numbers({GROUND_TRUTH: [], BASE: [], "adapter": []})
+    generation.log(f"regenerating {len(scored)} validation dialogue(s) with the base and the adapter")
+    return dialogue_numbers_of(run("dialogues", dialogue_items(scored), generation.dialogue_work(base, chosen, seed)))
 
 
 def _heard(run: Runner, prompts: Sequence[ListeningPrompt], work: SpeechWork, scratch: str) -> list[PromptResult]:

@@ -1,5 +1,5 @@
-"""`python -m higgs_pipeline.workers.evaluation --clips ITEMS --out DIR --phase losses|takes --work JSON`: the heavy
-parts of `adapter_evaluation`, each rank on its share of a table of items (`shards.py`).
+"""`python -m higgs_pipeline.workers.evaluation --clips ITEMS --out DIR --phase losses|takes|dialogues --work JSON`:
+the heavy parts of `adapter_evaluation`, each rank on its share of a table of items (`shards.py`).
 
 - `losses`: the items are the validation batches (the records in slices of the batch size, in the split's fixed
   order); a rank measures the loss sums (`LossSums` as a float64 vector) of its batches for the base and for every
@@ -10,6 +10,10 @@ parts of `adapter_evaluation`, each rank on its share of a table of items (`shar
   taken out: `serving.merge.adapter_merged_in_place`), and scores every take (ASR, speaker similarity, DNSMOS)
   against the prompt's text and reference. A take's scores go in a JSON column, its waveform as float32 bytes
   beside them, so the asset rebuilds the very `Take`s (`takes_of`) for its report.
+- `dialogues`: the items are validation dialogues (dialogue i speaks with seed + i); a rank embeds its dialogues'
+  recordings and regenerates each turn by turn as the base and as the chosen adapter (merged in place), scoring
+  every turn's voice (`evaluation/dialogue_speech.py`). The asset pools the turns in dialogue order
+  (`dialogue_numbers_of`).
 
 A rank takes its whole share in one call (`WHOLE_SHARE`): each model is loaded, each adapter merged, once per rank.
 With one process the asset calls the same batch functions inside its step (`run_in_step`).
@@ -28,6 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,13 +41,14 @@ from higgs_pipeline.devices import pin_rank_gpu, rank_cpu_threads, resolve_devic
 from higgs_pipeline.workers.shards import BatchFunction, run_batches, run_sharded, sort_items
 
 EVALUATION_MODULE = "higgs_pipeline.workers.evaluation"
-PHASES = ("losses", "takes")
+PHASES = ("losses", "takes", "dialogues")
 ITEM_KEY = ("item",)  # a batch's number, or a prompt's position in its set
 BASE = "base"
 GROUND_TRUTH = "ground_truth"
 # run_batches' batch size: a rank's whole share in one call, so each model loads (each adapter merges) once per rank.
 WHOLE_SHARE = 1 << 30
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def voice_name(step: int) -> str:
@@ -90,7 +96,21 @@ class SpeechWork:
     ground_truth: bool  # each prompt's recording is scored too
 
 
-Work = LossWork | SpeechWork
+@dataclass(frozen=True)
+class DialogueWork:
+    """What the `dialogues` phase speaks: each dialogue as the base and as the chosen adapter."""
+
+    base: str
+    adapter: Adapter
+    audio_tokenizer: str
+    max_new_tokens: int
+    temperature: float
+    seed: int  # dialogue i speaks with seed + i
+    asr_model: str
+    speaker_model: str
+
+
+Work = LossWork | SpeechWork | DialogueWork
 
 
 def work_json(work: Work) -> str:
@@ -100,6 +120,8 @@ def work_json(work: Work) -> str:
 def work_of(phase: str, text: str) -> Work:
     """The work of a `--work` argument, for `phase`."""
     fields = json.loads(text)
+    if phase == "dialogues":
+        return DialogueWork(**{**fields, "adapter": Adapter(**fields["adapter"])})
     fields["adapters"] = tuple(Adapter(**adapter) for adapter in fields["adapters"])
     if phase == "losses":
         return LossWork(**fields)
@@ -234,7 +256,11 @@ def _spoken(work: SpeechWork, prompts: list, device: str, scratch: str, log: Cal
     engine = open_engine(resolve_model(work.base), work.audio_tokenizer, device)
     clips = {BASE: _generate(engine, prompts, work, scratch, BASE, log)}
     for adapter in work.adapters:
-        clips[voice_name(adapter.step)] = _speak_as(engine, adapter, prompts, work, device, scratch, log)
+
+        def speak(as_adapter, label: str = f"step {adapter.step}") -> list:
+            return _generate(as_adapter, prompts, work, scratch, label, log)
+
+        clips[voice_name(adapter.step)] = _as_adapter(engine, adapter, speak, work, device, scratch)
     return clips
 
 
@@ -252,22 +278,23 @@ def _generate(engine, prompts: list, work: SpeechWork, scratch: str, label: str,
     )
 
 
-def _speak_as(engine, adapter: Adapter, prompts, work: SpeechWork, device: str, scratch: str, log) -> list:
-    """The candidate speaks through the base's engine, merged into it in place (`adapter_merged_in_place`: no
+def _as_adapter(
+    engine, adapter: Adapter, speak: Callable[[Any], T], work: SpeechWork | DialogueWork, device: str, scratch: str
+) -> T:
+    """`speak(engine)` with the candidate merged into the base's engine in place (`adapter_merged_in_place`: no
     merged checkpoint per candidate); an adapter with modules_to_save, which that refuses, is merged into a
     checkpoint of its own and spoken by an engine of its own."""
     from higgs_pipeline.serving.generate import open_engine
     from higgs_pipeline.serving.merge import adapter_merged_in_place, merge_adapter
 
-    folder, label = adapter.folder(scratch), f"step {adapter.step}"
+    folder = adapter.folder(scratch)
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
     if not config.get("modules_to_save"):
         with adapter_merged_in_place(engine.model, folder, work.base):
-            return _generate(engine, prompts, work, scratch, label, log)
+            return speak(engine)
     model_dir = merge_adapter(work.base, folder, f"{scratch}/merged-step{adapter.step}")
     try:
-        own_engine = open_engine(str(model_dir), work.audio_tokenizer, device)
-        return _generate(own_engine, prompts, work, scratch, label, log)
+        return speak(open_engine(str(model_dir), work.audio_tokenizer, device))
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
 
@@ -298,6 +325,71 @@ def takes_of(parts: pd.DataFrame) -> list[dict]:
     ]
 
 
+# The dialogues phase.
+
+
+def dialogue_items(records: Sequence) -> pd.DataFrame:
+    """One item per dialogue record, in order: its position (its seed's offset), its record as JSON, its turns."""
+    return pd.DataFrame(
+        {
+            "item": range(len(records)),
+            "record": [json.dumps(dataclasses.asdict(record)) for record in records],
+            "cost": [len(record.audio) for record in records],
+        }
+    )
+
+
+def dialogue_scorer(work: DialogueWork, device: str, scorer, scratch: str) -> BatchFunction:
+    """The batch function of the `dialogues` phase: per dialogue, the speaker scores (JSON) of its recording
+    (`ground_truth`), of the base's regeneration and of the chosen adapter's."""
+
+    def score(items: pd.DataFrame) -> pd.DataFrame:
+        from higgs_pipeline.data.dialogue import recorded_dialogue
+        from higgs_pipeline.data.records import SampleRecord
+        from higgs_pipeline.evaluation.dialogue_speech import recorded_scores, spoken_scores
+        from higgs_pipeline.models.loading import resolve_model
+        from higgs_pipeline.serving.generate import open_engine
+
+        dialogues = [recorded_dialogue(SampleRecord(**json.loads(text))) for text in items["record"]]
+        seeds = [work.seed + int(item) for item in items["item"]]
+        references, truth = recorded_scores(dialogues, scorer, scratch)
+
+        def speak(engine) -> list:
+            settings = {"temperature": work.temperature, "max_new_tokens": work.max_new_tokens}
+            return spoken_scores(engine, dialogues, seeds, references, scorer, scratch, **settings)
+
+        engine = open_engine(resolve_model(work.base), work.audio_tokenizer, device)
+        takes = {GROUND_TRUTH: truth, BASE: speak(engine)}
+        takes["adapter"] = _as_adapter(engine, work.adapter, speak, work, device, scratch)
+        columns: dict[str, list] = {"item": items["item"].tolist()}
+        for name, scores in takes.items():
+            columns[f"{name}_dialogue"] = [json.dumps(_dialogue_fields(one)) for one in scores]
+        return pd.DataFrame(columns)
+
+    return score
+
+
+def _dialogue_fields(scores) -> dict[str, list]:
+    return {field.name: getattr(scores, field.name).tolist() for field in dataclasses.fields(scores)}
+
+
+def dialogue_numbers_of(parts: pd.DataFrame) -> dict[str, float]:
+    """`dialogue_quality_numbers` of the merged parts: every take's dialogues in dialogue order, each turn once."""
+    from higgs_pipeline.evaluation.dialogue_speech import DialogueSpeakerScores, dialogue_quality_numbers
+
+    ordered = parts.sort_values("item", kind="stable")
+    takes = [column.removesuffix("_dialogue") for column in ordered.columns if column.endswith("_dialogue")]
+    return dialogue_quality_numbers(
+        {
+            take: [
+                DialogueSpeakerScores(**{name: np.asarray(values) for name, values in json.loads(text).items()})
+                for text in ordered[f"{take}_dialogue"]
+            ]
+            for take in takes
+        }
+    )
+
+
 # Running a phase.
 
 
@@ -305,6 +397,8 @@ def batch_function(phase: str, work: Work, device: str, scorer, scratch: str, lo
     """The phase's batch function, the same in the asset's step and on every rank."""
     if phase == "losses":
         return loss_measurer(work, device, scratch)
+    if phase == "dialogues":
+        return dialogue_scorer(work, device, scorer, scratch)
     return take_maker(work, device, scorer, scratch, log)
 
 
@@ -321,7 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clips", required=True, help="Parquet table of the items (batches or prompts)")
     parser.add_argument("--out", required=True, help="folder for part-<rank>-of-<world>.parquet")
     parser.add_argument("--phase", required=True, choices=PHASES)
-    parser.add_argument("--work", required=True, help="the phase's work as JSON (LossWork or SpeechWork)")
+    parser.add_argument("--work", required=True, help="the phase's work as JSON (LossWork, SpeechWork, DialogueWork)")
     return parser.parse_args(argv)
 
 
@@ -336,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(rank_cpu_threads())
     scorer = None
-    if isinstance(work, SpeechWork):
+    if isinstance(work, SpeechWork | DialogueWork):
         from higgs_pipeline.speech.scoring import get_scorer  # after the rank's GPU is pinned
 
         scorer = get_scorer(work.asr_model, work.speaker_model, device)
