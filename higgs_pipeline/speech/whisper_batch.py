@@ -14,7 +14,6 @@ defaults, read from its signature, so both paths decode with the same ones.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -23,9 +22,6 @@ from typing import Any
 import numpy as np
 
 Decoding = Callable[[np.ndarray], dict[str, Any]]
-# CTranslate2's sampler seed before each `transcribe`: its temperature fallback samples (see `decoded_segments`).
-FALLBACK_SEED = 0
-_SEED_LOCK = threading.Lock()  # the seed is process-wide: one seeded decoding at a time
 # `transcribe` settings the batched pass reproduces only at these values (the callers never change them).
 _FIXED = {
     "task": "transcribe",
@@ -40,25 +36,9 @@ _FIXED = {
 }
 
 
-def decoded_segments(model: Any, audio16k: np.ndarray, **settings: Any) -> tuple[list[Any], Any]:
-    """`model.transcribe(audio16k, **settings)`'s segments, all decoded now, with CTranslate2's sampler seeded first.
-
-    When a window's beam search fails Whisper's checks, `transcribe` decodes it again at rising temperatures, by
-    sampling. Unseeded, the same clip then comes out differently from call to call (the real call through a harsher
-    phone line, tiny.en, three calls in one process: WER 0.126, 0.126, 0.207), so a rerun could silently change a
-    training target. Seeded (and decoded under one lock, since the seed is process-wide) it is the same every time.
-    """
-    import ctranslate2
-
-    with _SEED_LOCK:
-        ctranslate2.set_random_seed(FALLBACK_SEED)
-        segments, info = model.transcribe(audio16k, **settings)
-        return list(segments), info
-
-
 def transcribe_one(model: Any, audio16k: np.ndarray, code: str | None, decoding: Decoding) -> str:
     """`transcribe`'s segments of one clip joined into one transcript."""
-    segments, _info = decoded_segments(model, audio16k, language=code, **decoding(audio16k))
+    segments, _info = model.transcribe(audio16k, language=code, **decoding(audio16k))
     return " ".join(segment.text.strip() for segment in segments).strip()
 
 

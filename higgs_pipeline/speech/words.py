@@ -16,7 +16,6 @@ from higgs_pipeline.speech.scoring import (
     voiced_seconds,
     whisper_decoding,
 )
-from higgs_pipeline.speech.whisper_batch import decoded_segments
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,7 @@ def decode_words(
     not show (an English-only model turns German into English words at ~0.48 probability, English at ~0.9)."""
     code = check_language(asr_model, device, language)
     model = load_whisper(asr_model, device)
-    segments, _info = decoded_segments(
-        model,
+    segments, _info = model.transcribe(
         np.ascontiguousarray(audio16k, dtype=np.float32),
         language=code if model.model.is_multilingual else None,
         word_timestamps=True,
