@@ -25,6 +25,7 @@ def _evaluation(
     base_audio: float | None = None,
     demo: bool = True,
     quality: dict | None = None,
+    code_version: str = "5",
 ) -> dict:
     """An evaluation's metadata; audio losses default to half the totals, quality numbers to none (not listened).
     The adapter folder is made here (under the test's working folder) and its files' hash recorded, as the
@@ -46,6 +47,7 @@ def _evaluation(
         "base_model": "demo" if demo else "bosonai/higgs-audio-v2-generation-3B-base",
         "demo_model": demo,
         "report_path": dg.MetadataValue.path(f"{adapter}/report.html"),
+        "code_version": code_version,
     }
 
 
@@ -124,6 +126,17 @@ def test_new_corpus_version_promotes_the_checked_adapter(promote):
     metadata, pointer, _ = promote(_evaluation("adapters/d", 6.0, corpus_version="data-v2"))
     assert metadata["promoted"] is True and pointer["adapter_path"] == "adapters/d"
     assert pointer["corpus_version"] == "data-v2"
+
+
+def test_another_evaluation_code_promotes_the_checked_adapter(promote):
+    """DNSMOS's windows moved its numbers (adapter_evaluation's code version 5): an evaluation by other code is not
+    compared with the current one's numbers, as on new data; one by the same code is."""
+    promote(_evaluation("adapters/a", 5.0, code_version="4"))
+    same, _, _ = promote(_evaluation("adapters/b", 6.0, code_version="4"))
+    assert same["promoted"] is False
+    metadata, pointer, _ = promote(_evaluation("adapters/d", 6.0, code_version="5"))
+    assert metadata["promoted"] is True and "evaluation code" in metadata["reason"]
+    assert pointer["evaluation_code_version"] == "5"
 
 
 def _failure(result) -> str:

@@ -64,20 +64,19 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
     """Whether the candidate replaces the current pointer, and why.
 
     Numbers are compared only when both were measured on the same validation data (same data version) from the
-    same base model; on new data the candidate has already beaten its own base on that data, and the old
-    numbers, from another validation split, say nothing against it. On the same data, audio comes first: a
-    candidate that sounds worse than the current adapter (`quality_problems` with the current one as the base)
-    is kept out whatever its loss, then the lower audio validation loss wins.
+    same base model by the same evaluation code; otherwise the candidate has already beaten its own base on its
+    data, and the old numbers, from another validation split or measured another way, say nothing against it. On
+    the same data, audio comes first: a candidate that sounds worse than the current adapter (`quality_problems`
+    with the current one as the base) is kept out whatever its loss, then the lower audio validation loss wins.
     """
     if current is None:
         return True, "first promotion"
     if current["adapter_path"] == candidate["adapter_path"]:
         return False, "this adapter is already in production"
-    if (current.get("corpus_version"), current.get("base_model")) != (
-        candidate.get("corpus_version"),
-        candidate.get("base_model"),
-    ):
-        return True, "new data version or base model: numbers are not comparable, the checked candidate wins"
+    if _measured_as(current) != _measured_as(candidate):
+        return True, (
+            "new data version, base model or evaluation code: numbers are not comparable, the checked candidate wins"
+        )
     worse = _sounds_worse_than(current, candidate)
     if worse:
         return False, worse
@@ -87,6 +86,12 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
         False,
         f"val_audio_loss {candidate['val_audio_loss']:.4f} is not below current {current['val_audio_loss']:.4f}",
     )
+
+
+def _measured_as(evaluation: dict) -> tuple:
+    """What an evaluation's numbers were measured on and with: its data version, its base model and the evaluation's
+    code (a new version measures differently: DNSMOS's windows moved its numbers). None where a pointer predates it."""
+    return evaluation.get("corpus_version"), evaluation.get("base_model"), evaluation.get("evaluation_code_version")
 
 
 def _sounds_worse_than(current: dict, candidate: dict) -> str:
@@ -120,6 +125,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         "adapter_sha256": evaluation["adapter_sha256"],
         "corpus_version": evaluation.get("corpus_version"),
         "base_model": evaluation.get("base_model"),
+        "evaluation_code_version": evaluation.get("code_version"),
         "demo_model": bool(evaluation.get("demo_model", False)),
         "evaluation_path": evaluation.get("evaluation_path"),
         **{name: evaluation[name] for name in POINTER_NUMBERS},
