@@ -80,17 +80,20 @@ def spread(
     parts merged in key order."""
     folder = f"{work_root.rstrip('/')}/{context.run.run_id}-{uuid.uuid4().hex[:8]}"
     items_path = f"{folder}/items.parquet"
-    write_parquet(items, items_path)
-    job = data_stage_job(
-        module,
-        ["--clips", items_path, "--out", f"{folder}/parts", *args],
-        config.nproc_per_node,
-        config.launcher,
-        config.k8s_node(),
-    )
-    context.log.info(f"{len(items)} items over {job.nproc_per_node} processes: python -m {module}")
-    metadata = launch_job(context, job).get_materialize_result().metadata
-    merged = merge_parts(metadata["part_paths"].value, key)
     fs, path = fsspec.core.url_to_fs(folder)
-    fs.rm(path, recursive=True)  # the items and parts are this run's scratch: the results are merged
+    try:
+        write_parquet(items, items_path)
+        job = data_stage_job(
+            module,
+            ["--clips", items_path, "--out", f"{folder}/parts", *args],
+            config.nproc_per_node,
+            config.launcher,
+            config.k8s_node(),
+        )
+        context.log.info(f"{len(items)} items over {job.nproc_per_node} processes: python -m {module}")
+        metadata = launch_job(context, job).get_materialize_result().metadata
+        merged = merge_parts(metadata["part_paths"].value, key)
+    finally:  # the items and parts are this run's scratch, merged or failed: none is left in the store
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
     return int(metadata["ranks"].value), merged

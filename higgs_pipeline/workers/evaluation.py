@@ -166,6 +166,7 @@ def loss_measurer(work: LossWork, device: str, scratch: str) -> BatchFunction:
                 batch_loss_sums(model, collator, batch, store, tokenizer, device).as_vector().cpu().tolist()
                 for batch in batches
             ]
+            del model  # else this name still holds it while the next one loads: two models in memory
         return pd.DataFrame(columns)
 
     return measure
