@@ -362,25 +362,6 @@ def whisper_decoding(audio16k: np.ndarray) -> dict[str, Any]:
     }
 
 
-# The seed of Whisper's sampled temperature fallback (`seed_fallback_sampling`).
-FALLBACK_SEED = 0
-
-
-def seed_fallback_sampling() -> None:
-    """Seed CTranslate2's sampler before this process decodes anything.
-
-    When a window's beam search fails Whisper's checks, `transcribe` decodes it again at rising temperatures, by
-    sampling, from a generator CTranslate2 keeps per thread and seeds once, on that thread's first use, from a random
-    device unless a seed was set (ctranslate2/src/random.cc; a later `set_random_seed` does not reach a generator
-    already made). Set here, before any model decodes, the same work in the same order gives the same transcripts in
-    every run, where unseeded two runs of the benchmark on the same files differed. A clip that falls back can still
-    come out differently after other clips that fell back (the generator has moved on).
-    """
-    import ctranslate2
-
-    ctranslate2.set_random_seed(FALLBACK_SEED)
-
-
 @cache
 def load_whisper(asr_model: str, device: str) -> Any:
     """faster-whisper's `WhisperModel`, once per (model, device) per process: scoring, ingest and serving share it."""
@@ -398,7 +379,6 @@ def load_whisper(asr_model: str, device: str) -> Any:
     threads = min(4, math_threads())  # CTranslate2's own default, 4, at most
     source = str(Path(source).expanduser()) if local else source
     kind, _, index = device.partition(":")  # CTranslate2 takes "cuda" and an index, never "cuda:1"
-    seed_fallback_sampling()
     return WhisperModel(
         source,
         device=kind,
