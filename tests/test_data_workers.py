@@ -1,9 +1,9 @@
-"""The data stages' distributed workers on real espeak speech: the ASR worker (faster-whisper tiny.en) and the codec
-worker (the demo audio tokenizer) give every clip the same result in one process as under real torchrun (gloo,
-CPU) with 2 processes, the codes are the tokenizer's own one-at-a-time codes, and transcripts are reused from the
-cache. The one-process run is this test's own process: a world of one takes the same path under torchrun (no
-process group, one part), and saves loading a model in one more process (tests/test_shards.py runs torchrun with
-1 and 2 processes through the launcher)."""
+"""The data stages' distributed workers on real espeak speech: the ASR worker (faster-whisper tiny.en) gives every
+clip the same transcript in one process as under real torchrun (gloo, CPU) with 2 processes, and reuses them from
+the cache. (The codec worker's 1-vs-2: tests/test_data_stage_ranks.py, through tokenized_audio itself; its codes
+against one at a time: tests/test_frame_grid.py.) The one-process run is this test's own process: a world of one
+takes the same path under torchrun (no process group, one part), and saves loading a model in one more process
+(tests/test_shards.py runs torchrun with 1 and 2 processes through the launcher)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,12 @@ import pandas as pd
 import pytest
 from audio_factory import SENTENCES, speech
 
-from higgs_pipeline.data.audio_io import decode, to_mono
+from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.tables import write_parquet
-from higgs_pipeline.data.tokenize import audio_tokenizer
 from higgs_pipeline.speech.scoring import char_error_rate
 from higgs_pipeline.speech.transcript_cache import cache_entry
 from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE, transcriber
-from higgs_pipeline.workers.codec import CODEC_MODULE, codes_of, encoder
 from higgs_pipeline.workers.shards import merge_parts, run_sharded
 
 pytestmark = pytest.mark.slow
@@ -80,28 +78,6 @@ def test_asr_worker_transcribes_the_same_with_one_and_two_processes_and_reuses_i
     assert again["from_cache"].tolist() == [False] + [True] * (CLIPS - 1)
     by_clip = again.set_index("clip_hash")["hypothesis"]
     assert by_clip.to_dict() == merged[1].set_index("clip_hash")["hypothesis"].to_dict()
-
-
-def test_codec_worker_gives_every_clip_its_one_at_a_time_codes_with_one_and_two_processes(
-    tmp_path: Path,
-):
-    clips = _clips(tmp_path / "audio")
-    write_parquet(clips[["clip_hash", "audio_uri", "duration_s"]], str(tmp_path / "clips.parquet"))
-    clips_path = str(tmp_path / "clips.parquet")
-    merged = {
-        1: merge_parts(run_sharded(clips_path, str(tmp_path / "out-1"), encoder("demo", "cpu"), cost="duration_s"))
-    }
-    _torchrun(2, CODEC_MODULE, "--clips", clips_path, "--tokenizer", "demo", "--out", str(tmp_path / "out-2"))
-    merged[2] = merge_parts(_parts(tmp_path / "out-2", 2))
-    pd.testing.assert_frame_equal(merged[1], merged[2])
-    assert merged[1]["clip_hash"].tolist() == sorted(clips["clip_hash"])
-    tokenizer = audio_tokenizer("demo", "cpu")  # the instance the in-process run used
-    rate = tokenizer.sampling_rate
-    for _, row in merged[1].merge(clips, on="clip_hash").head(1).iterrows():  # every clip went the same way
-        wave, native_rate = decode(Path(row["audio_uri"]).read_bytes())
-        expected = tokenizer.encode(to_mono(wave, native_rate, rate).numpy(), sr=rate)
-        np.testing.assert_array_equal(codes_of(row), expected.cpu().numpy())
-        assert abs(row["frames"] - row["duration_s"] * tokenizer.tps) <= 2
 
 
 def test_workers_import_only_dagster_pipes_from_dagster():
