@@ -49,6 +49,14 @@ def default_nproc() -> int:
     return max(1, gpu_count())
 
 
+def worker_device(configured: str, own: str) -> str:
+    """The device a rank of a spread job works on: the CPU when the resource that spread it is set to "cpu" (where
+    its one-process path works too, so the numbers do not depend on the process count), else the rank's own device
+    `own` ("auto", "cuda" and "cuda:N" name the one device of a one-process run; each rank of a node takes its own)."""
+    resolve_device(configured)  # a bad setting is refused here as in the step
+    return "cpu" if configured == "cpu" else own
+
+
 def rank_device() -> str:
     """This torchrun rank's device: `cuda:<LOCAL_RANK>` when GPUs are visible, else the CPU."""
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu_count() else "cpu"

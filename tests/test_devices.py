@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from higgs_pipeline import devices
 from higgs_pipeline.devices import claim_device, default_nproc, gpu_count
 
 pytestmark = pytest.mark.unit
@@ -62,3 +63,17 @@ def test_a_gpu_held_by_another_process_is_skipped_and_freed_when_that_process_di
         holder.wait()
     with claim_device(tmp_path, gpus=2) as device:
         assert device == "cuda:0"  # the kernel dropped the killed holder's lock
+
+
+def test_a_spread_job_s_ranks_follow_a_cpu_setting_and_otherwise_take_their_own_device():
+    """A resource set to "cpu" keeps every rank on the CPU, as its one-process path (else the numbers would depend
+    on the process count); any other setting gives each rank its own device; a bad one is refused by name."""
+    assert devices.worker_device("cpu", "cuda:3") == "cpu"
+    assert devices.worker_device("auto", "cuda:3") == "cuda:3"
+    assert devices.worker_device("cuda:0", "cuda:3") == "cuda:3"
+    with pytest.raises(ValueError, match="'tpu'"):
+        devices.worker_device("tpu", "cpu")
+    from higgs_pipeline.workers import codec
+
+    with pytest.raises(ValueError, match="'gpu'"):  # before any model loads or any item is read
+        codec.main(["--clips", "none.parquet", "--tokenizer", "demo", "--out", "none", "--device", "gpu"])

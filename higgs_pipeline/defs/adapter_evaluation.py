@@ -211,6 +211,7 @@ class _EvaluationJobs:
             device, log = self.checkpoints.torch_device(), self.context.log.info
             return in_step(device, self.scorers.scorer(), self.scratch, log)(phase, items, work)
         args = ["--phase", phase, "--work", work_json(work)]
+        args += ["--device", self.checkpoints.device, "--scorer-device", self.scorers.device]
         self.ranks, parts = spread(self.context, self.config, EVALUATION_MODULE, items, self.work_root, args, ITEM_KEY)
         return parts
 

@@ -69,7 +69,7 @@ def tokenized_audio(
         migrated = _migrate_legacy(store, todo, info, writer)
         todo = todo[~todo["clip_hash"].isin(migrated)]
         if len(todo) and not config.in_step():
-            ranks = _encode_spread(context, config, todo, name, store_root, writer)
+            ranks = _encode_spread(context, config, todo, name, store_root, writer, checkpoints.device)
         elif len(todo):
             if tokenizer is None:
                 tokenizer = audio_tokenizer(name, device)
@@ -118,13 +118,15 @@ def _encode_spread(
     name: str,
     store_root: str,
     writer: ShardWriter,
+    device: str,
 ) -> int:
     """`todo` encoded by the codec worker over `config.ranks()` processes, its codes added to `writer` in clip-hash
     order (each clip's codes are its one-at-a-time codes, whichever rank made them); returns the ranks."""
     from higgs_pipeline.workers.codec import CODEC_MODULE, codes_of
 
     items = todo[["clip_hash", "audio_uri", "duration_s"]].drop_duplicates("clip_hash")
-    ranks, parts = spread(context, config, CODEC_MODULE, items, f"{store_root}/jobs", ["--tokenizer", name])
+    args = ["--tokenizer", name, "--device", device]
+    ranks, parts = spread(context, config, CODEC_MODULE, items, f"{store_root}/jobs", args)
     for _, row in parts.iterrows():
         writer.add(row["clip_hash"], codes_of(row))
     return ranks

@@ -64,7 +64,7 @@ def transcript_check(
     languages = [_language_of(language, scorer) for language in rows["language"]]
     cache_root = artifacts.path("transcript_check", "cache", _model_key(scorers))
     reused = _reusable(rows, languages, scorers.asr_model)
-    heard, cached, ranks = _hear_all(context, rows, languages, reused, scorer, cache_root, config)
+    heard, cached, ranks = _hear_all(context, rows, languages, reused, scorer, cache_root, config, scorers.device)
     checked = _verdicts(rows, languages, reused, heard, config)
     checked, incomplete = _drop_incomplete_dialogues(checked)
     keep = checked["transcript_status"] != "rejected"
@@ -135,10 +135,12 @@ def _hear_all(
     scorer: scoring.Scorer,
     cache_root: str,
     config: TranscriptCheckConfig,
+    device: str,
 ) -> tuple[dict[tuple[str, str], dict], int, int]:
     """{(clip_hash, language code): {"hypothesis", "speech_detected"}} for every clip in a covered language whose
     transcript is not reused, each distinct clip transcribed once, from the cache when it is there; and how many
-    came from the cache; and over how many processes they were heard."""
+    came from the cache; and over how many processes they were heard (`device`: the scorers' setting, which the
+    ranks follow when it is "cpu")."""
     wanted: dict[tuple[str, str], tuple[str, float]] = {}
     for clip_hash, uri, duration, (code, _why), reuse in zip(
         rows["clip_hash"], rows["audio_uri"], rows["duration_s"], languages, reused, strict=True
@@ -162,7 +164,7 @@ def _hear_all(
         context.log.info(f"transcribed {len(wanted)}/{len(wanted)} clips ({cached} from the cache)")
     ranks = 1
     if pending and not config.in_step():
-        ranks, spread_heard = _hear_spread(context, config, pending, scorer.asr_model, cache_root)
+        ranks, spread_heard = _hear_spread(context, config, pending, scorer.asr_model, cache_root, device)
         heard.update(spread_heard)
         pending = []
     for start in range(0, len(pending), chunk):
@@ -183,6 +185,7 @@ def _hear_spread(
     pending: list[tuple[tuple[str, str], str, float]],
     asr_model: str,
     cache_root: str,
+    device: str,
 ) -> tuple[int, dict[tuple[str, str], dict]]:
     """(ranks, results): the pending clips heard by the ASR worker over `config.ranks()` processes (each filling
     the same sealed cache this asset reads), keyed like `_hear_all`'s results."""
@@ -192,7 +195,7 @@ def _hear_spread(
         [(clip_hash, uri, code, duration) for (clip_hash, code), uri, duration in pending],
         columns=["clip_hash", "audio_uri", "language", "duration_s"],
     )
-    args = ["--asr-model", asr_model, "--cache", cache_root, "--balance-by", "duration_s"]
+    args = ["--asr-model", asr_model, "--cache", cache_root, "--balance-by", "duration_s", "--device", device]
     ranks, parts = spread(context, config, ASR_MODULE, items, f"{cache_root}-jobs", args, key=ASR_KEY)
     context.log.info(f"transcribed {len(parts)} clips over {ranks} processes")
     return ranks, {

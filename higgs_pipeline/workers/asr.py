@@ -18,7 +18,7 @@ import pandas as pd
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.probe import read_clip_bytes
-from higgs_pipeline.devices import pin_rank_gpu, resolve_device
+from higgs_pipeline.devices import pin_rank_gpu, resolve_device, worker_device
 from higgs_pipeline.speech.transcript_cache import cached_transcript, store_transcript
 from higgs_pipeline.workers.shards import BatchFunction, run_sharded
 
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", required=True, help="transcript cache folder of this ASR model")
     parser.add_argument("--out", required=True, help="folder for part-<rank>-of-<world>.parquet")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help='the scorers\' device setting: "cpu" keeps every rank on it')
     parser.add_argument("--balance-by", default=None, help="a cost column (duration_s) the ranks' shares balance")
     return parser.parse_args(argv)
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     pin_rank_gpu()  # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
-    process = transcriber(args.asr_model, args.cache, resolve_device("auto"))
+    process = transcriber(args.asr_model, args.cache, worker_device(args.device, resolve_device("auto")))
     run_sharded(
         args.clips,
         args.out,

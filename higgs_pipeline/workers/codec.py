@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from higgs_pipeline.devices import rank_cpu_threads, rank_device
+from higgs_pipeline.devices import rank_cpu_threads, rank_device, worker_device
 from higgs_pipeline.workers.shards import BatchFunction, run_sharded
 
 CODEC_MODULE = "higgs_pipeline.workers.codec"
@@ -62,13 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", required=True, help='audio tokenizer name or folder (e.g. "demo")')
     parser.add_argument("--out", required=True, help="folder for part-<rank>-of-<world>.parquet")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="auto", help='the checkpoints\' device: "cpu" keeps every rank on it')
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    device = rank_device()
+    device = worker_device(args.device, rank_device())
     if device == "cpu":
         import torch
 

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from higgs_pipeline.devices import pin_rank_gpu, rank_cpu_threads, resolve_device
+from higgs_pipeline.devices import pin_rank_gpu, rank_cpu_threads, resolve_device, worker_device
 from higgs_pipeline.workers.shards import BatchFunction, run_batches, run_sharded, sort_items
 
 EVALUATION_MODULE = "higgs_pipeline.workers.evaluation"
@@ -416,6 +416,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clips", required=True, help="Parquet table of the items (batches or prompts)")
     parser.add_argument("--out", required=True, help="folder for part-<rank>-of-<world>.parquet")
     parser.add_argument("--phase", required=True, choices=PHASES)
+    parser.add_argument("--device", default="auto", help='the checkpoints\' device setting: "cpu" keeps ranks on it')
+    parser.add_argument("--scorer-device", default="auto", help="the scorers' device setting, the same way")
     parser.add_argument("--work", required=True, help="the phase's work as JSON (LossWork, SpeechWork, DialogueWork)")
     return parser.parse_args(argv)
 
@@ -425,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     work = work_of(args.phase, args.work)
     pin_rank_gpu()  # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
-    device = resolve_device("auto")
+    device = worker_device(args.device, resolve_device("auto"))
     if device == "cpu":
         import torch
 
@@ -434,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(work, SpeechWork | DialogueWork):
         from higgs_pipeline.speech.scoring import get_scorer  # after the rank's GPU is pinned
 
-        scorer = get_scorer(work.asr_model, work.speaker_model, device)
+        scorer_device = worker_device(args.scorer_device, resolve_device("auto"))
+        scorer = get_scorer(work.asr_model, work.speaker_model, scorer_device)
     with tempfile.TemporaryDirectory(prefix="evaluation_worker_") as scratch:
         process = batch_function(args.phase, work, device, scorer, scratch, logger.info)
         run_sharded(
