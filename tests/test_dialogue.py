@@ -716,6 +716,7 @@ def test_validation_dialogues_are_scored_the_same_in_the_step_and_over_two_proce
     from higgs_pipeline.workers.shards import merge_parts
 
     demo = pd.read_csv(DEMO_MANIFEST, dtype=str, keep_default_na=False)
+    demo = demo[demo["turn"].isin(["", "1", "2"])]  # two turns a dialogue: the second hears the first
     accepted = demo.assign(
         row=np.arange(1, len(demo) + 1),
         audio_uri=[str(DEMO_MANIFEST.parent / p) for p in demo["audio_path"]],
