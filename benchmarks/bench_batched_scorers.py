@@ -7,7 +7,7 @@ each cut into consecutive clips of 2-15 s, 75 s of audio in all. In one run, ove
 - DNSMOS by speechmos's rule (its `DNSMOS.__call__`: a short clip doubled past 9.01 s, then 9.01 s windows every
   1 s), by our rule one clip at a time (`dnsmos.rate`), and by our rule batched (`dnsmos.rate_batch`, 8 windows
   per ONNX call);
-- speaker embeddings of the diarizer's 1.5 s windows over those clips, one window at a time (`diarize.embedder`)
+- speaker embeddings of the diarizer's 1.5 s windows over those clips, one window at a time (a batch of one)
   and batched (`diarize.batch_embedder`);
 - how far our OVRL is from speechmos's `run` (mean and max |diff|): on the real call cut into overlapping 2-15 s
   clips, on the demo recordings' clips, and on the demo speakers' clips.
@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     clips = real + [clip for recording in demo_recordings() for clip in cut(recording)]
     seconds = sum(len(clip) for clip in clips) / RATE
     dnsmos.rate(clips[0])  # models loaded before any timing
-    embed_one, embed_many = diarize.embedder(), diarize.batch_embedder()
+    embed_many = diarize.batch_embedder()
+
+    def embed_one(window: np.ndarray) -> np.ndarray:
+        return embed_many([window])[0]
+
     windows = windows_of(clips)
     embed_one(windows[0])
 

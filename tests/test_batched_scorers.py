@@ -71,7 +71,7 @@ def test_batched_resemblyzer_equals_embed_utterance(speech16k):
     assert batched.shape == expected.shape
     assert np.abs(batched - expected).max() < 1e-5
     assert float(batched[1] @ batched[3]) < 0.999  # different audio, different embeddings: the test can fail
-    assert np.allclose(diarize.embedder("resemblyzer", "cpu")(clips[3]), batched[3], atol=1e-5)
+    assert np.allclose(diarize.batch_embedder("resemblyzer", "cpu")([clips[3]])[0], batched[3], atol=1e-5)
 
 
 def test_batched_wavlm_equals_one_at_a_time(tmp_path, speech16k):
@@ -80,6 +80,7 @@ def test_batched_wavlm_equals_one_at_a_time(tmp_path, speech16k):
     write_tiny_wavlm(tmp_path)
     clips = _lengths_cut(speech16k, [1.5, 1.5, 1.0, 1.5])
     batched = diarize.batch_embedder(str(tmp_path), "cpu")(clips)
-    alone = np.stack([diarize.embedder(str(tmp_path), "cpu")(clip) for clip in clips])
+    embed = diarize.batch_embedder(str(tmp_path), "cpu")
+    alone = np.stack([embed([clip])[0] for clip in clips])
     assert batched.shape == (4, 24)
     assert np.abs(batched - alone).max() < 1e-5

@@ -1,5 +1,5 @@
-"""What the GPU data stages (`transcript_check`, `tokenized_audio`) share: how their heavy work is spread over the
-node's devices, through the one launcher training uses too (`launch/launcher.py::launch_job`).
+"""What the GPU stages (`transcript_check`, `tokenized_audio`, `adapter_evaluation`) share: how their heavy work is
+spread over the node's devices, through the one launcher training uses too (`launch/launcher.py::launch_job`).
 
 With one process on this machine the work runs inside the step (no second start-up of the models); with more, or
 on Kubernetes, the stage writes its items as a Parquet table, launches `torchrun -m <worker>` through Dagster Pipes

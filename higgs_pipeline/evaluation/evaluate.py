@@ -81,8 +81,6 @@ def validation_losses(
     device: str | torch.device,
 ) -> dict[str, float]:
     """Next-token losses summed over all validation batches, then averaged once (exact mean over the split)."""
-    if not records:
-        raise ValueError("no validation records to evaluate")
     collator = make_collator(model.config)
     batches = validation_batches(records, batch_size)
     return summed([batch_loss_sums(model, collator, batch, store, tokenizer, device) for batch in batches]).means()
@@ -114,10 +112,10 @@ def summed(sums: Sequence[LossSums]) -> LossSums:
     """Batches' sums added in their order, in float64: the same numbers however the batches were shared out."""
     if not sums:
         raise ValueError("no validation records to evaluate")
-    total = sums[0].as_vector()
+    total = sums[0]
     for other in sums[1:]:
-        total = total + other.as_vector().to(total.device)
-    return LossSums.from_vector(total)
+        total = total + other  # LossSums adds as float64 vectors
+    return total
 
 
 def compare_with_base(

@@ -57,16 +57,10 @@ def speech_windows(regions: Sequence[tuple[float, float]], settings: DiarizeSett
     return windows
 
 
-def embedder(speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """Unit-norm speaker embedding of 16 kHz audio, with the model the scorer loads."""
-    embed_batch = batch_embedder(speaker_model, device)
-    return lambda audio16k: embed_batch([audio16k])[0]
-
-
 def batch_embedder(
     speaker_model: str = EMBEDDED_SPEAKER, device: str = "cpu"
 ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-    """(clips, dim) unit-norm speaker embeddings of many 16 kHz clips, each what `embedder` gives for it alone,
+    """(clips, dim) unit-norm speaker embeddings of many 16 kHz clips, each what a batch of that clip alone gives,
     the clips run through the speaker model together."""
     model = load_speaker_batch(speaker_model, device)
 

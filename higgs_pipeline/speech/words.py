@@ -40,11 +40,9 @@ def transcribe_words(
     asr_model: str = EMBEDDED_ASR,
     device: str = "cpu",
     language: str | None = None,
-    offset_s: float = 0.0,
 ) -> list[Word]:
-    """Every word Whisper hears in mono 16 kHz audio, with start/end times shifted by `offset_s`."""
-    heard, _fit = decode_words(audio16k, asr_model, device, language)
-    return [Word(w.start + offset_s, w.end + offset_s, w.text, w.probability) for w in heard]
+    """Every word Whisper hears in mono 16 kHz audio, times from its start."""
+    return decode_words(audio16k, asr_model, device, language)[0]
 
 
 def decode_words(

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +43,7 @@ from higgs_pipeline.workers.shards import BatchFunction, run_batches, run_sharde
 
 EVALUATION_MODULE = "higgs_pipeline.workers.evaluation"
 PHASES = ("losses", "takes", "dialogues")
-ITEM_KEY = ("item",)  # a batch's number, or a prompt's position in its set
+ITEM_KEY = ("item",)  # a batch's number, or a prompt's or dialogue's position in its set
 BASE = "base"
 GROUND_TRUTH = "ground_truth"
 # run_batches' batch size: a rank's whole share in one call, so each model loads (each adapter merges) once per rank.
@@ -257,10 +258,7 @@ def _spoken(work: SpeechWork, prompts: list, device: str, scratch: str, log: Cal
     engine = open_engine(resolve_model(work.base), work.audio_tokenizer, device)
     clips = {BASE: _generate(engine, prompts, work, scratch, BASE, log)}
     for adapter in work.adapters:
-
-        def speak(as_adapter, label: str = f"step {adapter.step}") -> list:
-            return _generate(as_adapter, prompts, work, scratch, label, log)
-
+        speak = partial(_generate, prompts=prompts, work=work, scratch=scratch, label=f"step {adapter.step}", log=log)
         clips[voice_name(adapter.step)] = _as_adapter(engine, adapter, speak, work, device, scratch)
     return clips
 
