@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from higgs_pipeline.batching import run_by_length
 from higgs_pipeline.data.audio_io import decode, to_mono
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.data.memory import heap_trimmer
@@ -191,14 +192,7 @@ class ClipEncoder:
 
     def encode_by_length(self, waves: list[torch.Tensor]) -> list[torch.Tensor]:
         """Codes of waves of any lengths, in order: each length's waves encoded as one batch."""
-        by_length: dict[int, list[int]] = {}
-        for position, wave in enumerate(waves):
-            by_length.setdefault(int(wave.shape[-1]), []).append(position)
-        codes: list[torch.Tensor] = [torch.empty(0)] * len(waves)
-        for positions in by_length.values():
-            for position, clip in zip(positions, self.encode([waves[p] for p in positions]), strict=True):
-                codes[position] = clip
-        return codes
+        return run_by_length(waves, lambda wave: wave.shape[-1], self.encode)
 
 
 def encode_clips(

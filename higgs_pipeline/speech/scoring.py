@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from higgs_pipeline.batching import run_by_length
 from higgs_pipeline.data.hashing import sha256_hex
 from higgs_pipeline.devices import math_threads, resolve_device
 from higgs_pipeline.speech import dnsmos, whisper_batch
@@ -456,21 +457,14 @@ def _wavlm(checkpoint: str, device: str) -> Callable[[Sequence[np.ndarray]], lis
     extractor = AutoFeatureExtractor.from_pretrained(checkpoint, local_files_only=local)
     model = WavLMForXVector.from_pretrained(checkpoint, local_files_only=local).to(device).eval()
 
+    def embed_same_length(clips: list[np.ndarray]) -> np.ndarray:
+        inputs = extractor(clips, sampling_rate=MODEL_RATE, return_tensors="pt")
+        with torch.inference_mode():
+            output = model(**{key: value.to(device) for key, value in inputs.items()})
+        return torch.nn.functional.normalize(output.embeddings, dim=-1).float().cpu().numpy()
+
     def embed_batch(clips: Sequence[np.ndarray]) -> list[np.ndarray]:
-        vectors: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(clips)
-        by_length: dict[int, list[int]] = {}
-        for index, clip in enumerate(clips):
-            by_length.setdefault(len(clip), []).append(index)
-        for indices in by_length.values():
-            for first in range(0, len(indices), SPEAKER_BATCH):
-                chunk = indices[first : first + SPEAKER_BATCH]
-                inputs = extractor([clips[k] for k in chunk], sampling_rate=MODEL_RATE, return_tensors="pt")
-                with torch.inference_mode():
-                    output = model(**{key: value.to(device) for key, value in inputs.items()})
-                found = torch.nn.functional.normalize(output.embeddings, dim=-1).float().cpu().numpy()
-                for k, vector in zip(chunk, found, strict=True):
-                    vectors[k] = vector
-        return vectors
+        return run_by_length(clips, len, embed_same_length, SPEAKER_BATCH)
 
     return embed_batch
 
