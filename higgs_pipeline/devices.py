@@ -105,6 +105,13 @@ def pin_rank_gpu() -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)] if ids else str(local_rank)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's cpuset, `taskset`), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def rank_cpu_threads() -> int:
-    """Math threads for one of the ranks that share this machine's cores (torchrun would give each one thread)."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    """Math threads for one of the ranks that share this process's cores (torchrun would give each one thread)."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))

@@ -77,3 +77,23 @@ def test_a_spread_job_s_ranks_follow_a_cpu_setting_and_otherwise_take_their_own_
 
     with pytest.raises(ValueError, match="'gpu'"):  # before any model loads or any item is read
         codec.main(["--clips", "none.parquet", "--tokenizer", "demo", "--out", "none", "--device", "gpu"])
+
+
+THREADS_UNDER = """
+import os, sys
+os.sched_setaffinity(0, {int(core) for core in sys.argv[1].split(",")})
+from higgs_pipeline.devices import rank_cpu_threads
+print(rank_cpu_threads())
+"""
+
+
+@pytest.mark.parametrize(
+    ("cores", "local_world", "threads"), [("0", "1", 1), ("0", "2", 1), ("0,1", "1", 2), ("0,1", "2", 1)]
+)
+def test_ranks_share_the_cores_the_process_may_use_not_the_machine_s(cores: str, local_world: str, threads: int):
+    """A container's cpuset (or `taskset`) limits the cores: threads beyond them only spin waiting for each other."""
+    env = {"LOCAL_WORLD_SIZE": local_world, "PATH": "/usr/bin:/bin"}
+    found = subprocess.run(
+        [sys.executable, "-c", THREADS_UNDER, cores], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert int(found) == threads

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from higgs_pipeline.devices import rank_cpu_threads
 from higgs_pipeline.training.config import TrainConfig
 
 
@@ -41,8 +42,7 @@ def setup_distributed(config: TrainConfig) -> Distributed:
         device = torch.device("cuda", local_rank)
     else:
         # torchrun defaults every process to 1 thread; share the cores instead.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(config.run.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(config.run.cpu_threads or rank_cpu_threads())
         device = torch.device("cpu")
     return Distributed(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
