@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex
+from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex, sha256_of_stream
 from higgs_pipeline.files import is_local_filesystem, write_atomic, write_json
 from higgs_pipeline.locks import FileLock
 
@@ -287,9 +287,19 @@ class TokenStore:
             rows.append((clip_hash, shard, offset, array.shape[0], array.shape[1], codes_checksum(array)))
             offset += array.nbytes
         path = self.shard_path(shard)
-        if not self.fs.exists(path):
+        if not self._holds(path, shard):
             write_atomic(path, data)
         return pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
+
+    def _holds(self, path: str, shard: str) -> bool:
+        """Whether `path` holds the shard's bytes. A name is the hash of what the shard should hold, not proof that
+        it does: re-encoding a damaged shard's clips gives the same bytes and so the same name, and the damaged file
+        must then be replaced, not kept. Only such a repeated name pays for this read."""
+        try:
+            with self.fs.open(path, "rb") as handle:
+                return sha256_of_stream(handle) == shard
+        except FileNotFoundError:
+            return False
 
     def commit(self, rows: pd.DataFrame, drop_shards: set[str] = frozenset()) -> str | None:
         """A new index version: the current rows (less those of `drop_shards` and those `rows` replace) plus
