@@ -40,6 +40,14 @@ def test_growth_never_lets_an_old_outsider_in_and_never_passes_the_limit():
         members = chosen
 
 
+def test_a_tiny_limit_never_gives_an_empty_subset():
+    """One halving can empty a subset of one or two (hashes that bunch): it then holds the smallest hash's id."""
+    for trial in range(300):
+        ids = _ids(trial * 100, trial * 100 + 2 + trial % 20)
+        for limit in (1, 2, 5):
+            assert 1 <= len(_subset(ids, limit)) <= limit
+
+
 def test_zero_or_a_limit_above_the_split_keeps_everything():
     ids = _ids(0, 50)
     assert validation_subset(ids, 0).all() and validation_subset(ids, 50).all()

@@ -135,7 +135,8 @@ def validation_subset(sample_ids: Sequence[str], limit: int) -> np.ndarray:
     threshold join; only when the count passes `limit` does k rise, which keeps exactly the old members below the
     lower threshold (no old outsider ever enters). No rule that is a function of the ids alone can both hold
     exactly `limit` samples and never drop one (once `limit` ids fill it, two such sets could not both be kept),
-    so the count is what gives: between about limit/2 and `limit`, never above.
+    so the count is what gives: between about limit/2 and `limit` on average, never above. Where one halving empties
+    the subset (a tiny `limit`, hashes that happen to bunch), it holds the id of the smallest hash instead: never none.
     """
     if limit < 0:
         raise ValueError(f"max_validation_samples must be 0 (all) or more, got {limit}")
@@ -147,7 +148,10 @@ def validation_subset(sample_ids: Sequence[str], limit: int) -> np.ndarray:
     threshold = 1.0
     while np.searchsorted(ordered, threshold) > limit:
         threshold /= 2  # exact in floating point: the thresholds are powers of two
-    return position < threshold
+    chosen = position < threshold
+    if not chosen.any():
+        chosen = position == ordered[0]
+    return chosen
 
 
 def validation_subset_records(records: Sequence[Any], limit: int) -> list[Any]:
