@@ -83,3 +83,19 @@ def test_the_evaluation_measures_the_subset_its_training_measured():
     assert training_validation_limit(recorded) == 16
     assert training_validation_limit({"training_config": {"run": {"eval_every": 20}}}) == 0
     assert training_validation_limit({}) == 2000
+
+
+def test_a_recorded_loss_is_reused_only_when_measured_on_the_same_samples_in_fp32():
+    """The gate compares a candidate's loss with the base's, which the evaluation measures in fp32: a bf16 record
+    (the production profile's training precision) is measured again, as is a line from before precisions were
+    recorded."""
+    from higgs_pipeline.evaluation.hearing import recorded_losses
+
+    ids = ids_sha256(_ids(0, 3))
+    sums = [2.0, 1.0, 4.0, 3.0, 1.0, 4.0]  # text loss sum, correct, count; one codebook: loss, correct, count
+    line = {"val_ids_sha256": ids, "val_sums": sums, "val_precision": "fp32"}
+    means = recorded_losses(line, ids)
+    assert means is not None and means["text_loss"] == pytest.approx(0.5) and means["audio_loss"] == pytest.approx(0.75)
+    assert recorded_losses({**line, "val_precision": "bf16"}, ids) is None
+    assert recorded_losses({key: value for key, value in line.items() if key != "val_precision"}, ids) is None
+    assert recorded_losses(line, ids_sha256(_ids(0, 4))) is None

@@ -197,8 +197,12 @@ def _adapters(candidates: Sequence[CandidateAdapter]) -> tuple[Adapter, ...]:
 
 def recorded_losses(validation: dict, ids_hash: str) -> dict[str, float] | None:
     """The means of the loss sums training recorded (`val_sums`), when it measured exactly the samples whose
-    `ids_sha256` is `ids_hash`; None otherwise (another split, another subset, or a line without sums)."""
+    `ids_sha256` is `ids_hash` in fp32, as the evaluation measures the base; None otherwise (another split, another
+    subset, a line without sums, or one measured in bf16: the gate and the ranking compare a candidate's loss with
+    the base's, and a precision gap between the two would be read as the adapter's doing)."""
     if validation.get("val_ids_sha256") != ids_hash or not validation.get("val_sums"):
+        return None
+    if validation.get("val_precision") != "fp32":
         return None
     return LossSums.from_vector(torch.tensor(validation["val_sums"], dtype=torch.float64)).means()
 

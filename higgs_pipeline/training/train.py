@@ -398,8 +398,9 @@ def _validate(
     """Validation loss over the validation subset; a new best is saved as best_adapter. Returns the metrics line.
 
     The line records what was measured, so `adapter_evaluation` can reuse it instead of measuring again: how many
-    samples (`val_samples`), which (`val_ids_sha256`, `data.split.ids_sha256`) and the exact loss sums
-    (`val_sums`, `LossSums.as_vector`), from which any weighting's means follow.
+    samples (`val_samples`), which (`val_ids_sha256`, `data.split.ids_sha256`), in what precision
+    (`val_precision`: "bf16" weights and autocast, or "fp32") and the exact loss sums (`val_sums`,
+    `LossSums.as_vector`), from which any weighting's means follow.
     """
     sums = evaluate(parts.module, data.validation_loader, env.device, parts.codebooks)
     means = sums.means(optim.text_weight, optim.audio_weight)
@@ -409,6 +410,7 @@ def _validate(
         **prefixed(means, "val"),
         "val_samples": len(ids),
         "val_ids_sha256": ids_sha256(ids),
+        "val_precision": "fp32" if parts.module.autocast_dtype is None else "bf16",
         "val_sums": sums.as_vector().tolist(),
     }
     reporter.metrics(result, "val")
