@@ -57,11 +57,6 @@ def worker_device(configured: str, own: str) -> str:
     return "cpu" if configured == "cpu" else own
 
 
-def rank_device() -> str:
-    """This torchrun rank's device: `cuda:<LOCAL_RANK>` when GPUs are visible, else the CPU."""
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if gpu_count() else "cpu"
-
-
 @contextlib.contextmanager
 def claim_device(
     lock_dir: Path, gpus: int | None = None, on_wait: Callable[[str], None] | None = None, poll_s: float = 0.5
@@ -97,12 +92,27 @@ def pin_rank_gpu() -> None:
     before anything in the process touches CUDA; ranks beyond the GPU count share GPUs round-robin."""
     if "LOCAL_RANK" not in os.environ:
         return
-    local_rank = int(os.environ["LOCAL_RANK"])
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [entry.strip() for entry in visible.split(",") if entry.strip()] if visible is not None else None
-    if ids == []:
-        return  # the job was given no GPU
-    os.environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)] if ids else str(local_rank)
+    gpu = rank_gpu(int(os.environ["LOCAL_RANK"]), visible, _gpus_without_cuda() if visible is None else 0)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def rank_gpu(local_rank: int, visible: str | None, node_gpus: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry of rank `local_rank`: its share of `visible` (the job's GPUs), or without that
+    of the node's `node_gpus` (0: unknown), round-robin; None where the job was given no GPU."""
+    if visible is not None:
+        ids = [entry.strip() for entry in visible.split(",") if entry.strip()]
+        return ids[local_rank % len(ids)] if ids else None
+    return str(local_rank % node_gpus if node_gpus > 0 else local_rank)
+
+
+def _gpus_without_cuda() -> int:
+    """The node's GPU count from NVML, which leaves CUDA uninitialised (CUDA reads CUDA_VISIBLE_DEVICES once, when
+    it starts, so counting through it would fix the devices before the rank could pin its own); 0 when unknown."""
+    import torch
+
+    return max(0, torch.cuda._device_count_nvml())  # torch is pinned in uv.lock: this private count is stable there
 
 
 def usable_cores() -> int:

@@ -97,3 +97,14 @@ def test_ranks_share_the_cores_the_process_may_use_not_the_machine_s(cores: str,
         [sys.executable, "-c", THREADS_UNDER, cores], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert int(found) == threads
+
+
+def test_a_rank_pins_its_share_of_the_gpus_round_robin():
+    """Ranks beyond the GPUs share them (4 ranks, 2 GPUs: 0 1 0 1), from the job's list or the node's count; a job
+    given no GPU pins none."""
+    from higgs_pipeline.devices import rank_gpu
+
+    assert [rank_gpu(rank, "3,5", 0) for rank in range(4)] == ["3", "5", "3", "5"]
+    assert [rank_gpu(rank, None, 2) for rank in range(4)] == ["0", "1", "0", "1"]
+    assert [rank_gpu(rank, None, 0) for rank in range(3)] == ["0", "1", "2"]  # count unknown: one GPU per rank
+    assert rank_gpu(1, "", 0) is None and rank_gpu(0, " , ", 4) is None
