@@ -711,6 +711,7 @@ def test_validation_dialogues_are_scored_the_same_in_the_step_and_over_two_proce
     from voice_fixtures import make_adapter
 
     from higgs_pipeline.models.loading import resolve_model
+    from higgs_pipeline.serving.adapters import adapter_sha256
     from higgs_pipeline.speech.scoring import get_scorer
     from higgs_pipeline.workers import evaluation
     from higgs_pipeline.workers.shards import merge_parts
@@ -728,9 +729,8 @@ def test_validation_dialogues_are_scored_the_same_in_the_step_and_over_two_proce
     records = [record for record in records if recorded_dialogue(record).scored_turns()][:2]
     assert len(records) == 2
     adapter = str(make_adapter(tmp_path / "adapter", scale=0.0))
-    work = evaluation.DialogueWork(
-        resolve_model("demo"), evaluation.Adapter(-1, adapter, adapter), "demo", 10, 0.7, 0, "tiny.en", "resemblyzer"
-    )
+    heard = evaluation.Adapter(-1, adapter, adapter, adapter_sha256(adapter))
+    work = evaluation.DialogueWork(resolve_model("demo"), heard, "demo", 10, 0.7, 0, "tiny.en", "resemblyzer")
     items = evaluation.dialogue_items(records)
     in_step = evaluation.run_in_step("dialogues", items, work, "cpu", get_scorer(), str(tmp_path), print)
     items.to_parquet(tmp_path / "items.parquet")

@@ -139,7 +139,24 @@ def test_losses_merge_in_batch_order_whichever_part_comes_first():
 
 @pytest.mark.unit
 def test_a_phases_work_travels_as_json_and_a_bad_phase_is_named():
-    work = SpeechWork("demo", (Adapter(4, "s3://runs/r/step-4", "/tmp/x"),), "demo", 16, 0.7, "tiny.en", "x", True)
+    adapter = Adapter(4, "s3://runs/r/step-4", "/tmp/x", "ab" * 32)
+    work = SpeechWork("demo", (adapter,), "demo", 16, 0.7, "tiny.en", "x", True)
     assert work_of("takes", work_json(work)) == work
     with pytest.raises(ValueError, match="phase 'speak'"):
         work_of("speak", work_json(work))
+
+
+@pytest.mark.unit
+def test_a_rank_refuses_a_candidate_whose_files_changed_after_they_were_recorded(tmp_path):
+    """What a rank hears must be what promotion and export check: the folder it finds is hashed again."""
+    from voice_fixtures import make_adapter
+
+    from higgs_pipeline.serving.adapters import adapter_sha256
+
+    folder = make_adapter(tmp_path / "adapter", scale=0.0)
+    adapter = Adapter(4, str(folder), str(folder), adapter_sha256(str(folder)))
+    assert adapter.folder(str(tmp_path)) == str(folder)
+    config = folder / "adapter_config.json"
+    config.write_text(config.read_text().replace("}", ', "note": "edited"}', 1))
+    with pytest.raises(RuntimeError, match="candidate step 4 .* changed after the evaluation recorded it"):
+        adapter.folder(str(tmp_path))

@@ -192,7 +192,7 @@ def candidate_losses(
 
 
 def _adapters(candidates: Sequence[CandidateAdapter]) -> tuple[Adapter, ...]:
-    return tuple(Adapter(c.step, c.path, c.local_dir) for c in candidates)
+    return tuple(Adapter(c.step, c.path, c.local_dir, c.adapter_sha256) for c in candidates)
 
 
 def recorded_losses(validation: dict, ids_hash: str) -> dict[str, float] | None:

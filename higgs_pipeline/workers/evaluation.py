@@ -59,18 +59,28 @@ def voice_name(step: int) -> str:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A candidate as a rank finds it: `local_dir` when this machine has it (the asset's copy), else `path`."""
+    """A candidate as a rank finds it: `local_dir` when this machine has it (the asset's copy), else `path`; `sha256`
+    is what the asset recorded as heard (`serving/adapters.py::adapter_sha256`)."""
 
     step: int
     path: str
     local_dir: str
+    sha256: str
 
     def folder(self, scratch: str) -> str:
+        """The candidate's folder on this machine, checked to hold the files the asset recorded: a rank on another
+        pod downloads `path` again, and what it hears must be what promotion and export will check against."""
         from higgs_pipeline.evaluation.evaluate import local_folder
+        from higgs_pipeline.serving.adapters import adapter_sha256
 
-        if os.path.isdir(self.local_dir):
-            return self.local_dir
-        return local_folder(self.path, f"{scratch}/candidate-{self.step}")
+        found = self.local_dir if os.path.isdir(self.local_dir) else None
+        found = found or local_folder(self.path, f"{scratch}/candidate-{self.step}")
+        if adapter_sha256(found) != self.sha256:
+            raise RuntimeError(
+                f"candidate step {self.step} at {self.path} changed after the evaluation recorded it "
+                f"(sha256 {self.sha256[:12]}...): its files are not the ones to be heard"
+            )
+        return found
 
 
 @dataclass(frozen=True)
