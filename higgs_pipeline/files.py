@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +66,27 @@ def temporary_dir(final: Path) -> Path:
     path = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
     path.mkdir(parents=True)
     return path
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends (then take effect as they would have): for a few renames that
+    must happen all or none. Outside the main thread, where Python cannot handle signals, the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda got, _frame: received.append(got)) for number in _DEFERRED}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
 
 
 def write_atomic(path: str, data: bytes | str) -> str:

@@ -294,3 +294,121 @@ def test_a_run_that_breaks_mid_work_changes_nothing(corpus, tmp_path):
     assert not isinstance(error.value, ValueError | AssertionError), error.value
     assert {name: (out / name).read_bytes() for name in files} == files
     assert _clip_folders(out) == clips and not (out / ".scratch").exists()
+
+
+# ---------------------------------------------------------------- reruns that must not lose or change anything
+
+
+def _tables(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("manifest.csv", "speakers.csv", "segments.csv", MARKER)}
+
+
+def test_a_recording_that_cannot_be_read_this_time_keeps_its_clips(corpus, tmp_path):
+    """Gone, or over a limit lowered since: its earlier clips stay (reported), only --remove takes them out."""
+    folder, out = corpus
+    alice = str(folder / "alice.wav")
+    before = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    code, summary = _run(["prepare", alice, "--max-recording-seconds", "1", "--out", str(out), "--json"])
+    assert code == 0 and [(k["recording"], k["reason"]) for k in summary["refused_kept"]] == [(alice, "too_long")]
+    assert pd.read_csv(out / "manifest.csv", keep_default_na=False).equals(before)
+    moved = tmp_path / "moved.wav"  # a recording of the corpus whose file then goes away
+    shutil.copyfile(folder / "alice.wav", moved)
+    assert _run(["prepare", "--remove", alice, "--out", str(out)])[0] == 0
+    assert _run(["prepare", str(moved), "--out", str(out)])[0] == 0
+    clips = _clip_folders(out)
+    moved.unlink()
+    code, printed = _run(["prepare", str(moved), str(folder / "bob.wav"), "--out", str(out)])
+    assert code == 0 and f"kept {moved}: refused this run (missing_file" in printed
+    assert "moved.wav" in _recordings(out) and _clip_folders(out) == clips
+
+
+def test_the_recording_already_in_the_corpus_owns_its_bytes(corpus):
+    """A copy given before the original is the duplicate: the corpus's entry keeps its name (and --remove finds it)."""
+    folder, out = corpus
+    alice, again = str(folder / "alice.wav"), str(folder / "alice_again.wav")
+    code, summary = _run(["prepare", again, alice, "--out", str(out), "--json"])
+    assert code == 0 and summary["duplicates"] == [{"recording": again, "same_as": alice, "reason": "same bytes"}]
+    assert _recordings(out) == {"alice.wav", "bob.wav", "both.wav"}
+    assert _run(["prepare", "--remove", alice, "--out", str(out)])[0] == 0
+
+
+def _speakers_of(out: Path) -> dict[str, list[str]]:
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).sort_values(["source_recording", "start_s"])
+    return {Path(r).name: rows["speaker"].tolist() for r, rows in manifest.groupby("source_recording")}
+
+
+def test_naming_a_recording_s_speaker_relabels_no_other_recording_and_a_rename_of_it_stands(corpus):
+    folder, out = corpus
+    before = _speakers_of(out)
+    assert before["alice.wav"][0] in before["both.wav"]  # one voice: alice.wav's and one of both.wav's
+    code, _ = _run(["prepare", str(folder / "alice.wav"), "--speaker", "Carol", "--out", str(out)])
+    after = _speakers_of(out)
+    assert code == 0 and set(after["alice.wav"]) == {"Carol"} and after["both.wav"] == before["both.wav"]
+    table = pd.read_csv(out / SPEAKERS, keep_default_na=False)
+    table.loc[table["label"] == "Carol", "label"] = "Caroline"  # the user renames the named voice
+    table.to_csv(out / SPEAKERS, index=False)
+    assert _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])[0] == 0
+    assert set(_speakers_of(out)["alice.wav"]) == {"Caroline"}
+
+
+def test_dialogues_stay_when_a_later_run_does_not_give_the_flag(corpus):
+    folder, out = corpus
+    both = str(folder / "both.wav")
+    assert _run(["prepare", both, "--num-speakers", "2", "--dialogue-turns", "4", "--out", str(out)])[0] == 0
+    dialogues = pd.read_csv(out / "manifest.csv", keep_default_na=False)["dialogue_id"].astype(str)
+    assert (dialogues != "").sum() >= 2
+    assert _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])[0] == 0
+    assert pd.read_csv(out / "manifest.csv", keep_default_na=False)["dialogue_id"].astype(str).equals(dialogues)
+    assert _run(["prepare", str(folder / "bob.wav"), "--dialogue-turns", "0", "--out", str(out)])[0] == 0
+    assert (pd.read_csv(out / "manifest.csv", keep_default_na=False)["dialogue_id"].astype(str) == "").all()
+
+
+def test_an_interrupted_run_replaces_no_table(corpus, monkeypatch):
+    """The tables are written in full beside the folder's, then replace them as one set: a Ctrl-C while they are
+    written leaves every one as it was."""
+    from higgs_pipeline.ingest import outputs
+
+    folder, out = corpus
+    files = _tables(out)
+    write_csv = outputs.write_csv
+
+    def interrupted(table, path, **options):
+        if path.endswith("segments.csv"):
+            raise KeyboardInterrupt
+        return write_csv(table, path, **options)
+
+    monkeypatch.setattr(outputs, "write_csv", interrupted)
+    assert main(["prepare", "--remove", str(folder / "alice.wav"), "--out", str(out)]) == 130
+    assert _tables(out) == files and not list(out.glob(".staging-*"))
+
+
+def test_signals_wait_for_the_end_of_a_deferred_block():
+    import os
+    import signal
+
+    from higgs_pipeline.files import signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the block ran to its end")
+    assert done == ["the block ran to its end"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_prepare_keeps_out_of_other_corpora_and_their_neighbours(corpus, capsys):
+    folder, out = corpus
+    bob = str(folder / "bob.wav")
+    for inside in (out / "clips" / "mine", out / ".scratch" / "mine", out / "mine"):
+        assert _run(["prepare", bob, "--out", str(inside)])[0] == 2
+        assert f"is inside {out}, a corpus prepare made" in capsys.readouterr().err and not inside.exists()
+    afile = out.parent / "afile"
+    afile.write_text("x")
+    assert _run(["prepare", bob, "--out", str(afile / "sub")])[0] == 2
+    assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    neighbours = [out.parent / ".tmp-out-2-0123abcd", out.parent / ".old-out-backup"]  # another corpus's, a user's
+    for path in neighbours:
+        path.mkdir()
+        (path / "notes.txt").write_text("keep me")
+    assert _run(["prepare", bob, "--out", str(out)])[0] == 0
+    assert all((path / "notes.txt").read_text() == "keep me" for path in neighbours)

@@ -83,6 +83,27 @@ def test_a_pinned_name_wins_and_joins_its_namesake():
     assert len(registry.voices) == 1  # one speaker named Ann
 
 
+def test_a_pinned_voice_renamed_by_the_user_keeps_the_new_name_and_re_pinning_relabels_no_other_recording():
+    """The pin applies when the name is new for the recording; afterwards speakers.csv's rename stands. A recording
+    pinned later to another name gets a voice of its own: the voice it made before keeps the other recordings'
+    clips and their label."""
+    registry = Registry()
+    register(registry, [NewRecording("p1", _unit(ALICE), pinned="Ann")], "resemblyzer", 0.8)
+    registry.voices[registry.assignments["p1"][0]].label = "Annie"  # the user's edit of speakers.csv
+    assert _labels(
+        registry, register(registry, [NewRecording("p1", _unit(ALICE), pinned="Ann")], "resemblyzer", 0.8)
+    ) == {"p1": ["Annie"]}
+
+    registry = Registry()
+    register(registry, [NewRecording("m1", _unit(ALICE))], "resemblyzer", 0.8)
+    register(registry, [NewRecording("c1", _unit(ALICE, BOB))], "resemblyzer", 0.8)  # Alice recognised
+    shared = registry.assignments["m1"][0]
+    assert registry.assignments["c1"][0] == shared
+    again = register(registry, [NewRecording("m1", _unit(ALICE), pinned="Carol")], "resemblyzer", 0.8)
+    assert registry.label(again["m1"][0]) == "Carol" and again["m1"][0] != shared
+    assert registry.label(registry.assignments["c1"][0]) == "speaker_01" and registry.voices[shared].weight == 2
+
+
 def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(tmp_path):
     """Every recording withdrawn, failed or rejected: the manifest is empty with its columns (so the withdrawal
     reaches the training data), every recording is listed as rejected, and nothing fails."""

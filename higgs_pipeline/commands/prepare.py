@@ -23,7 +23,8 @@ reason), prepared/speakers.csv (voice_id, label, clips, seconds, recordings: ren
 to add them (unchanged ones are reused, every recording prepared there stays in the manifest), or take one out:
   higgs-pipeline prepare --remove data/demo/recordings/monologue.mp3 --out prepared/
 With --json it prints one object: {"recordings": ..., "recordings_rejected": ..., "clips": ...,
-"speech_seconds": ..., "speakers": ..., "rejected": [...], "duplicates": [...], "removed": [...], ...}."""
+"speech_seconds": ..., "speakers": ..., "rejected": [...], "duplicates": [...], "removed": [...],
+"refused_kept": [...], ...}."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,8 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-speakers", type=int, default=None, help="exactly this many speakers per recording")
     parser.add_argument("--speaker", default=None, help="the name of the (single) speaker of these recordings")
     parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
-    for knob in (*KNOBS, DIALOGUE_TURNS):  # one definition with recording_clips' config (ingest/settings.py)
+    for knob in KNOBS:  # one definition with recording_clips' config (ingest/settings.py)
         parser.add_argument(knob.flag, type=type(knob.default), default=knob.default, help=knob_help(knob))
+    parser.add_argument(  # a corpus setting: kept from the corpus's last run when not given
+        DIALOGUE_TURNS.flag,
+        type=int,
+        default=None,
+        help=f"{DIALOGUE_TURNS.help} (default: the value this --out was last prepared with; 0 for a new one)",
+    )
     parser.add_argument("--asr-model", default="tiny.en", help="tiny.en (embedded), large-v3, or a local folder")
     parser.add_argument("--speaker-model", default="resemblyzer", help="resemblyzer (embedded) or a WavLM x-vector")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
@@ -60,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from higgs_pipeline.ingest.prepare import check_output_folder, prepare
+    from higgs_pipeline.ingest.prepare import check_output_folder, corpus_dialogue_turns, prepare
     from higgs_pipeline.ingest.registry import label_problem
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
     from higgs_pipeline.speech.scoring import load_speaker, load_whisper
@@ -75,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if args.speaker and (args.num_speakers or 1) != 1:
         raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
     try:
-        settings = IngestSettings.from_knobs(
-            args, args.asr_model, args.speaker_model, args.device, dialogue_turns=args.dialogue_turns
-        )
         check_output_folder(args.out)
+        turns = corpus_dialogue_turns(args.out) if args.dialogue_turns is None else args.dialogue_turns
+        settings = IngestSettings.from_knobs(
+            args, args.asr_model, args.speaker_model, args.device, dialogue_turns=turns
+        )
         check_language(settings.asr_model, settings.device, args.language)  # loads the ASR model: fails early
     except (ValueError, FileNotFoundError) as error:
         raise CommandError(str(error)) from error
@@ -109,4 +117,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"duplicate {item['recording']}: {item['reason']} as {item['same_as']} (counted once)")
     for name in summary.removed:
         print(f"removed {name} and its clips")
+    for item in summary.refused_kept:
+        print(
+            f"kept {item['recording']}: refused this run ({item['reason']}: {item['detail']}); its earlier clips stay"
+            " (--remove takes them out)"
+        )
     return 0

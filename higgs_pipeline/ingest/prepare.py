@@ -16,14 +16,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.files import replace_dir, temporary_dir, write_json
+from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, Summary, merge_outputs
 from higgs_pipeline.ingest.recording import RecordingResult, process_recording
 from higgs_pipeline.ingest.registry import load_registry
@@ -33,6 +35,7 @@ from higgs_pipeline.locks import FileLock, LockBusy
 MARKER = ".higgs_prepare.json"
 MARKER_FORMAT = 1
 SCRATCH = ".scratch"  # decoded PCM of the recording being processed: inside the folder, so a killed run's is found
+STAGING = ".staging"  # the tables of a run, written in full before any of them replaces the folder's
 
 
 class NothingUsableError(ValueError):
@@ -40,11 +43,18 @@ class NothingUsableError(ValueError):
 
 
 def check_output_folder(out: Path) -> None:
-    """`out` must be new, empty, or a folder `prepare` made (its marker readable by this version)."""
+    """`out` must be new, empty, or a folder `prepare` made (its marker readable by this version), and never inside
+    another prepared corpus (whose next run would take it for its own leftovers)."""
+    out = Path(os.path.abspath(out))
     if out.is_symlink() and not out.exists():
         raise ValueError(f"--out {out} is a link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+        if (parent / MARKER).is_file():
+            raise ValueError(f"--out {out} is inside {parent}, a corpus prepare made: give a folder outside it")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
             raise ValueError(
@@ -53,6 +63,15 @@ def check_output_folder(out: Path) -> None:
             )
         load_corpus(out)
         load_registry(out)  # a speakers.csv the user broke is named now, not after the work
+
+
+def corpus_dialogue_turns(out: Path) -> int:
+    """The `--dialogue-turns` the corpus in `out` was last merged with (0 for a new folder): a run that does not
+    give the flag keeps it, so adding a recording does not take the dialogues out of the older ones."""
+    try:
+        return int(json.loads((out / MARKER).read_text(encoding="utf-8")).get("dialogue_turns", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0  # a new folder (or a marker `load_corpus` names as broken)
 
 
 def load_corpus(out: Path) -> dict[str, RecordingResult]:
@@ -93,6 +112,7 @@ def prepare(
 ) -> tuple[Summary, list[RecordingResult]]:
     """Add `recordings` to the corpus in `out` and take `remove` out of it; returns the summary and the results of
     the whole corpus. Raises ValueError (usage: exit 2) before any work when the folder or a name is wrong."""
+    out = Path(os.path.abspath(out))  # "." has no name to build a temporary twin from
     check_output_folder(out)
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
     try:
@@ -110,8 +130,9 @@ def prepare(
         work = temporary_dir(out) if fresh else out
         try:
             given, duplicates = _process(recordings, work, settings, options, progress)
-            merged, same_bytes = _merged(corpus, given, removed)
+            merged, same_bytes, refused_kept = _merged(corpus, given, removed)
             summary = _write(work, merged, settings, duplicates + same_bytes, removed)
+            summary.refused_kept = refused_kept
             if fresh:
                 if out.exists():
                     out.rmdir()
@@ -124,16 +145,20 @@ def prepare(
 
 
 def clean_leftovers(out: Path) -> None:
-    """What a killed run into `out` left: its temporary twin folders, half-written files, scratch and staging."""
+    """What a killed run into `out` left: its temporary twin folders, half-written files, staged tables, scratch and
+    staging. A twin is named `.tmp-<name>-<8 hex>` / `.old-<name>-<8 hex>` exactly: a corpus named `<name>-2`
+    beside this one has twins of its own, which are not this run's to remove."""
     parent = out.parent
     if parent.is_dir():
-        for prefix in (f".tmp-{out.name}-", f".old-{out.name}-"):
-            for path in parent.glob(f"{prefix}*"):
+        twin = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-[0-9a-f]{{8}}")
+        for path in parent.iterdir():
+            if twin.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
     if not out.is_dir():
         return
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
-    for path in [*out.glob(".*.tmp"), *(out / CLIPS_DIR).glob(".tmp-*"), *(out / CLIPS_DIR).glob(".old-*")]:
+    leftovers = [*out.glob(".*.tmp"), *out.glob(f"{STAGING}-*"), *(out / CLIPS_DIR).glob(".tmp-*")]
+    for path in [*leftovers, *(out / CLIPS_DIR).glob(".old-*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -192,25 +217,54 @@ def _scratch_inside(work: Path) -> Iterator[None]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+# Refusals that say a recording could not be read this time (gone, moved out of its folder, over a size or length
+# limit, unreadable), not what its speech is: they never take an accepted recording's clips out (`--remove` does).
+UNREAD_REASONS = frozenset(
+    {
+        "missing_file",
+        "not_a_regular_file",
+        "path_outside_folder",
+        "file_too_large",
+        "too_long",
+        "empty_audio",
+        "undecodable",
+        "truncated",
+        "non_finite_samples",
+    }
+)
+
+
 def _merged(
     corpus: dict[str, RecordingResult], given: list[RecordingResult], removed: list[str]
-) -> tuple[list[RecordingResult], list[dict]]:
-    """The corpus after this run, by name: kept recordings as they were, given ones replacing theirs; a given
-    recording with the bytes of another already in (or given before it) is reported, not added."""
+) -> tuple[list[RecordingResult], list[dict], list[dict]]:
+    """The corpus after this run, by name, with the duplicates and the kept refusals to report: kept recordings as
+    they were, given ones replacing theirs, except a refusal of one that was accepted for a reason in
+    UNREAD_REASONS (its clips stay). A given recording with the bytes of another is reported, not added; the one
+    already in the corpus owns its bytes, else the first given."""
     kept = {name: result for name, result in corpus.items() if name not in removed}
-    given_names = {r.recording for r in given}
-    owner = {r.content_hash: r.recording for r in kept.values() if r.content_hash and r.recording not in given_names}
-    merged = {name: r for name, r in kept.items() if name not in given_names}
     for result in kept.values():
         result.reused = result.status == "accepted"  # used as it was
-    duplicates = []
+    merged, refused_kept = dict(kept), []
     for result in given:
-        first = owner.setdefault(result.content_hash, result.recording) if result.content_hash else result.recording
-        if first != result.recording:
-            duplicates.append({"recording": result.recording, "same_as": first, "reason": "same bytes"})
+        earlier = kept.get(result.recording)
+        if result.status != "accepted" and result.reason in UNREAD_REASONS and earlier and earlier.reused:
+            refused_kept.append({"recording": result.recording, "reason": result.reason, "detail": result.detail})
             continue
         merged[result.recording] = result
-    return [merged[name] for name in sorted(merged)], duplicates
+    owner: dict[str, str] = {}
+    for name in [*kept, *(r.recording for r in given if r.recording not in kept)]:
+        if merged[name].content_hash:
+            owner.setdefault(merged[name].content_hash, name)
+    duplicates = []
+    for result in given:
+        first = owner.get(result.content_hash, result.recording) if result.content_hash else result.recording
+        if first != result.recording:
+            duplicates.append({"recording": result.recording, "same_as": first, "reason": "same bytes"})
+            if result.recording in kept:
+                merged[result.recording] = kept[result.recording]  # its earlier entry stays as it was
+            else:
+                del merged[result.recording]
+    return [merged[name] for name in sorted(merged)], duplicates, refused_kept
 
 
 def _write(
@@ -228,9 +282,21 @@ def _write(
             + "; ".join(f"{r['recording']}: {r['detail']}" for r in outputs.summary.rejected)
         )
     outputs.summary.duplicates, outputs.summary.removed = duplicates, removed
-    outputs.write(work)
-    marker = {"format": MARKER_FORMAT, "recordings": [asdict(r) for r in merged]}
-    write_json(str(work / MARKER), marker, indent=None)  # one line: centroids would take a line per number
+    staging = work / f"{STAGING}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        outputs.write(staging)
+        marker = {
+            "format": MARKER_FORMAT,
+            "dialogue_turns": settings.dialogue_turns,
+            "recordings": [asdict(r) for r in merged],
+        }
+        write_json(str(staging / MARKER), marker, indent=None)  # one line: centroids would take a line per number
+        with signals_deferred():  # the tables replace the folder's as one set: a Ctrl-C waits for the last
+            for table in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):  # the marker last
+                os.replace(table, work / table.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     referenced = {r.folder for r in merged if r.folder}
     for folder in (work / CLIPS_DIR).iterdir() if (work / CLIPS_DIR).is_dir() else ():
         if folder.name not in referenced:

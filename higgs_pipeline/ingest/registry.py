@@ -5,7 +5,9 @@ Each voice one recording's diarizer found (a *local* speaker) is assigned once t
 recordings never relabels a voice already seen. A new recording's voices are matched to the registered speakers by
 optimal assignment (Hungarian, on centroid cosines, one local voice per speaker) and a pair counts only above the
 speaker model's calibrated threshold (`MATCH_THRESHOLDS`); an unmatched voice is registered under the next
-`speaker_NN` never issued before. A recording given a speaker name (`--speaker`) is pinned to that label.
+`speaker_NN` never issued before. A recording given a speaker name (`--speaker`) is pinned to that label once,
+when the name is new for it (`Registry.pins`): afterwards a rename or a merge in speakers.csv wins, as for any
+other voice.
 
 Two files beside the manifest:
 - `speakers.csv` (`voice_id`, `label`, and read-only `clips`, `seconds`, `recordings` of the current manifest):
@@ -90,6 +92,7 @@ class Registry:
     voices: dict[str, Voice] = field(default_factory=dict)
     assignments: dict[str, list[str]] = field(default_factory=dict)  # result folder -> voice_id per local speaker
     next_number: int = 1  # the next speaker_NN: a number once issued is never issued again
+    pins: dict[str, str] = field(default_factory=dict)  # result folder -> the --speaker name last applied to it
 
     def label(self, voice_id: str) -> str:
         return self.voices[voice_id].label
@@ -122,12 +125,22 @@ def register(
         else:
             voices = _matched_voices(registry, recording, model, threshold)
         registry.assignments[recording.folder] = out[recording.folder] = voices
+    for recording in recordings:
+        if recording.pinned:
+            registry.pins[recording.folder] = recording.pinned
     return out
 
 
 def _keeps_pin(registry: Registry, voice_ids: list[str], recording: NewRecording) -> bool:
-    names = _pinned_names(recording.pinned, len(voice_ids))
-    return not recording.pinned or [registry.label(v) for v in voice_ids] == names
+    """Whether a folder's voices stay as assigned: yes unless it is given a speaker name not yet applied to it (the
+    user's later renames and merges of a pinned voice stand). A registry from before pins were recorded compares
+    the labels with the name instead."""
+    if not recording.pinned:
+        return True
+    applied = registry.pins.get(recording.folder)
+    if applied is not None:
+        return applied == recording.pinned
+    return [registry.label(v) for v in voice_ids] == _pinned_names(recording.pinned, len(voice_ids))
 
 
 def _pinned_names(name: str, count: int) -> list[str]:
@@ -173,7 +186,12 @@ def _join(voice: Voice, centroid: np.ndarray) -> str:
 
 
 def _new_voice(registry: Registry, recording: NewRecording, local: int, model: str, label: str) -> str:
-    voice_id = "voice_" + digest(recording.folder, str(local))[:12]
+    """A voice registered for the recording's local speaker `local`; its id is new even where the folder made a
+    voice before (a re-pinned recording): that voice may carry other recordings' clips, and keeps them."""
+    voice_id, salt = "voice_" + digest(recording.folder, str(local))[:12], 0
+    while voice_id in registry.voices:
+        salt += 1
+        voice_id = "voice_" + digest(recording.folder, str(local), str(salt))[:12]
     if not label:
         taken = {v.label for v in registry.voices.values()}
         while f"speaker_{registry.next_number:02d}" in taken:  # a user may have named a voice speaker_NN
@@ -216,6 +234,7 @@ def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None
             for v in registry.voices.values()
         ],
         "assignments": registry.assignments,
+        "pins": registry.pins,
     }
     write_json(str(folder / EMBEDDINGS), document, indent=None)
     table = pd.DataFrame(
@@ -250,7 +269,8 @@ def _load_embeddings(path: Path) -> Registry:
         unknown = {v for ids in assignments.values() for v in ids} - set(voices)
         if unknown:
             raise ValueError(f"assignments name unknown voices {sorted(unknown)[:3]}")
-        return Registry(voices, assignments, int(document["next_number"]))
+        pins = {str(k): str(v) for k, v in document.get("pins", {}).items()}  # absent from older registries
+        return Registry(voices, assignments, int(document["next_number"]), pins)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise RegistryError(
             f"{path}: not a speaker registry this version can read ({error}); restore it, or delete it and "
