@@ -1,5 +1,7 @@
 """tokenized_audio: every clip the samples use, encoded once with the Higgs audio tokenizer into the TokenStore."""
 
+import time
+
 import dagster as dg
 import pandas as pd
 from pydantic import Field
@@ -9,6 +11,7 @@ from higgs_pipeline.data.tables import read_parquet
 from higgs_pipeline.data.token_store import ShardWriter, TokenStore, codes_fingerprint
 from higgs_pipeline.data.tokenize import (
     ClipChangedError,
+    EncodeStats,
     TokenizerInfo,
     audio_tokenizer,
     check_store,
@@ -69,7 +72,7 @@ def tokenized_audio(
         migrated = _migrate_legacy(store, todo, info, writer)
         todo = todo[~todo["clip_hash"].isin(migrated)]
         if len(todo) and not config.in_step():
-            ranks = _encode_spread(context, config, todo, name, store_root, writer, checkpoints.device)
+            ranks, stats = _encode_spread(context, config, todo, name, store_root, writer, checkpoints.device)
         elif len(todo):
             if tokenizer is None:
                 tokenizer = audio_tokenizer(name, device)
@@ -119,17 +122,26 @@ def _encode_spread(
     store_root: str,
     writer: ShardWriter,
     device: str,
-) -> int:
+) -> tuple[int, EncodeStats]:
     """`todo` encoded by the codec worker over `config.ranks()` processes, its codes added to `writer` in clip-hash
-    order (each clip's codes are its one-at-a-time codes, whichever rank made them); returns the ranks."""
+    order (each clip's codes are its one-at-a-time codes, whichever rank made them); returns the ranks and the
+    job's numbers (its wall time includes the processes' start-up and model loads)."""
     from higgs_pipeline.workers.codec import CODEC_MODULE, codes_of
 
     items = todo[["clip_hash", "audio_uri", "duration_s"]].drop_duplicates("clip_hash")
     args = ["--tokenizer", name, "--device", device]
+    started = time.perf_counter()
     ranks, parts = spread(context, config, CODEC_MODULE, items, f"{store_root}/jobs", args)
     for _, row in parts.iterrows():
         writer.add(row["clip_hash"], codes_of(row))
-    return ranks
+    stats = EncodeStats(
+        clips=len(items),
+        audio_seconds=float(items["duration_s"].sum()),
+        wall_seconds=time.perf_counter() - started,
+        batches=0,  # planned per rank, not reported back
+        clips_in_multi_clip_batches=int(parts["in_batch"].sum()) if len(parts) else 0,
+    )
+    return ranks, stats
 
 
 def _log_problems(context: dg.AssetExecutionContext, problems: dict[str, str]) -> None:

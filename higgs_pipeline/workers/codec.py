@@ -1,9 +1,9 @@
 """`python -m higgs_pipeline.workers.codec --clips CLIPS --tokenizer NAME --out DIR`: encodes each rank's share of a
 clips table (clip_hash, audio_uri, duration_s) into Higgs audio codes with the project's tokenizer functions
 (`data/tokenize.py`), and writes its part (clip_hash, codebooks, frames, codes: the int16 [codebooks, frames]
-array's bytes, C order). Shares are balanced by duration, the encoder's cost, and each rank works through its
-share longest first, so clips of one length (ingest cuts them on the 40 ms codec frame grid) arrive in the same
-batches and share encoder calls.
+array's bytes, C order; in_batch: whether the clip shared an encoder call). Shares are balanced by duration, the
+encoder's cost, and each rank works through its share longest first, so clips of one length (ingest cuts them on
+the 40 ms codec frame grid) arrive in the same batches and share encoder calls.
 
 Each clip's codes are its one-at-a-time codes: only waves of one length share an encoder batch (`ClipEncoder`), so
 the result does not depend on which rank, or which other clips, a clip was encoded with.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -44,12 +45,16 @@ def encoder(tokenizer_name: str, device: str) -> BatchFunction:
         waves = [load_wave(uri, h, rate) for uri, h in zip(batch["audio_uri"], batch["clip_hash"], strict=True)]
         codes = [clip.cpu().numpy().astype(CODES_DTYPE) for clip in clip_encoder.encode_by_length(waves)]
         trim_heap()
+        lengths = [int(wave.shape[-1]) for wave in waves]
+        sharing = Counter(lengths)
         return pd.DataFrame(
             {
                 "clip_hash": batch["clip_hash"].to_numpy(),
                 "codebooks": [c.shape[0] for c in codes],
                 "frames": [c.shape[1] for c in codes],
                 "codes": [np.ascontiguousarray(c).tobytes() for c in codes],
+                # whether the clip shared an encoder call (a length that fell back to one at a time did not)
+                "in_batch": [sharing[n] > 1 and n not in clip_encoder.unbatchable_lengths for n in lengths],
             }
         )
 
