@@ -28,22 +28,26 @@ logger = logging.getLogger(__name__)
 
 
 def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
-    """The batch function: each clip's transcript, from the cache or heard and then cached."""
+    """The batch function: each clip's transcript, from the cache, or heard (the batch's uncached clips decoded
+    together, `Scorer.listen_batch`, as the one-process path decodes them) and then cached."""
     from higgs_pipeline.speech.scoring import get_scorer  # after the rank's GPU is pinned
 
     scorer = get_scorer(asr_model, device=device)
 
     def transcribe(batch: pd.DataFrame) -> pd.DataFrame:
-        rows = []
-        for clip_hash, uri, language in zip(batch["clip_hash"], batch["audio_uri"], batch["language"], strict=True):
-            entry = cached_transcript(cache, clip_hash, language, logger.warning)
-            from_cache = entry is not None
-            if entry is None:
-                wave, rate = decode(read_clip_bytes(uri))
-                hypothesis, speech = scorer.listen(wave, rate, language or None)
-                entry = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
-                store_transcript(cache, clip_hash, language, entry)
-            rows.append({"clip_hash": clip_hash, "language": language, **entry, "from_cache": from_cache})
+        keys = list(zip(batch["clip_hash"], batch["audio_uri"], batch["language"], strict=True))
+        entries = [cached_transcript(cache, clip_hash, language, logger.warning) for clip_hash, _, language in keys]
+        unheard = [index for index, entry in enumerate(entries) if entry is None]
+        clips = [(*decode(read_clip_bytes(keys[index][1])), keys[index][2] or None) for index in unheard]
+        for index, (hypothesis, speech) in zip(unheard, scorer.listen_batch(clips) if clips else [], strict=True):
+            clip_hash, _uri, language = keys[index]
+            entries[index] = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
+            store_transcript(cache, clip_hash, language, entries[index])
+        heard = set(unheard)
+        rows = [
+            {"clip_hash": clip_hash, "language": language, **entry, "from_cache": index not in heard}
+            for index, ((clip_hash, _uri, language), entry) in enumerate(zip(keys, entries, strict=True))
+        ]
         return pd.DataFrame(rows, columns=[*ASR_KEY, "hypothesis", "speech_detected", "from_cache"])
 
     return transcribe
