@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ from higgs_pipeline.locks import FileLock
 
 INDEX_COLUMNS = ("clip_hash", "shard", "offset", "codebooks", "frames", "checksum")
 INDEX_POINTER = "index.json"
+# Tries of a commit whose index pointer another writer keeps moving (S3's compare-and-swap).
+COMMIT_ATTEMPTS = 8
+# An index version on an object store is pruned only when older than this: a younger one may be another
+# writer's, written and not yet pointed to.
+PRUNE_AFTER_S = 3600.0
 # A shard closes past this many bytes of codes (~16k ten-second clips): few files for millions of clips, and a
 # re-encode after damage costs at most one shard's clips.
 SHARD_BYTES = 64 << 20
@@ -146,20 +152,26 @@ class TokenStore:
     # -- the index
     def index_version(self) -> str | None:
         """The current index file (relative to the root), or None for a store with no index yet."""
+        return self._pointer()[0]
+
+    def _pointer(self) -> tuple[str | None, str | None]:
+        """The current index file and, on S3, the pointer object's ETag (what `_move_pointer` swaps against)."""
         path = f"{self.root}/{INDEX_POINTER}"
         self.fs.invalidate_cache()
-        if not self.fs.exists(path):
-            return None
-        with self.fs.open(path, "r") as handle:
-            return json.load(handle)["index"]
+        try:
+            tag = self.fs.info(path).get("ETag") if _swaps_by_etag(self.fs) else None
+            with self.fs.open(path, "r") as handle:
+                return json.load(handle)["index"], tag
+        except FileNotFoundError:
+            return None, None
 
     def index_table(self) -> pd.DataFrame:
         """The current index (INDEX_COLUMNS), empty for a new store."""
-        table = self._read_index().to_pandas()
+        table = self._read_index(self.index_version()).to_pandas()
         return table.astype({"shard": "str"})  # plain strings: a categorical would group by unused shards too
 
-    def _read_index(self) -> pa.Table:
-        version = self.index_version()
+    def _read_index(self, version: str | None) -> pa.Table:
+        """The index `version` (empty for None: a store with no index yet)."""
         if version is None:
             return _empty_index()
         with self.fs.open(f"{self.root}/{version}", "rb") as handle:
@@ -168,7 +180,7 @@ class TokenStore:
     def lookup(self) -> _Lookup:
         """The index as loaded once by this object (a reader sees the version current when it first looked)."""
         if self._lookup is None:
-            self._lookup = _Lookup.of(self._read_index())
+            self._lookup = _Lookup.of(self._read_index(self.index_version()))
         return self._lookup
 
     def has(self, clip_hash: str) -> bool:
@@ -303,20 +315,29 @@ class TokenStore:
 
     def commit(self, rows: pd.DataFrame, drop_shards: set[str] = frozenset()) -> str | None:
         """A new index version: the current rows (less those of `drop_shards` and those `rows` replace) plus
-        `rows`; the pointer moves to it atomically, under a lock so two writers never lose each other's rows."""
+        `rows`; the pointer moves to it atomically, so two writers never lose each other's rows: under a flock on a
+        local store, by compare-and-swap on S3 (the pointer is written only if it is still the one read; else the
+        rows are merged again onto the other writer's version)."""
         if rows.empty and not drop_shards:
             return self.index_version()
         with self._index_lock():
-            previous = self.index_version()
-            old = self.index_table()
-            keep = ~old["shard"].isin(drop_shards) & ~old["clip_hash"].isin(rows["clip_hash"])
-            table = pd.concat([old[keep], rows], ignore_index=True).sort_values("clip_hash", ignore_index=True)
-            buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pandas(table, schema=_SCHEMA, preserve_index=False), buffer)
-            data = buffer.getvalue()
-            version = f"index/{sha256_hex(data)}.parquet"
-            write_atomic(f"{self.root}/{version}", data)
-            write_json(f"{self.root}/{INDEX_POINTER}", {"index": version, "clips": len(table)})
+            for _attempt in range(COMMIT_ATTEMPTS):
+                previous, tag = self._pointer()
+                old = self._read_index(previous).to_pandas().astype({"shard": "str"})
+                keep = ~old["shard"].isin(drop_shards) & ~old["clip_hash"].isin(rows["clip_hash"])
+                table = pd.concat([old[keep], rows], ignore_index=True).sort_values("clip_hash", ignore_index=True)
+                buffer = io.BytesIO()
+                pq.write_table(pa.Table.from_pandas(table, schema=_SCHEMA, preserve_index=False), buffer)
+                data = buffer.getvalue()
+                version = f"index/{sha256_hex(data)}.parquet"
+                write_atomic(f"{self.root}/{version}", data)
+                if self._move_pointer(version, len(table), previous, tag):
+                    break
+            else:
+                raise RuntimeError(
+                    f"token store {self.root}: another writer moved its index {COMMIT_ATTEMPTS} times while this one "
+                    "committed; run tokenized_audio again once the other run has finished"
+                )
             self._prune_index_versions(keep={version, previous})
         self._lookup = None
         for shard in drop_shards:
@@ -324,19 +345,39 @@ class TokenStore:
                 self.fs.rm(self.corrupt_marker(shard))
         return version
 
+    def _move_pointer(self, version: str, clips: int, previous: str | None, tag: str | None) -> bool:
+        """Point the store at `version`; False when, on S3, another writer moved the pointer since it was read."""
+        path = f"{self.root}/{INDEX_POINTER}"
+        if not _swaps_by_etag(self.fs):
+            write_json(path, {"index": version, "clips": clips})
+            return True
+        condition = {"IfMatch": tag} if previous is not None else {"IfNoneMatch": "*"}
+        document = json.dumps({"index": version, "clips": clips}, indent=2) + "\n"
+        try:
+            self.fs.pipe_file(path, document.encode("utf-8"), **condition)
+        except OSError as error:
+            response = getattr(error.__cause__, "response", None) or {}
+            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return False
+            raise
+        return True
+
     def _prune_index_versions(self, keep: set[str | None]) -> None:
         """Index versions but the current and the one before it are removed: each holds every row (hundreds of
-        MB at millions of clips), and a reader loads its version once, when it starts."""
-        for path in self.fs.ls(f"{self.root}/index", detail=False):
-            name = "index/" + path.rsplit("/", 1)[-1]
-            if name.endswith(".parquet") and name not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(path)
+        MB at millions of clips), and a reader loads its version once, when it starts. On an object store a version
+        younger than PRUNE_AFTER_S is left too: it may be another writer's, written and not yet pointed to."""
+        keep = keep | {self.index_version()}
+        local = is_local_filesystem(self.fs)
+        for info in self.fs.ls(f"{self.root}/index", detail=True):
+            name = "index/" + info["name"].rsplit("/", 1)[-1]
+            if not name.endswith(".parquet") or name in keep or (not local and _age_s(info) < PRUNE_AFTER_S):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(info["name"])
 
     @contextlib.contextmanager
     def _index_lock(self) -> Iterator[None]:
-        """A flock beside a local store's index (object stores have none: one writer per store there, which the
-        artifact store's own run lock already ensures)."""
+        """A flock beside a local store's index (object stores have none: S3 swaps its pointer by ETag instead)."""
         if not is_local_filesystem(self.fs):
             yield
             return
@@ -344,6 +385,22 @@ class TokenStore:
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(folder / ".index.lock", "token store index", wait=True):
             yield
+
+
+def _swaps_by_etag(fs: fsspec.AbstractFileSystem) -> bool:
+    """S3 (and moto) write an object only if its ETag still matches: a pointer swapped that way needs no lock.
+    Other object stores get a plain write (one writer per store: the run coordinator's tag limit)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "s3" in protocols
+
+
+def _age_s(info: dict) -> float:
+    """Seconds since an object or file was last written (0 when its listing does not say)."""
+    modified = info.get("LastModified") or info.get("mtime")
+    if modified is None:
+        return 0.0
+    stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+    return max(0.0, time.time() - stamp)
 
 
 _SCHEMA = pa.schema(

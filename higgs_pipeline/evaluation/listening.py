@@ -219,15 +219,18 @@ def score_takes(
     results = []
     for position, prompt in enumerate(prompts):
         reference = load_clip(prompt.similarity_path, scratch) if prompt.similarity_path else None
-        takes = {}
+        heard: dict[str, tuple[np.ndarray, int, bool]] = {}  # take name -> waveform, rate, finished
         if ground_truth:
             if prompt.target_path is None:
                 raise ValueError(f"prompt {prompt.sample_id} has no recording to score as the ground truth")
             target, rate = load_clip(prompt.target_path, scratch)
-            takes["ground_truth"] = _take(scorer, target, rate, True, prompt.text, reference)
+            heard["ground_truth"] = (target, rate, True)
         for name, clips in generated.items():
             clip = clips[position]
-            takes[name] = _take(scorer, clip.waveform, clip.sample_rate, clip.finished, prompt.text, reference)
+            heard[name] = (clip.waveform, clip.sample_rate, clip.finished)
+        # every take of a prompt speaks its text against its reference: one batched scoring (Whisper in batches)
+        scores = scorer.score_batch([(wave, rate, prompt.text) for wave, rate, _ in heard.values()], reference)
+        takes = {name: _take(score, *take) for (name, take), score in zip(heard.items(), scores, strict=True)}
         results.append(PromptResult(prompt, takes, reference))
         log(f"scored {position + 1}/{len(prompts)} prompts")
     return results
@@ -244,8 +247,8 @@ def with_takes(results: Sequence[PromptResult], others: Sequence[PromptResult], 
     return merged
 
 
-def _take(scorer, waveform: np.ndarray, rate: int, finished: bool, text: str, reference) -> Take:
-    score = scorer.score(waveform, rate, text, reference=reference)
+def _take(score, waveform: np.ndarray, rate: int, finished: bool) -> Take:
+    """A take from its `ClipScore` and its audio."""
     return Take(
         waveform=np.asarray(waveform, dtype=np.float32),
         sample_rate=int(rate),
