@@ -301,8 +301,9 @@ def test_retrain_job_needs_no_recording_and_recordings_retrain_job_trains_on_the
 
 def test_the_sensor_removes_nothing_it_cannot_see_gone(tmp_path, monkeypatch):
     """A folder that cannot be listed is reported and keeps its partitions; a root that is missing (an unmounted
-    volume) is not an empty one. As root no folder is unreadable, so the walk meets the error the kernel gives
-    an unprivileged user."""
+    volume), or that lists nothing (its mount point left empty), is not an empty one; another root removes nothing
+    of the first one's. As root no folder is unreadable, so the walk meets the error the kernel gives an
+    unprivileged user."""
     from fsspec.implementations.local import LocalFileSystem
 
     folder = tmp_path / "recordings"
@@ -333,6 +334,24 @@ def test_the_sensor_removes_nothing_it_cannot_see_gone(tmp_path, monkeypatch):
     tick = _run_sensor(instance, first.cursor)
     assert str(folder) in tick.skip_reason.skip_message and not tick.dynamic_partitions_requests
     assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+    folder.mkdir()  # an unmounted volume's mount point: there, and empty
+    tick = _run_sensor(instance, first.cursor)
+    assert not tick.dynamic_partitions_requests and tick.run_requests == []
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == keys
+
+    other = tmp_path / "elsewhere"  # the daemon's root changed (a lost or edited HIGGS_PIPELINE_RECORDINGS)
+    corrupt(other / "c.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(other))
+    tick = _run_sensor(instance, first.cursor)
+    assert [type(r) for r in tick.dynamic_partitions_requests] == [dg.AddDynamicPartitionsRequest]
+    tick = _run_sensor(instance, tick.cursor)  # and at every later tick: the old root's files were never seen here
+    assert not tick.dynamic_partitions_requests
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == sorted([*keys, "c.wav"])
+    (other / "c.wav").unlink()
+    corrupt(other / "d.wav")  # a file seen under this root and then deleted is removed
+    tick = _run_sensor(instance, tick.cursor)
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == sorted([*keys, "d.wav"])
 
 
 def test_a_link_to_a_recording_is_that_recording_and_a_link_to_a_folder_is_reported(tmp_path):

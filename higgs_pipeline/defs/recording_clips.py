@@ -284,13 +284,11 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         listing = list_recordings(root)
     except FileNotFoundError as error:
         return dg.SensorResult(skip_reason=f"{error}: no partition added or removed")
-    seen = json.loads(context.cursor) if context.cursor else {}
+    before_root, before = _read_cursor(context.cursor)
+    seen = before if before_root in (None, root) else {}  # another root's stamps say nothing of this one's files
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     new_keys = set(listing.stamps) - known
-    # A folder that could not be listed hides files that are still there: remove nothing until it can.
-    gone = sorted(known - set(listing.stamps)) if listing.complete else []
-    if not listing.complete:
-        context.log.warning(f"part of {root} could not be listed; no partition is removed this tick")
+    gone = _gone(known, listing, seen, root, context.log)
     if gone:
         context.log.info(f"removing the partitions of {len(gone)} recordings no longer under {root}: {gone[:10]}")
     changed = sorted(key for key, stamp in listing.stamps.items() if seen.get(key) != stamp)
@@ -311,5 +309,39 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             for key in changed
         ],
         dynamic_partitions_requests=partition_requests,
-        cursor=json.dumps(listing.stamps, sort_keys=True),
+        cursor=json.dumps({"root": root, "stamps": listing.stamps}, sort_keys=True),
     )
+
+
+def _read_cursor(cursor: str | None) -> tuple[str | None, dict[str, str]]:
+    """(root, stamps) of the sensor's last tick; a cursor from before the root was recorded is its stamps alone."""
+    document = json.loads(cursor) if cursor else {}
+    if set(document) == {"root", "stamps"}:
+        return document["root"], document["stamps"]
+    return None, document
+
+
+def _gone(known: set[str], listing: RecordingsListing, seen: dict[str, str], root: str, log: Any) -> list[str]:
+    """The partitions whose file was listed under this root at the last tick and is not now: deleted files.
+
+    Nothing is removed while part of the root cannot be listed (a hidden folder's files may still be there), nor
+    when the root lists nothing at all (an unmounted volume leaves its mount point as an empty folder), nor for a
+    key the last tick did not list under this root (a changed HIGGS_PIPELINE_RECORDINGS, a partition added by
+    hand): those are withdrawn by deleting the partition in the UI."""
+    if not listing.complete:
+        log.warning(f"part of {root} could not be listed; no partition is removed this tick")
+        return []
+    missing = sorted(known - set(listing.stamps))
+    if missing and not listing.stamps and not listing.unlisted:
+        log.warning(
+            f"{root} lists nothing (an unmounted volume?); none of the {len(missing)} partitions is removed: delete "
+            "them in the UI to withdraw every recording"
+        )
+        return []
+    unseen = [key for key in missing if key not in seen]
+    if unseen:
+        log.warning(
+            f"{len(unseen)} partitions were not listed under {root} at the last tick (another root, or added by "
+            f"hand) and are not removed: {unseen[:10]}"
+        )
+    return [key for key in missing if key in seen]
