@@ -381,3 +381,37 @@ def test_concurrent_partition_runs_each_hold_a_gpu_of_their_own(tmp_path, monkey
         assert claimed == ["cuda:0", "cuda:1"] and not waits
     with partition_device("cpu", waits.append, gpus=2) as device:
         assert device == "cpu"
+
+
+def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifacts_dir):
+    """Months of use: two files with the same bytes are one recording (the other a `duplicate`), a key a spreadsheet
+    would escape ("-intro.wav") is accounted for, a file replaced since its run is `changed` (its old clips are not
+    merged) until its run, and a clip folder no record names is deleted."""
+    folder = tmp_path / "recordings"
+    write_recording(folder / "a.wav", MONOLOGUE[:1])
+    shutil.copy(folder / "a.wav", folder / "a copy.wav")
+    corrupt(folder / "-intro.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    with dg.DagsterInstance.ephemeral() as instance:
+        tick = _run_sensor(instance)
+        for key in ("a.wav", "a copy.wav", "-intro.wav"):
+            dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
+        meta = _merge(instance, artifacts_dir)  # the blocking checks pass
+        rejected = read_csv(meta["rejected_recordings_path"])
+        assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {
+            "'-intro.wav": "undecodable",  # as a spreadsheet must show it
+            "a.wav": "duplicate",  # the first key owns the bytes in a new store ("a copy.wav" sorts first)
+        }
+        assert "the same bytes as a copy.wav" in rejected["detail"][rejected["recording"] == "a.wav"].item()
+        manifest = _table(meta["manifest_path"])
+        assert set(manifest["source_recording"]) == {"a copy.wav"} and not manifest["audio_path"].duplicated().any()
+        stray = Path(meta["manifest_path"]).parent / "clips" / "0123456789abcdef01234567"
+        stray.mkdir()  # a folder nothing names: a replaced take's clips, a killed run's leftovers
+
+        write_recording(folder / "a.wav", MONOLOGUE[1:])  # a new take, its run not yet done
+        meta = _merge(instance, artifacts_dir)
+        rejected = read_csv(meta["rejected_recordings_path"])
+        assert dict(zip(rejected["recording"], rejected["reason"], strict=True))["a.wav"] == "changed"
+        assert set(_table(meta["manifest_path"])["source_recording"]) == {"a copy.wav"}
+        assert not stray.exists()
+        assert sorted(r.partition_key for r in _run_sensor(instance, tick.cursor).run_requests) == ["a.wav"]

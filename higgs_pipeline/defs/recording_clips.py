@@ -41,6 +41,8 @@ from higgs_pipeline.paths import DEMO_DATA
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
 PARTITIONS_DIR = "partitions"  # under the ingest root: one result record per partition
+# A result record's note of the file it was made from: the watched root and the file's stamp (`file_stamp`) then.
+SOURCE_ROOT, SOURCE_STAMP = "source_root", "source_stamp"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif", ".w64", ".rf64", ".caf", ".au")
 # Partition keys may not hold these (Dagster's rule); a file whose relative path does is reported, not ingested.
 _INVALID_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
@@ -133,10 +135,11 @@ def recording_clips(
     root = ingest_root(artifacts)
     context.log.info(f"ingesting {source}")
     folder = source_root if "://" not in source_root else None
+    stamp = file_stamp(source)  # before reading it: a file changed meanwhile shows as changed at the merge
     with partition_device(scorers.device, context.log.info) as device:
         settings = config.settings(scorers, device)
         result = process_recording(source, root / CLIPS_DIR, settings, config.options(), key, folder)
-    write_json(str(result_path(root, key)), asdict(result))
+    write_json(str(result_path(root, key)), {**asdict(result), SOURCE_ROOT: source_root, SOURCE_STAMP: stamp})
     metadata = {
         "recording": key,
         "recording_status": result.status,
@@ -214,13 +217,27 @@ def list_recordings(root: str) -> RecordingsListing:
         if reason:
             unlisted.append({"path": key, "reason": reason, "detail": detail})
             continue
-        stamps[key] = json.dumps(
-            [info.get("size"), info.get("ETag") or info.get("mtime") or info.get("LastModified")], default=str
-        )
+        stamps[key] = _stamp(info)
     for error in errors:
         where = posixpath.relpath(getattr(error, "filename", None) or base, base)
         unlisted.append({"path": where, "reason": UNREADABLE, "detail": f"could not be listed: {error}"})
     return RecordingsListing(stamps, unlisted, complete=not errors)
+
+
+def _stamp(info: dict) -> str:
+    """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time."""
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+    return json.dumps([info.get("size"), version], default=str)
+
+
+def file_stamp(path: str) -> str:
+    """The stamp `list_recordings` gives the file at `path` ("" when it cannot be looked at)."""
+    fs, target = fsspec.core.url_to_fs(path)
+    try:
+        info = fs.info(target)
+    except OSError:
+        return ""
+    return _stamp(_through_link({**info, "name": target}) if is_local_filesystem(fs) else info)
 
 
 def _find_local(fs: fsspec.AbstractFileSystem, base: str, errors: list[OSError]) -> dict[str, dict]:

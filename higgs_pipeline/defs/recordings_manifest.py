@@ -15,9 +15,12 @@ from dagster import AssetPartitionStatus
 from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.data.tables import read_csv, write_csv
+from higgs_pipeline.data.tables import read_csv, spreadsheet_safe, write_csv
 from higgs_pipeline.defs.recording_clips import (
     PARTITIONS_DIR,
+    SOURCE_ROOT,
+    SOURCE_STAMP,
+    RecordingsListing,
     ingest_root,
     knob_field,
     list_recordings,
@@ -61,9 +64,11 @@ def recordings_manifest(
     root = ingest_root(artifacts)
     keys = sorted(context.instance.get_dynamic_partitions(recordings_partitions.name))
     statuses = context.instance.get_status_by_partition(recording_clips.key, keys, recordings_partitions) or {}
-    results = [_partition_result(context.instance, root, key, statuses.get(key)) for key in keys]
+    listing = _listing(context)
+    results = [_partition_result(context.instance, root, key, statuses.get(key), listing) for key in keys]
     removed = _removed_records(context.instance, root, set(keys))
     clips_before = _clips_per_recording(root / MANIFEST)
+    results = _one_per_content(results, clips_before)
     settings = IngestSettings(
         speaker_match_threshold=config.speaker_match_threshold,
         dialogue_turns=config.dialogue_turns,
@@ -77,7 +82,8 @@ def recordings_manifest(
     ]
     _append_removed(root / REMOVED, dropped)
     _delete_removed(root, removed)
-    unlisted = _unlisted_files(context)
+    _delete_unreferenced(root)
+    unlisted = listing.unlisted if listing else []
     write_csv(pd.DataFrame(unlisted, columns=["path", "reason", "detail"]), str(root / UNLISTED))
     version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()))[:16]
     context.log.info(f"{summary.clips} clips from {len(keys) - summary.recordings_rejected} of {len(keys)} recordings")
@@ -107,16 +113,43 @@ def recordings_manifest(
 
 
 def _partition_result(
-    instance: dg.DagsterInstance, root: Path, key: str, status: AssetPartitionStatus | None
+    instance: dg.DagsterInstance,
+    root: Path,
+    key: str,
+    status: AssetPartitionStatus | None,
+    listing: RecordingsListing | None,
 ) -> RecordingResult:
-    """The partition's result record, unless its latest run failed: an older record is of older content."""
+    """The partition's result record, unless its latest run failed (an older record is of older content) or the
+    file changed since the record was made (a file deleted and another put in its place, a new take: its run is
+    pending, and the record's clips are of what was there before)."""
     if status == AssetPartitionStatus.FAILED:
         return RecordingResult(key, "rejected", "failed", _latest_error(instance, key))
     path = result_path(root, key)
     if not path.is_file():
         return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
     record = json.loads(path.read_text(encoding="utf-8"))
+    source_root, stamp = record.pop(SOURCE_ROOT, None), record.pop(SOURCE_STAMP, None)
+    now = listing.stamps.get(key) if listing is not None and source_root == recordings_root() else None
+    if stamp and now and now != stamp:
+        return RecordingResult(
+            key, "rejected", "changed", "its file changed since its clips were made: its recording_clips run is due"
+        )
     return RecordingResult(**{**record, "recording": key})
+
+
+def _one_per_content(results: list[RecordingResult], clips_before: dict[str, int]) -> list[RecordingResult]:
+    """Recordings with the same bytes are one recording: its clips are listed once, under the one already in the
+    manifest (else the first key), and every other is rejected as a `duplicate` naming it."""
+    owners: dict[str, str] = {}
+    for result in sorted(results, key=lambda r: (r.recording not in clips_before, r.recording)):
+        if result.status == "accepted" and result.content_hash:
+            owners.setdefault(result.content_hash, result.recording)
+    return [
+        RecordingResult(r.recording, "rejected", "duplicate", f"the same bytes as {owners[r.content_hash]}")
+        if r.status == "accepted" and r.content_hash and owners[r.content_hash] != r.recording
+        else r
+        for r in results
+    ]
 
 
 def _latest_error(instance: dg.DagsterInstance, key: str) -> str:
@@ -181,13 +214,25 @@ def _delete_removed(root: Path, removed: dict[str, Path]) -> None:
         path.unlink()
 
 
-def _unlisted_files(context: dg.AssetExecutionContext) -> list[dict[str, str]]:
-    """The entries under the watched root that are no partition, from the listing the sensor uses."""
+def _delete_unreferenced(root: Path) -> None:
+    """Clip folders no partition's record names (a replaced take's, a withdrawn file's earlier content, a killed
+    run's leftovers): nothing would ever merge them again. This run holds the store alone, so no partition run
+    is writing one now."""
+    referenced = {record.get("folder", "") for record in _records(root).values()}
+    clips = root / CLIPS_DIR
+    for folder in sorted(clips.iterdir()) if clips.is_dir() else ():
+        if folder.is_dir() and folder.name not in referenced:
+            (folder / RESULT_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _listing(context: dg.AssetExecutionContext) -> RecordingsListing | None:
+    """The watched root's listing, the one the sensor makes (None when the root cannot be listed)."""
     try:
-        return list_recordings(recordings_root()).unlisted
+        return list_recordings(recordings_root())
     except FileNotFoundError as error:
-        context.log.warning(f"{error}: unlisted_files.csv is empty")
-        return []
+        context.log.warning(f"{error}: unlisted_files.csv is empty and no record is checked against its file")
+        return None
 
 
 @dg.asset_check(asset=recordings_manifest, blocking=True)
@@ -197,6 +242,9 @@ def recordings_manifest_accounts_for_every_recording(context: dg.AssetCheckExecu
     keys = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     with_clips = set(read_csv(meta["manifest_path"], columns=["source_recording"])["source_recording"])
     rejected = read_csv(meta["rejected_recordings_path"], columns=["recording"])["recording"]
+    # rejected_recordings.csv is for spreadsheets: a key such as "-intro.wav" is written "'-intro.wav"
+    as_written = dict(zip(spreadsheet_safe(pd.DataFrame({"key": sorted(keys)}))["key"], sorted(keys), strict=True))
+    rejected = rejected.map(lambda name: as_written.get(name, name))
     problems = []
     if with_clips & set(rejected):
         problems.append(f"both yielded clips and rejected: {sorted(with_clips & set(rejected))[:5]}")
