@@ -412,3 +412,69 @@ def test_prepare_keeps_out_of_other_corpora_and_their_neighbours(corpus, capsys)
         (path / "notes.txt").write_text("keep me")
     assert _run(["prepare", bob, "--out", str(out)])[0] == 0
     assert all((path / "notes.txt").read_text() == "keep me" for path in neighbours)
+
+
+def test_a_corpus_file_overwritten_with_another_s_bytes_is_a_duplicate_not_a_second_copy(corpus, tmp_path):
+    folder, out = corpus
+    alice, bob = str(folder / "alice.wav"), str(folder / "bob.wav")
+    mine = tmp_path / "mine.wav"  # a recording of the corpus under a name of its own (alice's bytes)
+    shutil.copyfile(alice, mine)
+    assert _run(["prepare", "--remove", alice, "--out", str(out)])[0] == 0
+    assert _run(["prepare", str(mine), "--out", str(out)])[0] == 0
+    before = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    shutil.copyfile(bob, mine)  # then overwritten with bob's bytes
+    code, summary = _run(["prepare", str(mine), "--out", str(out), "--json"])
+    assert code == 0 and summary["duplicates"] == [{"recording": str(mine), "same_as": bob, "reason": "same bytes"}]
+    after = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert not after["audio_path"].duplicated().any() and after.equals(before)  # its earlier clips, listed once
+
+
+def test_a_re_set_the_recording_cannot_pass_keeps_its_clips(corpus):
+    """Same bytes, other settings, refused (a mistyped --num-speakers): only --remove takes the clips out."""
+    folder, out = corpus
+    bob = str(folder / "bob.wav")
+    before = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    code, summary = _run(["prepare", bob, "--num-speakers", "8", "--out", str(out), "--json"])
+    assert code == 0 and [(k["recording"], k["reason"]) for k in summary["refused_kept"]] == [
+        (bob, "too_many_speakers")
+    ]
+    assert pd.read_csv(out / "manifest.csv", keep_default_na=False).equals(before)
+
+
+def test_a_complete_staged_set_left_by_a_kill_is_put_in_place_and_an_incomplete_one_dropped(corpus):
+    from higgs_pipeline.ingest.prepare import STAGED, STAGING, clean_leftovers
+
+    _folder, out = corpus
+    manifest = (out / "manifest.csv").read_bytes()
+    incomplete = out / f"{STAGING}-0123abcd"
+    incomplete.mkdir()
+    (incomplete / "manifest.csv").write_text("half of a run's tables")
+    clean_leftovers(out)
+    assert not incomplete.exists() and (out / "manifest.csv").read_bytes() == manifest
+    complete = out / f"{STAGING}-4567abcd"  # killed after the manifest's rename, before the marker's
+    complete.mkdir()
+    marker = json.loads((out / MARKER).read_text())
+    (complete / MARKER).write_text(json.dumps({**marker, "dialogue_turns": 3}))
+    (complete / STAGED).touch()
+    clean_leftovers(out)
+    assert not complete.exists() and json.loads((out / MARKER).read_text())["dialogue_turns"] == 3
+
+
+def test_a_corpus_from_before_the_marker_kept_dialogue_turns_keeps_its_dialogues(corpus):
+    from higgs_pipeline.ingest.prepare import corpus_dialogue_turns
+
+    folder, out = corpus
+    both = str(folder / "both.wav")
+    assert _run(["prepare", both, "--num-speakers", "2", "--dialogue-turns", "4", "--out", str(out)])[0] == 0
+    marker = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "dialogue_turns"}))
+    turns = pd.to_numeric(pd.read_csv(out / "manifest.csv", keep_default_na=False)["turn"], errors="coerce")
+    assert corpus_dialogue_turns(out) == int(turns.max()) >= 2
+
+
+def test_an_out_reached_through_a_link_into_a_corpus_is_refused(corpus, tmp_path, capsys):
+    folder, out = corpus
+    link = tmp_path / "link"
+    link.symlink_to(out / "clips", target_is_directory=True)
+    assert _run(["prepare", str(folder / "bob.wav"), "--out", str(link / "nested")])[0] == 2
+    assert "a corpus prepare made" in capsys.readouterr().err and not (out / "clips" / "nested").exists()

@@ -104,6 +104,18 @@ def test_a_pinned_voice_renamed_by_the_user_keeps_the_new_name_and_re_pinning_re
     assert registry.label(registry.assignments["c1"][0]) == "speaker_01" and registry.voices[shared].weight == 2
 
 
+def test_a_named_recording_processed_again_with_other_settings_keeps_its_renamed_voice():
+    """A re-set makes a new result folder; the name's voice is the recording's, not the folder's."""
+    registry = Registry()
+    register(registry, [NewRecording("f-old", _unit(ALICE), pinned="Bob", recording="m1.wav")], "resemblyzer", 0.8)
+    voice = registry.assignments["f-old"][0]
+    registry.voices[voice].label = "Robert"  # the user's rename
+    again = register(
+        registry, [NewRecording("f-new", _unit(ALICE), pinned="Bob", recording="m1.wav")], "resemblyzer", 0.8
+    )
+    assert again["f-new"] == [voice] and registry.label(voice) == "Robert" and registry.voices[voice].weight == 2
+
+
 def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(tmp_path):
     """Every recording withdrawn, failed or rejected: the manifest is empty with its columns (so the withdrawal
     reaches the training data), every recording is listed as rejected, and nothing fails."""

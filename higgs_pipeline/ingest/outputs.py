@@ -195,6 +195,7 @@ def _voice_ids(registry, results: Sequence[RecordingResult], settings: IngestSet
             r.folder,
             np.asarray(r.centroids, dtype=np.float64).reshape(len(r.centroids), -1),
             (r.options or {}).get("speaker") or "",
+            r.recording,
         )
         for r in accepted
     ]

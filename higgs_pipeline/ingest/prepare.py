@@ -24,9 +24,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
+
 from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
-from higgs_pipeline.ingest.outputs import CLIPS_DIR, Summary, merge_outputs
+from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, Summary, merge_outputs
 from higgs_pipeline.ingest.recording import RecordingResult, process_recording
 from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
@@ -36,6 +39,7 @@ MARKER = ".higgs_prepare.json"
 MARKER_FORMAT = 1
 SCRATCH = ".scratch"  # decoded PCM of the recording being processed: inside the folder, so a killed run's is found
 STAGING = ".staging"  # the tables of a run, written in full before any of them replaces the folder's
+STAGED = ".complete"  # in a staging folder: every table is written, so the set is to be put in place
 
 
 class NothingUsableError(ValueError):
@@ -50,7 +54,8 @@ def check_output_folder(out: Path) -> None:
         raise ValueError(f"--out {out} is a link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
-    for parent in out.parents:
+    real = Path(os.path.realpath(out))  # through links: a link to a folder inside a corpus is inside it
+    for parent in dict.fromkeys([*out.parents, *real.parents]):
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"--out {out}: {parent} is a file, not a folder")
         if (parent / MARKER).is_file():
@@ -69,9 +74,20 @@ def corpus_dialogue_turns(out: Path) -> int:
     """The `--dialogue-turns` the corpus in `out` was last merged with (0 for a new folder): a run that does not
     give the flag keeps it, so adding a recording does not take the dialogues out of the older ones."""
     try:
-        return int(json.loads((out / MARKER).read_text(encoding="utf-8")).get("dialogue_turns", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return 0  # a new folder (or a marker `load_corpus` names as broken)
+    if isinstance(marker, dict) and "dialogue_turns" in marker:
+        return int(marker["dialogue_turns"])
+    return _longest_dialogue(out / MANIFEST)  # a corpus from before the marker kept it
+
+
+def _longest_dialogue(manifest: Path) -> int:
+    """The most turns of a dialogue in `manifest` (0 without dialogues): the setting that makes its dialogues."""
+    if not manifest.is_file():
+        return 0
+    turns = pd.to_numeric(read_csv(str(manifest), columns=["turn"])["turn"], errors="coerce")
+    return int(turns.max()) if turns.notna().any() else 0
 
 
 def load_corpus(out: Path) -> dict[str, RecordingResult]:
@@ -157,12 +173,23 @@ def clean_leftovers(out: Path) -> None:
     if not out.is_dir():
         return
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
+    for staging in out.glob(f"{STAGING}-*"):
+        if (staging / STAGED).is_file():  # killed while putting a complete set in place: finish it
+            _put_in_place(staging, out)
     leftovers = [*out.glob(".*.tmp"), *out.glob(f"{STAGING}-*"), *(out / CLIPS_DIR).glob(".tmp-*")]
     for path in [*leftovers, *(out / CLIPS_DIR).glob(".old-*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    """The staged tables renamed over `out`'s, the marker last; a killed run's complete staging is finished so by
+    the next run (`clean_leftovers`), so the tables never stay a mix of two runs."""
+    for table in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):
+        if table.name != STAGED:
+            os.replace(table, out / table.name)
 
 
 def _removed(remove: Sequence[str], corpus: dict[str, RecordingResult], recordings: Sequence[str]) -> list[str]:
@@ -237,33 +264,47 @@ UNREAD_REASONS = frozenset(
 def _merged(
     corpus: dict[str, RecordingResult], given: list[RecordingResult], removed: list[str]
 ) -> tuple[list[RecordingResult], list[dict], list[dict]]:
-    """The corpus after this run, by name, with the duplicates and the kept refusals to report: kept recordings as
-    they were, given ones replacing theirs, except a refusal of one that was accepted for a reason in
-    UNREAD_REASONS (its clips stay). A given recording with the bytes of another is reported, not added; the one
-    already in the corpus owns its bytes, else the first given."""
+    """The corpus after this run, by name, with the duplicates and the kept refusals to report.
+
+    Kept recordings stay as they were; a given one's new result replaces its entry, except a refusal of one that
+    was accepted when the refusal says nothing of its content (UNREAD_REASONS) or its bytes are the same (a re-set
+    the recording could not pass): its clips stay, reported, and only `--remove` takes them out. A recording whose
+    bytes changed follows its file, a refusal included. Recordings with the same bytes are one: the bytes belong to
+    a recording of the corpus whose bytes did not change before any other, then to the given ones in their order;
+    an entry whose bytes are another's is reported as a duplicate (its earlier entry, if any, stays as it was)."""
     kept = {name: result for name, result in corpus.items() if name not in removed}
     for result in kept.values():
         result.reused = result.status == "accepted"  # used as it was
     merged, refused_kept = dict(kept), []
     for result in given:
         earlier = kept.get(result.recording)
-        if result.status != "accepted" and result.reason in UNREAD_REASONS and earlier and earlier.reused:
+        same_bytes = bool(result.content_hash) and earlier is not None and result.content_hash == earlier.content_hash
+        if (
+            result.status != "accepted"
+            and earlier
+            and earlier.reused
+            and (result.reason in UNREAD_REASONS or same_bytes)
+        ):
             refused_kept.append({"recording": result.recording, "reason": result.reason, "detail": result.detail})
             continue
         merged[result.recording] = result
+    given_names = list(dict.fromkeys(r.recording for r in given))
+    unchanged = [n for n in kept if merged[n].content_hash == kept[n].content_hash]  # given or not, bytes as before
+    order = list(dict.fromkeys([*unchanged, *given_names]))
     owner: dict[str, str] = {}
-    for name in [*kept, *(r.recording for r in given if r.recording not in kept)]:
-        if merged[name].content_hash:
-            owner.setdefault(merged[name].content_hash, name)
     duplicates = []
-    for result in given:
-        first = owner.get(result.content_hash, result.recording) if result.content_hash else result.recording
-        if first != result.recording:
-            duplicates.append({"recording": result.recording, "same_as": first, "reason": "same bytes"})
-            if result.recording in kept:
-                merged[result.recording] = kept[result.recording]  # its earlier entry stays as it was
+    for name in order:
+        entry = merged[name]
+        if entry.status != "accepted" or not entry.content_hash:
+            continue
+        first = owner.setdefault(entry.content_hash, name)
+        if first != name:
+            duplicates.append({"recording": name, "same_as": first, "reason": "same bytes"})
+            if name in kept and kept[name] is not entry and kept[name].content_hash not in owner:
+                merged[name] = kept[name]  # its earlier entry stays as it was
+                owner[kept[name].content_hash] = name
             else:
-                del merged[result.recording]
+                del merged[name]
     return [merged[name] for name in sorted(merged)], duplicates, refused_kept
 
 
@@ -292,9 +333,9 @@ def _write(
             "recordings": [asdict(r) for r in merged],
         }
         write_json(str(staging / MARKER), marker, indent=None)  # one line: centroids would take a line per number
-        with signals_deferred():  # the tables replace the folder's as one set: a Ctrl-C waits for the last
-            for table in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):  # the marker last
-                os.replace(table, work / table.name)
+        (staging / STAGED).touch()  # every table is written: from here the set is put in place, even after a kill
+        with signals_deferred():  # a Ctrl-C waits for the last rename
+            _put_in_place(staging, work)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     referenced = {r.folder for r in merged if r.folder}

@@ -85,6 +85,7 @@ def process_recording(
     except ValueError as error:  # a language the ASR does not cover (or Whisper does not know)
         return RecordingResult(name, "rejected", "unsupported_language", str(error), options=asdict(options))
     scratch = scratch_dir()
+    content_hash = ""  # known once the bytes are read: a refusal after that names them (prepare keeps a re-set's)
     try:
         if folder is not None:
             check_inside(source, folder)
@@ -99,7 +100,9 @@ def process_recording(
             decoded = decode_open(handle, content_hash, settings, scratch)
         result = _ingest(decoded, key, target, settings, options, name, progress)
     except RecordingRejected as rejected:
-        return RecordingResult(name, "rejected", rejected.reason, rejected.detail, options=asdict(options))
+        return RecordingResult(
+            name, "rejected", rejected.reason, rejected.detail, content_hash=content_hash, options=asdict(options)
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return result

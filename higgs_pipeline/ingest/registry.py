@@ -6,8 +6,9 @@ recordings never relabels a voice already seen. A new recording's voices are mat
 optimal assignment (Hungarian, on centroid cosines, one local voice per speaker) and a pair counts only above the
 speaker model's calibrated threshold (`MATCH_THRESHOLDS`); an unmatched voice is registered under the next
 `speaker_NN` never issued before. A recording given a speaker name (`--speaker`) is pinned to that label once,
-when the name is new for it (`Registry.pins`): afterwards a rename or a merge in speakers.csv wins, as for any
-other voice.
+when the name is new for it (`Registry.pins`, by recording): afterwards it keeps the voice the name gave it, even
+when it is processed again with other settings, and a rename or a merge in speakers.csv wins, as for any other
+voice.
 
 Two files beside the manifest:
 - `speakers.csv` (`voice_id`, `label`, and read-only `clips`, `seconds`, `recordings` of the current manifest):
@@ -92,7 +93,8 @@ class Registry:
     voices: dict[str, Voice] = field(default_factory=dict)
     assignments: dict[str, list[str]] = field(default_factory=dict)  # result folder -> voice_id per local speaker
     next_number: int = 1  # the next speaker_NN: a number once issued is never issued again
-    pins: dict[str, str] = field(default_factory=dict)  # result folder -> the --speaker name last applied to it
+    # recording -> {"name": the --speaker name applied to it, "voices": the voice ids the name gave it}
+    pins: dict[str, dict] = field(default_factory=dict)
 
     def label(self, voice_id: str) -> str:
         return self.voices[voice_id].label
@@ -105,6 +107,7 @@ class NewRecording:
     folder: str  # its result folder: the recording's bytes and the settings it was processed with
     centroids: np.ndarray  # one unit row per local speaker
     pinned: str = ""  # the speaker name given for it ("" if none)
+    recording: str = ""  # the name it is known by (its pin is kept under it; "": the folder)
 
 
 def register(
@@ -117,30 +120,32 @@ def register(
     out = {}
     for recording in sorted(recordings, key=lambda r: r.folder):
         before = registry.assignments.get(recording.folder)
-        if before is not None and len(before) == len(recording.centroids) and _keeps_pin(registry, before, recording):
-            out[recording.folder] = before
-            continue
+        if before is not None and len(before) != len(recording.centroids):
+            before = None
         if recording.pinned:
-            voices = _pinned_voices(registry, recording, model)
+            voices = _pin(registry, recording, before, model)
+        elif before is not None:
+            voices = before
         else:
             voices = _matched_voices(registry, recording, model, threshold)
         registry.assignments[recording.folder] = out[recording.folder] = voices
-    for recording in recordings:
-        if recording.pinned:
-            registry.pins[recording.folder] = recording.pinned
     return out
 
 
-def _keeps_pin(registry: Registry, voice_ids: list[str], recording: NewRecording) -> bool:
-    """Whether a folder's voices stay as assigned: yes unless it is given a speaker name not yet applied to it (the
-    user's later renames and merges of a pinned voice stand). A registry from before pins were recorded compares
-    the labels with the name instead."""
-    if not recording.pinned:
-        return True
-    applied = registry.pins.get(recording.folder)
-    if applied is not None:
-        return applied == recording.pinned
-    return [registry.label(v) for v in voice_ids] == _pinned_names(recording.pinned, len(voice_ids))
+def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, model: str) -> list[str]:
+    """The voices of a named recording: the ones its name gave it before while the name is the same (whatever
+    the user renamed or merged them into since, and whatever folder a re-set made), else the name's voices now."""
+    name = recording.recording or recording.folder
+    pin = registry.pins.get(name)
+    count = len(recording.centroids)
+    if pin and pin["name"] == recording.pinned and len(pin["voices"]) == count:
+        if all(voice in registry.voices for voice in pin["voices"]):
+            if before is not None:
+                return before
+            return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
+    voices = _pinned_voices(registry, recording, model)
+    registry.pins[name] = {"name": recording.pinned, "voices": voices}
+    return voices
 
 
 def _pinned_names(name: str, count: int) -> list[str]:
@@ -269,7 +274,10 @@ def _load_embeddings(path: Path) -> Registry:
         unknown = {v for ids in assignments.values() for v in ids} - set(voices)
         if unknown:
             raise ValueError(f"assignments name unknown voices {sorted(unknown)[:3]}")
-        pins = {str(k): str(v) for k, v in document.get("pins", {}).items()}  # absent from older registries
+        pins = {  # absent from registries written before pins were kept
+            str(k): {"name": str(v["name"]), "voices": [str(x) for x in v["voices"]]}
+            for k, v in document.get("pins", {}).items()
+        }
         return Registry(voices, assignments, int(document["next_number"]), pins)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise RegistryError(
