@@ -478,3 +478,23 @@ def test_an_out_reached_through_a_link_into_a_corpus_is_refused(corpus, tmp_path
     link.symlink_to(out / "clips", target_is_directory=True)
     assert _run(["prepare", str(folder / "bob.wav"), "--out", str(link / "nested")])[0] == 2
     assert "a corpus prepare made" in capsys.readouterr().err and not (out / "clips" / "nested").exists()
+
+
+def test_an_empty_folder_is_filled_in_place_and_left_empty_by_a_failed_or_killed_run(base, tmp_path):
+    """A mount point or the shell's current folder keeps its inode (a swap would fail on a mount point after all
+    the work); a failed first run leaves it empty, and so does the next run after a killed one."""
+    from higgs_pipeline.ingest.prepare import BUILDING
+
+    folder, _out, _summaries = base
+    empty = tmp_path / "mounted"
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    silence = tmp_path / "empty.wav"
+    silence.write_bytes(b"")
+    assert _run(["prepare", str(silence), "--out", str(empty)])[0] == 2
+    assert empty.stat().st_ino == inode and not any(empty.iterdir())
+    (empty / BUILDING).touch()  # a first run killed mid-work
+    (empty / ".scratch").mkdir()
+    assert _run(["prepare", str(folder / "alice.wav"), "--out", str(empty)])[0] == 0
+    assert empty.stat().st_ino == inode and (empty / MARKER).is_file() and not (empty / BUILDING).exists()
+    assert _recordings(empty) == {"alice.wav"} and not (empty / ".scratch").exists()

@@ -40,6 +40,7 @@ MARKER_FORMAT = 1
 SCRATCH = ".scratch"  # decoded PCM of the recording being processed: inside the folder, so a killed run's is found
 STAGING = ".staging"  # the tables of a run, written in full before any of them replaces the folder's
 STAGED = ".complete"  # in a staging folder: every table is written, so the set is to be put in place
+BUILDING = ".higgs_prepare.building"  # in an empty folder a first run fills in place, until its tables are in
 
 
 class NothingUsableError(ValueError):
@@ -61,6 +62,8 @@ def check_output_folder(out: Path) -> None:
         if (parent / MARKER).is_file():
             raise ValueError(f"--out {out} is inside {parent}, a corpus prepare made: give a folder outside it")
     if out.is_dir() and any(out.iterdir()):
+        if (out / BUILDING).is_file() and not (out / MARKER).is_file():
+            return  # a killed first run's: the next run empties it (`clean_leftovers`)
         if not (out / MARKER).is_file():
             raise ValueError(
                 f"--out {out} is a folder holding other files, not one prepare made (no {MARKER}): "
@@ -128,7 +131,7 @@ def prepare(
 ) -> tuple[Summary, list[RecordingResult]]:
     """Add `recordings` to the corpus in `out` and take `remove` out of it; returns the summary and the results of
     the whole corpus. Raises ValueError (usage: exit 2) before any work when the folder or a name is wrong."""
-    out = Path(os.path.abspath(out))  # "." has no name to build a temporary twin from
+    out = Path(os.path.abspath(out))
     check_output_folder(out)
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
     try:
@@ -143,18 +146,25 @@ def prepare(
         fresh = not out.exists() or not any(out.iterdir())
         corpus = {} if fresh else load_corpus(out)
         removed = _removed(remove, corpus, recordings)
-        work = temporary_dir(out) if fresh else out
+        # An empty folder the user made (a mount point, the shell's current folder) is filled in place, never
+        # swapped: its inode, owner and mount stay. A new one is built under a temporary twin and renamed.
+        in_place = fresh and out.is_dir()
+        work = out if not fresh or in_place else temporary_dir(out)
+        if in_place:
+            (out / BUILDING).touch()
         try:
             given, duplicates = _process(recordings, work, settings, options, progress)
             merged, same_bytes, refused_kept = _merged(corpus, given, removed)
             summary = _write(work, merged, settings, duplicates + same_bytes, removed)
             summary.refused_kept = refused_kept
-            if fresh:
-                if out.exists():
-                    out.rmdir()
+            if in_place:
+                (out / BUILDING).unlink()
+            elif fresh:
                 replace_dir(work, out)
         except BaseException:
-            if fresh:
+            if in_place:
+                _empty(out)
+            elif fresh:
                 shutil.rmtree(work, ignore_errors=True)
             raise
     return summary, merged
@@ -176,12 +186,27 @@ def clean_leftovers(out: Path) -> None:
     for staging in out.glob(f"{STAGING}-*"):
         if (staging / STAGED).is_file():  # killed while putting a complete set in place: finish it
             _put_in_place(staging, out)
+    if (out / BUILDING).is_file():  # a first run filling an empty folder in place
+        if (out / MARKER).is_file():
+            (out / BUILDING).unlink()  # killed after its tables were in place: the corpus is whole
+        else:
+            _empty(out)  # killed before: the folder was empty
+            return
     leftovers = [*out.glob(".*.tmp"), *out.glob(f"{STAGING}-*"), *(out / CLIPS_DIR).glob(".tmp-*")]
     for path in [*leftovers, *(out / CLIPS_DIR).glob(".old-*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _empty(folder: Path) -> None:
+    """Everything inside `folder` removed, the folder itself kept."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _put_in_place(staging: Path, out: Path) -> None:
