@@ -10,6 +10,7 @@ from pathlib import Path
 import boto3
 import dagster as dg
 import pandas as pd
+import pytest
 from audio_factory import corrupt, metadata_of, resources
 from conftest import ASSET_CHAIN
 from recording_factory import MONOLOGUE, TALK_A, write_recording
@@ -415,3 +416,49 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
         assert set(_table(meta["manifest_path"])["source_recording"]) == {"a copy.wav"}
         assert not stray.exists()
         assert sorted(r.partition_key for r in _run_sensor(instance, tick.cursor).run_requests) == ["a.wav"]
+
+
+def test_a_file_deleted_while_the_root_was_unmounted_is_removed_and_a_restored_take_runs_again(tmp_path, monkeypatch):
+    """A tick that sees no recording keeps the last stamps, so a deletion made meanwhile is still found; each change
+    of a file gets a run key of its own, so a file back at an earlier version runs again (else its record would
+    stay `changed`, out of the manifest, for good)."""
+    import os
+
+    folder = tmp_path / "recordings"
+    corrupt(folder / "a.wav")
+    corrupt(folder / "b.wav")
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+    instance = dg.DagsterInstance.ephemeral()
+    tick = _run_sensor(instance)
+    hidden = tmp_path / "unmounted"
+    folder.rename(hidden)
+    folder.mkdir()
+    (folder / ".keep").write_text("")  # a placeholder in the mount point: still no recording listed
+    tick = _run_sensor(instance, tick.cursor)
+    assert not tick.dynamic_partitions_requests and tick.run_requests == []
+    shutil.rmtree(folder)
+    hidden.rename(folder)
+    (folder / "a.wav").unlink()  # withdrawn while the volume was away
+    tick = _run_sensor(instance, tick.cursor)
+    assert sorted(instance.get_dynamic_partitions(recordings_partitions.name)) == ["b.wav"]
+    assert tick.run_requests == []  # b.wav did not change: no run
+
+    run_keys = []
+    for mtime in (2e9, 1e9, 2e9):  # a new take, the old one restored (cp -p), the new one again
+        os.utime(folder / "b.wav", (mtime, mtime))
+        tick = _run_sensor(instance, tick.cursor)
+        run_keys += [request.run_key for request in tick.run_requests]
+    assert len(run_keys) == 3 and len(set(run_keys)) == 3
+
+
+def test_the_recordings_store_is_never_a_prepare_corpus(tmp_path):
+    """Its clip folders have no partition records: the merge would take them all for leftovers and delete them."""
+    from higgs_pipeline.defs.recording_clips import ingest_root
+    from higgs_pipeline.defs.resources import ArtifactStore
+    from higgs_pipeline.ingest.prepare import MARKER
+
+    (tmp_path / "recordings").mkdir()
+    assert ingest_root(ArtifactStore(root=str(tmp_path))) == tmp_path / "recordings"
+    (tmp_path / "recordings" / MARKER).write_text("{}")
+    with pytest.raises(dg.Failure, match="a corpus `higgs-pipeline prepare` made"):
+        ingest_root(ArtifactStore(root=str(tmp_path)))

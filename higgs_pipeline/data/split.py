@@ -150,7 +150,7 @@ def validation_subset(sample_ids: Sequence[str], limit: int) -> np.ndarray:
         threshold /= 2  # exact in floating point: the thresholds are powers of two
     chosen = position < threshold
     if not chosen.any():
-        chosen = position == ordered[0]
+        chosen[int(np.argmin(position))] = True
     return chosen
 
 

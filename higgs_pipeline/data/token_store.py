@@ -2,10 +2,12 @@
 
 Layout under `<root>/<tokenizer slug>/`:
 - `shards/<hh>/<sha256>.npy`: a 1-D int16 `.npy` holding clips' codes back to back (C order), immutable and named
-  by the sha256 of its bytes, so a shard is never rewritten and a damaged one is recognisable;
+  by the sha256 of its bytes, so a sound shard is never rewritten and a damaged one is recognisable (and replaced
+  when its clips are encoded again: the same bytes, so the same name);
 - `index/<sha256>.parquet`: one row per clip (`INDEX_COLUMNS`): which shard, the byte offset of its codes there,
   its codebooks and frames, and the sha256 of its codes' bytes (`checksum`); also immutable and content-named;
-- `index.json`: the current index version, replaced atomically (`files.write_atomic`) when a run adds shards;
+- `index.json`: the current index version, replaced atomically when a run adds shards (under a flock on a local
+  store; on S3 by compare-and-swap on its ETag, so two writers never lose each other's rows);
 - `corrupt/<shard>`: a marker a reader leaves when a clip's bytes fail their checksum, so the next
   `tokenized_audio` re-encodes that shard's clips without anyone re-reading every shard.
 Why `.npy` shards and a Parquet index (pyarrow), not one file per clip: a clip is one contiguous byte range at a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -357,7 +360,9 @@ class TokenStore:
             self.fs.pipe_file(path, document.encode("utf-8"), **condition)
         except OSError as error:
             response = getattr(error.__cause__, "response", None) or {}
-            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+            # 412: the pointer moved; 409: another conditional write of it is in flight (S3 asks for a retry)
+            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                time.sleep(random.uniform(0.05, 0.5))  # writers that met retry apart
                 return False
             raise
         return True

@@ -27,6 +27,7 @@ from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.devices import claim_device, gpu_count, resolve_device
 from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
+from higgs_pipeline.ingest.prepare import MARKER as PREPARE_MARKER
 from higgs_pipeline.ingest.recording import process_recording
 from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, IngestSettings, RecordingOptions, knob_help
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
@@ -63,7 +64,10 @@ def ingest_root(artifacts: ArtifactStore) -> Path:
             f"recording_clips writes clips under a local or mounted artifact root, not {root} "
             "(on Kubernetes mount one ReadWriteMany volume there; see docs/deploy.md)"
         )
-    return Path(root.removeprefix("file://"))
+    folder = Path(root.removeprefix("file://"))
+    if (folder / PREPARE_MARKER).is_file():  # its clips have no partition records: the merge would delete them
+        raise dg.Failure(f"{folder} is a corpus `higgs-pipeline prepare` made: give the artifact store its own folder")
+    return folder
 
 
 @contextlib.contextmanager
@@ -301,14 +305,21 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         listing = list_recordings(root)
     except FileNotFoundError as error:
         return dg.SensorResult(skip_reason=f"{error}: no partition added or removed")
-    before_root, before = _read_cursor(context.cursor)
-    seen = before if before_root in (None, root) else {}  # another root's stamps say nothing of this one's files
+    cursor = _read_cursor(context.cursor)
+    same_root = cursor["root"] in (None, root)  # another root's stamps say nothing of this one's files
+    seen, runs = (cursor["stamps"], cursor["runs"]) if same_root else ({}, {})
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     new_keys = set(listing.stamps) - known
     gone = _gone(known, listing, seen, root, context.log)
     if gone:
         context.log.info(f"removing the partitions of {len(gone)} recordings no longer under {root}: {gone[:10]}")
     changed = sorted(key for key, stamp in listing.stamps.items() if seen.get(key) != stamp)
+    # A partition this tick could not see (a folder unlistable, a volume unmounted) keeps its last stamp, so a file
+    # deleted meanwhile is still known as seen here and removed once the listing is whole again.
+    unseen = {key: seen[key] for key in known - set(listing.stamps) - set(gone) if key in seen}
+    # Each change of a file counts: a run key names the change, so a file that returns to an earlier version (a
+    # take restored, an S3 re-upload of the same bytes) runs again instead of matching an old run key.
+    runs = {key: runs.get(key, 0) + (key in changed) for key in [*unseen, *listing.stamps]}
     job = INGEST_K8S_JOB if runs_on_kubernetes(context.instance) else recording_clips_job.name
     partition_requests = [recordings_partitions.build_add_request(sorted(new_keys))] if new_keys else []
     if gone:
@@ -319,40 +330,41 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
                 partition_key=key,
                 # A key added this tick always runs: a file removed and restored unchanged would find its old
                 # run key and be skipped, though its result was deleted with its partition.
-                run_key=None if key in new_keys else f"{key}@{listing.stamps[key]}",
+                run_key=None if key in new_keys else f"{key}@{runs[key]}:{listing.stamps[key]}",
                 job_name=job,
                 tags={ARTIFACT_STORE_TAG: store_tag({}, key)},
             )
             for key in changed
         ],
         dynamic_partitions_requests=partition_requests,
-        cursor=json.dumps({"root": root, "stamps": listing.stamps}, sort_keys=True),
+        cursor=json.dumps({"root": root, "stamps": {**unseen, **listing.stamps}, "runs": runs}, sort_keys=True),
     )
 
 
-def _read_cursor(cursor: str | None) -> tuple[str | None, dict[str, str]]:
-    """(root, stamps) of the sensor's last tick; a cursor from before the root was recorded is its stamps alone."""
+def _read_cursor(cursor: str | None) -> dict[str, Any]:
+    """The sensor's last tick: root, stamps (partition key -> stamp) and runs (key -> changes seen); a cursor from
+    before the root was recorded is its stamps alone."""
     document = json.loads(cursor) if cursor else {}
-    if set(document) == {"root", "stamps"}:
-        return document["root"], document["stamps"]
-    return None, document
+    if {"root", "stamps"} <= set(document) and isinstance(document.get("stamps"), dict):
+        return {"root": document["root"], "stamps": document["stamps"], "runs": document.get("runs", {})}
+    return {"root": None, "stamps": document, "runs": {}}
 
 
 def _gone(known: set[str], listing: RecordingsListing, seen: dict[str, str], root: str, log: Any) -> list[str]:
     """The partitions whose file was listed under this root at the last tick and is not now: deleted files.
 
     Nothing is removed while part of the root cannot be listed (a hidden folder's files may still be there), nor
-    when the root lists nothing at all (an unmounted volume leaves its mount point as an empty folder), nor for a
-    key the last tick did not list under this root (a changed HIGGS_PIPELINE_RECORDINGS, a partition added by
-    hand): those are withdrawn by deleting the partition in the UI."""
+    when the root lists no recording (an unmounted volume leaves its mount point, empty or with a placeholder), nor
+    for a key the last tick did not list under this root (a changed HIGGS_PIPELINE_RECORDINGS, a partition added
+    by hand): those are withdrawn by deleting the partition in the UI."""
     if not listing.complete:
         log.warning(f"part of {root} could not be listed; no partition is removed this tick")
         return []
     missing = sorted(known - set(listing.stamps))
-    if missing and not listing.stamps and not listing.unlisted:
+    if missing and not listing.stamps:
         log.warning(
-            f"{root} lists nothing (an unmounted volume?); none of the {len(missing)} partitions is removed: delete "
-            "them in the UI to withdraw every recording"
+            f"{root} lists no recording (an unmounted volume, maybe with a placeholder file in its mount point?); "
+            f"none of the {len(missing)} partitions is removed: delete them in the UI to withdraw every recording"
         )
         return []
     unseen = [key for key in missing if key not in seen]

@@ -296,7 +296,8 @@ def _merged(
     the recording could not pass): its clips stay, reported, and only `--remove` takes them out. A recording whose
     bytes changed follows its file, a refusal included. Recordings with the same bytes are one: the bytes belong to
     a recording of the corpus whose bytes did not change before any other, then to the given ones in their order;
-    an entry whose bytes are another's is reported as a duplicate (its earlier entry, if any, stays as it was)."""
+    an entry whose bytes are another's is reported as a duplicate and is no recording of the corpus (a file
+    overwritten with another's bytes follows its file)."""
     kept = {name: result for name, result in corpus.items() if name not in removed}
     for result in kept.values():
         result.reused = result.status == "accepted"  # used as it was
@@ -323,13 +324,9 @@ def _merged(
         if entry.status != "accepted" or not entry.content_hash:
             continue
         first = owner.setdefault(entry.content_hash, name)
-        if first != name:
+        if first != name:  # never a recording whose bytes did not change: those own theirs first
             duplicates.append({"recording": name, "same_as": first, "reason": "same bytes"})
-            if name in kept and kept[name] is not entry and kept[name].content_hash not in owner:
-                merged[name] = kept[name]  # its earlier entry stays as it was
-                owner[kept[name].content_hash] = name
-            else:
-                del merged[name]
+            del merged[name]  # its file now holds another recording's audio: its own earlier clips are of nothing
     return [merged[name] for name in sorted(merged)], duplicates, refused_kept
 
 
