@@ -417,6 +417,13 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
         assert not stray.exists()
         assert sorted(r.partition_key for r in _run_sensor(instance, tick.cursor).run_requests) == ["a.wav"]
 
+        other = tmp_path / "elsewhere"  # the watched root changes: no record made from the old one is merged
+        corrupt(other / "a copy.wav")
+        monkeypatch.setenv(RECORDINGS_ENV, str(other))
+        meta = _merge(instance, artifacts_dir)
+        rejected = read_csv(meta["rejected_recordings_path"])
+        assert set(rejected["reason"]) == {"changed"} and _table(meta["manifest_path"]).empty
+
 
 def test_a_file_deleted_while_the_root_was_unmounted_is_removed_and_a_restored_take_runs_again(tmp_path, monkeypatch):
     """A tick that sees no recording keeps the last stamps, so a deletion made meanwhile is still found; each change
@@ -446,9 +453,17 @@ def test_a_file_deleted_while_the_root_was_unmounted_is_removed_and_a_restored_t
     run_keys = []
     for mtime in (2e9, 1e9, 2e9):  # a new take, the old one restored (cp -p), the new one again
         os.utime(folder / "b.wav", (mtime, mtime))
+        again = recordings_sensor(dg.build_sensor_context(instance=instance, cursor=tick.cursor))
         tick = _run_sensor(instance, tick.cursor)
+        assert [r.run_key for r in again.run_requests] == [r.run_key for r in tick.run_requests]  # same tick: same
         run_keys += [request.run_key for request in tick.run_requests]
     assert len(run_keys) == 3 and len(set(run_keys)) == 3
+    (folder / "b.wav").unlink()  # withdrawn, then back with a version it had before, after a cursor reset
+    tick = _run_sensor(instance, tick.cursor)
+    corrupt(folder / "b.wav")
+    os.utime(folder / "b.wav", (2e9, 2e9))
+    for cursor in (tick.cursor, None):
+        assert not {r.run_key for r in _run_sensor(instance, cursor).run_requests} & set(run_keys)
 
 
 def test_the_recordings_store_is_never_a_prepare_corpus(tmp_path):

@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import stat
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -306,8 +307,7 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     except FileNotFoundError as error:
         return dg.SensorResult(skip_reason=f"{error}: no partition added or removed")
     cursor = _read_cursor(context.cursor)
-    same_root = cursor["root"] in (None, root)  # another root's stamps say nothing of this one's files
-    seen, runs = (cursor["stamps"], cursor["runs"]) if same_root else ({}, {})
+    seen = cursor["stamps"] if cursor["root"] in (None, root) else {}  # another root's say nothing of this one's
     known = set(context.instance.get_dynamic_partitions(recordings_partitions.name))
     new_keys = set(listing.stamps) - known
     gone = _gone(known, listing, seen, root, context.log)
@@ -317,9 +317,10 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     # A partition this tick could not see (a folder unlistable, a volume unmounted) keeps its last stamp, so a file
     # deleted meanwhile is still known as seen here and removed once the listing is whole again.
     unseen = {key: seen[key] for key in known - set(listing.stamps) - set(gone) if key in seen}
-    # Each change of a file counts: a run key names the change, so a file that returns to an earlier version (a
-    # take restored, an S3 re-upload of the same bytes) runs again instead of matching an old run key.
-    runs = {key: runs.get(key, 0) + (key in changed) for key in [*unseen, *listing.stamps]}
+    # A run key names this tick (the cursor's epoch and tick number), so it never repeats: a file back at an earlier
+    # version (a take restored, an S3 re-upload of the same bytes, another root and back) runs again, while the same
+    # tick evaluated twice from the same cursor asks for the same runs, which Dagster then launches once.
+    epoch, tick = cursor["epoch"] or uuid.uuid4().hex[:12], cursor["tick"] + 1
     job = INGEST_K8S_JOB if runs_on_kubernetes(context.instance) else recording_clips_job.name
     partition_requests = [recordings_partitions.build_add_request(sorted(new_keys))] if new_keys else []
     if gone:
@@ -328,26 +329,32 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         run_requests=[
             dg.RunRequest(
                 partition_key=key,
-                # A key added this tick always runs: a file removed and restored unchanged would find its old
-                # run key and be skipped, though its result was deleted with its partition.
-                run_key=None if key in new_keys else f"{key}@{runs[key]}:{listing.stamps[key]}",
+                run_key=f"{key}@{listing.stamps[key]}#{epoch}.{tick}",
                 job_name=job,
                 tags={ARTIFACT_STORE_TAG: store_tag({}, key)},
             )
             for key in changed
         ],
         dynamic_partitions_requests=partition_requests,
-        cursor=json.dumps({"root": root, "stamps": {**unseen, **listing.stamps}, "runs": runs}, sort_keys=True),
+        cursor=json.dumps(
+            {"root": root, "stamps": {**unseen, **listing.stamps}, "epoch": epoch, "tick": tick}, sort_keys=True
+        ),
     )
 
 
 def _read_cursor(cursor: str | None) -> dict[str, Any]:
-    """The sensor's last tick: root, stamps (partition key -> stamp) and runs (key -> changes seen); a cursor from
-    before the root was recorded is its stamps alone."""
+    """The sensor's last tick: root, stamps (partition key -> stamp), epoch (made at the first tick after the cursor
+    was new or reset: run keys from before a reset cannot come back) and tick number. A cursor from before the root
+    was recorded is its stamps alone."""
     document = json.loads(cursor) if cursor else {}
     if {"root", "stamps"} <= set(document) and isinstance(document.get("stamps"), dict):
-        return {"root": document["root"], "stamps": document["stamps"], "runs": document.get("runs", {})}
-    return {"root": None, "stamps": document, "runs": {}}
+        return {
+            "root": document["root"],
+            "stamps": document["stamps"],
+            "epoch": str(document.get("epoch", "")),
+            "tick": int(document.get("tick", 0)),
+        }
+    return {"root": None, "stamps": document, "epoch": "", "tick": 0}
 
 
 def _gone(known: set[str], listing: RecordingsListing, seen: dict[str, str], root: str, log: Any) -> list[str]:

@@ -129,11 +129,13 @@ def _partition_result(
         return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
     record = json.loads(path.read_text(encoding="utf-8"))
     source_root, stamp = record.pop(SOURCE_ROOT, None), record.pop(SOURCE_STAMP, None)
-    now = listing.stamps.get(key) if listing is not None and source_root == recordings_root() else None
-    if stamp and now and now != stamp:
-        return RecordingResult(
-            key, "rejected", "changed", "its file changed since its clips were made: its recording_clips run is due"
-        )
+    if listing is not None and source_root is not None:  # a record from before roots were noted is taken as it is
+        if source_root != recordings_root():
+            detail = f"its clips were made from {source_root}, not the watched root: its recording_clips run is due"
+            return RecordingResult(key, "rejected", "changed", detail)
+        if stamp and listing.stamps.get(key, stamp) != stamp:
+            detail = "its file changed since its clips were made: its recording_clips run is due"
+            return RecordingResult(key, "rejected", "changed", detail)
     return RecordingResult(**{**record, "recording": key})
 
 
