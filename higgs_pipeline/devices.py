@@ -49,6 +49,13 @@ def default_nproc() -> int:
     return max(1, gpu_count())
 
 
+def rank_worker_device(configured: str) -> str:
+    """The device this rank of a spread data job works on, for the resource setting `configured`: its GPU pinned
+    first (`pin_rank_gpu`, before anything touches CUDA), then `worker_device` with the rank's own device."""
+    pin_rank_gpu()
+    return worker_device(configured, resolve_device("auto"))
+
+
 def worker_device(configured: str, own: str) -> str:
     """The device a rank of a spread job works on: the CPU when the resource that spread it is set to "cpu" (where
     its one-process path works too, so the numbers do not depend on the process count), else the rank's own device

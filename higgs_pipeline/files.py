@@ -47,10 +47,14 @@ def atomic_open(path: str, mode: str = "wb", **options) -> Iterator[IO]:
         raise
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The names `fs` answers to ("file", "local"; "s3", "s3a"): fsspec gives one string or a tuple."""
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
 def is_local_filesystem(fs: fsspec.AbstractFileSystem) -> bool:
     """True for this machine's own file system, where a rename is atomic."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "file" in protocols
+    return "file" in protocols(fs)
 
 
 def replace_dir(temporary: Path, final: Path) -> None:

@@ -37,11 +37,12 @@ import pyarrow.parquet as pq
 import torch
 
 from higgs_pipeline.data.hashing import digest_of_lines, sha256_hex, sha256_of_stream
-from higgs_pipeline.files import is_local_filesystem, write_atomic, write_json
+from higgs_pipeline.files import is_local_filesystem, protocols, write_atomic, write_json
 from higgs_pipeline.locks import FileLock
 
 INDEX_COLUMNS = ("clip_hash", "shard", "offset", "codebooks", "frames", "checksum")
 INDEX_POINTER = "index.json"
+CURRENT = "current"  # `index_table`'s default: the version `index.json` names now
 # Tries of a commit whose index pointer another writer keeps moving (S3's compare-and-swap).
 COMMIT_ATTEMPTS = 8
 # An index version on an object store is pruned only when older than this: a younger one may be another
@@ -168,9 +169,10 @@ class TokenStore:
         except FileNotFoundError:
             return None, None
 
-    def index_table(self) -> pd.DataFrame:
-        """The current index (INDEX_COLUMNS), empty for a new store."""
-        table = self._read_index(self.index_version()).to_pandas()
+    def index_table(self, version: str | None = CURRENT) -> pd.DataFrame:
+        """The index `version` (INDEX_COLUMNS; the current one by default), empty for a new store."""
+        version = self.index_version() if version is CURRENT else version
+        table = self._read_index(version).to_pandas()
         return table.astype({"shard": "str"})  # plain strings: a categorical would group by unused shards too
 
     def _read_index(self, version: str | None) -> pa.Table:
@@ -326,7 +328,7 @@ class TokenStore:
         with self._index_lock():
             for _attempt in range(COMMIT_ATTEMPTS):
                 previous, tag = self._pointer()
-                old = self._read_index(previous).to_pandas().astype({"shard": "str"})
+                old = self.index_table(previous)
                 keep = ~old["shard"].isin(drop_shards) & ~old["clip_hash"].isin(rows["clip_hash"])
                 table = pd.concat([old[keep], rows], ignore_index=True).sort_values("clip_hash", ignore_index=True)
                 buffer = io.BytesIO()
@@ -395,8 +397,7 @@ class TokenStore:
 def _swaps_by_etag(fs: fsspec.AbstractFileSystem) -> bool:
     """S3 (and moto) write an object only if its ETag still matches: a pointer swapped that way needs no lock.
     Other object stores get a plain write (one writer per store: the run coordinator's tag limit)."""
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-    return "s3" in protocols
+    return "s3" in protocols(fs)
 
 
 def _age_s(info: dict) -> float:

@@ -5,7 +5,6 @@ recordings so that one person keeps one label."""
 # No `from __future__ import annotations` in the defs modules: Dagster resolves Config annotations at runtime.
 
 import json
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from higgs_pipeline.defs.recording_clips import (
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENTS, write_outputs
-from higgs_pipeline.ingest.recording import RESULT_FILE, RecordingResult
+from higgs_pipeline.ingest.recording import RecordingResult, remove_results
 from higgs_pipeline.ingest.settings import IngestSettings
 
 _DEFAULTS = IngestSettings()
@@ -81,8 +80,7 @@ def recordings_manifest(
         {"recording": key, "removed_at": removed_at, "clips_dropped": clips_before.get(key, 0)} for key in removed
     ]
     _append_removed(root / REMOVED, dropped)
-    _delete_removed(root, removed)
-    _delete_unreferenced(root)
+    _delete_withdrawn(root, removed)
     unlisted = listing.unlisted if listing else []
     write_csv(pd.DataFrame(unlisted, columns=["path", "reason", "detail"]), str(root / UNLISTED))
     version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()))[:16]
@@ -200,32 +198,14 @@ def _append_removed(path: Path, dropped: list[dict]) -> None:
         write_csv(pd.concat([earlier, pd.DataFrame(dropped, columns=columns)], ignore_index=True), str(path))
 
 
-def _delete_removed(root: Path, removed: dict[str, Path]) -> None:
-    """Each removed recording's result record, and its clip folder unless a remaining record shares it (folders
-    are named by content hash, so two recordings with the same bytes share one)."""
-    records = _records(root)
-    gone = set(removed.values())
-    kept = {record.get("folder", "") for path, record in records.items() if path not in gone}
-    for path in gone:
-        folder = records[path].get("folder", "")
-        if folder and folder not in kept:
-            clips = root / CLIPS_DIR / folder
-            # Its result file first: a folder half deleted is then never taken for a complete one.
-            (clips / RESULT_FILE).unlink(missing_ok=True)
-            shutil.rmtree(clips, ignore_errors=True)
+def _delete_withdrawn(root: Path, removed: dict[str, Path]) -> None:
+    """Each removed recording's result record, then every clip folder no remaining record names: a removed
+    recording's (unless a remaining record shares it: folders are named by content hash, so two recordings with the
+    same bytes share one), a replaced take's, a killed run's leftovers; nothing would ever merge them again. This
+    run holds the store alone, so no partition run is writing one now."""
+    for path in removed.values():
         path.unlink()
-
-
-def _delete_unreferenced(root: Path) -> None:
-    """Clip folders no partition's record names (a replaced take's, a withdrawn file's earlier content, a killed
-    run's leftovers): nothing would ever merge them again. This run holds the store alone, so no partition run
-    is writing one now."""
-    referenced = {record.get("folder", "") for record in _records(root).values()}
-    clips = root / CLIPS_DIR
-    for folder in sorted(clips.iterdir()) if clips.is_dir() else ():
-        if folder.is_dir() and folder.name not in referenced:
-            (folder / RESULT_FILE).unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
+    remove_results(root / CLIPS_DIR, keep={record.get("folder", "") for record in _records(root).values()})
 
 
 def _listing(context: dg.AssetExecutionContext) -> RecordingsListing | None:

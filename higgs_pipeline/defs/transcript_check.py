@@ -18,17 +18,16 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.dialogue_turns import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.markdown import markdown_cell
-from higgs_pipeline.data.probe import read_clip_bytes
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
 from higgs_pipeline.defs.data_stage import DataStageConfig, spread
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.speech import scoring
 from higgs_pipeline.speech.transcript_cache import cached_transcript, store_transcript
+from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE, hear
 
 REJECT_REASON = "transcript_mismatch"
 CACHE_VERSION = "2"  # bump when what is cached per clip (decoding settings, speech rule) changes
@@ -169,7 +168,7 @@ def _hear_all(
         pending = []
     for start in range(0, len(pending), chunk):
         part = pending[start : start + chunk]
-        results = _hear_batch([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
+        results = hear([uri for _, uri, _ in part], [key[1] for key, _, _ in part], scorer)
         for (key, _uri, _duration), result in zip(part, results, strict=True):
             heard[key] = result
             store_transcript(cache_root, *key, result)
@@ -189,8 +188,6 @@ def _hear_spread(
 ) -> tuple[int, dict[tuple[str, str], dict]]:
     """(ranks, results): the pending clips heard by the ASR worker over `config.ranks()` processes (each filling
     the same sealed cache this asset reads), keyed like `_hear_all`'s results."""
-    from higgs_pipeline.workers.asr import ASR_KEY, ASR_MODULE
-
     items = pd.DataFrame(
         [(clip_hash, uri, code, duration) for (clip_hash, code), uri, duration in pending],
         columns=["clip_hash", "audio_uri", "language", "duration_s"],
@@ -204,12 +201,6 @@ def _hear_spread(
             parts["clip_hash"], parts["language"], parts["hypothesis"], parts["speech_detected"], strict=True
         )
     }
-
-
-def _hear_batch(uris: list[str], codes: list[str], scorer: scoring.Scorer) -> list[dict]:
-    """The clips read as the probe read them (regular files only, under the byte cap) and heard in batches."""
-    clips = [(*decode(read_clip_bytes(uri)), code or None) for uri, code in zip(uris, codes, strict=True)]
-    return [{"hypothesis": hypothesis, "speech_detected": speech} for hypothesis, speech in scorer.listen_batch(clips)]
 
 
 def _verdicts(

@@ -80,8 +80,8 @@ class Summary:
     recordings_reused: int = 0  # unchanged recordings whose earlier result was used as it was
     duplicates: list[dict] = field(default_factory=list)  # recordings given twice or with another's bytes
     removed: list[str] = field(default_factory=list)  # recordings taken out of the corpus (`--remove`)
-    # Given recordings refused this run for a reason that says they could not be read (prepare.UNREAD_REASONS)
-    # whose earlier clips stay: recording, reason, detail.
+    # Given recordings refused this run whose earlier clips stay (the refusal says nothing of their content,
+    # prepare.UNREAD_REASONS, or their bytes are unchanged): recording, reason, detail.
     refused_kept: list[dict] = field(default_factory=list)
 
 

@@ -30,7 +30,7 @@ from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, Summary, merge_outputs
-from higgs_pipeline.ingest.recording import RecordingResult, process_recording
+from higgs_pipeline.ingest.recording import RecordingResult, process_recording, remove_results
 from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock, LockBusy
@@ -360,8 +360,5 @@ def _write(
             _put_in_place(staging, work)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    referenced = {r.folder for r in merged if r.folder}
-    for folder in (work / CLIPS_DIR).iterdir() if (work / CLIPS_DIR).is_dir() else ():
-        if folder.name not in referenced:
-            shutil.rmtree(folder, ignore_errors=True)  # a removed or changed recording's clips, or a failed run's
+    remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
     return outputs.summary

@@ -64,6 +64,16 @@ class RecordingResult:
         return cls(**json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")))
 
 
+def remove_results(clips_root: Path, keep: set[str]) -> None:
+    """Every result folder under `clips_root` whose name is not in `keep` (a removed or replaced recording's clips, a
+    killed run's leftovers), each one's result file first: a folder half deleted is then never taken for a complete
+    result (the cache check looks for that file)."""
+    for folder in sorted(clips_root.iterdir()) if clips_root.is_dir() else ():
+        if folder.is_dir() and folder.name not in keep:
+            (folder / RESULT_FILE).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def process_recording(
     source: str,
     clips_root: Path,

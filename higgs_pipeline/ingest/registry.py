@@ -137,12 +137,11 @@ def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, 
     the user renamed or merged them into since, and whatever folder a re-set made), else the name's voices now."""
     name = recording.recording or recording.folder
     pin = registry.pins.get(name)
-    count = len(recording.centroids)
-    if pin and pin["name"] == recording.pinned and len(pin["voices"]) == count:
-        if all(voice in registry.voices for voice in pin["voices"]):
-            if before is not None:
-                return before
-            return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
+    same = pin is not None and pin["name"] == recording.pinned and len(pin["voices"]) == len(recording.centroids)
+    if same and all(voice in registry.voices for voice in pin["voices"]):
+        if before is not None:
+            return before
+        return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
     voices = _pinned_voices(registry, recording, model)
     registry.pins[name] = {"name": recording.pinned, "voices": voices}
     return voices

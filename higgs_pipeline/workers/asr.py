@@ -18,7 +18,7 @@ import pandas as pd
 
 from higgs_pipeline.data.audio_io import decode
 from higgs_pipeline.data.probe import read_clip_bytes
-from higgs_pipeline.devices import pin_rank_gpu, resolve_device, worker_device
+from higgs_pipeline.devices import rank_worker_device
 from higgs_pipeline.speech.transcript_cache import cached_transcript, store_transcript
 from higgs_pipeline.workers.shards import BatchFunction, run_sharded
 
@@ -38,11 +38,10 @@ def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
         keys = list(zip(batch["clip_hash"], batch["audio_uri"], batch["language"], strict=True))
         entries = [cached_transcript(cache, clip_hash, language, logger.warning) for clip_hash, _, language in keys]
         unheard = [index for index, entry in enumerate(entries) if entry is None]
-        clips = [(*decode(read_clip_bytes(keys[index][1])), keys[index][2] or None) for index in unheard]
-        for index, (hypothesis, speech) in zip(unheard, scorer.listen_batch(clips) if clips else [], strict=True):
-            clip_hash, _uri, language = keys[index]
-            entries[index] = {"hypothesis": hypothesis, "speech_detected": bool(speech)}
-            store_transcript(cache, clip_hash, language, entries[index])
+        results = hear([keys[index][1] for index in unheard], [keys[index][2] for index in unheard], scorer)
+        for index, entry in zip(unheard, results, strict=True):
+            entries[index] = entry
+            store_transcript(cache, keys[index][0], keys[index][2], entry)
         heard = set(unheard)
         rows = [
             {"clip_hash": clip_hash, "language": language, **entry, "from_cache": index not in heard}
@@ -51,6 +50,18 @@ def transcriber(asr_model: str, cache: str, device: str) -> BatchFunction:
         return pd.DataFrame(rows, columns=[*ASR_KEY, "hypothesis", "speech_detected", "from_cache"])
 
     return transcribe
+
+
+def hear(uris: list[str], codes: list[str], scorer) -> list[dict]:
+    """Each clip's transcript entry (hypothesis, speech_detected): the clips read as the probe read them (regular
+    files only, under the byte cap) and heard in batches (`Scorer.listen_batch`); `codes` are Whisper language codes,
+    empty to detect. The one path both `transcript_check` in its step and this worker's ranks take."""
+    if not uris:
+        return []
+    clips = [(*decode(read_clip_bytes(uri)), code or None) for uri, code in zip(uris, codes, strict=True)]
+    return [
+        {"hypothesis": hypothesis, "speech_detected": bool(speech)} for hypothesis, speech in scorer.listen_batch(clips)
+    ]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    pin_rank_gpu()  # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
-    process = transcriber(args.asr_model, args.cache, worker_device(args.device, resolve_device("auto")))
+    # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
+    process = transcriber(args.asr_model, args.cache, rank_worker_device(args.device))
     run_sharded(
         args.clips,
         args.out,

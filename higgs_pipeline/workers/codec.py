@@ -19,7 +19,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from higgs_pipeline.devices import pin_rank_gpu, rank_cpu_threads, resolve_device, worker_device
+from higgs_pipeline.devices import rank_cpu_threads, rank_worker_device
 from higgs_pipeline.workers.shards import BatchFunction, run_sharded
 
 CODEC_MODULE = "higgs_pipeline.workers.codec"
@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    pin_rank_gpu()  # the rank sees its GPU as the only one: ranks beyond the node's GPUs share them round-robin
-    device = worker_device(args.device, resolve_device("auto"))
+    device = rank_worker_device(args.device)  # ranks beyond the node's GPUs share them round-robin
     if device == "cpu":
         import torch
 

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from higgs_pipeline.devices import pin_rank_gpu, rank_cpu_threads, resolve_device, worker_device
+from higgs_pipeline.devices import rank_cpu_threads, rank_worker_device
 from higgs_pipeline.workers.shards import BatchFunction, run_batches, run_sharded, sort_items
 
 EVALUATION_MODULE = "higgs_pipeline.workers.evaluation"
@@ -434,8 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
     work = work_of(args.phase, args.work)
-    pin_rank_gpu()  # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
-    device = worker_device(args.device, resolve_device("auto"))
+    # faster-whisper takes "cuda", never "cuda:<LOCAL_RANK>": the rank sees its GPU as the only one
+    device = rank_worker_device(args.device)
     if device == "cpu":
         import torch
 
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(work, SpeechWork | DialogueWork):
         from higgs_pipeline.speech.scoring import get_scorer  # after the rank's GPU is pinned
 
-        scorer_device = worker_device(args.scorer_device, resolve_device("auto"))
+        scorer_device = rank_worker_device(args.scorer_device)
         scorer = get_scorer(work.asr_model, work.speaker_model, scorer_device)
     with tempfile.TemporaryDirectory(prefix="evaluation_worker_") as scratch:
         process = batch_function(args.phase, work, device, scorer, scratch, logger.info)
