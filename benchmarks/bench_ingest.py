@@ -5,7 +5,10 @@
 Builds recordings of the given lengths by repeating the demo conversation (two voices, pauses, noise, tone), runs
 each through `process_recording` in a fresh process (so peak memory is that recording's alone), and prints one JSON
 line per recording: seconds per hour of audio for decode, VAD, ASR, speaker embeddings and DNSMOS (+ loudness and
-writing), and the process's peak resident memory. On a GPU node pass `--device cuda --asr-model large-v3`.
+writing), and the process's peak resident memory. `dnsmos_floor_per_audio_hour` is the least DNSMOS could cost with
+its model on this machine, whatever the windows: the measured seconds per 9.01 s window times the recording's speech
+seconds over 9.01 s (each second of speech scored once, nothing repeated). On a GPU node pass
+`--device cuda --asr-model large-v3`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ def _timed(module, name: str, totals: dict[str, float]) -> None:
     setattr(module, name, wrapper)
 
 
+def _count_windows(dnsmos) -> list[int]:
+    """A one-item list that counts the 9.01 s windows DNSMOS's model scores from now on."""
+    count = [0]
+    score = dnsmos._score_windows
+
+    def counted(windows, windows_per_call):
+        count[0] += len(windows)
+        return score(windows, windows_per_call)
+
+    dnsmos._score_windows = counted
+    return count
+
+
 def measure(path: Path, asr_model: str, device: str) -> dict:
     """Seconds spent per stage on one recording (models loaded beforehand, not counted)."""
     from higgs_pipeline.ingest import quality, recording, stages
@@ -58,6 +74,7 @@ def measure(path: Path, asr_model: str, device: str) -> dict:
     scoring.load_whisper(asr_model, device)
     diarize.batch_embedder(settings.speaker_model, device)([np.zeros(16000, np.float32)])
     dnsmos.rate(np.full(16000, 0.1, np.float32))  # not silence: the ONNX sessions load
+    windows = _count_windows(dnsmos)
     totals: dict[str, float] = {}
     for module, name in ((recording, "decode_open"), (stages, "find_speech"), (stages, "transcribe"),
                          (stages, "diarize_windows"), (quality.dnsmos, "rate_batch")):  # fmt: skip
@@ -71,11 +88,17 @@ def measure(path: Path, asr_model: str, device: str) -> dict:
              "rate_batch": "dnsmos"}  # fmt: skip
     per_hour = {names[k]: round(v / hours, 1) for k, v in totals.items()}
     per_hour["other"] = round((total - sum(totals.values())) / hours, 1)
+    per_window = totals["rate_batch"] / max(windows[0], 1)
+    # The least any choice of windows can cost with this model: every second of speech in exactly one window.
+    floor = per_window * result.speech_seconds / (dnsmos.WINDOW_SAMPLES / dnsmos.DNSMOS_RATE) / hours
     return {
         "recording_minutes": round(result.duration_s / 60, 2),
         "status": result.status,
         "seconds_per_audio_hour": per_hour,
         "total_seconds_per_audio_hour": round(total / hours, 1),
+        "dnsmos_windows": windows[0],
+        "dnsmos_seconds_per_window": round(per_window, 3),
+        "dnsmos_floor_per_audio_hour": round(floor, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
