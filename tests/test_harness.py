@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,14 @@ def test_under_ci_a_skip_fails_with_its_reason(tmp_path: Path, ci: str, outcome:
     assert outcome in done.stdout, done.stdout + done.stderr
     assert "needs espeak-ng" in done.stdout and "needs the real call" in done.stdout
     assert done.returncode == (1 if ci else 0)
+
+
+def test_ci_run_is_ci_whatever_the_runner_exports(tmp_path: Path):
+    """`.ci/run` sets CI itself: a runner that exports no CI (or CI=false) still gets failures, not skips."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(Path(__file__).parents[1] / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "Makefile").write_text("test:\n\t@echo CI=$$CI\n")
+    for runner_ci in ({}, {"CI": "false"}):
+        env = {key: value for key, value in os.environ.items() if key != "CI"} | runner_ci
+        done = subprocess.run(["bash", ".ci/run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == "CI=true", done.stdout + done.stderr
