@@ -5,11 +5,16 @@ under torchrun with one process per GPU."""
 
 from __future__ import annotations
 
+import json
+import sys
 import warnings
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
+from higgs_pipeline.defs.tokenized_audio import TokenizedAudioConfig
+from higgs_pipeline.defs.transcript_check import TranscriptCheckConfig
 from higgs_pipeline.devices import default_nproc
 from higgs_pipeline.launch.k8s import TRAIN_MODULE, GpuNodeSpec, single_node_pod_spec
 from higgs_pipeline.launch.launcher import (
@@ -113,3 +118,50 @@ def test_a_data_stage_takes_one_process_per_gpu_unless_its_config_says_otherwise
     assert (on_k8s.nproc_per_node, on_k8s.launcher, on_k8s.args) == (4, "k8s", CODEC_ARGS)
     with pytest.raises(ValueError, match="needs k8s_node"):
         data_stage_job(CODEC_MODULE, list(CODEC_ARGS), launcher="k8s")
+
+
+def _kubernetes_instance_overrides(tmp_path: Path, image: str, namespace: str) -> dict:
+    """dagster-k8s' K8sRunLauncher as a Kubernetes deployment configures it (nothing is contacted here)."""
+    cluster = {"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}
+    context = {"name": "c", "context": {"cluster": "c", "user": "u"}}
+    kubeconfig = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster], "users": [{"name": "u", "user": {}}],
+                  "contexts": [context], "current-context": "c"}  # fmt: skip
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    launcher = {"instance_config_map": "dagster-instance", "dagster_home": str(tmp_path), "job_image": image,
+                "job_namespace": namespace, "service_account_name": "dagster", "load_incluster_config": False,
+                "kubeconfig_file": str(tmp_path / "kubeconfig")}  # fmt: skip
+    return {"run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher}}
+
+
+def _run_from_image(image: str) -> dg.DagsterRun:
+    """A run whose code location was deployed from `image` (where dagster-k8s finds a step pod's image last)."""
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
+
+    pointer = ModuleCodePointer("higgs_pipeline.definitions", "defs", None)
+    repository = RepositoryPythonOrigin(sys.executable, pointer, container_image=image)
+    return dg.DagsterRun(job_name="j", job_code_origin=JobPythonOrigin("j", repository))
+
+
+def test_on_a_kubernetes_instance_a_data_stage_runs_in_a_gpu_pod_unless_told_otherwise(tmp_path: Path):
+    """The data stages' default launcher ('auto') is the GPU pod where runs launch as Kubernetes pods (a run pod has
+    no GPU), with the run launcher's image and namespace; this machine elsewhere; an explicit launcher wins."""
+    auto = TokenizedAudioConfig()
+    with pytest.raises(ValueError, match="resolved"):
+        auto.ranks()  # 'auto' means nothing until a run's instance decides it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dagster-k8s' version skew warning
+        with dg.instance_for_test(overrides=_kubernetes_instance_overrides(tmp_path, "reg/higgs:2", "higgs")) as k8s:
+            on_k8s = auto.resolved(k8s, None)
+            assert (on_k8s.launcher, on_k8s.k8s_image, on_k8s.k8s_namespace) == ("k8s", "reg/higgs:2", "higgs")
+            assert not on_k8s.in_step() and on_k8s.ranks() == on_k8s.k8s_gpus_per_node == 8
+            assert on_k8s.k8s_node().image == "reg/higgs:2"
+            told = TranscriptCheckConfig(k8s_image="reg/mine:3", k8s_namespace="ml").resolved(k8s, None)
+            assert (told.launcher, told.k8s_image, told.k8s_namespace) == ("k8s", "reg/mine:3", "ml")
+            assert TokenizedAudioConfig(launcher="local", nproc_per_node=1).resolved(k8s, None).in_step()
+    with dg.instance_for_test() as local:
+        assert auto.resolved(local, None).launcher == "local"
+        from_code = TokenizedAudioConfig(launcher="k8s").resolved(local, _run_from_image("reg/code:4"))
+        assert (from_code.k8s_image, from_code.k8s_namespace) == ("reg/code:4", "default")
+        with pytest.raises(ValueError, match="image is required"):
+            TokenizedAudioConfig(launcher="k8s").resolved(local, None).k8s_node()

@@ -199,7 +199,8 @@ class _EvaluationJobs:
     spread over the node's processes, or a GPU pod, as the data stages spread theirs (`defs/data_stage.py`)."""
 
     def __init__(self, context, config: AdapterEvaluationConfig, work_root: str, checkpoints, scorers, scratch: str):
-        self.context, self.config, self.work_root = context, config, work_root
+        self.context, self.work_root = context, work_root
+        self.config = config.resolved(context.instance, context.dagster_run)
         self.checkpoints, self.scorers, self.scratch = checkpoints, scorers, scratch
         self.ranks = 1  # processes that did the work
 

@@ -3,7 +3,8 @@ spread over the node's devices, through the one launcher training uses too (`lau
 
 With one process on this machine the work runs inside the step (no second start-up of the models); with more, or
 on Kubernetes, the stage writes its items as a Parquet table, launches `torchrun -m <worker>` through Dagster Pipes
-(one GPU pod on Kubernetes, never the CPU run pod), and merges the ranks' parts (`workers/shards.py`). A worker's
+(one GPU pod on Kubernetes, never the CPU run pod: the default launcher, 'auto', is that pod wherever the
+instance launches its runs on Kubernetes), and merges the ranks' parts (`workers/shards.py`). A worker's
 result for an item never depends on which rank, or which other items, it was computed with, so the stage's output
 is the same for any process count (tests/test_data_stage_ranks.py).
 """
@@ -12,6 +13,7 @@ is the same for any process count (tests/test_data_stage_ranks.py).
 
 import uuid
 from collections.abc import Sequence
+from typing import Self
 
 import dagster as dg
 import fsspec
@@ -20,9 +22,12 @@ from pydantic import Field, field_validator
 
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.devices import default_nproc
+from higgs_pipeline.launch.ingest_k8s import runs_on_kubernetes
 from higgs_pipeline.launch.k8s import GpuNodeSpec
 from higgs_pipeline.launch.launcher import check_launcher, data_stage_job, launch_job
 from higgs_pipeline.workers.shards import merge_parts
+
+AUTO = "auto"  # the launcher decided per run (DataStageConfig.resolved)
 
 
 class DataStageConfig(dg.Config):
@@ -33,9 +38,19 @@ class DataStageConfig(dg.Config):
         description="Processes the work is spread over on this node (one GPU each); 0: one per GPU of the node, "
         "1 without a GPU. 1 runs the work inside this step.",
     )
-    launcher: str = Field(default="local", description="'local': this machine. 'k8s': one GPU pod on Kubernetes.")
-    k8s_image: str = Field(default="", description="Launcher 'k8s': the image (this project installed).")
-    k8s_namespace: str = Field(default="default", description="Launcher 'k8s': namespace of the pod.")
+    launcher: str = Field(
+        default=AUTO,
+        description="'auto': 'k8s' where the instance launches its runs on Kubernetes (the work never runs in the "
+        "CPU run pod), else 'local'. 'local': this machine. 'k8s': one GPU pod on Kubernetes.",
+    )
+    k8s_image: str = Field(
+        default="",
+        description="Launcher 'k8s': the image (this project installed); empty: the run launcher's image, else the "
+        "code location's.",
+    )
+    k8s_namespace: str = Field(
+        default="", description="Launcher 'k8s': namespace of the pod; empty: the run launcher's, else 'default'."
+    )
     k8s_gpus_per_node: int = Field(default=8, description="Launcher 'k8s': GPUs (and processes) of the pod.")
 
     @field_validator("nproc_per_node")
@@ -48,10 +63,31 @@ class DataStageConfig(dg.Config):
     @field_validator("launcher")
     @classmethod
     def _known_launcher(cls, value: str) -> str:
-        return check_launcher(value)
+        return value if value == AUTO else check_launcher(value)
+
+    def resolved(self, instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> Self:
+        """This config for a run of `instance`: 'auto' decided (a GPU pod where runs launch as Kubernetes pods,
+        whose run pod has no GPU, else this machine), and on Kubernetes an empty image or namespace taken where
+        dagster-k8s takes a step pod's: the run launcher's, then the run's code location image."""
+        on_kubernetes = runs_on_kubernetes(instance)
+        launcher = self.launcher if self.launcher != AUTO else ("k8s" if on_kubernetes else "local")
+        if launcher != "k8s":
+            return self.model_copy(update={"launcher": launcher})
+        run_launcher = instance.run_launcher if on_kubernetes else None
+        origin = run.job_code_origin if run else None
+        image = (
+            self.k8s_image
+            or getattr(run_launcher, "job_image", None)
+            or (origin.repository_origin.container_image if origin else None)
+            or ""
+        )
+        namespace = self.k8s_namespace or getattr(run_launcher, "job_namespace", None) or "default"
+        return self.model_copy(update={"launcher": "k8s", "k8s_image": image, "k8s_namespace": namespace})
 
     def ranks(self) -> int:
-        """How many processes the work gets."""
+        """How many processes the work gets (of a `resolved` config)."""
+        if self.launcher == AUTO:
+            raise ValueError("launcher 'auto' is decided per run: call resolved() first")
         if self.launcher == "k8s":
             return self.k8s_gpus_per_node
         return self.nproc_per_node or default_nproc()

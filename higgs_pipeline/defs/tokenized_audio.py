@@ -52,6 +52,7 @@ def tokenized_audio(
     damaged (missing, of the wrong size, or found corrupt when read: its clips are written into a new shard);
     clips of a one-file-per-clip store are packed into shards as they are, without the tokenizer; and the
     tokenizer is not even loaded when nothing needs encoding."""
+    config = config.resolved(context.instance, context.dagster_run)
     samples = upstream_metadata(context, "chatml_samples")
     clips = read_parquet(samples["clips_path"])
     name = checkpoints.audio_tokenizer

@@ -57,6 +57,7 @@ def transcript_check(
     unverified); rows above `reject_cer` move to this asset's rejected file (accepted + rejected == rows in)."""
     if not 0.0 <= config.review_cer <= config.reject_cer:
         raise dg.Failure(f"need 0 <= review_cer <= reject_cer, got {config.review_cer} and {config.reject_cer}")
+    config = config.resolved(context.instance, context.dagster_run)
     manifest = upstream_metadata(context, "raw_audio_manifest")
     rows = read_parquet(manifest["accepted_path"])
     scorer = scorers.scorer()

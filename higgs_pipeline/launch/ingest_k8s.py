@@ -56,10 +56,14 @@ def ingest_executor_config(image: str = "", namespace: str = "") -> dict[str, An
 
 def runs_on_kubernetes(instance: dg.DagsterInstance) -> bool:
     """Whether the instance launches its runs as Kubernetes pods (dagster-k8s' K8sRunLauncher): the sensor then
-    requests recording_clips_k8s_job, and only then can that job's executor start step pods."""
+    requests recording_clips_k8s_job, and only then can that job's executor start step pods; the GPU data stages
+    then launch their work as a GPU pod (`defs/data_stage.py`)."""
+    launcher = instance.run_launcher
+    if not any(cls.__module__.startswith("dagster_k8s") for cls in type(launcher).__mro__):
+        return False  # decided without importing dagster-k8s and the kubernetes client into every data step
     from dagster_k8s import K8sRunLauncher
 
-    return isinstance(instance.run_launcher, K8sRunLauncher)
+    return isinstance(launcher, K8sRunLauncher)
 
 
 def ingest_step_executor() -> dg.ExecutorDefinition:
