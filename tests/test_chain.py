@@ -41,6 +41,7 @@ def test_whole_chain_materializes_with_torchrun_training(retrain):
     # Each candidate's validation loss is the one training recorded on the same samples: not measured again; the
     # files heard are hashed, and the promoted pointer names those very files.
     assert evaluation["val_losses_reused"] == evaluation["checkpoints_evaluated"] >= 1
+    assert evaluation["val_losses_precision"] == "fp32"  # the demo profile trains in fp32
     assert len(evaluation["adapter_sha256"]) == 64
     assert metadata("production_adapter")["adapter_sha256"] == evaluation["adapter_sha256"]
     # Who speaks each turn of a validation dialogue, for all three takes (NaN when the split holds no dialogue).

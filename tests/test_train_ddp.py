@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -187,3 +188,11 @@ def test_recorded_validation_losses_are_reused_and_agree_with_a_fresh_pass(unint
     assert chosen.validation["val_audio_loss"] == pytest.approx(fresh["audio_loss"], abs=1e-4)
     # Another set of samples (here: one fewer) is measured, not taken from the record.
     assert candidate_losses("demo", [chosen], records[:-1], split_meta, 2, "cpu").reused == 0
+    # Records of a bf16 run (as the production profile trains) are reused too, and the base is then measured in
+    # bf16, as training would have measured it: the gate compares like with like.
+    as_bf16 = [dataclasses.replace(c, validation={**c.validation, "val_precision": "bf16"}) for c in candidates]
+    bf16 = candidate_losses("demo", as_bf16, records, split_meta, 2, "cpu")
+    assert (bf16.reused, bf16.precision) == (2, "bf16") and bf16.by_step == losses.by_step
+    base_bf16 = load_model("demo", dtype=torch.bfloat16)
+    fresh_base = validation_losses(base_bf16, records, store, load_text_tokenizer("demo"), 2, "cpu", "bf16")
+    assert bf16.base == pytest.approx(fresh_base, abs=1e-6) and bf16.base != pytest.approx(losses.base, abs=1e-6)

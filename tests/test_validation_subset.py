@@ -85,10 +85,10 @@ def test_the_evaluation_measures_the_subset_its_training_measured():
     assert training_validation_limit({}) == 2000
 
 
-def test_a_recorded_loss_is_reused_only_when_measured_on_the_same_samples_in_fp32():
-    """The gate compares a candidate's loss with the base's, which the evaluation measures in fp32: a bf16 record
-    (the production profile's training precision) is measured again, as is a line from before precisions were
-    recorded."""
+def test_a_recorded_loss_is_reused_only_when_measured_on_the_same_samples_in_the_same_precision():
+    """The gate compares a candidate's loss with the base's: a record is reused only in the precision the
+    evaluation measures the base in, and on the same samples; a line from before precisions were recorded is
+    measured again."""
     from higgs_pipeline.evaluation.hearing import recorded_losses
 
     ids = ids_sha256(_ids(0, 3))
@@ -97,5 +97,28 @@ def test_a_recorded_loss_is_reused_only_when_measured_on_the_same_samples_in_fp3
     means = recorded_losses(line, ids)
     assert means is not None and means["text_loss"] == pytest.approx(0.5) and means["audio_loss"] == pytest.approx(0.75)
     assert recorded_losses({**line, "val_precision": "bf16"}, ids) is None
+    assert recorded_losses({**line, "val_precision": "bf16"}, ids, "bf16") == means
+    assert recorded_losses(line, ids, "bf16") is None
     assert recorded_losses({key: value for key, value in line.items() if key != "val_precision"}, ids) is None
     assert recorded_losses(line, ids_sha256(_ids(0, 4))) is None
+
+
+def test_losses_are_measured_in_the_precision_every_candidate_recorded_else_fp32():
+    """A bf16 training run's records are all reused (the base then measured in bf16 too); records in mixed
+    precisions, on other samples, or none, leave the evaluation in fp32."""
+    from types import SimpleNamespace
+
+    from higgs_pipeline.evaluation.hearing import loss_precision
+
+    ids = ids_sha256(_ids(0, 3))
+
+    def candidate(precision: str | None, ids_hash: str = ids):
+        line = {"val_ids_sha256": ids_hash, "val_sums": [1.0] * 6}
+        return SimpleNamespace(validation=line | ({"val_precision": precision} if precision else {}))
+
+    assert loss_precision([candidate("bf16"), candidate("bf16")], ids) == "bf16"
+    assert loss_precision([candidate("fp32"), candidate("fp32")], ids) == "fp32"
+    assert loss_precision([candidate("bf16"), candidate("fp32")], ids) == "fp32"
+    assert loss_precision([candidate("bf16"), candidate("bf16", ids_sha256(_ids(0, 4)))], ids) == "bf16"
+    assert loss_precision([candidate("fp16")], ids) == loss_precision([candidate(None)], ids) == "fp32"
+    assert loss_precision([], ids) == "fp32"

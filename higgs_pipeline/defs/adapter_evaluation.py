@@ -229,7 +229,7 @@ def _hear(context, config, sizes: Sizes, base, records, split_meta, adapter_meta
     measured = validation_subset_records(records, training_validation_limit(adapter_meta))
     losses = candidate_losses(base, candidates, measured, split_meta, config.batch_size, run=jobs)
     context.log.info(
-        f"validation losses on {len(measured)} of {len(records)} validation samples; "
+        f"validation losses on {len(measured)} of {len(records)} validation samples in {losses.precision}; "
         f"{losses.reused} of {len(candidates)} candidate(s) reused the loss training recorded on them"
     )
     all_records = list(read_records(split_meta["samples_path"]))

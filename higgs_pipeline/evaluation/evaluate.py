@@ -1,7 +1,8 @@
 """Validation losses of an adapter and of its base model, measured on the same batches in the same order.
 
 Both passes use the training code's own parts (records -> `dataset_sample_for` -> `make_collator` ->
-`forward_kwargs` -> `objective.loss_sums`), so the numbers mean exactly what the training log's `val_*` mean.
+`forward_kwargs` -> `HiggsTrainingModule`, in the run's precision), so the numbers mean exactly what the training
+log's `val_*` mean.
 The base is the very same loaded model with the adapter switched off (`PeftModel.disable_adapter`), so the two
 passes cannot differ in anything but the adapter.
 """
@@ -19,7 +20,8 @@ import torch
 from higgs_pipeline.data.records import SampleRecord, TokenStore, is_local
 from higgs_pipeline.training.data import load_split
 from higgs_pipeline.training.lora import recorded_base
-from higgs_pipeline.training.objective import LossSums, loss_sums
+from higgs_pipeline.training.module import HiggsTrainingModule, autocast_dtype, sums_of
+from higgs_pipeline.training.objective import LossSums
 from higgs_pipeline.training.samples import dataset_sample_for, forward_kwargs, make_collator
 
 NUM_CODEBOOKS = 8
@@ -79,11 +81,13 @@ def validation_losses(
     tokenizer,
     batch_size: int,
     device: str | torch.device,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Next-token losses summed over all validation batches, then averaged once (exact mean over the split)."""
     collator = make_collator(model.config)
     batches = validation_batches(records, batch_size)
-    return summed([batch_loss_sums(model, collator, batch, store, tokenizer, device) for batch in batches]).means()
+    sums = [batch_loss_sums(model, collator, batch, store, tokenizer, device, precision) for batch in batches]
+    return summed(sums).means()
 
 
 def validation_batches(records: Sequence[SampleRecord], batch_size: int) -> list[Sequence[SampleRecord]]:
@@ -101,11 +105,13 @@ def batch_loss_sums(
     store: TokenStore,
     tokenizer,
     device: str | torch.device,
+    precision: str = "fp32",
 ) -> LossSums:
-    """The loss sums of one validation batch (`make_collator(model.config)` as `collator`)."""
+    """The loss sums of one validation batch (`make_collator(model.config)` as `collator`), through the module
+    training validates with, in its `precision` (a bf16 one expects a bf16 model, as training loads it)."""
     # Fresh samples every pass: the collator mutates the samples it is given.
     batch = collator([dataset_sample_for(record, store, tokenizer) for record in records])
-    return loss_sums(model(**forward_kwargs(batch, device)), batch.label_audio_ids)
+    return sums_of(HiggsTrainingModule(model, autocast_dtype(precision))(**forward_kwargs(batch, device)))
 
 
 def summed(sums: Sequence[LossSums]) -> LossSums:

@@ -25,6 +25,7 @@ from higgs_pipeline.evaluation.evaluate import LossComparison, local_folder
 from higgs_pipeline.evaluation.listening import ListeningPrompt, PromptResult, load_clip, take_numbers, with_takes
 from higgs_pipeline.serving.adapters import SynthesisError, adapter_sha256
 from higgs_pipeline.training.candidates import Candidate, read_candidates, steps_to_drop
+from higgs_pipeline.training.module import PRECISIONS
 from higgs_pipeline.training.objective import LossSums
 from higgs_pipeline.workers.evaluation import (
     BASE,
@@ -70,6 +71,7 @@ class CandidateLosses:
     base: dict[str, float]
     by_step: dict[int, dict[str, float]]
     reused: int  # candidates whose loss training recorded on these very samples, taken from the record
+    precision: str = "fp32"  # what every loss here was measured in (`loss_precision`)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Heard:
     retention: list[PromptResult]  # base, adapter
     golden: list[PromptResult]  # base, adapter
     losses_reused: int = 0  # candidates whose validation loss was training's record (`CandidateLosses.reused`)
+    losses_precision: str = "fp32"  # what the losses were measured in (`CandidateLosses.precision`)
 
 
 def candidate_adapters(
@@ -180,29 +183,43 @@ def candidate_losses(
     """Validation losses of the base (the model with the adapter off) and of every candidate, on the same batches
     (the worker's `losses` phase, through `run`; in this process on `device` without one). A candidate whose
     recorded validation line covered exactly these samples (`val_ids_sha256`) keeps the loss training measured
-    (`recorded_losses`): no pass over the split again."""
+    (`recorded_losses`): no pass over the split again. The base, and any candidate measured, are measured in that
+    precision (`loss_precision`), so the gate and the ranking compare like with like."""
     ids = ids_sha256(record.sample_id for record in records)
-    recorded = {c.step: recorded_losses(c.validation, ids) for c in candidates}
+    precision = loss_precision(candidates, ids)
+    recorded = {c.step: recorded_losses(c.validation, ids, precision) for c in candidates}
     measured = [c for c in candidates if recorded[c.step] is None]
-    work = LossWork(base, _adapters(measured), split_meta["token_store_root"], split_meta["tokenizer"])
+    stores = split_meta["token_store_root"], split_meta["tokenizer"]
+    work = LossWork(base, _adapters(measured), *stores, precision=precision)
     run = run or in_step(device, None, tempfile.gettempdir(), logger.info)
     means = summed_losses(run("losses", loss_items(records, batch_size), work))
     losses = {c.step: recorded[c.step] or means[voice_name(c.step)] for c in candidates}
-    return CandidateLosses(means[BASE], losses, len(candidates) - len(measured))
+    return CandidateLosses(means[BASE], losses, len(candidates) - len(measured), precision)
 
 
 def _adapters(candidates: Sequence[CandidateAdapter]) -> tuple[Adapter, ...]:
     return tuple(Adapter(c.step, c.path, c.local_dir, c.adapter_sha256) for c in candidates)
 
 
-def recorded_losses(validation: dict, ids_hash: str) -> dict[str, float] | None:
+def _covers(validation: dict, ids_hash: str) -> bool:
+    """Whether a recorded validation line holds loss sums over exactly the samples whose hash is `ids_hash`."""
+    return validation.get("val_ids_sha256") == ids_hash and bool(validation.get("val_sums"))
+
+
+def loss_precision(candidates: Sequence[CandidateAdapter], ids_hash: str) -> str:
+    """The precision the evaluation measures losses in: the one every candidate's covering record was measured in
+    (a bf16 training run's, so its records are reused and the base is measured as training measured them), else
+    fp32 (records in mixed precisions, or none: what is measured is measured in full precision)."""
+    found = {c.validation.get("val_precision") for c in candidates if _covers(c.validation, ids_hash)}
+    return found.pop() if len(found) == 1 and found <= set(PRECISIONS) else "fp32"
+
+
+def recorded_losses(validation: dict, ids_hash: str, precision: str = "fp32") -> dict[str, float] | None:
     """The means of the loss sums training recorded (`val_sums`), when it measured exactly the samples whose
-    `ids_sha256` is `ids_hash` in fp32, as the evaluation measures the base; None otherwise (another split, another
-    subset, a line without sums, or one measured in bf16: the gate and the ranking compare a candidate's loss with
-    the base's, and a precision gap between the two would be read as the adapter's doing)."""
-    if validation.get("val_ids_sha256") != ids_hash or not validation.get("val_sums"):
-        return None
-    if validation.get("val_precision") != "fp32":
+    `ids_sha256` is `ids_hash` in `precision`, the one the evaluation measures the base in; None otherwise (another
+    split, another subset, a line without sums, or another precision: the gate and the ranking compare a
+    candidate's loss with the base's, and a precision gap between the two would be read as the adapter's doing)."""
+    if not _covers(validation, ids_hash) or validation.get("val_precision") != precision:
         return None
     return LossSums.from_vector(torch.tensor(validation["val_sums"], dtype=torch.float64)).means()
 
@@ -240,8 +257,9 @@ def hear_candidates(
     results = with_takes(base_heard, heard[chosen.step], {"adapter": "adapter"})
     comparison = LossComparison(adapter=losses.by_step[chosen.step], base=losses.base, samples=samples)
     return Heard(
-        list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"], losses.reused
-    )
+        list(candidates), scores, choice, chosen, comparison, results, sets["retention"], sets["golden"],
+        losses.reused, losses.precision,
+    )  # fmt: skip
 
 
 def hear_dialogues(

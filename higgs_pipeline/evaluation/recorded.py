@@ -37,6 +37,7 @@ def evaluation_numbers(heard: Heard, tolerances: Tolerances, retention_tolerance
         **retention_tolerances,
         "checkpoints_evaluated": len(heard.candidates),
         "val_losses_reused": heard.losses_reused,
+        "val_losses_precision": heard.losses_precision,
         "chosen_step": heard.chosen.step,
         "checkpoints_collapsed": len(collapsed),
         "all_candidates_collapsed": heard.choice.chosen is None,

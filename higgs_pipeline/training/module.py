@@ -20,6 +20,21 @@ from higgs_pipeline.training.objective import LossSums, loss_sums
 SUM_FIELDS = ("text_loss_sum", "text_correct", "text_count", "audio_loss_sum", "audio_correct", "audio_count")
 
 
+PRECISIONS = ("fp32", "bf16")  # a run's `precision`: fp32 throughout, or a bf16 base under bf16 autocast
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype (and the base's dtype) of a `precision`; None for fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def precision_of(module: HiggsTrainingModule) -> str:
+    """The `precision` name of a module's autocast dtype (what a validation line records)."""
+    return "fp32" if module.autocast_dtype is None else "bf16"
+
+
 class HiggsTrainingModule(nn.Module):
     """(PEFT-wrapped) HiggsAudioModel -> loss sums and token counts, under bf16 autocast when asked.
 
@@ -55,8 +70,7 @@ def sums_of(result: dict[str, torch.Tensor]) -> LossSums:
 
 def build_lora_model(model_name: str, lora: LoraSettings, precision: str, device: torch.device | str):
     """Base model in bf16 (GPU) or fp32 with LoRA applied (fp32 adapters), on `device`, in training mode."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    base = loading.load_model(model_name, dtype=dtype, device="cpu")
+    base = loading.load_model(model_name, dtype=autocast_dtype(precision) or torch.float32, device="cpu")
     # from_pretrained returns eval mode: the base's own dropout (attention_dropout) would stay off until the
     # first validation put everything in train mode, so steps before and after it would train differently.
     return apply_lora(base, lora).to(device).train()

@@ -57,7 +57,7 @@ from higgs_pipeline.training.data import (
     validation_batches,
 )
 from higgs_pipeline.training.distributed import Distributed, all_gather_bytes, setup_distributed
-from higgs_pipeline.training.module import HiggsTrainingModule, build_lora_model, sums_of
+from higgs_pipeline.training.module import HiggsTrainingModule, autocast_dtype, build_lora_model, precision_of, sums_of
 from higgs_pipeline.training.objective import LabelCounts, LossSums, label_counts, training_loss
 from higgs_pipeline.training.reporting import (
     SUMMARY_FILE,
@@ -191,7 +191,7 @@ def _build(args: argparse.Namespace, config: TrainConfig, env: Distributed) -> P
     # Same seed on every rank: identical LoRA initialisation (DDP also broadcasts rank 0's weights).
     torch.manual_seed(run.seed)
     peft_model = build_lora_model(args.model, config.lora, run.precision, env.device)
-    module = HiggsTrainingModule(peft_model, torch.bfloat16 if run.precision == "bf16" else None)
+    module = HiggsTrainingModule(peft_model, autocast_dtype(run.precision))
     cuda = env.device.type == "cuda"
     ddp = DistributedDataParallel(module, device_ids=[env.local_rank] if cuda else None, broadcast_buffers=False)
     trainable = [p for p in ddp.parameters() if p.requires_grad]
@@ -410,7 +410,7 @@ def _validate(
         **prefixed(means, "val"),
         "val_samples": len(ids),
         "val_ids_sha256": ids_sha256(ids),
-        "val_precision": "fp32" if parts.module.autocast_dtype is None else "bf16",
+        "val_precision": precision_of(parts.module),
         "val_sums": sums.as_vector().tolist(),
     }
     reporter.metrics(result, "val")

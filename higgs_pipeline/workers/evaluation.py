@@ -91,6 +91,7 @@ class LossWork:
     adapters: tuple[Adapter, ...]
     token_store_root: str
     store_tokenizer: str
+    precision: str = "fp32"  # the training's, where every candidate's recorded loss is reused (hearing.py)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,10 @@ def loss_measurer(work: LossWork, device: str, scratch: str) -> BatchFunction:
         for name, model in _measured_models(work, device, scratch):
             collator = make_collator(model.config)
             columns[f"sums_{name}"] = [
-                batch_loss_sums(model, collator, batch, store, tokenizer, device).as_vector().cpu().tolist()
+                batch_loss_sums(model, collator, batch, store, tokenizer, device, work.precision)
+                .as_vector()
+                .cpu()
+                .tolist()
                 for batch in batches
             ]
             del model  # else this name still holds it while the next one loads: two models in memory
@@ -186,14 +190,18 @@ def loss_measurer(work: LossWork, device: str, scratch: str) -> BatchFunction:
 def _measured_models(work: LossWork, device: str, scratch: str) -> Iterator[tuple[str, object]]:
     """The base, then each candidate, one model in memory at a time. With a candidate, the base is its model with
     the adapter switched off (as `evaluate.compare_with_base` measures it): one load fewer."""
+    import torch
+
     from higgs_pipeline.models.loading import load_model
     from higgs_pipeline.training.lora import load_adapter
+    from higgs_pipeline.training.module import autocast_dtype
 
+    dtype = autocast_dtype(work.precision) or torch.float32  # the base's dtype as training loads it
     if not work.adapters:
-        yield BASE, load_model(work.base, device=device).eval()
+        yield BASE, load_model(work.base, dtype=dtype, device=device).eval()
         return
     for index, adapter in enumerate(work.adapters):
-        model = load_adapter(load_model(work.base, device=device), adapter.folder(scratch)).eval()
+        model = load_adapter(load_model(work.base, dtype=dtype, device=device), adapter.folder(scratch)).eval()
         if index == 0:
             with model.disable_adapter():
                 yield BASE, model
