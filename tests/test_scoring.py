@@ -4,6 +4,7 @@ from another voice, silence and noise score as nothing said; and `higgs-pipeline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -272,8 +273,25 @@ def test_batched_transcripts_and_scores_equal_one_at_a_time(scorer, voices):
     plan = whisper_batch.batches(scorer._asr_model(), audios, [None] * len(audios), scoring.whisper_decoding, 4)
     assert sorted(len(part) for _code, _settings, part in plan) == [2, 3]  # 4 s: 2 clips; 5 s: 2 and the silence
     assert len(audios) - 1 not in {i for _code, _settings, part in plan for i in part}  # 31 s: decoded alone
-    single = [scorer.score(wave, rate, text, naturalness=False) for wave, rate, text in clips]
-    assert scorer.score_batch(clips, naturalness=False, batch_size=4) == single
+    reference = decode(str(voices[1, 0]))
+    single = [scorer.score(wave, rate, text, reference, naturalness=False) for wave, rate, text in clips]
+    embedded = scorer._speaker_model()
+    calls = []
+    scorer._speaker = lambda audios: calls.append(len(audios)) or embedded(audios)
+    try:
+        batched = scorer.score_batch(clips, reference, naturalness=False, batch_size=4)
+    finally:
+        scorer._speaker = embedded
+
+    # The same scores; the similarities to float rounding (the speaker network's matrices hold the whole batch).
+    def apart_from_similarity(scores: list) -> list:
+        return [dataclasses.replace(score, speaker_similarity=None) for score in scores]
+
+    assert apart_from_similarity(batched) == apart_from_similarity(single)
+    similarities = [score.speaker_similarity for score in single]
+    assert [score.speaker_similarity for score in batched] == pytest.approx(similarities, abs=1e-6)
+    assert calls == [len(clips)]  # every clip's speaker embedding in one call (the reference's is cached)
+    assert all(score.speaker_similarity is not None for score in single)
     assert [score.speech_detected for score in single] == [True] * 4 + [False]
     assert max(score.wer for score in single[:4]) <= 0.5
     with pytest.raises(ValueError, match="no words"):

@@ -256,17 +256,17 @@ class Scorer:
     def _speaker_model(self) -> Any:
         with self._lock:
             if self._speaker is None:
-                self._speaker = load_speaker(self.speaker_model, self.device)
+                self._speaker = load_speaker_batch(self.speaker_model, self.device)
             return self._speaker
 
     def embed(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
         """Unit-norm speaker embedding of a clip."""
-        return self._embed(to_model_audio(waveform, sample_rate))
+        return self._embed_all([to_model_audio(waveform, sample_rate)])[0]
 
-    def _embed(self, audio16k: np.ndarray) -> np.ndarray:
-        vector = np.asarray(self._speaker_model()(audio16k), dtype=np.float32).ravel()
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm > 0 else vector
+    def _embed_all(self, audios16k: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Unit-norm speaker embeddings of many 16 kHz clips, run through the speaker model together."""
+        vectors = [np.asarray(vector, dtype=np.float32).ravel() for vector in self._speaker_model()(list(audios16k))]
+        return [vector / norm if (norm := float(np.linalg.norm(vector))) > 0 else vector for vector in vectors]
 
     def _reference_embedding(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
         wave = np.ascontiguousarray(waveform, dtype=np.float32)
@@ -294,7 +294,8 @@ class Scorer:
         audio = to_model_audio(waveform, sample_rate)
         heard = self._listen(audio, language)
         mos = dnsmos.rate(audio) if naturalness else dnsmos.Dnsmos.missing()
-        return self._clip_score(audio, waveform, sample_rate, text, heard, reference, language, mos)
+        similarity = self._similarities([audio], reference)[0]
+        return self._clip_score(waveform, sample_rate, text, heard, similarity, language, mos)
 
     def score_batch(
         self,
@@ -305,33 +306,38 @@ class Scorer:
         batch_size: int = ASR_BATCH_SIZE,
     ) -> list[ClipScore]:
         """`score` of each (waveform, sample rate, text) against one reference and language, the same scores, the
-        transcripts decoded in batches (`listen_batch`)."""
+        transcripts decoded in batches (`listen_batch`), the DNSMOS windows and speaker embeddings of all the clips
+        rated together."""
         for _wave, _rate, text in clips:
             require_words(text, language)
         heard = self.listen_batch([(wave, rate, language) for wave, rate, _text in clips], batch_size)
         audios = [to_model_audio(wave, rate) for wave, rate, _text in clips]
         ratings = dnsmos.rate_batch(audios) if naturalness else [dnsmos.Dnsmos.missing()] * len(clips)
+        similarities = self._similarities(audios, reference)
         return [
-            self._clip_score(audio, wave, rate, text, result, reference, language, mos)
-            for audio, (wave, rate, text), result, mos in zip(audios, clips, heard, ratings, strict=True)
+            self._clip_score(wave, rate, text, result, similarity, language, mos)
+            for (wave, rate, text), result, similarity, mos in zip(clips, heard, similarities, ratings, strict=True)
         ]
+
+    def _similarities(self, audios16k: Sequence[np.ndarray], reference: tuple[np.ndarray, int] | None) -> list:
+        """Each clip's speaker similarity to `reference` (None for every clip without one)."""
+        if reference is None:
+            return [None] * len(audios16k)
+        voice = self._reference_embedding(*reference)
+        return [cosine_similarity(embedding, voice) for embedding in self._embed_all(audios16k)]
 
     def _clip_score(
         self,
-        audio: np.ndarray,
         waveform: np.ndarray,
         sample_rate: int,
         text: str,
         heard: tuple[str, bool],
-        reference: tuple[np.ndarray, int] | None,
+        similarity: float | None,
         language: str | None,
         mos: dnsmos.Dnsmos,
     ) -> ClipScore:
         hypothesis, speech = heard
         scored = hypothesis if speech else ""
-        similarity = None
-        if reference is not None:
-            similarity = cosine_similarity(self._embed(audio), self._reference_embedding(*reference))
         return ClipScore(
             wer=word_error_rate(text, scored, language),
             cer=char_error_rate(text, scored, language),
@@ -400,7 +406,8 @@ def load_speaker(speaker_model: str, device: str) -> Callable[[np.ndarray], np.n
 @cache
 def load_speaker_batch(speaker_model: str, device: str) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
     """A function from many 16 kHz mono clips to their speaker embeddings, each what `load_speaker` gives for the
-    clip alone, the clips run through the network together (SPEAKER_BATCH at a time)."""
+    clip alone (to float rounding, ~1e-7: the batch's matrix shapes change the order of the sums), the clips run
+    through the network together (SPEAKER_BATCH at a time)."""
     if speaker_model == EMBEDDED_SPEAKER:
         return _resemblyzer(device)
     return _wavlm(speaker_model, device)
