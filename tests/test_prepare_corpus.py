@@ -165,11 +165,13 @@ def test_prepare_keeps_out_of_folders_it_did_not_make(corpus, tmp_path, capsys):
 
 
 def test_a_named_speaker_keeps_the_name(corpus):
+    """The name as speakers.csv reads it back (stripped), so it does not change by itself at the next run."""
     folder, out = corpus
-    code, summary = _run(["prepare", str(folder / "bob.wav"), "--speaker", "Bob", "--out", str(out), "--json"])
+    code, summary = _run(["prepare", str(folder / "bob.wav"), "--speaker", " Bob ", "--out", str(out), "--json"])
     assert code == 0 and "Bob" in summary["speaker_labels"]
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert set(manifest[manifest["source_recording"].str.endswith("bob.wav")]["speaker"]) == {"Bob"}
+    assert "Bob" in set(pd.read_csv(out / SPEAKERS, keep_default_na=False)["label"])
 
 
 @pytest.mark.parametrize(("name", "reason"), [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control")])
