@@ -165,11 +165,13 @@ def test_prepare_keeps_out_of_folders_it_did_not_make(corpus, tmp_path, capsys):
 
 
 def test_a_named_speaker_keeps_the_name(corpus):
+    """The name as speakers.csv reads it back (stripped), so it does not change by itself at the next run."""
     folder, out = corpus
-    code, summary = _run(["prepare", str(folder / "bob.wav"), "--speaker", "Bob", "--out", str(out), "--json"])
+    code, summary = _run(["prepare", str(folder / "bob.wav"), "--speaker", " Bob ", "--out", str(out), "--json"])
     assert code == 0 and "Bob" in summary["speaker_labels"]
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert set(manifest[manifest["source_recording"].str.endswith("bob.wav")]["speaker"]) == {"Bob"}
+    assert "Bob" in set(pd.read_csv(out / SPEAKERS, keep_default_na=False)["label"])
 
 
 @pytest.mark.parametrize(("name", "reason"), [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control")])
@@ -471,6 +473,28 @@ def test_a_corpus_from_before_the_marker_kept_dialogue_turns_keeps_its_dialogues
     (out / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "dialogue_turns"}))
     turns = pd.to_numeric(pd.read_csv(out / "manifest.csv", keep_default_na=False)["turn"], errors="coerce")
     assert corpus_dialogue_turns(out) == int(turns.max()) >= 2
+
+
+def test_a_killed_first_runs_marker_claims_only_what_that_run_leaves(tmp_path, capsys):
+    """The next run empties a folder holding `.higgs_prepare.building` only when all it holds is what a killed
+    in-place first run leaves; a file of the user's beside the marker makes it refuse, touching nothing."""
+    from higgs_pipeline.ingest.prepare import BUILDING, check_output_folder
+
+    out = tmp_path / "e1"
+    out.mkdir()
+    for name in (BUILDING, "manifest.csv"):
+        (out / name).touch()
+    for name in (".scratch", "clips", ".staging-0123abcd"):
+        (out / name).mkdir()
+    check_output_folder(out)  # the killed run's own: accepted
+    (out / "notes.txt").write_text("mine")
+    (out / "photos").mkdir()
+    (out / "ep1.ogg").write_bytes(b"OggS")
+    before = sorted(path.name for path in out.iterdir())
+    assert _run(["prepare", str(out / "ep1.ogg"), "--out", str(out)])[0] == 2
+    error = capsys.readouterr().err.strip()
+    assert str(out) in error and "ep1.ogg" in error and len(error.splitlines()) == 1, error
+    assert sorted(path.name for path in out.iterdir()) == before and (out / "notes.txt").read_text() == "mine"
 
 
 def test_an_out_reached_through_a_link_into_a_corpus_is_refused(corpus, tmp_path, capsys):

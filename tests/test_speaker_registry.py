@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from higgs_pipeline.ingest.registry import (
     MATCH_THRESHOLDS,
     NewRecording,
     Registry,
+    RegistryError,
     assign,
     match_threshold,
     register,
+    save_registry,
 )
 
 
@@ -129,3 +132,17 @@ def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(t
     manifest = pd.read_csv(tmp_path / MANIFEST)
     assert manifest.empty and tuple(manifest.columns) == MANIFEST_COLUMNS
     assert pd.read_csv(tmp_path / REJECTED)["recording"].tolist() == ["a.wav", "b.wav"]
+
+
+@pytest.mark.parametrize(
+    ("label", "problem"), [("Ann\tLee", "a tab"), (" Ann ", "whitespace"), ("<|eot_id|>", "control")]
+)
+def test_a_label_the_registry_would_not_read_back_is_never_saved(tmp_path, label, problem):
+    """Whatever path a name comes in by, speakers.csv never gets a label that every later merge would refuse (or read
+    back as another name): the save refuses it, and writes neither file."""
+    registry = Registry()
+    register(registry, [NewRecording("p1", _unit(ALICE), pinned=label)], "resemblyzer", 0.8)
+    usage = pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"])
+    with pytest.raises(RegistryError, match=problem):
+        save_registry(tmp_path, registry, usage)
+    assert not any(tmp_path.iterdir())

@@ -68,20 +68,15 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from higgs_pipeline.ingest.prepare import check_output_folder, corpus_dialogue_turns, prepare
-    from higgs_pipeline.ingest.registry import label_problem
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
     from higgs_pipeline.speech.scoring import load_speaker, load_whisper
     from higgs_pipeline.speech.words import check_language
 
     if not args.recordings and not args.remove:
         raise CommandError("give recordings to add, or --remove RECORDING to take one out")
-    if args.num_speakers is not None and args.num_speakers < 1:
-        raise CommandError(f"--num-speakers {args.num_speakers}: must be 1 or more")
-    if args.speaker is not None and label_problem(args.speaker):  # the rules speakers.csv's labels follow
-        raise CommandError(f"--speaker {args.speaker!r}: {label_problem(args.speaker)}")
-    if args.speaker and (args.num_speakers or 1) != 1:
-        raise CommandError("--speaker names the single speaker of a recording: leave out --num-speakers or give 1")
     try:
+        # --num-speakers and --speaker checked by the rules recording_clips' config follows too
+        options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
         check_output_folder(args.out)
         turns = corpus_dialogue_turns(args.out) if args.dialogue_turns is None else args.dialogue_turns
         settings = IngestSettings.from_knobs(
@@ -96,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # transformers' and Resemblyzer's load errors share no useful base class
         reason = " ".join(str(error).split())  # one line: transformers' messages run over several
         raise CommandError(f"a model cannot be loaded ({reason})") from None
-    options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
     try:
         summary, _results = prepare(
             args.recordings, args.out, settings, options, progress=not args.json, remove=args.remove

@@ -21,7 +21,7 @@ from typing import Any
 
 import dagster as dg
 import fsspec
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
@@ -117,6 +117,13 @@ class RecordingClipsConfig(dg.Config):
 
     def options(self) -> RecordingOptions:
         return RecordingOptions(self.language or None, self.num_speakers or None, self.speaker or None)
+
+    @model_validator(mode="after")
+    def _options_follow_prepares_rules(self) -> "RecordingClipsConfig":
+        """A name speakers.csv could not hold, or a negative count, fails here, before any recording is read:
+        `RecordingOptions` checks them as it does `prepare`'s --speaker and --num-speakers."""
+        self.options()
+        return self
 
 
 @dg.asset(

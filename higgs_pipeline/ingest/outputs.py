@@ -21,6 +21,8 @@ import pandas as pd
 from higgs_pipeline.data.tables import read_csv, write_csv
 from higgs_pipeline.ingest.recording import RecordingResult
 from higgs_pipeline.ingest.registry import (
+    EMBEDDINGS,
+    SPEAKERS,
     NewRecording,
     Registry,
     load_registry,
@@ -34,6 +36,7 @@ MANIFEST = "manifest.csv"
 REJECTED = "rejected_recordings.csv"
 SEGMENTS = "segments.csv"
 CLIPS_DIR = "clips"
+OUTPUT_FILES = (SPEAKERS, EMBEDDINGS, MANIFEST, REJECTED, SEGMENTS)  # every file `Outputs.write` puts in a folder
 QUALITY_COLUMNS = (
     "dnsmos_ovrl",
     "dnsmos_sig",

@@ -29,7 +29,7 @@ import pandas as pd
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
-from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, Summary, merge_outputs
+from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, OUTPUT_FILES, Summary, merge_outputs
 from higgs_pipeline.ingest.recording import RecordingResult, process_recording, remove_results
 from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
@@ -39,6 +39,7 @@ MARKER = ".higgs_prepare.json"
 MARKER_FORMAT = 1
 SCRATCH = ".scratch"  # decoded PCM of the recording being processed: inside the folder, so a killed run's is found
 STAGING = ".staging"  # the tables of a run, written in full before any of them replaces the folder's
+STAGING_NAME = re.compile(rf"{re.escape(STAGING)}-[0-9a-f]{{8}}")  # a run's staging folder (`_write`)
 STAGED = ".complete"  # in a staging folder: every table is written, so the set is to be put in place
 BUILDING = ".higgs_prepare.building"  # in an empty folder a first run fills in place, until its tables are in
 
@@ -48,8 +49,9 @@ class NothingUsableError(ValueError):
 
 
 def check_output_folder(out: Path) -> None:
-    """`out` must be new, empty, or a folder `prepare` made (its marker readable by this version), and never inside
-    another prepared corpus (whose next run would take it for its own leftovers)."""
+    """`out` must be new, empty, a folder `prepare` made (its marker readable by this version) or one a killed first
+    run left holding only its own entries, and never inside another prepared corpus (whose next run would take it
+    for its own leftovers)."""
     out = Path(os.path.abspath(out))
     if out.is_symlink() and not out.exists():
         raise ValueError(f"--out {out} is a link to {os.readlink(out)}, which does not exist")
@@ -63,7 +65,8 @@ def check_output_folder(out: Path) -> None:
             raise ValueError(f"--out {out} is inside {parent}, a corpus prepare made: give a folder outside it")
     if out.is_dir() and any(out.iterdir()):
         if (out / BUILDING).is_file() and not (out / MARKER).is_file():
-            return  # a killed first run's: the next run empties it (`clean_leftovers`)
+            _check_only_build_leftovers(out)  # a killed first run's: the next run empties it (`clean_leftovers`)
+            return
         if not (out / MARKER).is_file():
             raise ValueError(
                 f"--out {out} is a folder holding other files, not one prepare made (no {MARKER}): "
@@ -71,6 +74,20 @@ def check_output_folder(out: Path) -> None:
             )
         load_corpus(out)
         load_registry(out)  # a speakers.csv the user broke is named now, not after the work
+
+
+def _check_only_build_leftovers(out: Path) -> None:
+    """`out` holds nothing but what a first run filling it in place can leave when killed (its marker, scratch,
+    clips, staged tables and the tables put in place from them): anything else is the user's, and the next run,
+    which empties the folder, must not take it."""
+    own = {BUILDING, SCRATCH, CLIPS_DIR, *OUTPUT_FILES}
+    foreign = sorted(e.name for e in out.iterdir() if e.name not in own and not STAGING_NAME.fullmatch(e.name))
+    if foreign:
+        others = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise ValueError(
+            f"--out {out} holds {foreign[0]}{others} beside {BUILDING}, a killed first run's marker: prepare empties "
+            "such a folder, so move what is yours out of it or give another folder"
+        )
 
 
 def corpus_dialogue_turns(out: Path) -> int:
@@ -190,7 +207,7 @@ def clean_leftovers(out: Path) -> None:
         if (out / MARKER).is_file():
             (out / BUILDING).unlink()  # killed after its tables were in place: the corpus is whole
         else:
-            _empty(out)  # killed before: the folder was empty
+            _empty(out)  # killed before: the folder was empty, and holds only that run's (`check_output_folder`)
             return
     leftovers = [*out.glob(".*.tmp"), *out.glob(f"{STAGING}-*"), *(out / CLIPS_DIR).glob(".tmp-*")]
     for path in [*leftovers, *(out / CLIPS_DIR).glob(".old-*")]:

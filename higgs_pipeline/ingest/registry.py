@@ -223,7 +223,13 @@ def load_registry(folder: Path) -> Registry:
 
 
 def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None:
-    """The sidecar first, then speakers.csv; `usage`: voice_id, clips, seconds, recordings of the current manifest."""
+    """The sidecar first, then speakers.csv; `usage`: voice_id, clips, seconds, recordings of the current manifest.
+    A label `load_registry` would not read back as it is raises RegistryError before either file is written: a
+    saved one would fail every later merge, or rename its voice."""
+    for voice in registry.voices.values():
+        problem = _unreadable_label(voice.label)
+        if problem:
+            raise RegistryError(f"speaker label {voice.label!r} of {voice.voice_id}: {problem}; {SPEAKERS} not saved")
     document = {
         "format": FORMAT_VERSION,
         "next_number": registry.next_number,
@@ -324,6 +330,13 @@ def label_problem(label: str) -> str:
     if _BAD_LABEL_CHARACTERS.search(label):
         return "holds a tab, a line break or another control character"
     return ""
+
+
+def _unreadable_label(label: str) -> str:
+    """ "" or why `_read_edits` would refuse `label` or read it back as another (it strips, then checks)."""
+    if label != label.strip():
+        return "whitespace at its ends, which reading speakers.csv drops"
+    return label_problem(label)
 
 
 def _unescaped(label: str) -> str:

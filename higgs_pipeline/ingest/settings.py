@@ -8,12 +8,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.ingest.registry import label_problem
 from higgs_pipeline.speech.diarize import DiarizeSettings
 from higgs_pipeline.speech.scoring import EMBEDDED_ASR, EMBEDDED_SPEAKER
 from higgs_pipeline.speech.vad import VadSettings
 
 # Raised when what a recording's cached result means changes, so old results are not reused.
-INGEST_CODE_VERSION = "3"
+INGEST_CODE_VERSION = "4"
 # Clips are written at the recording's own rate up to this (the Higgs audio tokenizer's rate): no upsampling.
 MAX_CLIP_RATE = 24_000
 HARD_MAX_SECONDS = 30.0  # Higgs training samples longer clips poorly; raw_audio_manifest's default maximum too
@@ -21,11 +22,30 @@ HARD_MAX_SECONDS = 30.0  # Higgs training samples longer clips poorly; raw_audio
 
 @dataclass(frozen=True)
 class RecordingOptions:
-    """What is known about one recording (from flags or a metadata table)."""
+    """What is known about one recording (from `prepare`'s flags or recording_clips' config), checked here for
+    both, before any recording is read."""
 
     language: str | None = None  # None: the ASR model's default (English)
     num_speakers: int | None = None  # exactly this many speakers, or the recording is rejected
     speaker: str | None = None  # the name its (single) speaker gets, across every recording
+
+    def __post_init__(self) -> None:
+        if self.num_speakers is not None and self.num_speakers < 1:
+            raise ValueError(f"num_speakers {self.num_speakers}: give 1 or more")
+        if self.speaker is None:
+            return
+        # Stripped as speakers.csv is read back: a name kept with its spaces would change by itself next run.
+        object.__setattr__(self, "speaker", self.speaker.strip())
+        problem = label_problem(self.speaker)  # the rules speakers.csv's labels follow
+        if problem:
+            raise ValueError(f"speaker {self.speaker!r}: {problem}")
+        if self.num_speakers not in (None, 1):
+            raise ValueError("speaker names the single speaker of a recording: leave out num_speakers or give 1")
+
+    @property
+    def speaker_count(self) -> int | None:
+        """How many speakers the recording is clustered into (None: estimated): a name means one."""
+        return self.num_speakers or (1 if self.speaker else None)
 
 
 @dataclass(frozen=True)
@@ -98,7 +118,7 @@ class IngestSettings:
         values = asdict(self)
         for no_effect in ("speaker_match_threshold", "dialogue_turns", "max_recording_seconds", "max_recording_bytes"):
             values.pop(no_effect)  # applied at merge, or limits that refuse a recording rather than change it
-        values.update(language=options.language, num_speakers=options.num_speakers, code=INGEST_CODE_VERSION)
+        values.update(language=options.language, num_speakers=options.speaker_count, code=INGEST_CODE_VERSION)
         return json.dumps(values, sort_keys=True)
 
 

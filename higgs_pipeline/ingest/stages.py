@@ -132,9 +132,8 @@ def diarize_windows(
             for first in range(0, len(windows), _EMBED_WINDOWS)
         ]
     )
-    num_speakers = options.num_speakers or (1 if options.speaker else None)
     durations = (table["end_s"] - table["start_s"]).to_numpy()
-    labels = diarize.cluster(embeddings, durations, settings.diarize, num_speakers)
+    labels = diarize.cluster(embeddings, durations, settings.diarize, options.speaker_count)
     table["local_speaker"] = labels
     return table, diarize.centroids(embeddings, labels)
 
