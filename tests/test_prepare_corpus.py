@@ -391,11 +391,16 @@ def test_signals_wait_for_the_end_of_a_deferred_block():
     from higgs_pipeline.files import signals_deferred
 
     done = []
-    with pytest.raises(KeyboardInterrupt), signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("the block ran to its end")
-    assert done == ["the block ran to its end"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever this test process inherited (a background job starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the block ran to its end")
+        assert done == ["the block ran to its end"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_prepare_keeps_out_of_other_corpora_and_their_neighbours(corpus, capsys):
@@ -404,6 +409,10 @@ def test_prepare_keeps_out_of_other_corpora_and_their_neighbours(corpus, capsys)
     for inside in (out / "clips" / "mine", out / ".scratch" / "mine", out / "mine"):
         assert _run(["prepare", bob, "--out", str(inside)])[0] == 2
         assert f"is inside {out}, a corpus prepare made" in capsys.readouterr().err and not inside.exists()
+    clip = next((out / "clips").rglob("*.flac"))  # a corpus's own clip, given back as a recording: refused, kept
+    kept = clip.read_bytes()
+    assert _run(["prepare", str(clip), "--out", str(out)])[0] == 2
+    assert "which prepare manages and deletes from" in capsys.readouterr().err and clip.read_bytes() == kept
     afile = out.parent / "afile"
     afile.write_text("x")
     assert _run(["prepare", bob, "--out", str(afile / "sub")])[0] == 2

@@ -90,6 +90,23 @@ def _check_only_build_leftovers(out: Path) -> None:
         )
 
 
+def _check_recordings_outside_managed(out: Path, recordings: Sequence[str]) -> None:
+    """No recording may lie in what prepare manages inside `out` (its clips, scratch and staging folders): a run
+    deletes what it no longer references there, the recording with it."""
+    root = Path(os.path.realpath(out))
+    for recording in recordings:
+        if "://" in recording:
+            continue  # an object-store URL is never inside a local folder
+        try:
+            first = Path(os.path.realpath(recording)).relative_to(root).parts[0]
+        except (ValueError, IndexError):
+            continue  # outside `out` (or `out` itself, which prepare refuses as a recording elsewhere)
+        if first in (CLIPS_DIR, SCRATCH) or STAGING_NAME.fullmatch(first):
+            raise ValueError(
+                f"{recording} lies in {root / first}, which prepare manages and deletes from: copy it out of --out"
+            )
+
+
 def corpus_dialogue_turns(out: Path) -> int:
     """The `--dialogue-turns` the corpus in `out` was last merged with (0 for a new folder): a run that does not
     give the flag keeps it, so adding a recording does not take the dialogues out of the older ones."""
@@ -151,6 +168,7 @@ def prepare(
     out = Path(os.path.abspath(out))
     check_output_folder(out)
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
+    _check_recordings_outside_managed(out, recordings)
     try:
         lock = FileLock(lock_path(out), f"prepare --out {out}")
     except LockBusy as busy:
