@@ -15,6 +15,10 @@ from higgs_pipeline.locks import FileLock, LockBusy
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+# The device setting's help, for every flag and config field that takes one.
+DEVICE_HELP = "'auto' (a GPU when one is visible, else the CPU), 'cpu', 'cuda' or 'cuda:N'"
+
+
 def resolve_device(device: str) -> str:
     """ "auto" -> "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" and "cuda:N" as given; anything else
     ("tpu", "gpu", a typo) is a ValueError naming it, before any model loads."""

@@ -227,12 +227,14 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, messa
 
 
 def test_prepare_flags_and_recording_clips_config_share_one_definition():
-    """Each tuned setting has one default and help (ingest/settings.py's KNOBS): the flag and the config field."""
+    """Each setting has one default and help for its flag and its config field: the tuned ones (ingest/settings.py's
+    KNOBS), what is known of the recordings (OPTION_HELP), and the models and device (the `scorers` resource's)."""
     import argparse
 
     from higgs_pipeline.commands import prepare as prepare_command
     from higgs_pipeline.defs.recording_clips import RecordingClipsConfig
-    from higgs_pipeline.ingest.settings import KNOBS, knob_help
+    from higgs_pipeline.defs.resources import QualityScorers
+    from higgs_pipeline.ingest.settings import KNOBS, OPTION_HELP, knob_help
 
     parser = argparse.ArgumentParser()
     prepare_command.register(parser.add_subparsers())
@@ -241,6 +243,16 @@ def test_prepare_flags_and_recording_clips_config_share_one_definition():
         field = RecordingClipsConfig.model_fields[knob.name]
         assert flags[knob.name].default == field.default == getattr(IngestSettings(), knob.name), knob.name
         assert flags[knob.name].help == field.description == knob_help(knob), knob.name
+    # What is known of the recordings: one help; unknown is a flag left out, or the field's empty default.
+    for name, help_text in OPTION_HELP.items():
+        field = RecordingClipsConfig.model_fields[name]
+        assert flags[name].default is None and not field.default and field.description.startswith(help_text), name
+        assert flags[name].help == help_text, name
+    # The models and the device: the `scorers` resource's defaults and help, which recording_clips runs with.
+    for name in ("asr_model", "speaker_model", "device"):
+        field = QualityScorers.model_fields[name]
+        assert flags[name].default == field.default, name
+        assert flags[name].help.rstrip(".") in field.description, name
 
 
 def test_speaker_count_is_honoured_or_refused(prepared, tmp_path):

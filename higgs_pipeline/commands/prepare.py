@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 from higgs_pipeline.commands import CommandError
-from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, knob_help
+from higgs_pipeline.devices import DEVICE_HELP
+from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, OPTION_HELP, knob_help
+from higgs_pipeline.speech.scoring import ASR_MODEL_HELP, EMBEDDED_ASR, EMBEDDED_SPEAKER, SPEAKER_MODEL_HELP
 
 EXAMPLE = """example:
   higgs-pipeline prepare data/demo/recordings/monologue.mp3 data/demo/recordings/conversation.ogg --out prepared/
@@ -46,9 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="RECORDING",
         help="take this recording and its clips out of the corpus in --out (repeatable)",
     )
-    parser.add_argument("--num-speakers", type=int, default=None, help="exactly this many speakers per recording")
-    parser.add_argument("--speaker", default=None, help="the name of the (single) speaker of these recordings")
-    parser.add_argument("--language", default=None, help="the recordings' language (default: English)")
+    for name, kind in (("num_speakers", int), ("speaker", str), ("language", str)):  # as recording_clips' config
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=OPTION_HELP[name])
     for knob in KNOBS:  # one definition with recording_clips' config (ingest/settings.py)
         parser.add_argument(knob.flag, type=type(knob.default), default=knob.default, help=knob_help(knob))
     parser.add_argument(  # a corpus setting: kept from the corpus's last run when not given
@@ -57,9 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help=f"{DIALOGUE_TURNS.help} (default: the value this --out was last prepared with; 0 for a new one)",
     )
-    parser.add_argument("--asr-model", default="tiny.en", help="tiny.en (embedded), large-v3, or a local folder")
-    parser.add_argument("--speaker-model", default="resemblyzer", help="resemblyzer (embedded) or a WavLM x-vector")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    # As the `scorers` resource has them for recording_clips.
+    parser.add_argument("--asr-model", default=EMBEDDED_ASR, help=ASR_MODEL_HELP)
+    parser.add_argument("--speaker-model", default=EMBEDDED_SPEAKER, help=SPEAKER_MODEL_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.set_defaults(run=run)
 

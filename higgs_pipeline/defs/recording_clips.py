@@ -30,7 +30,14 @@ from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.prepare import MARKER as PREPARE_MARKER
 from higgs_pipeline.ingest.recording import process_recording
-from higgs_pipeline.ingest.settings import DIALOGUE_TURNS, KNOBS, IngestSettings, RecordingOptions, knob_help
+from higgs_pipeline.ingest.settings import (
+    DIALOGUE_TURNS,
+    KNOBS,
+    OPTION_HELP,
+    IngestSettings,
+    RecordingOptions,
+    knob_help,
+)
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 from higgs_pipeline.launch.ingest_k8s import (
     INGEST_K8S_JOB,
@@ -100,9 +107,10 @@ class RecordingClipsConfig(dg.Config):
         default="",
         description="Folder or s3:// prefix of long recordings; empty: HIGGS_PIPELINE_RECORDINGS, else the demo's",
     )
-    language: str = Field(default="", description="Language code for the ASR (e.g. 'en'); empty: the ASR's default")
-    num_speakers: int = Field(default=0, description="Speakers per recording; 0: estimated for each recording")
-    speaker: str = Field(default="", description="Name of every recording's single speaker (implies one speaker)")
+    # One definition with `prepare`'s --language, --num-speakers, --speaker: ingest/settings.py's OPTION_HELP.
+    language: str = Field(default="", description=OPTION_HELP["language"])
+    num_speakers: int = Field(default=0, description=OPTION_HELP["num_speakers"] + "; 0: estimated")
+    speaker: str = Field(default="", description=OPTION_HELP["speaker"])
     # One definition with `prepare`'s flags: ingest/settings.py's KNOBS (default and help).
     min_seconds: float = knob_field("min_seconds")
     max_seconds: float = knob_field("max_seconds")

@@ -9,7 +9,7 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from higgs_pipeline.devices import resolve_device
+from higgs_pipeline.devices import DEVICE_HELP, resolve_device
 from higgs_pipeline.instance import parallel_partition
 from higgs_pipeline.locks import store_lock
 from higgs_pipeline.models import loading
@@ -18,7 +18,6 @@ from higgs_pipeline.speech import scoring
 
 # Honoured when the watched_manifest resource names no path (deployments that configure by environment).
 MANIFEST_ENV = "HIGGS_PIPELINE_MANIFEST"
-_DEVICE_HELP = "'auto' (a GPU when one is visible, else the CPU), 'cpu', 'cuda' or 'cuda:N'."
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -60,7 +59,7 @@ class HiggsCheckpoints(dg.ConfigurableResource):
         default=loading.DEMO,
         description=f"Audio tokenizer: 'demo', a hub id such as {loading.RELEASED_AUDIO_TOKENIZER}, or a folder.",
     )
-    device: str = Field(default="auto", description=f"Where tokenizing and evaluation run: {_DEVICE_HELP}")
+    device: str = Field(default="auto", description=f"Where tokenizing and evaluation run: {DEVICE_HELP}.")
 
     def torch_device(self) -> str:
         return resolve_device(self.device)
@@ -75,16 +74,12 @@ class QualityScorers(dg.ConfigurableResource):
     """
 
     asr_model: str = Field(
-        default=scoring.EMBEDDED_ASR,
-        description="faster-whisper model for transcripts, WER and CER: a size ('tiny.en', 'large-v3') or a "
-        "local CTranslate2 folder.",
+        default=scoring.EMBEDDED_ASR, description=f"For transcripts, WER and CER: {scoring.ASR_MODEL_HELP}."
     )
     speaker_model: str = Field(
-        default=scoring.EMBEDDED_SPEAKER,
-        description="Speaker encoder for speaker similarity: 'resemblyzer' or a WavLMForXVector checkpoint "
-        "(hub id or folder).",
+        default=scoring.EMBEDDED_SPEAKER, description=f"For speaker similarity: {scoring.SPEAKER_MODEL_HELP}."
     )
-    device: str = Field(default="auto", description=f"Where the scorers run: {_DEVICE_HELP}")
+    device: str = Field(default="auto", description=f"Where the scorers run: {DEVICE_HELP}.")
 
     def scorer(self) -> scoring.Scorer:
         """The process-wide `Scorer` for these settings (models load once, on first use)."""

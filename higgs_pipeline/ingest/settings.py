@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from higgs_pipeline.data.screening import ScreeningRules
 from higgs_pipeline.devices import resolve_device
 from higgs_pipeline.ingest.registry import label_problem
 from higgs_pipeline.speech.diarize import DiarizeSettings
@@ -17,7 +18,8 @@ from higgs_pipeline.speech.vad import VadSettings
 INGEST_CODE_VERSION = "4"
 # Clips are written at the recording's own rate up to this (the Higgs audio tokenizer's rate): no upsampling.
 MAX_CLIP_RATE = 24_000
-HARD_MAX_SECONDS = 30.0  # Higgs training samples longer clips poorly; raw_audio_manifest's default maximum too
+# Higgs trains poorly on longer clips; raw_audio_manifest rejects them (too_long), so no cut may be longer.
+HARD_MAX_SECONDS = ScreeningRules().max_seconds
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,15 @@ KNOBS = (
 DIALOGUE_TURNS = Knob(
     "dialogue_turns", "N > 1: runs of consecutive turns by two or more speakers become dialogues of up to N turns"
 )
+
+
+# What is known about the recordings (`RecordingOptions`): the help of prepare's flag and recording_clips' config
+# field alike; left out (a flag) or empty (a field), each is unknown.
+OPTION_HELP = {
+    "language": "the recordings' language code for the ASR (e.g. 'en'; default: the ASR model's, English)",
+    "num_speakers": "exactly this many speakers per recording (default: estimated for each recording)",
+    "speaker": "the name of every recording's single speaker (implies one speaker)",
+}
 
 
 def knob_help(knob: Knob) -> str:

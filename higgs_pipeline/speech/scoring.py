@@ -31,6 +31,11 @@ from higgs_pipeline.speech import dnsmos, whisper_batch
 
 EMBEDDED_ASR = "tiny.en"
 EMBEDDED_SPEAKER = "resemblyzer"
+# The model settings' help, for `prepare`'s flags and the `scorers` resource alike.
+ASR_MODEL_HELP = f"faster-whisper model: a size ('{EMBEDDED_ASR}', embedded; 'large-v3') or a local CTranslate2 folder"
+SPEAKER_MODEL_HELP = (
+    f"speaker encoder: '{EMBEDDED_SPEAKER}' (embedded) or a WavLMForXVector checkpoint (hub id or folder)"
+)
 MODEL_RATE = 16_000  # both Whisper and the speaker encoders take 16 kHz mono
 _SPELLING = Path(__file__).with_name("whisper_english_spelling.json")
 # Below this many voiced seconds (webrtcvad) a clip holds no speech: Whisper still "hears" words in silence.
