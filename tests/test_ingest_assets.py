@@ -89,6 +89,17 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
 
         for key in ("show/ep1.wav", "show/ep1 again.wav", "ep3.flac", "broken.mp3"):
             dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
+        # A run config the recording cannot pass (a mistyped count) refuses it, and its earlier clips stay, as in
+        # prepare: only deleting the file takes them out (the manifest below still lists ep3.flac's clip).
+        retyped = dg.materialize(
+            [recording_clips],
+            partition_key="ep3.flac",
+            instance=instance,
+            resources=resources(artifacts_dir),
+            run_config={"ops": {"recording_clips": {"config": {"num_speakers": 9}}}},
+        )
+        kept = metadata_of(retyped, "recording_clips")
+        assert (kept["reject_reason"], kept["earlier_clips_kept"]) == ("too_many_speakers", True)
         for key in ("show/ep2.ogg", "show/ep1 again.wav"):  # fails alone; "ep1 again" after an earlier success
             failed = dg.materialize(
                 [recording_clips],

@@ -29,7 +29,7 @@ from higgs_pipeline.devices import claim_device, gpu_count, resolve_device
 from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.prepare import MARKER as PREPARE_MARKER
-from higgs_pipeline.ingest.recording import process_recording
+from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps
 from higgs_pipeline.ingest.settings import (
     DIALOGUE_TURNS,
     KNOBS,
@@ -159,20 +159,42 @@ def recording_clips(
     with partition_device(scorers.device, context.log.info) as device:
         settings = config.settings(scorers, device)
         result = process_recording(source, root / CLIPS_DIR, settings, config.options(), key, folder)
-    write_json(str(result_path(root, key)), {**asdict(result), SOURCE_ROOT: source_root, SOURCE_STAMP: stamp})
+    earlier = _earlier_result(root, key, source_root)
+    kept = refusal_keeps(earlier, result)
+    if kept:
+        context.log.warning(
+            f"{key} refused this time ({result.reason}: {result.detail}); its earlier clips stay, as prepare keeps "
+            "them: delete the file to take them out"
+        )
+    record = earlier if kept else result
+    write_json(str(result_path(root, key)), {**asdict(record), SOURCE_ROOT: source_root, SOURCE_STAMP: stamp})
     metadata = {
         "recording": key,
         "recording_status": result.status,
         "reject_reason": result.reason,
         "detail": result.detail,
+        "earlier_clips_kept": kept,
         "duration_s": result.duration_s,
         "speech_seconds": result.speech_seconds,
         "reused": result.reused,
-        "result_folder": str(root / CLIPS_DIR / result.folder) if result.folder else "",
+        "result_folder": str(root / CLIPS_DIR / record.folder) if record.folder else "",
     }
-    if result.folder:
-        metadata.update(_segment_counts(root / CLIPS_DIR / result.folder))
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(result.folder or result.reason))
+    if record.folder:
+        metadata.update(_segment_counts(root / CLIPS_DIR / record.folder))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(record.folder or record.reason))
+
+
+def _earlier_result(root: Path, key: str, source_root: str) -> RecordingResult | None:
+    """The partition's record from its last run, when made from this root's file (None otherwise): what a
+    refusal this time may leave in place (`refusal_keeps`)."""
+    path = result_path(root, key)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.pop(SOURCE_ROOT, None) != source_root:
+        return None
+    record.pop(SOURCE_STAMP, None)
+    return RecordingResult(**record)
 
 
 def _segment_counts(folder: Path) -> dict:

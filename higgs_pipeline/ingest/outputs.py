@@ -84,7 +84,7 @@ class Summary:
     duplicates: list[dict] = field(default_factory=list)  # recordings given twice or with another's bytes
     removed: list[str] = field(default_factory=list)  # recordings taken out of the corpus (`--remove`)
     # Given recordings refused this run whose earlier clips stay (the refusal says nothing of their content,
-    # prepare.UNREAD_REASONS, or their bytes are unchanged): recording, reason, detail.
+    # recording.refusal_keeps): recording, reason, detail.
     refused_kept: list[dict] = field(default_factory=list)
 
 

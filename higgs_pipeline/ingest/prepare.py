@@ -30,7 +30,7 @@ from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, OUTPUT_FILES, Summary, merge_outputs
-from higgs_pipeline.ingest.recording import RecordingResult, process_recording, remove_results
+from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps, remove_results
 from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock, LockBusy
@@ -304,31 +304,14 @@ def _scratch_inside(work: Path) -> Iterator[None]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-# Refusals that say a recording could not be read this time (gone, moved out of its folder, over a size or length
-# limit, unreadable), not what its speech is: they never take an accepted recording's clips out (`--remove` does).
-UNREAD_REASONS = frozenset(
-    {
-        "missing_file",
-        "not_a_regular_file",
-        "path_outside_folder",
-        "file_too_large",
-        "too_long",
-        "empty_audio",
-        "undecodable",
-        "truncated",
-        "non_finite_samples",
-    }
-)
-
-
 def _merged(
     corpus: dict[str, RecordingResult], given: list[RecordingResult], removed: list[str]
 ) -> tuple[list[RecordingResult], list[dict], list[dict]]:
     """The corpus after this run, by name, with the duplicates and the kept refusals to report.
 
     Kept recordings stay as they were; a given one's new result replaces its entry, except a refusal of one that
-    was accepted when the refusal says nothing of its content (UNREAD_REASONS) or its bytes are the same (a re-set
-    the recording could not pass): its clips stay, reported, and only `--remove` takes them out. A recording whose
+    was accepted when the refusal says nothing of its content or its bytes are the same (`refusal_keeps`): its
+    clips stay, reported, and only `--remove` takes them out. A recording whose
     bytes changed follows its file, a refusal included. Recordings with the same bytes are one: the bytes belong to
     a recording of the corpus whose bytes did not change before any other, then to the given ones in their order;
     an entry whose bytes are another's is reported as a duplicate and is no recording of the corpus (a file
@@ -338,14 +321,7 @@ def _merged(
         result.reused = result.status == "accepted"  # used as it was
     merged, refused_kept = dict(kept), []
     for result in given:
-        earlier = kept.get(result.recording)
-        same_bytes = bool(result.content_hash) and earlier is not None and result.content_hash == earlier.content_hash
-        if (
-            result.status != "accepted"
-            and earlier
-            and earlier.reused
-            and (result.reason in UNREAD_REASONS or same_bytes)
-        ):
+        if refusal_keeps(kept.get(result.recording), result):
             refused_kept.append({"recording": result.recording, "reason": result.reason, "detail": result.detail})
             continue
         merged[result.recording] = result

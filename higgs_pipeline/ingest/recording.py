@@ -64,6 +64,34 @@ class RecordingResult:
         return cls(**json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")))
 
 
+# Refusals that say a recording could not be read this time (gone, moved out of its folder, over a size or length
+# limit, unreadable), not what its speech is.
+UNREAD_REASONS = frozenset(
+    {
+        "missing_file",
+        "not_a_regular_file",
+        "path_outside_folder",
+        "file_too_large",
+        "too_long",
+        "empty_audio",
+        "undecodable",
+        "truncated",
+        "non_finite_samples",
+    }
+)
+
+
+def refusal_keeps(earlier: RecordingResult | None, result: RecordingResult) -> bool:
+    """Whether `result`, a refusal, leaves `earlier` (an accepted result of the same recording) in place: it says
+    nothing of the recording's content (UNREAD_REASONS), or the bytes are the same (a re-set the recording cannot
+    pass, a mistyped speaker count). Only taking the recording out (`--remove`, its file deleted) drops its clips;
+    a recording whose bytes changed follows its file, a refusal included."""
+    if result.status == "accepted" or earlier is None or earlier.status != "accepted":
+        return False
+    same_bytes = bool(result.content_hash) and result.content_hash == earlier.content_hash
+    return result.reason in UNREAD_REASONS or same_bytes
+
+
 def remove_results(clips_root: Path, keep: set[str]) -> None:
     """Every result folder under `clips_root` whose name is not in `keep` (a removed or replaced recording's clips, a
     killed run's leftovers), each one's result file first: a folder half deleted is then never taken for a complete
