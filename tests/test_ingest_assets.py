@@ -30,6 +30,7 @@ from higgs_pipeline.defs.recordings_manifest import (
     recordings_manifest_accounts_for_every_recording,
     recordings_manifest_accounts_for_every_segment,
 )
+from higgs_pipeline.defs.transcript_check import transcript_check
 from higgs_pipeline.instance import ARTIFACT_STORE_TAG, store_tag
 
 
@@ -131,13 +132,16 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         assert meta["files_not_ingested"] == 3 and meta["recordings_removed"] == 0
 
         screened = dg.materialize(
-            [raw_audio_manifest],
+            [raw_audio_manifest, transcript_check],
             instance=instance,
             resources=resources(artifacts_dir),
             run_config={"ops": {"raw_audio_manifest": {"config": {"manifest_path": meta["manifest_path"]}}}},
         )
         screening = metadata_of(screened, "raw_audio_manifest")
         assert (screening["rows_accepted"], screening["rows_rejected"]) == (len(manifest), 0)
+        # Ingest's transcripts, with the model and confidence it recorded, are reused: no clip is heard again.
+        checked = metadata_of(screened, "transcript_check")
+        assert (checked["transcripts_reused"], checked["clips_transcribed"]) == (len(manifest), 0)
 
         _a_withdrawn_file_leaves_the_manifest(instance, folder, artifacts_dir, again.cursor, meta)
 
