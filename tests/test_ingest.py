@@ -214,6 +214,7 @@ def test_usage_errors_are_one_line(prepared, tmp_path, capsys):
         (["--max-recording-bytes", "0"], "max_recording_bytes must be positive"),
         (["--asr-model", "tiny.enn"], "Invalid model size 'tiny.enn'"),
         (["--speaker-model", "/no/such/wavlm"], "a model cannot be loaded"),
+        (["--speaker-model", "resemblizer"], "speaker model 'resemblizer': neither 'resemblyzer' (embedded)"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, flags, message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from higgs_pipeline.speech import dnsmos, whisper_batch
 
 EMBEDDED_ASR = "tiny.en"
 EMBEDDED_SPEAKER = "resemblyzer"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name: every WavLM x-vector checkpoint on the hub
 # The model settings' help, for `prepare`'s flags and the `scorers` resource alike.
 ASR_MODEL_HELP = f"faster-whisper model: a size ('{EMBEDDED_ASR}', embedded; 'large-v3') or a local CTranslate2 folder"
 SPEAKER_MODEL_HELP = (
@@ -464,6 +466,11 @@ def _wavlm(checkpoint: str, device: str) -> Callable[[Sequence[np.ndarray]], lis
     if not local and checkpoint.startswith(("/", ".", "~")):
         raise FileNotFoundError(
             f"speaker model folder {checkpoint} not found (give a WavLMForXVector folder or hub id)"
+        )
+    if not local and not _HUB_ID.fullmatch(checkpoint):  # a typo of the embedded name: no half a minute of retries
+        raise ValueError(
+            f"speaker model {checkpoint!r}: neither {EMBEDDED_SPEAKER!r} (embedded), a folder, nor a hub id such as "
+            "microsoft/wavlm-base-plus-sv"
         )
     checkpoint = str(Path(checkpoint).expanduser()) if local else checkpoint
     extractor = AutoFeatureExtractor.from_pretrained(checkpoint, local_files_only=local)
