@@ -492,3 +492,34 @@ def test_the_recordings_store_is_never_a_prepare_corpus(tmp_path):
     (tmp_path / "recordings" / MARKER).write_text("{}")
     with pytest.raises(dg.Failure, match="a corpus `higgs-pipeline prepare` made"):
         ingest_root(ArtifactStore(root=str(tmp_path)))
+
+
+def test_a_refusal_keeps_earlier_clips_only_while_the_file_is_the_one_they_came_from(
+    tmp_path, monkeypatch, artifacts_dir
+):
+    """A partition refused this time keeps its clips when its bytes are unchanged (a mistyped run config, in the
+    first test), never when its file was replaced with bytes that cannot be read, or deleted: those follow the file
+    (the merge rejects them), whether or not the sensor has removed the partition yet."""
+    folder = tmp_path / "recordings"
+    write_recording(folder / "ep.wav", MONOLOGUE[:1])
+    monkeypatch.setenv(RECORDINGS_ENV, str(folder))
+
+    def run() -> dict:
+        done = dg.materialize(
+            [recording_clips], partition_key="ep.wav", instance=instance, resources=resources(artifacts_dir)
+        )
+        return metadata_of(done, "recording_clips")
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        _run_sensor(instance)
+        assert run()["recording_status"] == "accepted"
+        corrupt(folder / "ep.wav")  # replaced: the new file cannot be decoded
+        replaced = run()
+        assert (replaced["reject_reason"], replaced["earlier_clips_kept"]) == ("undecodable", False)
+        (folder / "ep.wav").unlink()  # withdrawn, the sensor not yet run
+        deleted = run()
+        assert (deleted["reject_reason"], deleted["earlier_clips_kept"]) == ("missing_file", False)
+        meta = _merge(instance, artifacts_dir)
+        assert meta["clips"] == 0 and _table(meta["manifest_path"]).empty
+        rejected = _table(meta["rejected_recordings_path"])
+        assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {"ep.wav": "missing_file"}

@@ -159,12 +159,15 @@ def recording_clips(
     with partition_device(scorers.device, context.log.info) as device:
         settings = config.settings(scorers, device)
         result = process_recording(source, root / CLIPS_DIR, settings, config.options(), key, folder)
-    earlier = _earlier_result(root, key, source_root)
-    kept = refusal_keeps(earlier, result)
+    earlier, earlier_stamp = _earlier_result(root, key, source_root)
+    # As in prepare, but the file is the recording here: an unread one keeps its clips only while it is the file
+    # they were made from (same stamp); a file deleted or replaced follows its file.
+    same_file = bool(stamp) and stamp == earlier_stamp
+    kept = refusal_keeps(earlier, result) and (bool(result.content_hash) or same_file)
     if kept:
         context.log.warning(
-            f"{key} refused this time ({result.reason}: {result.detail}); its earlier clips stay, as prepare keeps "
-            "them: delete the file to take them out"
+            f"{key} refused this time ({result.reason}: {result.detail}); its earlier clips stay, the file being the "
+            "one they were made from: fix the run config, or delete the file to take them out"
         )
     record = earlier if kept else result
     write_json(str(result_path(root, key)), {**asdict(record), SOURCE_ROOT: source_root, SOURCE_STAMP: stamp})
@@ -184,17 +187,17 @@ def recording_clips(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(record.folder or record.reason))
 
 
-def _earlier_result(root: Path, key: str, source_root: str) -> RecordingResult | None:
-    """The partition's record from its last run, when made from this root's file (None otherwise): what a
-    refusal this time may leave in place (`refusal_keeps`)."""
+def _earlier_result(root: Path, key: str, source_root: str) -> tuple[RecordingResult | None, str]:
+    """The partition's record from its last run and the stamp of the file it was made from, when made from this
+    root's file ((None, "") otherwise): what a refusal this time may leave in place (`refusal_keeps`)."""
     path = result_path(root, key)
     if not path.is_file():
-        return None
+        return None, ""
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.pop(SOURCE_ROOT, None) != source_root:
-        return None
-    record.pop(SOURCE_STAMP, None)
-    return RecordingResult(**record)
+        return None, ""
+    stamp = record.pop(SOURCE_STAMP, None) or ""
+    return RecordingResult(**record), stamp
 
 
 def _segment_counts(folder: Path) -> dict:

@@ -82,14 +82,15 @@ UNREAD_REASONS = frozenset(
 
 
 def refusal_keeps(earlier: RecordingResult | None, result: RecordingResult) -> bool:
-    """Whether `result`, a refusal, leaves `earlier` (an accepted result of the same recording) in place: it says
-    nothing of the recording's content (UNREAD_REASONS), or the bytes are the same (a re-set the recording cannot
-    pass, a mistyped speaker count). Only taking the recording out (`--remove`, its file deleted) drops its clips;
-    a recording whose bytes changed follows its file, a refusal included."""
+    """Whether `result`, a refusal, leaves `earlier` (an accepted result of the same recording) in place in a
+    `prepare` corpus: the bytes are the same (a re-set the recording cannot pass, a mistyped speaker count), or the
+    refusal says nothing of the recording's content (UNREAD_REASONS) and its bytes are not known to differ. Only
+    `--remove` takes a recording out; one whose bytes changed follows its file, a refusal included."""
     if result.status == "accepted" or earlier is None or earlier.status != "accepted":
         return False
-    same_bytes = bool(result.content_hash) and result.content_hash == earlier.content_hash
-    return result.reason in UNREAD_REASONS or same_bytes
+    if result.content_hash:
+        return result.content_hash == earlier.content_hash
+    return result.reason in UNREAD_REASONS
 
 
 def remove_results(clips_root: Path, keep: set[str]) -> None:
