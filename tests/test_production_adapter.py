@@ -26,6 +26,7 @@ def _evaluation(
     demo: bool = True,
     quality: dict | None = None,
     code_version: str = "5",
+    precision: str | None = None,
 ) -> dict:
     """An evaluation's metadata; audio losses default to half the totals, quality numbers to none (not listened).
     The adapter folder is made here (under the test's working folder) and its files' hash recorded, as the
@@ -48,6 +49,7 @@ def _evaluation(
         "demo_model": demo,
         "report_path": dg.MetadataValue.path(f"{adapter}/report.html"),
         "code_version": code_version,
+        **({"val_losses_precision": precision} if precision else {}),
     }
 
 
@@ -137,6 +139,17 @@ def test_another_evaluation_code_promotes_the_checked_adapter(promote):
     metadata, pointer, _ = promote(_evaluation("adapters/d", 6.0, code_version="5"))
     assert metadata["promoted"] is True and "evaluation code" in metadata["reason"]
     assert pointer["evaluation_code_version"] == "5"
+
+
+def test_losses_measured_in_another_precision_are_not_compared(promote):
+    """A bf16 training run's evaluation measures its losses in bf16: they are not ranked against a pointer's fp32
+    numbers (an evaluation from before precisions were recorded is fp32), only against other bf16 ones."""
+    promote(_evaluation("adapters/a", 5.0))
+    metadata, pointer, _ = promote(_evaluation("adapters/b", 6.0, precision="bf16"))
+    assert metadata["promoted"] is True and "loss precision" in metadata["reason"]
+    assert pointer["val_losses_precision"] == "bf16"
+    worse, pointer, _ = promote(_evaluation("adapters/c", 7.0, precision="bf16"))
+    assert worse["promoted"] is False and pointer["adapter_path"] == "adapters/b"
 
 
 def _failure(result) -> str:

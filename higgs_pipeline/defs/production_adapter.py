@@ -75,7 +75,8 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
         return False, "this adapter is already in production"
     if _measured_as(current) != _measured_as(candidate):
         return True, (
-            "new data version, base model or evaluation code: numbers are not comparable, the checked candidate wins"
+            "new data version, base model, evaluation code or loss precision: numbers are not comparable, the checked "
+            "candidate wins"
         )
     worse = _sounds_worse_than(current, candidate)
     if worse:
@@ -89,9 +90,13 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
 
 
 def _measured_as(evaluation: dict) -> tuple:
-    """What an evaluation's numbers were measured on and with: its data version, its base model and the evaluation's
-    code (a new version measures differently: DNSMOS's windows moved its numbers). None where a pointer predates it."""
-    return evaluation.get("corpus_version"), evaluation.get("base_model"), evaluation.get("evaluation_code_version")
+    """What an evaluation's numbers were measured on and with: its data version, its base model, the evaluation's
+    code (a new version measures differently: DNSMOS's windows moved its numbers) and the precision of its losses
+    (a bf16 training run's are bf16: `hearing.loss_precision`). None where a pointer predates it; fp32 for the
+    precision, the only one measured before it was recorded."""
+    code = evaluation.get("evaluation_code_version")
+    precision = evaluation.get("val_losses_precision") or "fp32"
+    return evaluation.get("corpus_version"), evaluation.get("base_model"), code, precision
 
 
 def _sounds_worse_than(current: dict, candidate: dict) -> str:
@@ -126,6 +131,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         "corpus_version": evaluation.get("corpus_version"),
         "base_model": evaluation.get("base_model"),
         "evaluation_code_version": evaluation.get("code_version"),
+        "val_losses_precision": evaluation.get("val_losses_precision") or "fp32",
         "demo_model": bool(evaluation.get("demo_model", False)),
         "evaluation_path": evaluation.get("evaluation_path"),
         **{name: evaluation[name] for name in POINTER_NUMBERS},
