@@ -145,23 +145,29 @@ def _run_from_image(image: str) -> dg.DagsterRun:
 
 def test_on_a_kubernetes_instance_a_data_stage_runs_in_a_gpu_pod_unless_told_otherwise(tmp_path: Path):
     """The data stages' default launcher ('auto') is the GPU pod where runs launch as Kubernetes pods (a run pod has
-    no GPU), with the run launcher's image and namespace; this machine elsewhere; an explicit launcher wins."""
-    auto = TokenizedAudioConfig()
+    no GPU) and the artifact store is an object store the pod reaches (it mounts no volume of the run's), with the
+    run pod's image (the code location's, then the run launcher's) and namespace; this machine elsewhere; an
+    explicit launcher wins, and 'k8s' on a store on a volume is refused."""
+    auto, store, volume = TokenizedAudioConfig(), "s3://bucket/artifacts", "/mnt/artifacts"
     with pytest.raises(ValueError, match="resolved"):
         auto.ranks()  # 'auto' means nothing until a run's instance decides it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # dagster-k8s' version skew warning
         with dg.instance_for_test(overrides=_kubernetes_instance_overrides(tmp_path, "reg/higgs:2", "higgs")) as k8s:
-            on_k8s = auto.resolved(k8s, None)
+            on_k8s = auto.resolved(k8s, None, store)
             assert (on_k8s.launcher, on_k8s.k8s_image, on_k8s.k8s_namespace) == ("k8s", "reg/higgs:2", "higgs")
             assert not on_k8s.in_step() and on_k8s.ranks() == on_k8s.k8s_gpus_per_node == 8
             assert on_k8s.k8s_node().image == "reg/higgs:2"
-            told = TranscriptCheckConfig(k8s_image="reg/mine:3", k8s_namespace="ml").resolved(k8s, None)
+            assert auto.resolved(k8s, _run_from_image("reg/code:4"), store).k8s_image == "reg/code:4"
+            told = TranscriptCheckConfig(k8s_image="reg/mine:3", k8s_namespace="ml").resolved(k8s, None, store)
             assert (told.launcher, told.k8s_image, told.k8s_namespace) == ("k8s", "reg/mine:3", "ml")
-            assert TokenizedAudioConfig(launcher="local", nproc_per_node=1).resolved(k8s, None).in_step()
+            assert TokenizedAudioConfig(launcher="local", nproc_per_node=1).resolved(k8s, None, store).in_step()
+            assert auto.resolved(k8s, None, volume).launcher == "local"  # the pod could not read the items
+            with pytest.raises(ValueError, match="needs an s3:// artifact store"):
+                TokenizedAudioConfig(launcher="k8s").resolved(k8s, None, volume)
     with dg.instance_for_test() as local:
-        assert auto.resolved(local, None).launcher == "local"
-        from_code = TokenizedAudioConfig(launcher="k8s").resolved(local, _run_from_image("reg/code:4"))
+        assert auto.resolved(local, None, store).launcher == "local"
+        from_code = TokenizedAudioConfig(launcher="k8s").resolved(local, _run_from_image("reg/code:4"), store)
         assert (from_code.k8s_image, from_code.k8s_namespace) == ("reg/code:4", "default")
         with pytest.raises(ValueError, match="image is required"):
-            TokenizedAudioConfig(launcher="k8s").resolved(local, None).k8s_node()
+            TokenizedAudioConfig(launcher="k8s").resolved(local, None, store).k8s_node()

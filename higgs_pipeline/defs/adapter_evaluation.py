@@ -19,7 +19,7 @@ from higgs_pipeline.data.dialogue import DIALOGUE_KIND
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.records import read_records
 from higgs_pipeline.data.split import validation_subset_records
-from higgs_pipeline.defs.data_stage import DataStageConfig, spread
+from higgs_pipeline.defs.data_stage import DataStageConfig, for_this_run, spread
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.evaluation.choice import SILENCE_TOLERANCE, UNFINISHED_TOLERANCE, Tolerances
@@ -200,7 +200,7 @@ class _EvaluationJobs:
 
     def __init__(self, context, config: AdapterEvaluationConfig, work_root: str, checkpoints, scorers, scratch: str):
         self.context, self.work_root = context, work_root
-        self.config = config.resolved(context.instance, context.dagster_run)
+        self.config = for_this_run(context, config, work_root)
         self.checkpoints, self.scorers, self.scratch = checkpoints, scorers, scratch
         self.ranks = 1  # processes that did the work
 

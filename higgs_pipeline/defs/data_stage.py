@@ -13,7 +13,7 @@ is the same for any process count (tests/test_data_stage_ranks.py).
 
 import uuid
 from collections.abc import Sequence
-from typing import Self
+from typing import Self, TypeVar
 
 import dagster as dg
 import fsspec
@@ -40,13 +40,14 @@ class DataStageConfig(dg.Config):
     )
     launcher: str = Field(
         default=AUTO,
-        description="'auto': 'k8s' where the instance launches its runs on Kubernetes (the work never runs in the "
-        "CPU run pod), else 'local'. 'local': this machine. 'k8s': one GPU pod on Kubernetes.",
+        description="'auto': 'k8s' where the instance launches its runs on Kubernetes and the artifact store is "
+        "s3:// (the work never runs in the CPU run pod), else 'local'. 'local': this machine. 'k8s': one GPU pod on "
+        "Kubernetes (an s3:// artifact store).",
     )
     k8s_image: str = Field(
         default="",
-        description="Launcher 'k8s': the image (this project installed); empty: the run launcher's image, else the "
-        "code location's.",
+        description="Launcher 'k8s': the image (this project installed); empty: the code location's image, else "
+        "the run launcher's.",
     )
     k8s_namespace: str = Field(
         default="", description="Launcher 'k8s': namespace of the pod; empty: the run launcher's, else 'default'."
@@ -65,20 +66,29 @@ class DataStageConfig(dg.Config):
     def _known_launcher(cls, value: str) -> str:
         return value if value == AUTO else check_launcher(value)
 
-    def resolved(self, instance: dg.DagsterInstance, run: dg.DagsterRun | None) -> Self:
-        """This config for a run of `instance`: 'auto' decided (a GPU pod where runs launch as Kubernetes pods,
-        whose run pod has no GPU, else this machine), and on Kubernetes an empty image or namespace taken where
-        dagster-k8s takes a step pod's: the run launcher's, then the run's code location image."""
+    def resolved(self, instance: dg.DagsterInstance, run: dg.DagsterRun | None, work_root: str) -> Self:
+        """This config for a run of `instance` whose artifact store is `work_root`: 'auto' decided, and on
+        Kubernetes an empty image or namespace taken where dagster-k8s takes the run pod's.
+
+        'auto' is a GPU pod where runs launch as Kubernetes pods (the run pod has no GPU) and the store is an object
+        store the pod reaches through its credentials; else this machine. The pod mounts no volume of the run's, so
+        with a store on a volume the work stays in the run pod, and an explicit 'k8s' is refused."""
+        remote = "://" in work_root
+        if self.launcher == "k8s" and not remote:
+            raise ValueError(
+                f"launcher 'k8s' needs an s3:// artifact store, not {work_root}: the GPU pod reads its items and "
+                "writes its parts there"
+            )
         on_kubernetes = runs_on_kubernetes(instance)
-        launcher = self.launcher if self.launcher != AUTO else ("k8s" if on_kubernetes else "local")
+        launcher = self.launcher if self.launcher != AUTO else ("k8s" if on_kubernetes and remote else "local")
         if launcher != "k8s":
             return self.model_copy(update={"launcher": launcher})
         run_launcher = instance.run_launcher if on_kubernetes else None
         origin = run.job_code_origin if run else None
-        image = (
+        image = (  # the run pod's order (dagster-k8s): the code location's image, then the run launcher's
             self.k8s_image
-            or getattr(run_launcher, "job_image", None)
             or (origin.repository_origin.container_image if origin else None)
+            or getattr(run_launcher, "job_image", None)
             or ""
         )
         namespace = self.k8s_namespace or getattr(run_launcher, "job_namespace", None) or "default"
@@ -100,6 +110,21 @@ class DataStageConfig(dg.Config):
         if self.launcher != "k8s":
             return None
         return GpuNodeSpec(image=self.k8s_image, gpus_per_node=self.k8s_gpus_per_node, namespace=self.k8s_namespace)
+
+
+StageConfig = TypeVar("StageConfig", bound=DataStageConfig)
+
+
+def for_this_run(context: dg.AssetExecutionContext, config: StageConfig, work_root: str) -> StageConfig:
+    """`config.resolved` for this run, whose model work reads and writes under `work_root` (the artifact store): a
+    launcher that cannot work there fails the step saying why; the choice is logged."""
+    try:
+        chosen = config.resolved(context.instance, context.dagster_run, work_root)
+    except ValueError as error:
+        raise dg.Failure(str(error)) from error
+    where = f"a GPU pod ({chosen.k8s_image}, namespace {chosen.k8s_namespace})" if chosen.launcher == "k8s" else "here"
+    context.log.info(f"model work: launcher {chosen.launcher} ({config.launcher} configured), {where}")
+    return chosen
 
 
 def spread(

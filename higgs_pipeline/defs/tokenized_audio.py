@@ -21,7 +21,7 @@ from higgs_pipeline.data.tokenize import (
     tokenizer_info,
     write_tokenizer_info,
 )
-from higgs_pipeline.defs.data_stage import DataStageConfig, spread
+from higgs_pipeline.defs.data_stage import DataStageConfig, for_this_run, spread
 from higgs_pipeline.defs.resources import ArtifactStore, HiggsCheckpoints
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.models import loading
@@ -52,7 +52,7 @@ def tokenized_audio(
     damaged (missing, of the wrong size, or found corrupt when read: its clips are written into a new shard);
     clips of a one-file-per-clip store are packed into shards as they are, without the tokenizer; and the
     tokenizer is not even loaded when nothing needs encoding."""
-    config = config.resolved(context.instance, context.dagster_run)
+    config = for_this_run(context, config, artifacts.root)
     samples = upstream_metadata(context, "chatml_samples")
     clips = read_parquet(samples["clips_path"])
     name = checkpoints.audio_tokenizer

@@ -22,7 +22,7 @@ from higgs_pipeline.data.dialogue_turns import incomplete_dialogues
 from higgs_pipeline.data.hashing import digest, digest_of_lines
 from higgs_pipeline.data.markdown import markdown_cell
 from higgs_pipeline.data.tables import read_csv, read_parquet, write_csv, write_parquet
-from higgs_pipeline.defs.data_stage import DataStageConfig, spread
+from higgs_pipeline.defs.data_stage import DataStageConfig, for_this_run, spread
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.speech import scoring
@@ -57,7 +57,7 @@ def transcript_check(
     unverified); rows above `reject_cer` move to this asset's rejected file (accepted + rejected == rows in)."""
     if not 0.0 <= config.review_cer <= config.reject_cer:
         raise dg.Failure(f"need 0 <= review_cer <= reject_cer, got {config.review_cer} and {config.reject_cer}")
-    config = config.resolved(context.instance, context.dagster_run)
+    config = for_this_run(context, config, artifacts.root)
     manifest = upstream_metadata(context, "raw_audio_manifest")
     rows = read_parquet(manifest["accepted_path"])
     scorer = scorers.scorer()
