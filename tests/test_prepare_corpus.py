@@ -418,6 +418,8 @@ def test_prepare_keeps_out_of_other_corpora_and_their_neighbours(corpus, capsys)
     assert _run(["prepare", bob, "--out", str(afile / "sub")])[0] == 2
     assert f"{afile} is a file, not a folder" in capsys.readouterr().err
     neighbours = [out.parent / ".tmp-out-2-0123abcd", out.parent / ".old-out-backup"]  # another corpus's, a user's
+    # A user's own entries in the corpus folder named like a run's leftovers, but not exactly: never cleaned up.
+    neighbours += [out / ".staging-area", out / ".take2.tmp"]
     for path in neighbours:
         path.mkdir()
         (path / "notes.txt").write_text("keep me")
@@ -514,9 +516,10 @@ def test_an_out_reached_through_a_link_into_a_corpus_is_refused(corpus, tmp_path
     assert "a corpus prepare made" in capsys.readouterr().err and not (out / "clips" / "nested").exists()
 
 
-def test_an_empty_folder_is_filled_in_place_and_left_empty_by_a_failed_or_killed_run(base, tmp_path):
+def test_an_empty_folder_is_filled_in_place_and_left_empty_by_a_failed_or_killed_run(base, tmp_path, monkeypatch):
     """A mount point or the shell's current folder keeps its inode (a swap would fail on a mount point after all
     the work); a failed first run leaves it empty, and so does the next run after a killed one."""
+    from higgs_pipeline.ingest import prepare as prepare_module
     from higgs_pipeline.ingest.prepare import BUILDING
 
     folder, _out, _summaries = base
@@ -527,6 +530,18 @@ def test_an_empty_folder_is_filled_in_place_and_left_empty_by_a_failed_or_killed
     silence.write_bytes(b"")
     assert _run(["prepare", str(silence), "--out", str(empty)])[0] == 2
     assert empty.stat().st_ino == inode and not any(empty.iterdir())
+    # What the user puts in the folder while a first run works is theirs: the failed run removes only its own.
+    work = prepare_module._process
+
+    def users_file_meanwhile(*args, **kwargs):
+        (empty / "notes.txt").write_text("mine")
+        return work(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_process", users_file_meanwhile)
+    assert _run(["prepare", str(silence), "--out", str(empty)])[0] == 2
+    assert [path.name for path in empty.iterdir()] == ["notes.txt"]
+    monkeypatch.undo()
+    (empty / "notes.txt").unlink()
     (empty / BUILDING).touch()  # a first run killed mid-work
     (empty / ".scratch").mkdir()
     assert _run(["prepare", str(folder / "alice.wav"), "--out", str(empty)])[0] == 0

@@ -40,6 +40,7 @@ MARKER_FORMAT = 1
 SCRATCH = ".scratch"  # decoded PCM of the recording being processed: inside the folder, so a killed run's is found
 STAGING = ".staging"  # the tables of a run, written in full before any of them replaces the folder's
 STAGING_NAME = re.compile(rf"{re.escape(STAGING)}-[0-9a-f]{{8}}")  # a run's staging folder (`_write`)
+TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # a file being written (`files.atomic_open`)
 STAGED = ".complete"  # in a staging folder: every table is written, so the set is to be put in place
 BUILDING = ".higgs_prepare.building"  # in an empty folder a first run fills in place, until its tables are in
 
@@ -76,12 +77,30 @@ def check_output_folder(out: Path) -> None:
         load_registry(out)  # a speakers.csv the user broke is named now, not after the work
 
 
+def _made_by_a_first_run(name: str) -> bool:
+    """Whether an entry of a folder a first run fills in place is one that run can have made: its markers, scratch,
+    clips, staging, tables and files half written. Only those are ever removed from such a folder."""
+    own = {BUILDING, MARKER, SCRATCH, CLIPS_DIR, *OUTPUT_FILES}
+    return name in own or bool(STAGING_NAME.fullmatch(name) or TEMP_NAME.fullmatch(name))
+
+
+def _remove_first_run(out: Path) -> None:
+    """What a first run filling `out` in place made, removed (a failure, or a kill found by the next run); anything
+    else is the user's (put there while the run worked) and stays."""
+    for entry in out.iterdir():
+        if not _made_by_a_first_run(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _check_only_build_leftovers(out: Path) -> None:
     """`out` holds nothing but what a first run filling it in place can leave when killed (its marker, scratch,
     clips, staged tables and the tables put in place from them): anything else is the user's, and the next run,
     which empties the folder, must not take it."""
-    own = {BUILDING, SCRATCH, CLIPS_DIR, *OUTPUT_FILES}
-    foreign = sorted(e.name for e in out.iterdir() if e.name not in own and not STAGING_NAME.fullmatch(e.name))
+    foreign = sorted(entry.name for entry in out.iterdir() if not _made_by_a_first_run(entry.name))
     if foreign:
         others = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise ValueError(
@@ -198,7 +217,7 @@ def prepare(
                 replace_dir(work, out)
         except BaseException:
             if in_place:
-                _empty(out)
+                _remove_first_run(out)
             elif fresh:
                 shutil.rmtree(work, ignore_errors=True)
             raise
@@ -219,29 +238,23 @@ def clean_leftovers(out: Path) -> None:
         return
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
     for staging in out.glob(f"{STAGING}-*"):
-        if (staging / STAGED).is_file():  # killed while putting a complete set in place: finish it
+        # killed while putting a complete set in place: finish it
+        if STAGING_NAME.fullmatch(staging.name) and (staging / STAGED).is_file():
             _put_in_place(staging, out)
     if (out / BUILDING).is_file():  # a first run filling an empty folder in place
         if (out / MARKER).is_file():
             (out / BUILDING).unlink()  # killed after its tables were in place: the corpus is whole
         else:
-            _empty(out)  # killed before: the folder was empty, and holds only that run's (`check_output_folder`)
+            _remove_first_run(out)  # killed before: the folder was empty, and holds only that run's entries
             return
-    leftovers = [*out.glob(".*.tmp"), *out.glob(f"{STAGING}-*"), *(out / CLIPS_DIR).glob(".tmp-*")]
+    # Exactly the names a run gives them: a user's `.take.tmp` or `.staging-area` is not a leftover.
+    made = [path for path in out.iterdir() if STAGING_NAME.fullmatch(path.name) or TEMP_NAME.fullmatch(path.name)]
+    leftovers = [*made, *(out / CLIPS_DIR).glob(".tmp-*")]
     for path in [*leftovers, *(out / CLIPS_DIR).glob(".old-*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-
-def _empty(folder: Path) -> None:
-    """Everything inside `folder` removed, the folder itself kept."""
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def _put_in_place(staging: Path, out: Path) -> None:
