@@ -47,6 +47,8 @@ def test_a_speaker_name_is_part_of_what_a_result_is_reused_for(tmp_path, monkeyp
         ({"speaker": "  "}, "empty"),
         ({"num_speakers": -1}, "1 or more"),
         ({"speaker": "Ann", "num_speakers": 2}, "single speaker"),
+        ({"speaker": "'=Ann"}, "spreadsheet's escape"),  # speakers.csv would read it back as '=Ann'
+        ({"speaker": "Bob\u200b"}, "invisible character"),  # a second 'Bob' that looks like the first
     ],
 )
 def test_recording_clips_config_is_refused_where_prepares_flags_are(fields, problem):

@@ -135,7 +135,8 @@ def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(t
 
 
 @pytest.mark.parametrize(
-    ("label", "problem"), [("Ann\tLee", "a tab"), (" Ann ", "whitespace"), ("<|eot_id|>", "control")]
+    ("label", "problem"),
+    [("Ann\tLee", "a tab"), (" Ann ", "whitespace"), ("<|eot_id|>", "control"), ("'=Ann", "escape")],
 )
 def test_a_label_the_registry_would_not_read_back_is_never_saved(tmp_path, label, problem):
     """Whatever path a name comes in by, speakers.csv never gets a label that every later merge would refuse (or read

@@ -333,10 +333,21 @@ def label_problem(label: str) -> str:
 
 
 def _unreadable_label(label: str) -> str:
-    """ "" or why `_read_edits` would refuse `label` or read it back as another (it strips, then checks)."""
+    """ "" or why `_read_edits` would refuse `label` or read it back as another (it strips, unescapes, checks)."""
     if label != label.strip():
         return "whitespace at its ends, which reading speakers.csv drops"
+    if _unescaped(label) != label:
+        return "a quote before =, +, - or @, which reading speakers.csv takes for a spreadsheet's escape and drops"
     return label_problem(label)
+
+
+def name_problem(name: str) -> str:
+    """ "" or why a name a user gives a voice (`--speaker`, recording_clips' `speaker`) cannot be its label: one
+    speakers.csv would not read back as given, or one holding an invisible character (a zero-width space makes a
+    second voice that looks like the first)."""
+    if re.search(INVISIBLE, name):
+        return "holds an invisible character (a zero-width space, a soft hyphen, ...)"
+    return _unreadable_label(name)
 
 
 def _unescaped(label: str) -> str:
