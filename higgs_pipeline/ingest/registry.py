@@ -345,9 +345,10 @@ def name_problem(name: str) -> str:
     """ "" or why a name a user gives a voice (`--speaker`, recording_clips' `speaker`) cannot be its label: one
     speakers.csv would not read back as given, or one holding an invisible character (a zero-width space makes a
     second voice that looks like the first)."""
-    if re.search(INVISIBLE, name):
-        return "holds an invisible character (a zero-width space, a soft hyphen, ...)"
-    return _unreadable_label(name)
+    problem = _unreadable_label(name)
+    if not problem and re.search(INVISIBLE, name):
+        problem = "holds an invisible character (a zero-width space, a soft hyphen, ...)"
+    return problem
 
 
 def _unescaped(label: str) -> str:
