@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 import pydantic
 import pytest
+from recording_factory import MONOLOGUE, write_recording
 
 from higgs_pipeline.defs.recording_clips import RecordingClipsConfig
 from higgs_pipeline.ingest import recording
@@ -62,3 +63,21 @@ def test_a_speaker_name_loses_its_surrounding_whitespace_before_it_is_used():
     """speakers.csv is read stripped: a name kept with its spaces would change by itself at the next run."""
     assert RecordingOptions(speaker=" Ann ").speaker == "Ann"
     assert RecordingClipsConfig(speaker=" Ann ").options().speaker == "Ann"
+
+
+def test_a_file_replaced_by_bytes_that_are_no_audio_follows_its_file(tmp_path):
+    """A refusal of bytes that were read names them (their hash), so a recording accepted before and now replaced
+    by a broken or empty file loses its clips; a limit refused from the header alone (unread) keeps them."""
+    import hashlib
+
+    earlier = recording.RecordingResult("x.wav", "accepted", content_hash="0" * 64)
+    path = tmp_path / "x.wav"
+    for content, reason in ((b"no audio at all", "undecodable"), (b"", "empty_audio")):
+        path.write_bytes(content)
+        refused = recording.process_recording(str(path), tmp_path / "clips", IngestSettings(), RecordingOptions())
+        assert (refused.reason, refused.content_hash) == (reason, hashlib.sha256(content).hexdigest())
+        assert not recording.refusal_keeps(earlier, refused)
+    write_recording(path, MONOLOGUE[:1])
+    short = IngestSettings(max_recording_seconds=0.5)
+    unread = recording.process_recording(str(path), tmp_path / "clips", short, RecordingOptions())
+    assert (unread.reason, unread.content_hash) == ("too_long", "") and recording.refusal_keeps(earlier, unread)

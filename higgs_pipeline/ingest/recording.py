@@ -139,6 +139,7 @@ def process_recording(
             decoded = decode_open(handle, content_hash, settings, scratch)
         result = _ingest(decoded, key, target, settings, options, name, progress)
     except RecordingRejected as rejected:
+        content_hash = content_hash or rejected.content_hash
         return RecordingResult(
             name, "rejected", rejected.reason, rejected.detail, content_hash=content_hash, options=asdict(options)
         )

@@ -36,9 +36,10 @@ SILENCE_DBFS = -60.0  # as raw_audio_manifest: a recording whose peak stays belo
 class RecordingRejected(Exception):
     """A recording that yields no clips: `reason` says why in one word, `detail` in a sentence."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, content_hash: str = "") -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+        self.content_hash = content_hash  # of the bytes refused, when they were read: a changed file is known so
 
 
 class PcmFile:
@@ -116,9 +117,15 @@ def open_recording(path: str, settings: IngestSettings) -> Iterator[tuple[Binary
         raise RecordingRejected("missing_file", f"cannot read {path}: {error.strerror or error}") from None
     with handle:
         if os.fstat(handle.fileno()).st_size == 0:
-            raise RecordingRejected("empty_audio", "file has 0 bytes")
-        with _open_sound(handle) as header:  # the length check comes before a byte is hashed or decoded
-            _check_header(header, settings)
+            raise RecordingRejected("empty_audio", "file has 0 bytes", sha256_of_stream(handle))
+        try:
+            with _open_sound(handle) as header:  # the length check comes before a byte is hashed or decoded
+                _check_header(header, settings)
+        except RecordingRejected as refused:
+            if refused.reason != "too_long":  # bytes that are no audio: hashed, so new bytes are known as new
+                handle.seek(0)
+                refused.content_hash = sha256_of_stream(handle)
+            raise
         handle.seek(0)
         content_hash = sha256_of_stream(handle)
         handle.seek(0)
