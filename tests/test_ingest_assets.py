@@ -4,6 +4,7 @@ merged manifest with its checks, and `raw_audio_manifest` reading it (the step's
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -504,15 +505,26 @@ def test_a_refusal_keeps_earlier_clips_only_while_the_file_is_the_one_they_came_
     write_recording(folder / "ep.wav", MONOLOGUE[:1])
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
 
-    def run() -> dict:
+    def run(config: dict | None = None, **kwargs) -> dict:
         done = dg.materialize(
-            [recording_clips], partition_key="ep.wav", instance=instance, resources=resources(artifacts_dir)
+            [recording_clips],
+            partition_key="ep.wav",
+            instance=instance,
+            resources=resources(artifacts_dir),
+            run_config={"ops": {"recording_clips": {"config": config or {}}}},
+            **kwargs,
         )
-        return metadata_of(done, "recording_clips")
+        return metadata_of(done, "recording_clips") if done.success else {}
 
     with dg.DagsterInstance.ephemeral() as instance:
         _run_sensor(instance)
         assert run()["recording_status"] == "accepted"
+        record = result_path(Path(artifacts_dir) / "recordings", "ep.wav")
+        accepted = json.loads(record.read_text())
+        lowered = run({"max_recording_seconds": 0.5})  # unread (the header's length), the very file: kept
+        assert (lowered["reject_reason"], lowered["earlier_clips_kept"]) == ("too_long", True)
+        assert run({"language": "de"}, raise_on_error=False) == {}  # tiny.en cannot hear German: the config's error
+        assert json.loads(record.read_text())["folder"] == accepted["folder"] != ""  # the record left as it was
         corrupt(folder / "ep.wav")  # replaced: the new file cannot be decoded
         replaced = run()
         assert (replaced["reject_reason"], replaced["earlier_clips_kept"]) == ("undecodable", False)

@@ -163,6 +163,7 @@ def test_on_a_kubernetes_instance_a_data_stage_runs_in_a_gpu_pod_unless_told_oth
             assert (told.launcher, told.k8s_image, told.k8s_namespace) == ("k8s", "reg/mine:3", "ml")
             assert TokenizedAudioConfig(launcher="local", nproc_per_node=1).resolved(k8s, None, store).in_step()
             assert auto.resolved(k8s, None, volume).launcher == "local"  # the pod could not read the items
+            assert auto.resolved(k8s, None, "file://" + volume).launcher == "local"
             with pytest.raises(ValueError, match="needs an s3:// artifact store"):
                 TokenizedAudioConfig(launcher="k8s").resolved(k8s, None, volume)
     with dg.instance_for_test() as local:

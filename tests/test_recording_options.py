@@ -60,8 +60,10 @@ def test_recording_clips_config_is_refused_where_prepares_flags_are(fields, prob
 
 
 def test_a_speaker_name_loses_its_surrounding_whitespace_before_it_is_used():
-    """speakers.csv is read stripped: a name kept with its spaces would change by itself at the next run."""
+    """speakers.csv is read stripped: a name kept with its spaces would change by itself at the next run. Joiners a
+    script needs stay (a Persian name with a zero-width non-joiner)."""
     assert RecordingOptions(speaker=" Ann ").speaker == "Ann"
+    assert RecordingOptions(speaker="\u0639\u0644\u06cc\u200c\u0631\u0636\u0627").speaker.count("\u200c") == 1
     assert RecordingClipsConfig(speaker=" Ann ").options().speaker == "Ann"
 
 

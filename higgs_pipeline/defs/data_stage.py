@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.devices import default_nproc
+from higgs_pipeline.files import is_local_filesystem
 from higgs_pipeline.launch.ingest_k8s import runs_on_kubernetes
 from higgs_pipeline.launch.k8s import GpuNodeSpec
 from higgs_pipeline.launch.launcher import check_launcher, data_stage_job, launch_job
@@ -73,7 +74,7 @@ class DataStageConfig(dg.Config):
         'auto' is a GPU pod where runs launch as Kubernetes pods (the run pod has no GPU) and the store is an object
         store the pod reaches through its credentials; else this machine. The pod mounts no volume of the run's, so
         with a store on a volume the work stays in the run pod, and an explicit 'k8s' is refused."""
-        remote = "://" in work_root
+        remote = not is_local_filesystem(fsspec.core.url_to_fs(work_root)[0])  # a file:// root is a volume too
         if self.launcher == "k8s" and not remote:
             raise ValueError(
                 f"launcher 'k8s' needs an s3:// artifact store, not {work_root}: the GPU pod reads its items and "
@@ -122,8 +123,13 @@ def for_this_run(context: dg.AssetExecutionContext, config: StageConfig, work_ro
         chosen = config.resolved(context.instance, context.dagster_run, work_root)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
-    where = f"a GPU pod ({chosen.k8s_image}, namespace {chosen.k8s_namespace})" if chosen.launcher == "k8s" else "here"
-    context.log.info(f"model work: launcher {chosen.launcher} ({config.launcher} configured), {where}")
+    if chosen.launcher == "k8s":
+        context.log.info(f"model work: a GPU pod ({chosen.k8s_image}, namespace {chosen.k8s_namespace})")
+    elif config.launcher == AUTO and runs_on_kubernetes(context.instance):
+        context.log.warning(
+            f"model work in this run pod, which has no GPU: the artifact store {work_root} is not s3://, and a GPU "
+            "pod mounts none of the run's volumes (docs/deploy.md); say launcher: local to mean it"
+        )
     return chosen
 
 

@@ -75,12 +75,15 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
         return False, "this adapter is already in production"
     if _measured_as(current) != _measured_as(candidate):
         return True, (
-            "new data version, base model, evaluation code or loss precision: numbers are not comparable, the checked "
-            "candidate wins"
+            "new data version, base model or evaluation code: numbers are not comparable, the checked candidate wins"
         )
     worse = _sounds_worse_than(current, candidate)
     if worse:
         return False, worse
+    precisions = _loss_precision(current), _loss_precision(candidate)
+    if precisions[0] != precisions[1]:  # what was heard compares; losses in two precisions do not
+        current_precision, precision = precisions
+        return True, f"sounds no worse; losses in {precision}, the current's in {current_precision}: not compared"
     if candidate["val_audio_loss"] < current["val_audio_loss"]:
         return True, f"val_audio_loss {candidate['val_audio_loss']:.4f} < current {current['val_audio_loss']:.4f}"
     return (
@@ -90,13 +93,15 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
 
 
 def _measured_as(evaluation: dict) -> tuple:
-    """What an evaluation's numbers were measured on and with: its data version, its base model, the evaluation's
-    code (a new version measures differently: DNSMOS's windows moved its numbers) and the precision of its losses
-    (a bf16 training run's are bf16: `hearing.loss_precision`). None where a pointer predates it; fp32 for the
-    precision, the only one measured before it was recorded."""
-    code = evaluation.get("evaluation_code_version")
-    precision = evaluation.get("val_losses_precision") or "fp32"
-    return evaluation.get("corpus_version"), evaluation.get("base_model"), code, precision
+    """What an evaluation's numbers were measured on and with: its data version, its base model and the evaluation's
+    code (a new version measures differently: DNSMOS's windows moved its numbers). None where a pointer predates it."""
+    return evaluation.get("corpus_version"), evaluation.get("base_model"), evaluation.get("evaluation_code_version")
+
+
+def _loss_precision(evaluation: dict) -> str:
+    """The precision of an evaluation's losses (a bf16 training run's are bf16: `hearing.loss_precision`); fp32 for
+    a pointer from before it was recorded (evaluation code 5 and older measured fp32 only)."""
+    return evaluation.get("val_losses_precision") or "fp32"
 
 
 def _sounds_worse_than(current: dict, candidate: dict) -> str:
@@ -131,7 +136,7 @@ def production_adapter(context: dg.AssetExecutionContext, artifacts: ArtifactSto
         "corpus_version": evaluation.get("corpus_version"),
         "base_model": evaluation.get("base_model"),
         "evaluation_code_version": evaluation.get("code_version"),
-        "val_losses_precision": evaluation.get("val_losses_precision") or "fp32",
+        "val_losses_precision": _loss_precision(evaluation),
         "demo_model": bool(evaluation.get("demo_model", False)),
         "evaluation_path": evaluation.get("evaluation_path"),
         **{name: evaluation[name] for name in POINTER_NUMBERS},

@@ -47,6 +47,7 @@ from higgs_pipeline.launch.ingest_k8s import (
 )
 from higgs_pipeline.models.demo import cache_root
 from higgs_pipeline.paths import DEMO_DATA
+from higgs_pipeline.speech.words import check_language
 
 RECORDINGS_ENV = "HIGGS_PIPELINE_RECORDINGS"
 PARTITIONS_DIR = "partitions"  # under the ingest root: one result record per partition
@@ -158,6 +159,10 @@ def recording_clips(
     stamp = file_stamp(source)  # before reading it: a file changed meanwhile shows as changed at the merge
     with partition_device(scorers.device, context.log.info) as device:
         settings = config.settings(scorers, device)
+        try:  # a run config's language the ASR cannot hear is the config's error, not the recording's refusal
+            check_language(settings.asr_model, settings.device, config.options().language)
+        except ValueError as error:
+            raise dg.Failure(f"recording_clips {key}: {error}; its result record is left as it was") from error
         result = process_recording(source, root / CLIPS_DIR, settings, config.options(), key, folder)
     earlier, earlier_stamp = _earlier_result(root, key, source_root)
     # As in prepare, but the file is the recording here: an unread one keeps its clips only while it is the file

@@ -341,13 +341,18 @@ def _unreadable_label(label: str) -> str:
     return label_problem(label)
 
 
+# Characters that change no letter of a name, so a second name with one looks like the first. Not the zero-width
+# (non-)joiners or direction marks: Persian, Indic and emoji spellings need them.
+_LOOK_ALIKE = "[\u00ad\u200b\u2060\ufeff]"
+
+
 def name_problem(name: str) -> str:
     """ "" or why a name a user gives a voice (`--speaker`, recording_clips' `speaker`) cannot be its label: one
-    speakers.csv would not read back as given, or one holding an invisible character (a zero-width space makes a
-    second voice that looks like the first)."""
+    speakers.csv would not read back as given, or one holding a character that changes no letter (a zero-width
+    space makes a second voice that looks like the first)."""
     problem = _unreadable_label(name)
-    if not problem and re.search(INVISIBLE, name):
-        problem = "holds an invisible character (a zero-width space, a soft hyphen, ...)"
+    if not problem and re.search(_LOOK_ALIKE, name):
+        problem = "holds an invisible character (a zero-width space, a soft hyphen, a word joiner or a BOM)"
     return problem
 
 
