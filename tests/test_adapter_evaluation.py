@@ -293,7 +293,7 @@ def test_fitted_adapter_is_evaluated_and_promoted_broken_one_is_blocked(corpus, 
         assert metadata["improvement"] == pytest.approx(metadata["base_val_total_loss"] - metadata["val_total_loss"])
         assert metadata["val_audio_loss"] < metadata["base_val_audio_loss"]
         assert metadata["demo_model"] is True and metadata["model_note"] == DEMO_NOTE
-        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == CODE_VERSION == "6"
+        assert metadata["corpus_version"] == "data-v1" and metadata["code_version"] == CODE_VERSION == "5"
         assert metadata["adapter_code_versions"] == {"lora_adapter": "1", "train_val_split": "1"}
         assert [row.data["codebook"] for row in metadata["per_codebook"].records] == list(range(8))
         prefix = "![loss curves](data:image/png;base64,"

@@ -25,7 +25,7 @@ def _evaluation(
     base_audio: float | None = None,
     demo: bool = True,
     quality: dict | None = None,
-    code_version: str = "6",
+    code_version: str = "5",
     precision: str | None = None,
 ) -> dict:
     """An evaluation's metadata; audio losses default to half the totals, quality numbers to none (not listened).
@@ -146,7 +146,8 @@ def test_losses_measured_in_another_precision_are_not_compared(promote):
     numbers (an evaluation from before precisions were recorded is fp32), only against other bf16 ones."""
     promote(_evaluation("adapters/a", 5.0))
     metadata, pointer, _ = promote(_evaluation("adapters/b", 6.0, precision="bf16"))
-    assert metadata["promoted"] is True and "not compared" in metadata["reason"]
+    assert metadata["promoted"] is True and "not heard against it" in metadata["reason"]  # the demo: never heard
+    assert "not compared" in metadata["reason"]
     assert pointer["val_losses_precision"] == "bf16"
     worse, pointer, _ = promote(_evaluation("adapters/c", 7.0, precision="bf16"))
     assert worse["promoted"] is False and pointer["adapter_path"] == "adapters/b"
@@ -155,7 +156,7 @@ def test_losses_measured_in_another_precision_are_not_compared(promote):
 def test_a_candidate_that_sounds_worse_is_kept_out_whatever_its_loss_precision():
     """Listening compares across precisions (WER and similarity do not depend on how the losses were measured)."""
     current = {"adapter_path": "a", "val_audio_loss": 5.0, "val_wer": 0.05, "val_speaker_similarity": 0.9}
-    current |= {"corpus_version": "v", "base_model": "b", "evaluation_code_version": "6"}
+    current |= {"corpus_version": "v", "base_model": "b", "evaluation_code_version": "5"}
     worse = current | {"adapter_path": "b", "val_audio_loss": 1.0, "val_wer": 0.6, "val_losses_precision": "bf16"}
     worse |= {"quality_wer_tolerance": 0.05, "quality_similarity_tolerance": 0.05}
     promote, reason = should_promote(current, worse)

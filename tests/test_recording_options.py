@@ -50,6 +50,7 @@ def test_a_speaker_name_is_part_of_what_a_result_is_reused_for(tmp_path, monkeyp
         ({"speaker": "Ann", "num_speakers": 2}, "single speaker"),
         ({"speaker": "'=Ann"}, "spreadsheet's escape"),  # speakers.csv would read it back as '=Ann'
         ({"speaker": "Bob\u200b"}, "invisible character"),  # a second 'Bob' that looks like the first
+        ({"speaker": "Bob\u200e"}, "invisible character"),  # a direction mark: the same
     ],
 )
 def test_recording_clips_config_is_refused_where_prepares_flags_are(fields, problem):

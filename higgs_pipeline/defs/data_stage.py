@@ -22,7 +22,6 @@ from pydantic import Field, field_validator
 
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.devices import default_nproc
-from higgs_pipeline.files import is_local_filesystem
 from higgs_pipeline.launch.ingest_k8s import runs_on_kubernetes
 from higgs_pipeline.launch.k8s import GpuNodeSpec
 from higgs_pipeline.launch.launcher import check_launcher, data_stage_job, launch_job
@@ -74,7 +73,7 @@ class DataStageConfig(dg.Config):
         'auto' is a GPU pod where runs launch as Kubernetes pods (the run pod has no GPU) and the store is an object
         store the pod reaches through its credentials; else this machine. The pod mounts no volume of the run's, so
         with a store on a volume the work stays in the run pod, and an explicit 'k8s' is refused."""
-        remote = not is_local_filesystem(fsspec.core.url_to_fs(work_root)[0])  # a file:// root is a volume too
+        remote = "://" in work_root and not work_root.startswith(("file://", "local://"))  # file:// is a volume
         if self.launcher == "k8s" and not remote:
             raise ValueError(
                 f"launcher 'k8s' needs an s3:// artifact store, not {work_root}: the GPU pod reads its items and "
@@ -130,6 +129,8 @@ def for_this_run(context: dg.AssetExecutionContext, config: StageConfig, work_ro
             f"model work in this run pod, which has no GPU: the artifact store {work_root} is not s3://, and a GPU "
             "pod mounts none of the run's volumes (docs/deploy.md); say launcher: local to mean it"
         )
+    else:
+        context.log.info(f"model work on this machine (launcher {config.launcher})")
     return chosen
 
 

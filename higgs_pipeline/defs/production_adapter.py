@@ -80,10 +80,10 @@ def should_promote(current: dict | None, candidate: dict) -> tuple[bool, str]:
     worse = _sounds_worse_than(current, candidate)
     if worse:
         return False, worse
-    precisions = _loss_precision(current), _loss_precision(candidate)
-    if precisions[0] != precisions[1]:  # what was heard compares; losses in two precisions do not
-        current_precision, precision = precisions
-        return True, f"sounds no worse; losses in {precision}, the current's in {current_precision}: not compared"
+    current_precision, precision = _loss_precision(current), _loss_precision(candidate)
+    if precision != current_precision:  # what was heard compares; losses in two precisions do not
+        heard = "sounds no worse" if _heard_both(current, candidate) else "not heard against it"
+        return True, f"{heard}; losses in {precision}, the current's in {current_precision}: not compared"
     if candidate["val_audio_loss"] < current["val_audio_loss"]:
         return True, f"val_audio_loss {candidate['val_audio_loss']:.4f} < current {current['val_audio_loss']:.4f}"
     return (
@@ -104,10 +104,16 @@ def _loss_precision(evaluation: dict) -> str:
     return evaluation.get("val_losses_precision") or "fp32"
 
 
+def _heard_both(current: dict, candidate: dict) -> bool:
+    """Whether both evaluations listened and their takes can be compared (not on the demo model, whose audio is
+    noise)."""
+    return not candidate.get("demo_model") and None not in (current.get("val_wer"), candidate.get("val_wer"))
+
+
 def _sounds_worse_than(current: dict, candidate: dict) -> str:
-    """Why the candidate sounds worse than the current adapter ("" when it does not, or when either did not
-    listen, or on the demo model whose audio is noise)."""
-    if candidate.get("demo_model") or current.get("val_wer") is None or candidate.get("val_wer") is None:
+    """Why the candidate sounds worse than the current adapter ("" when it does not, or cannot be heard against
+    it: `_heard_both`)."""
+    if not _heard_both(current, candidate):
         return ""
     return "; ".join(quality_problems(candidate, baseline=current, baseline_name="current adapter's val_"))
 

@@ -341,9 +341,10 @@ def _unreadable_label(label: str) -> str:
     return label_problem(label)
 
 
-# Characters that change no letter of a name, so a second name with one looks like the first. Not the zero-width
-# (non-)joiners or direction marks: Persian, Indic and emoji spellings need them.
-_LOOK_ALIKE = "[\u00ad\u200b\u2060\ufeff]"
+# Characters that change no letter of a name, so a second name with one looks like the first: soft hyphen,
+# zero-width space, left-to-right and right-to-left marks, word joiner and invisible operators, BOM. Not the zero-width
+# (non-)joiners, which Persian, Indic and emoji spellings need.
+_LOOK_ALIKE = "[\u00ad\u200b\u200e\u200f\u2060-\u2064\ufeff]"
 
 
 def name_problem(name: str) -> str:
