@@ -20,6 +20,7 @@ import fsspec
 import pandas as pd
 from pydantic import Field, field_validator
 
+from higgs_pipeline.data.records import is_local
 from higgs_pipeline.data.tables import write_parquet
 from higgs_pipeline.devices import default_nproc
 from higgs_pipeline.launch.ingest_k8s import runs_on_kubernetes
@@ -73,7 +74,7 @@ class DataStageConfig(dg.Config):
         'auto' is a GPU pod where runs launch as Kubernetes pods (the run pod has no GPU) and the store is an object
         store the pod reaches through its credentials; else this machine. The pod mounts no volume of the run's, so
         with a store on a volume the work stays in the run pod, and an explicit 'k8s' is refused."""
-        remote = "://" in work_root and not work_root.startswith(("file://", "local://"))  # file:// is a volume
+        remote = not is_local(work_root)  # a path or file:// is a volume
         if self.launcher == "k8s" and not remote:
             raise ValueError(
                 f"launcher 'k8s' needs an s3:// artifact store, not {work_root}: the GPU pod reads its items and "

@@ -103,6 +103,26 @@ def result_path(root: Path, key: str) -> Path:
     return root / PARTITIONS_DIR / f"{digest(key)[:24]}.json"
 
 
+@dataclass(frozen=True)
+class PartitionRecord:
+    """A partition's result record as its last run wrote it: the result, and the watched root and the stamp of the
+    file it was made from (None in a record from before they were noted)."""
+
+    result: RecordingResult
+    source_root: str | None
+    source_stamp: str | None
+
+
+def read_record(root: Path, key: str) -> PartitionRecord | None:
+    """The partition's result record (None when it never ran)."""
+    path = result_path(root, key)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    source_root, stamp = record.pop(SOURCE_ROOT, None), record.pop(SOURCE_STAMP, None)
+    return PartitionRecord(RecordingResult(**{**record, "recording": key}), source_root, stamp)
+
+
 class RecordingClipsConfig(dg.Config):
     recordings_root: str = Field(
         default="",
@@ -193,16 +213,12 @@ def recording_clips(
 
 
 def _earlier_result(root: Path, key: str, source_root: str) -> tuple[RecordingResult | None, str]:
-    """The partition's record from its last run and the stamp of the file it was made from, when made from this
+    """The partition's result from its last run and the stamp of the file it was made from, when made from this
     root's file ((None, "") otherwise): what a refusal this time may leave in place (`refusal_keeps`)."""
-    path = result_path(root, key)
-    if not path.is_file():
+    record = read_record(root, key)
+    if record is None or record.source_root != source_root:
         return None, ""
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.pop(SOURCE_ROOT, None) != source_root:
-        return None, ""
-    stamp = record.pop(SOURCE_STAMP, None) or ""
-    return RecordingResult(**record), stamp
+    return record.result, record.source_stamp or ""
 
 
 def _segment_counts(folder: Path) -> dict:

@@ -17,16 +17,14 @@ from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv, spreadsheet_safe, write_csv
 from higgs_pipeline.defs.recording_clips import (
     PARTITIONS_DIR,
-    SOURCE_ROOT,
-    SOURCE_STAMP,
     RecordingsListing,
     ingest_root,
     knob_field,
     list_recordings,
+    read_record,
     recording_clips,
     recordings_partitions,
     recordings_root,
-    result_path,
 )
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
@@ -122,11 +120,10 @@ def _partition_result(
     pending, and the record's clips are of what was there before)."""
     if status == AssetPartitionStatus.FAILED:
         return RecordingResult(key, "rejected", "failed", _latest_error(instance, key))
-    path = result_path(root, key)
-    if not path.is_file():
+    record = read_record(root, key)
+    if record is None:
         return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    source_root, stamp = record.pop(SOURCE_ROOT, None), record.pop(SOURCE_STAMP, None)
+    source_root, stamp = record.source_root, record.source_stamp
     if listing is not None and source_root is not None:  # a record from before roots were noted is taken as it is
         if source_root != recordings_root():
             detail = f"its clips were made from {source_root}, not the watched root: its recording_clips run is due"
@@ -134,7 +131,7 @@ def _partition_result(
         if stamp and listing.stamps.get(key, stamp) != stamp:
             detail = "its file changed since its clips were made: its recording_clips run is due"
             return RecordingResult(key, "rejected", "changed", detail)
-    return RecordingResult(**{**record, "recording": key})
+    return record.result
 
 
 def _one_per_content(results: list[RecordingResult], clips_before: dict[str, int]) -> list[RecordingResult]:

@@ -30,6 +30,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
+def base_dtype(precision: str) -> torch.dtype:
+    """The dtype the base model is loaded in for a `precision` (training and the evaluation's loss pass alike)."""
+    return autocast_dtype(precision) or torch.float32
+
+
 def precision_of(module: HiggsTrainingModule) -> str:
     """The `precision` name of a module's autocast dtype (what a validation line records)."""
     return "fp32" if module.autocast_dtype is None else "bf16"
@@ -70,7 +75,7 @@ def sums_of(result: dict[str, torch.Tensor]) -> LossSums:
 
 def build_lora_model(model_name: str, lora: LoraSettings, precision: str, device: torch.device | str):
     """Base model in bf16 (GPU) or fp32 with LoRA applied (fp32 adapters), on `device`, in training mode."""
-    base = loading.load_model(model_name, dtype=autocast_dtype(precision) or torch.float32, device="cpu")
+    base = loading.load_model(model_name, dtype=base_dtype(precision), device="cpu")
     # from_pretrained returns eval mode: the base's own dropout (attention_dropout) would stay off until the
     # first validation put everything in train mode, so steps before and after it would train differently.
     return apply_lora(base, lora).to(device).train()

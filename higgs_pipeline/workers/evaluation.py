@@ -190,13 +190,11 @@ def loss_measurer(work: LossWork, device: str, scratch: str) -> BatchFunction:
 def _measured_models(work: LossWork, device: str, scratch: str) -> Iterator[tuple[str, object]]:
     """The base, then each candidate, one model in memory at a time. With a candidate, the base is its model with
     the adapter switched off (as `evaluate.compare_with_base` measures it): one load fewer."""
-    import torch
-
     from higgs_pipeline.models.loading import load_model
     from higgs_pipeline.training.lora import load_adapter
-    from higgs_pipeline.training.module import autocast_dtype
+    from higgs_pipeline.training.module import base_dtype
 
-    dtype = autocast_dtype(work.precision) or torch.float32  # the base's dtype as training loads it
+    dtype = base_dtype(work.precision)  # the base's dtype as training loads it
     if not work.adapters:
         yield BASE, load_model(work.base, dtype=dtype, device=device).eval()
         return
