@@ -3,6 +3,8 @@ matching on hand-made embeddings, and the VAD on generated speech, tone and sile
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -156,6 +158,25 @@ def test_limits_that_would_refuse_every_recording_are_refused_themselves():
             IngestSettings(max_recording_bytes=bad)
     with pytest.raises(ValueError, match="max_recording_seconds must be positive"):
         IngestSettings(max_recording_seconds=0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"min_asr_confidence": 1.2}, "min_asr_confidence 1.2: give a value from 0 to 1"),
+        ({"min_speaker_purity": -0.1}, "min_speaker_purity -0.1: give a value from 0 to 1"),
+        ({"max_clipped_fraction": 2.0}, "max_clipped_fraction 2: give a value from 0 to 1"),
+        ({"speaker_match_threshold": 1.5}, "speaker_match_threshold 1.5: give a value from -1 to 1"),
+        ({"edge_pad_s": -0.1}, "edge_pad_s -0.1: give a value from 0 to inf"),
+        ({"min_asr_logprob": 0.5}, "min_asr_logprob 0.5: give a value from -inf to 0"),
+        ({"target_lufs": 3.0}, "target_lufs 3: give a value from -70 to 0"),
+        ({"min_words_per_second": 7.0}, "min_words_per_second must be below max_words_per_second"),
+        ({"pause_s": 2.0}, "pause_s at most max_gap_s"),
+    ],
+)
+def test_every_bounded_setting_is_refused_outside_its_range(fields, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        IngestSettings(**fields)
 
 
 def test_words_and_clips_find_their_windows_by_sorted_search_as_all_pairs_would():

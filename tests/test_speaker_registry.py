@@ -32,10 +32,12 @@ def test_assignment_is_optimal_not_greedy():
     assert assign(np.eye(2), np.zeros((0, 2)), threshold=0.5) == [-1, -1]
 
 
-def test_thresholds_come_from_the_speaker_model():
-    assert match_threshold("resemblyzer", 0.5) == MATCH_THRESHOLDS["resemblyzer"]
-    assert match_threshold("/models/WavLM-Base-Plus-SV", 0.5) == MATCH_THRESHOLDS["wavlm"]
-    assert match_threshold("some-other-encoder", 0.61) == 0.61  # uncalibrated: the configured threshold
+def test_thresholds_come_from_the_speaker_model_unless_one_is_configured():
+    assert match_threshold("resemblyzer", None) == MATCH_THRESHOLDS["resemblyzer"]
+    assert match_threshold("/models/WavLM-Base-Plus-SV", None) == MATCH_THRESHOLDS["wavlm"]
+    # Every other speaker model loads as a WavLMForXVector checkpoint, whatever its folder is called.
+    assert match_threshold("/models/sv-finetune-2026", None) == MATCH_THRESHOLDS["wavlm"]
+    assert match_threshold("resemblyzer", 0.61) == 0.61  # a user's threshold wins
 
 
 ALICE, BOB, CAROL = [1.0, 0.1, 0.0], [0.0, 1.0, 0.1], [0.1, 0.0, 1.0]

@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "recordings", nargs="*", metavar="RECORDING", help="audio files (wav, flac, ogg, mp3), any length"
+        "recordings",
+        nargs="*",
+        metavar="RECORDING",
+        help="audio files (wav, flac, ogg, mp3), up to --max-recording-seconds long",
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder: new, empty, or an earlier output")
     parser.add_argument(

@@ -32,16 +32,16 @@ from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENT
 from higgs_pipeline.ingest.recording import RecordingResult, remove_results
 from higgs_pipeline.ingest.settings import IngestSettings
 
-_DEFAULTS = IngestSettings()
 REMOVED = "removed_recordings.csv"  # recording, removed_at, clips_dropped: every removal, kept
 UNLISTED = "unlisted_files.csv"  # path, reason, detail: files under the watched folder that are no partition
 
 
 class RecordingsManifestConfig(dg.Config):
-    speaker_match_threshold: float = Field(
-        default=_DEFAULTS.speaker_match_threshold,
-        description="Cosine of speaker centroids above which two recordings' speakers are one person, for a speaker "
-        "model without a calibrated threshold (ingest/registry.py's MATCH_THRESHOLDS: Resemblyzer, WavLM)",
+    speaker_match_threshold: float | None = Field(
+        default=None,
+        description="Cosine of speaker centroids above which a new recording's voice is a registered one; empty: "
+        "the speaker model's calibrated threshold (ingest/registry.py's MATCH_THRESHOLDS: Resemblyzer 0.86, a WavLM "
+        "x-vector checkpoint 0.86). Raise it if different people share a label, lower it if one person gets two.",
     )
     dialogue_turns: int = knob_field("dialogue_turns")  # one definition with prepare's --dialogue-turns
 
@@ -58,6 +58,15 @@ def recordings_manifest(
     one that never ran as `not_processed`. A recording whose partition was removed (its file left the watched
     folder) loses its clips and is listed in `removed_recordings.csv`; every file under the watched folder that is
     no partition is listed in `unlisted_files.csv` with the reason."""
+    try:
+        settings = IngestSettings(
+            speaker_match_threshold=config.speaker_match_threshold,
+            dialogue_turns=config.dialogue_turns,
+            asr_model=scorers.asr_model,
+            speaker_model=scorers.speaker_model,
+        )
+    except ValueError as error:
+        raise dg.Failure(f"recordings_manifest's config: {error}; nothing was merged") from error
     root = ingest_root(artifacts)
     keys = sorted(context.instance.get_dynamic_partitions(recordings_partitions.name))
     statuses = context.instance.get_status_by_partition(recording_clips.key, keys, recordings_partitions) or {}
@@ -66,12 +75,6 @@ def recordings_manifest(
     removed = _removed_records(context.instance, root, set(keys))
     clips_before = _clips_per_recording(root / MANIFEST)
     results = _one_per_content(results, clips_before)
-    settings = IngestSettings(
-        speaker_match_threshold=config.speaker_match_threshold,
-        dialogue_turns=config.dialogue_turns,
-        asr_model=scorers.asr_model,
-        speaker_model=scorers.speaker_model,
-    )
     summary = write_outputs(root, results, settings)
     removed_at = datetime.now(UTC).isoformat(timespec="seconds")
     dropped = [

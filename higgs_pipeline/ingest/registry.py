@@ -33,6 +33,7 @@ from higgs_pipeline.data.normalize import INVISIBLE
 from higgs_pipeline.data.screening import SPECIAL_TOKEN
 from higgs_pipeline.data.tables import FORMULA_PREFIXES, write_csv
 from higgs_pipeline.files import write_json
+from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER
 
 SPEAKERS = "speakers.csv"
 EMBEDDINGS = "speaker_embeddings.json"
@@ -55,13 +56,13 @@ class RegistryError(ValueError):
     """speakers.csv or speaker_embeddings.json cannot be used as they are (the message names the file and row)."""
 
 
-def match_threshold(speaker_model: str, fallback: float) -> float:
-    """The calibrated threshold of `speaker_model` (a WavLM checkpoint by any path or hub id whose name holds
-    "wavlm"), else `fallback` (the configured `speaker_match_threshold`)."""
-    name = speaker_model.lower()
-    if name in MATCH_THRESHOLDS:
-        return MATCH_THRESHOLDS[name]
-    return MATCH_THRESHOLDS["wavlm"] if "wavlm" in name else fallback
+def match_threshold(speaker_model: str, configured: float | None) -> float:
+    """The cosine above which a new voice is a registered one: `configured` when a user set one, else the calibrated
+    threshold of the model's kind. Every speaker model but the embedded Resemblyzer is loaded as a WavLMForXVector
+    checkpoint (`speech.scoring.load_speaker_batch`), whatever its folder or hub id is called."""
+    if configured is not None:
+        return configured
+    return MATCH_THRESHOLDS["resemblyzer" if speaker_model == EMBEDDED_SPEAKER else "wavlm"]
 
 
 def assign(centroids: np.ndarray, known: np.ndarray, threshold: float) -> list[int]:

@@ -50,6 +50,24 @@ class RecordingOptions:
         return self.num_speakers or (1 if self.speaker else None)
 
 
+# The range of each bounded setting (min_seconds, max_seconds and the limits are checked together below): a value
+# outside it would pass every clip, reject every clip or mean nothing.
+_RANGES = (
+    ("min_dnsmos", 1.0, 5.0),  # DNSMOS OVRL's scale
+    ("target_lufs", -70.0, 0.0),
+    ("min_asr_confidence", 0.0, 1.0),  # a mean word probability
+    ("min_speaker_purity", 0.0, 1.0),  # a share of windows
+    ("max_clipped_fraction", 0.0, 1.0),  # a share of samples
+    ("speaker_match_threshold", -1.0, 1.0),  # a cosine
+    ("min_words_per_second", 0.0, math.inf),
+    ("max_words_per_second", 0.0, math.inf),
+    ("pause_s", 0.0, math.inf),
+    ("max_gap_s", 0.0, math.inf),
+    ("edge_pad_s", 0.0, math.inf),
+    ("min_asr_logprob", -math.inf, 0.0),  # a mean log-probability
+)
+
+
 @dataclass(frozen=True)
 class IngestSettings:
     """Defaults suit Higgs training: clips of 1-20 s of clean read or conversational speech at -20 LUFS."""
@@ -59,7 +77,7 @@ class IngestSettings:
     target_lufs: float = -20.0
     max_recording_seconds: float = 6 * 3600.0  # refused from the header, before decoding
     max_recording_bytes: int = 16 * 2**30
-    window_s: float = 300.0  # decode and VAD this much audio at a time: memory is flat in the recording's length
+    window_s: float = 300.0  # VAD hears this much audio at a time (decoding streams): memory flat in the length
     asr_model: str = EMBEDDED_ASR
     speaker_model: str = EMBEDDED_SPEAKER
     device: str = "cpu"
@@ -72,7 +90,9 @@ class IngestSettings:
     max_words_per_second: float = 6.0
     max_clipped_fraction: float = 0.001  # share of samples at full scale
     min_speaker_purity: float = 0.75  # share of a clip's speech windows labelled with its speaker
-    speaker_match_threshold: float = 0.75  # cosine of centroids for one person across recordings
+    # Cosine of centroids above which two recordings' voices are one person; None: the speaker model's calibrated
+    # threshold (ingest/registry.py's MATCH_THRESHOLDS).
+    speaker_match_threshold: float | None = None
     dialogue_turns: int = 0  # > 0: consecutive turns of multi-speaker recordings become dialogues of up to N turns
     vad: VadSettings = field(default_factory=VadSettings)
     diarize: DiarizeSettings = field(default_factory=DiarizeSettings)
@@ -84,10 +104,12 @@ class IngestSettings:
         for name, value in asdict(self).items():  # NaN passes every comparison below, and inf disables a limit
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name} {value}: give a finite number")
-        if not 1.0 <= self.min_dnsmos <= 5.0:
-            raise ValueError(f"min_dnsmos {self.min_dnsmos:g}: DNSMOS OVRL runs from 1 to 5")
-        if not -70.0 <= self.target_lufs <= 0.0:
-            raise ValueError(f"target_lufs {self.target_lufs:g}: give a loudness from -70 to 0 LUFS")
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name} {value:g}: give a value from {low:g} to {high:g}")
+        if self.min_words_per_second >= self.max_words_per_second or self.pause_s > self.max_gap_s:
+            raise ValueError("min_words_per_second must be below max_words_per_second, and pause_s at most max_gap_s")
         if self.dialogue_turns < 0:
             raise ValueError(f"dialogue_turns {self.dialogue_turns}: give 0 (no dialogues) or more")
         if not 0 < self.min_seconds < self.max_seconds <= HARD_MAX_SECONDS:
