@@ -5,6 +5,7 @@ merged manifest with its checks, and `raw_audio_manifest` reading it (the step's
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from higgs_pipeline.defs.recording_clips import (
     RECORDINGS_ENV,
     list_recordings,
     recording_clips,
+    recording_clips_job,
     recordings_partitions,
     recordings_sensor,
     result_path,
@@ -77,6 +79,7 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
     (folder / "notes.txt").write_text("not audio")
     corrupt(folder / "odd\tname.wav")  # a name no partition key can hold
     (folder / "moved.wav").symlink_to(folder / "elsewhere.wav")  # a link to nothing
+    Path(os.path.join(os.fsencode(folder), b"caf\xe9.wav").decode(errors="surrogateescape")).write_bytes(b"x")
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
     with dg.DagsterInstance.ephemeral() as instance:
         first = _run_sensor(instance)
@@ -111,6 +114,17 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
                 raise_on_error=False,
             )
             assert not failed.success
+        # A retry of the failed partition waiting in the queue: the failure still stands until a run finishes.
+        job = dg.Definitions(
+            assets=[recording_clips], jobs=[recording_clips_job], resources=resources(artifacts_dir)
+        ).resolve_job_def(recording_clips_job.name)
+        instance.create_run_for_job(
+            job,
+            tags={"dagster/partition": "show/ep1 again.wav"},
+            status=dg.DagsterRunStatus.NOT_STARTED,
+            asset_selection=frozenset([recording_clips.key]),
+        )
+        shutil.copy(folder / "ep3.flac", folder / "late.flac")  # no tick since: no partition yet
 
         meta = _merge(instance, artifacts_dir)
         assert (meta["recordings"], meta["recordings_rejected"], meta["speakers"]) == (5, 3, 1)
@@ -128,9 +142,12 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
             "notes.txt": "unsupported_suffix",
             "odd\tname.wav": "invalid_partition_key",
             "moved.wav": "not_a_file",
+            "caf\\xe9.wav": "invalid_partition_key",  # not UTF-8: shown with its byte, and no partition
+            "late.flac": "not_a_partition",
         }
         assert "a tab" in unlisted["detail"][unlisted["path"] == "odd\tname.wav"].item()
-        assert meta["files_not_ingested"] == 3 and meta["recordings_removed"] == 0
+        assert meta["files_not_ingested"] == 5 and meta["recordings_removed"] == 0
+        (folder / "late.flac").unlink()
 
         screened = dg.materialize(
             [raw_audio_manifest, transcript_check],
@@ -408,15 +425,17 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
     write_recording(folder / "a.wav", MONOLOGUE[:1])
     shutil.copy(folder / "a.wav", folder / "a copy.wav")
     corrupt(folder / "-intro.wav")
+    corrupt(folder / "'-intro.wav")  # written "''-intro.wav": never mistaken for the one above
     monkeypatch.setenv(RECORDINGS_ENV, str(folder))
     with dg.DagsterInstance.ephemeral() as instance:
         tick = _run_sensor(instance)
-        for key in ("a.wav", "a copy.wav", "-intro.wav"):
+        for key in ("a.wav", "a copy.wav", "-intro.wav", "'-intro.wav"):
             dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
         meta = _merge(instance, artifacts_dir)  # the blocking checks pass
         rejected = read_csv(meta["rejected_recordings_path"])
         assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {
             "'-intro.wav": "undecodable",  # as a spreadsheet must show it
+            "''-intro.wav": "undecodable",
             "a.wav": "duplicate",  # the first key owns the bytes in a new store ("a copy.wav" sorts first)
         }
         assert "the same bytes as a copy.wav" in rejected["detail"][rejected["recording"] == "a.wav"].item()
@@ -432,6 +451,19 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
         assert set(_table(meta["manifest_path"])["source_recording"]) == {"a copy.wav"}
         assert not stray.exists()
         assert sorted(r.partition_key for r in _run_sensor(instance, tick.cursor).run_requests) == ["a.wav"]
+
+        copy, before = folder / "a copy.wav", (folder / "a copy.wav").stat()
+        take = bytearray(copy.read_bytes())
+        take[-4000:] = take[-4000:][::-1]  # another take of the same size, its modification time put back
+        copy.write_bytes(bytes(take))
+        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        (folder / "-intro.wav").unlink()  # withdrawn, and no tick since
+        meta = _merge(instance, artifacts_dir)
+        reasons = dict(zip(*read_csv(meta["rejected_recordings_path"])[["recording", "reason"]].T.values, strict=True))
+        assert (reasons["a copy.wav"], reasons["'-intro.wav"]) == ("changed", "missing_file")
+        assert _table(meta["manifest_path"]).empty
+        later = _run_sensor(instance, tick.cursor)
+        assert sorted(r.partition_key for r in later.run_requests) == ["a copy.wav", "a.wav"]
 
         other = tmp_path / "elsewhere"  # the watched root changes: no record made from the old one is merged
         corrupt(other / "a copy.wav")

@@ -321,6 +321,7 @@ def test_a_recording_that_cannot_be_read_this_time_keeps_its_clips(corpus, tmp_p
     moved.unlink()
     code, printed = _run(["prepare", str(moved), str(folder / "bob.wav"), "--out", str(out)])
     assert code == 0 and f"kept {moved}: refused this run (missing_file" in printed
+    assert f"1 recordings of this corpus are no longer at their path (moved or deleted; first: {moved})" in printed
     assert "moved.wav" in _recordings(out) and _clip_folders(out) == clips
 
 
@@ -382,6 +383,29 @@ def test_an_interrupted_run_replaces_no_table(corpus, monkeypatch):
     monkeypatch.setattr(outputs, "write_csv", interrupted)
     assert main(["prepare", "--remove", str(folder / "alice.wav"), "--out", str(out)]) == 130
     assert _tables(out) == files and not list(out.glob(".staging-*"))
+
+
+@pytest.mark.parametrize(("stop", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_run_leaves_no_clips_of_its_own(corpus, monkeypatch, capsys, stop, code):
+    """Ctrl-C, or SIGTERM (a `kill`, a scheduler), after one recording's clips were written: they go with the run
+    (no audio the user stopped stays in the corpus folder), and the tables stay as they were."""
+    import os
+    import signal
+
+    from higgs_pipeline.ingest import prepare as module
+
+    folder, out = corpus
+    files, clips = _tables(out), _clip_folders(out)
+
+    def stopped(path, clips_root, *args, **kwargs):
+        (clips_root / "0123456789abcdef01234567").mkdir()  # this run's finished result folder
+        os.kill(os.getpid(), getattr(signal, stop))
+        raise AssertionError("the signal stops the run")
+
+    monkeypatch.setattr(module, "process_recording", stopped)
+    assert main(["prepare", str(folder / "bob.wav"), "--out", str(out)]) == code
+    assert ("terminated" if stop == "SIGTERM" else "interrupted") in capsys.readouterr().err
+    assert _tables(out) == files and _clip_folders(out) == clips and not (out / ".scratch").exists()
 
 
 def test_signals_wait_for_the_end_of_a_deferred_block():
@@ -453,6 +477,11 @@ def test_a_re_set_the_recording_cannot_pass_keeps_its_clips(corpus):
         (bob, "too_many_speakers")
     ]
     assert pd.read_csv(out / "manifest.csv", keep_default_na=False).equals(before)
+    # Stricter limits that reject every clip of it: a refusal too (a limit that rejects some clips drops those).
+    code, summary = _run(["prepare", bob, "--min-dnsmos", "4.9", "--out", str(out), "--json"])
+    assert code == 0 and [(k["recording"], k["reason"]) for k in summary["refused_kept"]] == [(bob, "no_usable_clips")]
+    assert pd.read_csv(out / "manifest.csv", keep_default_na=False).equals(before)
+    assert summary["files_gone"] == []
 
 
 def test_a_complete_staged_set_left_by_a_kill_is_put_in_place_and_an_incomplete_one_dropped(corpus):

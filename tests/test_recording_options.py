@@ -79,8 +79,10 @@ def test_a_file_replaced_by_bytes_that_are_no_audio_follows_its_file(tmp_path):
         path.write_bytes(content)
         refused = recording.process_recording(str(path), tmp_path / "clips", IngestSettings(), RecordingOptions())
         assert (refused.reason, refused.content_hash) == (reason, hashlib.sha256(content).hexdigest())
-        assert not recording.refusal_keeps(earlier, refused)
+        assert not recording.refusal_keeps(earlier, refused, tmp_path / "clips")
     write_recording(path, MONOLOGUE[:1])
     short = IngestSettings(max_recording_seconds=0.5)
     unread = recording.process_recording(str(path), tmp_path / "clips", short, RecordingOptions())
-    assert (unread.reason, unread.content_hash) == ("too_long", "") and recording.refusal_keeps(earlier, unread)
+    assert (unread.reason, unread.content_hash) == ("too_long", "") and recording.refusal_keeps(
+        earlier, unread, tmp_path / "clips"
+    )

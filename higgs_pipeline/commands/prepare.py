@@ -26,7 +26,7 @@ to add them (unchanged ones are reused, every recording prepared there stays in 
   higgs-pipeline prepare --remove data/demo/recordings/monologue.mp3 --out prepared/
 With --json it prints one object: {"recordings": ..., "recordings_rejected": ..., "clips": ...,
 "speech_seconds": ..., "speakers": ..., "rejected": [...], "duplicates": [...], "removed": [...],
-"refused_kept": [...], ...}."""
+"refused_kept": [...], "files_gone": [...], ...}."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"duplicate {item['recording']}: {item['reason']} as {item['same_as']} (counted once)")
     for name in summary.removed:
         print(f"removed {name} and its clips")
+    if summary.files_gone:
+        print(
+            f"{len(summary.files_gone)} recordings of this corpus are no longer at their path (moved or deleted; "
+            f"first: {summary.files_gone[0]}): their clips stay until --remove takes them out"
+        )
     for item in summary.refused_kept:
         print(
             f"kept {item['recording']}: refused this run ({item['reason']}: {item['detail']}); its earlier clips stay"

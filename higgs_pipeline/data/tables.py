@@ -19,6 +19,8 @@ from higgs_pipeline.files import atomic_open, write_atomic
 # OWASP's list for CSV injection: a spreadsheet reads a cell starting with one of these as a formula (or, for
 # tab and carriage return, strips them and reads what follows as one).
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_QUOTE = "'"
+_ESCAPED_AFTER_QUOTE = (*FORMULA_PREFIXES, _QUOTE)
 
 
 def write_parquet(table: pd.DataFrame, path: str) -> str:
@@ -49,16 +51,24 @@ def write_csv(table: pd.DataFrame, path: str, for_spreadsheets: bool = True) -> 
 
 
 def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
-    """Text cells that start with = + - @ tab or CR prefixed with a single quote (OWASP), shown as typed."""
+    """Text cells that start with = + - @ tab or CR prefixed with a single quote (OWASP), shown as typed; a cell that
+    already starts with a quote before one of those (or before another quote) gets one too, so that no two values
+    are written alike and `spreadsheet_unescaped` gives back each as it was."""
     escaped = table.copy(deep=False)
     for name in escaped.columns:
         column = escaped[name]
         if pd.api.types.is_string_dtype(column) or column.dtype == object:
             text = column.astype("str")
-            risky = text.str.startswith(FORMULA_PREFIXES).fillna(False).to_numpy(bool)
+            quoted = text.str.startswith(_QUOTE) & text.str[1:].str.startswith(_ESCAPED_AFTER_QUOTE)
+            risky = (text.str.startswith(FORMULA_PREFIXES) | quoted).fillna(False).to_numpy(bool)
             if risky.any():
-                escaped[name] = text.where(~risky, "'" + text)
+                escaped[name] = text.where(~risky, _QUOTE + text)
     return escaped
+
+
+def spreadsheet_unescaped(value: str) -> str:
+    """A cell `spreadsheet_safe` wrote, as it was before: one quote fewer where it added one."""
+    return value[1:] if value.startswith(_QUOTE) and value[1:].startswith(_ESCAPED_AFTER_QUOTE) else value
 
 
 def read_csv(path: str, columns: Sequence[str] | None = None) -> pd.DataFrame:

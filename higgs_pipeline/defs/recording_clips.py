@@ -29,7 +29,7 @@ from higgs_pipeline.devices import claim_device, gpu_count, resolve_device
 from higgs_pipeline.files import is_local_filesystem, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.prepare import MARKER as PREPARE_MARKER
-from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps
+from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps, refusal_of
 from higgs_pipeline.ingest.settings import (
     DIALOGUE_TURNS,
     KNOBS,
@@ -187,11 +187,12 @@ def recording_clips(
     earlier, earlier_stamp = _earlier_result(root, key, source_root)
     # As in prepare, but the file is the recording here: an unread one keeps its clips only while it is the file
     # they were made from (same stamp); a file deleted or replaced follows its file.
-    same_file = bool(stamp) and stamp == earlier_stamp
-    kept = refusal_keeps(earlier, result) and (bool(result.content_hash) or same_file)
+    same_file = bool(stamp) and same_stamp(earlier_stamp, stamp)
+    kept = refusal_keeps(earlier, result, root / CLIPS_DIR) and (bool(result.content_hash) or same_file)
     if kept:
+        reason, detail = refusal_of(result)
         context.log.warning(
-            f"{key} refused this time ({result.reason}: {result.detail}); its earlier clips stay, the file being the "
+            f"{key} refused this time ({reason}: {detail}); its earlier clips stay, the file being the "
             "one they were made from: fix the run config, or delete the file to take them out"
         )
     record = earlier if kept else result
@@ -275,25 +276,46 @@ def list_recordings(root: str) -> RecordingsListing:
         raise FileNotFoundError(f"recordings root {root} is not a folder or a prefix holding files")
     errors: list[OSError] = []
     # s3fs lists a prefix in one call that raises; fsspec's local walk would skip a folder it cannot list.
-    entries = _find_local(fs, base, errors) if is_local_filesystem(fs) else fs.find(base, detail=True)
+    local = is_local_filesystem(fs)
+    entries = _find_local(fs, base, errors) if local else fs.find(base, detail=True)
     stamps, unlisted = {}, []
     for path, info in sorted(entries.items()):
         key = posixpath.relpath(path, base)
         reason, detail = _unlisted_reason(key, info)
         if reason:
-            unlisted.append({"path": key, "reason": reason, "detail": detail})
+            unlisted.append({"path": _shown(key), "reason": reason, "detail": detail})
             continue
-        stamps[key] = _stamp(info)
+        stamps[key] = _stamp(info, local)
     for error in errors:
         where = posixpath.relpath(getattr(error, "filename", None) or base, base)
-        unlisted.append({"path": where, "reason": UNREADABLE, "detail": f"could not be listed: {error}"})
+        unlisted.append(
+            {"path": _shown(where), "reason": UNREADABLE, "detail": _shown(f"could not be listed: {error}")}
+        )
     return RecordingsListing(stamps, unlisted, complete=not errors)
 
 
-def _stamp(info: dict) -> str:
-    """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time."""
+def _stamp(info: dict, local: bool) -> str:
+    """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time, and on a
+    local file system its status-change time too, which no copy tool sets back: a take replaced by one of the same
+    size with the old modification time restored (`cp -p`, `rsync -t`, a volume with 2 s times) still changes."""
     version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-    return json.dumps([info.get("size"), version], default=str)
+    fields = [info.get("size"), version] + ([info.get("created")] if local else [])
+    return json.dumps(fields, default=str)
+
+
+def same_stamp(recorded: str | None, current: str) -> bool:
+    """Whether two stamps are of one version of a file. A stamp recorded before the status-change time joined it
+    (size and version only) is compared on what it holds, so an upgrade does not make every file look changed."""
+    if not recorded:
+        return False
+    if recorded == current:
+        return True
+    try:
+        old, new = json.loads(recorded), json.loads(current)
+    except ValueError:
+        return False
+    common = min(len(old), len(new))
+    return common >= 2 and old[:common] == new[:common]
 
 
 def file_stamp(path: str) -> str:
@@ -303,7 +325,8 @@ def file_stamp(path: str) -> str:
         info = fs.info(target)
     except OSError:
         return ""
-    return _stamp(_through_link({**info, "name": target}) if is_local_filesystem(fs) else info)
+    local = is_local_filesystem(fs)
+    return _stamp(_through_link({**info, "name": target}) if local else info, local)
 
 
 def _find_local(fs: fsspec.AbstractFileSystem, base: str, errors: list[OSError]) -> dict[str, dict]:
@@ -335,7 +358,13 @@ def _through_link(info: dict) -> dict:
         return info
     if not stat.S_ISREG(target.st_mode):
         return info
-    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime}
+    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime, "created": target.st_ctime}
+
+
+def _shown(key: str) -> str:
+    """`key` as text any table can hold: a name that is not UTF-8 (Python keeps its bytes as surrogates) with those
+    bytes written as \\xNN."""
+    return os.fsencode(key).decode("utf-8", "backslashreplace")
 
 
 def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
@@ -346,6 +375,8 @@ def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
         return NOT_A_FILE, f"a {info.get('type')} entry, not a file"
     if not key.lower().endswith(AUDIO_SUFFIXES):
         return UNSUPPORTED_SUFFIX, f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
+    if _shown(key) != key:
+        return INVALID_KEY, "its name is not valid UTF-8, which a Dagster partition key must be; rename the file"
     bad = [bad for bad in _INVALID_IN_KEYS if bad in key]
     if bad:
         names = ", ".join(_KEY_CHARACTER_NAMES.get(c, "a control character") for c in bad)
@@ -374,7 +405,7 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     gone = _gone(known, listing, seen, root, context.log)
     if gone:
         context.log.info(f"removing the partitions of {len(gone)} recordings no longer under {root}: {gone[:10]}")
-    changed = sorted(key for key, stamp in listing.stamps.items() if seen.get(key) != stamp)
+    changed = sorted(key for key, stamp in listing.stamps.items() if not same_stamp(seen.get(key), stamp))
     # A partition this tick could not see (a folder unlistable, a volume unmounted) keeps its last stamp, so a file
     # deleted meanwhile is still known as seen here and removed once the listing is whole again.
     unseen = {key: seen[key] for key in known - set(listing.stamps) - set(gone) if key in seen}

@@ -14,7 +14,7 @@ from dagster import AssetPartitionStatus
 from pydantic import Field
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.data.tables import read_csv, spreadsheet_safe, write_csv
+from higgs_pipeline.data.tables import read_csv, spreadsheet_safe, spreadsheet_unescaped, write_csv
 from higgs_pipeline.defs.recording_clips import (
     PARTITIONS_DIR,
     RecordingsListing,
@@ -25,6 +25,7 @@ from higgs_pipeline.defs.recording_clips import (
     recording_clips,
     recordings_partitions,
     recordings_root,
+    same_stamp,
 )
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
@@ -33,6 +34,10 @@ from higgs_pipeline.ingest.recording import RecordingResult, remove_results
 from higgs_pipeline.ingest.settings import IngestSettings
 
 REMOVED = "removed_recordings.csv"  # recording, removed_at, clips_dropped: every removal, kept
+# Runs of a partition looked through, newest first, for the latest finished one while a retry waits or runs.
+RUNS_LOOKED_AT = 20
+PARTITION_TAG = "dagster/partition"
+NOT_A_PARTITION = "not_a_partition"
 UNLISTED = "unlisted_files.csv"  # path, reason, detail: files under the watched folder that are no partition
 
 
@@ -82,7 +87,7 @@ def recordings_manifest(
     ]
     _append_removed(root / REMOVED, dropped)
     _delete_withdrawn(root, removed)
-    unlisted = listing.unlisted if listing else []
+    unlisted = _unlisted(listing, set(keys))
     write_csv(pd.DataFrame(unlisted, columns=["path", "reason", "detail"]), str(root / UNLISTED))
     version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()))[:16]
     context.log.info(f"{summary.clips} clips from {len(keys) - summary.recordings_rejected} of {len(keys)} recordings")
@@ -118,11 +123,13 @@ def _partition_result(
     status: AssetPartitionStatus | None,
     listing: RecordingsListing | None,
 ) -> RecordingResult:
-    """The partition's result record, unless its latest run failed (an older record is of older content) or the
-    file changed since the record was made (a file deleted and another put in its place, a new take: its run is
-    pending, and the record's clips are of what was there before)."""
-    if status == AssetPartitionStatus.FAILED:
-        return RecordingResult(key, "rejected", "failed", _latest_error(instance, key))
+    """The partition's result record, unless its latest finished run failed (an older record is of older content: a
+    retry still queued or running changes nothing), its file is gone from the root (withdrawn, the sensor not yet
+    ticked) or the file changed since the record was made (a new take: its run is pending, and the record's clips
+    are of what was there before)."""
+    failed = _failed_run(instance, key, status)
+    if failed:
+        return RecordingResult(key, "rejected", "failed", failed)
     record = read_record(root, key)
     if record is None:
         return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
@@ -131,10 +138,31 @@ def _partition_result(
         if source_root != recordings_root():
             detail = f"its clips were made from {source_root}, not the watched root: its recording_clips run is due"
             return RecordingResult(key, "rejected", "changed", detail)
-        if stamp and listing.stamps.get(key, stamp) != stamp:
+        if key not in listing.stamps and listing.complete and listing.stamps:  # an empty root may be unmounted
+            detail = "its file is no longer under the root: not merged; the recordings sensor removes its partition"
+            return RecordingResult(key, "rejected", "missing_file", detail)
+        if stamp and key in listing.stamps and not same_stamp(stamp, listing.stamps[key]):
             detail = "its file changed since its clips were made: its recording_clips run is due"
             return RecordingResult(key, "rejected", "changed", detail)
     return record.result
+
+
+def _failed_run(instance: dg.DagsterInstance, key: str, status: AssetPartitionStatus | None) -> str:
+    """The error of the partition's latest finished run when that run failed, else "". Dagster calls a partition
+    whose retry is queued or running in progress, not failed: the runs say which finished last."""
+    if status == AssetPartitionStatus.FAILED:
+        planned = instance.get_latest_planned_materialization_info(recording_clips.key, key)
+        return _run_error(instance, planned.run_id) if planned else "its latest recording_clips run failed"
+    if status != AssetPartitionStatus.IN_PROGRESS:
+        return ""
+    for run in instance.get_runs(filters=dg.RunsFilter(tags={PARTITION_TAG: key}), limit=RUNS_LOOKED_AT):
+        if run.asset_selection and recording_clips.key not in run.asset_selection:
+            continue  # another asset's run with a partition of the same name
+        if run.status == dg.DagsterRunStatus.FAILURE:
+            return _run_error(instance, run.run_id)
+        if run.status == dg.DagsterRunStatus.SUCCESS:
+            return ""
+    return ""
 
 
 def _one_per_content(results: list[RecordingResult], clips_before: dict[str, int]) -> list[RecordingResult]:
@@ -152,17 +180,14 @@ def _one_per_content(results: list[RecordingResult], clips_before: dict[str, int
     ]
 
 
-def _latest_error(instance: dg.DagsterInstance, key: str) -> str:
-    """The error of the partition's latest planned run: the innermost cause of its failed step."""
-    planned = instance.get_latest_planned_materialization_info(recording_clips.key, key)
-    if planned is None:
-        return "its latest recording_clips run failed"
-    for event in instance.all_logs(planned.run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+def _run_error(instance: dg.DagsterInstance, run_id: str) -> str:
+    """A failed run's error: the innermost cause of its failed step."""
+    for event in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         error = event.dagster_event.step_failure_data.error
         while error.cause is not None:
             error = error.cause
-        return f"run {planned.run_id}: {error.message.strip()}"
-    return f"run {planned.run_id} failed before its step ran (see the run's logs)"
+        return f"run {run_id}: {error.message.strip()}"
+    return f"run {run_id} failed before its step ran (see the run's logs)"
 
 
 def _removed_records(instance: dg.DagsterInstance, root: Path, keys: set[str]) -> dict[str, Path]:
@@ -194,6 +219,7 @@ def _append_removed(path: Path, dropped: list[dict]) -> None:
     """`removed_recordings.csv` keeps every removal ever made: the record of a withdrawal outlives its clips."""
     columns = ["recording", "removed_at", "clips_dropped"]
     earlier = read_csv(str(path), columns=columns) if path.is_file() else pd.DataFrame(columns=columns)
+    earlier["recording"] = earlier["recording"].map(spreadsheet_unescaped)  # written for spreadsheets: as it was
     if dropped or not path.is_file():
         write_csv(pd.concat([earlier, pd.DataFrame(dropped, columns=columns)], ignore_index=True), str(path))
 
@@ -206,6 +232,16 @@ def _delete_withdrawn(root: Path, removed: dict[str, Path]) -> None:
     for path in removed.values():
         path.unlink()
     remove_results(root / CLIPS_DIR, keep={record.get("folder", "") for record in _records(root).values()})
+
+
+def _unlisted(listing: RecordingsListing | None, keys: set[str]) -> list[dict[str, str]]:
+    """Every file under the root that no partition merges: the listing's unlisted entries, and recordings the
+    sensor has not yet made partitions of (stopped, or not ticked since the file came)."""
+    if listing is None:
+        return []
+    detail = "no recording_clips partition yet: the recordings sensor adds it at its next tick (is it running?)"
+    pending = [{"path": key, "reason": NOT_A_PARTITION, "detail": detail} for key in sorted(set(listing.stamps) - keys)]
+    return listing.unlisted + pending
 
 
 def _listing(context: dg.AssetExecutionContext) -> RecordingsListing | None:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from higgs_pipeline.data.tables import read_csv, write_csv
-from higgs_pipeline.ingest.recording import RecordingResult
+from higgs_pipeline.ingest.recording import NO_CLIPS, RecordingResult
 from higgs_pipeline.ingest.registry import (
     EMBEDDINGS,
     SPEAKERS,
@@ -86,6 +86,9 @@ class Summary:
     # Given recordings refused this run whose earlier clips stay (the refusal says nothing of their content,
     # recording.refusal_keeps): recording, reason, detail.
     refused_kept: list[dict] = field(default_factory=list)
+    # Recordings of the corpus whose file is no longer at their path (moved, renamed, deleted): their clips stay
+    # until `--remove`, so a folder moved or a take withdrawn by deleting its file is said, not silently kept.
+    files_gone: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,7 +137,7 @@ def merge_outputs(out: Path, results: Sequence[RecordingResult], settings: Inges
         if result.status == "accepted" and result.recording not in yielded:
             counts = segments[segments["recording"] == result.recording]["reason"].value_counts()
             detail = "every clip candidate was rejected: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-            rejected.append({"recording": result.recording, "reason": "no_usable_clips", "detail": detail})
+            rejected.append({"recording": result.recording, "reason": NO_CLIPS[0], "detail": detail})
     manifest = _manifest(accepted, results, settings)
     used = pd.DataFrame(
         {

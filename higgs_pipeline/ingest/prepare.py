@@ -30,7 +30,13 @@ from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
 from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, OUTPUT_FILES, Summary, merge_outputs
-from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps, remove_results
+from higgs_pipeline.ingest.recording import (
+    RecordingResult,
+    process_recording,
+    refusal_keeps,
+    refusal_of,
+    remove_results,
+)
 from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock, LockBusy
@@ -208,9 +214,10 @@ def prepare(
             (out / BUILDING).touch()
         try:
             given, duplicates = _process(recordings, work, settings, options, progress)
-            merged, same_bytes, refused_kept = _merged(corpus, given, removed)
+            merged, same_bytes, refused_kept = _merged(corpus, given, removed, work / CLIPS_DIR)
             summary = _write(work, merged, settings, duplicates + same_bytes, removed)
             summary.refused_kept = refused_kept
+            summary.files_gone = [r.recording for r in merged if "://" not in r.recording and not _exists(r.recording)]
             if in_place:
                 (out / BUILDING).unlink()
             elif fresh:
@@ -220,8 +227,28 @@ def prepare(
                 _remove_first_run(out)
             elif fresh:
                 shutil.rmtree(work, ignore_errors=True)
+            else:
+                _remove_unreferenced(out)
             raise
     return summary, merged
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):  # a name the file system cannot hold
+        return False
+
+
+def _remove_unreferenced(out: Path) -> None:
+    """After a failed run into an existing corpus (an error, Ctrl-C, SIGTERM), the clip folders it made: every one
+    the corpus on disk does not name. Read from disk, not from memory: a Ctrl-C deferred through the tables' renames
+    takes effect after them, and then the new tables name the new folders."""
+    try:
+        keep = {result.folder for result in load_corpus(out).values()}
+    except ValueError:
+        return  # a marker that cannot be read: the next run says so, and removes nothing here either
+    remove_results(out / CLIPS_DIR, keep)
 
 
 def clean_leftovers(out: Path) -> None:
@@ -318,7 +345,7 @@ def _scratch_inside(work: Path) -> Iterator[None]:
 
 
 def _merged(
-    corpus: dict[str, RecordingResult], given: list[RecordingResult], removed: list[str]
+    corpus: dict[str, RecordingResult], given: list[RecordingResult], removed: list[str], clips_root: Path
 ) -> tuple[list[RecordingResult], list[dict], list[dict]]:
     """The corpus after this run, by name, with the duplicates and the kept refusals to report.
 
@@ -334,8 +361,9 @@ def _merged(
         result.reused = result.status == "accepted"  # used as it was
     merged, refused_kept = dict(kept), []
     for result in given:
-        if refusal_keeps(kept.get(result.recording), result):
-            refused_kept.append({"recording": result.recording, "reason": result.reason, "detail": result.detail})
+        if refusal_keeps(kept.get(result.recording), result, clips_root):
+            reason, detail = refusal_of(result)
+            refused_kept.append({"recording": result.recording, "reason": reason, "detail": detail})
             continue
         merged[result.recording] = result
     given_names = list(dict.fromkeys(r.recording for r in given))

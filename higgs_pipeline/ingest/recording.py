@@ -21,7 +21,7 @@ import pandas as pd
 import soundfile
 
 from higgs_pipeline.data.hashing import digest
-from higgs_pipeline.data.tables import write_csv
+from higgs_pipeline.data.tables import read_csv, write_csv
 from higgs_pipeline.files import replace_dir, temporary_dir, write_json
 from higgs_pipeline.ingest import cut, quality, stages
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
@@ -39,6 +39,7 @@ from higgs_pipeline.speech.diarize import TooManySpeakersError
 from higgs_pipeline.speech.words import check_language, joined_text
 
 RESULT_FILE = "recording.json"
+NO_CLIPS = ("no_usable_clips", "every clip candidate was rejected with this run's settings")
 
 
 @dataclass
@@ -81,16 +82,31 @@ UNREAD_REASONS = frozenset(
 )
 
 
-def refusal_keeps(earlier: RecordingResult | None, result: RecordingResult) -> bool:
+def refusal_keeps(earlier: RecordingResult | None, result: RecordingResult, clips_root: Path) -> bool:
     """Whether `result`, a refusal, leaves `earlier` (an accepted result of the same recording) in place in a
-    `prepare` corpus: the bytes are the same (a re-set the recording cannot pass, a mistyped speaker count), or the
-    refusal says nothing of the recording's content (UNREAD_REASONS) and its bytes are not known to differ. Only
-    `--remove` takes a recording out; one whose bytes changed follows its file, a refusal included."""
-    if result.status == "accepted" or earlier is None or earlier.status != "accepted":
+    `prepare` corpus: the bytes are the same (a re-set the recording cannot pass, a mistyped speaker count, stricter
+    limits that reject every clip: a result yielding no clip is a refusal here), or the refusal says nothing of the
+    recording's content (UNREAD_REASONS) and its bytes are not known to differ. Only `--remove` takes a recording
+    out; one whose bytes changed follows its file, a refusal included. `clips_root` holds both results' folders."""
+    if earlier is None or earlier.status != "accepted":
         return False
+    if result.status == "accepted":
+        same = result.content_hash == earlier.content_hash
+        return same and not yields_clips(clips_root / result.folder) and yields_clips(clips_root / earlier.folder)
     if result.content_hash:
         return result.content_hash == earlier.content_hash
     return result.reason in UNREAD_REASONS
+
+
+def refusal_of(result: RecordingResult) -> tuple[str, str]:
+    """(reason, detail) of a refusal `refusal_keeps` weighs: a result yielding no clip has none of its own."""
+    return (result.reason, result.detail) if result.reason else NO_CLIPS
+
+
+def yields_clips(folder: Path) -> bool:
+    """Whether the result in `folder` has a clip: a segment that passed every check."""
+    segments = folder / "segments.csv"
+    return segments.is_file() and bool((read_csv(str(segments), columns=["reason"])["reason"] == "").any())
 
 
 def remove_results(clips_root: Path, keep: set[str]) -> None:
