@@ -3,6 +3,9 @@ move, pinned names. Real voices through `write_outputs` and speakers.csv edits: 
 
 from __future__ import annotations
 
+import copy
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +16,7 @@ from higgs_pipeline.ingest.registry import (
     Registry,
     RegistryError,
     assign,
+    load_registry,
     match_threshold,
     register,
     save_registry,
@@ -119,6 +123,87 @@ def test_a_named_recording_processed_again_with_other_settings_keeps_its_renamed
         registry, [NewRecording("f-new", _unit(ALICE), pinned="Bob", recording="m1.wav")], "resemblyzer", 0.8
     )
     assert again["f-new"] == [voice] and registry.label(voice) == "Robert" and registry.voices[voice].weight == 2
+
+
+def _named_after_a_run_without_a_name() -> Registry:
+    """b.wav (bytes "h1", Alice's voice) first processed without a name (folder f-auto, speaker_01), then named Dave
+    (folder f-dave: a name implies a speaker count, which is in the result folder's key)."""
+    registry = Registry()
+    register(registry, [NewRecording("f-auto", _unit(ALICE), recording="b.wav", content="h1")], "resemblyzer", 0.8)
+    register(
+        registry,
+        [NewRecording("f-dave", _unit(ALICE), pinned="Dave", recording="b.wav", content="h1")],
+        "resemblyzer",
+        0.8,
+    )
+    return registry
+
+
+def test_a_named_recording_processed_again_without_its_name_keeps_the_pinned_voice():
+    """The sensor reruns a touched file with no speaker config, `prepare` is rerun without --speaker: the same bytes
+    with one voice are still Dave, whether the rerun makes the folder of the run before the name or a new one, and
+    the user's rename still wins. A rerun that finds two voices cannot say which one Dave was: matched as now."""
+    registry = _named_after_a_run_without_a_name()
+    dave = registry.assignments["f-dave"][0]
+    rerun = NewRecording("f-auto", _unit(ALICE), recording="b.wav", content="h1")
+    assert register(registry, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}
+    assert register(registry, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}  # stays, counted once
+    assert registry.voices[dave].weight == 2
+    registry.voices[dave].label = "David"  # the user's rename in speakers.csv
+    other = NewRecording("f-other", _unit(ALICE), recording="b.wav", content="h1")
+    assert _labels(registry, register(registry, [other], "resemblyzer", 0.8)) == {"f-other": ["David"]}
+
+    two = NewRecording("f-two", _unit(ALICE, BOB), recording="b.wav", content="h1")
+    voices = register(registry, [two], "resemblyzer", 0.8)["f-two"]
+    assert len(set(voices)) == 2 and registry.pins["b.wav"]["voices"] == [dave]  # the pin stays for a later rerun
+
+
+def test_other_bytes_at_a_named_recording_do_not_inherit_its_pin():
+    """A different take or a different person copied to b.wav and processed without a name is a new recording to the
+    registry: matched by its voice (here a stranger, so a new speaker_NN), not given Dave; the pin keeps its bytes."""
+    registry = _named_after_a_run_without_a_name()
+    dave = registry.assignments["f-dave"][0]
+    changed = NewRecording("f-new", _unit(CAROL), recording="b.wav", content="h2")
+    labels = _labels(registry, register(registry, [changed], "resemblyzer", 0.8))
+    assert labels["f-new"][0].startswith("speaker_") and labels["f-new"] != ["Dave"]
+    assert registry.pins["b.wav"] == {"name": "Dave", "voices": [dave], "content": "h1"}
+    unknown = NewRecording("f-unknown", _unit(CAROL), recording="b.wav")  # bytes not known: never the pin
+    assert registry.label(register(registry, [unknown], "resemblyzer", 0.8)["f-unknown"][0]) != "Dave"
+
+
+def test_a_pin_saved_before_pins_kept_their_content_loads_and_is_not_applied_without_the_name(tmp_path):
+    """A speaker_embeddings.json written before (format 1, pins without "content") still loads; its pin is not known
+    to be for the bytes of a rerun without the name, so that rerun keeps its folder's voice; a run with the name
+    records the bytes, and from then on the pin holds."""
+    registry = _named_after_a_run_without_a_name()
+    speaker_01, dave = registry.assignments["f-auto"][0], registry.assignments["f-dave"][0]
+    save_registry(tmp_path, registry, pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"]))
+    path = tmp_path / "speaker_embeddings.json"
+    document = json.loads(path.read_text(encoding="utf-8"))
+    assert document["format"] == 1 and document["pins"]["b.wav"]["content"] == "h1"
+    del document["pins"]["b.wav"]["content"]
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+    old = load_registry(tmp_path)
+    assert old.pins == {"b.wav": {"name": "Dave", "voices": [dave], "content": ""}}
+    rerun = NewRecording("f-auto", _unit(ALICE), recording="b.wav", content="h1")
+    assert register(old, [rerun], "resemblyzer", 0.8) == {"f-auto": [speaker_01]}
+    named = NewRecording("f-dave", _unit(ALICE), pinned="Dave", recording="b.wav", content="h1")
+    assert register(old, [named], "resemblyzer", 0.8) == {"f-dave": [dave]} and old.pins["b.wav"]["content"] == "h1"
+    assert register(old, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}
+
+
+def test_a_kept_pin_gives_the_same_labels_whichever_order_recordings_arrive_in():
+    registry = _named_after_a_run_without_a_name()
+    batch = [
+        *RECORDINGS.values(),
+        NewRecording("f-auto", _unit(ALICE), recording="b.wav", content="h1"),
+        NewRecording("a0", _unit([0.3, 0.3, -0.9], ALICE)),
+    ]
+    first, second = copy.deepcopy(registry), copy.deepcopy(registry)
+    one = _labels(first, register(first, batch, "resemblyzer", 0.8))
+    two = _labels(second, register(second, list(reversed(batch)), "resemblyzer", 0.8))
+    assert one == two and one["f-auto"] == ["Dave"]
 
 
 def test_a_merge_of_recordings_none_of_which_yielded_clips_writes_empty_tables(tmp_path):

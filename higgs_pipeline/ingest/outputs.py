@@ -202,6 +202,7 @@ def _voice_ids(registry, results: Sequence[RecordingResult], settings: IngestSet
             np.asarray(r.centroids, dtype=np.float64).reshape(len(r.centroids), -1),
             (r.options or {}).get("speaker") or "",
             r.recording,
+            r.content_hash,  # a pin holds through a run without a name only for the bytes it was made for
         )
         for r in accepted
     ]

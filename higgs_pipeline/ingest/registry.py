@@ -8,7 +8,11 @@ speaker model's calibrated threshold (`MATCH_THRESHOLDS`); an unmatched voice is
 `speaker_NN` never issued before. A recording given a speaker name (`--speaker`) is pinned to that label once,
 when the name is new for it (`Registry.pins`, by recording): afterwards it keeps the voice the name gave it, even
 when it is processed again with other settings, and a rename or a merge in speakers.csv wins, as for any other
-voice.
+voice. Processed again without a name (the Dagster sensor's rerun of a touched file, `prepare` without `--speaker`),
+it keeps the pin's voices only while it is the same recording: the bytes the pin was made for (its content hash) and
+as many local voices as the pin holds. A file whose bytes changed may be another take or another person, and a run
+that finds more voices than the name covered cannot say which one the name was; both are matched as any new
+recording.
 
 Two files beside the manifest:
 - `speakers.csv` (`voice_id`, `label`, and read-only `clips`, `seconds`, `recordings` of the current manifest):
@@ -94,7 +98,8 @@ class Registry:
     voices: dict[str, Voice] = field(default_factory=dict)
     assignments: dict[str, list[str]] = field(default_factory=dict)  # result folder -> voice_id per local speaker
     next_number: int = 1  # the next speaker_NN: a number once issued is never issued again
-    # recording -> {"name": the --speaker name applied to it, "voices": the voice ids the name gave it}
+    # recording -> {"name": the --speaker name applied to it, "voices": the voice ids the name gave it, "content": the
+    # content hash of the bytes it was last named for ("": not known)}
     pins: dict[str, dict] = field(default_factory=dict)
 
     def label(self, voice_id: str) -> str:
@@ -109,6 +114,8 @@ class NewRecording:
     centroids: np.ndarray  # one unit row per local speaker
     pinned: str = ""  # the speaker name given for it ("" if none)
     recording: str = ""  # the name it is known by (its pin is kept under it; "": the folder)
+    content: str = ""  # the content hash of its bytes: a pin is kept through a run without a name only for the same
+    # bytes ("": not known, so never)
 
 
 def register(
@@ -116,7 +123,8 @@ def register(
 ) -> dict[str, list[str]]:
     """Assign every recording's local voices to voices (updating `registry`); returns folder -> voice ids.
 
-    A folder assigned before keeps its voices. New folders are taken in sorted order, not the order given, so the
+    A folder assigned before keeps its voices, unless its recording holds a pin for the same bytes (a folder
+    assigned before the recording was named). New folders are taken in sorted order, not the order given, so the
     same recordings give the same labels whichever order they arrive in."""
     out = {}
     for recording in sorted(recordings, key=lambda r: r.folder):
@@ -125,6 +133,8 @@ def register(
             before = None
         if recording.pinned:
             voices = _pin(registry, recording, before, model)
+        elif (kept := _kept_pin(registry, recording, before, model)) is not None:
+            voices = kept
         elif before is not None:
             voices = before
         else:
@@ -140,12 +150,36 @@ def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, 
     pin = registry.pins.get(name)
     same = pin is not None and pin["name"] == recording.pinned and len(pin["voices"]) == len(recording.centroids)
     if same and all(voice in registry.voices for voice in pin["voices"]):
+        pin["content"] = recording.content  # the bytes the name now stands for (an old pin learns them here)
         if before is not None:
             return before
         return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
     voices = _pinned_voices(registry, recording, model)
-    registry.pins[name] = {"name": recording.pinned, "voices": voices}
+    registry.pins[name] = {"name": recording.pinned, "voices": voices, "content": recording.content}
     return voices
+
+
+def _kept_pin(registry: Registry, recording: NewRecording, before: list[str] | None, model: str) -> list[str] | None:
+    """The pin's voices for a recording processed again without a name, or None where the pin does not hold it: no
+    pin, other bytes than the pin was made for (or not known), another count of local voices (a named run clusters
+    to the name's voices; a rerun that finds more cannot say which one the name was), or voices of another speaker
+    model. `before` is the folder's assignment: when it is the pin's already, its centroids are counted."""
+    pin = registry.pins.get(recording.recording or recording.folder)
+    if pin is None or not recording.content or pin.get("content") != recording.content:
+        return None
+    voices = pin["voices"]
+    dimension = recording.centroids.shape[1] if recording.centroids.ndim == 2 else 0
+    if len(voices) != len(recording.centroids) or not all(
+        voice in registry.voices
+        and registry.voices[voice].model == model
+        and len(registry.voices[voice].centroid) == dimension
+        for voice in voices
+    ):
+        return None
+    if before == voices:
+        return before
+    # A folder assigned before the name was given: its centroids stay in the voices they joined then, as for a re-pin.
+    return [_join(registry.voices[v], c) for v, c in zip(voices, recording.centroids, strict=True)]
 
 
 def _pinned_names(name: str, count: int) -> list[str]:
@@ -280,8 +314,15 @@ def _load_embeddings(path: Path) -> Registry:
         unknown = {v for ids in assignments.values() for v in ids} - set(voices)
         if unknown:
             raise ValueError(f"assignments name unknown voices {sorted(unknown)[:3]}")
-        pins = {  # absent from registries written before pins were kept
-            str(k): {"name": str(v["name"]), "voices": [str(x) for x in v["voices"]]}
+        # Pins are absent from registries written before pins were kept, and "content" from pins written before the
+        # content was: such a pin is not known to be for the bytes a rerun without a name brings, so it is not applied
+        # to one ("" never matches) until a run with its name records them. The key is additive: format stays 1.
+        pins = {
+            str(k): {
+                "name": str(v["name"]),
+                "voices": [str(x) for x in v["voices"]],
+                "content": str(v.get("content", "")),
+            }
             for k, v in document.get("pins", {}).items()
         }
         return Registry(voices, assignments, int(document["next_number"]), pins)
