@@ -325,6 +325,14 @@ def test_a_recording_that_cannot_be_read_this_time_keeps_its_clips(corpus, tmp_p
     assert "moved.wav" in _recordings(out) and _clip_folders(out) == clips
 
 
+def test_remove_by_another_path_to_a_recording_names_the_recording(corpus, tmp_path, capsys):
+    folder, out = corpus
+    link = tmp_path / "link.wav"
+    link.symlink_to(folder / "bob.wav")
+    assert main(["prepare", "--remove", str(link), "--out", str(out)]) == 2
+    assert f"(the same file is its recording {folder / 'bob.wav'}: --remove that)" in capsys.readouterr().err
+
+
 def test_the_recording_already_in_the_corpus_owns_its_bytes(corpus):
     """A copy given before the original is the duplicate: the corpus's entry keeps its name (and --remove finds it)."""
     folder, out = corpus

@@ -66,6 +66,7 @@ def test_a_speaker_name_loses_its_surrounding_whitespace_before_it_is_used():
     assert RecordingOptions(speaker=" Ann ").speaker == "Ann"
     assert RecordingOptions(speaker="\u0639\u0644\u06cc\u200c\u0631\u0636\u0627").speaker.count("\u200c") == 1
     assert RecordingClipsConfig(speaker=" Ann ").options().speaker == "Ann"
+    assert RecordingOptions(speaker="Jose\u0301").speaker == "Jos\u00e9"  # one spelling of one name (NFC)
 
 
 def test_a_file_replaced_by_bytes_that_are_no_audio_follows_its_file(tmp_path):

@@ -158,6 +158,44 @@ def test_a_named_recording_processed_again_without_its_name_keeps_the_pinned_voi
     assert len(set(voices)) == 2 and registry.pins["b.wav"]["voices"] == [dave]  # the pin stays for a later rerun
 
 
+def test_a_re_set_of_the_same_bytes_keeps_its_voices_and_a_merge_made_in_speakers_csv(tmp_path):
+    """Other settings make another folder; the same bytes clustered into as many voices keep theirs (the clustering
+    may number them the other way round), so two voices the user merged stay one speaker. Matching would put them on
+    two speakers. Other bytes at that name are matched as new."""
+    registry = Registry()
+    first = register(
+        registry, [NewRecording("f1", _unit(ALICE, BOB), recording="ep1.wav", content="h1")], "resemblyzer", 0.8
+    )["f1"]
+    for voice in first:
+        registry.voices[voice].label = "Alice"  # the user's merge: one person the diarizer split in two
+    save_registry(tmp_path, registry, pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"]))
+    registry = load_registry(tmp_path)
+    re_set = NewRecording("f2", _unit(BOB, ALICE), recording="ep1.wav", content="h1")
+    assert register(registry, [re_set], "resemblyzer", 0.8)["f2"] == first[::-1]
+    assert _labels(registry, {"f2": registry.assignments["f2"]}) == {"f2": ["Alice", "Alice"]}
+    other = NewRecording("f3", _unit(CAROL), recording="ep1.wav", content="h2")
+    assert registry.label(register(registry, [other], "resemblyzer", 0.8)["f3"][0]).startswith("speaker_")
+
+
+def test_labels_spelled_with_and_without_combining_accents_are_one_speaker(tmp_path):
+    registry = Registry()
+    register(registry, [NewRecording("f1", _unit(ALICE, BOB), recording="ep1.wav")], "resemblyzer", 0.8)
+    save_registry(tmp_path, registry, pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"]))
+    table = pd.read_csv(tmp_path / "speakers.csv", keep_default_na=False)
+    table["label"] = ["Jos\u00e9", "Jose\u0301"]  # as two editors (or macOS) may type it
+    table.to_csv(tmp_path / "speakers.csv", index=False)
+    assert {voice.label for voice in load_registry(tmp_path).voices.values()} == {"Jos\u00e9"}
+
+
+def test_speakers_csv_without_its_embeddings_is_named_as_such(tmp_path):
+    registry = Registry()
+    register(registry, [NewRecording("f1", _unit(ALICE), recording="ep1.wav")], "resemblyzer", 0.8)
+    save_registry(tmp_path, registry, pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"]))
+    (tmp_path / "speaker_embeddings.json").unlink()
+    with pytest.raises(RegistryError, match="speaker_embeddings.json beside it is missing"):
+        load_registry(tmp_path)
+
+
 def test_other_bytes_at_a_named_recording_do_not_inherit_its_pin():
     """A different take or a different person copied to b.wav and processed without a name is a new recording to the
     registry: matched by its voice (here a stranger, so a new speaker_NN), not given Dave; the pin keeps its bytes."""

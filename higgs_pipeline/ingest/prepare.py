@@ -233,6 +233,14 @@ def prepare(
     return summary, merged
 
 
+def _same_file(path: str, other: str) -> bool:
+    """Whether two names reach one file (a link, a folder reached through a link); False where either is gone."""
+    try:
+        return "://" not in path + other and os.path.samefile(path, other)
+    except (OSError, ValueError):
+        return False
+
+
 def _exists(path: str) -> bool:
     try:
         return os.path.lexists(path)
@@ -296,7 +304,9 @@ def _removed(remove: Sequence[str], corpus: dict[str, RecordingResult], recordin
     names = list(dict.fromkeys(recording_name(path) for path in remove))
     unknown = [name for name in names if name not in corpus]
     if unknown:
-        raise ValueError(f"--remove {unknown[0]}: not a recording of this corpus")
+        known_as = [other for other in corpus if _same_file(unknown[0], other)]
+        hint = f" (the same file is its recording {known_as[0]}: --remove that)" if known_as else ""
+        raise ValueError(f"--remove {unknown[0]}: not a recording of this corpus{hint}")
     both = set(names) & {recording_name(path) for path in recordings}
     if both:
         raise ValueError(f"{sorted(both)[0]} is both given and --remove'd: give one or the other")

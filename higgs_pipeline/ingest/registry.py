@@ -12,7 +12,9 @@ voice. Processed again without a name (the Dagster sensor's rerun of a touched f
 it keeps the pin's voices only while it is the same recording: the bytes the pin was made for (its content hash) and
 as many local voices as the pin holds. A file whose bytes changed may be another take or another person, and a run
 that finds more voices than the name covered cannot say which one the name was; both are matched as any new
-recording.
+recording. Any recording processed again with the same bytes into another folder (a re-set: other settings)
+keeps the voices it had when it finds as many (`Registry.recordings`, by recording), so a merge or a rename made in
+speakers.csv holds through re-sets; one whose bytes changed is matched as new.
 
 Two files beside the manifest:
 - `speakers.csv` (`voice_id`, `label`, and read-only `clips`, `seconds`, `recordings` of the current manifest):
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +104,9 @@ class Registry:
     # recording -> {"name": the --speaker name applied to it, "voices": the voice ids the name gave it, "content": the
     # content hash of the bytes it was last named for ("": not known)}
     pins: dict[str, dict] = field(default_factory=dict)
+    # recording -> {"content": the content hash of the bytes last assigned, "voices": their voice ids}: a re-set of
+    # the same bytes (other settings, so another folder) keeps them, a merge in speakers.csv included.
+    recordings: dict[str, dict] = field(default_factory=dict)
 
     def label(self, voice_id: str) -> str:
         return self.voices[voice_id].label
@@ -137,10 +143,44 @@ def register(
             voices = kept
         elif before is not None:
             voices = before
+        elif (again := _same_bytes_again(registry, recording, model)) is not None:
+            voices = again
         else:
             voices = _matched_voices(registry, recording, model, threshold)
         registry.assignments[recording.folder] = out[recording.folder] = voices
+        if recording.content:
+            registry.recordings[recording.recording or recording.folder] = {
+                "content": recording.content,
+                "voices": voices,
+            }
     return out
+
+
+def _same_bytes_again(registry: Registry, recording: NewRecording, model: str) -> list[str] | None:
+    """The voices the recording's same bytes were last assigned, for a re-set that clustered them into as many
+    local voices of the same speaker model (else None: matched as new). Matching would put two local voices on two
+    speakers, undoing a merge the user made in speakers.csv; a re-set is the same people. Each local voice takes
+    the last voice its centroid is nearest, one to one (the clustering may number them otherwise)."""
+    last = registry.recordings.get(recording.recording or recording.folder)
+    if last is None or not recording.content or last["content"] != recording.content:
+        return None
+    voices = last["voices"]
+    if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
+        return None
+    known = np.array([registry.voices[v].centroid for v in voices]).reshape(len(voices), -1)
+    order = assign(recording.centroids, known, threshold=-np.inf)
+    return [_join(registry.voices[voices[k]], c) for k, c in zip(order, recording.centroids, strict=True)]
+
+
+def _usable(registry: Registry, voices: Sequence[str], recording: NewRecording, model: str) -> bool:
+    """Whether `voices` are registered voices of `model` whose centroids have the recording's dimension."""
+    dimension = recording.centroids.shape[1] if recording.centroids.ndim == 2 else 0
+    return all(
+        voice in registry.voices
+        and registry.voices[voice].model == model
+        and len(registry.voices[voice].centroid) == dimension
+        for voice in voices
+    )
 
 
 def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, model: str) -> list[str]:
@@ -149,7 +189,7 @@ def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, 
     name = recording.recording or recording.folder
     pin = registry.pins.get(name)
     same = pin is not None and pin["name"] == recording.pinned and len(pin["voices"]) == len(recording.centroids)
-    if same and all(voice in registry.voices for voice in pin["voices"]):
+    if same and _usable(registry, pin["voices"], recording, model):  # another speaker model: pinned anew
         pin["content"] = recording.content  # the bytes the name now stands for (an old pin learns them here)
         if before is not None:
             return before
@@ -168,13 +208,7 @@ def _kept_pin(registry: Registry, recording: NewRecording, before: list[str] | N
     if pin is None or not recording.content or pin.get("content") != recording.content:
         return None
     voices = pin["voices"]
-    dimension = recording.centroids.shape[1] if recording.centroids.ndim == 2 else 0
-    if len(voices) != len(recording.centroids) or not all(
-        voice in registry.voices
-        and registry.voices[voice].model == model
-        and len(registry.voices[voice].centroid) == dimension
-        for voice in voices
-    ):
+    if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
         return None
     if before == voices:
         return before
@@ -251,6 +285,11 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 def load_registry(folder: Path) -> Registry:
     """The registry in `folder` (empty when there is none), with the labels of the user's speakers.csv applied."""
+    if not (folder / EMBEDDINGS).exists() and (folder / SPEAKERS).exists():
+        raise RegistryError(
+            f"{folder / SPEAKERS} is there but {EMBEDDINGS} beside it is missing (the voices its rows name): restore "
+            f"{EMBEDDINGS}, or delete {SPEAKERS} too to label every voice afresh"
+        )
     registry = _load_embeddings(folder / EMBEDDINGS)
     for voice_id, label in _read_edits(folder / SPEAKERS, registry).items():
         registry.voices[voice_id].label = label
@@ -280,6 +319,7 @@ def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None
         ],
         "assignments": registry.assignments,
         "pins": registry.pins,
+        "recordings": registry.recordings,
     }
     write_json(str(folder / EMBEDDINGS), document, indent=None)
     table = pd.DataFrame(
@@ -325,7 +365,13 @@ def _load_embeddings(path: Path) -> Registry:
             }
             for k, v in document.get("pins", {}).items()
         }
-        return Registry(voices, assignments, int(document["next_number"]), pins)
+        # Absent from registries written before re-sets kept their voices: each recording's entry is made at the
+        # next merge from the folder it has then. Additive too.
+        recordings = {
+            str(k): {"content": str(v["content"]), "voices": [str(x) for x in v["voices"]]}
+            for k, v in document.get("recordings", {}).items()
+        }
+        return Registry(voices, assignments, int(document["next_number"]), pins, recordings)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise RegistryError(
             f"{path}: not a speaker registry this version can read ({error}); restore it, or delete it and "
@@ -350,7 +396,7 @@ def _read_edits(path: Path, registry: Registry) -> dict[str, str]:
     for index, (voice_id, label) in enumerate(zip(table["voice_id"], table["label"], strict=True)):
         line = index + 2  # line 1 is the header
         where = f"{path}, line {line}"
-        voice_id, label = voice_id.strip(), _unescaped(label.strip())
+        voice_id, label = voice_id.strip(), same_spelling(_unescaped(label.strip()))
         if voice_id in lines:
             raise RegistryError(f"{where}: voice_id {voice_id!r} appears twice (also line {lines[voice_id]})")
         if voice_id not in registry.voices:
@@ -397,6 +443,12 @@ def name_problem(name: str) -> str:
     if not problem and re.search(_LOOK_ALIKE, name):
         problem = "holds an invisible character (a zero-width space, a soft hyphen, a word joiner or a BOM)"
     return problem
+
+
+def same_spelling(label: str) -> str:
+    """`label` in Unicode's composed form (NFC): "José" typed with a combining accent (as macOS writes names) and
+    with the accented letter are one name, so they label one speaker."""
+    return unicodedata.normalize("NFC", label)
 
 
 def _unescaped(label: str) -> str:

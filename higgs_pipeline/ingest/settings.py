@@ -9,7 +9,7 @@ from typing import Any
 
 from higgs_pipeline.data.screening import ScreeningRules
 from higgs_pipeline.devices import resolve_device
-from higgs_pipeline.ingest.registry import name_problem
+from higgs_pipeline.ingest.registry import name_problem, same_spelling
 from higgs_pipeline.speech.diarize import DiarizeSettings
 from higgs_pipeline.speech.scoring import EMBEDDED_ASR, EMBEDDED_SPEAKER
 from higgs_pipeline.speech.vad import VadSettings
@@ -37,7 +37,7 @@ class RecordingOptions:
         if self.speaker is None:
             return
         # Stripped as speakers.csv is read back: a name kept with its spaces would change by itself next run.
-        object.__setattr__(self, "speaker", self.speaker.strip())
+        object.__setattr__(self, "speaker", same_spelling(self.speaker.strip()))
         problem = name_problem(self.speaker)  # the rules speakers.csv's labels follow, read back as given
         if problem:
             raise ValueError(f"speaker {self.speaker!r}: {problem}")
