@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -174,10 +175,22 @@ def test_a_named_speaker_keeps_the_name(corpus):
     assert "Bob" in set(pd.read_csv(out / SPEAKERS, keep_default_na=False)["label"])
 
 
-@pytest.mark.parametrize(("name", "reason"), [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control")])
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("a\tb", "a tab"), ("\u200b", "empty"), ("<|AUDIO_OUT|>", "control"), ("Jos\udce9", "not valid UTF-8")],
+)
 def test_a_speaker_name_follows_the_label_rules(tmp_path, capsys, name, reason):
     assert main(["prepare", str(tmp_path / "x.wav"), "--speaker", name, "--out", str(tmp_path / "out")]) == 2
     assert reason in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_recording_whose_name_is_not_utf8_is_refused_before_any_work(base, tmp_path, capsys):
+    """A Latin-1 file name (its byte kept as a surrogate) could not be written to the manifest after the work."""
+    folder, _out, _summaries = base
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav").decode(errors="surrogateescape")
+    shutil.copyfile(folder / "bob.wav", odd)
+    assert main(["prepare", odd, "--out", str(tmp_path / "out")]) == 2
+    assert "caf\\xe9.wav: its name is not valid UTF-8" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- the speaker registry on the base corpus's voices

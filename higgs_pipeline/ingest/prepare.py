@@ -37,7 +37,7 @@ from higgs_pipeline.ingest.recording import (
     refusal_of,
     remove_results,
 )
-from higgs_pipeline.ingest.registry import load_registry
+from higgs_pipeline.ingest.registry import is_utf8, load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock, LockBusy
 
@@ -113,6 +113,14 @@ def _check_only_build_leftovers(out: Path) -> None:
             f"--out {out} holds {foreign[0]}{others} beside {BUILDING}, a killed first run's marker: prepare empties "
             "such a folder, so move what is yours out of it or give another folder"
         )
+
+
+def _check_names(recordings: Sequence[str]) -> None:
+    """Every recording's name can be written to the manifest (UTF-8): checked before the work, not after it."""
+    for recording in recordings:
+        if not is_utf8(recording):
+            shown = os.fsencode(recording).decode("utf-8", "backslashreplace")
+            raise ValueError(f"{shown}: its name is not valid UTF-8, which the manifest must be: rename the file")
 
 
 def _check_recordings_outside_managed(out: Path, recordings: Sequence[str]) -> None:
@@ -193,6 +201,7 @@ def prepare(
     out = Path(os.path.abspath(out))
     check_output_folder(out)
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
+    _check_names(recordings)
     _check_recordings_outside_managed(out, recordings)
     try:
         lock = FileLock(lock_path(out), f"prepare --out {out}")

@@ -417,7 +417,19 @@ def label_problem(label: str) -> str:
         return f"holds {found.group(0)}, a control token of the Higgs text tokenizer"
     if _BAD_LABEL_CHARACTERS.search(label):
         return "holds a tab, a line break or another control character"
+    if not is_utf8(label):
+        return "is not valid UTF-8 (bytes a terminal in another encoding passed)"
     return ""
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: a name read from argv or a file system in another encoding keeps its
+    stray bytes as surrogates, which every table write would refuse after the work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unreadable_label(label: str) -> str:
