@@ -432,6 +432,7 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
         for key in ("a.wav", "a copy.wav", "-intro.wav", "'-intro.wav"):
             dg.materialize([recording_clips], partition_key=key, instance=instance, resources=resources(artifacts_dir))
         meta = _merge(instance, artifacts_dir)  # the blocking checks pass
+        assert meta["speaker_match_threshold"] == 0.86  # Resemblyzer's calibrated threshold: none configured
         rejected = read_csv(meta["rejected_recordings_path"])
         assert dict(zip(rejected["recording"], rejected["reason"], strict=True)) == {
             "'-intro.wav": "undecodable",  # as a spreadsheet must show it
@@ -454,13 +455,17 @@ def test_the_merge_lists_what_the_files_hold_now(tmp_path, monkeypatch, artifact
 
         copy, before = folder / "a copy.wav", (folder / "a copy.wav").stat()
         take = bytearray(copy.read_bytes())
-        take[-4000:] = take[-4000:][::-1]  # another take of the same size, its modification time put back
-        copy.write_bytes(bytes(take))
-        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        take[-4000:] = take[-4000:][::-1]  # another take of the same size, its modification time put back (rsync -t)
+        (folder / ".a copy.wav.part").write_bytes(bytes(take))
+        os.utime(folder / ".a copy.wav.part", ns=(before.st_atime_ns, before.st_mtime_ns))
+        os.replace(folder / ".a copy.wav.part", copy)
+        os.chmod(folder / "'-intro.wav", 0o600)  # metadata only, and a hard-link snapshot: no change
+        os.link(folder / "'-intro.wav", tmp_path / "snapshot.wav")
         (folder / "-intro.wav").unlink()  # withdrawn, and no tick since
         meta = _merge(instance, artifacts_dir)
         reasons = dict(zip(*read_csv(meta["rejected_recordings_path"])[["recording", "reason"]].T.values, strict=True))
         assert (reasons["a copy.wav"], reasons["'-intro.wav"]) == ("changed", "missing_file")
+        assert reasons["''-intro.wav"] == "undecodable"
         assert _table(meta["manifest_path"]).empty
         later = _run_sensor(instance, tick.cursor)
         assert sorted(r.partition_key for r in later.run_requests) == ["a copy.wav", "a.wav"]

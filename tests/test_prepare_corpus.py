@@ -407,26 +407,49 @@ def test_an_interrupted_run_replaces_no_table(corpus, monkeypatch):
 
 
 @pytest.mark.parametrize(("stop", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
-def test_a_stopped_run_leaves_no_clips_of_its_own(corpus, monkeypatch, capsys, stop, code):
-    """Ctrl-C, or SIGTERM (a `kill`, a scheduler), after one recording's clips were written: they go with the run
-    (no audio the user stopped stays in the corpus folder), and the tables stay as they were."""
-    import os
+def test_a_stopped_run_changes_no_table_and_leaves_only_finished_results(corpus, monkeypatch, capsys, stop, code):
+    """Ctrl-C, or SIGTERM (a `kill`, a scheduler preempting the job): the tables stay as they were, a half-written
+    result folder goes, and a finished one stays for the next run to resume from (named by no table)."""
     import signal
 
     from higgs_pipeline.ingest import prepare as module
 
     folder, out = corpus
     files, clips = _tables(out), _clip_folders(out)
+    finished = "0123456789abcdef01234567"
 
     def stopped(path, clips_root, *args, **kwargs):
-        (clips_root / "0123456789abcdef01234567").mkdir()  # this run's finished result folder
+        (clips_root / finished).mkdir()
+        (clips_root / ".tmp-89abcdef").mkdir()  # the next recording's, half written
         os.kill(os.getpid(), getattr(signal, stop))
         raise AssertionError("the signal stops the run")
 
     monkeypatch.setattr(module, "process_recording", stopped)
     assert main(["prepare", str(folder / "bob.wav"), "--out", str(out)]) == code
     assert ("terminated" if stop == "SIGTERM" else "interrupted") in capsys.readouterr().err
-    assert _tables(out) == files and _clip_folders(out) == clips and not (out / ".scratch").exists()
+    assert _tables(out) == files and _clip_folders(out) == clips | {finished} and not (out / ".scratch").exists()
+    assert finished not in pd.read_csv(out / MANIFEST, keep_default_na=False)["audio_path"].str.cat()
+
+
+def test_a_set_whose_renames_failed_halfway_is_finished_by_the_next_run(corpus, monkeypatch):
+    """A rename that fails after others were made (EIO, a full quota) leaves a mix of two sets of tables: the
+    complete staged set stays for the next run to put in place, so the tables never stay mixed."""
+    from higgs_pipeline.ingest import prepare as module
+
+    folder, out = corpus
+
+    def halfway(staging: Path, work: Path) -> None:
+        os.replace(staging / MANIFEST, work / MANIFEST)  # the new manifest in place, the old marker still
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(module, "_put_in_place", halfway)
+    alice = str(folder / "alice.wav")
+    with pytest.raises(OSError, match="Input/output"):
+        prepare([], out, IngestSettings(), RecordingOptions(), progress=False, remove=[alice])
+    assert [path.name for path in out.glob(".staging-*")]
+    monkeypatch.undo()
+    assert _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])[0] == 0
+    assert "alice.wav" not in _recordings(out) and not list(out.glob(".staging-*"))
 
 
 def test_signals_wait_for_the_end_of_a_deferred_block():

@@ -296,16 +296,18 @@ def list_recordings(root: str) -> RecordingsListing:
 
 def _stamp(info: dict, local: bool) -> str:
     """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time, and on a
-    local file system its status-change time too, which no copy tool sets back: a take replaced by one of the same
-    size with the old modification time restored (`cp -p`, `rsync -t`, a volume with 2 s times) still changes."""
+    local file system its inode: a take replaced by one of the same size with the old modification time put back
+    (`rsync -t`, `tar`, a move over it: each writes a new file) still changes. Not the status-change time, which
+    `chmod`, `chown` and hard-link snapshots also move: every file would run again. A file overwritten in place with
+    the same size and its time put back is not seen (touch it)."""
     version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-    fields = [info.get("size"), version] + ([info.get("created")] if local else [])
+    fields = [info.get("size"), version] + ([info.get("ino")] if local else [])
     return json.dumps(fields, default=str)
 
 
 def same_stamp(recorded: str | None, current: str) -> bool:
-    """Whether two stamps are of one version of a file. A stamp recorded before the status-change time joined it
-    (size and version only) is compared on what it holds, so an upgrade does not make every file look changed."""
+    """Whether two stamps are of one version of a file. A stamp recorded before the inode joined it (size and
+    version only) is compared on what it holds, so an upgrade does not make every file look changed."""
     if not recorded:
         return False
     if recorded == current:
@@ -358,7 +360,7 @@ def _through_link(info: dict) -> dict:
         return info
     if not stat.S_ISREG(target.st_mode):
         return info
-    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime, "created": target.st_ctime}
+    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime, "ino": target.st_ino}
 
 
 def _shown(key: str) -> str:

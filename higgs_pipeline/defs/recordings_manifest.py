@@ -31,6 +31,7 @@ from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, REJECTED, SEGMENTS, write_outputs
 from higgs_pipeline.ingest.recording import RecordingResult, remove_results
+from higgs_pipeline.ingest.registry import match_threshold
 from higgs_pipeline.ingest.settings import IngestSettings
 
 REMOVED = "removed_recordings.csv"  # recording, removed_at, clips_dropped: every removal, kept
@@ -72,6 +73,13 @@ def recordings_manifest(
         )
     except ValueError as error:
         raise dg.Failure(f"recordings_manifest's config: {error}; nothing was merged") from error
+    threshold = match_threshold(settings.speaker_model, settings.speaker_match_threshold)
+    calibrated = match_threshold(settings.speaker_model, None)
+    if threshold < calibrated:  # e.g. 0.75 kept from a run config saved when that default went unused
+        context.log.warning(
+            f"speaker_match_threshold {threshold:g} is below {calibrated:g}, {settings.speaker_model}'s calibrated "
+            "threshold: different people are likelier to share a label; leave it empty for the calibrated one"
+        )
     root = ingest_root(artifacts)
     keys = sorted(context.instance.get_dynamic_partitions(recordings_partitions.name))
     statuses = context.instance.get_status_by_partition(recording_clips.key, keys, recordings_partitions) or {}
@@ -111,6 +119,7 @@ def recordings_manifest(
             "removed_preview": dg.MetadataValue.json(dropped[:20]),
             "unlisted_preview": dg.MetadataValue.json(unlisted[:20]),
             "corpus_version": version,
+            "speaker_match_threshold": threshold,
         },
         data_version=dg.DataVersion(version),
     )

@@ -237,7 +237,7 @@ def prepare(
             elif fresh:
                 shutil.rmtree(work, ignore_errors=True)
             else:
-                _remove_unreferenced(out)
+                _remove_unfinished(out)
             raise
     return summary, merged
 
@@ -251,21 +251,19 @@ def _same_file(path: str, other: str) -> bool:
 
 
 def _exists(path: str) -> bool:
+    """Whether `path` reaches a file (a link whose target was deleted does not)."""
     try:
-        return os.path.lexists(path)
+        return os.path.exists(path)
     except (OSError, ValueError):  # a name the file system cannot hold
         return False
 
 
-def _remove_unreferenced(out: Path) -> None:
-    """After a failed run into an existing corpus (an error, Ctrl-C, SIGTERM), the clip folders it made: every one
-    the corpus on disk does not name. Read from disk, not from memory: a Ctrl-C deferred through the tables' renames
-    takes effect after them, and then the new tables name the new folders."""
-    try:
-        keep = {result.folder for result in load_corpus(out).values()}
-    except ValueError:
-        return  # a marker that cannot be read: the next run says so, and removes nothing here either
-    remove_results(out / CLIPS_DIR, keep)
+def _remove_unfinished(out: Path) -> None:
+    """After a failed run into an existing corpus (an error, Ctrl-C, SIGTERM), the result folders it left half
+    written. Its finished ones stay, named by nothing, so the next run resumes from them (a result is reused by its
+    bytes and settings); that run's end deletes any it does not use."""
+    for path in (out / CLIPS_DIR).glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_leftovers(out: Path) -> None:
@@ -429,7 +427,10 @@ def _write(
         (staging / STAGED).touch()  # every table is written: from here the set is put in place, even after a kill
         with signals_deferred():  # a Ctrl-C waits for the last rename
             _put_in_place(staging, work)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if not (staging / STAGED).is_file():  # a complete set some of which may be in place: the next run finishes it
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
     return outputs.summary

@@ -38,7 +38,7 @@ import pandas as pd
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.normalize import INVISIBLE
 from higgs_pipeline.data.screening import SPECIAL_TOKEN
-from higgs_pipeline.data.tables import FORMULA_PREFIXES, write_csv
+from higgs_pipeline.data.tables import spreadsheet_unescaped, write_csv
 from higgs_pipeline.files import write_json
 from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER
 
@@ -143,7 +143,7 @@ def register(
             voices = kept
         elif before is not None:
             voices = before
-        elif (again := _same_bytes_again(registry, recording, model)) is not None:
+        elif (again := _same_bytes_again(registry, recording, model, threshold)) is not None:
             voices = again
         else:
             voices = _matched_voices(registry, recording, model, threshold)
@@ -156,11 +156,13 @@ def register(
     return out
 
 
-def _same_bytes_again(registry: Registry, recording: NewRecording, model: str) -> list[str] | None:
+def _same_bytes_again(registry: Registry, recording: NewRecording, model: str, threshold: float) -> list[str] | None:
     """The voices the recording's same bytes were last assigned, for a re-set that clustered them into as many
-    local voices of the same speaker model (else None: matched as new). Matching would put two local voices on two
-    speakers, undoing a merge the user made in speakers.csv; a re-set is the same people. Each local voice takes
-    the last voice its centroid is nearest, one to one (the clustering may number them otherwise)."""
+    local voices of the same speaker model, each above `threshold` with the last voice it takes, one to one (the
+    clustering may number them otherwise); else None, matched as new (other settings may split the same bytes
+    otherwise: A | B+C becoming A+B | C). Matching would put two local voices on two speakers, undoing a merge the
+    user made in speakers.csv; a re-set is the same people. Their centroids are not joined again: these bytes
+    already are in them."""
     last = registry.recordings.get(recording.recording or recording.folder)
     if last is None or not recording.content or last["content"] != recording.content:
         return None
@@ -168,8 +170,8 @@ def _same_bytes_again(registry: Registry, recording: NewRecording, model: str) -
     if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
         return None
     known = np.array([registry.voices[v].centroid for v in voices]).reshape(len(voices), -1)
-    order = assign(recording.centroids, known, threshold=-np.inf)
-    return [_join(registry.voices[voices[k]], c) for k, c in zip(order, recording.centroids, strict=True)]
+    order = assign(recording.centroids, known, threshold)
+    return None if -1 in order else [voices[k] for k in order]
 
 
 def _usable(registry: Registry, voices: Sequence[str], recording: NewRecording, model: str) -> bool:
@@ -396,7 +398,7 @@ def _read_edits(path: Path, registry: Registry) -> dict[str, str]:
     for index, (voice_id, label) in enumerate(zip(table["voice_id"], table["label"], strict=True)):
         line = index + 2  # line 1 is the header
         where = f"{path}, line {line}"
-        voice_id, label = voice_id.strip(), same_spelling(_unescaped(label.strip()))
+        voice_id, label = voice_id.strip(), same_spelling(spreadsheet_unescaped(label.strip()))
         if voice_id in lines:
             raise RegistryError(f"{where}: voice_id {voice_id!r} appears twice (also line {lines[voice_id]})")
         if voice_id not in registry.voices:
@@ -433,11 +435,10 @@ def is_utf8(text: str) -> bool:
 
 
 def _unreadable_label(label: str) -> str:
-    """ "" or why `_read_edits` would refuse `label` or read it back as another (it strips, unescapes, checks)."""
+    """ "" or why `_read_edits` would refuse `label` or read it back as another (it strips and checks; the
+    spreadsheet escape reads back every value as written)."""
     if label != label.strip():
         return "whitespace at its ends, which reading speakers.csv drops"
-    if _unescaped(label) != label:
-        return "a quote before =, +, - or @, which reading speakers.csv takes for a spreadsheet's escape and drops"
     return label_problem(label)
 
 
@@ -461,8 +462,3 @@ def same_spelling(label: str) -> str:
     """`label` in Unicode's composed form (NFC): "José" typed with a combining accent (as macOS writes names) and
     with the accented letter are one name, so they label one speaker."""
     return unicodedata.normalize("NFC", label)
-
-
-def _unescaped(label: str) -> str:
-    """A label as typed: `write_csv` puts a quote before text a spreadsheet would run as a formula."""
-    return label[1:] if label.startswith("'") and label[1:].startswith(FORMULA_PREFIXES) else label
