@@ -431,25 +431,36 @@ def test_a_stopped_run_changes_no_table_and_leaves_only_finished_results(corpus,
     assert finished not in pd.read_csv(out / MANIFEST, keep_default_na=False)["audio_path"].str.cat()
 
 
-def test_a_set_whose_renames_failed_halfway_is_finished_by_the_next_run(corpus, monkeypatch):
-    """A rename that fails after others were made (EIO, a full quota) leaves a mix of two sets of tables: the
-    complete staged set stays for the next run to put in place, so the tables never stay mixed."""
+@pytest.mark.parametrize("in_place", [0, 1, "all"])
+def test_a_set_whose_renames_failed_is_finished_only_when_part_of_it_is_in_place(corpus, monkeypatch, in_place):
+    """A rename that fails (EIO, a full quota) after others were made leaves a mix of two sets: the complete staged
+    set stays for the next run to put in place, so the tables never stay mixed. One that fails before any rename
+    changed nothing, and the next run does not apply it (it was this run's, not the next one's). A stop deferred
+    through every rename finishes the run: the removed recording's clips go too."""
     from higgs_pipeline.ingest import prepare as module
 
     folder, out = corpus
+    alice = str(folder / "alice.wav")
+    folders = _clip_folders(out)
+    real = module._put_in_place
 
-    def halfway(staging: Path, work: Path) -> None:
-        os.replace(staging / MANIFEST, work / MANIFEST)  # the new manifest in place, the old marker still
+    def stopped(staging: Path, work: Path) -> None:
+        if in_place == "all":
+            real(staging, work)
+            raise KeyboardInterrupt
+        if in_place:
+            os.replace(staging / MANIFEST, work / MANIFEST)  # the new manifest in place, the old marker still
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(module, "_put_in_place", halfway)
-    alice = str(folder / "alice.wav")
-    with pytest.raises(OSError, match="Input/output"):
+    monkeypatch.setattr(module, "_put_in_place", stopped)
+    with pytest.raises((OSError, KeyboardInterrupt)):
         prepare([], out, IngestSettings(), RecordingOptions(), progress=False, remove=[alice])
-    assert [path.name for path in out.glob(".staging-*")]
+    assert bool(list(out.glob(".staging-*"))) == (in_place == 1)
+    if in_place == "all":
+        assert "alice.wav" not in _recordings(out) and len(_clip_folders(out)) == len(folders) - 1
     monkeypatch.undo()
     assert _run(["prepare", str(folder / "bob.wav"), "--out", str(out)])[0] == 0
-    assert "alice.wav" not in _recordings(out) and not list(out.glob(".staging-*"))
+    assert ("alice.wav" in _recordings(out)) == (in_place == 0) and not list(out.glob(".staging-*"))
 
 
 def test_signals_wait_for_the_end_of_a_deferred_block():

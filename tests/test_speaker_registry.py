@@ -125,6 +125,14 @@ def test_a_named_recording_processed_again_with_other_settings_keeps_its_renamed
     assert again["f-new"] == [voice] and registry.label(voice) == "Robert" and registry.voices[voice].weight == 2
 
 
+def test_a_named_recording_re_set_again_and_again_is_in_its_voice_once():
+    registry = Registry()
+    for folder in ("f1", "f2", "f3"):  # the same bytes with other settings each time
+        named = NewRecording(folder, _unit(ALICE), pinned="Bob", recording="m1.wav", content="h1")
+        voices = register(registry, [named], "resemblyzer", 0.8)[folder]
+    assert registry.voices[voices[0]].weight == 1 and registry.label(voices[0]) == "Bob"
+
+
 def _named_after_a_run_without_a_name() -> Registry:
     """b.wav (bytes "h1", Alice's voice) first processed without a name (folder f-auto, speaker_01), then named Dave
     (folder f-dave: a name implies a speaker count, which is in the result folder's key)."""
@@ -147,8 +155,8 @@ def test_a_named_recording_processed_again_without_its_name_keeps_the_pinned_voi
     dave = registry.assignments["f-dave"][0]
     rerun = NewRecording("f-auto", _unit(ALICE), recording="b.wav", content="h1")
     assert register(registry, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}
-    assert register(registry, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}  # stays, counted once
-    assert registry.voices[dave].weight == 2
+    assert register(registry, [rerun], "resemblyzer", 0.8) == {"f-auto": [dave]}  # stays
+    assert registry.voices[dave].weight == 1  # the same bytes are in Dave's centroid once, however often re-set
     registry.voices[dave].label = "David"  # the user's rename in speakers.csv
     other = NewRecording("f-other", _unit(ALICE), recording="b.wav", content="h1")
     assert _labels(registry, register(registry, [other], "resemblyzer", 0.8)) == {"f-other": ["David"]}
@@ -178,6 +186,22 @@ def test_a_re_set_of_the_same_bytes_keeps_its_voices_and_a_merge_made_in_speaker
     assert _labels(registry, register(registry, [split], "resemblyzer", 0.8))["f4"][0].startswith("speaker_")
     other = NewRecording("f3", _unit(CAROL), recording="ep1.wav", content="h2")
     assert registry.label(register(registry, [other], "resemblyzer", 0.8)["f3"][0]).startswith("speaker_")
+
+
+def test_a_speakers_csv_from_before_quotes_were_escaped_reads_as_it_was_written(tmp_path):
+    """speakers.csv written when a cell starting with two quotes went out as it was: read with that rule (the
+    sidecar says which), not one quote short (a silent rename, merging with any voice labelled so)."""
+    registry = Registry()
+    register(registry, [NewRecording("f1", _unit(ALICE), recording="ep1.wav")], "resemblyzer", 0.8)
+    save_registry(tmp_path, registry, pd.DataFrame(columns=["voice_id", "clips", "seconds", "recordings"]))
+    sidecar = json.loads((tmp_path / "speaker_embeddings.json").read_text())
+    assert sidecar.pop("csv_escape") == 2
+    (tmp_path / "speaker_embeddings.json").write_text(json.dumps(sidecar))
+    table = pd.read_csv(tmp_path / "speakers.csv", keep_default_na=False)
+    for written, meant in (("''x", "''x"), ("'=Ann", "=Ann"), ("'Bob", "'Bob")):
+        table["label"] = [written]
+        table.to_csv(tmp_path / "speakers.csv", index=False)
+        assert [voice.label for voice in load_registry(tmp_path).voices.values()] == [meant]
 
 
 def test_labels_spelled_with_and_without_combining_accents_are_one_speaker(tmp_path):

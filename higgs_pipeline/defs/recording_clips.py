@@ -187,7 +187,7 @@ def recording_clips(
     earlier, earlier_stamp = _earlier_result(root, key, source_root)
     # As in prepare, but the file is the recording here: an unread one keeps its clips only while it is the file
     # they were made from (same stamp); a file deleted or replaced follows its file.
-    same_file = bool(stamp) and same_stamp(earlier_stamp, stamp)
+    same_file = bool(stamp) and stamp == earlier_stamp
     kept = refusal_keeps(earlier, result, root / CLIPS_DIR) and (bool(result.content_hash) or same_file)
     if kept:
         reason, detail = refusal_of(result)
@@ -276,8 +276,7 @@ def list_recordings(root: str) -> RecordingsListing:
         raise FileNotFoundError(f"recordings root {root} is not a folder or a prefix holding files")
     errors: list[OSError] = []
     # s3fs lists a prefix in one call that raises; fsspec's local walk would skip a folder it cannot list.
-    local = is_local_filesystem(fs)
-    entries = _find_local(fs, base, errors) if local else fs.find(base, detail=True)
+    entries = _find_local(fs, base, errors) if is_local_filesystem(fs) else fs.find(base, detail=True)
     stamps, unlisted = {}, []
     for path, info in sorted(entries.items()):
         key = posixpath.relpath(path, base)
@@ -285,7 +284,7 @@ def list_recordings(root: str) -> RecordingsListing:
         if reason:
             unlisted.append({"path": _shown(key), "reason": reason, "detail": detail})
             continue
-        stamps[key] = _stamp(info, local)
+        stamps[key] = _stamp(info)
     for error in errors:
         where = posixpath.relpath(getattr(error, "filename", None) or base, base)
         unlisted.append(
@@ -294,30 +293,14 @@ def list_recordings(root: str) -> RecordingsListing:
     return RecordingsListing(stamps, unlisted, complete=not errors)
 
 
-def _stamp(info: dict, local: bool) -> str:
-    """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time, and on a
-    local file system its inode: a take replaced by one of the same size with the old modification time put back
-    (`rsync -t`, `tar`, a move over it: each writes a new file) still changes. Not the status-change time, which
-    `chmod`, `chown` and hard-link snapshots also move: every file would run again. A file overwritten in place with
-    the same size and its time put back is not seen (touch it)."""
+def _stamp(info: dict) -> str:
+    """What tells a file's versions apart without reading it: its size and ETag (S3) or modification time, the quick
+    check rsync and make use. Not the inode or status-change time: FUSE and some CIFS mounts number inodes per mount,
+    and `chmod`, `chown` and hard-link snapshots move the change time, so every file would look changed (and run
+    again) in another pod or after a remount. A file replaced by one of the same size with its modification time put
+    back is not seen: touch it."""
     version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
-    fields = [info.get("size"), version] + ([info.get("ino")] if local else [])
-    return json.dumps(fields, default=str)
-
-
-def same_stamp(recorded: str | None, current: str) -> bool:
-    """Whether two stamps are of one version of a file. A stamp recorded before the inode joined it (size and
-    version only) is compared on what it holds, so an upgrade does not make every file look changed."""
-    if not recorded:
-        return False
-    if recorded == current:
-        return True
-    try:
-        old, new = json.loads(recorded), json.loads(current)
-    except ValueError:
-        return False
-    common = min(len(old), len(new))
-    return common >= 2 and old[:common] == new[:common]
+    return json.dumps([info.get("size"), version], default=str)
 
 
 def file_stamp(path: str) -> str:
@@ -327,8 +310,7 @@ def file_stamp(path: str) -> str:
         info = fs.info(target)
     except OSError:
         return ""
-    local = is_local_filesystem(fs)
-    return _stamp(_through_link({**info, "name": target}) if local else info, local)
+    return _stamp(_through_link({**info, "name": target}) if is_local_filesystem(fs) else info)
 
 
 def _find_local(fs: fsspec.AbstractFileSystem, base: str, errors: list[OSError]) -> dict[str, dict]:
@@ -360,7 +342,7 @@ def _through_link(info: dict) -> dict:
         return info
     if not stat.S_ISREG(target.st_mode):
         return info
-    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime, "ino": target.st_ino}
+    return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime}
 
 
 def _shown(key: str) -> str:
@@ -407,7 +389,7 @@ def recordings_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     gone = _gone(known, listing, seen, root, context.log)
     if gone:
         context.log.info(f"removing the partitions of {len(gone)} recordings no longer under {root}: {gone[:10]}")
-    changed = sorted(key for key, stamp in listing.stamps.items() if not same_stamp(seen.get(key), stamp))
+    changed = sorted(key for key, stamp in listing.stamps.items() if seen.get(key) != stamp)
     # A partition this tick could not see (a folder unlistable, a volume unmounted) keeps its last stamp, so a file
     # deleted meanwhile is still known as seen here and removed once the listing is whole again.
     unseen = {key: seen[key] for key in known - set(listing.stamps) - set(gone) if key in seen}

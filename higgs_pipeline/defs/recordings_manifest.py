@@ -25,7 +25,6 @@ from higgs_pipeline.defs.recording_clips import (
     recording_clips,
     recordings_partitions,
     recordings_root,
-    same_stamp,
 )
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
@@ -150,7 +149,7 @@ def _partition_result(
         if key not in listing.stamps and listing.complete and listing.stamps:  # an empty root may be unmounted
             detail = "its file is no longer under the root: not merged; the recordings sensor removes its partition"
             return RecordingResult(key, "rejected", "missing_file", detail)
-        if stamp and key in listing.stamps and not same_stamp(stamp, listing.stamps[key]):
+        if stamp and listing.stamps.get(key, stamp) != stamp:
             detail = "its file changed since its clips were made: its recording_clips run is due"
             return RecordingResult(key, "rejected", "changed", detail)
     return record.result

@@ -416,6 +416,7 @@ def _write(
     outputs.summary.duplicates, outputs.summary.removed = duplicates, removed
     staging = work / f"{STAGING}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    staged: list[str] = []
     try:
         outputs.write(staging)
         marker = {
@@ -424,13 +425,18 @@ def _write(
             "recordings": [asdict(r) for r in merged],
         }
         write_json(str(staging / MARKER), marker, indent=None)  # one line: centroids would take a line per number
+        staged = [path.name for path in staging.iterdir()]
         (staging / STAGED).touch()  # every table is written: from here the set is put in place, even after a kill
         with signals_deferred():  # a Ctrl-C waits for the last rename
             _put_in_place(staging, work)
     except BaseException:
-        if not (staging / STAGED).is_file():  # a complete set some of which may be in place: the next run finishes it
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+        moved = [name for name in staged if not (staging / name).exists()]
+        if moved and moved != staged:  # some tables in place, not all: the next run finishes the complete set
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        if moved:  # all in place, then a deferred Ctrl-C: the run is done, its withdrawn clips go as they would
+            remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
+        raise  # none in place: as if the run never wrote
     shutil.rmtree(staging, ignore_errors=True)
     remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
     return outputs.summary

@@ -38,7 +38,7 @@ import pandas as pd
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.normalize import INVISIBLE
 from higgs_pipeline.data.screening import SPECIAL_TOKEN
-from higgs_pipeline.data.tables import spreadsheet_unescaped, write_csv
+from higgs_pipeline.data.tables import FORMULA_PREFIXES, spreadsheet_unescaped, write_csv
 from higgs_pipeline.files import write_json
 from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER
 
@@ -46,6 +46,7 @@ SPEAKERS = "speakers.csv"
 EMBEDDINGS = "speaker_embeddings.json"
 FORMAT_VERSION = 1
 EDITABLE_COLUMNS = ("voice_id", "label")
+CSV_ESCAPE = 2
 SUMMARY_COLUMNS = ("clips", "seconds", "recordings")
 
 # Cosine between two recordings' centroids of one voice above which they are one person, per speaker model.
@@ -107,6 +108,9 @@ class Registry:
     # recording -> {"content": the content hash of the bytes last assigned, "voices": their voice ids}: a re-set of
     # the same bytes (other settings, so another folder) keeps them, a merge in speakers.csv included.
     recordings: dict[str, dict] = field(default_factory=dict)
+    # How the speakers.csv beside it escapes for spreadsheets: 2, one-to-one (`tables.spreadsheet_safe`); 1, before
+    # quotes were escaped too (a cell starting with two quotes was written as it was).
+    csv_escape: int = CSV_ESCAPE
 
     def label(self, voice_id: str) -> str:
         return self.voices[voice_id].label
@@ -174,6 +178,13 @@ def _same_bytes_again(registry: Registry, recording: NewRecording, model: str, t
     return None if -1 in order else [voices[k] for k in order]
 
 
+def _seen(registry: Registry, recording: NewRecording) -> bool:
+    """Whether the recording's bytes were assigned voices before (in another folder): their centroids are in those
+    voices already, and joining them again would pull the voices toward this one recording."""
+    last = registry.recordings.get(recording.recording or recording.folder)
+    return bool(recording.content) and last is not None and last["content"] == recording.content
+
+
 def _usable(registry: Registry, voices: Sequence[str], recording: NewRecording, model: str) -> bool:
     """Whether `voices` are registered voices of `model` whose centroids have the recording's dimension."""
     dimension = recording.centroids.shape[1] if recording.centroids.ndim == 2 else 0
@@ -193,8 +204,8 @@ def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, 
     same = pin is not None and pin["name"] == recording.pinned and len(pin["voices"]) == len(recording.centroids)
     if same and _usable(registry, pin["voices"], recording, model):  # another speaker model: pinned anew
         pin["content"] = recording.content  # the bytes the name now stands for (an old pin learns them here)
-        if before is not None:
-            return before
+        if before is not None or _seen(registry, recording):
+            return before if before is not None else list(pin["voices"])
         return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
     voices = _pinned_voices(registry, recording, model)
     registry.pins[name] = {"name": recording.pinned, "voices": voices, "content": recording.content}
@@ -212,8 +223,8 @@ def _kept_pin(registry: Registry, recording: NewRecording, before: list[str] | N
     voices = pin["voices"]
     if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
         return None
-    if before == voices:
-        return before
+    if before == voices or _seen(registry, recording):
+        return list(voices)
     # A folder assigned before the name was given: its centroids stay in the voices they joined then, as for a re-pin.
     return [_join(registry.voices[v], c) for v, c in zip(voices, recording.centroids, strict=True)]
 
@@ -308,6 +319,7 @@ def save_registry(folder: Path, registry: Registry, usage: pd.DataFrame) -> None
             raise RegistryError(f"speaker label {voice.label!r} of {voice.voice_id}: {problem}; {SPEAKERS} not saved")
     document = {
         "format": FORMAT_VERSION,
+        "csv_escape": CSV_ESCAPE,
         "next_number": registry.next_number,
         "voices": [
             {
@@ -373,7 +385,8 @@ def _load_embeddings(path: Path) -> Registry:
             str(k): {"content": str(v["content"]), "voices": [str(x) for x in v["voices"]]}
             for k, v in document.get("recordings", {}).items()
         }
-        return Registry(voices, assignments, int(document["next_number"]), pins, recordings)
+        escape = int(document.get("csv_escape", 1))  # absent: written before the escape was one-to-one
+        return Registry(voices, assignments, int(document["next_number"]), pins, recordings, escape)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise RegistryError(
             f"{path}: not a speaker registry this version can read ({error}); restore it, or delete it and "
@@ -394,11 +407,12 @@ def _read_edits(path: Path, registry: Registry) -> dict[str, str]:
     if missing:
         raise RegistryError(f"{path}: missing column {missing[0]!r} (needs {', '.join(EDITABLE_COLUMNS)})")
     edits: dict[str, str] = {}
+    unescape = spreadsheet_unescaped if registry.csv_escape >= CSV_ESCAPE else _unescaped_before_quotes
     lines: dict[str, int] = {}
     for index, (voice_id, label) in enumerate(zip(table["voice_id"], table["label"], strict=True)):
         line = index + 2  # line 1 is the header
         where = f"{path}, line {line}"
-        voice_id, label = voice_id.strip(), same_spelling(spreadsheet_unescaped(label.strip()))
+        voice_id, label = voice_id.strip(), same_spelling(unescape(label.strip()))
         if voice_id in lines:
             raise RegistryError(f"{where}: voice_id {voice_id!r} appears twice (also line {lines[voice_id]})")
         if voice_id not in registry.voices:
@@ -456,6 +470,11 @@ def name_problem(name: str) -> str:
     if not problem and re.search(_LOOK_ALIKE, name):
         problem = "holds an invisible character (a zero-width space, a soft hyphen, a word joiner or a BOM)"
     return problem
+
+
+def _unescaped_before_quotes(label: str) -> str:
+    """A cell of a speakers.csv written when only = + - @ tab and CR were escaped (`csv_escape` 1)."""
+    return label[1:] if label.startswith("'") and label[1:].startswith(FORMULA_PREFIXES) else label
 
 
 def same_spelling(label: str) -> str:
