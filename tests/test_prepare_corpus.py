@@ -339,11 +339,31 @@ def test_a_recording_that_cannot_be_read_this_time_keeps_its_clips(corpus, tmp_p
 
 
 def test_remove_by_another_path_to_a_recording_names_the_recording(corpus, tmp_path, capsys):
+    """Through a link, and through a link whose target was deleted since."""
     folder, out = corpus
     link = tmp_path / "link.wav"
     link.symlink_to(folder / "bob.wav")
     assert main(["prepare", "--remove", str(link), "--out", str(out)]) == 2
     assert f"(the same file is its recording {folder / 'bob.wav'}: --remove that)" in capsys.readouterr().err
+    from higgs_pipeline.ingest.prepare import _same_file
+
+    gone = tmp_path / "gone.wav"
+    gone.write_bytes(b"RIFF")
+    (tmp_path / "to_gone.wav").symlink_to(gone)
+    gone.unlink()
+    assert _same_file(str(tmp_path / "to_gone.wav"), str(gone)) and not _same_file(str(link), str(gone))
+
+
+def test_a_path_that_is_no_file_and_no_recording_is_refused_before_any_work(corpus, tmp_path, capsys):
+    """A typo, or a relative path from another folder, would otherwise join the corpus as missing_file for good."""
+    folder, out = corpus
+    files = _tables(out)
+    assert main(["prepare", str(folder / "bob.wav"), str(folder / "bbo.wav"), "--out", str(out)]) == 2
+    assert f"{folder / 'bbo.wav'}: no such file, and no recording of this corpus" in capsys.readouterr().err
+    assert _tables(out) == files
+    odd = os.path.join(os.fsencode(tmp_path), b"out\xff").decode(errors="surrogateescape")
+    assert main(["prepare", str(folder / "bob.wav"), "--out", odd]) == 2
+    assert "out\\xff: its name is not valid UTF-8" in capsys.readouterr().err and not os.path.lexists(odd)
 
 
 def test_the_recording_already_in_the_corpus_owns_its_bytes(corpus):

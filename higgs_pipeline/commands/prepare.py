@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from higgs_pipeline.ingest.prepare import check_output_folder, corpus_dialogue_turns, prepare
+    from higgs_pipeline.ingest.prepare import check_names, check_output_folder, corpus_dialogue_turns, prepare
     from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
     from higgs_pipeline.speech.scoring import load_speaker, load_whisper
     from higgs_pipeline.speech.words import check_language
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # --num-speakers and --speaker checked by the rules recording_clips' config follows too
         options = RecordingOptions(language=args.language, num_speakers=args.num_speakers, speaker=args.speaker)
+        check_names([*args.recordings, *args.remove, str(args.out)])
         check_output_folder(args.out)
         turns = corpus_dialogue_turns(args.out) if args.dialogue_turns is None else args.dialogue_turns
         settings = IngestSettings.from_knobs(

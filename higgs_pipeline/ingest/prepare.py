@@ -115,12 +115,13 @@ def _check_only_build_leftovers(out: Path) -> None:
         )
 
 
-def _check_names(recordings: Sequence[str]) -> None:
-    """Every recording's name can be written to the manifest (UTF-8): checked before the work, not after it."""
-    for recording in recordings:
-        if not is_utf8(recording):
-            shown = os.fsencode(recording).decode("utf-8", "backslashreplace")
-            raise ValueError(f"{shown}: its name is not valid UTF-8, which the manifest must be: rename the file")
+def check_names(paths: Sequence[str]) -> None:
+    """Every name the corpus's tables will hold (the recordings', the folder's) can be written as UTF-8: checked
+    before the work, not after it."""
+    for path in paths:
+        if not is_utf8(path):
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise ValueError(f"{shown}: its name is not valid UTF-8, which the corpus's tables must be: rename it")
 
 
 def _check_recordings_outside_managed(out: Path, recordings: Sequence[str]) -> None:
@@ -201,7 +202,7 @@ def prepare(
     out = Path(os.path.abspath(out))
     check_output_folder(out)
     out = out.resolve() if out.is_symlink() else out  # a link to a folder: the folder is built and swapped
-    _check_names(recordings)
+    check_names([*recordings, str(out)])
     _check_recordings_outside_managed(out, recordings)
     try:
         lock = FileLock(lock_path(out), f"prepare --out {out}")
@@ -215,6 +216,7 @@ def prepare(
         fresh = not out.exists() or not any(out.iterdir())
         corpus = {} if fresh else load_corpus(out)
         removed = _removed(remove, corpus, recordings)
+        _check_new_recordings_exist(recordings, corpus)
         # An empty folder the user made (a mount point, the shell's current folder) is filled in place, never
         # swapped: its inode, owner and mount stay. A new one is built under a temporary twin and renamed.
         in_place = fresh and out.is_dir()
@@ -244,10 +246,12 @@ def prepare(
 
 def _same_file(path: str, other: str) -> bool:
     """Whether two names reach one file (a link, a folder reached through a link); False where either is gone."""
-    try:
-        return "://" not in path + other and os.path.samefile(path, other)
-    except (OSError, ValueError):
+    if "://" in path + other:
         return False
+    try:
+        return os.path.samefile(path, other)
+    except (OSError, ValueError):  # one is gone: a link to it still resolves to where it was
+        return os.path.realpath(path) == os.path.realpath(other)
 
 
 def _exists(path: str) -> bool:
@@ -305,6 +309,15 @@ def _put_in_place(staging: Path, out: Path) -> None:
     for table in sorted(staging.iterdir(), key=lambda path: path.name == MARKER):
         if table.name != STAGED:
             os.replace(table, out / table.name)
+
+
+def _check_new_recordings_exist(recordings: Sequence[str], corpus: dict[str, RecordingResult]) -> None:
+    """A path that is no file and no recording of the corpus is a mistake (a typo, another working folder): refused
+    before any work, instead of joining the corpus as a `missing_file` it would list on every run. A recording of
+    the corpus given again while its file is gone is refused as `missing_file` and keeps its clips."""
+    for path in recordings:
+        if "://" not in path and recording_name(path) not in corpus and not _exists(path):
+            raise ValueError(f"{path}: no such file, and no recording of this corpus (nothing was done)")
 
 
 def _removed(remove: Sequence[str], corpus: dict[str, RecordingResult], recordings: Sequence[str]) -> list[str]:
