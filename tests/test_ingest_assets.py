@@ -101,7 +101,8 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
             partition_key="ep3.flac",
             instance=instance,
             resources=resources(artifacts_dir),
-            run_config={"ops": {"recording_clips": {"config": {"num_speakers": 9}}}},
+            # the watched root spelled otherwise ("<root>/."): the same root, so the kept clips are merged below
+            run_config={"ops": {"recording_clips": {"config": {"num_speakers": 9, "recordings_root": f"{folder}/."}}}},
         )
         kept = metadata_of(retyped, "recording_clips")
         assert (kept["reject_reason"], kept["earlier_clips_kept"]) == ("too_many_speakers", True)
@@ -118,12 +119,13 @@ def test_folder_to_manifest_to_raw_audio_manifest(tmp_path, monkeypatch, artifac
         job = dg.Definitions(
             assets=[recording_clips], jobs=[recording_clips_job], resources=resources(artifacts_dir)
         ).resolve_job_def(recording_clips_job.name)
-        instance.create_run_for_job(
-            job,
-            tags={"dagster/partition": "show/ep1 again.wav"},
-            status=dg.DagsterRunStatus.NOT_STARTED,
-            asset_selection=frozenset([recording_clips.key]),
-        )
+        for status in [dg.DagsterRunStatus.CANCELED] + [dg.DagsterRunStatus.NOT_STARTED] * 25:  # and more waiting
+            instance.create_run_for_job(
+                job,
+                tags={"dagster/partition": "show/ep1 again.wav"},
+                status=status,
+                asset_selection=frozenset([recording_clips.key]),
+            )
         shutil.copy(folder / "ep3.flac", folder / "late.flac")  # no tick since: no partition yet
 
         meta = _merge(instance, artifacts_dir)

@@ -65,6 +65,13 @@ def recordings_root() -> str:
     return os.environ.get(RECORDINGS_ENV, str(DEMO_DATA / "recordings")).rstrip("/")
 
 
+def same_root(one: str, other: str) -> bool:
+    """Whether two spellings name one watched root: `<root>/.`, a trailing slash or a link to it are that root."""
+    if "://" in one or "://" in other:
+        return one.rstrip("/") == other.rstrip("/")
+    return os.path.realpath(one) == os.path.realpath(other)
+
+
 def ingest_root(artifacts: ArtifactStore) -> Path:
     """Where ingest writes: `<artifacts>/recordings/` holds the clips, the partitions' results and the manifest."""
     root = artifacts.path("recordings")
@@ -217,7 +224,7 @@ def _earlier_result(root: Path, key: str, source_root: str) -> tuple[RecordingRe
     """The partition's result from its last run and the stamp of the file it was made from, when made from this
     root's file ((None, "") otherwise): what a refusal this time may leave in place (`refusal_keeps`)."""
     record = read_record(root, key)
-    if record is None or record.source_root != source_root:
+    if record is None or record.source_root is None or not same_root(record.source_root, source_root):
         return None, ""
     return record.result, record.source_stamp or ""
 
@@ -356,7 +363,7 @@ def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
     if info.get("type", "file") != "file":
         if info.get("islink"):
             return NOT_A_FILE, f"a link to {info.get('destination')}, which is no file (missing, a loop or a folder)"
-        return NOT_A_FILE, f"a {info.get('type')} entry, not a file"
+        return NOT_A_FILE, "not a regular file (a FIFO, a socket or a device)"
     if not key.lower().endswith(AUDIO_SUFFIXES):
         return UNSUPPORTED_SUFFIX, f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
     if _shown(key) != key:

@@ -13,7 +13,7 @@ import pandas as pd
 from dagster import AssetPartitionStatus
 from pydantic import Field
 
-from higgs_pipeline.data.hashing import digest
+from higgs_pipeline.data.hashing import digest, sha256_hex
 from higgs_pipeline.data.tables import read_csv, spreadsheet_safe, spreadsheet_unescaped, write_csv
 from higgs_pipeline.defs.recording_clips import (
     PARTITIONS_DIR,
@@ -25,6 +25,7 @@ from higgs_pipeline.defs.recording_clips import (
     recording_clips,
     recordings_partitions,
     recordings_root,
+    same_root,
 )
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.defs.upstream import upstream_metadata
@@ -34,8 +35,8 @@ from higgs_pipeline.ingest.registry import match_threshold
 from higgs_pipeline.ingest.settings import IngestSettings
 
 REMOVED = "removed_recordings.csv"  # recording, removed_at, clips_dropped: every removal, kept
-# Runs of a partition looked through, newest first, for the latest finished one while a retry waits or runs.
-RUNS_LOOKED_AT = 20
+# Partitions whose runs one query reads (SQLite takes at most 32,766 values in a query).
+KEYS_PER_QUERY = 500
 PARTITION_TAG = "dagster/partition"
 NOT_A_PARTITION = "not_a_partition"
 UNLISTED = "unlisted_files.csv"  # path, reason, detail: files under the watched folder that are no partition
@@ -83,7 +84,8 @@ def recordings_manifest(
     keys = sorted(context.instance.get_dynamic_partitions(recordings_partitions.name))
     statuses = context.instance.get_status_by_partition(recording_clips.key, keys, recordings_partitions) or {}
     listing = _listing(context)
-    results = [_partition_result(context.instance, root, key, statuses.get(key), listing) for key in keys]
+    failures = _failed_runs(context.instance, keys, statuses)
+    results = [_partition_result(root, key, failures.get(key, ""), listing) for key in keys]
     removed = _removed_records(context.instance, root, set(keys))
     clips_before = _clips_per_recording(root / MANIFEST)
     results = _one_per_content(results, clips_before)
@@ -96,7 +98,9 @@ def recordings_manifest(
     _delete_withdrawn(root, removed)
     unlisted = _unlisted(listing, set(keys))
     write_csv(pd.DataFrame(unlisted, columns=["path", "reason", "detail"]), str(root / UNLISTED))
-    version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()))[:16]
+    # The manifest's own bytes too: a relabel in speakers.csv changes the labels, not a result folder.
+    manifest_bytes = sha256_hex((root / MANIFEST).read_bytes())
+    version = digest(*(r.folder or r.reason for r in results), str(config.model_dump_json()), manifest_bytes)[:16]
     context.log.info(f"{summary.clips} clips from {len(keys) - summary.recordings_rejected} of {len(keys)} recordings")
     return dg.MaterializeResult(
         metadata={
@@ -124,18 +128,10 @@ def recordings_manifest(
     )
 
 
-def _partition_result(
-    instance: dg.DagsterInstance,
-    root: Path,
-    key: str,
-    status: AssetPartitionStatus | None,
-    listing: RecordingsListing | None,
-) -> RecordingResult:
-    """The partition's result record, unless its latest finished run failed (an older record is of older content: a
-    retry still queued or running changes nothing), its file is gone from the root (withdrawn, the sensor not yet
-    ticked) or the file changed since the record was made (a new take: its run is pending, and the record's clips
-    are of what was there before)."""
-    failed = _failed_run(instance, key, status)
+def _partition_result(root: Path, key: str, failed: str, listing: RecordingsListing | None) -> RecordingResult:
+    """The partition's result record, unless its latest finished run failed (`failed`, its error: an older record is
+    of older content), its file is gone from the root (withdrawn, the sensor not yet ticked) or the file changed
+    since the record was made (a new take: its run is pending, and the record's clips are of what was there)."""
     if failed:
         return RecordingResult(key, "rejected", "failed", failed)
     record = read_record(root, key)
@@ -143,9 +139,13 @@ def _partition_result(
         return RecordingResult(key, "rejected", "not_processed", "its recording_clips partition never ran")
     source_root, stamp = record.source_root, record.source_stamp
     if listing is not None and source_root is not None:  # a record from before roots were noted is taken as it is
-        if source_root != recordings_root():
-            detail = f"its clips were made from {source_root}, not the watched root: its recording_clips run is due"
-            return RecordingResult(key, "rejected", "changed", detail)
+        if not same_root(source_root, recordings_root()):
+            due = (
+                "its recording_clips run is due"
+                if key in listing.stamps
+                else ("no file of that name is under the watched root: delete its partition in the UI to withdraw it")
+            )
+            return RecordingResult(key, "rejected", "changed", f"its clips were made from {source_root}; {due}")
         if key not in listing.stamps and listing.complete and listing.stamps:  # an empty root may be unmounted
             detail = "its file is no longer under the root: not merged; the recordings sensor removes its partition"
             return RecordingResult(key, "rejected", "missing_file", detail)
@@ -155,22 +155,28 @@ def _partition_result(
     return record.result
 
 
-def _failed_run(instance: dg.DagsterInstance, key: str, status: AssetPartitionStatus | None) -> str:
-    """The error of the partition's latest finished run when that run failed, else "". Dagster calls a partition
-    whose retry is queued or running in progress, not failed: the runs say which finished last."""
-    if status == AssetPartitionStatus.FAILED:
-        planned = instance.get_latest_planned_materialization_info(recording_clips.key, key)
-        return _run_error(instance, planned.run_id) if planned else "its latest recording_clips run failed"
-    if status != AssetPartitionStatus.IN_PROGRESS:
-        return ""
-    for run in instance.get_runs(filters=dg.RunsFilter(tags={PARTITION_TAG: key}), limit=RUNS_LOOKED_AT):
-        if run.asset_selection and recording_clips.key not in run.asset_selection:
-            continue  # another asset's run with a partition of the same name
-        if run.status == dg.DagsterRunStatus.FAILURE:
-            return _run_error(instance, run.run_id)
-        if run.status == dg.DagsterRunStatus.SUCCESS:
-            return ""
-    return ""
+def _failed_runs(
+    instance: dg.DagsterInstance, keys: list[str], statuses: dict[str, AssetPartitionStatus]
+) -> dict[str, str]:
+    """Partition -> error, for each whose latest finished (succeeded or failed) recording_clips run failed. Runs
+    queued, running or canceled since change nothing (Dagster calls a partition with a retry waiting in progress,
+    and one whose retry was canceled materialized again), so the runs are read, newest first, KEYS_PER_QUERY
+    partitions a query."""
+    failures, decided = {}, set()
+    finished = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
+    for first in range(0, len(keys), KEYS_PER_QUERY):
+        chunk = keys[first : first + KEYS_PER_QUERY]
+        for run in instance.get_runs(filters=dg.RunsFilter(tags={PARTITION_TAG: chunk}, statuses=finished)):
+            key = run.tags.get(PARTITION_TAG)
+            if key in decided or (run.asset_selection and recording_clips.key not in run.asset_selection):
+                continue  # a newer run decided it, or another asset's run with a partition of the same name
+            decided.add(key)
+            if run.status == dg.DagsterRunStatus.FAILURE:
+                failures[key] = _run_error(instance, run.run_id)
+    for key in keys:  # failed by Dagster's account with its runs since deleted from the instance
+        if key not in decided and statuses.get(key) == AssetPartitionStatus.FAILED:
+            failures[key] = "its latest recording_clips run failed"
+    return failures
 
 
 def _one_per_content(results: list[RecordingResult], clips_before: dict[str, int]) -> list[RecordingResult]:
