@@ -103,3 +103,18 @@ def write_atomic(path: str, data: bytes | str) -> str:
 def write_json(path: str, document: Any, indent: int | None = 2) -> str:
     """`document` as JSON at `path`, all or nothing (a reader never sees half a document)."""
     return write_atomic(path, json.dumps(document, indent=indent, allow_nan=True) + "\n")
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8: a name read from argv or a file system in another encoding keeps its
+    stray bytes as surrogates, which every table write would refuse after the work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown_name(text: str) -> str:
+    """`text` as any table or message can hold it: the stray bytes of a name that is not UTF-8 written as \\xNN."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")

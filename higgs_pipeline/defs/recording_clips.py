@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.defs.resources import ArtifactStore, QualityScorers
 from higgs_pipeline.devices import claim_device, gpu_count, resolve_device
-from higgs_pipeline.files import is_local_filesystem, write_json
+from higgs_pipeline.files import is_local_filesystem, is_utf8, shown_name, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR
 from higgs_pipeline.ingest.prepare import MARKER as PREPARE_MARKER
 from higgs_pipeline.ingest.recording import RecordingResult, process_recording, refusal_keeps, refusal_of
@@ -289,13 +289,13 @@ def list_recordings(root: str) -> RecordingsListing:
         key = posixpath.relpath(path, base)
         reason, detail = _unlisted_reason(key, info)
         if reason:
-            unlisted.append({"path": _shown(key), "reason": reason, "detail": detail})
+            unlisted.append({"path": shown_name(key), "reason": reason, "detail": detail})
             continue
         stamps[key] = _stamp(info)
     for error in errors:
         where = posixpath.relpath(getattr(error, "filename", None) or base, base)
         unlisted.append(
-            {"path": _shown(where), "reason": UNREADABLE, "detail": _shown(f"could not be listed: {error}")}
+            {"path": shown_name(where), "reason": UNREADABLE, "detail": shown_name(f"could not be listed: {error}")}
         )
     return RecordingsListing(stamps, unlisted, complete=not errors)
 
@@ -352,12 +352,6 @@ def _through_link(info: dict) -> dict:
     return {**info, "type": "file", "size": target.st_size, "mtime": target.st_mtime}
 
 
-def _shown(key: str) -> str:
-    """`key` as text any table can hold: a name that is not UTF-8 (Python keeps its bytes as surrogates) with those
-    bytes written as \\xNN."""
-    return os.fsencode(key).decode("utf-8", "backslashreplace")
-
-
 def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
     """(reason, detail) why the entry at `key` is no recording partition; ("", "") for one that is."""
     if info.get("type", "file") != "file":
@@ -366,7 +360,7 @@ def _unlisted_reason(key: str, info: dict) -> tuple[str, str]:
         return NOT_A_FILE, "not a regular file (a FIFO, a socket or a device)"
     if not key.lower().endswith(AUDIO_SUFFIXES):
         return UNSUPPORTED_SUFFIX, f"not an audio file ({', '.join(AUDIO_SUFFIXES)})"
-    if _shown(key) != key:
+    if not is_utf8(key):
         return INVALID_KEY, "its name is not valid UTF-8, which a Dagster partition key must be; rename the file"
     bad = [bad for bad in _INVALID_IN_KEYS if bad in key]
     if bad:

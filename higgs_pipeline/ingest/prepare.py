@@ -28,7 +28,7 @@ import pandas as pd
 
 from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.tables import read_csv
-from higgs_pipeline.files import replace_dir, signals_deferred, temporary_dir, write_json
+from higgs_pipeline.files import is_utf8, replace_dir, shown_name, signals_deferred, temporary_dir, write_json
 from higgs_pipeline.ingest.outputs import CLIPS_DIR, MANIFEST, OUTPUT_FILES, Summary, merge_outputs
 from higgs_pipeline.ingest.recording import (
     RecordingResult,
@@ -37,7 +37,7 @@ from higgs_pipeline.ingest.recording import (
     refusal_of,
     remove_results,
 )
-from higgs_pipeline.ingest.registry import is_utf8, load_registry
+from higgs_pipeline.ingest.registry import load_registry
 from higgs_pipeline.ingest.settings import IngestSettings, RecordingOptions
 from higgs_pipeline.locks import FileLock, LockBusy
 
@@ -120,8 +120,9 @@ def check_names(paths: Sequence[str]) -> None:
     before the work, not after it."""
     for path in paths:
         if not is_utf8(path):
-            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-            raise ValueError(f"{shown}: its name is not valid UTF-8, which the corpus's tables must be: rename it")
+            raise ValueError(
+                f"{shown_name(path)}: its name is not valid UTF-8, which the corpus's tables must be: rename it"
+            )
 
 
 def _check_recordings_outside_managed(out: Path, recordings: Sequence[str]) -> None:
@@ -442,14 +443,14 @@ def _write(
         (staging / STAGED).touch()  # every table is written: from here the set is put in place, even after a kill
         with signals_deferred():  # a Ctrl-C waits for the last rename
             _put_in_place(staging, work)
-    except BaseException:
+    finally:
+        # Every table in place (a Ctrl-C deferred through the renames included): the run is done, and its withdrawn
+        # clips go. None in place: as if it never wrote. Some, not all (a rename failed): the complete staged set
+        # stays for the next run to finish.
         moved = [name for name in staged if not (staging / name).exists()]
-        if moved and moved != staged:  # some tables in place, not all: the next run finishes the complete set
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        if moved:  # all in place, then a deferred Ctrl-C: the run is done, its withdrawn clips go as they would
+        done = bool(staged) and moved == staged
+        if done or not moved:
+            shutil.rmtree(staging, ignore_errors=True)
+        if done:
             remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
-        raise  # none in place: as if the run never wrote
-    shutil.rmtree(staging, ignore_errors=True)
-    remove_results(work / CLIPS_DIR, keep={r.folder for r in merged if r.folder})
     return outputs.summary

@@ -39,7 +39,7 @@ from higgs_pipeline.data.hashing import digest
 from higgs_pipeline.data.normalize import INVISIBLE
 from higgs_pipeline.data.screening import SPECIAL_TOKEN
 from higgs_pipeline.data.tables import FORMULA_PREFIXES, spreadsheet_unescaped, write_csv
-from higgs_pipeline.files import write_json
+from higgs_pipeline.files import is_utf8, write_json
 from higgs_pipeline.speech.scoring import EMBEDDED_SPEAKER
 
 SPEAKERS = "speakers.csv"
@@ -167,8 +167,8 @@ def _same_bytes_again(registry: Registry, recording: NewRecording, model: str, t
     otherwise: A | B+C becoming A+B | C). Matching would put two local voices on two speakers, undoing a merge the
     user made in speakers.csv; a re-set is the same people. Their centroids are not joined again: these bytes
     already are in them."""
-    last = registry.recordings.get(recording.recording or recording.folder)
-    if last is None or not recording.content or last["content"] != recording.content:
+    last = _last_assignment(registry, recording)
+    if last is None:
         return None
     voices = last["voices"]
     if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
@@ -178,11 +178,11 @@ def _same_bytes_again(registry: Registry, recording: NewRecording, model: str, t
     return None if -1 in order else [voices[k] for k in order]
 
 
-def _seen(registry: Registry, recording: NewRecording) -> bool:
-    """Whether the recording's bytes were assigned voices before (in another folder): their centroids are in those
-    voices already, and joining them again would pull the voices toward this one recording."""
+def _last_assignment(registry: Registry, recording: NewRecording) -> dict | None:
+    """The recording's last assignment (`Registry.recordings`) when it was of these same bytes, else None: their
+    centroids are in its voices already, so joining them again would pull the voices toward this one recording."""
     last = registry.recordings.get(recording.recording or recording.folder)
-    return bool(recording.content) and last is not None and last["content"] == recording.content
+    return last if recording.content and last is not None and last["content"] == recording.content else None
 
 
 def _usable(registry: Registry, voices: Sequence[str], recording: NewRecording, model: str) -> bool:
@@ -204,8 +204,10 @@ def _pin(registry: Registry, recording: NewRecording, before: list[str] | None, 
     same = pin is not None and pin["name"] == recording.pinned and len(pin["voices"]) == len(recording.centroids)
     if same and _usable(registry, pin["voices"], recording, model):  # another speaker model: pinned anew
         pin["content"] = recording.content  # the bytes the name now stands for (an old pin learns them here)
-        if before is not None or _seen(registry, recording):
-            return before if before is not None else list(pin["voices"])
+        if before is not None:
+            return before
+        if _last_assignment(registry, recording) is not None:
+            return list(pin["voices"])
         return [_join(registry.voices[v], c) for v, c in zip(pin["voices"], recording.centroids, strict=True)]
     voices = _pinned_voices(registry, recording, model)
     registry.pins[name] = {"name": recording.pinned, "voices": voices, "content": recording.content}
@@ -223,7 +225,7 @@ def _kept_pin(registry: Registry, recording: NewRecording, before: list[str] | N
     voices = pin["voices"]
     if len(voices) != len(recording.centroids) or not _usable(registry, voices, recording, model):
         return None
-    if before == voices or _seen(registry, recording):
+    if before == voices or _last_assignment(registry, recording) is not None:
         return list(voices)
     # A folder assigned before the name was given: its centroids stay in the voices they joined then, as for a re-pin.
     return [_join(registry.voices[v], c) for v, c in zip(voices, recording.centroids, strict=True)]
@@ -436,16 +438,6 @@ def label_problem(label: str) -> str:
     if not is_utf8(label):
         return "is not valid UTF-8 (bytes a terminal in another encoding passed)"
     return ""
-
-
-def is_utf8(text: str) -> bool:
-    """Whether `text` can be written as UTF-8: a name read from argv or a file system in another encoding keeps its
-    stray bytes as surrogates, which every table write would refuse after the work."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _unreadable_label(label: str) -> str:
